@@ -1,0 +1,99 @@
+"""Hydra entry point: compose, validate, run, exit code.
+
+    python -m loadkit +job=monthly year=2024 month=5 [group=choice] [key=value ...]
+    python -m loadkit -m +job=monthly year=2024 month=5 batch.size=5000,20000,100000
+
+Exit codes: 0 ok, 2 config error, 3 source data error, 4 infrastructure, 1 bug, 130 interrupted.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from loadkit.config import register, to_config
+from loadkit.errors import EXIT_CODES, Category, ConfigError, LoadkitError
+from loadkit.logs import setup_logging
+
+
+def conf_dir() -> str:
+    """conf/ of the project: LOADKIT_CONF, else ./conf, else the one next to the installed package."""
+    for candidate in (os.environ.get("LOADKIT_CONF"), os.path.join(os.getcwd(), "conf"),
+                      str(Path(__file__).resolve().parent.parent / "conf")):
+        if candidate and os.path.isfile(os.path.join(candidate, "config.yaml")):
+            return os.path.abspath(candidate)
+    raise SystemExit("loadkit: cannot find conf/config.yaml (set LOADKIT_CONF)")
+
+
+_HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "--info", "-h", "--help", "--hydra-help", "--resolve",
+                "-p", "--package", "--shell-completion", "-sc", "--version", "--run", "-r")
+
+
+def _precheck(argv: List[str]) -> None:
+    """Compose once before Hydra runs so a config error exits 2 with one clear line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.split("=")[0] in _HYDRA_FLAGS for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("hydra/")]
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            to_config(compose("config", overrides=overrides))
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        cause = exc.__cause__ or exc
+        key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
+        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ConfigError(message, key=key) from None
+
+
+def _fail(exc: LoadkitError) -> None:
+    sys.stderr.write(f"loadkit: {exc.category.value} error: {exc}\n")
+    raise SystemExit(EXIT_CODES[exc.category])
+
+
+@hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[int]:
+    from loadkit.runner import exit_code, run_job
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    setup_logging(cfg.logging.format, cfg.logging.level)
+    try:
+        typed = to_config(cfg)
+    except ConfigError as exc:
+        _fail(exc)
+    tags = {"sweep_id": HydraConfig.get().sweep.dir if multirun else None,
+            "overrides": " ".join(HydraConfig.get().overrides.task)}
+    result = run_job(typed, tags={k: v for k, v in tags.items() if v})
+    sys.stdout.write(result.summary + "\n")
+    sys.stdout.flush()
+    code = exit_code(result)
+    if result.error is not None:
+        category = getattr(result.error, "category", Category.BUG)
+        sys.stderr.write(f"loadkit: run {result.status} ({category.value if isinstance(category, Category) else category}): "
+                         f"{result.error}\n")
+    if code and not multirun:
+        raise SystemExit(code)
+    return code
+
+
+def entry() -> None:
+    register()
+    try:
+        _precheck(sys.argv[1:])
+    except ConfigError as exc:
+        _fail(exc)
+    main()
+
+
+if __name__ == "__main__":
+    entry()

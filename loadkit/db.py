@@ -1,0 +1,241 @@
+"""Database access: DSN resolution (incl. the embedded server), connections and pools.
+
+Two drivers, each for what it does best: psycopg2 for DDL, ledger queries and
+finalisation in the driver process; ADBC (libpq, binary COPY from Arrow) for the data
+path in writer actors. Only this module imports either driver's connect function.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import psycopg2
+import psycopg2.extensions
+
+from loadkit.errors import ConfigError, TransientDBError
+from loadkit.security import mask_dsn
+
+log = logging.getLogger("loadkit.db")
+
+
+def resolve_dsn(dsn: Optional[str], embedded_dir: str) -> str:
+    """The DSN to use: explicit, else LOADKIT_DSN, else an embedded server (started if needed)."""
+    if dsn:
+        return dsn
+    env = os.environ.get("LOADKIT_DSN")
+    if env:
+        return env
+    return embedded_dsn(embedded_dir)
+
+
+def embedded_dsn(embedded_dir: str) -> str:
+    """Start (or reuse) a pgserver PostgreSQL whose data lives in embedded_dir."""
+    import pgserver
+
+    path = Path(embedded_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(path), cleanup_mode=None)
+    log.info("using embedded PostgreSQL in %s", path)
+    return server.get_uri()
+
+
+def connect(dsn: str, connect_timeout: int = 10, autocommit: bool = False) -> psycopg2.extensions.connection:
+    """A psycopg2 connection; connection failures surface as TransientDBError with a masked DSN."""
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=connect_timeout, application_name="loadkit")
+    except psycopg2.OperationalError as exc:
+        raise TransientDBError(f"cannot connect to PostgreSQL: {str(exc).strip()}", dsn=mask_dsn(dsn)) from None
+    conn.autocommit = autocommit
+    return conn
+
+
+@contextmanager
+def transaction(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
+    """A cursor in one transaction: committed on success, rolled back on error, always closed."""
+    conn = connect(dsn)
+    try:
+        with conn:
+            with conn.cursor() as cur:
+                yield cur
+    finally:
+        conn.close()
+
+
+def adbc_connect(dsn: str) -> Any:
+    import adbc_driver_postgresql.dbapi as adbc
+
+    try:
+        return adbc.connect(dsn, autocommit=False)
+    except Exception as exc:  # ADBC raises its own OperationalError hierarchy
+        raise TransientDBError(f"cannot connect to PostgreSQL: {exc}", dsn=mask_dsn(dsn)) from None
+
+
+@dataclass
+class PoolStats:
+    size: int
+    in_use: int
+    opened: int
+    replaced: int
+    waits: int
+
+    @property
+    def utilisation(self) -> float:
+        return self.in_use / self.size if self.size else 0.0
+
+
+class ConnectionPool:
+    """A fixed-size pool of ADBC connections, opened eagerly, pinged before use, replaced when broken.
+
+    One owner (a writer actor) and one lifetime: opened in the owner's __init__,
+    closed by ``close()`` on every exit path.
+    """
+
+    def __init__(self, dsn: str, size: int, pre_ping: bool = True) -> None:
+        self._dsn = dsn
+        self._size = size
+        self._pre_ping = pre_ping
+        self._idle: "queue.Queue[Any]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._in_use = 0
+        self._opened = 0
+        self._replaced = 0
+        self._waits = 0
+        self._closed = False
+        opened: List[Any] = []
+        try:
+            for _ in range(size):
+                opened.append(self._open())
+        except BaseException:
+            for conn in opened:
+                _close_quietly(conn)
+            raise
+        for conn in opened:
+            self._idle.put(conn)
+
+    def _open(self) -> Any:
+        conn = adbc_connect(self._dsn)
+        self._opened += 1
+        return conn
+
+    def _healthy(self, conn: Any) -> bool:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                cur.fetchall()
+            conn.rollback()
+            return True
+        except Exception as exc:
+            log.warning("pooled connection failed its health check, replacing it: %s", exc)
+            return False
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """Borrow a healthy connection; a broken one (or one that raised) is replaced."""
+        if self._closed:
+            raise TransientDBError("connection pool is closed")
+        if self._idle.empty():
+            self._waits += 1
+        conn = self._idle.get()
+        with self._lock:
+            self._in_use += 1
+        broken = False
+        try:
+            if self._pre_ping and not self._healthy(conn):
+                _close_quietly(conn)
+                conn = None
+                conn = self._open()
+                self._replaced += 1
+            yield conn
+        except BaseException:
+            broken = True
+            raise
+        finally:
+            with self._lock:
+                self._in_use -= 1
+            self._return(conn, broken)
+
+    def _return(self, conn: Any, broken: bool) -> None:
+        if conn is not None and broken:
+            try:
+                conn.rollback()
+            except Exception:
+                _close_quietly(conn)
+                conn = None
+        if conn is None:
+            try:
+                conn = self._open()
+                self._replaced += 1
+            except TransientDBError as exc:
+                log.warning("could not replace a broken connection yet: %s", exc)
+                conn = _LazyConnection()
+        self._idle.put(conn)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self._size, self._in_use, self._opened, self._replaced, self._waits)
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                _close_quietly(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+class _LazyConnection:
+    """Placeholder for a connection that could not be reopened; fails its health check."""
+
+    def cursor(self) -> Any:
+        raise TransientDBError("connection not available")
+
+    def rollback(self) -> None:
+        raise TransientDBError("connection not available")
+
+    def close(self) -> None:
+        return None
+
+
+def _close_quietly(conn: Any) -> None:
+    """Close a connection that may already be broken; a failure here has nothing left to protect."""
+    try:
+        conn.close()
+    except Exception as exc:
+        log.info("closing a broken connection raised %s (ignored: it is being discarded)", type(exc).__name__)
+
+
+def wait_for_server(dsn: str, timeout_s: float = 30.0) -> None:
+    """Block until the server accepts connections or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connect(dsn, connect_timeout=3).close()
+            return
+        except TransientDBError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def server_check(dsn: str) -> str:
+    """The server version, or a ConfigError for an unusable DSN (bad syntax, unknown database)."""
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        text = str(exc).strip()
+        if "does not exist" in text or "authentication" in text or "invalid" in text:
+            raise ConfigError(f"cannot use sink.dsn: {text}", key="sink.dsn", dsn=mask_dsn(dsn)) from None
+        raise TransientDBError(f"cannot connect to PostgreSQL: {text}", dsn=mask_dsn(dsn)) from None
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigError(f"invalid sink.dsn: {exc}", key="sink.dsn", dsn=mask_dsn(dsn)) from None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            return str(cur.fetchone()[0])
+    finally:
+        conn.close()

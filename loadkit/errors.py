@@ -1,0 +1,159 @@
+"""The exception hierarchy and error classification.
+
+Every error loadkit raises on purpose derives from ``LoadkitError`` and carries a
+``category`` that decides what happens next: config and source-data errors are
+terminal and name what the user must fix; transient infrastructure errors are
+retried with backoff; anything unclassified is a bug and fails fast.
+
+Errors cross Ray process boundaries, so each one pickles with its fields
+(``__reduce__`` rebuilds it from its constructor arguments).
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Optional
+
+
+class Category(str, Enum):
+    CONFIG = "config"
+    SOURCE_DATA = "source_data"
+    TRANSIENT = "transient_infrastructure"
+    BUG = "bug"
+
+
+# SQLSTATE classes/codes that mean "the server or the network failed, try again".
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P0", "53", "40001", "40P01", "55P03", "58")
+# Exit codes by category, so a scheduler can tell "fix your config" from "retry later".
+EXIT_CODES = {
+    Category.CONFIG: 2,
+    Category.SOURCE_DATA: 3,
+    Category.TRANSIENT: 4,
+    Category.BUG: 1,
+}
+
+
+class LoadkitError(Exception):
+    """Base of every deliberate loadkit error."""
+
+    category: Category = Category.BUG
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = {k: v for k, v in context.items() if v is not None}
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (type(self), self.message, self.context))
+
+    def __str__(self) -> str:
+        if not self.context:
+            return self.message
+        where = ", ".join(f"{k}={v}" for k, v in self.context.items())
+        return f"{self.message} [{where}]"
+
+
+def _rebuild(cls: type, message: str, context: dict) -> LoadkitError:
+    return cls(message, **context)
+
+
+class ConfigError(LoadkitError):
+    """A config key is missing, unknown, of the wrong type or impossible."""
+
+    category = Category.CONFIG
+
+
+class SourceDataError(LoadkitError):
+    """A source file is missing, unreadable, corrupt, or breaks its declared layout."""
+
+    category = Category.SOURCE_DATA
+
+
+class RejectThresholdError(SourceDataError):
+    """A table rejected more rows than its configured threshold allows."""
+
+
+class TransientDBError(LoadkitError):
+    """The database or the network failed in a way a retry may fix."""
+
+    category = Category.TRANSIENT
+
+
+class CircuitOpenError(TransientDBError):
+    """The circuit breaker is open: the database failed repeatedly and is cooling down."""
+
+
+class PermanentDBError(LoadkitError):
+    """The database refused the work for a reason a retry will not fix."""
+
+    category = Category.BUG
+
+
+class InterruptedRun(LoadkitError):
+    """The run was stopped by a signal; committed batches stay valid for the resume."""
+
+    category = Category.TRANSIENT
+
+
+class AlertAbort(LoadkitError):
+    """An alert configured with action=abort fired."""
+
+    category = Category.SOURCE_DATA
+
+
+def sqlstate_of(exc: BaseException) -> Optional[str]:
+    """The SQLSTATE of a driver exception (psycopg2 or ADBC), if it has one."""
+    for attr in ("pgcode", "sqlstate"):
+        code = getattr(exc, attr, None)
+        if isinstance(code, str) and code:
+            return code
+    diag = getattr(exc, "diag", None)
+    code = getattr(diag, "sqlstate", None)
+    return code if isinstance(code, str) and code else None
+
+
+def is_transient_sqlstate(code: Optional[str]) -> bool:
+    return bool(code) and any(code.startswith(p) for p in _TRANSIENT_SQLSTATE_PREFIXES)
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """Driver errors that carry no SQLSTATE because the connection itself broke."""
+    import psycopg2
+
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return True
+    text = str(exc).lower()
+    markers = (
+        "server closed the connection",
+        "connection refused",
+        "terminating connection",
+        "connection to server",
+        "could not connect",
+        "connection already closed",
+        "no connection to the server",
+        "broken pipe",
+        "connection reset",
+        "ssl syscall",
+        "eof detected",
+        "io: ",
+    )
+    return any(m in text for m in markers)
+
+
+def classify(exc: BaseException) -> Category:
+    """Decide what kind of failure ``exc`` is; unknown errors are bugs, never retried."""
+    if isinstance(exc, LoadkitError):
+        return exc.category
+    code = sqlstate_of(exc)
+    if code:
+        if is_transient_sqlstate(code):
+            return Category.TRANSIENT
+        if code.startswith(("22", "23")):
+            return Category.SOURCE_DATA
+        return Category.BUG
+    if isinstance(exc, (ConnectionError, TimeoutError)) or _is_connection_failure(exc):
+        return Category.TRANSIENT
+    return Category.BUG
+
+
+def is_transient(exc: BaseException) -> bool:
+    return classify(exc) is Category.TRANSIENT

@@ -1,0 +1,217 @@
+"""The ledger: what each run, table, file and batch committed.
+
+Batch rows are written by the writer in the same transaction as the batch's data
+and rejects (see writer.py), so "the ledger says committed" and "the rows are there"
+can never disagree. Everything else here runs in the driver over psycopg2.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+
+from loadkit.security import qualified, quote_ident
+
+BATCH_SCHEMA = pa.schema([
+    ("batch_id", pa.int64()),
+    ("run_id", pa.string()),
+    ("table_name", pa.string()),
+    ("period", pa.string()),
+    ("file_sha", pa.string()),
+    ("file_ordinal", pa.int32()),
+    ("member", pa.string()),
+    ("start_offset", pa.int64()),
+    ("end_offset", pa.int64()),
+    ("first_line", pa.int64()),
+    ("rows_in", pa.int64()),
+    ("rows_loaded", pa.int64()),
+    ("rows_rejected", pa.int64()),
+    ("rows_coerced", pa.int64()),
+    ("writer", pa.string()),
+    ("attempts", pa.int32()),
+])
+
+REJECT_META = [("batch_id", pa.int64()), ("run_id", pa.string()), ("table_name", pa.string()),
+               ("period", pa.string()), ("file_path", pa.string()), ("member", pa.string())]
+
+
+def ddl(schema: str) -> List[str]:
+    s = quote_ident(schema)
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"""CREATE TABLE IF NOT EXISTS {s}.run (
+            run_id text PRIMARY KEY, job text NOT NULL, period text NOT NULL, status text NOT NULL,
+            started_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, host text,
+            error_category text, error_text text, rows_read bigint, rows_loaded bigint, rows_rejected bigint,
+            config jsonb, mlflow_run_id text)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.table_load (
+            run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL, mode text NOT NULL,
+            status text NOT NULL, files int, files_skipped int, rows_read bigint, rows_loaded bigint,
+            rows_rejected bigint, inserted bigint, updated bigint, started_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz, seconds double precision, error_text text,
+            PRIMARY KEY (run_id, table_name))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.file (
+            table_name text NOT NULL, period text NOT NULL, file_sha text NOT NULL, path text NOT NULL,
+            ordinal int NOT NULL, size bigint NOT NULL, status text NOT NULL, rows_read bigint, rows_loaded bigint,
+            rows_rejected bigint, run_id text, error_text text, updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (table_name, period, file_sha))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.batch (
+            batch_id bigint PRIMARY KEY, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
+            file_sha text NOT NULL, file_ordinal int NOT NULL, member text NOT NULL, start_offset bigint NOT NULL,
+            end_offset bigint NOT NULL, first_line bigint, rows_in bigint NOT NULL, rows_loaded bigint NOT NULL,
+            rows_rejected bigint NOT NULL, rows_coerced bigint NOT NULL DEFAULT 0, writer text, attempts int,
+            committed_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT batch_accounting CHECK (rows_in = rows_loaded + rows_rejected))""",
+        f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.reject (
+            batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
+            file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text)""",
+        f"CREATE INDEX IF NOT EXISTS reject_batch_idx ON {s}.reject (batch_id)",
+    ]
+
+
+def ensure(cur: Any, schema: str) -> None:
+    # Serialise concurrent first-time creation (CREATE ... IF NOT EXISTS races on the catalog).
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ledger-ddl:{schema}",))
+    for stmt in ddl(schema):
+        cur.execute(stmt)
+
+
+def try_lock_job(cur: Any, job: str, period: str) -> bool:
+    """A session advisory lock so two runs of the same job and month never interleave."""
+    cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"loadkit-run:{job}:{period}",))
+    return bool(cur.fetchone()[0])
+
+
+def start_run(cur: Any, schema: str, run_id: str, job: str, period: str, config: Dict[str, Any]) -> None:
+    cur.execute(
+        f"INSERT INTO {qualified(schema, 'run')} (run_id, job, period, status, host, config) "
+        "VALUES (%s, %s, %s, 'running', %s, %s)",
+        (run_id, job, period, socket.gethostname(), json.dumps(config, default=str)),
+    )
+
+
+def finish_run(cur: Any, schema: str, run_id: str, status: str, totals: Tuple[int, int, int],
+               category: Optional[str] = None, error: Optional[str] = None, mlflow_run_id: Optional[str] = None) -> None:
+    cur.execute(
+        f"UPDATE {qualified(schema, 'run')} SET status=%s, finished_at=now(), rows_read=%s, rows_loaded=%s, "
+        "rows_rejected=%s, error_category=%s, error_text=%s, mlflow_run_id=coalesce(%s, mlflow_run_id) "
+        "WHERE run_id=%s",
+        (status, *totals, category, error, mlflow_run_id, run_id),
+    )
+
+
+def start_table(cur: Any, schema: str, run_id: str, table: str, period: str, mode: str, files: int,
+                skipped: int) -> None:
+    cur.execute(
+        f"INSERT INTO {qualified(schema, 'table_load')} (run_id, table_name, period, mode, status, files, "
+        "files_skipped) VALUES (%s, %s, %s, %s, 'loading', %s, %s) "
+        "ON CONFLICT (run_id, table_name) DO NOTHING",
+        (run_id, table, period, mode, files, skipped),
+    )
+
+
+@dataclass
+class TableOutcome:
+    status: str
+    rows_read: int = 0
+    rows_loaded: int = 0
+    rows_rejected: int = 0
+    inserted: Optional[int] = None
+    updated: Optional[int] = None
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+
+def finish_table(cur: Any, schema: str, run_id: str, table: str, o: TableOutcome) -> None:
+    cur.execute(
+        f"UPDATE {qualified(schema, 'table_load')} SET status=%s, rows_read=%s, rows_loaded=%s, rows_rejected=%s, "
+        "inserted=%s, updated=%s, seconds=%s, error_text=%s, finished_at=now() WHERE run_id=%s AND table_name=%s",
+        (o.status, o.rows_read, o.rows_loaded, o.rows_rejected, o.inserted, o.updated, o.seconds, o.error,
+         run_id, table),
+    )
+
+
+def loaded_files(cur: Any, schema: str, table: str, period: str) -> Dict[str, str]:
+    """file sha -> status for this table and month."""
+    cur.execute(f"SELECT file_sha, status FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s",
+                (table, period))
+    return {sha: status for sha, status in cur.fetchall()}
+
+
+def committed_ranges(cur: Any, schema: str, table: str, period: str) -> Dict[Tuple[str, str], List[Tuple[int, int]]]:
+    """(file sha, member) -> sorted committed byte ranges, for the resume."""
+    cur.execute(
+        f"SELECT file_sha, member, start_offset, end_offset FROM {qualified(schema, 'batch')} "
+        "WHERE table_name=%s AND period=%s ORDER BY file_sha, member, start_offset",
+        (table, period),
+    )
+    out: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}
+    for sha, member, start, end in cur.fetchall():
+        out.setdefault((sha, member), []).append((int(start), int(end)))
+    return out
+
+
+def file_totals(cur: Any, schema: str, table: str, period: str, file_sha: str) -> Tuple[int, int, int]:
+    cur.execute(
+        f"SELECT coalesce(sum(rows_in),0), coalesce(sum(rows_loaded),0), coalesce(sum(rows_rejected),0) "
+        f"FROM {qualified(schema, 'batch')} WHERE table_name=%s AND period=%s AND file_sha=%s",
+        (table, period, file_sha),
+    )
+    r = cur.fetchone()
+    return int(r[0]), int(r[1]), int(r[2])
+
+
+def mark_file(cur: Any, schema: str, run_id: str, table: str, period: str, sha: str, path: str, ordinal: int,
+              size: int, status: str, totals: Tuple[int, int, int] = (0, 0, 0), error: Optional[str] = None) -> None:
+    cur.execute(
+        f"INSERT INTO {qualified(schema, 'file')} (table_name, period, file_sha, path, ordinal, size, status, "
+        "rows_read, rows_loaded, rows_rejected, run_id, error_text) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+        "ON CONFLICT (table_name, period, file_sha) DO UPDATE SET status=EXCLUDED.status, path=EXCLUDED.path, "
+        "ordinal=EXCLUDED.ordinal, rows_read=EXCLUDED.rows_read, rows_loaded=EXCLUDED.rows_loaded, "
+        "rows_rejected=EXCLUDED.rows_rejected, run_id=EXCLUDED.run_id, error_text=EXCLUDED.error_text, "
+        "updated_at=now()",
+        (table, period, sha, path, ordinal, size, status, *totals, run_id, error),
+    )
+
+
+def mark_files_loaded(cur: Any, schema: str, table: str, period: str) -> None:
+    """After a finalisation: every staged file of the table's month is now published."""
+    cur.execute(f"UPDATE {qualified(schema, 'file')} SET status='loaded', updated_at=now() "
+                "WHERE table_name=%s AND period=%s AND status='staged'", (table, period))
+
+
+def batch_ids_of(cur: Any, schema: str, table: str, period: str, file_sha: Optional[str] = None) -> List[int]:
+    sql = f"SELECT batch_id FROM {qualified(schema, 'batch')} WHERE table_name=%s AND period=%s"
+    args: Sequence[Any] = (table, period)
+    if file_sha is not None:
+        sql += " AND file_sha=%s"
+        args = (table, period, file_sha)
+    cur.execute(sql, args)
+    return [int(r[0]) for r in cur.fetchall()]
+
+
+def forget(cur: Any, schema: str, table: str, period: str, file_sha: Optional[str] = None) -> None:
+    """Drop ledger entries (batches, rejects, file rows) of a table's month, or of one file."""
+    ids = batch_ids_of(cur, schema, table, period, file_sha)
+    if ids:
+        cur.execute(f"DELETE FROM {qualified(schema, 'reject')} WHERE batch_id = ANY(%s)", (ids,))
+        cur.execute(f"DELETE FROM {qualified(schema, 'batch')} WHERE batch_id = ANY(%s)", (ids,))
+    if file_sha is None:
+        cur.execute(f"DELETE FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s", (table, period))
+    else:
+        cur.execute(f"DELETE FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s AND file_sha=%s",
+                    (table, period, file_sha))
+
+
+def mark_stale_runs(cur: Any, schema: str, job: str, period: str) -> int:
+    """Runs left 'running' by a killed driver (we hold the job lock, so none is alive): mark them crashed."""
+    cur.execute(
+        f"UPDATE {qualified(schema, 'run')} SET status='crashed', finished_at=coalesce(finished_at, now()) "
+        "WHERE job=%s AND period=%s AND status='running'",
+        (job, period),
+    )
+    return cur.rowcount or 0

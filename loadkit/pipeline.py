@@ -1,0 +1,304 @@
+"""Compile a LoadPlan into a Ray Data pipeline and stream its results back.
+
+    read (one task per source file, record-aligned chunks as they decompress)
+      -> parse/validate/transform (map_batches, fused with the read by Ray)
+      -> BatchWriter actor pool (COPY + ledger per batch, one transaction each)
+      -> per-batch results streamed to the driver
+
+Blocks are one chunk each, so memory is bounded by chunk size times the number of
+blocks Ray keeps in flight (its streaming executor applies backpressure), never by
+file size. Source errors become 'error' records for their file instead of failing
+the whole dataset, so the other files keep loading.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+
+from loadkit import sources
+from loadkit.errors import SourceDataError
+from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
+from loadkit.transform import parse_chunk, parse_parquet_batch
+from loadkit.writer import BatchWriter, TableTarget, WriterSettings, ipc_bytes
+
+log = logging.getLogger("loadkit.pipeline")
+
+_SAMPLE_BYTES = 256 * 1024
+
+CHUNK_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # data|eof|error
+    ("table_name", pa.string()),
+    ("file_sha", pa.string()),
+    ("file_ordinal", pa.int32()),
+    ("file_path", pa.string()),
+    ("member", pa.string()),
+    ("start", pa.int64()),
+    ("end", pa.int64()),
+    ("first_line", pa.int64()),
+    ("header", pa.list_(pa.string())),
+    ("skip_header", pa.bool_()),
+    ("data", pa.large_binary()),
+    ("message", pa.string()),
+])
+
+PARSED_SCHEMA = pa.schema([
+    ("kind", pa.string()),
+    ("table_name", pa.string()),
+    ("file_sha", pa.string()),
+    ("file_ordinal", pa.int32()),
+    ("file_path", pa.string()),
+    ("member", pa.string()),
+    ("start", pa.int64()),
+    ("end", pa.int64()),
+    ("first_line", pa.int64()),
+    ("batch_id", pa.int64()),
+    ("rows_in", pa.int64()),
+    ("rows_loaded", pa.int64()),
+    ("rows_rejected", pa.int64()),
+    ("rows_coerced", pa.int64()),
+    ("bytes", pa.int64()),
+    ("parse_s", pa.float64()),
+    ("rows", pa.large_binary()),
+    ("rejects", pa.large_binary()),
+    ("message", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One source file of one table, with the byte ranges a previous run already committed."""
+
+    table: TableSpec
+    file: FileSpec
+    committed: Tuple[Tuple[str, Tuple[Tuple[int, int], ...]], ...]
+    batch_rows: int
+
+    def ranges(self, member: str) -> Tuple[Tuple[int, int], ...]:
+        for m, r in self.committed:
+            if m == member:
+                return r
+        return ()
+
+
+# ---------------------------------------------------------------- read
+
+
+def _record(unit: ReadUnit, kind: str, member: str = "", message: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
+    row = {f.name: None for f in CHUNK_SCHEMA}
+    row.update(kind=kind, table_name=unit.table.name, file_sha=unit.file.sha256, file_ordinal=unit.file.ordinal,
+               file_path=unit.file.rel, member=member, message=message, skip_header=False)
+    row.update(extra)
+    return row
+
+
+def _block(rows: List[Dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+
+
+def _fields_of_first_record(data: bytes, table: TableSpec) -> List[str]:
+    d = table.dialect
+    first = data.split(b"\n", 1)[0].replace(b"\x00", b"")
+    text = first.decode(d.encoding, errors="replace").rstrip("\r")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    reader = csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
+                        quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE, escapechar=d.escape,
+                        doublequote=d.escape is None)
+    return next(reader, [])
+
+
+def _check_layout(data: bytes, table: TableSpec, member: str, path: str) -> Optional[List[str]]:
+    """Refuse a member whose first record does not have the declared columns (layout drift)."""
+    declared = [c.name for c in table.columns]
+    fields = _fields_of_first_record(data, table)
+    if table.dialect.header:
+        names = [f.strip() for f in fields]
+        if table.dialect.match_by_name:
+            missing = [c for c in declared if c not in names]
+            if missing:
+                raise SourceDataError(f"header lacks declared columns {missing}", file=path, member=member)
+        elif len(names) != len(declared):
+            raise SourceDataError(f"layout drift: header has {len(names)} columns, declared {len(declared)}",
+                                  file=path, member=member)
+        return names
+    if fields and len(fields) != len(declared):
+        raise SourceDataError(
+            f"layout drift: first record has {len(fields)} fields, the declaration has {len(declared)}",
+            file=path, member=member, line=1)
+    return None
+
+
+def _target_bytes(sample: bytes, batch_rows: int) -> int:
+    """Bytes per chunk for ~batch_rows records, from the average record length of a sample."""
+    lines = max(1, sample.count(b"\n"))
+    return max(64 * 1024, int(len(sample) / lines * batch_rows))
+
+
+def read_unit(unit: ReadUnit) -> Iterator[pa.Table]:
+    """Yield one block per chunk, then an eof record per member, or an error record for the file."""
+    table, path = unit.table, Path(unit.file.path)
+    try:
+        if table.format == "parquet":
+            yield from _read_parquet(unit)
+            return
+        for member, stream in sources.open_members(path, table.format, table.member):
+            yield from _read_member(unit, member, stream)
+    except SourceDataError as exc:
+        yield _block([_record(unit, "error", message=str(exc))])
+    except sources.read_errors() as exc:
+        yield _block([_record(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")])
+
+
+def _read_member(unit: ReadUnit, member: str, stream: Any) -> Iterator[pa.Table]:
+    table = unit.table
+    sample = stream.read(_SAMPLE_BYTES)
+    header = _check_layout(sample, table, member, unit.file.rel) if sample else None
+    d = table.dialect
+    reader = sources.ChunkReader(stream, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
+                                 d.newlines_in_values, unit.ranges(member), prefix=sample)
+    count = 0
+    for chunk in reader:
+        count += 1
+        yield _block([_record(unit, "data", member, start=chunk.start, end=chunk.end, first_line=chunk.first_line,
+                              data=chunk.data, header=header, skip_header=bool(d.header and chunk.start == 0))])
+    yield _block([_record(unit, "eof", member, message=str(count))])
+
+
+def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    member = Path(unit.file.path).name
+    done = unit.ranges(member)
+    pf = pq.ParquetFile(unit.file.path)
+    offset, count = 0, 0
+    for rb in pf.iter_batches(batch_size=unit.batch_rows):
+        start, end = offset, offset + rb.num_rows
+        offset = end
+        if any(s <= start and end <= e for s, e in done):
+            continue
+        count += 1
+        yield _block([_record(unit, "data", member, start=start, end=end, first_line=start + 1,
+                              data=ipc_bytes(pa.Table.from_batches([rb])))])
+    yield _block([_record(unit, "eof", member, message=str(count))])
+
+
+# ---------------------------------------------------------------- parse
+
+
+class ChunkParser:
+    """map_batches UDF: raw chunk records -> typed rows and rejects, serialised for the writer."""
+
+    def __init__(self, tables: Dict[str, TableSpec], period: str) -> None:
+        self._tables = tables
+        self._period = period
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self._parse(r) for r in batch.to_pylist()], schema=PARSED_SCHEMA)
+
+    def _parse(self, rec: Dict[str, Any]) -> Dict[str, Any]:
+        out = {f.name: rec.get(f.name) for f in PARSED_SCHEMA}
+        if rec["kind"] != "data":
+            return out
+        table = self._tables[rec["table_name"]]
+        started = time.perf_counter()
+        if table.format == "parquet":
+            parsed = parse_parquet_batch(table, rec["data"])
+        else:
+            parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"])
+        out.update(
+            batch_id=batch_id(table.name, self._period, rec["file_sha"], rec["member"], rec["start"]),
+            rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
+            rows_coerced=sum(parsed.coerced.values()), bytes=len(rec["data"]), parse_s=time.perf_counter() - started,
+            rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects),
+        )
+        return out
+
+
+# ---------------------------------------------------------------- build and run
+
+
+def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
+    targets = {t.name: TableTarget(t.schema, t.load_table, t.mode != "append") for t in plan.tables}
+    return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
+                          tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
+                          retry=plan.retry)
+
+
+def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Any:
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class SourceDatasource(Datasource):
+        def __init__(self, units: Sequence[ReadUnit]) -> None:
+            super().__init__()
+            self._units = list(units)
+
+        def estimate_inmemory_data_size(self) -> Optional[int]:
+            return sum(u.file.size for u in self._units)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
+                           data_context: Any = None) -> List[ReadTask]:
+            return [
+                ReadTask(lambda u=u: read_unit(u),
+                         BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=[u.file.path],
+                                       exec_stats=None),
+                         schema=CHUNK_SCHEMA)
+                for u in self._units
+            ]
+
+    tables = {t.name: replace(t, files=()) for t in plan.tables}
+    ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
+    parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, fn_constructor_args=(tables, plan.period),
+                                      zero_copy_batch=True)
+    if plan.parse_concurrency:
+        parse_args["concurrency"] = plan.parse_concurrency
+    ds = ds.map_batches(ChunkParser, **parse_args)
+    return ds.map_batches(
+        BatchWriter,
+        fn_constructor_args=(writer_settings(plan, dsn),),
+        batch_format="pyarrow",
+        batch_size=1,
+        concurrency=plan.writers,
+        num_cpus=0.25,
+        max_concurrency=1,
+    )
+
+
+def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Iterator[pa.Table]:
+    """Run the pipeline; yield per-batch result tables as writers finish them."""
+    if not units:
+        return iter(())
+    ds = build_dataset(plan, units, dsn)
+    return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+
+
+def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
+               runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
+    """Start or join Ray unless this process already did. Returns True if this call started it."""
+    import ray
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
+        if runtime_env:
+            kwargs["runtime_env"] = runtime_env
+        ray.init(**kwargs)
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    ctx.execution_options.preserve_order = False
+    ctx.max_errored_blocks = 0
+    return started

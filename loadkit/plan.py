@@ -1,0 +1,266 @@
+"""Compile a validated config into a frozen LoadPlan: what to load, where, and how.
+
+The plan is plain frozen dataclasses (no OmegaConf, no callables), so it pickles
+cheaply into Ray workers and can be logged as an artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Tuple
+
+from loadkit import sources
+from loadkit.config import ColumnConfig, LoadkitConfig, TableConfig
+from loadkit.errors import ConfigError
+from loadkit.security import confine, render_path_template
+
+# Reserved bookkeeping columns. _lk_batch traces every row to the batch that wrote it.
+BATCH_COL = "_lk_batch"
+ROW_COL = "_lk_row"
+PERIOD_COL = "ref_period"
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    kind: str  # text|char|varchar|smallint|integer|bigint|double|numeric|date|timestamp|boolean
+    length: Optional[int] = None
+    precision: Optional[int] = None
+    scale: Optional[int] = None
+    nullable: bool = True
+    null_values: Tuple[str, ...] = ()
+    format: Optional[str] = None
+    decimal_comma: bool = False
+    zfill: Optional[int] = None
+    on_invalid: str = "reject"
+    min: Optional[str] = None
+    max: Optional[str] = None
+
+    @property
+    def sql_type(self) -> str:
+        if self.kind in ("char", "varchar"):
+            return f"{self.kind}({self.length})"
+        if self.kind == "numeric":
+            return f"numeric({self.precision},{self.scale})"
+        if self.kind == "double":
+            return "double precision"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Dialect:
+    delimiter: str
+    quote: Optional[str]
+    escape: Optional[str]
+    header: bool
+    match_by_name: bool
+    encoding: str
+    null_values: Tuple[str, ...]
+    newlines_in_values: bool
+    strip_nul: bool
+    trim: bool
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str  # absolute
+    rel: str  # relative to the data root, for humans
+    ordinal: int  # position in the table's sorted file list: later files win on duplicate keys
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: str
+    mode: str
+    columns: Tuple[ColumnSpec, ...]
+    key: Tuple[str, ...]
+    derived_key: Optional[Tuple[str, Tuple[str, ...]]]
+    indexes: Tuple[Tuple[str, ...], ...]
+    format: str
+    member: Optional[str]
+    dialect: Dialect
+    allow_empty: bool
+    files: Tuple[FileSpec, ...]
+    max_reject_rate: float
+    max_rejects: Optional[int]
+
+    @property
+    def column_names(self) -> Tuple[str, ...]:
+        names = tuple(c.name for c in self.columns)
+        return names + ((self.derived_key[0],) if self.derived_key else ())
+
+    @property
+    def load_table(self) -> str:
+        """The physical table batches are COPYed into: the target itself, or its staging table."""
+        return self.name if self.mode == "append" else staging_name(self.name, self.period_tag)
+
+    period_tag: str = ""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    policy: str
+    size: int
+    min_size: int
+    max_size: int
+    read_block_bytes: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int
+    initial_wait_s: float
+    max_wait_s: float
+    multiplier: float
+    jitter_s: float
+    breaker_failures: int
+    breaker_cooldown_s: float
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    run_id: str
+    job: str
+    year: int
+    month: int
+    force: bool
+    ledger_schema: str
+    tables: Tuple[TableSpec, ...]
+    batch: BatchPolicy
+    retry: RetryPolicy
+    writers: int
+    connections_per_writer: int
+    pre_ping: bool
+    parse_concurrency: int
+    data_root: str = ""
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def period(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def staging_name(table: str, period_tag: str) -> str:
+    name = f"{table}__lk_stage_{period_tag}"
+    if len(name) > 63:
+        raise ConfigError(f"table name {table!r} too long for its staging table", key=f"job.tables.{table}")
+    return name
+
+
+def batch_id(table: str, period: str, file_sha: str, member: str, start: int) -> int:
+    """A deterministic signed 64-bit id for a batch: same bytes, same id, in every run."""
+    raw = f"{table}|{period}|{file_sha}|{member}|{start}".encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+
+
+_TYPE = re.compile(r"^(?P<kind>[a-z]+)(\((?P<a>\d+)(,(?P<b>\d+))?\))?$")
+
+
+def column_spec(col: ColumnConfig) -> ColumnSpec:
+    m = _TYPE.match(col.type)
+    if m is None:  # config validation already refused it; keep the plan total
+        raise ConfigError(f"unknown column type {col.type!r}", key=col.name)
+    kind, a, b = m.group("kind"), m.group("a"), m.group("b")
+    return ColumnSpec(
+        name=col.name,
+        kind=kind,
+        length=int(a) if kind in ("char", "varchar") else None,
+        precision=int(a) if kind == "numeric" else None,
+        scale=int(b) if kind == "numeric" and b is not None else None,
+        nullable=col.nullable,
+        null_values=tuple(col.null_values),
+        format=col.format or ("%Y%m%d" if kind == "date" else "%Y-%m-%d %H:%M:%S" if kind == "timestamp" else None),
+        decimal_comma=col.decimal_comma,
+        zfill=col.zfill,
+        on_invalid=col.on_invalid,
+        min=col.min,
+        max=col.max,
+    )
+
+
+def _resolve_files(name: str, t: TableConfig, root: Path, year: int, month: int) -> Tuple[FileSpec, ...]:
+    values = {"year": year, "month": month}
+    patterns = []
+    for template in t.source.paths:
+        rendered = render_path_template(template, values)
+        confine(root / rendered, root)
+        patterns.append(rendered)
+    paths = sources.discover(root, patterns)
+    return tuple(
+        FileSpec(
+            path=str(confine(p, root)),
+            rel=str(p.relative_to(root)),
+            ordinal=i,
+            size=p.stat().st_size,
+            sha256=sources.fingerprint(p),
+        )
+        for i, p in enumerate(paths)
+    )
+
+
+def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, month: int) -> TableSpec:
+    d = t.source.dialect
+    return TableSpec(
+        name=name,
+        schema=schema,
+        mode=t.mode,
+        columns=tuple(column_spec(c) for c in t.columns),
+        key=tuple(t.key),
+        derived_key=(t.derived_key.name, tuple(t.derived_key.columns)) if t.derived_key else None,
+        indexes=tuple(tuple(i) for i in t.indexes),
+        format=t.source.format,
+        member=t.source.member,
+        dialect=Dialect(
+            delimiter=d.delimiter, quote=d.quote, escape=d.escape, header=d.header,
+            match_by_name=d.match_by_name, encoding=d.encoding, null_values=tuple(d.null_values),
+            newlines_in_values=d.newlines_in_values, strip_nul=d.strip_nul, trim=d.trim,
+        ),
+        allow_empty=t.source.allow_empty,
+        files=_resolve_files(name, t, root, year, month),
+        max_reject_rate=t.max_reject_rate,
+        max_rejects=t.max_rejects,
+        period_tag=f"{year:04d}{month:02d}",
+    )
+
+
+def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
+    """Resolve files, schemas and knobs. Raises ConfigError/SourceDataError before any load starts."""
+    assert cfg.job is not None
+    root = Path(cfg.data_root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data_root {root.resolve()} is not a directory", key="data_root")
+    tables = tuple(
+        _table_spec(name, t, cfg.job.schema, root, cfg.year, cfg.month)
+        for name, t in cfg.job.tables.items()
+        if t.enabled
+    )
+    b, r, p = cfg.batch, cfg.retry, cfg.pool
+    return LoadPlan(
+        run_id=run_id or uuid.uuid4().hex[:16],
+        job=cfg.job.name,
+        year=cfg.year,
+        month=cfg.month,
+        force=cfg.force,
+        ledger_schema=cfg.sink.ledger_schema,
+        tables=tables,
+        batch=BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes),
+        retry=RetryPolicy(r.attempts, r.initial_wait_s, r.max_wait_s, r.multiplier, r.jitter_s,
+                          r.breaker_failures, r.breaker_cooldown_s),
+        writers=p.writers,
+        connections_per_writer=p.connections_per_writer,
+        pre_ping=p.pre_ping,
+        parse_concurrency=p.parse_concurrency,
+        data_root=str(root.resolve()),
+    )

@@ -1,0 +1,99 @@
+"""Retry policy and circuit breaker, thin over tenacity.
+
+Retry is data (stop, wait, retry-if) built from the plan's RetryPolicy; call sites
+stay one line. The breaker counts consecutive infrastructure failures and, once
+open, fails calls immediately until its cool-down passes, so a dead server is not
+hammered by every writer at once. Bad data never trips it: only transient errors count.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Optional, TypeVar
+
+import tenacity
+
+from loadkit.errors import CircuitOpenError, classify, Category
+from loadkit.plan import RetryPolicy
+
+T = TypeVar("T")
+log = logging.getLogger("loadkit.retry")
+
+
+class CircuitBreaker:
+    """closed -> (N consecutive transient failures) -> open -> (cool-down) -> half-open -> closed."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown_s
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: Optional[float] = None
+        self._lock = threading.Lock()
+        self.trips = 0
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            return "half-open" if self._clock() - self._opened_at >= self._cooldown else "open"
+
+    def before_call(self) -> None:
+        if self.state == "open":
+            raise CircuitOpenError("database circuit is open after repeated failures; cooling down",
+                                   cooldown_s=self._cooldown)
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+
+    def record_failure(self, exc: BaseException) -> None:
+        if classify(exc) is not Category.TRANSIENT or isinstance(exc, CircuitOpenError):
+            return
+        with self._lock:
+            self._failures += 1
+            if self._failures >= self._threshold and self._opened_at is None:
+                self._opened_at = self._clock()
+                self.trips += 1
+            elif self._opened_at is not None:  # a failed half-open probe re-opens
+                self._opened_at = self._clock()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        self.before_call()
+        try:
+            result = fn()
+        except BaseException as exc:
+            self.record_failure(exc)
+            raise
+        self.record_success()
+        return result
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return classify(exc) is Category.TRANSIENT
+
+
+def retrying(policy: RetryPolicy, on_retry: Optional[Callable[[tenacity.RetryCallState], None]] = None,
+             sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
+    """A tenacity Retrying for transient errors: exponential backoff with jitter, bounded attempts."""
+
+    def _log(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("transient failure (attempt %d/%d), retrying in %.2fs: %s",
+                    state.attempt_number, policy.attempts, wait, exc)
+        if on_retry is not None:
+            on_retry(state)
+
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        wait=tenacity.wait_exponential(multiplier=policy.initial_wait_s, exp_base=policy.multiplier,
+                                       max=policy.max_wait_s) + tenacity.wait_random(0, policy.jitter_s),
+        retry=tenacity.retry_if_exception(_is_retryable),
+        before_sleep=_log,
+        sleep=sleep,
+        reraise=True,
+    )

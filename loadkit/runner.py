@@ -1,0 +1,318 @@
+"""Run one job: plan, prepare, stream the pipeline, verify, finalise, record.
+
+The driver owns the run-level ledger work (run, table, file rows, finalisation) and
+reacts to the writers' per-batch results: progress, alerts, reject thresholds,
+signals. Batch-level exactly-once lives in the writer; this module makes sure a run
+ends in a recorded state (succeeded / failed / interrupted) whatever happens.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from loadkit import db, ledger, modes
+from loadkit.alerts import AlertEngine
+from loadkit.config import LoadkitConfig, as_plain_dict
+from loadkit.errors import (EXIT_CODES, ConfigError, InterruptedRun, LoadkitError, RejectThresholdError,
+                            SourceDataError, classify)
+from loadkit.logs import set_context
+from loadkit.metrics import RunMetrics, summary_table
+from loadkit.monitor import MemoryMonitor
+from loadkit.pipeline import ReadUnit, ensure_ray, execute
+from loadkit.plan import LoadPlan, TableSpec, build_plan
+from loadkit.security import mask_dsn, mask_text
+from loadkit.tracking import RunTracker
+
+log = logging.getLogger("loadkit.run")
+
+_PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    metrics: RunMetrics
+    wall_s: float
+    error: Optional[BaseException] = None
+    mlflow_run_id: Optional[str] = None
+    failed_files: List[Tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        return summary_table(self.metrics, self.run_id, self.wall_s)
+
+
+class _Signals:
+    """SIGINT/SIGTERM raise InterruptedRun in the driver's main thread, at once."""
+
+    def __init__(self) -> None:
+        self._previous: Dict[int, Any] = {}
+        self.received: Optional[int] = None
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): leave signals alone
+                break
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            raise InterruptedRun(f"stopped by {signal.Signals(signum).name}", signal=signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Runner:
+    def __init__(self, cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> None:
+        self.cfg = cfg
+        self.tags = tags or {}
+        self.plan: Optional[LoadPlan] = None
+        self.dsn = ""
+
+    # ------------------------------------------------------------ entry
+
+    def run(self) -> RunResult:
+        self.plan = plan = build_plan(self.cfg)
+        set_context(run_id=plan.run_id)
+        self.dsn = db.resolve_dsn(self.cfg.sink.dsn, self.cfg.sink.embedded_dir)
+        db.server_check(self.dsn)
+        metrics = RunMetrics({t.name: t.mode for t in plan.tables})
+        tracker = RunTracker(self.cfg.tracking.enabled, self.cfg.tracking.uri, self.cfg.tracking.experiment)
+        monitor = MemoryMonitor.instance()
+        monitor.reset_peak()
+        started = time.time()
+        lock_conn = db.connect(self.dsn, autocommit=True)
+        try:
+            with lock_conn.cursor() as cur:
+                ledger.ensure(cur, plan.ledger_schema)
+                if not ledger.try_lock_job(cur, plan.job, plan.period):
+                    raise ConfigError(f"another run of {plan.job} {plan.period} holds the job lock", key="job")
+                ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
+                ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
+            tracker.start(f"{plan.job}-{plan.period}", self._params(), self._tags())
+            result = self._run_tracked(plan, metrics, tracker, monitor, started)
+        finally:
+            lock_conn.close()  # releases the session advisory lock
+        return result
+
+    def _run_tracked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
+                     started: float) -> RunResult:
+        alerts = AlertEngine(self.cfg.alerts, plan.run_id,
+                             on_alert=lambda a: tracker.tag(f"alert.{a.rule}.{a.subject}", f"{a.value:.4g}"))
+        status, error = "succeeded", None
+        failed: List[Tuple[str, str, str]] = []
+        try:
+            with _Signals():
+                units = self._prepare(plan, metrics)
+                self._stream(plan, units, metrics, alerts, monitor, tracker)
+                failed = self._settle_files(plan, metrics)
+                self._finalize_tables(plan, metrics, failed)
+            if failed:
+                status = "failed"
+                error = SourceDataError(f"{len(failed)} source file(s) failed: " +
+                                        "; ".join(f"{t}/{p}: {m}" for t, p, m in failed))
+        except InterruptedRun as exc:
+            status, error = "interrupted", exc
+            self._shutdown_ray()
+        except BaseException as exc:  # recorded, then re-raised to the caller below via the result
+            status, error = "failed", exc
+        wall = time.time() - started
+        self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
+        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed)
+
+    # ------------------------------------------------------------ stages
+
+    def _prepare(self, plan: LoadPlan, metrics: RunMetrics) -> List[ReadUnit]:
+        """DDL, force resets and the resume state; returns the files still to read."""
+        units: List[ReadUnit] = []
+        for table in plan.tables:
+            with db.transaction(self.dsn) as cur:
+                modes.prepare(cur, table)
+                if plan.force:
+                    modes.reset(cur, table, plan.ledger_schema, plan.period)
+                done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
+                ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
+                todo = [f for f in table.files if done.get(f.sha256) != "loaded"]
+                ledger.start_table(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, table.mode,
+                                   len(table.files), len(table.files) - len(todo))
+            tm = metrics.tables[table.name]
+            tm.files, tm.files_skipped = len(table.files), len(table.files) - len(todo)
+            for f in todo:
+                committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == f.sha256)
+                units.append(ReadUnit(table, f, committed, plan.batch.size))
+            if not todo:
+                tm.status = "skipped"
+        return units
+
+    def _stream(self, plan: LoadPlan, units: List[ReadUnit], metrics: RunMetrics, alerts: AlertEngine,
+                monitor: MemoryMonitor, tracker: RunTracker) -> None:
+        if not units:
+            log.info("nothing to load: every file of %s is already loaded (force=true reloads)", plan.period)
+            return
+        env = self.cfg.env
+        ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
+                   env.progress_bars)
+        last_report, step = time.time(), 0
+        for results in execute(plan, units, self.dsn):
+            for row in metrics.add(results):
+                if row["kind"] == "data":
+                    self._check_batch(plan, metrics, alerts, row)
+            now = time.time()
+            if now - last_report >= _PROGRESS_EVERY_S:
+                step += 1
+                self._progress(metrics, alerts, monitor, tracker, step)
+                last_report = now
+        self._progress(metrics, alerts, monitor, tracker, step + 1)
+
+    def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, row: Dict[str, Any]) -> None:
+        table = plan.table(row["table_name"])
+        tm = metrics.tables[table.name]
+        if table.max_rejects is not None and tm.rows_rejected > table.max_rejects:
+            raise RejectThresholdError(f"table {table.name} rejected {tm.rows_rejected} rows, more than "
+                                       f"max_rejects={table.max_rejects}", table=table.name)
+        # The rate needs a base to mean anything: judge it after the first full batch.
+        if tm.rows_read >= min(plan.batch.size, 1000) and tm.reject_rate > table.max_reject_rate:
+            raise RejectThresholdError(f"table {table.name} rejected {tm.reject_rate:.2%} of rows, more than "
+                                       f"max_reject_rate={table.max_reject_rate:.2%}", table=table.name)
+        alerts.check("reject_rate", table.name, tm.reject_rate, tm.rows_read >= 1000)
+        alerts.check("pool_utilisation", row["writer"] or "", row["pool_utilisation"] or 0.0)
+
+    def _progress(self, metrics: RunMetrics, alerts: AlertEngine, monitor: MemoryMonitor, tracker: RunTracker,
+                  step: int) -> None:
+        _, rss, mem_fraction = monitor.latest()
+        read, loaded, rejected = metrics.totals()
+        elapsed = time.time() - metrics.started
+        log.info("progress: %s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB", f"{read:,}",
+                 f"{loaded:,}", f"{rejected:,}", read / elapsed if elapsed else 0, rss / 2**20)
+        tracker.metrics({"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected,
+                         "rows_per_s": read / elapsed if elapsed else 0.0, "rss_bytes": rss,
+                         "memory_fraction": mem_fraction}, step=step)
+        alerts.check("memory_fraction", "host", mem_fraction)
+        alerts.check("stall_seconds", "run", time.time() - metrics.last_progress)
+
+    def _settle_files(self, plan: LoadPlan, metrics: RunMetrics) -> List[Tuple[str, str, str]]:
+        """Per file: verify accounting, mark it, or discard everything a failed file committed."""
+        failed: List[Tuple[str, str, str]] = []
+        for table in plan.tables:
+            for f in table.files:
+                if metrics.tables[table.name].status == "skipped":
+                    continue
+                error = metrics.file_error(table.name, f.sha256)
+                with db.transaction(self.dsn) as cur:
+                    if error:
+                        modes.discard_file(cur, table, plan.ledger_schema, plan.period, f.sha256)
+                        ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
+                                         f.rel, f.ordinal, f.size, "failed", error=error)
+                        failed.append((table.name, f.rel, error))
+                        continue
+                    totals = ledger.file_totals(cur, plan.ledger_schema, table.name, plan.period, f.sha256)
+                    if totals[0] != totals[1] + totals[2]:
+                        raise LoadkitError("rows_read != rows_loaded + rows_rejected", table=table.name, file=f.rel,
+                                           totals=totals)
+                    status = "loaded" if table.mode == "append" else "staged"
+                    ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
+                                     f.rel, f.ordinal, f.size, status, totals)
+        return failed
+
+    def _finalize_tables(self, plan: LoadPlan, metrics: RunMetrics, failed: List[Tuple[str, str, str]]) -> None:
+        failed_tables = {t for t, _, _ in failed}
+        for table in plan.tables:
+            tm = metrics.tables[table.name]
+            if tm.status == "skipped":
+                continue
+            if table.name in failed_tables:
+                tm.status = "failed"
+                continue
+            with db.transaction(self.dsn) as cur:
+                inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
+                ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
+                tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+                ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
+
+    # ------------------------------------------------------------ end of run
+
+    def _record_end(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
+                    status: str, error: Optional[BaseException], wall: float, alerts: AlertEngine) -> None:
+        category = classify(error).value if error is not None else None
+        text = mask_text(f"{type(error).__name__}: {error}") if error is not None else None
+        try:
+            with db.transaction(self.dsn) as cur:
+                for t in metrics.tables.values():
+                    if t.status not in ("loaded", "skipped"):
+                        t.status = "failed" if status == "failed" else status if status != "succeeded" else t.status
+                        ledger.finish_table(cur, plan.ledger_schema, plan.run_id, t.name, self._outcome(t, text))
+                ledger.finish_run(cur, plan.ledger_schema, plan.run_id, status, metrics.totals(), category, text,
+                                  tracker.run_id)
+        except LoadkitError as exc:
+            log.error("could not record the end of run %s in the ledger: %s", plan.run_id, exc)
+        read, loaded, rejected = metrics.totals()
+        final = {"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "wall_s": wall,
+                 "peak_rss_bytes": monitor.peak_rss, "rows_per_s": read / wall if wall else 0.0,
+                 "retries": sum(t.retries for t in metrics.tables.values()), "alerts": len(alerts.fired)}
+        final.update(metrics.latencies())
+        for t in metrics.tables.values():
+            final.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
+                          f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s})
+        tracker.metrics(final)
+        tracker.tag("status", status)
+        if text:
+            tracker.tag("error", text[:5000])
+        tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall))
+        tracker.artifact_json("config.json", self._params())
+        tracker.artifact_json("alerts.json", alerts.summary())
+        tracker.artifact_table("batches.parquet", metrics.batch_table())
+        tracker.end(status)
+
+    def _outcome(self, t: Any, error: Optional[str] = None) -> ledger.TableOutcome:
+        return ledger.TableOutcome(t.status, t.rows_read, t.rows_loaded, t.rows_rejected, t.inserted, t.updated,
+                                   t.seconds, error)
+
+    def _params(self) -> Dict[str, Any]:
+        data = as_plain_dict(self.cfg)
+        data["sink"]["dsn"] = mask_dsn(self.dsn) if self.dsn else None
+        return data
+
+    def _tags(self) -> Dict[str, Any]:
+        assert self.plan is not None
+        return {"job": self.plan.job, "year": self.plan.year, "month": self.plan.month, "period": self.plan.period,
+                "loadkit_run_id": self.plan.run_id, **self.tags}
+
+    def _shutdown_ray(self) -> None:
+        """On interrupt: stop every worker now; their open transactions roll back server-side."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
+    """Ship loadkit/ and jobs/ to cluster workers that do not have the project installed."""
+    if not ship_code:
+        return None
+    import jobs
+    import loadkit
+
+    return {"py_modules": [str(Path(loadkit.__file__).parent), str(Path(jobs.__file__).parent)]}
+
+
+def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:
+    return Runner(cfg, tags).run()
+
+
+def exit_code(result: RunResult) -> int:
+    """0 on success, 130 when interrupted, else the failure category's code (config 2, data 3, infra 4, bug 1)."""
+    if result.status == "succeeded":
+        return 0
+    if result.status == "interrupted":
+        return 130
+    return EXIT_CODES[classify(result.error)] if result.error is not None else 1

@@ -1,0 +1,221 @@
+"""Source files: discovery, fingerprints, container formats and record-aligned chunks.
+
+A source file is streamed member by member (plain, gzip, zip) and cut into chunks of
+roughly ``target_bytes`` that always end on a record boundary, so each chunk parses on
+its own and has a stable identity (its byte range in the decompressed member). Byte
+ranges, not row counts, identify batches: a rerun with another batch size can still
+skip exactly the ranges a previous run committed.
+"""
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
+
+from loadkit.errors import SourceDataError
+
+_READ_SIZE = 4 * 1024 * 1024
+_FINGERPRINT_BLOCK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A record-aligned slice of one member's decompressed bytes."""
+
+    member: str
+    start: int  # byte offset of the first record in the member
+    end: int  # byte offset just after the last record
+    first_line: int  # 1-based physical line number of the first record
+    data: bytes
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of the file's bytes: the identity of a file across runs and renames."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_FINGERPRINT_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def discover(root: Path, patterns: Sequence[str]) -> List[Path]:
+    """Files matching the (already rendered) glob patterns under root, sorted, deduplicated."""
+    found: dict[str, Path] = {}
+    for pattern in patterns:
+        for p in sorted(root.glob(pattern)):
+            if p.is_file():
+                found[str(p)] = p
+    if not found:
+        searched = ", ".join(str(root / p) for p in patterns)
+        raise SourceDataError(f"no source file matches {searched}", root=str(root))
+    return [found[k] for k in sorted(found)]
+
+
+def open_members(path: Path, fmt: str, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
+    """Yield (member name, binary stream) for each readable member of a source file."""
+    if fmt == "csv":
+        with open(path, "rb") as fh:
+            yield path.name, fh
+        return
+    if fmt == "gzip":
+        with gzip.open(path, "rb") as fh:
+            yield path.name, fh  # type: ignore[misc]
+        return
+    if fmt == "zip":
+        yield from _zip_members(path, member_pattern)
+        return
+    raise SourceDataError(f"format {fmt!r} is not a streamed text format", file=str(path))
+
+
+def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SourceDataError(f"corrupt zip: {exc}", file=str(path)) from None
+    with zf:
+        names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+        if member_pattern:
+            names = [n for n in names if fnmatch.fnmatchcase(n, member_pattern)]
+        if not names:
+            raise SourceDataError(
+                f"zip has no member matching {member_pattern!r}", file=str(path), members=len(zf.infolist())
+            )
+        for name in names:
+            with zf.open(name) as fh:
+                yield name, fh  # type: ignore[misc]
+
+
+def read_errors() -> tuple:
+    """Exceptions that mean a compressed stream is corrupt or truncated."""
+    return (zipfile.BadZipFile, zlib.error, EOFError, gzip.BadGzipFile, OSError)
+
+
+class ChunkReader:
+    """Cuts a member stream into record-aligned chunks, skipping committed byte ranges.
+
+    ``committed`` are (start, end) ranges a previous run already loaded; they are
+    record boundaries by construction, so chunks are cut exactly at their edges and
+    never straddle them.
+    """
+
+    def __init__(
+        self,
+        stream: BinaryIO,
+        member: str,
+        target_bytes: int,
+        quote: Optional[str],
+        escape: Optional[str],
+        newlines_in_values: bool,
+        committed: Sequence[Tuple[int, int]] = (),
+        prefix: bytes = b"",
+    ) -> None:
+        self._stream = stream
+        self._member = member
+        self._target = max(1024, target_bytes)
+        self._quote = quote.encode("latin-1") if (quote and newlines_in_values) else None
+        self._escape = escape.encode("latin-1") if escape else None
+        self._committed = sorted(committed)
+        self._buf = prefix  # bytes already read from the stream (e.g. a sample)
+        self._pos = 0  # member offset of _buf[0]
+        self._line = 1  # line number at _buf[0]
+        self._eof = False
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            self._skip_committed()
+            self._fill(self._target + 1)
+            if not self._buf:
+                return
+            cut = self._cut_point()
+            yield self._take(cut)
+
+    def _fill(self, size: int) -> None:
+        while not self._eof and len(self._buf) < size:
+            block = self._stream.read(max(_READ_SIZE, size - len(self._buf)))
+            if not block:
+                self._eof = True
+                break
+            self._buf += block
+
+    def _next_committed(self) -> Optional[Tuple[int, int]]:
+        for start, end in self._committed:
+            if end > self._pos:
+                return start, end
+        return None
+
+    def _skip_committed(self) -> None:
+        """Drop bytes that a previous run committed (line numbers keep counting)."""
+        rng = self._next_committed()
+        while rng is not None and rng[0] <= self._pos:
+            to_skip = rng[1] - self._pos
+            while to_skip > 0:
+                self._fill(min(to_skip, _READ_SIZE))
+                if not self._buf:
+                    raise SourceDataError(
+                        "source is shorter than the ranges the ledger says were committed",
+                        member=self._member, offset=self._pos,
+                    )
+                step = min(to_skip, len(self._buf))
+                self._advance(step)
+                to_skip -= step
+            rng = self._next_committed()
+
+    def _advance(self, n: int) -> bytes:
+        head, self._buf = self._buf[:n], self._buf[n:]
+        self._pos += n
+        self._line += head.count(b"\n")
+        return head
+
+    def _take(self, cut: int) -> Chunk:
+        start, line = self._pos, self._line
+        data = self._advance(cut)
+        return Chunk(self._member, start, self._pos, line, data)
+
+    def _cut_point(self) -> int:
+        """Bytes to take: up to the next committed range, else the last record end within target."""
+        rng = self._next_committed()
+        limit = self._target
+        if rng is not None and rng[0] - self._pos <= limit:
+            return rng[0] - self._pos
+        while True:
+            if self._eof and len(self._buf) <= limit:
+                return len(self._buf)
+            cut = self._last_record_end(limit)
+            if cut > 0:
+                return cut
+            # A record longer than the window: widen it.
+            limit *= 2
+            self._fill(limit + 1)
+            if rng is not None and rng[0] - self._pos <= limit:
+                return rng[0] - self._pos
+
+    def _last_record_end(self, limit: int) -> int:
+        """Offset just after the last newline within limit that is outside quotes, or 0."""
+        window = self._buf[:limit]
+        pos = window.rfind(b"\n")
+        if self._quote is None:
+            return pos + 1
+        inside = self._quote_parity(window) % 2
+        while pos >= 0:
+            # Quotes after pos flip the parity back to what it was at pos.
+            tail = window[pos:]
+            parity_at_pos = (inside - self._quote_count(tail)) % 2
+            if parity_at_pos == 0:
+                return pos + 1
+            pos = window.rfind(b"\n", 0, pos)
+        return 0
+
+    def _quote_count(self, data: bytes) -> int:
+        assert self._quote is not None
+        count = data.count(self._quote)
+        if self._escape and self._escape != self._quote:
+            count -= data.count(self._escape + self._quote)
+        return count
+
+    def _quote_parity(self, data: bytes) -> int:
+        return self._quote_count(data)

@@ -1,0 +1,403 @@
+"""Arrow-level parsing, typing and validation of one chunk: good rows vs rejects.
+
+The fast path hands the whole chunk to pyarrow's CSV reader (all columns as strings)
+and types columns with vectorised compute kernels. A chunk pyarrow cannot take
+(invalid bytes for the encoding, an unterminated quote) goes through a slow path
+that splits it into records with Python's csv module, so one bad record costs one
+reject, never the batch. Every input record ends up either in ``rows`` or in
+``rejects``: ``rows_in == len(rows) + len(rejects)`` is asserted per chunk.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from loadkit.errors import LoadkitError
+from loadkit.plan import ROW_COL, ColumnSpec, Dialect, TableSpec
+
+REJECT_SCHEMA = pa.schema([
+    ("line_number", pa.int64()),
+    ("column_name", pa.string()),
+    ("reason", pa.string()),
+    ("raw", pa.string()),
+])
+
+_INT_RANGES = {"smallint": (-(2**15), 2**15 - 1), "integer": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
+_ARROW_INT = {"smallint": pa.int16(), "integer": pa.int32(), "bigint": pa.int64()}
+_TRUE = ("true", "t", "1", "yes", "y")
+_FALSE = ("false", "f", "0", "no", "n")
+
+
+@dataclass
+class ParsedChunk:
+    rows: pa.Table  # typed good rows, plus ROW_COL (ordinal within the chunk)
+    rejects: pa.Table  # REJECT_SCHEMA
+    rows_in: int
+    coerced: Dict[str, int] = field(default_factory=dict)  # column -> values stored as NULL by on_invalid=null
+
+
+def arrow_schema(table: TableSpec) -> pa.Schema:
+    """The Arrow types that binary COPY maps onto the declared SQL types."""
+    fields = [pa.field(c.name, _arrow_type(c)) for c in table.columns]
+    if table.derived_key:
+        fields.append(pa.field(table.derived_key[0], pa.string()))
+    return pa.schema(fields + [pa.field(ROW_COL, pa.int32())])
+
+
+def _arrow_type(col: ColumnSpec) -> pa.DataType:
+    if col.kind in _ARROW_INT:
+        return _ARROW_INT[col.kind]
+    return {
+        "double": pa.float64(),
+        "numeric": pa.decimal128(col.precision or 38, col.scale or 0),
+        "date": pa.date32(),
+        "timestamp": pa.timestamp("us"),
+        "boolean": pa.bool_(),
+    }.get(col.kind, pa.string())
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _transcode(data: bytes, encoding: str) -> bytes:
+    """UTF-8 bytes for pyarrow; raises UnicodeDecodeError on bytes invalid for the encoding."""
+    enc = encoding.lower().replace("_", "-")
+    if enc in ("utf-8", "utf8"):
+        data.decode("utf-8")  # validate: pyarrow would fail the whole chunk
+        return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    if enc in ("utf-8-sig",):
+        return data.decode("utf-8-sig").encode("utf-8")
+    return data.decode(encoding).encode("utf-8")
+
+
+def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, skip_header: bool) -> Tuple[pa.Table, List[Tuple[int, str, str]]]:
+    invalid: List[Tuple[int, str, str]] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
+        invalid.append((row.number or 0, reason, row.text))
+        return "skip"
+
+    table = pacsv.read_csv(
+        pa.py_buffer(text),
+        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False, skip_rows=1 if skip_header else 0,
+                                       block_size=max(1 << 20, min(len(text) + 1, 1 << 30))),
+        parse_options=pacsv.ParseOptions(
+            delimiter=d.delimiter, quote_char=d.quote or False, escape_char=d.escape or False,
+            double_quote=d.escape is None, newlines_in_values=d.newlines_in_values,
+            ignore_empty_lines=True, invalid_row_handler=on_invalid,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, null_values=list(d.null_values),
+            strings_can_be_null=True, quoted_strings_can_be_null=True,
+        ),
+    )
+    return table, invalid
+
+
+@dataclass
+class _Record:
+    line: int
+    raw: bytes
+
+
+def split_records(data: bytes, d: Dialect, first_line: int) -> List[_Record]:
+    """Non-empty records with their physical start lines (quote-aware). Used only off the fast path."""
+    out: List[_Record] = []
+    quote = d.quote.encode("latin-1") if (d.quote and d.newlines_in_values) else None
+    start_line, buf, parity = first_line, b"", 0
+    for i, line in enumerate(data.split(b"\n")):
+        piece = line + b"\n"
+        buf = piece if not buf else buf + piece
+        if quote is not None:
+            parity = (parity + line.count(quote)) % 2
+        if parity == 0:
+            if buf.strip(b"\r\n"):
+                out.append(_Record(start_line, buf))
+            buf, start_line = b"", first_line + i + 1
+    if buf.strip(b"\r\n"):
+        out.append(_Record(start_line, buf))
+    return out
+
+
+def _slow_parse(data: bytes, names: Sequence[str], d: Dialect, first_line: int,
+                skip_header: bool) -> Tuple[pa.Table, List[Tuple[int, str, str]], List[int]]:
+    """Record-by-record parse: every record becomes a row or a reject with its reason."""
+    records = split_records(data, d, first_line)
+    if skip_header and records:
+        records = records[1:]
+    rows: List[List[Optional[str]]] = []
+    ordinals: List[int] = []
+    invalid: List[Tuple[int, str, str]] = []
+    nulls = set(d.null_values)
+    for ordinal, rec in enumerate(records, start=1):
+        raw_text = rec.raw.decode(d.encoding, errors="backslashreplace").rstrip("\r\n")
+        try:
+            text = rec.raw.decode(d.encoding)
+        except UnicodeDecodeError as exc:
+            invalid.append((ordinal, f"invalid bytes for encoding {d.encoding} at byte {exc.start}", raw_text))
+            continue
+        try:
+            fields = next(csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
+                                     quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE,
+                                     escapechar=d.escape, doublequote=d.escape is None, strict=True))
+        except (csv.Error, StopIteration) as exc:
+            invalid.append((ordinal, f"malformed record: {exc}", raw_text))
+            continue
+        if len(fields) != len(names):
+            invalid.append((ordinal, f"expected {len(names)} fields, found {len(fields)}", raw_text))
+            continue
+        rows.append([None if f in nulls else f for f in fields])
+        ordinals.append(ordinal)
+    columns = {n: pa.array([r[i] for r in rows], pa.string()) for i, n in enumerate(names)}
+    return pa.table(columns) if names else pa.table({}), invalid, ordinals
+
+
+# ---------------------------------------------------------------- typing
+
+
+class _Checker:
+    """Collects, per row, the first reason it must be rejected."""
+
+    def __init__(self, n: int) -> None:
+        self.reason: List[Optional[Tuple[str, str]]] = [None] * n
+        self.coerced: Dict[str, int] = {}
+
+    def flag(self, bad: pa.Array, column: str, why: str, values: pa.Array, on_invalid: str) -> pa.Array:
+        """Apply on_invalid to rows where ``bad`` is true; returns the mask of rows nulled."""
+        bad = pc.fill_null(bad, False)
+        count = pc.sum(bad).as_py() or 0
+        if not count:
+            return bad
+        if on_invalid == "null":
+            self.coerced[column] = self.coerced.get(column, 0) + count
+            return bad
+        for i in pc.indices_nonzero(bad).to_pylist():
+            if self.reason[i] is None:
+                v = values[i].as_py()
+                self.reason[i] = (column, f"{why}: {v!r}")
+        return bad
+
+
+def _null_out(arr: pa.Array, mask: pa.Array) -> pa.Array:
+    return pc.if_else(mask, pa.scalar(None, arr.type), arr)
+
+
+def _convert_column(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
+    if col.null_values:
+        arr = _null_out(arr, pc.is_in(arr, value_set=pa.array(list(col.null_values), pa.string())))
+    if col.zfill:
+        arr = pc.utf8_lpad(arr, width=col.zfill, padding="0")
+    raw = arr
+    if col.kind in ("char", "varchar"):
+        too_long = pc.greater(pc.utf8_length(arr), col.length)
+        out = arr
+        bad = chk.flag(too_long, col.name, f"longer than {col.sql_type}", raw, col.on_invalid)
+        out = _null_out(out, bad)
+    elif col.kind == "text":
+        out = arr
+    elif col.kind in _ARROW_INT:
+        out = _to_int(col, arr, chk)
+    elif col.kind == "double":
+        ok = pc.match_substring_regex(arr, r"^\s*[+-]?((\d+\.?\d*)|(\.\d+))([eE][+-]?\d+)?\s*$|^(NaN|[+-]?Infinity)$")
+        bad = chk.flag(pc.invert(ok), col.name, "not a number", raw, col.on_invalid)
+        out = pc.cast(_null_out(pc.utf8_trim_whitespace(arr), bad), pa.float64())
+    elif col.kind == "numeric":
+        out = _to_numeric(col, arr, chk)
+    elif col.kind in ("date", "timestamp"):
+        out = _to_time(col, arr, chk)
+    elif col.kind == "boolean":
+        low = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+        is_true = pc.is_in(low, value_set=pa.array(_TRUE))
+        is_false = pc.is_in(low, value_set=pa.array(_FALSE))
+        bad = chk.flag(pc.invert(pc.or_(is_true, is_false)), col.name, "not a boolean", raw, col.on_invalid)
+        out = _null_out(is_true, pc.or_(bad, pc.is_null(arr)))
+    else:  # validation refuses other kinds; a new kind without a converter is a bug
+        raise LoadkitError(f"no converter for column type {col.kind}")
+    if not col.nullable:
+        chk.flag(pc.is_null(out), col.name, "required value is missing", raw, "reject")
+    return out
+
+
+def _to_int(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
+    trimmed = pc.utf8_trim_whitespace(arr)
+    ok = pc.match_substring_regex(trimmed, r"^[+-]?\d{1,19}$")
+    bad = chk.flag(pc.invert(ok), col.name, "not an integer", arr, col.on_invalid)
+    as64 = pc.cast(_null_out(trimmed, bad), pa.int64(), safe=False)
+    lo, hi = _INT_RANGES[col.kind]
+    out_of_range = pc.or_(pc.less(as64, lo), pc.greater(as64, hi))
+    bad2 = chk.flag(out_of_range, col.name, f"out of range for {col.kind}", arr, col.on_invalid)
+    return pc.cast(_null_out(as64, bad2), _ARROW_INT[col.kind])
+
+
+def _to_numeric(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
+    text = pc.utf8_trim_whitespace(arr)
+    if col.decimal_comma:
+        ok_shape = pc.match_substring_regex(text, r"^[+-]?\d{1,3}(\.\d{3})*(,\d+)?$|^[+-]?\d+(,\d+)?$")
+        text = pc.replace_substring(pc.replace_substring(text, ".", ""), ",", ".")
+    else:
+        ok_shape = pc.match_substring_regex(text, r"^[+-]?\d+(\.\d+)?$")
+    precision, scale = col.precision or 38, col.scale or 0
+    int_digits = pc.utf8_length(pc.replace_substring_regex(text, r"^[+-]?0*(\d*)(\.\d*)?$", r"\1"))
+    frac_digits = pc.utf8_length(pc.replace_substring_regex(text, r"^[^.]*\.?", ""))
+    fits = pc.and_(pc.less_equal(int_digits, precision - scale), pc.less_equal(frac_digits, scale))
+    bad = chk.flag(pc.invert(ok_shape), col.name, "not a number", arr, col.on_invalid)
+    bad2 = chk.flag(pc.and_(pc.invert(bad), pc.invert(fits)), col.name, f"does not fit {col.sql_type}", arr,
+                    col.on_invalid)
+    clean = _null_out(text, pc.or_(bad, bad2))
+    return pc.cast(clean, pa.decimal128(precision, scale))
+
+
+def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
+    fmt = col.format or "%Y-%m-%d"
+    text = pc.utf8_trim_whitespace(arr)
+    parsed = pc.strptime(text, format=fmt, unit="us" if col.kind == "timestamp" else "s", error_is_null=True)
+    # Arrow's strptime is lenient (Feb 30 rolls into March): round-trip to be strict.
+    roundtrip = pc.equal(pc.strftime(parsed, format=fmt), text)
+    invalid = pc.and_(pc.is_valid(text), pc.invert(pc.fill_null(roundtrip, False)))
+    if col.min is not None or col.max is not None:
+        invalid = pc.or_(invalid, _out_of_bounds(col, parsed))
+    bad = chk.flag(invalid, col.name, f"not a valid {col.kind} ({fmt})", arr, col.on_invalid)
+    parsed = _null_out(parsed, bad)
+    return pc.cast(parsed, pa.date32()) if col.kind == "date" else parsed
+
+
+def _out_of_bounds(col: ColumnSpec, parsed: pa.Array) -> pa.Array:
+    import datetime as dt
+
+    out = pa.array([False] * len(parsed))
+    unit_ts = parsed.type
+    if col.min is not None:
+        out = pc.or_(out, pc.fill_null(pc.less(parsed, pa.scalar(dt.datetime.fromisoformat(col.min), unit_ts)), False))
+    if col.max is not None:
+        out = pc.or_(out, pc.fill_null(pc.greater(parsed, pa.scalar(dt.datetime.fromisoformat(col.max), unit_ts)), False))
+    return out
+
+
+def derived_key(values: Sequence[pa.Array]) -> pa.Array:
+    """md5 hex of the source values joined by U+001F, NULL as empty: stable across runs."""
+    filled = [pc.fill_null(v, "") for v in values]
+    joined = pc.binary_join_element_wise(*filled, "\x1f")
+    return pa.array([hashlib.md5(s.encode("utf-8")).hexdigest() for s in joined.to_pylist()], pa.string())
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def parse_parquet_batch(table: TableSpec, data: bytes) -> ParsedChunk:
+    """Type a Parquet record batch: text columns go through the text rules, typed ones are cast safely."""
+    from loadkit.errors import SourceDataError
+
+    src = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    missing = [c.name for c in table.columns if c.name not in src.column_names]
+    if missing:
+        raise SourceDataError(f"parquet file lacks declared columns {missing}")
+    chk = _Checker(src.num_rows)
+    typed: Dict[str, pa.Array] = {}
+    for col in table.columns:
+        arr = src[col.name].combine_chunks()
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            typed[col.name] = _convert_column(col, arr.cast(pa.string()), chk)
+            continue
+        try:
+            typed[col.name] = pc.cast(arr, _arrow_type(col), safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SourceDataError(f"parquet column {col.name} ({arr.type}) does not fit {col.sql_type}: {exc}") from None
+        if not col.nullable:
+            chk.flag(pc.is_null(typed[col.name]), col.name, "required value is missing", arr, "reject")
+    if table.derived_key:
+        name, cols = table.derived_key
+        typed[name] = derived_key([pc.cast(src[c].combine_chunks(), pa.string()) for c in cols])
+    ordinals = list(range(1, src.num_rows + 1))
+    keep = [r is None for r in chk.reason]
+    schema = arrow_schema(table)
+    typed[ROW_COL] = pa.array(ordinals, pa.int32())
+    good = pa.table([typed[f.name] for f in schema], schema=schema).filter(pa.array(keep, pa.bool_()))
+    rejects = pa.table([
+        pa.array([i + 1 for i, r in enumerate(chk.reason) if r], pa.int64()),
+        pa.array([r[0] for r in chk.reason if r], pa.string()),
+        pa.array([r[1] for r in chk.reason if r], pa.string()),
+        pa.array([None for r in chk.reason if r], pa.string()),
+    ], schema=REJECT_SCHEMA)
+    return ParsedChunk(good, rejects, src.num_rows, chk.coerced)
+
+
+
+def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional[Sequence[str]] = None,
+                skip_header: bool = False) -> ParsedChunk:
+    """Parse, type and validate one record-aligned chunk of a source member."""
+    d = table.dialect
+    if d.strip_nul and b"\x00" in data:
+        data = data.replace(b"\x00", b"")
+    declared = [c.name for c in table.columns]
+    names = list(header) if (header and d.match_by_name) else declared
+    ordinals: Optional[List[int]] = None
+    try:
+        raw, invalid = _arrow_parse(_transcode(data, d.encoding), names, d, skip_header)
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        raw, invalid, ordinals = _slow_parse(data, names, d, first_line, skip_header)
+    if d.trim:
+        raw = pa.table({n: pc.utf8_trim_whitespace(raw[n]) for n in raw.column_names})
+    rows_in = raw.num_rows + len(invalid)
+    if ordinals is None:
+        bad_ordinals = {o for o, _, _ in invalid}
+        ordinals = [o for o in range(1, rows_in + 1) if o not in bad_ordinals] if invalid else list(range(1, rows_in + 1))
+    typed, chk = _type_columns(table, raw)
+    return _split(table, data, first_line, skip_header, typed, chk, invalid, ordinals, rows_in)
+
+
+def _type_columns(table: TableSpec, raw: pa.Table) -> Tuple[Dict[str, pa.Array], _Checker]:
+    chk = _Checker(raw.num_rows)
+    typed: Dict[str, pa.Array] = {}
+    for col in table.columns:
+        arr = raw[col.name].combine_chunks() if col.name in raw.column_names else pa.nulls(raw.num_rows, pa.string())
+        typed[col.name] = _convert_column(col, arr, chk)
+    if table.derived_key:
+        name, cols = table.derived_key
+        source = [raw[c].combine_chunks() for c in cols]
+        typed[name] = derived_key(source) if raw.num_rows else pa.array([], pa.string())
+    return typed, chk
+
+
+def _split(table: TableSpec, data: bytes, first_line: int, skip_header: bool, typed: Dict[str, pa.Array],
+           chk: _Checker, invalid: List[Tuple[int, str, str]], ordinals: List[int], rows_in: int) -> ParsedChunk:
+    keep = [r is None for r in chk.reason]
+    schema = arrow_schema(table)
+    typed[ROW_COL] = pa.array(ordinals, pa.int32())
+    good = pa.table([typed[f.name] for f in schema], schema=schema)
+    reject_rows = [(o, None, why, text) for o, why, text in invalid]
+    if not all(keep):
+        good = good.filter(pa.array(keep))
+        reject_rows += [(ordinals[i], r[0], r[1], None) for i, r in enumerate(chk.reason) if r is not None]
+    rejects = _reject_table(table, data, first_line, skip_header, reject_rows)
+    if good.num_rows + rejects.num_rows != rows_in:
+        raise LoadkitError("row accounting mismatch inside a chunk", rows_in=rows_in, loaded=good.num_rows,
+                           rejected=rejects.num_rows)
+    return ParsedChunk(good, rejects, rows_in, chk.coerced)
+
+
+def _reject_table(table: TableSpec, data: bytes, first_line: int, skip_header: bool,
+                  reject_rows: List[Tuple[int, Optional[str], str, Optional[str]]]) -> pa.Table:
+    if not reject_rows:
+        return REJECT_SCHEMA.empty_table()
+    records = split_records(data, table.dialect, first_line)
+    if skip_header and records:
+        records = records[1:]
+    lines, cols, reasons, raws = [], [], [], []
+    for ordinal, column, reason, text in sorted(reject_rows, key=lambda r: r[0]):
+        rec = records[ordinal - 1] if 0 < ordinal <= len(records) else None
+        lines.append(rec.line if rec else None)
+        cols.append(column)
+        reasons.append(reason)
+        raw = text if text is not None else (
+            rec.raw.decode(table.dialect.encoding, errors="backslashreplace").rstrip("\r\n") if rec else None)
+        raws.append(raw)
+    return pa.table([pa.array(lines, pa.int64()), pa.array(cols, pa.string()), pa.array(reasons, pa.string()),
+                     pa.array(raws, pa.string())], schema=REJECT_SCHEMA)

@@ -1,0 +1,181 @@
+"""The batch writer: one COPY stream per connection, data + rejects + ledger in one transaction.
+
+A plain callable class with no Ray import: Ray Data runs it as a pooled actor
+(``map_batches(BatchWriter, compute=ActorPoolStrategy(...))``), and tests can call it
+directly. The pool is opened in ``__init__`` (actor start), health-checked on every
+borrow, and closed by ``close()``.
+
+Exactly-once: a batch's identity is deterministic (plan.batch_id). The ledger row has
+that id as its primary key and is written in the same transaction as the rows, so a
+retried or duplicated batch either finds its id (skip) or violates the key (rollback,
+skip): never two copies.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import pyarrow as pa
+
+from loadkit import ledger
+from loadkit.db import ConnectionPool
+from loadkit.errors import sqlstate_of
+from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
+from loadkit.resilience import CircuitBreaker, retrying
+from loadkit.security import qualified
+
+log = logging.getLogger("loadkit.writer")
+
+RESULT_SCHEMA = pa.schema([
+    ("kind", pa.string()),
+    ("table_name", pa.string()),
+    ("file_sha", pa.string()),
+    ("member", pa.string()),
+    ("batch_id", pa.int64()),
+    ("status", pa.string()),  # committed|skipped|eof|error
+    ("rows_in", pa.int64()),
+    ("rows_loaded", pa.int64()),
+    ("rows_rejected", pa.int64()),
+    ("rows_coerced", pa.int64()),
+    ("bytes", pa.int64()),
+    ("parse_s", pa.float64()),
+    ("write_s", pa.float64()),
+    ("attempts", pa.int32()),
+    ("writer", pa.string()),
+    ("pool_utilisation", pa.float64()),
+    ("rss_bytes", pa.int64()),
+    ("finished_at", pa.float64()),
+    ("message", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class TableTarget:
+    schema: str
+    load_table: str
+    keep_row_ordinal: bool  # staging tables keep ROW_COL for the last-row-wins dedup
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    dsn: str
+    ledger_schema: str
+    run_id: str
+    period: str
+    tables: Dict[str, TableTarget]
+    connections: int
+    pre_ping: bool
+    retry: RetryPolicy
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def ipc_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+class BatchWriter:
+    def __init__(self, settings: WriterSettings) -> None:
+        self._s = settings
+        self._name = f"writer-{os.getpid()}"
+        self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
+        self._attempts = 0
+        self._pool = self._open_pool()
+
+    def _open_pool(self) -> ConnectionPool:
+        return retrying(self._s.retry)(lambda: ConnectionPool(self._s.dsn, self._s.connections, self._s.pre_ping))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = [self._handle(rec) for rec in batch.to_pylist()]
+        return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+
+    def _handle(self, rec: Dict[str, Any]) -> Dict[str, Any]:
+        out = {k: rec.get(k) for k in ("kind", "table_name", "file_sha", "member", "batch_id", "rows_in",
+                                        "rows_loaded", "rows_rejected", "rows_coerced", "bytes", "parse_s",
+                                        "message")}
+        out["writer"] = self._name
+        if rec["kind"] != "data":
+            out.update(status=rec["kind"], write_s=0.0, attempts=0)
+            return self._finish(out)
+        started = time.perf_counter()
+        self._attempts = 0
+        status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(rec)))
+        out.update(status=status, write_s=time.perf_counter() - started, attempts=self._attempts)
+        return self._finish(out)
+
+    def _finish(self, out: Dict[str, Any]) -> Dict[str, Any]:
+        from loadkit.monitor import process_rss
+
+        out["pool_utilisation"] = self._pool.stats().utilisation
+        out["rss_bytes"] = process_rss()
+        out["finished_at"] = time.time()
+        return out
+
+    def _commit(self, rec: Dict[str, Any]) -> str:
+        """One transaction: skip if the ledger has the batch, else COPY rows + rejects + ledger row."""
+        self._attempts += 1
+        target = self._s.tables[rec["table_name"]]
+        with self._pool.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT 1 FROM {qualified(self._s.ledger_schema, 'batch')} WHERE batch_id = $1",
+                            parameters=(rec["batch_id"],))
+                if cur.fetchall():
+                    conn.rollback()
+                    return "skipped"
+                try:
+                    self._copy_all(cur, rec, target)
+                    conn.commit()
+                except Exception as exc:
+                    conn.rollback()
+                    if sqlstate_of(exc) == "23505" and "batch_pkey" in str(exc):
+                        return "skipped"  # another writer committed the same batch first
+                    raise
+        return "committed"
+
+    def _copy_all(self, cur: Any, rec: Dict[str, Any], target: TableTarget) -> None:
+        rows = ipc_table(rec["rows"])
+        if rows.num_rows:
+            rows = rows.append_column(BATCH_COL, pa.array([rec["batch_id"]] * rows.num_rows, pa.int64()))
+            if not target.keep_row_ordinal:
+                rows = rows.drop_columns([ROW_COL])
+            cur.adbc_ingest(target.load_table, rows, mode="append", db_schema_name=target.schema)
+        rejects = ipc_table(rec["rejects"])
+        if rejects.num_rows:
+            cur.adbc_ingest("reject", self._reject_rows(rec, rejects), mode="append",
+                            db_schema_name=self._s.ledger_schema)
+        cur.adbc_ingest("batch", self._ledger_row(rec), mode="append", db_schema_name=self._s.ledger_schema)
+
+    def _reject_rows(self, rec: Dict[str, Any], rejects: pa.Table) -> pa.Table:
+        n = rejects.num_rows
+        meta = [rec["batch_id"], self._s.run_id, rec["table_name"], self._s.period, rec["file_path"], rec["member"]]
+        cols = [pa.array([v] * n, t) for v, (_, t) in zip(meta, ledger.REJECT_META)]
+        names = [name for name, _ in ledger.REJECT_META]
+        return pa.Table.from_arrays(cols + rejects.columns, names=names + rejects.column_names)
+
+    def _ledger_row(self, rec: Dict[str, Any]) -> pa.Table:
+        values = {
+            "batch_id": rec["batch_id"], "run_id": self._s.run_id, "table_name": rec["table_name"],
+            "period": self._s.period, "file_sha": rec["file_sha"], "file_ordinal": rec["file_ordinal"],
+            "member": rec["member"], "start_offset": rec["start"], "end_offset": rec["end"],
+            "first_line": rec["first_line"], "rows_in": rec["rows_in"], "rows_loaded": rec["rows_loaded"],
+            "rows_rejected": rec["rows_rejected"], "rows_coerced": rec["rows_coerced"], "writer": self._name,
+            "attempts": self._attempts,
+        }
+        return pa.Table.from_pylist([values], schema=ledger.BATCH_SCHEMA)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.close()
+
