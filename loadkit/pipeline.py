@@ -192,33 +192,28 @@ def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
 # ---------------------------------------------------------------- parse
 
 
-class ChunkParser:
+def parse_block(batch: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
     """map_batches UDF: raw chunk records -> typed rows and rejects, serialised for the writer."""
+    return pa.Table.from_pylist([_parse_record(r, tables, period) for r in batch.to_pylist()], schema=PARSED_SCHEMA)
 
-    def __init__(self, tables: Dict[str, TableSpec], period: str) -> None:
-        self._tables = tables
-        self._period = period
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self._parse(r) for r in batch.to_pylist()], schema=PARSED_SCHEMA)
-
-    def _parse(self, rec: Dict[str, Any]) -> Dict[str, Any]:
-        out = {f.name: rec.get(f.name) for f in PARSED_SCHEMA}
-        if rec["kind"] != "data":
-            return out
-        table = self._tables[rec["table_name"]]
-        started = time.perf_counter()
-        if table.format == "parquet":
-            parsed = parse_parquet_batch(table, rec["data"])
-        else:
-            parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"])
-        out.update(
-            batch_id=batch_id(table.name, self._period, rec["file_sha"], rec["member"], rec["start"]),
-            rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
-            rows_coerced=sum(parsed.coerced.values()), bytes=len(rec["data"]), parse_s=time.perf_counter() - started,
-            rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects),
-        )
+def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str) -> Dict[str, Any]:
+    out = {f.name: rec.get(f.name) for f in PARSED_SCHEMA}
+    if rec["kind"] != "data":
         return out
+    table = tables[rec["table_name"]]
+    started = time.perf_counter()
+    if table.format == "parquet":
+        parsed = parse_parquet_batch(table, rec["data"])
+    else:
+        parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"])
+    out.update(
+        batch_id=batch_id(table.name, period, rec["file_sha"], rec["member"], rec["start"]),
+        rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
+        rows_coerced=sum(parsed.coerced.values()), bytes=len(rec["data"]), parse_s=time.perf_counter() - started,
+        rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects),
+    )
+    return out
 
 
 # ---------------------------------------------------------------- build and run
@@ -256,19 +251,21 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Any:
 
     tables = {t.name: replace(t, files=()) for t in plan.tables}
     ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
-    parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, fn_constructor_args=(tables, plan.period),
-                                      zero_copy_batch=True)
+    # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
+    # parsed in the process that decompressed it and never crosses the object store raw.
+    parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                                      fn_kwargs={"tables": tables, "period": plan.period})
     if plan.parse_concurrency:
-        parse_args["concurrency"] = plan.parse_concurrency
-    ds = ds.map_batches(ChunkParser, **parse_args)
+        parse_args["compute"] = ray.data.TaskPoolStrategy(size=plan.parse_concurrency)
+    ds = ds.map_batches(parse_block, **parse_args)
+    # Writers hold connections, not CPU: a fractional CPU keeps the cores for read/parse.
     return ds.map_batches(
         BatchWriter,
         fn_constructor_args=(writer_settings(plan, dsn),),
         batch_format="pyarrow",
         batch_size=1,
-        concurrency=plan.writers,
+        compute=ray.data.ActorPoolStrategy(size=plan.writers),
         num_cpus=0.25,
-        max_concurrency=1,
     )
 
 

@@ -163,6 +163,8 @@ class Runner:
         ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
                    env.progress_bars)
         last_report, step = time.time(), 0
+        for tm in metrics.tables.values():
+            tm.started = last_report
         for results in execute(plan, units, self.dsn):
             for row in metrics.add(results):
                 if row["kind"] == "data":
