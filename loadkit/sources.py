@@ -90,6 +90,26 @@ def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[st
                 yield name, fh  # type: ignore[misc]
 
 
+def is_cr_only(sample: bytes) -> bool:
+    """True for old Mac-style files whose records end in a bare CR."""
+    return b"\r" in sample and b"\n" not in sample
+
+
+class CrToLf:
+    """A stream that turns every CR into LF, byte for byte.
+
+    Offsets stay those of the file, so committed byte ranges keep their meaning, and
+    everything downstream (chunk cuts, line numbers, the CSV parser) sees LF endings.
+    A CR inside a quoted value of a CR-only file becomes LF, its only plausible meaning.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size).replace(b"\r", b"\n")
+
+
 def read_errors() -> tuple:
     """Exceptions that mean a compressed stream is corrupt or truncated."""
     return (zipfile.BadZipFile, zlib.error, EOFError, gzip.BadGzipFile, OSError)

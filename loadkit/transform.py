@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from loadkit.errors import LoadkitError
+from loadkit.errors import LoadkitError, SourceDataError
 from loadkit.plan import ROW_COL, ColumnSpec, Dialect, TableSpec
 
 REJECT_SCHEMA = pa.schema([
@@ -31,6 +32,7 @@ REJECT_SCHEMA = pa.schema([
 
 _INT_RANGES = {"smallint": (-(2**15), 2**15 - 1), "integer": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
 _ARROW_INT = {"smallint": pa.int16(), "integer": pa.int32(), "bigint": pa.int64()}
+_BOM = b"\xef\xbb\xbf"
 _TRUE = ("true", "t", "1", "yes", "y")
 _FALSE = ("false", "f", "0", "no", "n")
 
@@ -69,11 +71,9 @@ def _arrow_type(col: ColumnSpec) -> pa.DataType:
 def _transcode(data: bytes, encoding: str) -> bytes:
     """UTF-8 bytes for pyarrow; raises UnicodeDecodeError on bytes invalid for the encoding."""
     enc = encoding.lower().replace("_", "-")
-    if enc in ("utf-8", "utf8"):
+    if enc in ("utf-8", "utf8", "utf-8-sig"):
         data.decode("utf-8")  # validate: pyarrow would fail the whole chunk
-        return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    if enc in ("utf-8-sig",):
-        return data.decode("utf-8-sig").encode("utf-8")
+        return data
     return data.decode(encoding).encode("utf-8")
 
 
@@ -128,36 +128,61 @@ def split_records(data: bytes, d: Dialect, first_line: int) -> List[_Record]:
 
 
 def _slow_parse(data: bytes, names: Sequence[str], d: Dialect, first_line: int,
-                skip_header: bool) -> Tuple[pa.Table, List[Tuple[int, str, str]], List[int]]:
-    """Record-by-record parse: every record becomes a row or a reject with its reason."""
+                skip_header: bool) -> Tuple[pa.Table, List[Tuple[int, str, str]], Dict[int, _Record]]:
+    """Record-by-record parse: every record becomes a row or a reject with its reason.
+
+    Returns the string table, the rejects as (record ordinal, reason, raw text) and every
+    record by ordinal, so line numbers and raw text stay exact.
+    """
     records = split_records(data, d, first_line)
     if skip_header and records:
         records = records[1:]
     rows: List[List[Optional[str]]] = []
-    ordinals: List[int] = []
+    seen: Dict[int, _Record] = {}
     invalid: List[Tuple[int, str, str]] = []
     nulls = set(d.null_values)
-    for ordinal, rec in enumerate(records, start=1):
-        raw_text = rec.raw.decode(d.encoding, errors="backslashreplace").rstrip("\r\n")
-        try:
-            text = rec.raw.decode(d.encoding)
-        except UnicodeDecodeError as exc:
-            invalid.append((ordinal, f"invalid bytes for encoding {d.encoding} at byte {exc.start}", raw_text))
+    ordinal = 0
+    while records:
+        rec = records.pop(0)
+        ordinal += 1
+        fields, why = _fields_of(rec, d)
+        if why is not None and not records and rec.raw.count(b"\n") > 1 and "unexpected end" in why:
+            # An unterminated quote swallowed the rest of the chunk: reject its first
+            # line only and parse the lines after it again, so one stray quote costs one row.
+            head, tail = rec.raw.split(b"\n", 1)
+            rec = _Record(rec.line, head + b"\n")
+            records = split_records(tail, d, rec.line + 1)
+        if why is None and len(fields) != len(names):
+            why = f"expected {len(names)} fields, found {len(fields)}"
+        seen[ordinal] = rec
+        if why is not None:
+            invalid.append((ordinal, why, _raw_text(rec.raw, d.encoding)))
             continue
-        try:
-            fields = next(csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
-                                     quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE,
-                                     escapechar=d.escape, doublequote=d.escape is None, strict=True))
-        except (csv.Error, StopIteration) as exc:
-            invalid.append((ordinal, f"malformed record: {exc}", raw_text))
-            continue
-        if len(fields) != len(names):
-            invalid.append((ordinal, f"expected {len(names)} fields, found {len(fields)}", raw_text))
-            continue
+        if d.trim:
+            fields = [f.strip() for f in fields]
         rows.append([None if f in nulls else f for f in fields])
-        ordinals.append(ordinal)
     columns = {n: pa.array([r[i] for r in rows], pa.string()) for i, n in enumerate(names)}
-    return pa.table(columns) if names else pa.table({}), invalid, ordinals
+    return pa.table(columns) if names else pa.table({}), invalid, seen
+
+
+def _raw_text(raw: bytes, encoding: str) -> str:
+    return raw.decode(encoding, errors="backslashreplace").rstrip("\r\n")
+
+
+def _fields_of(rec: _Record, d: Dialect) -> Tuple[List[str], Optional[str]]:
+    """The record's fields, or the reason it cannot be read (bad bytes, malformed quoting)."""
+    try:
+        text = rec.raw.decode(d.encoding)
+    except UnicodeDecodeError as exc:
+        return [], f"invalid bytes for encoding {d.encoding} at byte {exc.start}"
+    try:
+        return next(csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
+                               quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE,
+                               escapechar=d.escape, doublequote=d.escape is None, strict=True)), None
+    except csv.Error as exc:
+        return [], f"malformed record: {exc}"
+    except StopIteration:
+        return [], "malformed record: no fields"
 
 
 # ---------------------------------------------------------------- typing
@@ -258,7 +283,9 @@ def _to_numeric(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
 def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
     fmt = col.format or "%Y-%m-%d"
     text = pc.utf8_trim_whitespace(arr)
-    parsed = pc.strptime(text, format=fmt, unit="us" if col.kind == "timestamp" else "s", error_is_null=True)
+    # strptime has no fractional seconds, so second resolution loses nothing; strftime of a
+    # finer unit would print ".000000" and fail the round trip below.
+    parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
     # Arrow's strptime is lenient (Feb 30 rolls into March): round-trip to be strict.
     roundtrip = pc.equal(pc.strftime(parsed, format=fmt), text)
     invalid = pc.and_(pc.is_valid(text), pc.invert(pc.fill_null(roundtrip, False)))
@@ -266,7 +293,7 @@ def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         invalid = pc.or_(invalid, _out_of_bounds(col, parsed))
     bad = chk.flag(invalid, col.name, f"not a valid {col.kind} ({fmt})", arr, col.on_invalid)
     parsed = _null_out(parsed, bad)
-    return pc.cast(parsed, pa.date32()) if col.kind == "date" else parsed
+    return pc.cast(parsed, pa.date32() if col.kind == "date" else pa.timestamp("us"))
 
 
 def _out_of_bounds(col: ColumnSpec, parsed: pa.Array) -> pa.Array:
@@ -291,13 +318,15 @@ def derived_key(values: Sequence[pa.Array]) -> pa.Array:
 # ---------------------------------------------------------------- entry points
 
 
-def parse_parquet_batch(table: TableSpec, data: bytes) -> ParsedChunk:
-    """Type a Parquet record batch: text columns go through the text rules, typed ones are cast safely."""
-    from loadkit.errors import SourceDataError
+def parse_parquet_batch(table: TableSpec, data: bytes, first_row: int = 1) -> ParsedChunk:
+    """Type a Parquet record batch: text columns go through the text rules, typed ones are cast safely.
 
+    ``first_row`` is the 1-based row number of the batch in its file; rejects carry it
+    as their line number and the offending row (as JSON) as their raw text.
+    """
     src = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     missing = [c.name for c in table.columns if c.name not in src.column_names]
-    if missing:
+    if missing:  # pipeline._read_parquet refuses such a file before any row; keep this total
         raise SourceDataError(f"parquet file lacks declared columns {missing}")
     chk = _Checker(src.num_rows)
     typed: Dict[str, pa.Array] = {}
@@ -306,28 +335,38 @@ def parse_parquet_batch(table: TableSpec, data: bytes) -> ParsedChunk:
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
             typed[col.name] = _convert_column(col, arr.cast(pa.string()), chk)
             continue
-        try:
-            typed[col.name] = pc.cast(arr, _arrow_type(col), safe=True)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise SourceDataError(f"parquet column {col.name} ({arr.type}) does not fit {col.sql_type}: {exc}") from None
+        typed[col.name] = _cast_typed(col, arr, chk)
         if not col.nullable:
             chk.flag(pc.is_null(typed[col.name]), col.name, "required value is missing", arr, "reject")
     if table.derived_key:
         name, cols = table.derived_key
         typed[name] = derived_key([pc.cast(src[c].combine_chunks(), pa.string()) for c in cols])
     ordinals = list(range(1, src.num_rows + 1))
-    keep = [r is None for r in chk.reason]
-    schema = arrow_schema(table)
-    typed[ROW_COL] = pa.array(ordinals, pa.int32())
-    good = pa.table([typed[f.name] for f in schema], schema=schema).filter(pa.array(keep, pa.bool_()))
-    rejects = pa.table([
-        pa.array([i + 1 for i, r in enumerate(chk.reason) if r], pa.int64()),
-        pa.array([r[0] for r in chk.reason if r], pa.string()),
-        pa.array([r[1] for r in chk.reason if r], pa.string()),
-        pa.array([None for r in chk.reason if r], pa.string()),
-    ], schema=REJECT_SCHEMA)
-    return ParsedChunk(good, rejects, src.num_rows, chk.coerced)
+    records = {i + 1: _Record(first_row + i, json.dumps(src.slice(i, 1).to_pylist()[0], default=str).encode())
+               for i, r in enumerate(chk.reason) if r is not None}
+    return _split(table, typed, chk, [], ordinals, src.num_rows, records)
 
+
+def _cast_typed(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
+    """Safe cast of a typed Parquet column; values that do not fit are flagged one by one."""
+    target = _arrow_type(col)
+    try:
+        return pc.cast(arr, target, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        if isinstance(exc, pa.ArrowNotImplementedError) or len(arr) == 0:
+            raise SourceDataError(f"parquet column {col.name} ({arr.type}) cannot become {col.sql_type}: {exc}") \
+                from None
+    fits = pa.array([_fits(v, target) for v in arr], pa.bool_())
+    bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
+    return pc.cast(_null_out(arr, bad), target, safe=True)
+
+
+def _fits(value: pa.Scalar, target: pa.DataType) -> bool:
+    try:
+        value.cast(target, safe=True)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
 
 
 def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional[Sequence[str]] = None,
@@ -336,21 +375,44 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
     d = table.dialect
     if d.strip_nul and b"\x00" in data:
         data = data.replace(b"\x00", b"")
+    if first_line == 1 and data.startswith(_BOM):
+        data = data[len(_BOM):]
     declared = [c.name for c in table.columns]
     names = list(header) if (header and d.match_by_name) else declared
-    ordinals: Optional[List[int]] = None
+    records: Optional[Dict[int, _Record]] = None
     try:
         raw, invalid = _arrow_parse(_transcode(data, d.encoding), names, d, skip_header)
+        if d.trim:
+            raw = _trimmed(raw, d)
     except (UnicodeDecodeError, pa.ArrowInvalid):
-        raw, invalid, ordinals = _slow_parse(data, names, d, first_line, skip_header)
-    if d.trim:
-        raw = pa.table({n: pc.utf8_trim_whitespace(raw[n]) for n in raw.column_names})
+        invalid = [(0, "", "")]
+    if invalid:
+        # pyarrow does not say where a bad row was: reparse record by record for exact lines.
+        raw, invalid, records = _slow_parse(data, names, d, first_line, skip_header)
     rows_in = raw.num_rows + len(invalid)
-    if ordinals is None:
-        bad_ordinals = {o for o, _, _ in invalid}
-        ordinals = [o for o in range(1, rows_in + 1) if o not in bad_ordinals] if invalid else list(range(1, rows_in + 1))
+    bad_ordinals = {o for o, _, _ in invalid}
+    ordinals = [o for o in range(1, rows_in + 1) if o not in bad_ordinals]
     typed, chk = _type_columns(table, raw)
-    return _split(table, data, first_line, skip_header, typed, chk, invalid, ordinals, rows_in)
+    if records is None and any(r is not None for r in chk.reason):
+        records = _by_ordinal(data, d, first_line, skip_header)
+    return _split(table, typed, chk, invalid, ordinals, rows_in, records or {})
+
+
+def _trimmed(raw: pa.Table, d: Dialect) -> pa.Table:
+    """Trim whitespace, then apply the null markers again: ' NA ' is as null as 'NA'."""
+    nulls = pa.array(list(d.null_values), pa.string())
+    cols = {}
+    for n in raw.column_names:
+        arr = pc.utf8_trim_whitespace(raw[n])
+        cols[n] = pc.if_else(pc.is_in(arr, value_set=nulls), pa.scalar(None, pa.string()), arr)
+    return pa.table(cols)
+
+
+def _by_ordinal(data: bytes, d: Dialect, first_line: int, skip_header: bool) -> Dict[int, _Record]:
+    records = split_records(data, d, first_line)
+    if skip_header and records:
+        records = records[1:]
+    return dict(enumerate(records, start=1))
 
 
 def _type_columns(table: TableSpec, raw: pa.Table) -> Tuple[Dict[str, pa.Array], _Checker]:
@@ -366,38 +428,33 @@ def _type_columns(table: TableSpec, raw: pa.Table) -> Tuple[Dict[str, pa.Array],
     return typed, chk
 
 
-def _split(table: TableSpec, data: bytes, first_line: int, skip_header: bool, typed: Dict[str, pa.Array],
-           chk: _Checker, invalid: List[Tuple[int, str, str]], ordinals: List[int], rows_in: int) -> ParsedChunk:
+def _split(table: TableSpec, typed: Dict[str, pa.Array], chk: _Checker, invalid: List[Tuple[int, str, str]],
+           ordinals: List[int], rows_in: int, records: Dict[int, _Record]) -> ParsedChunk:
     keep = [r is None for r in chk.reason]
     schema = arrow_schema(table)
     typed[ROW_COL] = pa.array(ordinals, pa.int32())
     good = pa.table([typed[f.name] for f in schema], schema=schema)
-    reject_rows = [(o, None, why, text) for o, why, text in invalid]
+    reject_rows: List[Tuple[int, Optional[str], str, Optional[str]]] = [(o, None, why, text) for o, why, text in invalid]
     if not all(keep):
         good = good.filter(pa.array(keep))
         reject_rows += [(ordinals[i], r[0], r[1], None) for i, r in enumerate(chk.reason) if r is not None]
-    rejects = _reject_table(table, data, first_line, skip_header, reject_rows)
+    rejects = _reject_table(table.dialect.encoding, records, reject_rows)
     if good.num_rows + rejects.num_rows != rows_in:
         raise LoadkitError("row accounting mismatch inside a chunk", rows_in=rows_in, loaded=good.num_rows,
                            rejected=rejects.num_rows)
     return ParsedChunk(good, rejects, rows_in, chk.coerced)
 
 
-def _reject_table(table: TableSpec, data: bytes, first_line: int, skip_header: bool,
+def _reject_table(encoding: str, records: Dict[int, _Record],
                   reject_rows: List[Tuple[int, Optional[str], str, Optional[str]]]) -> pa.Table:
     if not reject_rows:
         return REJECT_SCHEMA.empty_table()
-    records = split_records(data, table.dialect, first_line)
-    if skip_header and records:
-        records = records[1:]
     lines, cols, reasons, raws = [], [], [], []
     for ordinal, column, reason, text in sorted(reject_rows, key=lambda r: r[0]):
-        rec = records[ordinal - 1] if 0 < ordinal <= len(records) else None
+        rec = records.get(ordinal)
         lines.append(rec.line if rec else None)
         cols.append(column)
         reasons.append(reason)
-        raw = text if text is not None else (
-            rec.raw.decode(table.dialect.encoding, errors="backslashreplace").rstrip("\r\n") if rec else None)
-        raws.append(raw)
+        raws.append(text if text is not None else (_raw_text(rec.raw, encoding) if rec else None))
     return pa.table([pa.array(lines, pa.int64()), pa.array(cols, pa.string()), pa.array(reasons, pa.string()),
                      pa.array(raws, pa.string())], schema=REJECT_SCHEMA)
