@@ -73,7 +73,10 @@ def main(cfg: DictConfig) -> Optional[int]:
         _fail(exc)
     tags = {"sweep_id": HydraConfig.get().sweep.dir if multirun else None,
             "overrides": " ".join(HydraConfig.get().overrides.task)}
-    result = run_job(typed, tags={k: v for k, v in tags.items() if v})
+    try:
+        result = run_job(typed, tags={k: v for k, v in tags.items() if v})
+    except LoadkitError as exc:  # refused before the run started (plan, sink): nothing was written
+        _fail(exc)
     sys.stdout.write(result.summary + "\n")
     sys.stdout.flush()
     code = exit_code(result)

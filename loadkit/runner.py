@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from loadkit import db, ledger, modes
 from loadkit.alerts import AlertEngine
 from loadkit.config import LoadkitConfig, as_plain_dict
-from loadkit.errors import (EXIT_CODES, ConfigError, InterruptedRun, LoadkitError, RejectThresholdError,
+from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
                             SourceDataError, classify)
 from loadkit.logs import set_context
 from loadkit.metrics import RunMetrics, summary_table
@@ -78,6 +78,9 @@ class Runner:
         self.tags = tags or {}
         self.plan: Optional[LoadPlan] = None
         self.dsn = ""
+        # table -> why its reject threshold was exceeded; its files of this run get discarded.
+        self._aborted: Dict[str, str] = {}
+        self._pending: Dict[str, set] = {}  # table -> shas of the files this run reads
 
     # ------------------------------------------------------------ entry
 
@@ -95,8 +98,9 @@ class Runner:
         try:
             with lock_conn.cursor() as cur:
                 ledger.ensure(cur, plan.ledger_schema)
-                if not ledger.try_lock_job(cur, plan.job, plan.period):
-                    raise ConfigError(f"another run of {plan.job} {plan.period} holds the job lock", key="job")
+                if not ledger.try_lock_job(cur, plan.ledger_schema, plan.job, plan.period):
+                    raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
+                                           f"(ledger {plan.ledger_schema}); retry when it ends")
                 ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
                 ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
             tracker.start(f"{plan.job}-{plan.period}", self._params(), self._tags())
@@ -114,10 +118,16 @@ class Runner:
         try:
             with _Signals():
                 units = self._prepare(plan, metrics)
+                for u in units:
+                    self._pending.setdefault(u.table.name, set()).add(u.file.sha256)
                 self._stream(plan, units, metrics, alerts, monitor, tracker)
+                self._check_final_thresholds(plan, metrics)
                 failed = self._settle_files(plan, metrics)
                 self._finalize_tables(plan, metrics, failed)
-            if failed:
+            if self._aborted:
+                status = "failed"
+                error = RejectThresholdError("; ".join(self._aborted.values()), tables=sorted(self._aborted))
+            elif failed:
                 status = "failed"
                 error = SourceDataError(f"{len(failed)} source file(s) failed: " +
                                         "; ".join(f"{t}/{p}: {m}" for t, p, m in failed))
@@ -179,15 +189,34 @@ class Runner:
     def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, row: Dict[str, Any]) -> None:
         table = plan.table(row["table_name"])
         tm = metrics.tables[table.name]
-        if table.max_rejects is not None and tm.rows_rejected > table.max_rejects:
-            raise RejectThresholdError(f"table {table.name} rejected {tm.rows_rejected} rows, more than "
-                                       f"max_rejects={table.max_rejects}", table=table.name)
-        # The rate needs a base to mean anything: judge it after the first full batch.
-        if tm.rows_read >= min(plan.batch.size, 1000) and tm.reject_rate > table.max_reject_rate:
-            raise RejectThresholdError(f"table {table.name} rejected {tm.reject_rate:.2%} of rows, more than "
-                                       f"max_reject_rate={table.max_reject_rate:.2%}", table=table.name)
+        # Mid-stream the rate needs a base to mean anything: judge it after the first full batch.
+        self._check_threshold(table, tm, judge_rate=tm.rows_read >= min(plan.batch.size, 1000))
         alerts.check("reject_rate", table.name, tm.reject_rate, tm.rows_read >= 1000)
         alerts.check("pool_utilisation", row["writer"] or "", row["pool_utilisation"] or 0.0)
+
+    def _check_threshold(self, table: TableSpec, tm: Any, judge_rate: bool) -> None:
+        """Mark the table aborted once it rejects too much.
+
+        The stream is not cut short: batches already in flight could commit after a
+        discard and survive it. The table's files of this run are discarded in
+        _settle_files, once every writer is done, and the run fails with this message.
+        """
+        if table.name in self._aborted:
+            return
+        why = None
+        if table.max_rejects is not None and tm.rows_rejected > table.max_rejects:
+            why = f"{tm.rows_rejected} rows, more than max_rejects={table.max_rejects}"
+        elif judge_rate and tm.reject_rate > table.max_reject_rate:
+            why = f"{tm.reject_rate:.2%} of rows, more than max_reject_rate={table.max_reject_rate:.2%}"
+        if why:
+            self._aborted[table.name] = (f"table {table.name} rejected {why} (of {tm.rows_read} read); "
+                                         "its files of this run were discarded, nothing of them is loaded")
+            log.error("reject threshold exceeded: %s", self._aborted[table.name])
+
+    def _check_final_thresholds(self, plan: LoadPlan, metrics: RunMetrics) -> None:
+        """Judge every table on its complete counts, however few rows it had."""
+        for table in plan.tables:
+            self._check_threshold(table, metrics.tables[table.name], judge_rate=True)
 
     def _progress(self, metrics: RunMetrics, alerts: AlertEngine, monitor: MemoryMonitor, tracker: RunTracker,
                   step: int) -> None:
@@ -210,6 +239,8 @@ class Runner:
                 if metrics.tables[table.name].status == "skipped":
                     continue
                 error = metrics.file_error(table.name, f.sha256)
+                if error is None and f.sha256 in self._pending.get(table.name, ()):
+                    error = self._aborted.get(table.name)
                 with db.transaction(self.dsn) as cur:
                     if error:
                         modes.discard_file(cur, table, plan.ledger_schema, plan.period, f.sha256)
