@@ -80,9 +80,11 @@ def ensure(cur: Any, schema: str) -> None:
         cur.execute(stmt)
 
 
-def try_lock_job(cur: Any, job: str, period: str) -> bool:
-    """A session advisory lock so two runs of the same job and month never interleave."""
-    cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"loadkit-run:{job}:{period}",))
+def try_lock_job(cur: Any, schema: str, job: str, period: str) -> bool:
+    """A session advisory lock so two runs of the same job and month on one ledger never interleave.
+
+    The ledger schema is part of the key: runs writing to different ledgers share nothing."""
+    cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"loadkit-run:{schema}:{job}:{period}",))
     return bool(cur.fetchone()[0])
 
 
