@@ -62,7 +62,7 @@ class ColumnConfig:
     name: str = MISSING
     type: str = "text"
     nullable: bool = True
-    # Extra null markers for this column (e.g. "0", "00000000" for CNPJ dates).
+    # Extra null markers for this column (e.g. "0", "00000000" for dates some sources leave blank).
     null_values: List[str] = field(default_factory=list)
     # strptime format for date/timestamp columns.
     format: Optional[str] = None

@@ -116,10 +116,11 @@ def is_transient_sqlstate(code: Optional[str]) -> bool:
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
-    """Driver errors that carry no SQLSTATE because the connection itself broke."""
-    import psycopg2
+    """Driver errors that carry no SQLSTATE because the connection itself broke.
 
-    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+    Matched by class name (DB-API names shared by psycopg2 and ADBC) so this module stays
+    driver-free and importable by the pure stages."""
+    if any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__):
         return True
     text = str(exc).lower()
     markers = (

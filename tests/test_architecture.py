@@ -1,0 +1,29 @@
+"""The import contracts in pyproject.toml hold, and loadkit/ knows nothing about CNPJ."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_import_contracts_hold() -> None:
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe, "import-linter is part of the test extra"
+    out = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_framework_has_no_domain_code() -> None:
+    pattern = re.compile(r"cnpj|estabelecimento|empresas|receita", re.IGNORECASE)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "loadkit").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_no_print_debugging_left() -> None:
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "loadkit").rglob("*.py")
+                 if re.search(r"^\s*print\(", p.read_text(), re.MULTILINE)]
+    assert offenders == []
