@@ -25,7 +25,7 @@ import pyarrow as pa
 from loadkit import sources
 from loadkit.errors import SourceDataError
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
-from loadkit.transform import parse_chunk, parse_parquet_batch
+from loadkit.transform import parse_chunk, parse_parquet_batch, split_records
 from loadkit.writer import BatchWriter, TableTarget, WriterSettings, ipc_bytes
 
 log = logging.getLogger("loadkit.pipeline")
@@ -104,8 +104,9 @@ def _block(rows: List[Dict[str, Any]]) -> pa.Table:
 
 def _fields_of_first_record(data: bytes, table: TableSpec) -> List[str]:
     d = table.dialect
-    first = data.split(b"\n", 1)[0].replace(b"\x00", b"")
-    text = first.decode(d.encoding, errors="replace").rstrip("\r")
+    records = split_records(data.replace(b"\x00", b""), d, 1)  # quote-aware: a value may hold a newline
+    first = records[0].raw if records else b""
+    text = first.decode(d.encoding, errors="replace").rstrip("\r\n")
     if text.startswith("\ufeff"):
         text = text[1:]
     reader = csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
@@ -152,14 +153,19 @@ def read_unit(unit: ReadUnit) -> Iterator[pa.Table]:
             yield from _read_member(unit, member, stream)
     except SourceDataError as exc:
         yield _block([_record(unit, "error", message=str(exc))])
-    except sources.read_errors() as exc:
+    except (*sources.read_errors(), pa.ArrowInvalid) as exc:
         yield _block([_record(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")])
 
 
 def _read_member(unit: ReadUnit, member: str, stream: Any) -> Iterator[pa.Table]:
     table = unit.table
     sample = stream.read(_SAMPLE_BYTES)
-    header = _check_layout(sample, table, member, unit.file.rel) if sample else None
+    if sources.is_cr_only(sample):
+        sample, stream = sample.replace(b"\r", b"\n"), sources.CrToLf(stream)
+    if len(sample) < _SAMPLE_BYTES:
+        _check_not_empty(table, len(split_records(sample, table.dialect, 1)) - int(table.dialect.header), member,
+                         unit.file.rel)
+    header = _check_layout(sample, table, member, unit.file.rel) if sample.strip() else None
     d = table.dialect
     reader = sources.ChunkReader(stream, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
                                  d.newlines_in_values, unit.ranges(member), prefix=sample)
@@ -171,12 +177,22 @@ def _read_member(unit: ReadUnit, member: str, stream: Any) -> Iterator[pa.Table]
     yield _block([_record(unit, "eof", member, message=str(count))])
 
 
+def _check_not_empty(table: TableSpec, records: int, member: str, path: str) -> None:
+    """An empty or header-only member loads zero rows, unless the source says that is an error."""
+    if records <= 0 and not table.allow_empty:
+        raise SourceDataError("source has no data rows and source.allow_empty is false", file=path, member=member)
+
+
 def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
     member = Path(unit.file.path).name
     done = unit.ranges(member)
     pf = pq.ParquetFile(unit.file.path)
+    missing = [c.name for c in unit.table.columns if c.name not in pf.schema_arrow.names]
+    if missing:
+        raise SourceDataError(f"layout drift: parquet file lacks declared columns {missing}", file=unit.file.rel)
+    _check_not_empty(unit.table, pf.metadata.num_rows, member, unit.file.rel)
     offset, count = 0, 0
     for rb in pf.iter_batches(batch_size=unit.batch_rows):
         start, end = offset, offset + rb.num_rows
@@ -203,10 +219,14 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
         return out
     table = tables[rec["table_name"]]
     started = time.perf_counter()
-    if table.format == "parquet":
-        parsed = parse_parquet_batch(table, rec["data"])
-    else:
-        parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"])
+    try:
+        if table.format == "parquet":
+            parsed = parse_parquet_batch(table, rec["data"], rec["first_line"])
+        else:
+            parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"])
+    except SourceDataError as exc:  # the file fails, not the whole dataset
+        out.update(kind="error", message=str(exc))
+        return out
     out.update(
         batch_id=batch_id(table.name, period, rec["file_sha"], rec["member"], rec["start"]),
         rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
