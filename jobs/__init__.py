@@ -1,0 +1,1 @@
+"""CNPJ-specific jobs: schemas, parse rules and the sample-month generator."""
