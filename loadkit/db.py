@@ -14,7 +14,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
+from urllib.parse import quote
 
 import psycopg2
 import psycopg2.extensions
@@ -68,6 +69,19 @@ def transaction(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
         conn.close()
 
 
+def application_name(run_id: str, role: str) -> str:
+    """``loadkit:<run id>:<role>``: one run's sessions are selectable in pg_stat_activity."""
+    return f"loadkit:{run_id}:{role}"
+
+
+def with_application_name(dsn: str, name: str) -> str:
+    """The DSN with application_name set, so an operator (or a fault test) can find these sessions."""
+    name = name[:63]  # NAMEDATALEN - 1: the server truncates longer names anyway
+    if "://" in dsn:
+        return f"{dsn}{'&' if '?' in dsn else '?'}application_name={quote(name)}"
+    return f"{dsn} application_name='{name}'"
+
+
 def adbc_connect(dsn: str) -> Any:
     import adbc_driver_postgresql.dbapi as adbc
 
@@ -80,14 +94,21 @@ def adbc_connect(dsn: str) -> Any:
 @dataclass
 class PoolStats:
     size: int
-    in_use: int
+    in_use: int  # borrowed right now
     opened: int
-    replaced: int
-    waits: int
+    replaced: int  # broken connections swapped for new ones (pre-ping or error)
+    waits: int  # borrows that found no idle connection
+    busy_s: float  # connection-seconds spent borrowed since the pool opened
+    age_s: float  # seconds since the pool opened
 
     @property
     def utilisation(self) -> float:
-        return self.in_use / self.size if self.size else 0.0
+        """Busy-time fraction in [0, 1]: connection-seconds borrowed / (size x seconds open).
+
+        A time average, unlike ``in_use / size``, which is 1.0 whenever it is sampled from
+        inside a borrow and so says nothing about how loaded the pool was."""
+        capacity = self.size * self.age_s
+        return min(1.0, self.busy_s / capacity) if capacity > 0 else 0.0
 
 
 class ConnectionPool:
@@ -97,8 +118,12 @@ class ConnectionPool:
     closed by ``close()`` on every exit path.
     """
 
-    def __init__(self, dsn: str, size: int, pre_ping: bool = True) -> None:
+    def __init__(self, dsn: str, size: int, pre_ping: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._dsn = dsn
+        self._clock = clock
+        self._busy_s = 0.0
+        self._busy_since: dict = {}  # id(borrow) -> clock at borrow, for borrows still open
         self._size = size
         self._pre_ping = pre_ping
         self._idle: "queue.Queue[Any]" = queue.Queue()
@@ -118,6 +143,7 @@ class ConnectionPool:
             raise
         for conn in opened:
             self._idle.put(conn)
+        self._opened_at = clock()
 
     def _open(self) -> Any:
         conn = adbc_connect(self._dsn)
@@ -143,8 +169,10 @@ class ConnectionPool:
         if self._idle.empty():
             self._waits += 1
         conn = self._idle.get()
+        token = object()
         with self._lock:
             self._in_use += 1
+            self._busy_since[id(token)] = self._clock()
         broken = False
         try:
             if self._pre_ping and not self._healthy(conn):
@@ -159,6 +187,7 @@ class ConnectionPool:
         finally:
             with self._lock:
                 self._in_use -= 1
+                self._busy_s += self._clock() - self._busy_since.pop(id(token))
             self._return(conn, broken)
 
     def _return(self, conn: Any, broken: bool) -> None:
@@ -178,7 +207,11 @@ class ConnectionPool:
         self._idle.put(conn)
 
     def stats(self) -> PoolStats:
-        return PoolStats(self._size, self._in_use, self._opened, self._replaced, self._waits)
+        with self._lock:
+            now = self._clock()
+            busy = self._busy_s + sum(now - t for t in self._busy_since.values())
+            return PoolStats(self._size, self._in_use, self._opened, self._replaced, self._waits, busy,
+                             now - self._opened_at)
 
     def close(self) -> None:
         self._closed = True

@@ -140,8 +140,55 @@ def _is_connection_failure(exc: BaseException) -> bool:
     return any(m in text for m in markers)
 
 
+# Ray's "a worker, actor or node died" errors, by name so this module stays Ray-free.
+_CLUSTER_FAILURES = frozenset({"RaySystemError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+                               "NodeDiedError", "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError"})
+
+
+def _is_cluster_failure(exc: BaseException) -> bool:
+    return any(cls.__name__ in _CLUSTER_FAILURES for cls in type(exc).__mro__)
+
+
+def _causes(exc: BaseException) -> list:
+    """exc and what it wraps: Ray re-raises a worker's error as RayTaskError/UserCodeException around it."""
+    chain, seen = [], set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen and len(chain) < 16:
+        seen.add(id(current))
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__  # never __context__: an error raised
+        # while handling another is its own failure, not that one
+        if not isinstance(current, BaseException):
+            current = None
+    return chain
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The outermost LoadkitError or SQLSTATE-carrying error in exc's cause chain (exc itself if none).
+
+    Outermost, so a deliberate classification (``raise ConfigError(...) from driver_error``) wins."""
+    for inner in _causes(exc):
+        if isinstance(inner, LoadkitError) or sqlstate_of(inner):
+            return inner
+    return exc
+
+
+def as_loadkit_error(exc: BaseException, **context: Any) -> LoadkitError:
+    """A driver exception as the LoadkitError of its category, keeping its SQLSTATE and our context."""
+    if isinstance(exc, LoadkitError):
+        return exc
+    code = sqlstate_of(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cls = {Category.TRANSIENT: TransientDBError, Category.SOURCE_DATA: SourceDataError}.get(
+        classify(exc), PermanentDBError)
+    return cls(f"{type(exc).__name__}: {text}", sqlstate=code, **context)
+
+
 def classify(exc: BaseException) -> Category:
     """Decide what kind of failure ``exc`` is; unknown errors are bugs, never retried."""
+    inner = unwrap(exc)
+    if inner is not exc:
+        return classify(inner)
     if isinstance(exc, LoadkitError):
         return exc.category
     code = sqlstate_of(exc)
@@ -151,7 +198,7 @@ def classify(exc: BaseException) -> Category:
         if code.startswith(("22", "23")):
             return Category.SOURCE_DATA
         return Category.BUG
-    if isinstance(exc, (ConnectionError, TimeoutError)) or _is_connection_failure(exc):
+    if isinstance(exc, (ConnectionError, TimeoutError)) or _is_connection_failure(exc) or _is_cluster_failure(exc):
         return Category.TRANSIENT
     return Category.BUG
 

@@ -31,6 +31,7 @@ from loadkit.writer import BatchWriter, TableTarget, WriterSettings, ipc_bytes
 log = logging.getLogger("loadkit.pipeline")
 
 _SAMPLE_BYTES = 256 * 1024
+_POLL_S = 0.5  # how often a read task asks the driver for the current batch size
 
 CHUNK_SCHEMA = pa.schema([
     ("kind", pa.string()),  # data|eof|error
@@ -142,22 +143,23 @@ def _target_bytes(sample: bytes, batch_rows: int) -> int:
     return max(64 * 1024, int(len(sample) / lines * batch_rows))
 
 
-def read_unit(unit: ReadUnit) -> Iterator[pa.Table]:
+def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
     """Yield one block per chunk, then an eof record per member, or an error record for the file."""
     table, path = unit.table, Path(unit.file.path)
+    feed = _SizeFeed(board, unit.batch_rows)
     try:
         if table.format == "parquet":
             yield from _read_parquet(unit)
             return
         for member, stream in sources.open_members(path, table.format, table.member):
-            yield from _read_member(unit, member, stream)
+            yield from _read_member(unit, member, stream, feed)
     except SourceDataError as exc:
         yield _block([_record(unit, "error", message=str(exc))])
     except (*sources.read_errors(), pa.ArrowInvalid) as exc:
         yield _block([_record(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")])
 
 
-def _read_member(unit: ReadUnit, member: str, stream: Any) -> Iterator[pa.Table]:
+def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") -> Iterator[pa.Table]:
     table = unit.table
     sample = stream.read(_SAMPLE_BYTES)
     if sources.is_cr_only(sample):
@@ -172,8 +174,13 @@ def _read_member(unit: ReadUnit, member: str, stream: Any) -> Iterator[pa.Table]
     count = 0
     for chunk in reader:
         count += 1
+        handed = time.perf_counter()
         yield _block([_record(unit, "data", member, start=chunk.start, end=chunk.end, first_line=chunk.first_line,
                               data=chunk.data, header=header, skip_header=bool(d.header and chunk.start == 0))])
+        rows = feed.chunk_done(time.perf_counter() - handed)
+        if rows is not None:
+            reader.retarget(_target_bytes(sample, rows))
+    feed.flush()
     yield _block([_record(unit, "eof", member, message=str(count))])
 
 
@@ -203,6 +210,94 @@ def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
         yield _block([_record(unit, "data", member, start=start, end=end, first_line=start + 1,
                               data=ipc_bytes(pa.Table.from_batches([rb])))])
     yield _block([_record(unit, "eof", member, message=str(count))])
+
+
+# ---------------------------------------------------------------- batch size channel
+
+
+class SizeBoard:
+    """A tiny actor between the driver and the read tasks.
+
+    Driver -> read tasks: the rows per batch the sizing policy wants now. Read tasks ->
+    driver: chunks handed downstream and the time spent waiting to hand them (parse plus
+    backpressure), so the driver sees queue depth and blocked time without Ray internals.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self._rows = rows
+        self._chunks = 0
+        self._wait_s = 0.0
+
+    def set(self, rows: int) -> None:
+        self._rows = rows
+
+    def poll(self, chunks: int, wait_s: float) -> int:
+        self._chunks += chunks
+        self._wait_s += wait_s
+        return self._rows
+
+    def counters(self) -> Tuple[int, float]:
+        return self._chunks, self._wait_s
+
+
+class SizeChannel:
+    """The driver's end of the SizeBoard."""
+
+    def __init__(self, rows: int) -> None:
+        import ray
+
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(SizeBoard).remote(rows)
+
+    def publish(self, rows: int) -> None:
+        self.actor.set.remote(rows)
+
+    def counters(self) -> Tuple[int, float]:
+        import ray
+
+        return ray.get(self.actor.counters.remote(), timeout=30)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
+class _SizeFeed:
+    """A read task's end of the SizeBoard: polls between chunks, at most every _POLL_S seconds."""
+
+    def __init__(self, board: Any, rows: int) -> None:
+        self._board = board
+        self._rows = rows
+        self._chunks = 0
+        self._wait_s = 0.0
+        self._polled = time.monotonic()
+
+    def chunk_done(self, wait_s: float) -> Optional[int]:
+        """Count one chunk handed downstream; the new rows per batch if the driver changed it."""
+        self._chunks += 1
+        self._wait_s += wait_s
+        if self._board is None or time.monotonic() - self._polled < _POLL_S:
+            return None
+        return self.flush()
+
+    def flush(self) -> Optional[int]:
+        if self._board is None:
+            return None
+        import ray
+
+        self._polled = time.monotonic()
+        try:
+            rows = ray.get(self._board.poll.remote(self._chunks, self._wait_s), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            # Sizing is an optimisation: without the board this task keeps its last size.
+            log.warning("batch size board unreachable, keeping %s rows per batch: %s", self._rows, exc)
+            self._board = None
+            return None
+        self._chunks, self._wait_s = 0, 0.0
+        if rows == self._rows:
+            return None
+        self._rows = rows
+        return rows
 
 
 # ---------------------------------------------------------------- parse
@@ -246,7 +341,7 @@ def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
                           retry=plan.retry)
 
 
-def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Any:
+def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = None) -> Any:
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -262,7 +357,7 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                            data_context: Any = None) -> List[ReadTask]:
             return [
-                ReadTask(lambda u=u: read_unit(u),
+                ReadTask(lambda u=u: read_unit(u, board),
                          BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=[u.file.path],
                                        exec_stats=None),
                          schema=CHUNK_SCHEMA)
@@ -273,6 +368,8 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Any:
     ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
     # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
     # parsed in the process that decompressed it and never crosses the object store raw.
+    # Ray Data retries a read/parse task lost with its worker (max_retries=-1 by default); batches
+    # it already handed to writers are skipped by their ledger ids, so a rerun never duplicates.
     parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                                       fn_kwargs={"tables": tables, "period": plan.period})
     if plan.parse_concurrency:
@@ -286,14 +383,20 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Any:
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=plan.writers),
         num_cpus=0.25,
+        # A killed writer restarts and its in-flight batch is retried (same batch id, so the ledger
+        # decides committed-or-not): Ray Data's actor-pool defaults max_restarts=-1 and
+        # max_task_retries=-1 (passing them again is deprecated); tests/test_faults.py kills one.
     )
 
 
-def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str) -> Iterator[pa.Table]:
-    """Run the pipeline; yield per-batch result tables as writers finish them."""
+def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = None) -> Iterator[pa.Table]:
+    """Run the pipeline; yield per-batch result tables as writers finish them.
+
+    ``board`` (SizeChannel.actor) lets the read tasks follow the driver's batch size.
+    """
     if not units:
         return iter(())
-    ds = build_dataset(plan, units, dsn)
+    ds = build_dataset(plan, units, dsn, board)
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 

@@ -7,23 +7,28 @@ ends in a recorded state (succeeded / failed / interrupted) whatever happens.
 """
 from __future__ import annotations
 
+import _thread
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from loadkit import db, ledger, modes
-from loadkit.alerts import AlertEngine
+from loadkit.alerts import AlertEngine, Watchdog
+from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
 from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
                             SourceDataError, classify)
+from loadkit.errors import unwrap
 from loadkit.logs import set_context
-from loadkit.metrics import RunMetrics, summary_table
+from loadkit.metrics import RunMetrics, memory_table, summary_table
 from loadkit.monitor import MemoryMonitor
-from loadkit.pipeline import ReadUnit, ensure_ray, execute
+from loadkit.pipeline import ReadUnit, SizeChannel, ensure_ray, execute
 from loadkit.plan import LoadPlan, TableSpec, build_plan
+from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text
 from loadkit.tracking import RunTracker
 
@@ -50,9 +55,10 @@ class RunResult:
 class _Signals:
     """SIGINT/SIGTERM raise InterruptedRun in the driver's main thread, at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, pending: Optional[Callable[[], Optional[BaseException]]] = None) -> None:
         self._previous: Dict[int, Any] = {}
         self.received: Optional[int] = None
+        self._pending = pending  # an error the watchdog wants raised (it interrupts with SIGINT)
 
     def __enter__(self) -> "_Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -63,6 +69,9 @@ class _Signals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:
+            raise pending
         if self.received is None:
             self.received = signum
             raise InterruptedRun(f"stopped by {signal.Signals(signum).name}", signal=signum)
@@ -111,12 +120,12 @@ class Runner:
 
     def _run_tracked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                      started: float) -> RunResult:
-        alerts = AlertEngine(self.cfg.alerts, plan.run_id,
-                             on_alert=lambda a: tracker.tag(f"alert.{a.rule}.{a.subject}", f"{a.value:.4g}"))
+        alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
+        self._watchdog: Optional[Watchdog] = None
         status, error = "succeeded", None
         failed: List[Tuple[str, str, str]] = []
         try:
-            with _Signals():
+            with _Signals(lambda: self._watchdog.error if self._watchdog is not None else None):
                 units = self._prepare(plan, metrics)
                 for u in units:
                     self._pending.setdefault(u.table.name, set()).add(u.file.sha256)
@@ -135,7 +144,7 @@ class Runner:
             status, error = "interrupted", exc
             self._shutdown_ray()
         except BaseException as exc:  # recorded, then re-raised to the caller below via the result
-            status, error = "failed", exc
+            status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
         wall = time.time() - started
         self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
         return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed)
@@ -147,9 +156,12 @@ class Runner:
         units: List[ReadUnit] = []
         for table in plan.tables:
             with db.transaction(self.dsn) as cur:
-                modes.prepare(cur, table)
+                assert self.cfg.job is not None
+                modes.prepare(cur, table, self.cfg.job.migrate)
                 if plan.force:
                     modes.reset(cur, table, plan.ledger_schema, plan.period)
+                else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
+                    modes.forget_lost_batches(cur, table, plan.ledger_schema, plan.period)
                 done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
                 ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
                 todo = [f for f in table.files if done.get(f.sha256) != "loaded"]
@@ -175,16 +187,51 @@ class Runner:
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
-        for results in execute(plan, units, self.dsn):
-            for row in metrics.add(results):
-                if row["kind"] == "data":
-                    self._check_batch(plan, metrics, alerts, row)
-            now = time.time()
-            if now - last_report >= _PROGRESS_EVERY_S:
-                step += 1
-                self._progress(metrics, alerts, monitor, tracker, step)
-                last_report = now
-        self._progress(metrics, alerts, monitor, tracker, step + 1)
+        metrics.touch()  # the stall clock starts with the pipeline
+        sizer, channel = BatchSizer(self._sizing()), SizeChannel(plan.batch.size)
+        # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
+        interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
+        results_iter = iter(execute(plan, units, self.dsn, channel.actor))
+        try:
+            with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
+                while True:
+                    waited = time.perf_counter()
+                    results = next(results_iter, None)
+                    metrics.driver_wait_s += time.perf_counter() - waited
+                    if results is None:
+                        break
+                    self._watchdog.raise_if_tripped()
+                    for row in metrics.add(results):
+                        if row["kind"] == "data":
+                            self._check_batch(plan, metrics, alerts, row)
+                            self._resize(sizer, channel, metrics, monitor, row)
+                        elif row["kind"] in ("eof", "error"):
+                            log.info("read %s: %s", "done" if row["kind"] == "eof" else "failed", row["message"],
+                                     extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
+                    if time.time() - last_report >= _PROGRESS_EVERY_S:
+                        step += 1
+                        self._progress(metrics, alerts, monitor, tracker, step, channel)
+                        last_report = time.time()
+            self._progress(metrics, alerts, monitor, tracker, step + 1, channel)
+        finally:
+            getattr(results_iter, "close", lambda: None)()  # stop Ray Data's executor on an early exit
+            channel.close()
+
+    def _sizing(self) -> SizingSettings:
+        b = self.cfg.batch
+        return SizingSettings(b.policy, b.size, b.min_size, b.max_size, window_s=b.window_s,
+                              memory_ceiling=b.memory_ceiling)
+
+    def _resize(self, sizer: BatchSizer, channel: SizeChannel, metrics: RunMetrics, monitor: MemoryMonitor,
+                row: Dict[str, Any]) -> None:
+        """Feed the sizing policy a committed batch; publish the new size to the read tasks if it moved."""
+        if row["status"] != "committed":
+            return
+        decision = sizer.observe(row["rows_in"] or 0, monitor.latest()[2])
+        if decision is not None:
+            channel.publish(decision.size)
+            metrics.size_changed(decision.size, decision.reason)
+            log.info("batch size -> %s rows (%s, %.0f rows/s)", f"{decision.size:,}", decision.reason, decision.rate)
 
     def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, row: Dict[str, Any]) -> None:
         table = plan.table(row["table_name"])
@@ -211,7 +258,7 @@ class Runner:
         if why:
             self._aborted[table.name] = (f"table {table.name} rejected {why} (of {tm.rows_read} read); "
                                          "its files of this run were discarded, nothing of them is loaded")
-            log.error("reject threshold exceeded: %s", self._aborted[table.name])
+            log.error("reject threshold exceeded: %s", self._aborted[table.name], extra={"table": table.name})
 
     def _check_final_thresholds(self, plan: LoadPlan, metrics: RunMetrics) -> None:
         """Judge every table on its complete counts, however few rows it had."""
@@ -219,17 +266,14 @@ class Runner:
             self._check_threshold(table, metrics.tables[table.name], judge_rate=True)
 
     def _progress(self, metrics: RunMetrics, alerts: AlertEngine, monitor: MemoryMonitor, tracker: RunTracker,
-                  step: int) -> None:
-        _, rss, mem_fraction = monitor.latest()
-        read, loaded, rejected = metrics.totals()
-        elapsed = time.time() - metrics.started
-        log.info("progress: %s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB", f"{read:,}",
-                 f"{loaded:,}", f"{rejected:,}", read / elapsed if elapsed else 0, rss / 2**20)
-        tracker.metrics({"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected,
-                         "rows_per_s": read / elapsed if elapsed else 0.0, "rss_bytes": rss,
-                         "memory_fraction": mem_fraction}, step=step)
-        alerts.check("memory_fraction", "host", mem_fraction)
-        alerts.check("stall_seconds", "run", time.time() - metrics.last_progress)
+                  step: int, channel: SizeChannel) -> None:
+        metrics.chunks_read, metrics.read_wait_s = channel.counters()
+        figures = metrics.progress(monitor.latest())
+        log.info("progress: %s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
+                 f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
+                 figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
+        tracker.metrics(figures, step=step)
+        alerts.check("memory_fraction", "host", figures["memory_fraction"])
 
     def _settle_files(self, plan: LoadPlan, metrics: RunMetrics) -> List[Tuple[str, str, str]]:
         """Per file: verify accounting, mark it, or discard everything a failed file committed."""
@@ -278,7 +322,7 @@ class Runner:
                     status: str, error: Optional[BaseException], wall: float, alerts: AlertEngine) -> None:
         category = classify(error).value if error is not None else None
         text = mask_text(f"{type(error).__name__}: {error}") if error is not None else None
-        try:
+        def record() -> None:
             with db.transaction(self.dsn) as cur:
                 for t in metrics.tables.values():
                     if t.status not in ("loaded", "skipped"):
@@ -286,24 +330,35 @@ class Runner:
                         ledger.finish_table(cur, plan.ledger_schema, plan.run_id, t.name, self._outcome(t, text))
                 ledger.finish_run(cur, plan.ledger_schema, plan.run_id, status, metrics.totals(), category, text,
                                   tracker.run_id)
+
+        try:  # the run's end must reach the ledger even if the server is restarting right now
+            retrying(plan.retry)(record)
         except LoadkitError as exc:
             log.error("could not record the end of run %s in the ledger: %s", plan.run_id, exc)
-        read, loaded, rejected = metrics.totals()
-        final = {"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "wall_s": wall,
-                 "peak_rss_bytes": monitor.peak_rss, "rows_per_s": read / wall if wall else 0.0,
-                 "retries": sum(t.retries for t in metrics.tables.values()), "alerts": len(alerts.fired)}
-        final.update(metrics.latencies())
-        for t in metrics.tables.values():
-            final.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
-                          f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s})
-        tracker.metrics(final)
+        if category is not None:
+            metrics.errors[category] += 1
+        self._track_end(plan, metrics, tracker, monitor, status, text, wall, alerts)
+
+    def _track_end(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
+                   status: str, text: Optional[str], wall: float, alerts: AlertEngine) -> None:
+        tracker.metrics(metrics.final(wall, monitor.peak_rss, len(alerts.fired)))
         tracker.tag("status", status)
         if text:
             tracker.tag("error", text[:5000])
         tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall))
-        tracker.artifact_json("config.json", self._params())
+        tracker.artifact_yaml("config.yaml", self._params())
         tracker.artifact_json("alerts.json", alerts.summary())
         tracker.artifact_table("batches.parquet", metrics.batch_table())
+        tracker.artifact_table("files.parquet", metrics.file_table())
+        tracker.artifact_table("batch_sizes.parquet", metrics.size_table())
+        tracker.artifact_table("memory.parquet", memory_table(monitor.samples(), metrics.started))
+        if tracker.enabled:
+            try:
+                with db.transaction(self.dsn) as cur:
+                    tracker.artifact_table("rejects_sample.parquet", ledger.reject_sample(cur, plan.ledger_schema,
+                                                                                          plan.run_id))
+            except LoadkitError as exc:
+                log.warning("could not read the reject sample of run %s: %s", plan.run_id, exc)
         tracker.end(status)
 
     def _outcome(self, t: Any, error: Optional[str] = None) -> ledger.TableOutcome:

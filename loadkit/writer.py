@@ -21,8 +21,8 @@ from typing import Any, Dict
 import pyarrow as pa
 
 from loadkit import ledger
-from loadkit.db import ConnectionPool
-from loadkit.errors import sqlstate_of
+from loadkit.db import ConnectionPool, application_name, with_application_name
+from loadkit.errors import as_loadkit_error, sqlstate_of
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
 from loadkit.security import qualified
@@ -91,7 +91,8 @@ class BatchWriter:
         self._pool = self._open_pool()
 
     def _open_pool(self) -> ConnectionPool:
-        return retrying(self._s.retry)(lambda: ConnectionPool(self._s.dsn, self._s.connections, self._s.pre_ping))
+        dsn = with_application_name(self._s.dsn, application_name(self._s.run_id, "writer"))
+        return retrying(self._s.retry)(lambda: ConnectionPool(dsn, self._s.connections, self._s.pre_ping))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [self._handle(rec) for rec in batch.to_pylist()]
@@ -107,7 +108,11 @@ class BatchWriter:
             return self._finish(out)
         started = time.perf_counter()
         self._attempts = 0
-        status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(rec)))
+        try:
+            status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(rec)))
+        except Exception as exc:  # retries exhausted or permanent: fail with the classified cause
+            raise as_loadkit_error(exc, table=rec["table_name"], batch_id=rec["batch_id"], writer=self._name,
+                                   attempts=self._attempts) from exc
         out.update(status=status, write_s=time.perf_counter() - started, attempts=self._attempts)
         return self._finish(out)
 
@@ -134,7 +139,7 @@ class BatchWriter:
                     self._copy_all(cur, rec, target)
                     conn.commit()
                 except Exception as exc:
-                    conn.rollback()
+                    _rollback_after(conn, exc)
                     if sqlstate_of(exc) == "23505" and "batch_pkey" in str(exc):
                         return "skipped"  # another writer committed the same batch first
                     raise
@@ -179,3 +184,14 @@ class BatchWriter:
         if pool is not None:
             pool.close()
 
+
+def _rollback_after(conn: Any, cause: BaseException) -> None:
+    """Roll back after a failed batch; if the connection is dead too, the caller's error is the one to raise.
+
+    The server rolls back a transaction whose connection died, so a failed rollback loses
+    nothing; the pool replaces the connection when the borrow ends with the error."""
+    try:
+        conn.rollback()
+    except Exception as exc:
+        log.warning("rollback after %s failed too (%s); the connection will be replaced",
+                    type(cause).__name__, exc)
