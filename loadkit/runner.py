@@ -213,6 +213,8 @@ class Runner:
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
                         last_report = time.time()
             self._progress(metrics, alerts, monitor, tracker, step + 1, channel)
+            for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size
+                alerts.check("reject_rate", tm.name, tm.reject_rate)
         finally:
             getattr(results_iter, "close", lambda: None)()  # stop Ray Data's executor on an early exit
             channel.close()

@@ -103,11 +103,8 @@ def corrupt_zip_member(path: Path, members: Dict[str, bytes], bad: str) -> Path:
         for name, data in members.items():
             zf.writestr(name, data)
     raw = bytearray(buf.getvalue())
-    at = raw.index(members[bad][-200:])  # a byte well inside the member's stored data
+    at = raw.index(members[bad][-200:], raw.index(bad.encode()))  # inside that member's stored data
     raw[at] ^= 0x01
     path.write_bytes(bytes(raw))
     return path
 
-
-def parquet_table(columns: Dict[str, pa.Array]) -> pa.Table:
-    return pa.table(columns)
