@@ -98,10 +98,25 @@ class TableConfig:
 
 
 @dataclass
+class MigrateConfig:
+    """What loadkit may change when an existing table differs from its declaration.
+
+    Everything off: the run stops before loading with the full column diff."""
+
+    # ALTER TABLE ... ADD COLUMN for declared columns the table lacks (new columns are NULL in old rows).
+    add_columns: bool = False
+    # ALTER COLUMN ... TYPE <declared> USING col::<declared> (fails, and changes nothing, if a value does not cast).
+    alter_types: bool = False
+    # Keep columns the declaration does not have; loads leave them NULL (or their default).
+    allow_extra_columns: bool = False
+
+
+@dataclass
 class JobConfig:
     name: str = MISSING
     schema: str = "public"
     tables: Dict[str, TableConfig] = field(default_factory=dict)
+    migrate: MigrateConfig = field(default_factory=MigrateConfig)
 
 
 @dataclass
@@ -123,6 +138,9 @@ class BatchConfig:
     max_size: int = 500_000
     # Ray Data block target while reading (bytes).
     read_block_bytes: int = 64 * 1024 * 1024
+    # adaptive: seconds of evidence per sizing decision, and the host memory use that halves the size.
+    window_s: float = 2.0
+    memory_ceiling: float = 0.80
 
 
 @dataclass
@@ -257,6 +275,10 @@ def _validate_batch(b: BatchConfig) -> None:
     _require(b.size >= 1, "batch.size", f"batch.size must be >= 1, got {b.size}")
     _require(1 <= b.min_size <= b.max_size, "batch.min_size", "need 1 <= batch.min_size <= batch.max_size")
     _require(b.read_block_bytes >= 64 * 1024, "batch.read_block_bytes", "batch.read_block_bytes must be >= 65536")
+    _require(b.policy == "fixed" or b.min_size <= b.size <= b.max_size, "batch.size",
+             "with batch.policy=adaptive, batch.size must lie within [min_size, max_size]")
+    _require(b.window_s > 0, "batch.window_s", "batch.window_s must be > 0")
+    _require(0 < b.memory_ceiling <= 1, "batch.memory_ceiling", "batch.memory_ceiling must be within (0, 1]")
 
 
 def _validate_retry(r: RetryConfig) -> None:

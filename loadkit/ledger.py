@@ -196,12 +196,28 @@ def batch_ids_of(cur: Any, schema: str, table: str, period: str, file_sha: Optio
     return [int(r[0]) for r in cur.fetchall()]
 
 
+def unpublished_batches(cur: Any, schema: str, table: str, period: str) -> Dict[int, int]:
+    """batch id -> rows_loaded of committed batches whose file is not yet published (still in staging)."""
+    cur.execute(
+        f"SELECT b.batch_id, b.rows_loaded FROM {qualified(schema, 'batch')} b "
+        f"LEFT JOIN {qualified(schema, 'file')} f "
+        "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+        "WHERE b.table_name=%s AND b.period=%s AND f.status IS DISTINCT FROM 'loaded'",
+        (table, period),
+    )
+    return {int(b): int(n) for b, n in cur.fetchall()}
+
+
+def forget_batches(cur: Any, schema: str, ids: Sequence[int]) -> None:
+    """Drop these batches and their rejects from the ledger, so a resume reads their byte ranges again."""
+    if ids:
+        cur.execute(f"DELETE FROM {qualified(schema, 'reject')} WHERE batch_id = ANY(%s)", (list(ids),))
+        cur.execute(f"DELETE FROM {qualified(schema, 'batch')} WHERE batch_id = ANY(%s)", (list(ids),))
+
+
 def forget(cur: Any, schema: str, table: str, period: str, file_sha: Optional[str] = None) -> None:
     """Drop ledger entries (batches, rejects, file rows) of a table's month, or of one file."""
-    ids = batch_ids_of(cur, schema, table, period, file_sha)
-    if ids:
-        cur.execute(f"DELETE FROM {qualified(schema, 'reject')} WHERE batch_id = ANY(%s)", (ids,))
-        cur.execute(f"DELETE FROM {qualified(schema, 'batch')} WHERE batch_id = ANY(%s)", (ids,))
+    forget_batches(cur, schema, batch_ids_of(cur, schema, table, period, file_sha))
     if file_sha is None:
         cur.execute(f"DELETE FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s", (table, period))
     else:
@@ -217,3 +233,12 @@ def mark_stale_runs(cur: Any, schema: str, job: str, period: str) -> int:
         (job, period),
     )
     return cur.rowcount or 0
+
+
+def reject_sample(cur: Any, schema: str, run_id: str, limit: int = 200) -> pa.Table:
+    """A few of the rows a run rejected (file, line, column, reason, raw text), for its MLflow record."""
+    cols = ("table_name", "file_path", "member", "line_number", "column_name", "reason", "raw")
+    cur.execute(f"SELECT {', '.join(cols)} FROM {qualified(schema, 'reject')} WHERE run_id=%s "
+                "ORDER BY table_name, file_path, line_number LIMIT %s", (run_id, limit))
+    rows = cur.fetchall()
+    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)}) if rows else pa.table({})

@@ -1,30 +1,44 @@
 """Structured logging: readable text by default, JSON lines with logging.format=json.
 
-Every record carries the run id (set once per run) plus table/file when the caller
-passes them in ``extra``; secrets are masked on the way out.
+Every record carries ``run_id``, ``table`` and ``file`` (null when they do not apply):
+the run id is set once per run with ``set_context``, table/file come from ``extra=`` or
+a ``log_context`` block. Secrets are masked on the way out, whatever the format.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from loadkit.security import mask_text
 
-_context: Dict[str, Any] = {"run_id": None}
-_FIELDS = ("run_id", "table", "file", "alert")
+_context: Dict[str, Any] = {"run_id": None, "table": None, "file": None}
+_FIELDS = ("run_id", "table", "file")
+_OPTIONAL = ("alert",)
 
 
 def set_context(**values: Any) -> None:
     _context.update(values)
 
 
+@contextlib.contextmanager
+def log_context(**values: Any) -> Iterator[None]:
+    """Records logged inside the block carry these fields (e.g. table=..., file=...)."""
+    previous = {k: _context.get(k) for k in values}
+    _context.update(values)
+    try:
+        yield
+    finally:
+        _context.update(previous)
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in _context.items():
-            if not hasattr(record, key):
-                setattr(record, key, value)
+        for key in _FIELDS:
+            if getattr(record, key, None) is None:
+                setattr(record, key, _context.get(key))
         return True
 
 
@@ -37,19 +51,22 @@ class JsonFormatter(logging.Formatter):
             "message": mask_text(record.getMessage()),
         }
         for key in _FIELDS:
+            data[key] = getattr(record, key, None)
+        for key in _OPTIONAL:
             value = getattr(record, key, None)
             if value is not None:
                 data[key] = value
         if record.exc_info:
             data["exc"] = mask_text(self.formatException(record.exc_info))
-        return json.dumps(data, default=str)
+        return mask_text(json.dumps(data, default=str))
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s [%(run_id)s] %(message)s", "%H:%M:%S")
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s [%(where)s] %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
+        record.where = " ".join(str(v) for v in (getattr(record, k, None) for k in _FIELDS) if v is not None) or "-"
         return mask_text(super().format(record))
 
 

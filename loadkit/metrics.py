@@ -1,9 +1,16 @@
-"""Run metrics: per-batch results folded into per-table counters and the summary table."""
+"""Run metrics: per-batch results folded into per-table counters, run-level figures and the summary.
+
+The driver feeds every writer result through ``RunMetrics.add``; everything logged to
+MLflow (progress and final metrics, the per-batch and per-file tables) is derived here,
+so the runner only decides *when* to log.
+"""
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
@@ -34,12 +41,28 @@ class TableMetrics:
         return self.rows_read / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def batches_per_s(self) -> float:
+        return self.batches / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def reject_rate(self) -> float:
         return self.rows_rejected / self.rows_read if self.rows_read else 0.0
 
 
+def quantiles(values: Iterable[float], prefix: str) -> Dict[str, float]:
+    """p50/p95/max of a sample under ``prefix`` (empty dict for no sample)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return {f"{prefix}_p50": pick(0.5), f"{prefix}_p95": pick(0.95), f"{prefix}_max": ordered[-1]}
+
+
 class RunMetrics:
-    """Folds the writers' per-batch results; the driver's single source of progress numbers."""
+    """Folds the writers' per-batch results; the driver's single source of progress numbers.
+
+    ``last_progress`` is read by the watchdog thread, hence the lock around updates.
+    """
 
     def __init__(self, tables: Dict[str, str]) -> None:
         self.tables = {name: TableMetrics(name, mode) for name, mode in tables.items()}
@@ -47,26 +70,36 @@ class RunMetrics:
         self.file_events: Dict[tuple, Dict[str, Any]] = {}
         self.started = time.time()
         self.last_progress = time.time()
+        self.errors: Counter = Counter()
+        self.driver_wait_s = 0.0  # driver blocked waiting for the next result
+        self.read_wait_s = 0.0  # read tasks blocked handing a chunk downstream (parse + backpressure)
+        self.chunks_read = 0
+        self.batch_sizes: List[Tuple[float, int, str]] = []  # (time, rows, reason) of each size change
+        self._lock = threading.Lock()
 
     def add(self, results: pa.Table) -> List[Dict[str, Any]]:
         rows = results.to_pylist()
-        for r in rows:
-            self._add_one(r)
+        received = time.time()
+        with self._lock:
+            for r in rows:
+                self._add_one(r, received)
         return rows
 
-    def _add_one(self, r: Dict[str, Any]) -> None:
+    def _add_one(self, r: Dict[str, Any], received: float) -> None:
         t = self.tables[r["table_name"]]
         key = (r["table_name"], r["file_sha"])
+        ev = self.file_events.setdefault(key, {})
+        ev["last_at"] = r.get("finished_at") or received
         if r["kind"] == "error":
-            self.file_events.setdefault(key, {})["error"] = r["message"]
+            ev["error"] = r["message"]
+            self.errors["source_data"] += 1
             return
         if r["kind"] == "eof":
-            ev = self.file_events.setdefault(key, {})
             ev.setdefault("members", {})[r["member"]] = int(r["message"] or 0)
             return
-        self.last_progress = time.time()
+        self.last_progress = received
         t.last_batch_at = r["finished_at"]
-        self.batches.append({k: v for k, v in r.items()})
+        self.batches.append({**r, "received_at": received})
         if r["status"] == "skipped":
             t.batches_skipped += 1
             return
@@ -76,8 +109,23 @@ class RunMetrics:
         t.rows_rejected += r["rows_rejected"] or 0
         t.rows_coerced += r["rows_coerced"] or 0
         t.bytes += r["bytes"] or 0
-        t.retries += max(0, (r["attempts"] or 1) - 1)
+        retries = max(0, (r["attempts"] or 1) - 1)
+        t.retries += retries
+        if retries:
+            self.errors["transient_infrastructure"] += retries  # each retry answered a transient failure
         t.seconds = max(t.seconds, (r["finished_at"] or time.time()) - t.started)
+
+    def touch(self) -> None:
+        """Count as progress (the pipeline just started, so the stall clock starts now)."""
+        with self._lock:
+            self.last_progress = time.time()
+
+    def seconds_since_progress(self) -> float:
+        with self._lock:
+            return time.time() - self.last_progress
+
+    def size_changed(self, rows: int, reason: str) -> None:
+        self.batch_sizes.append((time.time(), rows, reason))
 
     def file_error(self, table: str, sha: str) -> Optional[str]:
         return self.file_events.get((table, sha), {}).get("error")
@@ -86,15 +134,100 @@ class RunMetrics:
         return (sum(t.rows_read for t in self.tables.values()), sum(t.rows_loaded for t in self.tables.values()),
                 sum(t.rows_rejected for t in self.tables.values()))
 
+    def _committed(self) -> List[Dict[str, Any]]:
+        return [b for b in self.batches if b.get("status") == "committed"]
+
     def latencies(self) -> Dict[str, float]:
-        values = sorted(b["write_s"] for b in self.batches if b.get("status") == "committed")
-        if not values:
-            return {}
-        pick = lambda q: values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]  # noqa: E731
-        return {"batch_write_p50_s": pick(0.5), "batch_write_p95_s": pick(0.95), "batch_write_max_s": values[-1]}
+        """Per-stage batch latency: parse (read task), write (writer), end to end at the driver."""
+        done = self._committed()
+        out = quantiles((b["write_s"] or 0.0 for b in done), "batch_write_s")
+        out.update(quantiles((b["parse_s"] or 0.0 for b in done), "batch_parse_s"))
+        out.update(quantiles((b["received_at"] - b["finished_at"] for b in done if b["finished_at"]),
+                             "batch_delivery_s"))
+        return out
+
+    def pool_figures(self) -> Dict[str, float]:
+        """Writer pool use: the writers' own utilisation figure and the busy fraction seen from here."""
+        done = self._committed()
+        out: Dict[str, float] = {}
+        reported = [b["pool_utilisation"] for b in done if b.get("pool_utilisation") is not None]
+        if reported:
+            out.update(pool_utilisation_mean=sum(reported) / len(reported), pool_utilisation_max=max(reported))
+        busy = self.writer_busy()
+        if busy:
+            out.update(writer_busy_mean=sum(busy.values()) / len(busy), writer_busy_max=max(busy.values()))
+        rss = [b["rss_bytes"] for b in done if b.get("rss_bytes")]
+        out.update(quantiles(rss, "writer_rss_bytes"))
+        return out
+
+    def writer_busy(self) -> Dict[str, float]:
+        """Per writer: time spent in COPY transactions over the time since the pipeline started."""
+        span = max(1e-9, time.time() - self.started)
+        busy: Dict[str, float] = {}
+        for b in self._committed():
+            busy[b["writer"] or ""] = busy.get(b["writer"] or "", 0.0) + (b["write_s"] or 0.0)
+        return {w: min(1.0, s / span) for w, s in busy.items()}
+
+    def file_table(self) -> pa.Table:
+        """When each file finished (seconds since the run started) and its error, if any."""
+        rows = [{"table_name": t, "file_sha": sha, "completed_s": ev.get("last_at", self.started) - self.started,
+                 "members": len(ev.get("members", {})), "error": ev.get("error")}
+                for (t, sha), ev in self.file_events.items()]
+        return pa.Table.from_pylist(rows) if rows else pa.table({})
+
+    def progress(self, memory: Tuple[float, int, float]) -> Dict[str, float]:
+        """The figures logged every few seconds while the run streams."""
+        _, rss, fraction = memory
+        read, loaded, rejected = self.totals()
+        elapsed = max(1e-9, time.time() - self.started)
+        done = len(self._committed())
+        out = {"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "rows_per_s": read / elapsed,
+               "batches_per_s": done / elapsed, "rss_bytes": rss, "memory_fraction": fraction,
+               "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
+               "queue_depth": max(0, self.chunks_read - len(self.batches))}
+        if self.batch_sizes:
+            out["batch_size"] = self.batch_sizes[-1][1]
+        busy = self.writer_busy()
+        if busy:
+            out["writer_busy_max"] = max(busy.values())
+        return out
+
+    def final(self, wall_s: float, peak_rss: int, alerts: int) -> Dict[str, float]:
+        """Every end-of-run metric: totals, rates, latencies, memory, pool, waits, retries, errors by class."""
+        read, loaded, rejected = self.totals()
+        out: Dict[str, float] = {
+            "rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "wall_s": wall_s,
+            "rows_per_s": read / wall_s if wall_s else 0.0,
+            "batches_per_s": len(self._committed()) / wall_s if wall_s else 0.0,
+            "batches": len(self._committed()), "peak_rss_bytes": peak_rss, "alerts": alerts,
+            "retries": sum(t.retries for t in self.tables.values()),
+            "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
+            "backpressure_s": max(0.0, self.read_wait_s - sum(b["parse_s"] or 0.0 for b in self._committed())),
+            "batch_size_changes": len(self.batch_sizes),
+        }
+        out.update(self.latencies())
+        out.update(self.pool_figures())
+        out.update({f"errors.{k}": v for k, v in self.errors.items()})
+        completed = [ev["last_at"] - self.started for ev in self.file_events.values() if "last_at" in ev]
+        out.update(quantiles(completed, "file_completed_s"))
+        for t in self.tables.values():
+            out.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
+                        f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s,
+                        f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries})
+        return out
 
     def batch_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.batches) if self.batches else pa.table({})
+
+    def size_table(self) -> pa.Table:
+        rows = [{"at_s": at - self.started, "rows": rows, "reason": why} for at, rows, why in self.batch_sizes]
+        return pa.Table.from_pylist(rows) if rows else pa.table({})
+
+
+def memory_table(samples: Sequence[Tuple[float, int, float]], started: float) -> pa.Table:
+    """The memory monitor's samples as a table (seconds since start, tree RSS, host fraction)."""
+    return pa.table({"at_s": [t - started for t, _, _ in samples], "rss_bytes": [r for _, r, _ in samples],
+                     "memory_fraction": [f for _, _, f in samples]})
 
 
 def summary_table(metrics: RunMetrics, run_id: str, wall_s: float) -> str:
@@ -108,7 +241,11 @@ def summary_table(metrics: RunMetrics, run_id: str, wall_s: float) -> str:
     lines.append(("TOTAL", "", str(sum(t.files for t in metrics.tables.values())),
                   str(sum(t.files_skipped for t in metrics.tables.values())), f"{read:,}", f"{loaded:,}",
                   f"{rejected:,}", f"{wall_s:.1f}", f"{read / wall_s if wall_s else 0:,.0f}", ""))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return format_table(lines) + f"\nrun id: {run_id}"
+
+
+def format_table(lines: Sequence[Sequence[str]]) -> str:
+    """Left-align the first two columns, right-align the rest (numbers), with a rule under the head."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    out = [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]]
-    return "\n".join(out + [f"run id: {run_id}"])
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]])

@@ -145,6 +145,10 @@ class ChunkReader:
         self._line = 1  # line number at _buf[0]
         self._eof = False
 
+    def retarget(self, target_bytes: int) -> None:
+        """Chunk size from the next chunk on (adaptive batch sizing; byte ranges stay record-aligned)."""
+        self._target = max(1024, target_bytes)
+
     def __iter__(self) -> Iterator[Chunk]:
         while True:
             self._skip_committed()

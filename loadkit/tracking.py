@@ -1,7 +1,9 @@
-"""MLflow logging: every run is an MLflow run with masked params, metrics and artifacts.
+"""MLflow logging: every run is an MLflow run with masked params, tags, metrics and artifacts.
 
-Only this module imports mlflow. With tracking disabled every method is a no-op, so
-callers never branch on it.
+Only this module imports mlflow. It talks to MLflow through an explicit ``MlflowClient``
+and run id, never the fluent "active run": the driver's watchdog thread records alerts
+too, and a Hydra sweep runs several jobs in one process. With tracking disabled every
+method is a no-op, so callers never branch on it.
 """
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from loadkit.security import mask_mapping, mask_text
 
 log = logging.getLogger("loadkit.tracking")
 
 DEFAULT_URI_DIR = ".loadkit"
+_STATUS = {"succeeded": "FINISHED", "interrupted": "KILLED"}
 
 
 def default_uri() -> str:
@@ -43,65 +47,138 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
 def git_commit() -> Optional[str]:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip() or None
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _client(uri: Optional[str]) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or default_uri())
+
+
+def _experiment_id(client: Any, name: str, uri: Optional[str]) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    artifacts = Path(DEFAULT_URI_DIR, "mlartifacts").resolve().as_uri() if not uri else None
+    try:
+        return str(client.create_experiment(name, artifact_location=artifacts))
+    except Exception:  # another process created it between the lookup and the create
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
 
 
 class RunTracker:
     def __init__(self, enabled: bool, uri: Optional[str], experiment: str) -> None:
         self.enabled = enabled
         self.run_id: Optional[str] = None
+        self._step = 0
         if not enabled:
             return
-        import mlflow
-
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(uri or default_uri())
-        if mlflow.get_experiment_by_name(experiment) is None:
-            artifacts = Path(DEFAULT_URI_DIR, "mlartifacts").resolve()
-            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri() if not uri else None)
-        mlflow.set_experiment(experiment)
+        self._client = _client(uri)
+        self._experiment_id = _experiment_id(self._client, experiment, uri)
 
     def start(self, name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        run = self._mlflow.start_run(run_name=name)
+        from mlflow.entities import Param
+
+        base = {"hostname": socket.gethostname(), "git_commit": git_commit() or "unknown"}
+        all_tags = {**base, **{k: mask_text(str(v)) for k, v in tags.items() if v is not None}}
+        run = self._client.create_run(self._experiment_id, run_name=name, tags=all_tags)
         self.run_id = run.info.run_id
-        masked = flatten(mask_mapping(dict(params)))
-        items = list(masked.items())
-        for i in range(0, len(items), 100):
-            self._mlflow.log_params(dict(items[i:i + 100]))
-        base_tags = {"host": socket.gethostname(), "git_commit": git_commit() or "unknown"}
-        self._mlflow.set_tags({**base_tags, **{k: str(v) for k, v in tags.items() if v is not None}})
+        masked = list(flatten(mask_mapping(dict(params))).items())
+        for i in range(0, len(masked), 100):
+            self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in masked[i:i + 100]])
 
     def metrics(self, values: Mapping[str, float], step: Optional[int] = None) -> None:
-        if self.enabled and values:
-            self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        if not self.enabled or not values or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in values.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[i:i + 500])
 
     def tag(self, key: str, value: str) -> None:
-        if self.enabled:
-            self._mlflow.set_tag(key, mask_text(value))
+        if self.enabled and self.run_id is not None:
+            self._client.set_tag(self.run_id, _metric_key(key), mask_text(value))
+
+    def alert(self, rule: str, subject: str, value: float) -> None:
+        """A fired alert: a tag naming it and a metric with the breaching value."""
+        self.tag(f"alert.{rule}.{subject}", f"{value:.4g}")
+        self.metrics({f"alert.{rule}": value})
 
     def artifact_text(self, name: str, text: str) -> None:
-        if self.enabled:
-            self._mlflow.log_text(mask_text(text), name)
+        if self.enabled and self.run_id is not None:
+            self._client.log_text(self.run_id, mask_text(text), name)
 
     def artifact_json(self, name: str, data: Any) -> None:
-        if self.enabled:
-            self._mlflow.log_text(mask_text(json.dumps(mask_mapping(data), indent=2, default=str)), name)
+        self.artifact_text(name, json.dumps(mask_mapping(data), indent=2, default=str))
+
+    def artifact_yaml(self, name: str, data: Mapping[str, Any]) -> None:
+        from omegaconf import OmegaConf
+
+        self.artifact_text(name, OmegaConf.to_yaml(OmegaConf.create(mask_mapping(dict(data)))))
 
     def artifact_table(self, name: str, table: Any) -> None:
-        """Log an Arrow table as Parquet."""
-        if not self.enabled or table is None or table.num_columns == 0:
+        """Log an Arrow table as Parquet (string cells masked first)."""
+        if not self.enabled or self.run_id is None or table is None or table.num_columns == 0:
             return
         import pyarrow.parquet as pq
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, name)
-            pq.write_table(table, path)
-            self._mlflow.log_artifact(path)
+            pq.write_table(_masked_table(table), path)
+            self._client.log_artifact(self.run_id, path)
 
     def end(self, status: str) -> None:
-        if self.enabled and self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status={"succeeded": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        if self.enabled and self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=_STATUS.get(status, "FAILED"))
+
+
+def _metric_key(key: str) -> str:
+    """MLflow keys allow letters, digits, _ - . / and space; anything else becomes _."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)[:250]
+
+
+def _masked_table(table: Any) -> Any:
+    import pyarrow as pa
+
+    cols = []
+    for col in table.columns:
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            col = pa.array([mask_text(v) if v is not None else None for v in col.to_pylist()], col.type)
+        cols.append(col)
+    return pa.Table.from_arrays(cols, names=table.column_names)
+
+
+# ---------------------------------------------------------------- reading runs back (history, notebook)
+
+
+def find_runs(uri: Optional[str], experiment: str = "loadkit", filter_string: str = "",
+              max_results: int = 100) -> List[Any]:
+    """Runs of an experiment, newest first (mlflow Run objects)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results,
+                                   order_by=["attributes.start_time DESC"]))
+
+
+def get_run(uri: Optional[str], run_id: str) -> Any:
+    return _client(uri).get_run(run_id)
+
+
+def metric_history(uri: Optional[str], run_id: str, key: str) -> List[Any]:
+    return list(_client(uri).get_metric_history(run_id, key))
+
+
+def download_artifact(uri: Optional[str], run_id: str, path: str, dst: str) -> str:
+    return str(_client(uri).download_artifacts(run_id, path, dst))
