@@ -99,3 +99,21 @@ def test_rerun_is_idempotent_and_ledgered(month: SampleManifest, pg_dsn: str, sc
     tables = query(pg_dsn, f'SELECT table_name, status, rows_read FROM "{led}".table_load WHERE run_id=%s',
                    (first.run_id,))
     assert {t: (s, n) for t, s, n in tables} == {t: ("loaded", n) for t, n in month.rows.items()}
+
+
+@pytest.mark.slow
+def test_one_large_file_streams_in_bounded_blocks(tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None,
+                                                 job_overrides) -> None:
+    """One ~20 MB member is cut into many record-aligned batches and loads without stalling."""
+    target, led = schemas
+    month = generate_month(tmp_path, 2024, 5, rows=80_000, shards=1, seed=3)
+    others = [f"job.tables.{t}.enabled=false" for t in month.rows if t != "estabelecimentos"]
+    result = run_job(compose(job_overrides(month.root, "batch.size=5000", *others)))
+    assert result.status == "succeeded", result.error
+    batches = query(pg_dsn, f'SELECT count(*), max(end_offset - start_offset), sum(rows_in) FROM "{led}".batch')
+    count, widest, rows_in = batches[0]
+    assert rows_in == month.rows["estabelecimentos"] == 80_000
+    assert count >= 10, "the file must be cut into many batches, not read whole"
+    assert widest < 8 * 2**20, "a batch is bounded by batch.size, not by the file"
+    distinct = len({(r["cnpj_basico"], r["cnpj_ordem"], r["cnpj_dv"]) for r in month.expected["estabelecimentos"]})
+    assert query(pg_dsn, f'SELECT count(*) FROM "{target}".estabelecimentos')[0][0] == distinct
