@@ -1,0 +1,422 @@
+"""Fault suite: exactly-once through crashes, dead connections and a restarting database.
+
+Every scenario loads a generated month (3 sharded tables, ~20 batches of a few hundred rows)
+through real Ray and real PostgreSQL, injects a fault mid-load, and checks the final tables
+against the generator's oracle row by row (0 lost, 0 duplicated) and the ledger's batches
+against the source (every byte range committed once, rows_in summing to the source rows).
+
+Faults touch only what the test started: its own CLI subprocesses (killed by process group),
+its own Ray session's writer processes, backends whose application_name carries its run id, and
+an embedded PostgreSQL in a temp dir (restarted with its own pg_ctl), never the shared server.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from jobs.sample import SampleManifest, generate_month
+from loadkit.errors import Category, classify
+from loadkit.plan import RetryPolicy
+from loadkit.resilience import retrying
+from loadkit.runner import RunResult, run_job
+from tests.conftest import ROOT, compose, query
+from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+TABLES = ("empresas", "estabelecimentos", "socios")
+# The reference tables are one batch each: dropping them keeps every run short.
+DROP_REFERENCE = [f"~job.tables.{t}" for t in
+                  ("simples", "cnaes", "motivos", "municipios", "naturezas", "paises", "qualificacoes")]
+FAST_RETRY = ["retry.initial_wait_s=0.2", "retry.max_wait_s=2.0", "retry.jitter_s=0.1", "retry.attempts=8",
+              "retry.breaker_cooldown_s=2.0"]
+
+
+@pytest.fixture(scope="module")
+def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
+    return generate_month(tmp_path_factory.mktemp("faults"), 2024, 5, rows=1500, shards=2, seed=11)
+
+
+@pytest.fixture()
+def args(job_overrides, month: SampleManifest) -> Callable[..., List[str]]:
+    """Overrides for this test's schemas: three tables, small batches, fast retries, no MLflow."""
+
+    def make(batch_size: int, *extra: str) -> List[str]:
+        return job_overrides(month.root, f"batch.size={batch_size}", "tracking.enabled=false", *DROP_REFERENCE,
+                             *FAST_RETRY, *extra)
+
+    return make
+
+
+# ------------------------------------------------------------------ oracle checks
+
+
+def assert_exactly_once(dsn: str, schemas: tuple, month: SampleManifest) -> Dict[str, Dict[str, int]]:
+    """Final tables equal the oracle and the ledger tiles every source member once; returns lost/duplicated."""
+    target, led = schemas
+    report: Dict[str, Dict[str, int]] = {}
+    for table in TABLES:
+        expected = month.expected[table]
+        columns = list(expected[0].keys())
+        want = Counter(canon(r) for r in last_wins(expected, KEYS.get(table, SOCIO_IDENTITY)))
+        got = Counter(canon(r) for r in table_rows(dsn, target, table, columns))
+        report[table] = {"lost": sum((want - got).values()), "duplicated": sum((got - want).values())}
+        # Merge dedups by key, so also prove no byte range was committed twice: ranges never overlap
+        # and their rows add up to exactly the source rows.
+        ranges = query(dsn, f'SELECT file_sha, member, start_offset, end_offset, rows_in FROM "{led}".batch '
+                            "WHERE table_name = %s ORDER BY 1, 2, 3", (table,))
+        overlaps = sum(1 for a, b in zip(ranges, ranges[1:]) if a[:2] == b[:2] and b[2] < a[3])
+        report[table]["overlapping_batches"] = overlaps
+        report[table]["ledger_rows_minus_source"] = sum(r[4] for r in ranges) - month.rows[table]
+    assert all(v == 0 for t in report.values() for v in t.values()), report
+    return report
+
+
+# ------------------------------------------------------------------ ledger probes
+
+
+def ledger_count(dsn: str, led: str, sql: str, args: tuple = ()) -> int:
+    try:
+        return int(query(dsn, sql.format(led=f'"{led}"'), args)[0][0])
+    except psycopg2.errors.UndefinedTable:  # the run has not created its ledger yet
+        return 0
+
+
+def committed(dsn: str, led: str) -> int:
+    return ledger_count(dsn, led, "SELECT count(*) FROM {led}.batch")
+
+
+def current_run(dsn: str, led: str) -> Optional[str]:
+    try:
+        rows = query(dsn, f'SELECT run_id FROM "{led}".run WHERE status = %s ORDER BY started_at DESC LIMIT 1',
+                     ("running",))
+    except psycopg2.errors.UndefinedTable:
+        return None
+    return rows[0][0] if rows else None
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+class Background:
+    """Runs a fault injector next to an in-process load and re-raises its failure in the test."""
+
+    def __init__(self, target: Callable[[threading.Event], None]) -> None:
+        self.stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(target,), daemon=True)
+
+    def _run(self, target: Callable[[threading.Event], None]) -> None:
+        try:
+            target(self.stop)
+        except BaseException as exc:  # handed to the test thread in join()
+            self.error = exc
+
+    def __enter__(self) -> "Background":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self._thread.join(timeout=30)
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+
+# ------------------------------------------------------------------ CLI subprocesses
+
+
+class Cli:
+    """``python -m loadkit ...`` in its own process group, so the test can kill it and all it started."""
+
+    def __init__(self, overrides: List[str], log: Path) -> None:
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "loadkit", *overrides, "env.num_cpus=2"],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.alive(), "the load finished before the fault could be injected"
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.reap()
+
+    def reap(self) -> None:
+        """Kill what the driver left (its Ray processes); only this process group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture()
+def cli_runs(tmp_path: Path) -> Iterator[Callable[[List[str]], Cli]]:
+    started: List[Cli] = []
+
+    def start(overrides: List[str]) -> Cli:
+        started.append(Cli(overrides, tmp_path / f"cli-{len(started)}.log"))
+        return started[-1]
+
+    yield start
+    for c in started:
+        if not c._log.closed:
+            c.reap()
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None, args, cli_runs) -> None:
+    """kill -9 before and during commits, SIGTERM mid-load (stop < 1 s, 'interrupted', exit 130),
+    each run with another batch size; the final run loads exactly the rest."""
+    _, led = schemas
+    rng = random.Random(20240511)
+    # 1. kill -9 once the run is recorded, before any batch commits.
+    run = cli_runs(args(200))
+    wait_until(lambda: current_run(pg_dsn, led) is not None or not run.alive(), 90, "the run to start")
+    assert committed(pg_dsn, led) == 0
+    run.signal(signal.SIGKILL)
+    assert run.wait(30) == -signal.SIGKILL
+    # 2. kill -9 after a random number of commits.
+    kill_at = rng.randint(1, 4)
+    run = cli_runs(args(200))
+    wait_until(lambda: committed(pg_dsn, led) >= kill_at or not run.alive(), 120, f"{kill_at} commits")
+    run.signal(signal.SIGKILL)
+    assert run.wait(30) == -signal.SIGKILL
+    after_kill = committed(pg_dsn, led)
+    assert after_kill >= kill_at
+    # 3. SIGTERM after a few more commits, with a bigger batch size.
+    term_at = after_kill + rng.randint(2, 4)
+    run = cli_runs(args(400))
+    wait_until(lambda: committed(pg_dsn, led) >= term_at or not run.alive(), 120, f"{term_at} commits")
+    run.signal(signal.SIGTERM)
+    signalled = time.time()
+    wait_until(lambda: ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.run WHERE status = 'interrupted'") == 1,
+               15, "the run to be marked interrupted")
+    marked_after = time.time() - signalled
+    assert run.wait(60) == 130
+    late = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE committed_at > to_timestamp(%s)",
+                        (signalled + 1.0,))
+    assert late == 0, "a batch started more than 1 s after SIGTERM"  # committed_at is the transaction start
+    assert marked_after < 10, f"took {marked_after:.1f}s to record the interruption"
+    statuses = Counter(r[0] for r in query(pg_dsn, f'SELECT status FROM "{led}".run'))
+    assert statuses == {"crashed": 2, "interrupted": 1}  # the killed runs were found and marked by the next
+    # 4. Resume in-process with a smaller batch size: exactly the uncommitted rest is loaded.
+    before = committed(pg_dsn, led)
+    result = run_job(compose(args(160)))
+    assert result.status == "succeeded", result.error
+    assert sum(t.rows_read for t in result.metrics.tables.values()) < sum(month.rows[t] for t in TABLES)
+    assert committed(pg_dsn, led) > before
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_writer_actor_killed_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None,
+                                      args) -> None:
+    """SIGKILL of a writer worker process: Ray restarts the actor, retries its batch, the job completes."""
+    _, led = schemas
+    killed: List[int] = []
+
+    def kill_a_writer(stop: threading.Event) -> None:
+        wait_until(lambda: committed(pg_dsn, led) >= 2 or stop.is_set(), 120, "2 commits")
+        writers = query(pg_dsn, f'SELECT DISTINCT writer FROM "{led}".batch')
+        pid = int(writers[0][0].split("-")[1])  # writer-<pid>: a worker of this session's Ray
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    with Background(kill_a_writer):
+        result = run_job(compose(args(200)))
+    assert result.status == "succeeded", result.error
+    assert killed
+    writers = {r[0] for r in query(pg_dsn, f'SELECT DISTINCT writer FROM "{led}".batch')}
+    assert f"writer-{killed[0]}" in writers and len(writers) >= 2
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                ray_session: None, args) -> None:
+    """pg_terminate_backend on this run's writer sessions (by application_name), repeatedly: retried through."""
+    _, led = schemas
+    terminated: List[int] = []
+
+    def terminate_writers(stop: threading.Event) -> None:
+        wait_until(lambda: committed(pg_dsn, led) >= 1 or stop.is_set(), 120, "the first commit")
+        run_id = current_run(pg_dsn, led)
+        assert run_id
+        conn = psycopg2.connect(pg_dsn)
+        conn.autocommit = True
+        try:
+            while not stop.is_set() and len(terminated) < 6:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE application_name = %s", (f"loadkit:{run_id}:writer",))
+                    terminated.extend(pid for pid, ok in cur.fetchall() if ok)
+                time.sleep(0.4)
+        finally:
+            conn.close()
+
+    with Background(terminate_writers):
+        result = run_job(compose(args(200)))
+    assert result.status == "succeeded", result.error
+    assert len(terminated) >= 2
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+@pytest.fixture()
+def embedded() -> Iterator[tuple]:
+    """A private pgserver PostgreSQL (never the shared cluster): (dsn, pg_ctl), stopped and removed afterwards.
+
+    Not under pytest's tmp_path: every pytest start re-chmods /tmp/pytest-of-<user> to 0700, which
+    locks out the unprivileged user pgserver runs PostgreSQL as."""
+    import pgserver
+
+    from loadkit.db import embedded_dsn
+
+    pgdata = Path(tempfile.mkdtemp(prefix="loadkit-faults-pg-")) / "pg"
+    dsn = embedded_dsn(str(pgdata))
+    server = pgserver.get_server(str(pgdata.resolve()), cleanup_mode=None)  # the same instance, for its user
+
+    def pg_ctl(*argv: str) -> None:  # as the server's own (unprivileged) user, like pgserver does
+        pgserver._commands.pg_ctl(["-w", *argv], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+    yield dsn, pg_ctl
+    pg_ctl("-m", "immediate", "stop")
+    shutil.rmtree(pgdata.parent)
+
+
+def test_embedded_server_restarted_mid_load(month: SampleManifest, ray_session: None, embedded: tuple,
+                                            job_overrides) -> None:
+    """pg_ctl restart of the job's own embedded server mid-load: completes, or fails transient and the rerun does."""
+    dsn, pg_ctl = embedded
+    schemas = ("t_faults", "l_faults")
+    overrides = [o for o in job_overrides(month.root) if not o.startswith(("sink.dsn=", "job.schema=",
+                                                                          "sink.ledger_schema="))]
+    cfg_args = overrides + [f"sink.dsn='{dsn}'", f"job.schema={schemas[0]}", f"sink.ledger_schema={schemas[1]}",
+                            "batch.size=200", "tracking.enabled=false", *DROP_REFERENCE, *FAST_RETRY]
+    restarts: List[float] = []
+
+    def restart(stop: threading.Event) -> None:
+        wait_until(lambda: committed(dsn, schemas[1]) >= 2 or stop.is_set(), 120, "2 commits")
+        started = time.monotonic()
+        pg_ctl("-m", "fast", "restart")
+        restarts.append(time.monotonic() - started)
+
+    with Background(restart):
+        first = run_job(compose(cfg_args))
+    assert restarts, "the server was never restarted"
+    if first.status != "succeeded":
+        assert first.status == "failed" and classify(first.error) is Category.TRANSIENT, first.error
+        assert query(dsn, f'SELECT status, error_category FROM "{schemas[1]}".run WHERE run_id = %s',
+                     (first.run_id,)) == [("failed", Category.TRANSIENT.value)]
+        rerun = run_job(compose(cfg_args))
+        assert rerun.status == "succeeded", rerun.error
+    assert_exactly_once(dsn, schemas, month)
+
+
+def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None,
+                                      args) -> None:
+    """A session locking ledger.batch then the staging table, against writers that lock them the other
+    way round: PostgreSQL aborts a writer with 40P01, the writer retries, counts stay exact."""
+    target, led = schemas
+    plan_table = compose(args(200)).job.tables["estabelecimentos"]
+    assert plan_table.mode == "merge"  # so writers COPY into a staging table, then into ledger.batch
+    deadlocks: List[str] = []
+
+    def interfere(stop: threading.Event) -> None:
+        wait_until(lambda: committed(pg_dsn, led) >= 1 or stop.is_set(), 120, "the first commit")
+        staging = query(pg_dsn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE n.nspname = %s AND c.relname LIKE %s", (target, "estabelecimentos%stag%"))
+        assert staging, "no staging table for estabelecimentos"
+        conn = psycopg2.connect(pg_dsn, application_name="loadkit-test-interferer")
+        try:
+            while not stop.is_set():
+                try:
+                    with conn, conn.cursor() as cur:
+                        cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
+                        time.sleep(0.3)  # a writer reaches its ledger insert holding the staging lock
+                        cur.execute(f'LOCK TABLE "{target}"."{staging[0][0]}" IN SHARE ROW EXCLUSIVE MODE')
+                except psycopg2.errors.DeadlockDetected:
+                    deadlocks.append("interferer")
+                time.sleep(0.2)
+        finally:
+            conn.close()
+
+    with Background(interfere):
+        result = run_job(compose(args(200)))
+    assert result.status == "succeeded", result.error
+    retried = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE attempts > 1")
+    assert retried + len(deadlocks) >= 1, "no deadlock happened: the scenario proved nothing"
+    assert retried >= 1, "every deadlock victim was the interferer; no writer retry was exercised"
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_serialization_failures_on_ledger_updates_are_retried(pg_dsn: str, schemas: tuple) -> None:
+    """Two SERIALIZABLE read-then-write ledger transactions collide (40001); the retried one lands once."""
+    from loadkit import ledger
+
+    _, led = schemas
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        ledger.ensure(cur, led)
+    conn.close()
+    policy = RetryPolicy(attempts=5, initial_wait_s=0.05, max_wait_s=0.5, multiplier=2.0, jitter_s=0.05,
+                         breaker_failures=5, breaker_cooldown_s=1.0)
+    barrier = threading.Barrier(2)
+    attempts: Counter = Counter()
+    errors: List[BaseException] = []
+
+    def mark(sha: str) -> None:
+        def once() -> None:
+            attempts[sha] += 1
+            conn = psycopg2.connect(pg_dsn)
+            try:
+                conn.set_session(isolation_level="SERIALIZABLE")
+                with conn, conn.cursor() as cur:
+                    cur.execute(f'SELECT count(*) FROM "{led}".file WHERE table_name = %s', ("t",))
+                    ordinal = cur.fetchone()[0]
+                    if attempts[sha] == 1:
+                        barrier.wait(10)  # both have read before either writes: a write skew
+                    ledger.mark_file(cur, led, "run", "t", "2024-05", sha, f"{sha}.zip", ordinal, 1, "loaded")
+            finally:
+                conn.close()
+
+        try:
+            retrying(policy)(once)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=mark, args=(sha,)) for sha in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sorted(attempts.values()) == [1, 2]  # exactly one transaction lost the race and was retried
+    rows = query(pg_dsn, f'SELECT file_sha, ordinal FROM "{led}".file ORDER BY 1')
+    assert [r[0] for r in rows] == ["a", "b"] and sorted(r[1] for r in rows) == [0, 1]
