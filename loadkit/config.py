@@ -7,7 +7,7 @@ mutable so command-line overrides work; the compiled plan is what gets frozen.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -358,4 +358,6 @@ def _validate_dialect(k: str, d: DialectConfig) -> None:
 
 def as_plain_dict(cfg: Any) -> Dict[str, Any]:
     """A plain nested dict of any config (for params/artifacts; mask before saving)."""
+    if is_dataclass(cfg) and not isinstance(cfg, type):  # ~100x faster than a round trip through OmegaConf
+        return asdict(cfg)
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

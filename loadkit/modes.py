@@ -1,19 +1,30 @@
-"""Write modes: target/staging DDL before the load and the finalisation after it.
+"""Write modes: target/staging DDL before the load, schema checks, and the finalisation after it.
 
-- append:   batches COPY straight into the target.
-- merge:    batches COPY into a staging table; finalize dedups by key (last file,
-            last offset, last row wins) and upserts, reporting inserted vs updated.
-- replace:  batches COPY into staging; finalize builds a new table with PK and
-            indexes, ANALYZEs it and swaps it in with one transaction.
-- snapshot: like replace, for one LIST partition (ref_period = YYYYMM) of the target.
+- append:   batches COPY straight into the target; secondary indexes are built after the load.
+- merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key and
+            upserts it (INSERT ... ON CONFLICT DO UPDATE), reporting inserted vs updated.
+- replace:  batches COPY into staging; finalize builds a shadow table from it, adds PK and
+            indexes after the data, ANALYZEs it and swaps it in, all in one transaction.
+- snapshot: like replace, for one LIST partition (ref_period = YYYYMM) of a partitioned target.
 
-Every finalisation also marks the table's files loaded, in the same transaction.
+Duplicate keys (merge, replace, snapshot) are resolved deterministically: the last file of the
+table's sorted file list wins, then the last batch (byte offset) in it, then the last row in the
+batch -- i.e. "last shard wins, last record wins", the same in every run.
+
+Staging is UNLOGGED (no WAL: about half the write I/O). PostgreSQL empties UNLOGGED tables in
+crash recovery while the ledger still says their batches committed, so ``forget_lost_batches``
+compares staged rows per batch with the ledger before every resume and forgets what was lost.
+
+Every finalisation runs in the caller's transaction, together with marking the files loaded.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from loadkit import ledger
+from loadkit.config import MigrateConfig
 from loadkit.errors import ConfigError
 from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, TableSpec
 from loadkit.security import qualified, quote_ident
@@ -34,24 +45,48 @@ def canonical_type(col: ColumnSpec) -> str:
     return base
 
 
+# ---------------------------------------------------------------- the declared shape
+
+
 def _declared(table: TableSpec) -> List[Tuple[str, str]]:
+    """(name, DDL type) of the data columns, derived key included."""
     cols = [(c.name, c.sql_type) for c in table.columns]
     if table.derived_key:
         cols.append((table.derived_key[0], "text"))
     return cols
 
 
-def _expected_canonical(table: TableSpec) -> Dict[str, str]:
-    out = {c.name: canonical_type(c) for c in table.columns}
+def _target_columns(table: TableSpec) -> Dict[str, Tuple[str, str]]:
+    """name -> (DDL type, format_type spelling) of every column the target must have."""
+    out = {c.name: (c.sql_type, canonical_type(c)) for c in table.columns}
     if table.derived_key:
-        out[table.derived_key[0]] = "text"
-    out[BATCH_COL] = "bigint"
+        out[table.derived_key[0]] = ("text", "text")
+    out[BATCH_COL] = ("bigint", "bigint")
     if table.mode == "snapshot":
-        out[PERIOD_COL] = "integer"
+        out[PERIOD_COL] = ("integer", "integer")
     return out
 
 
+def _staging_columns(table: TableSpec) -> Dict[str, str]:
+    out = {n: t for n, (_, t) in _target_columns(table).items() if n != PERIOD_COL}
+    out[ROW_COL] = "integer"
+    return out
+
+
+def _column_ddl(table: TableSpec) -> str:
+    cols = [f"{quote_ident(n)} {t}" for n, t in _declared(table)]
+    return ", ".join(cols + [f"{quote_ident(BATCH_COL)} bigint"])
+
+
+def _cols(names: Tuple[str, ...]) -> str:
+    return ", ".join(quote_ident(n) for n in names)
+
+
+# ---------------------------------------------------------------- what the database has
+
+
 def existing_columns(cur: Any, schema: str, name: str) -> Optional[Dict[str, str]]:
+    """column -> format_type of an existing table, or None if there is no such table."""
     cur.execute(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -62,37 +97,125 @@ def existing_columns(cur: Any, schema: str, name: str) -> Optional[Dict[str, str
     return {r[0]: r[1] for r in rows} if rows else None
 
 
-def schema_diff(expected: Dict[str, str], actual: Dict[str, str]) -> List[str]:
-    diff = [f"missing column {c} {t}" for c, t in expected.items() if c not in actual]
-    diff += [f"extra column {c} {t}" for c, t in actual.items() if c not in expected]
-    diff += [f"column {c} is {actual[c]}, declared {t}" for c, t in expected.items() if c in actual and actual[c] != t]
-    return diff
+def _is_partitioned(cur: Any, schema: str, name: str) -> bool:
+    cur.execute("SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s", (schema, name))
+    row = cur.fetchone()
+    return bool(row and row[0])
 
 
-def _column_ddl(table: TableSpec) -> str:
-    cols = [f"{quote_ident(n)} {t}" for n, t in _declared(table)]
-    return ", ".join(cols + [f"{quote_ident(BATCH_COL)} bigint"])
+def _has_unique_on(cur: Any, schema: str, name: str, cols: Tuple[str, ...]) -> bool:
+    """True if a primary key or unique index covers exactly these columns (ON CONFLICT needs one)."""
+    cur.execute(
+        "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) "
+        "WHERE n.nspname = %s AND c.relname = %s AND i.indisunique GROUP BY i.indexrelid",
+        (schema, name),
+    )
+    return sorted(cols) in [list(r[0]) for r in cur.fetchall()]
 
 
-def prepare(cur: Any, table: TableSpec) -> None:
-    """Create the target (and staging) if missing; stop with a diff if the target differs from the declaration."""
+@dataclass
+class SchemaDiff:
+    """How an existing table differs from its declaration."""
+
+    missing: Dict[str, str] = field(default_factory=dict)  # column -> declared DDL type
+    extra: Dict[str, str] = field(default_factory=dict)  # column -> actual type
+    changed: Dict[str, Tuple[str, str, str]] = field(default_factory=dict)  # column -> (actual, declared, DDL)
+
+    def lines(self) -> List[str]:
+        return ([f"missing column {c} {t}" for c, t in self.missing.items()]
+                + [f"extra column {c} {t}" for c, t in self.extra.items()]
+                + [f"column {c} is {a}, declared {d}" for c, (a, d, _) in self.changed.items()])
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.changed)
+
+
+def schema_diff(table: TableSpec, actual: Dict[str, str]) -> SchemaDiff:
+    expected = _target_columns(table)
+    return SchemaDiff(
+        missing={c: ddl for c, (ddl, _) in expected.items() if c not in actual},
+        extra={c: t for c, t in actual.items() if c not in expected},
+        changed={c: (actual[c], canon, ddl) for c, (ddl, canon) in expected.items()
+                 if c in actual and actual[c] != canon},
+    )
+
+
+# ---------------------------------------------------------------- before the load
+
+
+def prepare(cur: Any, table: TableSpec, migrate: MigrateConfig) -> None:
+    """Create the target (and staging) if missing; reconcile an existing target with the declaration.
+
+    A target that differs stops the run with the full diff unless ``migrate`` allows each
+    difference: missing columns are added, changed types converted, extra columns kept.
+    """
     cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.schema)}")
     actual = existing_columns(cur, table.schema, table.name)
     if actual is None:
         _create_target(cur, table)
     else:
-        diff = schema_diff(_expected_canonical(table), actual)
+        _check_shape(cur, table)
+        diff = schema_diff(table, actual)
         if diff:
-            raise ConfigError(f"table {table.schema}.{table.name} differs from its declaration: " + "; ".join(diff),
-                              key=f"job.tables.{table.name}")
+            _migrate(cur, table, diff, migrate)
     if table.mode != "append":
-        cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {qualified(table.schema, table.load_table)} "
-            f"({_column_ddl(table)}, {quote_ident(ROW_COL)} integer)"
-        )
+        _prepare_staging(cur, table)
+
+
+def _check_shape(cur: Any, table: TableSpec) -> None:
+    """Differences no column migration can fix: partitioning and the upsert key."""
+    key = f"job.tables.{table.name}.mode"
+    where = f"table {table.schema}.{table.name}"
+    partitioned = _is_partitioned(cur, table.schema, table.name)
+    if partitioned != (table.mode == "snapshot"):
+        raise ConfigError(f"{where} is {'' if partitioned else 'not '}partitioned by {PERIOD_COL}, but mode is "
+                          f"{table.mode}: changing to or from snapshot needs a new table (rename or drop it)", key=key)
+    if table.mode == "merge" and not _has_unique_on(cur, table.schema, table.name, table.key):
+        raise ConfigError(f"{where} has no primary key or unique index on {list(table.key)}, which mode merge "
+                          "needs for its upsert: add one, or load it once with mode replace", key=key)
+
+
+def _migrate(cur: Any, table: TableSpec, diff: SchemaDiff, migrate: MigrateConfig) -> None:
+    refused = SchemaDiff(
+        missing=diff.missing if not migrate.add_columns else {},
+        extra=diff.extra if not migrate.allow_extra_columns else {},
+        changed=diff.changed if not migrate.alter_types else {},
+    )
+    if refused:
+        hints = [h for cond, h in ((refused.missing, "job.migrate.add_columns=true"),
+                                   (refused.changed, "job.migrate.alter_types=true"),
+                                   (refused.extra, "job.migrate.allow_extra_columns=true")) if cond]
+        raise ConfigError(f"table {table.schema}.{table.name} differs from its declaration: "
+                          + "; ".join(refused.lines()) + f" (to accept, set {' and '.join(hints)})",
+                          key=f"job.tables.{table.name}")
+    target = qualified(table.schema, table.name)
+    for col, ddl in diff.missing.items():
+        log.warning("migrating %s.%s: adding column %s %s", table.schema, table.name, col, ddl)
+        cur.execute(f"ALTER TABLE {target} ADD COLUMN {quote_ident(col)} {ddl}")
+    for col, (was, _, ddl) in diff.changed.items():
+        log.warning("migrating %s.%s: column %s from %s to %s", table.schema, table.name, col, was, ddl)
+        cur.execute(f"ALTER TABLE {target} ALTER COLUMN {quote_ident(col)} TYPE {ddl} USING {quote_ident(col)}::{ddl}")
+    if diff.extra:
+        log.warning("keeping undeclared columns of %s.%s (loads leave them NULL or default): %s",
+                    table.schema, table.name, ", ".join(diff.extra))
+
+
+def _prepare_staging(cur: Any, table: TableSpec) -> None:
+    """UNLOGGED staging of the declared shape; one left by another declaration is dropped (its batches reload)."""
+    stage = qualified(table.schema, table.load_table)
+    actual = existing_columns(cur, table.schema, table.load_table)
+    if actual is not None and actual != _staging_columns(table):
+        log.warning("staging table %s.%s does not match the declaration; dropping it, its batches will reload",
+                    table.schema, table.load_table)
+        cur.execute(f"DROP TABLE {stage}")
+    cur.execute(f"CREATE UNLOGGED TABLE IF NOT EXISTS {stage} ({_column_ddl(table)}, {quote_ident(ROW_COL)} integer)")
 
 
 def _create_target(cur: Any, table: TableSpec) -> None:
+    """The target with the keys the load needs; secondary indexes come after the data (finalize)."""
     target = qualified(table.schema, table.name)
     if table.mode == "snapshot":
         pk = f", PRIMARY KEY ({_cols(table.key + (PERIOD_COL,))})" if table.key else ""
@@ -102,23 +225,46 @@ def _create_target(cur: Any, table: TableSpec) -> None:
         cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)}, PRIMARY KEY ({_cols(table.key)}))")
     else:  # append, replace: no constraints during the load; replace builds them at the swap
         cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)})")
-    _create_indexes(cur, table, table.name)
 
 
-def _cols(names: Tuple[str, ...]) -> str:
-    return ", ".join(quote_ident(n) for n in names)
+def _index_name(on: str, cols: Tuple[str, ...]) -> str:
+    return f"{on}__{'_'.join(cols)}_idx"[:63]
 
 
 def _create_indexes(cur: Any, table: TableSpec, on: str) -> None:
     for cols in table.indexes:
-        name = f"{on}__{'_'.join(cols)}_idx"[:63]
-        cur.execute(f"CREATE INDEX IF NOT EXISTS {quote_ident(name)} ON {qualified(table.schema, on)} ({_cols(cols)})")
+        cur.execute(f"CREATE INDEX IF NOT EXISTS {quote_ident(_index_name(on, cols))} "
+                    f"ON {qualified(table.schema, on)} ({_cols(cols)})")
+
+
+def forget_lost_batches(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Tuple[int, int]:
+    """Before a resume: forget ledger batches whose rows are no longer (all) in staging.
+
+    Crash recovery empties UNLOGGED tables (and a staging table is dropped when the
+    declaration changed), while the ledger still says those batches committed; forgetting
+    them makes the resume read their byte ranges again. Returns (batches, rows) forgotten.
+    """
+    if table.mode == "append":
+        return 0, 0
+    expected = ledger.unpublished_batches(cur, ledger_schema, table.name, period)
+    if not expected:
+        return 0, 0
+    stage = qualified(table.schema, table.load_table)
+    cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
+    staged = {int(b): int(n) for b, n in cur.fetchall()}
+    lost = [b for b, rows in expected.items() if staged.get(b, 0) != rows]
+    if not lost:
+        return 0, 0
+    cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost,))
+    ledger.forget_batches(cur, ledger_schema, lost)
+    rows = sum(expected[b] for b in lost)
+    log.warning("%s: %d committed batch(es) with %d rows are missing from staging %s (crash recovery empties "
+                "UNLOGGED tables); they will be read again", table.name, len(lost), rows, table.load_table)
+    return len(lost), rows
 
 
 def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:
     """force=true: remove what earlier runs of this month loaded, so the reload does not duplicate it."""
-    from loadkit import ledger
-
     ids = ledger.batch_ids_of(cur, ledger_schema, table.name, period)
     if table.mode == "append" and ids:
         cur.execute(f"DELETE FROM {qualified(table.schema, table.name)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
@@ -130,8 +276,6 @@ def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:
 
 def discard_file(cur: Any, table: TableSpec, ledger_schema: str, period: str, file_sha: str) -> None:
     """Remove every committed batch of one failed file (data, rejects and ledger) in one transaction."""
-    from loadkit import ledger
-
     ids = ledger.batch_ids_of(cur, ledger_schema, table.name, period, file_sha)
     if ids:
         cur.execute(f"DELETE FROM {qualified(table.schema, table.load_table)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
@@ -139,16 +283,22 @@ def discard_file(cur: Any, table: TableSpec, ledger_schema: str, period: str, fi
     ledger.forget(cur, ledger_schema, table.name, period, file_sha)
 
 
+# ---------------------------------------------------------------- after the load
+
+
+def _published_names(table: TableSpec) -> Tuple[str, ...]:
+    return tuple(n for n, _ in _declared(table)) + (BATCH_COL,)
+
+
 def _dedup_select(table: TableSpec, ledger_schema: str, extra: str = "") -> str:
     """Staged rows, one per key when a key is declared: the last file, offset and row win."""
-    names = [n for n, _ in _declared(table)] + [BATCH_COL]
-    cols = ", ".join(f"s.{quote_ident(n)}" for n in names)
+    cols = ", ".join(f"s.{quote_ident(n)}" for n in _published_names(table))
     stage = qualified(table.schema, table.load_table)
-    batch = qualified(ledger_schema, "batch")
-    order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
     if not table.key:
         return f"SELECT {cols}{extra} FROM {stage} s"
+    batch = qualified(ledger_schema, "batch")
     key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
+    order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
     return (f"SELECT DISTINCT ON ({key}) {cols}{extra} FROM {stage} s "
             f"JOIN {batch} b ON b.batch_id = s.{quote_ident(BATCH_COL)} ORDER BY {key}, {order_tail}")
 
@@ -156,6 +306,7 @@ def _dedup_select(table: TableSpec, ledger_schema: str, extra: str = "") -> str:
 def finalize(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[Optional[int], Optional[int]]:
     """Publish the staged rows per the table's mode. Returns (inserted, updated) where meaningful."""
     if table.mode == "append":
+        _create_indexes(cur, table, table.name)
         return None, None
     if table.mode == "merge":
         return _finalize_merge(cur, table, ledger_schema)
@@ -165,24 +316,27 @@ def finalize(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[Optional[i
 
 
 def _finalize_merge(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int, int]:
-    names = [n for n, _ in _declared(table)] + [BATCH_COL]
+    names = _published_names(table)
     target = qualified(table.schema, table.name)
     updates = ", ".join(f"{quote_ident(n)} = EXCLUDED.{quote_ident(n)}" for n in names if n not in table.key)
+    # xmax = 0 only on a freshly inserted tuple: the standard way to tell inserts from updates.
     cur.execute(
-        f"WITH up AS (INSERT INTO {target} ({_cols(tuple(names))}) {_dedup_select(table, ledger_schema)} "
+        f"WITH up AS (INSERT INTO {target} ({_cols(names)}) {_dedup_select(table, ledger_schema)} "
         f"ON CONFLICT ({_cols(table.key)}) DO UPDATE SET {updates} RETURNING (xmax = 0) AS inserted) "
         "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
     )
     inserted, updated = cur.fetchone()
     cur.execute(f"TRUNCATE {qualified(table.schema, table.load_table)}")
     _create_indexes(cur, table, table.name)
+    cur.execute(f"ANALYZE {target}")
     return int(inserted), int(updated)
 
 
 def _finalize_replace(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int, None]:
+    """Build the shadow while readers keep the old table, then swap: they block only for the rename."""
     new = f"{table.name}__lk_new"
-    _build_table(cur, table, ledger_schema, new, extra="")
-    cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.name)}")
+    _build_shadow(cur, table, ledger_schema, like=table.name, name=new)
+    cur.execute(f"DROP TABLE {qualified(table.schema, table.name)}")
     cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(table.name)}")
     _rename_indexes(cur, table, new, table.name)
     cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
@@ -190,44 +344,48 @@ def _finalize_replace(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[i
     return int(cur.fetchone()[0]), None
 
 
-def _build_table(cur: Any, table: TableSpec, ledger_schema: str, name: str, extra: str) -> None:
-    """A fresh table from the staged rows, with PK and indexes built after the data, then ANALYZEd."""
-    target = qualified(table.schema, name)
-    period_col = f", {quote_ident(PERIOD_COL)} integer NOT NULL" if extra else ""
-    cur.execute(f"DROP TABLE IF EXISTS {target}")
-    cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)}{period_col})")
-    cur.execute(f"INSERT INTO {target} {_dedup_select(table, ledger_schema, extra)}")
+def _build_shadow(cur: Any, table: TableSpec, ledger_schema: str, like: str, name: str,
+                  period_tag: Optional[int] = None) -> None:
+    """A fresh table shaped like ``like`` (migrations included), filled from staging, then PK, indexes, ANALYZE."""
+    shadow = qualified(table.schema, name)
+    names = _published_names(table) + ((PERIOD_COL,) if period_tag is not None else ())
+    extra = f", {period_tag}" if period_tag is not None else ""
+    cur.execute(f"DROP TABLE IF EXISTS {shadow}")
+    cur.execute(f"CREATE TABLE {shadow} (LIKE {qualified(table.schema, like)} INCLUDING DEFAULTS)")
+    cur.execute(f"INSERT INTO {shadow} ({_cols(names)}) {_dedup_select(table, ledger_schema, extra)}")
     if table.key:
-        pk_cols = table.key + ((PERIOD_COL,) if extra else ())
-        cur.execute(f"ALTER TABLE {target} ADD CONSTRAINT {quote_ident(name + '_pkey')} PRIMARY KEY ({_cols(pk_cols)})")
+        pk_cols = table.key + ((PERIOD_COL,) if period_tag is not None else ())
+        cur.execute(f"ALTER TABLE {shadow} ADD CONSTRAINT {quote_ident(name + '_pkey')} PRIMARY KEY ({_cols(pk_cols)})")
     _create_indexes(cur, table, name)
-    cur.execute(f"ANALYZE {target}")
+    cur.execute(f"ANALYZE {shadow}")
 
 
 def _rename_indexes(cur: Any, table: TableSpec, old: str, new: str) -> None:
     if table.key:
         cur.execute(f"ALTER INDEX {qualified(table.schema, old + '_pkey')} RENAME TO {quote_ident(new + '_pkey')}")
     for cols in table.indexes:
-        before = f"{old}__{'_'.join(cols)}_idx"[:63]
-        after = f"{new}__{'_'.join(cols)}_idx"[:63]
-        cur.execute(f"ALTER INDEX {qualified(table.schema, before)} RENAME TO {quote_ident(after)}")
+        cur.execute(f"ALTER INDEX {qualified(table.schema, _index_name(old, cols))} "
+                    f"RENAME TO {quote_ident(_index_name(new, cols))}")
 
 
 def _finalize_snapshot(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int, None]:
+    """Build the month's partition aside, then detach/drop the old one and attach the new one."""
     tag = int(table.period_tag)
     part = f"{table.name}__p{tag}"
     new = f"{part}__lk_new"
-    _build_table(cur, table, ledger_schema, new, extra=f", {tag}")
+    parent = qualified(table.schema, table.name)
+    _build_shadow(cur, table, ledger_schema, like=table.name, name=new, period_tag=tag)
+    # The CHECK lets ATTACH skip its validation scan of the new partition.
     cur.execute(f"ALTER TABLE {qualified(table.schema, new)} ADD CONSTRAINT {quote_ident(new + '_period')} "
                 f"CHECK ({quote_ident(PERIOD_COL)} = {tag})")
-    parent = qualified(table.schema, table.name)
-    cur.execute("SELECT to_regclass(%s)", (f'{quote_ident(table.schema)}.{quote_ident(part)}',))
+    cur.execute("SELECT to_regclass(%s)", (qualified(table.schema, part),))
     if cur.fetchone()[0] is not None:
         cur.execute(f"ALTER TABLE {parent} DETACH PARTITION {qualified(table.schema, part)}")
         cur.execute(f"DROP TABLE {qualified(table.schema, part)}")
     cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(part)}")
     _rename_indexes(cur, table, new, part)
     cur.execute(f"ALTER TABLE {parent} ATTACH PARTITION {qualified(table.schema, part)} FOR VALUES IN ({tag})")
+    _create_indexes(cur, table, table.name)
     cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
     cur.execute(f"SELECT count(*) FROM {qualified(table.schema, part)}")
     return int(cur.fetchone()[0]), None
