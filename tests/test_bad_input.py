@@ -54,9 +54,13 @@ def rows(dsn: str, schema: str, tname: str, cols: str = "id, name, born, score")
     return query(dsn, f'SELECT {cols} FROM "{schema}"."{tname}" ORDER BY 1')
 
 
-pytestmark = pytest.mark.e2e
+# The run_job tests; the safety checks at the end need no database.
+e2e = pytest.mark.e2e
+slow = pytest.mark.slow
 
 
+@e2e
+@slow
 def test_bad_rows_go_to_the_rejects_table_and_the_load_goes_on(tmp_path: Path, pg_dsn: str, schemas: tuple,
                                                                mlflow_uri: str, ray_session: None) -> None:
     month = tmp_path / "2024-05"
@@ -92,8 +96,11 @@ def test_bad_rows_go_to_the_rejects_table_and_the_load_goes_on(tmp_path: Path, p
     assert files == [("loaded", 8, 3, 5)]
 
 
+@e2e
+@slow
 def test_reject_threshold_discards_the_tables_committed_batches(tmp_path: Path, pg_dsn: str, schemas: tuple,
-                                                                mlflow_uri: str, ray_session: None) -> None:
+                                                                mlflow_uri: str, ray_session: None,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     month = tmp_path / "2024-05"
     month.mkdir()
     (month / "a.csv").write_bytes(people_csv(6000))  # clean, several 64 KiB batches
@@ -122,6 +129,7 @@ def test_reject_threshold_discards_the_tables_committed_batches(tmp_path: Path, 
     run = query(pg_dsn, f'SELECT status, error_category, error_text, config::text FROM "{led}".run')
     assert run[0][:2] == ("failed", "source_data") and "max_rejects=3" in run[0][2]
     _assert_secret_absent(result, run, mlflow_uri)
+    assert "reject threshold exceeded" in caplog.text and SECRET not in caplog.text
 
 
 def _assert_secret_absent(result: Any, run: List[tuple], mlflow_uri: str) -> None:
@@ -136,6 +144,8 @@ def _assert_secret_absent(result: Any, run: List[tuple], mlflow_uri: str) -> Non
     assert all(SECRET not in str(v) for v in [*data.params.values(), *data.tags.values()])
 
 
+@e2e
+@slow
 def test_rate_threshold_is_judged_on_small_tables_too(tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str,
                                                        ray_session: None) -> None:
     (tmp_path / "2024-05").mkdir()
@@ -146,6 +156,8 @@ def test_rate_threshold_is_judged_on_small_tables_too(tmp_path: Path, pg_dsn: st
     assert rows(pg_dsn, schemas[0], "people") == []
 
 
+@e2e
+@slow
 def test_a_corrupt_file_commits_nothing_and_the_others_load(tmp_path: Path, pg_dsn: str, schemas: tuple,
                                                             mlflow_uri: str, ray_session: None) -> None:
     month = tmp_path / "2024-05"
@@ -168,6 +180,8 @@ def test_a_corrupt_file_commits_nothing_and_the_others_load(tmp_path: Path, pg_d
     assert errors == {"2024-05/a.zip", "2024-05/empty.zip"}
 
 
+@e2e
+@slow
 def test_public_dataset_matches_a_pandas_reading(tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str,
                                                  ray_session: None) -> None:
     """vega_datasets ships airports.csv (NA markers, quoted commas) and seattle-temps.csv (hourly timestamps)."""
