@@ -151,6 +151,9 @@ class PoolConfig:
     pre_ping: bool = True
     # Parse tasks allowed at once (0 = as many as Ray schedules).
     parse_concurrency: int = 0
+    # Byte-range read tasks per large uncompressed file (no newlines in values), so one big
+    # file still parses on every core; files under 2 x batch.read_block_bytes stay whole.
+    read_splits: int = 2
 
 
 @dataclass
@@ -260,6 +263,7 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.pool.writers >= 1, "pool.writers", "pool.writers must be >= 1")
     _require(cfg.pool.connections_per_writer >= 1, "pool.connections_per_writer", "pool.connections_per_writer must be >= 1")
     _require(cfg.pool.parse_concurrency >= 0, "pool.parse_concurrency", "pool.parse_concurrency must be >= 0")
+    _require(cfg.pool.read_splits >= 1, "pool.read_splits", "pool.read_splits must be >= 1")
     _validate_retry(cfg.retry)
     _validate_alerts(cfg.alerts)
     _require(cfg.env.name in ("local", "cluster", "prod"), "env.name", "env.name must be local, cluster or prod")

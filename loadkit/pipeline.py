@@ -15,7 +15,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -80,6 +83,7 @@ class ReadUnit:
     file: FileSpec
     committed: Tuple[Tuple[str, Tuple[Tuple[int, int], ...]], ...]
     batch_rows: int
+    span: Optional[Tuple[int, int]] = None  # [lo, hi) bytes of a split file, widened to record boundaries
 
     def ranges(self, member: str) -> Tuple[Tuple[int, int], ...]:
         for m, r in self.committed:
@@ -143,6 +147,30 @@ def _target_bytes(sample: bytes, batch_rows: int) -> int:
     return max(64 * 1024, int(len(sample) / lines * batch_rows))
 
 
+def split_units(units: Sequence[ReadUnit], splits: int, block_bytes: int) -> List[ReadUnit]:
+    """Cut each large uncompressed file into ``splits`` byte-range units that read in parallel.
+
+    Only where every newline ends a record (no newlines in values, not CR-only): a span then
+    starts just past the first newline at or after its offset, so spans need no coordination.
+    Batch ids stay member byte offsets, so a split and an unsplit run skip each other's batches.
+    """
+    out: List[ReadUnit] = []
+    for u in units:
+        n = min(splits, u.file.size // max(1, block_bytes))
+        if n < 2 or u.table.format != "csv" or u.table.dialect.newlines_in_values or not _newline_ended(u):
+            out.append(u)
+            continue
+        cuts = [u.file.size * i // n for i in range(n + 1)]
+        out.extend(replace(u, span=(cuts[i], cuts[i + 1])) for i in range(n))
+    return out
+
+
+def _newline_ended(unit: ReadUnit) -> bool:
+    with open(unit.file.path, "rb") as fh:
+        sample = fh.read(_SAMPLE_BYTES)
+    return b"\n" in sample
+
+
 def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
     """Yield one block per chunk, then an eof record per member, or an error record for the file."""
     table, path = unit.table, Path(unit.file.path)
@@ -150,6 +178,9 @@ def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
     try:
         if table.format == "parquet":
             yield from _read_parquet(unit)
+            return
+        if unit.span is not None:
+            yield from _read_span(unit, feed)
             return
         for member, stream in sources.open_members(path, table.format, table.member):
             yield from _read_member(unit, member, stream, feed)
@@ -171,6 +202,31 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") ->
     d = table.dialect
     reader = sources.ChunkReader(stream, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
                                  d.newlines_in_values, unit.ranges(member), prefix=sample)
+    yield from _emit_chunks(unit, member, reader, sample, header, feed)
+
+
+def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
+    """One byte range of a split plain file: from its first record start to the next span's."""
+    assert unit.span is not None
+    table, member, size = unit.table, Path(unit.file.path).name, unit.file.size
+    d = table.dialect
+    with open(unit.file.path, "rb") as fh:
+        sample = fh.read(_SAMPLE_BYTES)  # the file's head: layout and header, whichever span this is
+        header = _check_layout(sample, table, member, unit.file.rel)
+        start = sources.record_boundary(fh, unit.span[0], size)
+        end = sources.record_boundary(fh, unit.span[1], size)
+        line = sources.count_lines(fh, start) + 1
+        fh.seek(start)
+        committed = [(max(s, start), min(e, end)) for s, e in unit.ranges(member) if s < end and e > start]
+        reader = sources.ChunkReader(sources.Window(fh, end), member, _target_bytes(sample, unit.batch_rows),
+                                     d.quote, d.escape, d.newlines_in_values, committed, origin=start,
+                                     origin_line=line)
+        yield from _emit_chunks(unit, member, reader, sample, header, feed)
+
+
+def _emit_chunks(unit: ReadUnit, member: str, reader: "sources.ChunkReader", sample: bytes,
+                 header: Optional[List[str]], feed: "_SizeFeed") -> Iterator[pa.Table]:
+    d = unit.table.dialect
     count = 0
     for chunk in reader:
         count += 1
@@ -365,6 +421,7 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
             ]
 
     tables = {t.name: replace(t, files=()) for t in plan.tables}
+    units = split_units(units, plan.read_splits, plan.batch.read_block_bytes)
     ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
     # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
     # parsed in the process that decompressed it and never crosses the object store raw.
@@ -400,6 +457,22 @@ def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = No
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Undo ray.init's SIGTERM handler (sys.exit) in the driver: the runner's graceful shutdown
+    (stop, record 'interrupted', exit 130) must stay the process's reaction to SIGINT/SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
     """Start or join Ray unless this process already did. Returns True if this call started it."""
@@ -415,7 +488,8 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
             kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
         if runtime_env:
             kwargs["runtime_env"] = runtime_env
-        ray.init(**kwargs)
+        with _keep_signal_handlers():
+            ray.init(**kwargs)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars

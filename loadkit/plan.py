@@ -139,6 +139,7 @@ class LoadPlan:
     pre_ping: bool
     parse_concurrency: int
     data_root: str = ""
+    read_splits: int = 1
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -262,5 +263,6 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         connections_per_writer=p.connections_per_writer,
         pre_ping=p.pre_ping,
         parse_concurrency=p.parse_concurrency,
+        read_splits=p.read_splits,
         data_root=str(root.resolve()),
     )

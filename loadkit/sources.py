@@ -115,6 +115,54 @@ def read_errors() -> tuple:
     return (zipfile.BadZipFile, zlib.error, EOFError, gzip.BadGzipFile, OSError)
 
 
+def record_boundary(fh: BinaryIO, offset: int, size: int) -> int:
+    """The first record start at or after ``offset``: just past the first newline at offset-1 or later.
+
+    Only valid when no value holds a newline (every newline ends a record). Two neighbouring
+    spans of a split file compute the same boundary, so together they cover every record once.
+    """
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    pos = offset - 1
+    fh.seek(pos)
+    while True:
+        block = fh.read(_READ_SIZE)
+        if not block:
+            return size
+        found = block.find(b"\n")
+        if found >= 0:
+            return pos + found + 1
+        pos += len(block)
+
+
+def count_lines(fh: BinaryIO, end: int) -> int:
+    """Newlines in the first ``end`` bytes: the line number a span starting at ``end`` continues from."""
+    fh.seek(0)
+    lines, left = 0, end
+    while left > 0:
+        block = fh.read(min(_READ_SIZE, left))
+        if not block:
+            break
+        lines += block.count(b"\n")
+        left -= len(block)
+    return lines
+
+
+class Window:
+    """A stream that ends at an absolute offset: a span's reader sees EOF at its last record."""
+
+    def __init__(self, stream: BinaryIO, end: int) -> None:
+        self._stream = stream
+        self._left = end - stream.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        block = self._stream.read(self._left if size < 0 else min(size, self._left))
+        self._left -= len(block)
+        return block
+
+
 class ChunkReader:
     """Cuts a member stream into record-aligned chunks, skipping committed byte ranges.
 
@@ -133,6 +181,8 @@ class ChunkReader:
         newlines_in_values: bool,
         committed: Sequence[Tuple[int, int]] = (),
         prefix: bytes = b"",
+        origin: int = 0,
+        origin_line: int = 1,
     ) -> None:
         self._stream = stream
         self._member = member
@@ -141,8 +191,8 @@ class ChunkReader:
         self._escape = escape.encode("latin-1") if escape else None
         self._committed = sorted(committed)
         self._buf = prefix  # bytes already read from the stream (e.g. a sample)
-        self._pos = 0  # member offset of _buf[0]
-        self._line = 1  # line number at _buf[0]
+        self._pos = origin  # member offset of _buf[0] (a span of a split file starts past 0)
+        self._line = origin_line  # line number at _buf[0]
         self._eof = False
 
     def retarget(self, target_bytes: int) -> None:
