@@ -89,7 +89,7 @@ class Runner:
         self.dsn = ""
         # table -> why its reject threshold was exceeded; its files of this run get discarded.
         self._aborted: Dict[str, str] = {}
-        self._pending: Dict[str, set] = {}  # table -> shas of the files this run reads
+        self._reading: Dict[str, set] = {}  # table -> shas of the files this run reads
 
     # ------------------------------------------------------------ entry
 
@@ -128,7 +128,7 @@ class Runner:
             with _Signals(lambda: self._watchdog.error if self._watchdog is not None else None):
                 units = self._prepare(plan, metrics)
                 for u in units:
-                    self._pending.setdefault(u.table.name, set()).add(u.file.sha256)
+                    self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
                 self._stream(plan, units, metrics, alerts, monitor, tracker)
                 self._check_final_thresholds(plan, metrics)
                 failed = self._settle_files(plan, metrics)
@@ -285,7 +285,7 @@ class Runner:
                 if metrics.tables[table.name].status == "skipped":
                     continue
                 error = metrics.file_error(table.name, f.sha256)
-                if error is None and f.sha256 in self._pending.get(table.name, ()):
+                if error is None and f.sha256 in self._reading.get(table.name, ()):
                     error = self._aborted.get(table.name)
                 with db.transaction(self.dsn) as cur:
                     if error:
