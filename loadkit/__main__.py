@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from loadkit.config import register, to_config
 from loadkit.errors import EXIT_CODES, Category, ConfigError, LoadkitError
 from loadkit.logs import setup_logging
+from loadkit.security import mask_text
 
 
 def conf_dir() -> str:
@@ -65,14 +66,19 @@ def _fail(exc: LoadkitError) -> None:
 def main(cfg: DictConfig) -> Optional[int]:
     from loadkit.runner import exit_code, run_job
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:
+        _scrub_multirun_yaml(Path(hc.sweep.dir))
     setup_logging(cfg.logging.format, cfg.logging.level)
     try:
         typed = to_config(cfg)
     except ConfigError as exc:
         _fail(exc)
-    tags = {"sweep_id": HydraConfig.get().sweep.dir if multirun else None,
-            "overrides": " ".join(HydraConfig.get().overrides.task)}
+    tags = {"sweep_id": sweep_id(hc.sweep.dir) if multirun else None,
+            "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
+            "sweep_job": str(hc.job.num) if multirun else None,
+            "overrides": " ".join(hc.overrides.task)}
     try:
         result = run_job(typed, tags={k: v for k, v in tags.items() if v})
     except LoadkitError as exc:  # refused before the run started (plan, sink): nothing was written
@@ -86,7 +92,26 @@ def main(cfg: DictConfig) -> Optional[int]:
                          f"{result.error}\n")
     if code and not multirun:
         raise SystemExit(code)
+    _sweep_codes.append(code)
     return code
+
+
+_sweep_codes: List[int] = []  # a sweep exits non-zero if any of its runs failed
+
+
+def sweep_id(sweep_dir: str) -> str:
+    """LOADKIT_SWEEP_ID, else the sweep folder's last two parts (Hydra's date/time by default)."""
+    return os.environ.get("LOADKIT_SWEEP_ID") or "/".join(Path(sweep_dir).parts[-2:])
+
+
+def _scrub_multirun_yaml(sweep_dir: Path) -> None:
+    """Hydra's sweeper saves the composed config (DSN included) as multirun.yaml: mask it in place."""
+    path = sweep_dir / "multirun.yaml"
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        masked = mask_text(text)
+        if masked != text:
+            path.write_text(masked, encoding="utf-8")
 
 
 def entry() -> None:
@@ -96,6 +121,9 @@ def entry() -> None:
     except ConfigError as exc:
         _fail(exc)
     main()
+    failed = [c for c in _sweep_codes if c]
+    if failed:
+        raise SystemExit(failed[0])
 
 
 if __name__ == "__main__":
