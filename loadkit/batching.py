@@ -25,9 +25,9 @@ class SizingSettings:
     max_size: int = 500_000
     # A decision needs at least this long and this many batches of evidence.
     window_s: float = 2.0
-    window_batches: int = 3
+    window_batches: int = 2
     # Size multiplier per move; throughput changes smaller than tolerance count as noise.
-    step: float = 1.6
+    step: float = 2.0
     tolerance: float = 0.05
     memory_ceiling: float = 0.80
 
