@@ -35,6 +35,7 @@ log = logging.getLogger("loadkit.pipeline")
 
 _SAMPLE_BYTES = 256 * 1024
 _POLL_S = 0.5  # how often a read task asks the driver for the current batch size
+_BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
 
 CHUNK_SCHEMA = pa.schema([
     ("kind", pa.string()),  # data|eof|error
@@ -422,6 +423,10 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
 
     tables = {t.name: replace(t, files=()) for t in plan.tables}
     units = split_units(units, plan.read_splits, plan.batch.read_block_bytes)
+    # Ray buffers a task's yielded tables into blocks of up to target_max_block_size (128 MB):
+    # a whole small file became one block, parsed and written by one writer, results only at
+    # its end. A chunk is one batch of a few MB, so 1 MB makes every chunk its own block.
+    ray.data.DataContext.get_current().target_max_block_size = _BLOCK_BYTES
     ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
     # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
     # parsed in the process that decompressed it and never crosses the object store raw.
@@ -438,7 +443,9 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
         fn_constructor_args=(writer_settings(plan, dsn),),
         batch_format="pyarrow",
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=plan.writers),
+        # One batch in flight per writer: a batch is seconds of COPY, so queueing several on the
+        # first actor that is ready (Ray's default, 4) left the others idle on one-file loads.
+        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=1),
         num_cpus=0.25,
         # A killed writer restarts and its in-flight batch is retried (same batch id, so the ledger
         # decides committed-or-not): Ray Data's actor-pool defaults max_restarts=-1 and
