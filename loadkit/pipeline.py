@@ -35,6 +35,9 @@ log = logging.getLogger("loadkit.pipeline")
 
 _SAMPLE_BYTES = 256 * 1024
 _POLL_S = 0.5  # how often a read task asks the driver for the current batch size
+# Writers wait on the server, not the CPU. Any CPU they reserve comes out of Ray Data's task
+# budget: at 0.25 each, 2 cores ran one parse task at a time (the rest 'backpressured').
+_WRITER_CPUS = 0.0
 _BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
 
 CHUNK_SCHEMA = pa.schema([
@@ -437,7 +440,7 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
     if plan.parse_concurrency:
         parse_args["compute"] = ray.data.TaskPoolStrategy(size=plan.parse_concurrency)
     ds = ds.map_batches(parse_block, **parse_args)
-    # Writers hold connections, not CPU: a fractional CPU keeps the cores for read/parse.
+    # Writers hold connections, not CPU (see _WRITER_CPUS): the cores stay with read/parse.
     return ds.map_batches(
         BatchWriter,
         fn_constructor_args=(writer_settings(plan, dsn),),
@@ -446,7 +449,7 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
         # One batch in flight per writer: a batch is seconds of COPY, so queueing several on the
         # first actor that is ready (Ray's default, 4) left the others idle on one-file loads.
         compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=1),
-        num_cpus=0.25,
+        num_cpus=_WRITER_CPUS,
         # A killed writer restarts and its in-flight batch is retried (same batch id, so the ledger
         # decides committed-or-not): Ray Data's actor-pool defaults max_restarts=-1 and
         # max_task_retries=-1 (passing them again is deprecated); tests/test_faults.py kills one.
