@@ -126,17 +126,22 @@ def psql_copy(month: Month, dsn: str) -> Sample:
 
 
 def loadkit_cli(month: Month, dsn: str, mode: str, mlflow_uri: str, extra: Sequence[str]) -> Sample:
-    """The monthly job through its CLI, restricted to the two tables, on fresh schemas."""
-    tag = uuid.uuid4().hex[:8]
-    target, led = f"bench_t_{tag}", f"bench_l_{tag}"
-    overrides = [f"+job=monthly", f"year={YEAR}", f"month={MONTH}", f"data_root={month.root}", f"sink.dsn={dsn}",
-                 f"job.schema={target}", f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}",
-                 "env.progress_bars=false", *[f"job.tables.{t}.enabled=false" for t in OTHER_TABLES]]
+    """The monthly job through its CLI, restricted to the two raw tables, without secondary indexes."""
+    overrides = [f"job.tables.{t}.enabled=false" for t in OTHER_TABLES]
     for table, pattern in MEMBERS.items():
         overrides += [f'job.tables.{table}.source.paths=["{{year:04d}}-{{month:02d}}/{pattern}"]',
                       f"job.tables.{table}.source.format=csv", f"job.tables.{table}.source.member=null",
                       f"job.tables.{table}.mode={mode}", f"job.tables.{table}.indexes=[]"]
-    overrides += list(extra)
+    return run_cli(month.root, dsn, mlflow_uri, [*overrides, *extra])
+
+
+def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) -> Sample:
+    """``python -m loadkit +job=monthly`` on fresh target and ledger schemas, dropped afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    target, led = f"bench_t_{tag}", f"bench_l_{tag}"
+    overrides = [f"+job=monthly", f"year={YEAR}", f"month={MONTH}", f"data_root={data_root}", f"sink.dsn={dsn}",
+                 f"job.schema={target}", f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}",
+                 "env.progress_bars=false", *extra]
     started_at = time.time()
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "loadkit", *overrides], capture_output=True, text=True, cwd=ROOT)
@@ -177,6 +182,12 @@ def pandas_to_sql(month: Month, dsn: str, subset_rows: int) -> Sample:
     finally:
         engine.dispose()
         _psql(dsn, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def sample_month_size() -> Month:
+    manifest = json.loads((ROOT / "data" / f"{YEAR:04d}-{MONTH:02d}" / "manifest.json").read_text())
+    files = {p: ROOT / "data" / p for paths in manifest["files"].values() for p in paths}
+    return Month(ROOT / "data", files, manifest["rows"])
 
 
 def dlt_available() -> Optional[str]:
@@ -308,10 +319,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--modes", default="append,merge", help="loadkit write modes to time (comma-separated)")
     p.add_argument("--pandas-rows", type=int, default=50_000, help="rows per file the pandas baseline loads")
     p.add_argument("--scaling", default="1,2,4", help="input multiples for the memory-scaling run ('' = skip)")
+    p.add_argument("--scaling-rows", type=int, default=0, help="rows of the 1x scaling input (default: --rows)")
     p.add_argument("--dsn", default=os.environ.get("LOADKIT_DSN", "postgresql://root@127.0.0.1:5432/test"))
     p.add_argument("--data", type=Path, default=Path("/tmp/loadkit-bench"), help="where generated months go")
     p.add_argument("--mlflow-uri", default=f"sqlite:///{OUT / 'mlflow.db'}")
     p.add_argument("--set", action="append", default=[], help="extra loadkit override, e.g. pool.writers=3")
+    p.add_argument("--sample-reps", type=int, default=3, help="runs of the committed sample month (data/2024-05)")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
@@ -332,10 +345,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log("  " + ", ".join(f"{k} {v[-1].wall_s:.1f}s" for k, v in samples.items()))
     reference = statistics.median(s.wall_s for s in samples["psql \\copy (text)"])
     results = [summarise(name, s, month, reference) for name, s in samples.items()]
+    small = [run_cli(ROOT / "data", args.dsn, args.mlflow_uri, args.set) for _ in range(args.sample_reps)]
+    sample_month = summarise("sample month 2024-05", small, sample_month_size(), None) if small else None
 
     scaling = []
     for factor in [int(f) for f in args.scaling.split(",") if f]:
-        scaled = generate(args.data / f"rows{args.rows * factor}", args.rows * factor)
+        rows = (args.scaling_rows or args.rows) * factor
+        scaled = generate(args.data / f"rows{rows}", rows)
         s = loadkit_cli(scaled, args.dsn, modes[0] if modes else "append", args.mlflow_uri, args.set)
         scaling.append({"factor": factor, "input_mb": scaled.bytes / 1e6, "rows": scaled.total_rows,
                         "wall_s": s.wall_s, "peak_rss_mb": (s.peak_rss or 0) / 2**20})
@@ -349,12 +365,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "reps": args.reps, "modes": args.modes, "pandas_rows": args.pandas_rows, "overrides": args.set,
                    "cpus": psutil.cpu_count(), "git_commit": git_commit() or "unknown",
                    "load_average_at_reps": [round(x, 2) for x in loads]},
-        "results": results, "scaling": scaling, "dlt": dlt_available() or "available (not yet wired)",
+        "results": results, "sample_month": sample_month, "scaling": scaling, "dlt": dlt_available() or "available (not yet wired)",
     }
     report["mlflow_run_id"] = track(report, args.mlflow_uri)
     path = OUT / f"copy_bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
-    print(render(results))
+    print(render(results + ([sample_month] if sample_month else [])))
     if scaling:
         print("memory scaling: " + ", ".join(f"x{s['factor']} {s['input_mb']:.0f} MB -> {s['peak_rss_mb']:.0f} MB"
                                              for s in scaling))
