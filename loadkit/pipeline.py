@@ -29,7 +29,7 @@ from loadkit import sources
 from loadkit.errors import SourceDataError
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
 from loadkit.transform import parse_chunk, parse_parquet_batch, split_records
-from loadkit.writer import BatchWriter, TableTarget, WriterSettings, ipc_bytes
+from loadkit.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
 
 log = logging.getLogger("loadkit.pipeline")
 
@@ -40,7 +40,8 @@ _POLL_S = 0.5  # how often a read task asks the driver for the current batch siz
 _WRITER_CPUS = 0.0
 _BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
 
-CHUNK_SCHEMA = pa.schema([
+# Where a record comes from: shared by the raw chunks and the parsed batches.
+_SOURCE_FIELDS = [
     ("kind", pa.string()),  # data|eof|error
     ("table_name", pa.string()),
     ("file_sha", pa.string()),
@@ -50,29 +51,17 @@ CHUNK_SCHEMA = pa.schema([
     ("start", pa.int64()),
     ("end", pa.int64()),
     ("first_line", pa.int64()),
+]
+
+CHUNK_SCHEMA = pa.schema(_SOURCE_FIELDS + [
     ("header", pa.list_(pa.string())),
     ("skip_header", pa.bool_()),
     ("data", pa.large_binary()),
     ("message", pa.string()),
 ])
 
-PARSED_SCHEMA = pa.schema([
-    ("kind", pa.string()),
-    ("table_name", pa.string()),
-    ("file_sha", pa.string()),
-    ("file_ordinal", pa.int32()),
-    ("file_path", pa.string()),
-    ("member", pa.string()),
-    ("start", pa.int64()),
-    ("end", pa.int64()),
-    ("first_line", pa.int64()),
-    ("batch_id", pa.int64()),
-    ("rows_in", pa.int64()),
-    ("rows_loaded", pa.int64()),
-    ("rows_rejected", pa.int64()),
-    ("rows_coerced", pa.int64()),
-    ("bytes", pa.int64()),
-    ("parse_s", pa.float64()),
+PARSED_SCHEMA = pa.schema(_SOURCE_FIELDS + [("batch_id", pa.int64()), ("rows_in", pa.int64())]
+                          + BATCH_COUNT_FIELDS + [
     ("rows", pa.large_binary()),
     ("rejects", pa.large_binary()),
     ("message", pa.string()),

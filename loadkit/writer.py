@@ -29,6 +29,15 @@ from loadkit.security import qualified
 
 log = logging.getLogger("loadkit.writer")
 
+# Per-batch counts the parser produces and the writer passes on to the driver.
+BATCH_COUNT_FIELDS = [
+    ("rows_loaded", pa.int64()),
+    ("rows_rejected", pa.int64()),
+    ("rows_coerced", pa.int64()),
+    ("bytes", pa.int64()),
+    ("parse_s", pa.float64()),
+]
+
 RESULT_SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("table_name", pa.string()),
@@ -37,11 +46,7 @@ RESULT_SCHEMA = pa.schema([
     ("batch_id", pa.int64()),
     ("status", pa.string()),  # committed|skipped|eof|error
     ("rows_in", pa.int64()),
-    ("rows_loaded", pa.int64()),
-    ("rows_rejected", pa.int64()),
-    ("rows_coerced", pa.int64()),
-    ("bytes", pa.int64()),
-    ("parse_s", pa.float64()),
+] + BATCH_COUNT_FIELDS + [
     ("write_s", pa.float64()),
     ("attempts", pa.int32()),
     ("writer", pa.string()),
