@@ -165,6 +165,13 @@ class Runner:
                 done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
                 ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
                 todo = [f for f in table.files if done.get(f.sha256) != "loaded"]
+                if table.mode in ("replace", "snapshot") and 0 < len(todo) < len(table.files):
+                    # These modes publish a whole month at once: a new file in a published month
+                    # means rebuilding it from every file, or the swap would drop the others' rows.
+                    log.info("table %s: %d new file(s) in a published month; reloading all %d", table.name,
+                             len(todo), len(table.files))
+                    modes.reset(cur, table, plan.ledger_schema, plan.period)
+                    ranges, todo = {}, list(table.files)
                 ledger.start_table(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, table.mode,
                                    len(table.files), len(table.files) - len(todo))
             tm = metrics.tables[table.name]

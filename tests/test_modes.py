@@ -319,3 +319,20 @@ def test_mode_and_key_mismatches_are_config_errors(month: SampleManifest, pg_dsn
         table = build_plan(compose(job_overrides(month.root, f"job.tables.cnaes.mode={mode}"))).table("cnaes")
         with pytest.raises(ConfigError, match=words):
             _prepare(pg_dsn, table, MigrateConfig(add_columns=True, alter_types=True, allow_extra_columns=True))
+
+
+def test_replace_rebuilds_a_published_month_when_a_new_file_arrives(tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                                   ray_session: None, job_overrides: Any) -> None:
+    """A shard that shows up after the month was published must not make the swap drop the other shard's rows."""
+    target, _ = schemas
+    month = generate_month(tmp_path, 2024, 5, rows=200, shards=2, seed=5)
+    late = month.folder / "Empresas1.zip"
+    parked = tmp_path / "Empresas1.zip.parked"
+    late.rename(parked)
+    first = run(job_overrides, month.root, *only("empresas"), "job.tables.empresas.mode=replace")
+    assert first.status == "succeeded", first.error
+    parked.rename(late)
+    second = run(job_overrides, month.root, *only("empresas"), "job.tables.empresas.mode=replace")
+    assert second.status == "succeeded", second.error
+    assert second.metrics.tables["empresas"].files_skipped == 0
+    assert_table_matches(pg_dsn, target, "empresas", last_wins(month.expected["empresas"], KEYS["empresas"]))
