@@ -274,7 +274,7 @@ class ChunkReader:
         pos = window.rfind(b"\n")
         if self._quote is None:
             return pos + 1
-        inside = self._quote_parity(window) % 2
+        inside = self._quote_count(window) % 2
         while pos >= 0:
             # Quotes after pos flip the parity back to what it was at pos.
             tail = window[pos:]
@@ -291,5 +291,3 @@ class ChunkReader:
             count -= data.count(self._escape + self._quote)
         return count
 
-    def _quote_parity(self, data: bytes) -> int:
-        return self._quote_count(data)
