@@ -194,6 +194,11 @@ class EnvConfig:
     object_store_memory: Optional[int] = 1_000_000_000
     ship_code: bool = False
     progress_bars: bool = True
+    # ray: always the Ray Data pipeline. inprocess: the same read/parse/write stages in the
+    # driver, one batch at a time. auto: inprocess for a local run whose files to load total at
+    # most inprocess_max_bytes (Ray's start-up would be most of the run), else ray.
+    executor: str = "auto"
+    inprocess_max_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass
@@ -267,6 +272,9 @@ def validate(cfg: LoadkitConfig) -> None:
     _validate_retry(cfg.retry)
     _validate_alerts(cfg.alerts)
     _require(cfg.env.name in ("local", "cluster", "prod"), "env.name", "env.name must be local, cluster or prod")
+    _require(cfg.env.executor in ("auto", "ray", "inprocess"), "env.executor",
+             f"env.executor must be auto, ray or inprocess, got {cfg.env.executor!r}")
+    _require(cfg.env.inprocess_max_bytes >= 0, "env.inprocess_max_bytes", "env.inprocess_max_bytes must be >= 0")
     _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
     _require(IDENTIFIER.match(cfg.sink.ledger_schema) is not None, "sink.ledger_schema",
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")

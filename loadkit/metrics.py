@@ -74,6 +74,7 @@ class RunMetrics:
         self.driver_wait_s = 0.0  # driver blocked waiting for the next result
         self.read_wait_s = 0.0  # read tasks blocked handing a chunk downstream (parse + backpressure)
         self.chunks_read = 0
+        self.executor = ""  # ray | inprocess; empty when nothing was left to load
         self.batch_sizes: List[Tuple[float, int, str]] = []  # (time, rows, reason) of each size change
         self._lock = threading.Lock()
 

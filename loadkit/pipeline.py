@@ -311,6 +311,22 @@ class SizeChannel:
         ray.kill(self.actor)
 
 
+class LocalSizeChannel:
+    """The SizeChannel of the in-process executor: the same board, as a plain object."""
+
+    def __init__(self, rows: int) -> None:
+        self.actor = SizeBoard(rows)
+
+    def publish(self, rows: int) -> None:
+        self.actor.set(rows)
+
+    def counters(self) -> Tuple[int, float]:
+        return self.actor.counters()
+
+    def close(self) -> None:
+        """Nothing to release: the board lives in this process."""
+
+
 class _SizeFeed:
     """A read task's end of the SizeBoard: polls between chunks, at most every _POLL_S seconds."""
 
@@ -332,16 +348,19 @@ class _SizeFeed:
     def flush(self) -> Optional[int]:
         if self._board is None:
             return None
-        import ray
-
         self._polled = time.monotonic()
-        try:
-            rows = ray.get(self._board.poll.remote(self._chunks, self._wait_s), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            # Sizing is an optimisation: without the board this task keeps its last size.
-            log.warning("batch size board unreachable, keeping %s rows per batch: %s", self._rows, exc)
-            self._board = None
-            return None
+        if isinstance(self._board, SizeBoard):  # the in-process executor's board: a plain object
+            rows = self._board.poll(self._chunks, self._wait_s)
+        else:
+            import ray
+
+            try:
+                rows = ray.get(self._board.poll.remote(self._chunks, self._wait_s), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                # Sizing is an optimisation: without the board this task keeps its last size.
+                log.warning("batch size board unreachable, keeping %s rows per batch: %s", self._rows, exc)
+                self._board = None
+                return None
         self._chunks, self._wait_s = 0, 0.0
         if rows == self._rows:
             return None
@@ -454,6 +473,23 @@ def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = No
         return iter(())
     ds = build_dataset(plan, units, dsn, board)
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+
+
+def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: SizeBoard) -> Iterator[pa.Table]:
+    """The same stages without Ray: read a chunk, parse it, write it, in this process.
+
+    For inputs so small that starting Ray and its workers would be most of the run. One
+    batch is in flight at a time, written by the same BatchWriter with the same ledger
+    rows, so a run or a resume may switch executors freely.
+    """
+    tables = {t.name: replace(t, files=()) for t in plan.tables}
+    writer = BatchWriter(writer_settings(plan, dsn))
+    try:
+        for unit in units:
+            for block in read_unit(unit, board):
+                yield writer(parse_block(block, tables, plan.period))
+    finally:
+        writer.close()
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from typing import Callable, Optional, TypeVar
 
 import tenacity
 
-from loadkit.errors import CircuitOpenError, classify, Category
+from loadkit.errors import Category, CircuitOpenError, InterruptedRun, classify
 from loadkit.plan import RetryPolicy
 
 T = TypeVar("T")
@@ -73,7 +73,8 @@ class CircuitBreaker:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    return classify(exc) is Category.TRANSIENT
+    # A stop signal is "transient" for the rerun, never for a retry inside this run.
+    return classify(exc) is Category.TRANSIENT and not isinstance(exc, InterruptedRun)
 
 
 def retrying(policy: RetryPolicy, on_retry: Optional[Callable[[tenacity.RetryCallState], None]] = None,

@@ -26,7 +26,7 @@ from loadkit.errors import unwrap
 from loadkit.logs import set_context
 from loadkit.metrics import RunMetrics, memory_table, summary_table
 from loadkit.monitor import MemoryMonitor
-from loadkit.pipeline import ReadUnit, SizeChannel, ensure_ray, execute
+from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
 from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text
@@ -189,16 +189,24 @@ class Runner:
             log.info("nothing to load: every file of %s is already loaded (force=true reloads)", plan.period)
             return
         env = self.cfg.env
-        ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
-                   env.progress_bars)
+        executor = metrics.executor = self._executor(units)
+        log.info("executor: %s (%d file(s), %.1f MB to read)", executor, len(units),
+                 sum(u.file.size for u in units) / 1e6)
+        if executor == "ray":
+            ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
+                       env.progress_bars)
+        tracker.ready()  # opened while Ray started; a broken store stops the run before any data moves
+        tracker.tag("executor", executor)
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
         metrics.touch()  # the stall clock starts with the pipeline
-        sizer, channel = BatchSizer(self._sizing()), SizeChannel(plan.batch.size)
+        sizer = BatchSizer(self._sizing())
+        channel = SizeChannel(plan.batch.size) if executor == "ray" else LocalSizeChannel(plan.batch.size)
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
-        results_iter = iter(execute(plan, units, self.dsn, channel.actor))
+        run = execute if executor == "ray" else execute_inprocess
+        results_iter = iter(run(plan, units, self.dsn, channel.actor))
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
@@ -225,6 +233,14 @@ class Runner:
         finally:
             getattr(results_iter, "close", lambda: None)()  # stop Ray Data's executor on an early exit
             channel.close()
+
+    def _executor(self, units: List[ReadUnit]) -> str:
+        """Ray Data, or the same stages in this process when Ray's start-up would dominate the run."""
+        env = self.cfg.env
+        if env.executor != "auto":
+            return env.executor
+        small = sum(u.file.size for u in units) <= env.inprocess_max_bytes
+        return "inprocess" if small and env.address is None else "ray"
 
     def _sizing(self) -> SizingSettings:
         b = self.cfg.batch

@@ -13,9 +13,10 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from loadkit.security import mask_mapping, mask_text
 
@@ -73,30 +74,59 @@ def _experiment_id(client: Any, name: str, uri: Optional[str]) -> str:
 
 
 class RunTracker:
+    """One MLflow run. ``start`` returns at once: importing mlflow and opening the store (~3 s)
+    happen on a thread while the driver prepares tables and starts Ray; every later call
+    waits for that thread. A failure there is raised once, by the first call that waits
+    (``ready``), and turns the tracker off so that recording the failed run cannot fail too."""
+
     def __init__(self, enabled: bool, uri: Optional[str], experiment: str) -> None:
         self.enabled = enabled
-        self.run_id: Optional[str] = None
-        self._step = 0
-        if not enabled:
-            return
-        self._client = _client(uri)
-        self._experiment_id = _experiment_id(self._client, experiment, uri)
+        self._uri, self._experiment = uri, experiment
+        self._run_id: Optional[str] = None
+        self._opening: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     def start(self, name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
         base = {"hostname": socket.gethostname(), "git_commit": git_commit() or "unknown"}
         all_tags = {**base, **{k: mask_text(str(v)) for k, v in tags.items() if v is not None}}
-        run = self._client.create_run(self._experiment_id, run_name=name, tags=all_tags)
-        self.run_id = run.info.run_id
         masked = list(flatten(mask_mapping(dict(params))).items())
-        for i in range(0, len(masked), 100):
-            self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in masked[i:i + 100]])
+        self._opening = threading.Thread(target=self._open, args=(name, all_tags, masked), name="loadkit-mlflow",
+                                         daemon=True)
+        self._opening.start()
+
+    def _open(self, name: str, tags: Dict[str, str], params: List[Tuple[str, str]]) -> None:
+        try:
+            from mlflow.entities import Param
+
+            self._client = _client(self._uri)
+            run = self._client.create_run(_experiment_id(self._client, self._experiment, self._uri), run_name=name,
+                                          tags=tags)
+            for i in range(0, len(params), 100):
+                self._client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params[i:i + 100]])
+            self._run_id = run.info.run_id
+        except BaseException as exc:  # raised in the driver's thread by ready()
+            self._error = exc
+
+    def ready(self) -> bool:
+        """Wait for start(); raise its failure once. True when the run is open."""
+        if self._opening is not None:
+            self._opening.join()
+            self._opening = None
+            if self._error is not None:
+                self.enabled = False
+                raise self._error
+        return self.enabled and self._run_id is not None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        if self._opening is not None:
+            self._opening.join()
+        return self._run_id
 
     def metrics(self, values: Mapping[str, float], step: Optional[int] = None) -> None:
-        if not self.enabled or not values or self.run_id is None:
+        if not values or not self.ready():
             return
         from mlflow.entities import Metric
 
@@ -106,7 +136,7 @@ class RunTracker:
             self._client.log_batch(self.run_id, metrics=items[i:i + 500])
 
     def tag(self, key: str, value: str) -> None:
-        if self.enabled and self.run_id is not None:
+        if self.ready():
             self._client.set_tag(self.run_id, _metric_key(key), mask_text(value))
 
     def alert(self, rule: str, subject: str, value: float) -> None:
@@ -115,7 +145,7 @@ class RunTracker:
         self.metrics({f"alert.{rule}": value})
 
     def artifact_text(self, name: str, text: str) -> None:
-        if self.enabled and self.run_id is not None:
+        if self.ready():
             self._client.log_text(self.run_id, mask_text(text), name)
 
     def artifact_json(self, name: str, data: Any) -> None:
@@ -128,7 +158,7 @@ class RunTracker:
 
     def artifact_table(self, name: str, table: Any) -> None:
         """Log an Arrow table as Parquet (string cells masked first)."""
-        if not self.enabled or self.run_id is None or table is None or table.num_columns == 0:
+        if table is None or table.num_columns == 0 or not self.ready():
             return
         import pyarrow.parquet as pq
 
@@ -138,7 +168,7 @@ class RunTracker:
             self._client.log_artifact(self.run_id, path)
 
     def end(self, status: str) -> None:
-        if self.enabled and self.run_id is not None:
+        if self.ready():
             self._client.set_terminated(self.run_id, status=_STATUS.get(status, "FAILED"))
 
 

@@ -91,13 +91,17 @@ def compose(overrides: List[str]):
 
 @pytest.fixture()
 def job_overrides(pg_dsn: str, schemas: tuple, mlflow_uri: str, tmp_path: Path):
-    """Overrides that point a job at this test's schemas, database and MLflow store."""
+    """Overrides that point a job at this test's schemas, database and MLflow store.
+
+    Tests run the Ray executor unless they ask for another: their inputs are small enough
+    that env.executor=auto would load them in-process, and the Ray pipeline is what they test."""
     target, led = schemas
 
     def make(data_root: Path, *extra: str, job: str = "monthly", year: int = 2024, month: int = 5) -> List[str]:
+        executor = [] if any(e.startswith("env.executor=") for e in extra) else ["env.executor=ray"]
         return [f"+job={job}", f"year={year}", f"month={month}", f"data_root={data_root}",
                 f"sink.dsn={pg_dsn}", f"job.schema={target}", f"sink.ledger_schema={led}",
-                f"tracking.uri={mlflow_uri}", "env.progress_bars=false", *extra]
+                f"tracking.uri={mlflow_uri}", "env.progress_bars=false", *executor, *extra]
 
     return make
 

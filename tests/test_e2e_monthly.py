@@ -43,11 +43,13 @@ def canon(row: Dict[str, Any]) -> tuple:
     return tuple(sorted((k, v.rstrip() if isinstance(v, str) else v) for k, v in row.items()))
 
 
+@pytest.mark.parametrize("executor", ["ray", "inprocess"])
 def test_monthly_job_loads_every_table_exactly(month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None,
-                                               job_overrides) -> None:
+                                               job_overrides, executor: str) -> None:
     target, led = schemas
-    result = run_job(compose(job_overrides(month.root)))
+    result = run_job(compose(job_overrides(month.root, f"env.executor={executor}")))
     assert result.status == "succeeded", result.error
+    assert result.metrics.executor == executor
     for table, expected in month.expected.items():
         columns = list(expected[0].keys())
         wanted = (last_wins(expected, KEYS[table]) if table in KEYS else last_wins(expected, SOCIO_IDENTITY))
@@ -117,3 +119,27 @@ def test_one_large_file_streams_in_bounded_blocks(tmp_path: Path, pg_dsn: str, s
     assert widest < 8 * 2**20, "a batch is bounded by batch.size, not by the file"
     distinct = len({(r["cnpj_basico"], r["cnpj_ordem"], r["cnpj_dv"]) for r in month.expected["estabelecimentos"]})
     assert query(pg_dsn, f'SELECT count(*) FROM "{target}".estabelecimentos')[0][0] == distinct
+
+
+def test_auto_executor_runs_small_months_in_process_and_resumes_across_executors(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides) -> None:
+    """auto picks by the bytes left to read; both executors write the same batch ids, so a run
+    one executor started, the other finishes without duplicating a row."""
+    target, led = schemas
+    shards = sorted(p.name for p in month.folder.glob("Estabelecimentos*.zip"))
+    assert len(shards) == 2
+    only_first = f'job.tables.estabelecimentos.source.paths=["{{year:04d}}-{{month:02d}}/{shards[0]}"]'
+    first = run_job(compose(job_overrides(month.root, "env.executor=auto", "env.inprocess_max_bytes=0", only_first)))
+    assert first.status == "succeeded", first.error
+    assert first.metrics.executor == "ray"
+    rest = run_job(compose(job_overrides(month.root, "env.executor=auto")))
+    assert rest.status == "succeeded", rest.error
+    assert rest.metrics.executor == "inprocess"
+    assert rest.metrics.tables["empresas"].status == "skipped"  # all its files came with the first run
+    wanted = last_wins(month.expected["estabelecimentos"], KEYS["estabelecimentos"])
+    columns = list(wanted[0].keys())
+    got = table_rows(pg_dsn, target, "estabelecimentos", columns)
+    assert Counter(canon(r) for r in got) == Counter(canon(r) for r in wanted)
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".batch WHERE table_name = %s', ("estabelecimentos",))[0][0] \
+        == query(pg_dsn, f'SELECT count(DISTINCT batch_id) FROM "{led}".batch WHERE table_name = %s',
+                 ("estabelecimentos",))[0][0]
