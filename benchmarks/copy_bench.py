@@ -139,7 +139,7 @@ def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) ->
     """``python -m loadkit +job=monthly`` on fresh target and ledger schemas, dropped afterwards."""
     tag = uuid.uuid4().hex[:8]
     target, led = f"bench_t_{tag}", f"bench_l_{tag}"
-    overrides = [f"+job=monthly", f"year={YEAR}", f"month={MONTH}", f"data_root={data_root}", f"sink.dsn={dsn}",
+    overrides = ["+job=monthly", f"year={YEAR}", f"month={MONTH}", f"data_root={data_root}", f"sink.dsn={dsn}",
                  f"job.schema={target}", f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}",
                  "env.progress_bars=false", *extra]
     started_at = time.time()
@@ -303,7 +303,7 @@ def track(report: Dict[str, Any], uri: str) -> Optional[str]:
         tracker.metrics({f"{key}.{m}": r[m] for m in ("wall_median_s", "rows_per_s", "mb_per_s", "peak_rss_mb",
                                                        "startup_s", "finish_s", "ratio_to_psql") if r[m] is not None})
     for s in report.get("scaling", []):
-        tracker.metrics({f"scaling.peak_rss_mb": s["peak_rss_mb"]}, step=s["factor"])
+        tracker.metrics({"scaling.peak_rss_mb": s["peak_rss_mb"]}, step=s["factor"])
     tracker.artifact_json("benchmark.json", report)
     tracker.end("succeeded")
     return tracker.run_id

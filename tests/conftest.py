@@ -32,7 +32,7 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
     dsn = os.environ.get("LOADKIT_TEST_DSN")
     if dsn:
         if not _reachable(dsn):
-            pytest.fail(f"LOADKIT_TEST_DSN is set but not reachable")
+            pytest.fail("LOADKIT_TEST_DSN is set but not reachable")
         return dsn
     if _reachable(LOCAL_DSN):
         return LOCAL_DSN

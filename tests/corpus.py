@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import pyarrow as pa
 
 from loadkit.config import ColumnConfig, DialectConfig
 from loadkit.pipeline import ReadUnit, _parse_record, read_unit

@@ -32,7 +32,7 @@ from jobs.sample import SampleManifest, generate_month
 from loadkit.errors import Category, classify
 from loadkit.plan import RetryPolicy
 from loadkit.resilience import retrying
-from loadkit.runner import RunResult, run_job
+from loadkit.runner import run_job
 from tests.conftest import ROOT, compose, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 

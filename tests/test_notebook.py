@@ -1,7 +1,6 @@
 """notebooks/run_metrics.ipynb executes against runs this test creates, and draws its figures."""
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 

@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 from typing import List
 
-import pyarrow as pa
 import pytest
 
 from jobs.sample import generate_month
@@ -41,7 +40,7 @@ def _chunks(unit: ReadUnit) -> List[dict]:
 
 
 def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -> None:
-    cfg = compose([f"+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
+    cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
                    "batch.read_block_bytes=65536", "pool.read_splits=3", *raw_overrides("estabelecimentos")])
     plan = build_plan(cfg)
     table = plan.table("estabelecimentos")
@@ -59,7 +58,7 @@ def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -
 
 def test_committed_ranges_are_clipped_to_each_span(raw_month) -> None:
     """A range an unsplit run committed may straddle a span edge: each span skips its own part."""
-    cfg = compose([f"+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
+    cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
                    "batch.read_block_bytes=65536", "pool.read_splits=2", *raw_overrides("estabelecimentos")])
     plan = build_plan(cfg)
     table = plan.table("estabelecimentos")

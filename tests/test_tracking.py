@@ -6,6 +6,7 @@ param, tag or artifact may contain it.
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Dict, List
@@ -113,9 +114,7 @@ def test_run_is_tracked_with_masked_params_tags_metrics_and_artifacts(
     assert SECRET not in config[0][0] and config[0][1] == result.mlflow_run_id
 
 
-def _record(**extra: object) -> "logging.LogRecord":
-    import logging
-
+def _record(**extra: object) -> logging.LogRecord:
     record = logging.LogRecord("loadkit.test", logging.WARNING, __file__, 1,
                                "connecting to postgresql://u:%s@h/db", (SECRET,), None)
     for k, v in extra.items():
