@@ -57,7 +57,8 @@ class Sample:
     """One timed repetition of one loader."""
 
     wall_s: float
-    peak_rss: Optional[int] = None
+    peak_rss: Optional[int] = None  # summed RSS of the driver + every Ray process (shared pages counted per process)
+    peak_pss: Optional[int] = None  # summed PSS: shared pages (object store, libraries) counted once
     startup_s: Optional[float] = None  # process start -> pipeline start (imports, plan, ledger, ray.init)
     finish_s: Optional[float] = None  # pipeline end -> process end (finalize, MLflow artifacts)
     extrapolated_from: Optional[int] = None
@@ -153,6 +154,7 @@ def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) ->
         metrics = _run_metrics(mlflow_uri, run_id.group(1)) if run_id else {}
         pipe_start, pipe_end = _pipeline_span(proc.stderr)
         return Sample(wall, peak_rss=int(metrics.get("peak_rss_bytes", 0)) or None,
+                      peak_pss=int(metrics.get("peak_pss_bytes", 0)) or None,
                       startup_s=pipe_start - started_at if pipe_start else None,
                       finish_s=started_at + wall - pipe_end if pipe_end else None,
                       extra={k: metrics[k] for k in ("rows_read", "rows_rejected", "backpressure_s", "driver_wait_s")
@@ -267,6 +269,7 @@ def summarise(name: str, samples: List[Sample], month: Month, reference: Optiona
         "loader": name, "reps": len(samples), "wall_median_s": med, "wall_min_s": min(walls), "wall_max_s": max(walls),
         "rows_per_s": month.total_rows / med, "mb_per_s": month.bytes / 1e6 / med,
         "peak_rss_mb": max(pick("peak_rss")) / 2**20 if pick("peak_rss") else None,
+        "peak_pss_mb": max(pick("peak_pss")) / 2**20 if pick("peak_pss") else None,
         "startup_s": statistics.median(pick("startup_s")) if pick("startup_s") else None,
         "finish_s": statistics.median(pick("finish_s")) if pick("finish_s") else None,
         "ratio_to_psql": reference / med if reference else None,
@@ -278,6 +281,7 @@ def summarise(name: str, samples: List[Sample], month: Month, reference: Optiona
 
 def render(rows: List[Dict[str, Any]]) -> str:
     head = f"{'loader':<22} {'wall s median (min-max)':>24} {'rows/s':>10} {'MB/s':>7} {'peak RSS MB':>11} " \
+           f"{'peak PSS MB':>11} " \
            f"{'startup s':>9} {'finish s':>8} {'x psql':>7}"
     lines = [head, "-" * len(head)]
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
@@ -285,7 +289,8 @@ def render(rows: List[Dict[str, Any]]) -> str:
         wall = f"{r['wall_median_s']:.1f} ({r['wall_min_s']:.1f}-{r['wall_max_s']:.1f})"
         name = r["loader"] + (" *" if r["extrapolated_from_rows"] else "")
         lines.append(f"{name:<22} {wall:>24} {r['rows_per_s']:>10,.0f} {r['mb_per_s']:>7.1f} "
-                     f"{fmt(r['peak_rss_mb'], '11.0f'):>11} {fmt(r['startup_s'], '9.1f'):>9} "
+                     f"{fmt(r['peak_rss_mb'], '11.0f'):>11} {fmt(r['peak_pss_mb'], '11.0f'):>11} "
+                     f"{fmt(r['startup_s'], '9.1f'):>9} "
                      f"{fmt(r['finish_s'], '8.1f'):>8} {fmt(r['ratio_to_psql'], '7.2f'):>7}")
     if any(r["extrapolated_from_rows"] for r in rows):
         lines.append("* extrapolated linearly from a subset (rows in extrapolated_from_rows)")
@@ -301,9 +306,10 @@ def track(report: Dict[str, Any], uri: str) -> Optional[str]:
     for r in report["results"]:
         key = r["loader"].replace(" ", "_")
         tracker.metrics({f"{key}.{m}": r[m] for m in ("wall_median_s", "rows_per_s", "mb_per_s", "peak_rss_mb",
-                                                       "startup_s", "finish_s", "ratio_to_psql") if r[m] is not None})
+                                                       "peak_pss_mb", "startup_s", "finish_s", "ratio_to_psql")
+                         if r[m] is not None})
     for s in report.get("scaling", []):
-        tracker.metrics({"scaling.peak_rss_mb": s["peak_rss_mb"]}, step=s["factor"])
+        tracker.metrics({"scaling.peak_rss_mb": s["peak_rss_mb"], "scaling.peak_pss_mb": s["peak_pss_mb"]}, step=s["factor"])
     tracker.artifact_json("benchmark.json", report)
     tracker.end("succeeded")
     return tracker.run_id
@@ -354,8 +360,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scaled = generate(args.data / f"rows{rows}", rows)
         s = loadkit_cli(scaled, args.dsn, modes[0] if modes else "append", args.mlflow_uri, args.set)
         scaling.append({"factor": factor, "input_mb": scaled.bytes / 1e6, "rows": scaled.total_rows,
-                        "wall_s": s.wall_s, "peak_rss_mb": (s.peak_rss or 0) / 2**20})
-        log(f"scaling x{factor}: {scaled.bytes / 1e6:.0f} MB, {s.wall_s:.1f} s, peak RSS {(s.peak_rss or 0) / 2**20:.0f} MB")
+                        "wall_s": s.wall_s, "peak_rss_mb": (s.peak_rss or 0) / 2**20,
+                        "peak_pss_mb": (s.peak_pss or 0) / 2**20})
+        log(f"scaling x{factor}: {scaled.bytes / 1e6:.0f} MB, {s.wall_s:.1f} s, peak RSS {(s.peak_rss or 0) / 2**20:.0f} MB, "
+            f"PSS {(s.peak_pss or 0) / 2**20:.0f} MB")
 
     from loadkit.tracking import git_commit
 
@@ -372,7 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path.write_text(json.dumps(report, indent=2, default=str))
     print(render(results + ([sample_month] if sample_month else [])))
     if scaling:
-        print("memory scaling: " + ", ".join(f"x{s['factor']} {s['input_mb']:.0f} MB -> {s['peak_rss_mb']:.0f} MB"
+        print("memory scaling: " + ", ".join(f"x{s['factor']} {s['input_mb']:.0f} MB -> RSS {s['peak_rss_mb']:.0f} MB, "
+                                             f"PSS {s['peak_pss_mb']:.0f} MB"
                                              for s in scaling))
     print(f"dlt: {report['dlt']}")
     print(f"load averages at each rep: {report['params']['load_average_at_reps']}")

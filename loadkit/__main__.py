@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from loadkit.config import register, to_config
-from loadkit.errors import EXIT_CODES, Category, ConfigError, LoadkitError
+from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, classify
 from loadkit.logs import setup_logging
 from loadkit.security import mask_text
 
@@ -87,9 +87,7 @@ def main(cfg: DictConfig) -> Optional[int]:
     sys.stdout.flush()
     code = exit_code(result)
     if result.error is not None:
-        category = getattr(result.error, "category", Category.BUG)
-        sys.stderr.write(f"loadkit: run {result.status} ({category.value if isinstance(category, Category) else category}): "
-                         f"{result.error}\n")
+        sys.stderr.write(f"loadkit: run {result.status} ({classify(result.error).value}): {result.error}\n")
     if code and not multirun:
         raise SystemExit(code)
     _sweep_codes.append(code)

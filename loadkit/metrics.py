@@ -193,14 +193,15 @@ class RunMetrics:
             out["writer_busy_max"] = max(busy.values())
         return out
 
-    def final(self, wall_s: float, peak_rss: int, alerts: int) -> Dict[str, float]:
+    def final(self, wall_s: float, peak_rss: int, alerts: int, peak_pss: int) -> Dict[str, float]:
         """Every end-of-run metric: totals, rates, latencies, memory, pool, waits, retries, errors by class."""
         read, loaded, rejected = self.totals()
         out: Dict[str, float] = {
             "rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "wall_s": wall_s,
             "rows_per_s": read / wall_s if wall_s else 0.0,
             "batches_per_s": len(self._committed()) / wall_s if wall_s else 0.0,
-            "batches": len(self._committed()), "peak_rss_bytes": peak_rss, "alerts": alerts,
+            "batches": len(self._committed()), "peak_rss_bytes": peak_rss, "peak_pss_bytes": peak_pss,
+            "alerts": alerts,
             "retries": sum(t.retries for t in self.tables.values()),
             "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
             "backpressure_s": max(0.0, self.read_wait_s - sum(b["parse_s"] or 0.0 for b in self._committed())),

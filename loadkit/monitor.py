@@ -6,14 +6,40 @@ same instance instead of starting its own sampler.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import psutil
 
 _lock = threading.Lock()
+_PSS_EVERY = 4
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a batch.
+
+    Arrow's allocator (mimalloc) and glibc's malloc both keep freed pages for reuse: a parse
+    worker sat at ~330 MB USS after its chunks were gone, ~160 MB after this. Costs ~7 ms
+    per batch of 100k rows."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def process_rss() -> int:
@@ -21,17 +47,35 @@ def process_rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
-def tree_rss(pid: Optional[int] = None) -> int:
-    """RSS of a process and all its descendants (the driver plus a local Ray's workers)."""
+def _tree(pid: Optional[int] = None) -> List[psutil.Process]:
     try:
         root = psutil.Process(pid or os.getpid())
-        procs = [root] + root.children(recursive=True)
+        return [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0
+        return []
+
+
+def tree_rss(pid: Optional[int] = None) -> int:
+    """RSS of a process and all its descendants (the driver plus a local Ray's workers).
+
+    Pages shared between processes (Ray's object store, libraries) count once per process
+    that maps them, so this overstates what the tree holds; tree_pss does not."""
     total = 0
-    for p in procs:
+    for p in _tree(pid):
         try:
             total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def tree_pss(pid: Optional[int] = None) -> int:
+    """Proportional set size of the tree: each shared page split among the processes mapping
+    it, so the sum is the memory the tree really holds. Reads smaps_rollup: ~1 ms a process."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            total += getattr(p.memory_full_info(), "pss", 0)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
@@ -47,6 +91,7 @@ class MemoryMonitor:
         self._stop = threading.Event()
         self._samples: List[Tuple[float, int, float]] = []
         self._peak = 0
+        self._peak_pss = 0
         self._thread = threading.Thread(target=self._run, name="loadkit-memory", daemon=True)
         self._thread.start()
 
@@ -65,16 +110,25 @@ class MemoryMonitor:
     def sample(self) -> Tuple[float, int, float]:
         rss = tree_rss()
         point = (time.time(), rss, psutil.virtual_memory().percent / 100.0)
+        # PSS costs more to read; every _PSS_EVERY samples, and always at a new RSS peak.
+        pss = tree_pss() if (len(self._samples) % _PSS_EVERY == 0 or rss > self._peak) else 0
         with _lock:
             self._samples.append(point)
             if len(self._samples) > 20_000:  # bounded: keep every other old sample
                 self._samples = self._samples[::2]
             self._peak = max(self._peak, rss)
+            self._peak_pss = max(self._peak_pss, pss)
         return point
 
     @property
     def peak_rss(self) -> int:
+        """Peak of the tree's summed RSS (shared pages counted once per process)."""
         return self._peak
+
+    @property
+    def peak_pss(self) -> int:
+        """Peak of the tree's summed PSS (shared pages counted once in all)."""
+        return self._peak_pss
 
     def latest(self) -> Tuple[float, int, float]:
         with _lock:
@@ -86,7 +140,7 @@ class MemoryMonitor:
 
     def reset_peak(self) -> None:
         with _lock:
-            self._peak = 0
+            self._peak = self._peak_pss = 0
             self._samples.clear()
 
     def stop(self) -> None:

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from loadkit import sources
 from loadkit.errors import SourceDataError
+from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
 from loadkit.transform import parse_chunk, parse_parquet_batch, split_records
 from loadkit.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
@@ -373,7 +374,9 @@ class _SizeFeed:
 
 def parse_block(batch: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
     """map_batches UDF: raw chunk records -> typed rows and rejects, serialised for the writer."""
-    return pa.Table.from_pylist([_parse_record(r, tables, period) for r in batch.to_pylist()], schema=PARSED_SCHEMA)
+    out = pa.Table.from_pylist([_parse_record(r, tables, period) for r in batch.to_pylist()], schema=PARSED_SCHEMA)
+    release_memory()
+    return out
 
 
 def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str) -> Dict[str, Any]:
@@ -530,4 +533,7 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
     ctx.enable_progress_bars = progress_bars
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = 0
+    # Ray Data polls every task's USS on a thread of its own; loadkit's MemoryMonitor already
+    # samples the whole process tree (one memory monitor per process).
+    ctx.memory_usage_poll_interval_s = None
     return started

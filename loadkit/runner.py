@@ -366,7 +366,7 @@ class Runner:
 
     def _track_end(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                    status: str, text: Optional[str], wall: float, alerts: AlertEngine) -> None:
-        tracker.metrics(metrics.final(wall, monitor.peak_rss, len(alerts.fired)))
+        tracker.metrics(metrics.final(wall, monitor.peak_rss, len(alerts.fired), monitor.peak_pss))
         tracker.tag("status", status)
         if text:
             tracker.tag("error", text[:5000])

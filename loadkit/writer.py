@@ -23,6 +23,7 @@ import pyarrow as pa
 from loadkit import ledger
 from loadkit.db import ConnectionPool, application_name, with_application_name
 from loadkit.errors import as_loadkit_error, sqlstate_of
+from loadkit.monitor import process_rss, release_memory
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
 from loadkit.security import qualified
@@ -101,6 +102,7 @@ class BatchWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [self._handle(rec) for rec in batch.to_pylist()]
+        release_memory()
         return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
     def _handle(self, rec: Dict[str, Any]) -> Dict[str, Any]:
@@ -122,8 +124,6 @@ class BatchWriter:
         return self._finish(out)
 
     def _finish(self, out: Dict[str, Any]) -> Dict[str, Any]:
-        from loadkit.monitor import process_rss
-
         out["pool_utilisation"] = self._pool.stats().utilisation
         out["rss_bytes"] = process_rss()
         out["finished_at"] = time.time()
