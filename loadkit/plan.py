@@ -110,6 +110,8 @@ class BatchPolicy:
     min_size: int
     max_size: int
     read_block_bytes: int
+    window_s: float  # adaptive: seconds of evidence per move
+    memory_ceiling: float  # adaptive: host memory fraction above which the size halves
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,8 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         force=cfg.force,
         ledger_schema=cfg.sink.ledger_schema,
         tables=tables,
-        batch=BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes),
+        batch=BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes, b.window_s,
+                          b.memory_ceiling),
         retry=RetryPolicy(r.attempts, r.initial_wait_s, r.max_wait_s, r.multiplier, r.jitter_s,
                           r.breaker_failures, r.breaker_cooldown_s),
         writers=p.writers,

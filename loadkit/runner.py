@@ -243,7 +243,8 @@ class Runner:
         return "inprocess" if small and env.address is None else "ray"
 
     def _sizing(self) -> SizingSettings:
-        b = self.cfg.batch
+        assert self.plan is not None
+        b = self.plan.batch
         return SizingSettings(b.policy, b.size, b.min_size, b.max_size, window_s=b.window_s,
                               memory_ceiling=b.memory_ceiling)
 
