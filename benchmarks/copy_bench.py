@@ -6,7 +6,8 @@
 Generates a CNPJ-like month of raw (unzipped) Estabelecimentos + Empresas members with
 jobs.sample, then alternates, ``--reps`` times each: psql \\copy into all-text tables, the monthly
 job through the CLI (typed, validated, rejects + ledger on, fresh schemas per repetition) in
-each ``--modes`` write mode, and pandas read_csv(chunksize) + to_sql on a subset, extrapolated.
+each ``--modes`` write mode (``append@ray`` forces the Ray executor; plain modes use the
+default ``env.executor=auto``), and pandas read_csv(chunksize) + to_sql on a subset, extrapolated.
 Prints a table, writes it as JSON under benchmarks/out/ and records it as one MLflow run.
 """
 from __future__ import annotations
@@ -127,8 +128,13 @@ def psql_copy(month: Month, dsn: str) -> Sample:
 
 
 def loadkit_cli(month: Month, dsn: str, mode: str, mlflow_uri: str, extra: Sequence[str]) -> Sample:
-    """The monthly job through its CLI, restricted to the two raw tables, without secondary indexes."""
+    """The monthly job through its CLI, restricted to the two raw tables, without secondary indexes.
+
+    ``mode`` may name an executor too: ``append@ray`` is append mode with env.executor=ray."""
+    mode, _, executor = mode.partition("@")
     overrides = [f"job.tables.{t}.enabled=false" for t in OTHER_TABLES]
+    if executor:
+        overrides.append(f"env.executor={executor}")
     for table, pattern in MEMBERS.items():
         overrides += [f'job.tables.{table}.source.paths=["{{year:04d}}-{{month:02d}}/{pattern}"]',
                       f"job.tables.{table}.source.format=csv", f"job.tables.{table}.source.member=null",
@@ -309,7 +315,9 @@ def track(report: Dict[str, Any], uri: str) -> Optional[str]:
                                                        "peak_pss_mb", "startup_s", "finish_s", "ratio_to_psql")
                          if r[m] is not None})
     for s in report.get("scaling", []):
-        tracker.metrics({"scaling.peak_rss_mb": s["peak_rss_mb"], "scaling.peak_pss_mb": s["peak_pss_mb"]}, step=s["factor"])
+        key = "scaling." + s["mode"].replace("@", "_")
+        tracker.metrics({f"{key}.peak_rss_mb": s["peak_rss_mb"], f"{key}.peak_pss_mb": s["peak_pss_mb"]},
+                        step=s["factor"])
     tracker.artifact_json("benchmark.json", report)
     tracker.end("succeeded")
     return tracker.run_id
@@ -322,10 +330,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.copy_bench", description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=4_000_000, help="estabelecimentos rows (empresas follow, 0.8x)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--modes", default="append,merge", help="loadkit write modes to time (comma-separated)")
+    p.add_argument("--modes", default="append,merge,append@ray",
+                   help="loadkit write modes to time (comma-separated; mode@executor forces env.executor)")
     p.add_argument("--pandas-rows", type=int, default=50_000, help="rows per file the pandas baseline loads")
     p.add_argument("--scaling", default="1,2,4", help="input multiples for the memory-scaling run ('' = skip)")
     p.add_argument("--scaling-rows", type=int, default=0, help="rows of the 1x scaling input (default: --rows)")
+    p.add_argument("--scaling-modes", default="append,append@ray", help="loadkit modes of the memory-scaling run")
     p.add_argument("--dsn", default=os.environ.get("LOADKIT_DSN", "postgresql://root@127.0.0.1:5432/test"))
     p.add_argument("--data", type=Path, default=Path("/tmp/loadkit-bench"), help="where generated months go")
     p.add_argument("--mlflow-uri", default=f"sqlite:///{OUT / 'mlflow.db'}")
@@ -358,12 +368,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for factor in [int(f) for f in args.scaling.split(",") if f]:
         rows = (args.scaling_rows or args.rows) * factor
         scaled = generate(args.data / f"rows{rows}", rows)
-        s = loadkit_cli(scaled, args.dsn, modes[0] if modes else "append", args.mlflow_uri, args.set)
-        scaling.append({"factor": factor, "input_mb": scaled.bytes / 1e6, "rows": scaled.total_rows,
-                        "wall_s": s.wall_s, "peak_rss_mb": (s.peak_rss or 0) / 2**20,
-                        "peak_pss_mb": (s.peak_pss or 0) / 2**20})
-        log(f"scaling x{factor}: {scaled.bytes / 1e6:.0f} MB, {s.wall_s:.1f} s, peak RSS {(s.peak_rss or 0) / 2**20:.0f} MB, "
-            f"PSS {(s.peak_pss or 0) / 2**20:.0f} MB")
+        for mode in [m for m in args.scaling_modes.split(",") if m]:
+            s = loadkit_cli(scaled, args.dsn, mode, args.mlflow_uri, args.set)
+            scaling.append({"factor": factor, "mode": mode, "input_mb": scaled.bytes / 1e6, "rows": scaled.total_rows,
+                            "wall_s": s.wall_s, "peak_rss_mb": (s.peak_rss or 0) / 2**20,
+                            "peak_pss_mb": (s.peak_pss or 0) / 2**20})
+            log(f"scaling x{factor} {mode}: {scaled.bytes / 1e6:.0f} MB, {s.wall_s:.1f} s, "
+                f"peak RSS {(s.peak_rss or 0) / 2**20:.0f} MB, PSS {(s.peak_pss or 0) / 2**20:.0f} MB")
 
     from loadkit.tracking import git_commit
 
@@ -380,8 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path.write_text(json.dumps(report, indent=2, default=str))
     print(render(results + ([sample_month] if sample_month else [])))
     if scaling:
-        print("memory scaling: " + ", ".join(f"x{s['factor']} {s['input_mb']:.0f} MB -> RSS {s['peak_rss_mb']:.0f} MB, "
-                                             f"PSS {s['peak_pss_mb']:.0f} MB"
+        print("memory scaling: " + ", ".join(f"{s['mode']} x{s['factor']} {s['input_mb']:.0f} MB -> "
+                                             f"RSS {s['peak_rss_mb']:.0f} MB, PSS {s['peak_pss_mb']:.0f} MB"
                                              for s in scaling))
     print(f"dlt: {report['dlt']}")
     print(f"load averages at each rep: {report['params']['load_average_at_reps']}")

@@ -195,10 +195,13 @@ class EnvConfig:
     ship_code: bool = False
     progress_bars: bool = True
     # ray: always the Ray Data pipeline. inprocess: the same read/parse/write stages in the
-    # driver, one batch at a time. auto: inprocess for a local run whose files to load total at
-    # most inprocess_max_bytes (Ray's start-up would be most of the run), else ray.
+    # driver (a parse thread, pool.writers writer threads). auto: inprocess for a local run
+    # whose files to load total at most inprocess_max_bytes (Ray's start-up would be most of
+    # the run) or whose machine has at most inprocess_max_cpus cores (Ray's processes cost
+    # more CPU than they add there), else ray.
     executor: str = "auto"
     inprocess_max_bytes: int = 32 * 1024 * 1024
+    inprocess_max_cpus: int = 2
 
 
 @dataclass
@@ -275,6 +278,7 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.env.executor in ("auto", "ray", "inprocess"), "env.executor",
              f"env.executor must be auto, ray or inprocess, got {cfg.env.executor!r}")
     _require(cfg.env.inprocess_max_bytes >= 0, "env.inprocess_max_bytes", "env.inprocess_max_bytes must be >= 0")
+    _require(cfg.env.inprocess_max_cpus >= 0, "env.inprocess_max_cpus", "env.inprocess_max_cpus must be >= 0")
     _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
     _require(IDENTIFIER.match(cfg.sink.ledger_schema) is not None, "sink.ledger_schema",
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import queue
 import signal
 import threading
 import time
@@ -479,20 +480,90 @@ def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = No
 
 
 def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: SizeBoard) -> Iterator[pa.Table]:
-    """The same stages without Ray: read a chunk, parse it, write it, in this process.
+    """The same stages without Ray: one parse thread feeding ``pool.writers`` writer threads.
 
-    For inputs so small that starting Ray and its workers would be most of the run. One
-    batch is in flight at a time, written by the same BatchWriter with the same ledger
-    rows, so a run or a resume may switch executors freely.
+    pyarrow's parser and ADBC's COPY release the GIL, so parsing, encoding and the server's
+    work overlap. A writer encodes a batch and then waits for the server, so two writer
+    threads keep both busy. Parsed batches wait in a queue of one per writer (bounded
+    memory); results come back to the caller's thread. Same BatchWriter, same batch ids and
+    ledger rows as the Ray pipeline, so a run or a resume may switch executors freely.
     """
     tables = {t.name: replace(t, files=()) for t in plan.tables}
-    writer = BatchWriter(writer_settings(plan, dsn))
-    try:
+    parsed: "queue.Queue[Any]" = queue.Queue(maxsize=plan.writers)
+    results: "queue.Queue[Any]" = queue.Queue()
+    stop = threading.Event()
+    writers = [BatchWriter(writer_settings(plan, dsn)) for _ in range(plan.writers)]  # connect up front
+
+    def produce() -> None:
         for unit in units:
             for block in read_unit(unit, board):
-                yield writer(parse_block(block, tables, plan.period))
+                if not _offer(parsed, parse_block(block, tables, plan.period), stop):
+                    return
+        for _ in writers:  # one end marker per writer
+            _offer(parsed, None, stop)
+
+    def write(writer: BatchWriter) -> None:
+        while (item := _take(parsed, stop)) is not None:
+            results.put(writer(item))
+        results.put(None)
+
+    threads = [threading.Thread(target=_reporting(produce, results), name="loadkit-parse", daemon=True)]
+    threads += [threading.Thread(target=_reporting(write, results, w), name=f"loadkit-write-{i}", daemon=True)
+                for i, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    try:
+        done = 0
+        while done < len(writers):
+            item = results.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            if item is None:
+                done += 1
+                continue
+            yield item
     finally:
-        writer.close()
+        stop.set()  # threads finish the batch in hand (committed or rolled back, both safe) and leave
+        for t in threads:
+            t.join(timeout=60)
+        for w in writers:
+            w.close()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def _reporting(fn: Any, results: "queue.Queue[Any]", *args: Any) -> Any:
+    """Run fn(*args) on a thread; its exception goes to the caller's thread through results."""
+    def run() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:
+            results.put(_Failed(exc))
+    return run
+
+
+def _offer(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
+    """Put with backpressure, giving up once the consumer has stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _take(q: "queue.Queue[Any]", stop: threading.Event) -> Any:
+    """Next item, or None once the consumer has stopped."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+    return None
 
 
 @contextmanager

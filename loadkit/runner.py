@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import signal
 import threading
 import time
@@ -235,12 +236,16 @@ class Runner:
             channel.close()
 
     def _executor(self, units: List[ReadUnit]) -> str:
-        """Ray Data, or the same stages in this process when Ray's start-up would dominate the run."""
+        """Ray Data, or the same stages in this process where Ray's start-up or its processes would
+        cost more than they give: a small input, or a small local machine (see README, Benchmark)."""
         env = self.cfg.env
         if env.executor != "auto":
             return env.executor
-        small = sum(u.file.size for u in units) <= env.inprocess_max_bytes
-        return "inprocess" if small and env.address is None else "ray"
+        if env.address is not None:
+            return "ray"
+        small_input = sum(u.file.size for u in units) <= env.inprocess_max_bytes
+        small_machine = (env.num_cpus or os.cpu_count() or 1) <= env.inprocess_max_cpus
+        return "inprocess" if small_input or small_machine else "ray"
 
     def _sizing(self) -> SizingSettings:
         assert self.plan is not None

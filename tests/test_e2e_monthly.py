@@ -122,13 +122,14 @@ def test_one_large_file_streams_in_bounded_blocks(tmp_path: Path, pg_dsn: str, s
 
 def test_auto_executor_runs_small_months_in_process_and_resumes_across_executors(
         month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides) -> None:
-    """auto picks by the bytes left to read; both executors write the same batch ids, so a run
+    """auto picks by the bytes left to read (and the cores); both executors write the same batch ids, so a run
     one executor started, the other finishes without duplicating a row."""
     target, led = schemas
     shards = sorted(p.name for p in month.folder.glob("Estabelecimentos*.zip"))
     assert len(shards) == 2
     only_first = f'job.tables.estabelecimentos.source.paths=["{{year:04d}}-{{month:02d}}/{shards[0]}"]'
-    first = run_job(compose(job_overrides(month.root, "env.executor=auto", "env.inprocess_max_bytes=0", only_first)))
+    first = run_job(compose(job_overrides(month.root, "env.executor=auto", "env.inprocess_max_bytes=0",
+                                          "env.inprocess_max_cpus=0", only_first)))
     assert first.status == "succeeded", first.error
     assert first.metrics.executor == "ray"
     rest = run_job(compose(job_overrides(month.root, "env.executor=auto")))
@@ -142,3 +143,23 @@ def test_auto_executor_runs_small_months_in_process_and_resumes_across_executors
     assert query(pg_dsn, f'SELECT count(*) FROM "{led}".batch WHERE table_name = %s', ("estabelecimentos",))[0][0] \
         == query(pg_dsn, f'SELECT count(DISTINCT batch_id) FROM "{led}".batch WHERE table_name = %s',
                  ("estabelecimentos",))[0][0]
+
+
+@pytest.mark.parametrize("max_bytes, max_cpus, cpus, address, expected", [
+    (0, 0, 8, None, "ray"),  # a big input on a big machine
+    (1 << 40, 0, 8, None, "inprocess"),  # a small input
+    (0, 2, 2, None, "inprocess"),  # a small machine
+    (1 << 40, 2, 2, "auto", "ray"),  # a cluster run is always Ray
+])
+def test_auto_executor_rule(month: SampleManifest, max_bytes: int, max_cpus: int, cpus: int, address: object,
+                            expected: str) -> None:
+    from loadkit.pipeline import ReadUnit
+    from loadkit.plan import build_plan
+    from loadkit.runner import Runner
+
+    extra = [f"env.inprocess_max_bytes={max_bytes}", f"env.inprocess_max_cpus={max_cpus}", f"env.num_cpus={cpus}"]
+    cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={month.root}", *extra,
+                   f"env.address={address}" if address else "env.address=null"])
+    plan = build_plan(cfg)
+    units = [ReadUnit(t, f, (), plan.batch.size) for t in plan.tables for f in t.files]
+    assert Runner(cfg)._executor(units) == expected

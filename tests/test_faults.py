@@ -241,6 +241,34 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, month))
 
 
+def test_inprocess_executor_kill9_and_sigterm_then_resume(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None, args, cli_runs,
+        record_property: Callable[[str, Any], None]) -> None:
+    """The in-process executor (parse thread, writer threads) under the same faults: kill -9 mid-load,
+    SIGTERM mid-load (writer threads finish or roll back the batch in hand, exit 130), then a Ray
+    run finishes the month exactly once."""
+    _, led = schemas
+    run = cli_runs(args(50, "env.executor=inprocess"))
+    wait_until(lambda: committed(pg_dsn, led) >= 3 or not run.alive(), 300, "3 commits")
+    run.signal(signal.SIGKILL)
+    assert run.wait(30) == -signal.SIGKILL
+    after_kill = committed(pg_dsn, led)
+    run = cli_runs(args(80, "env.executor=inprocess"))
+    wait_until(lambda: committed(pg_dsn, led) >= after_kill + 3 or not run.alive(), 300, "3 more commits")
+    run.signal(signal.SIGTERM)
+    signalled = time.time()
+    assert run.wait(60) == 130
+    late = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE committed_at > to_timestamp(%s)",
+                        (signalled + 1.0,))
+    assert late == 0, "a batch started more than 1 s after SIGTERM"
+    statuses = Counter(r[0] for r in query(pg_dsn, f'SELECT status FROM "{led}".run'))
+    assert statuses == {"crashed": 1, "interrupted": 1}
+    result = run_job(compose(args(120)))  # conftest's default: the Ray executor
+    assert result.status == "succeeded", result.error
+    assert result.metrics.executor == "ray"
+    record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, month))
+
+
 def test_writer_actor_killed_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None,
                                       args,
         record_property: Callable[[str, Any], None]) -> None:
