@@ -492,7 +492,7 @@ def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board
     parsed: "queue.Queue[Any]" = queue.Queue(maxsize=plan.writers)
     results: "queue.Queue[Any]" = queue.Queue()
     stop = threading.Event()
-    writers = [BatchWriter(writer_settings(plan, dsn)) for _ in range(plan.writers)]  # connect up front
+    writers = _open_writers(writer_settings(plan, dsn), plan.writers)  # connect up front, in this thread
 
     def produce() -> None:
         for unit in units:
@@ -528,6 +528,19 @@ def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board
             t.join(timeout=60)
         for w in writers:
             w.close()
+
+
+def _open_writers(settings: WriterSettings, count: int) -> List[BatchWriter]:
+    """``count`` writers, or none: a failed connect closes the ones already open."""
+    writers: List[BatchWriter] = []
+    try:
+        for _ in range(count):
+            writers.append(BatchWriter(settings))
+    except BaseException:
+        for w in writers:
+            w.close()
+        raise
+    return writers
 
 
 @dataclass(frozen=True)

@@ -312,12 +312,13 @@ def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: s
                     cur.execute("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
                                 "WHERE application_name = %s", (f"loadkit:{run_id}:writer",))
                     terminated.extend(pid for pid, ok in cur.fetchall() if ok)
-                time.sleep(0.4)
+                time.sleep(0.15)
         finally:
             conn.close()
 
+    # Small batches: the load must last long enough for several terminations (it takes ~4 s at 200 rows).
     with Background(terminate_writers):
-        result = run_job(compose(args(200)))
+        result = run_job(compose(args(40)))
     assert result.status == "succeeded", result.error
     assert len(terminated) >= 2
     record_property("backends_terminated", len(terminated))
