@@ -47,35 +47,32 @@ def process_rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
-def _tree(pid: Optional[int] = None) -> List[psutil.Process]:
+def _tree() -> List[psutil.Process]:
+    """This process and all its descendants (the driver plus a local Ray's workers)."""
     try:
-        root = psutil.Process(pid or os.getpid())
+        root = psutil.Process(os.getpid())
         return [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
 
 
-def tree_rss(pid: Optional[int] = None) -> int:
-    """RSS of a process and all its descendants (the driver plus a local Ray's workers).
+def _rss(p: psutil.Process) -> int:
+    """Resident set size. Summed over a tree it counts pages shared between processes (Ray's
+    object store, libraries) once per process that maps them, overstating what the tree holds."""
+    return p.memory_info().rss
 
-    Pages shared between processes (Ray's object store, libraries) count once per process
-    that maps them, so this overstates what the tree holds; tree_pss does not."""
+
+def _pss(p: psutil.Process) -> int:
+    """Proportional set size: each shared page split among the processes mapping it, so a tree's
+    sum is the memory it really holds. Reads smaps_rollup: ~1 ms a process."""
+    return getattr(p.memory_full_info(), "pss", 0)
+
+
+def _summed(procs: List[psutil.Process], read: Callable[[psutil.Process], int]) -> int:
     total = 0
-    for p in _tree(pid):
+    for p in procs:
         try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
-
-
-def tree_pss(pid: Optional[int] = None) -> int:
-    """Proportional set size of the tree: each shared page split among the processes mapping
-    it, so the sum is the memory the tree really holds. Reads smaps_rollup: ~1 ms a process."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            total += getattr(p.memory_full_info(), "pss", 0)
+            total += read(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
@@ -108,10 +105,11 @@ class MemoryMonitor:
             self._stop.wait(self._interval)
 
     def sample(self) -> Tuple[float, int, float]:
-        rss = tree_rss()
+        procs = _tree()  # one walk of /proc for both figures
+        rss = _summed(procs, _rss)
         point = (time.time(), rss, psutil.virtual_memory().percent / 100.0)
         # PSS costs more to read; every _PSS_EVERY samples, and always at a new RSS peak.
-        pss = tree_pss() if (len(self._samples) % _PSS_EVERY == 0 or rss > self._peak) else 0
+        pss = _summed(procs, _pss) if (len(self._samples) % _PSS_EVERY == 0 or rss > self._peak) else 0
         with _lock:
             self._samples.append(point)
             if len(self._samples) > 20_000:  # bounded: keep every other old sample
