@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from jobs.sample import generate_month  # noqa: E402
+from loadkit.examples.cnpj.sample import generate_month  # noqa: E402
 from loadkit import db  # noqa: E402
 from loadkit.config import register, to_config  # noqa: E402
 from loadkit.pipeline import ensure_ray  # noqa: E402
@@ -33,7 +33,7 @@ def run_once(data: Path, dsn: str, mlflow_uri: str, extra: List[str]) -> RunResu
     overrides = ["+job=monthly", "year=2024", "month=5", f"data_root={data}", f"sink.dsn={dsn}",
                  f"job.schema=bench_{tag}", f"sink.ledger_schema=bench_l_{tag}", f"tracking.uri={mlflow_uri}",
                  "tracking.experiment=loadkit-bench", "env.progress_bars=false", *extra]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "loadkit" / "conf"), version_base="1.3"):
         cfg = to_config(compose("config", overrides=overrides))
     try:
         result = run_job(cfg)

@@ -4,7 +4,7 @@
     python -m benchmarks.copy_bench --rows 200000 --reps 1 --scaling ""   # a quick smoke run
 
 Generates a CNPJ-like month of raw (unzipped) Estabelecimentos + Empresas members with
-jobs.sample, then alternates, ``--reps`` times each: psql \\copy into all-text tables, the monthly
+loadkit.examples.cnpj.sample, then alternates, ``--reps`` times each: psql \\copy into all-text tables, the monthly
 job through the CLI (typed, validated, rejects + ledger on, fresh schemas per repetition) in
 each ``--modes`` write mode (``append@ray`` forces the Ray executor; plain modes use the
 default ``env.executor=auto``), and pandas read_csv(chunksize) + to_sql on a subset, extrapolated.
@@ -71,7 +71,7 @@ class Sample:
 
 def generate(root: Path, rows: int) -> Month:
     """A raw month under root (reused when already there). NULs are dropped: PostgreSQL's COPY refuses them."""
-    from jobs.sample import generate_month
+    from loadkit.examples.cnpj.sample import generate_month
 
     stamp = root / "bench.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("rows") == rows:

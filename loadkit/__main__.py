@@ -24,9 +24,8 @@ from loadkit.security import mask_text
 
 
 def conf_dir() -> str:
-    """conf/ of the project: LOADKIT_CONF, else ./conf, else the one next to the installed package."""
-    for candidate in (os.environ.get("LOADKIT_CONF"), os.path.join(os.getcwd(), "conf"),
-                      str(Path(__file__).resolve().parent.parent / "conf")):
+    """loadkit's config groups: LOADKIT_CONF if set, else the conf/ shipped inside the package."""
+    for candidate in (os.environ.get("LOADKIT_CONF"), str(Path(__file__).resolve().parent / "conf")):
         if candidate and os.path.isfile(os.path.join(candidate, "config.yaml")):
             return os.path.abspath(candidate)
     raise SystemExit("loadkit: cannot find conf/config.yaml (set LOADKIT_CONF)")

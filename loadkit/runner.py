@@ -415,13 +415,12 @@ class Runner:
 
 
 def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
-    """Ship loadkit/ and jobs/ to cluster workers that do not have the project installed."""
+    """Ship loadkit/ (with its conf/ and examples/) to cluster workers that do not have it installed."""
     if not ship_code:
         return None
-    import jobs
     import loadkit
 
-    return {"py_modules": [str(Path(loadkit.__file__).parent), str(Path(jobs.__file__).parent)]}
+    return {"py_modules": [str(Path(loadkit.__file__).parent)]}
 
 
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:

@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+CONF = ROOT / "loadkit" / "conf"
 LOCAL_DSN = "postgresql://root@127.0.0.1:5432/test"
 
 

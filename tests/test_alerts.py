@@ -13,7 +13,7 @@ from typing import Iterator, List
 import psycopg2
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import ledger, tracking
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.config import AlertRule, AlertsConfig

@@ -6,7 +6,7 @@ from typing import Callable, List
 
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.runner import run_job
 from tests.conftest import compose, query

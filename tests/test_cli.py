@@ -40,7 +40,7 @@ def test_missing_month_folder_exits_3_listing_the_path(tmp_path: Path) -> None:
 
 
 def test_dead_database_exits_4_without_password(tmp_path: Path) -> None:
-    from jobs.sample import generate_month
+    from loadkit.examples.cnpj.sample import generate_month
 
     generate_month(tmp_path, 2024, 5, rows=50, shards=1)
     out = cli(["+job=monthly", "year=2024", "month=5", f"data_root={tmp_path}", "tracking.enabled=false",

@@ -22,7 +22,7 @@ from typing import IO, Dict, Iterator, List
 
 import pytest
 
-from jobs.sample import generate_month
+from loadkit.examples.cnpj.sample import generate_month
 from tests.conftest import ROOT, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
@@ -152,6 +152,6 @@ def test_monthly_job_runs_on_a_ray_cluster(ray_cluster: tuple, pg_dsn: str, sche
     runs = query(pg_dsn, f'SELECT status, rows_read, config #>> \'{{env,name}}\', config #>> \'{{env,address}}\' '
                          f'FROM "{led}".run')
     assert runs == [("succeeded", sum(month.rows.values()), "cluster", address)]
-    # The code went through the runtime env: the cluster unpacked loadkit/ and jobs/ as py_modules.
+    # The code went through the runtime env: the cluster unpacked loadkit/ (conf/ and examples/ inside) as py_modules.
     shipped = {p.name for p in temp.glob("session_*/runtime_resources/py_modules_files/_ray_pkg_*")}
     assert len(shipped) >= 2, sorted(p.name for p in temp.glob("session_*/*"))

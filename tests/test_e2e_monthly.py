@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
 from tests.conftest import compose, query
 

@@ -28,7 +28,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.errors import Category, classify
 from loadkit.plan import RetryPolicy
 from loadkit.resilience import retrying

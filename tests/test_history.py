@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.history import main
 from loadkit.runner import RunResult, run_job
 from tests.conftest import ROOT, compose

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Set
 import psycopg2
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import modes
 from loadkit.config import MigrateConfig
 from loadkit.errors import Category, ConfigError, classify

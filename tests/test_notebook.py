@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
 from tests.conftest import ROOT, compose
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import sample
-from jobs.sample import COLUMNS, TABLES, SampleManifest, generate_month
+from loadkit.examples.cnpj import sample
+from loadkit.examples.cnpj.sample import COLUMNS, TABLES, SampleManifest, generate_month
 
 SEP = '";"'
 Record = list[str]

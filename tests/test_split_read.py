@@ -8,7 +8,7 @@ from typing import List
 
 import pytest
 
-from jobs.sample import generate_month
+from loadkit.examples.cnpj.sample import generate_month
 from loadkit.pipeline import ReadUnit, read_unit, split_units
 from loadkit.plan import build_plan
 from tests.conftest import compose, query

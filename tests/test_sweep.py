@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import tracking
 from tests.conftest import ROOT
 from tests.test_tracking import SECRET, with_password

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import tracking
 from loadkit.logs import JsonFormatter, TextFormatter, log_context, set_context
 from loadkit.runner import run_job

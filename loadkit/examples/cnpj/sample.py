@@ -1055,7 +1055,7 @@ def generate_month(root: Path, year: int, month: int, *, rows: int = 2000, shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loadkit.examples.cnpj.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--year", type=int, required=True)
     parser.add_argument("--month", type=int, required=True)
     parser.add_argument("--out", type=Path, default=Path("data"), help="root folder; the month goes in OUT/YYYY-MM")

@@ -1,0 +1,1 @@
+"""Example jobs shipped with loadkit; the engine never imports them."""
