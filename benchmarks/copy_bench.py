@@ -1,4 +1,4 @@
-"""loadkit against psql \\copy (the single-stream limit) and a naive pandas to_sql, on one generated month.
+"""loadkit against psql \\copy (one and two streams), its peers dlt and pgloader, and pandas to_sql, on one month.
 
     python -m benchmarks.copy_bench                     # ~1 GB month (4M estabelecimentos), 3 reps each
     python -m benchmarks.copy_bench --rows 200000 --reps 1 --scaling ""   # a quick smoke run
@@ -7,7 +7,9 @@ Generates a CNPJ-like month of raw (unzipped) Estabelecimentos + Empresas member
 loadkit.examples.cnpj.sample, then alternates, ``--reps`` times each: psql \\copy into all-text tables, the monthly
 job through the CLI (typed, validated, rejects + ledger on, fresh schemas per repetition) in
 each ``--modes`` write mode (``append@ray`` forces the Ray executor; plain modes use the
-default ``env.executor=auto``), and pandas read_csv(chunksize) + to_sql on a subset, extrapolated.
+default ``env.executor=auto``), pandas read_csv(chunksize) + to_sql on a subset, extrapolated, and the
+``--peers`` of benchmarks/peers.py (two-stream psql, dlt's COPY and default loaders in dlt's own
+virtualenv, Debian's pgloader into the typed tables); ``--slow-peers`` run on a smaller month, extrapolated.
 Prints a table, writes it as JSON under benchmarks/out/ and records it as one MLflow run.
 """
 from __future__ import annotations
@@ -198,14 +200,6 @@ def sample_month_size() -> Month:
     return Month(ROOT / "data", files, manifest["rows"])
 
 
-def dlt_available() -> Optional[str]:
-    try:
-        import dlt  # noqa: F401
-    except ImportError:
-        return "dlt is not installed in this environment (optional: pip install 'dlt[postgres]')"
-    return None
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -267,7 +261,9 @@ def load_average() -> float:
 # ---------------------------------------------------------------- report
 
 
-def summarise(name: str, samples: List[Sample], month: Month, reference: Optional[float]) -> Dict[str, Any]:
+def summarise(name: str, samples: List[Sample], month: Month, reference: Optional[float],
+              loadkit_median: Optional[float] = None) -> Dict[str, Any]:
+    """Medians of one loader's reps; ratios are speed ratios (reference wall / this wall, > 1 = faster)."""
     walls = [s.wall_s for s in samples]
     med = statistics.median(walls)
     pick = lambda attr: [getattr(s, attr) for s in samples if getattr(s, attr) is not None]  # noqa: E731
@@ -279,6 +275,7 @@ def summarise(name: str, samples: List[Sample], month: Month, reference: Optiona
         "startup_s": statistics.median(pick("startup_s")) if pick("startup_s") else None,
         "finish_s": statistics.median(pick("finish_s")) if pick("finish_s") else None,
         "ratio_to_psql": reference / med if reference else None,
+        "ratio_to_loadkit": loadkit_median / med if loadkit_median else None,
         "extrapolated_from_rows": samples[0].extrapolated_from,
         "samples": [asdict(s) for s in samples],
     }
@@ -288,7 +285,7 @@ def summarise(name: str, samples: List[Sample], month: Month, reference: Optiona
 def render(rows: List[Dict[str, Any]]) -> str:
     head = f"{'loader':<22} {'wall s median (min-max)':>24} {'rows/s':>10} {'MB/s':>7} {'peak RSS MB':>11} " \
            f"{'peak PSS MB':>11} " \
-           f"{'startup s':>9} {'finish s':>8} {'x psql':>7}"
+           f"{'startup s':>9} {'finish s':>8} {'x psql':>7} {'x loadkit':>9}"
     lines = [head, "-" * len(head)]
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for r in rows:
@@ -297,7 +294,8 @@ def render(rows: List[Dict[str, Any]]) -> str:
         lines.append(f"{name:<22} {wall:>24} {r['rows_per_s']:>10,.0f} {r['mb_per_s']:>7.1f} "
                      f"{fmt(r['peak_rss_mb'], '11.0f'):>11} {fmt(r['peak_pss_mb'], '11.0f'):>11} "
                      f"{fmt(r['startup_s'], '9.1f'):>9} "
-                     f"{fmt(r['finish_s'], '8.1f'):>8} {fmt(r['ratio_to_psql'], '7.2f'):>7}")
+                     f"{fmt(r['finish_s'], '8.1f'):>8} {fmt(r['ratio_to_psql'], '7.2f'):>7} "
+                     f"{fmt(r.get('ratio_to_loadkit'), '9.2f'):>9}")
     if any(r["extrapolated_from_rows"] for r in rows):
         lines.append("* extrapolated linearly from a subset (rows in extrapolated_from_rows)")
     return "\n".join(lines)
@@ -310,10 +308,11 @@ def track(report: Dict[str, Any], uri: str) -> Optional[str]:
     tracker = RunTracker(True, uri, "loadkit-benchmark")
     tracker.start("copy_bench", report["params"], {"kind": "benchmark"})
     for r in report["results"]:
-        key = r["loader"].replace(" ", "_")
+        key = re.sub(r"[^A-Za-z0-9_.\-/]", "", r["loader"].replace(" ", "_"))
         tracker.metrics({f"{key}.{m}": r[m] for m in ("wall_median_s", "rows_per_s", "mb_per_s", "peak_rss_mb",
-                                                       "peak_pss_mb", "startup_s", "finish_s", "ratio_to_psql")
-                         if r[m] is not None})
+                                                       "peak_pss_mb", "startup_s", "finish_s", "ratio_to_psql",
+                                                       "ratio_to_loadkit")
+                         if r.get(m) is not None})
     for s in report.get("scaling", []):
         key = "scaling." + s["mode"].replace("@", "_")
         tracker.metrics({f"{key}.peak_rss_mb": s["peak_rss_mb"], f"{key}.peak_pss_mb": s["peak_pss_mb"]},
@@ -341,6 +340,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--mlflow-uri", default=f"sqlite:///{OUT / 'mlflow.db'}")
     p.add_argument("--set", action="append", default=[], help="extra loadkit override, e.g. pool.writers=3")
     p.add_argument("--sample-reps", type=int, default=3, help="runs of the committed sample month (data/2024-05)")
+    p.add_argument("--peers", default="psql2,dlt,dlt-default,pgloader",
+                   help="peers timed in the same reps (benchmarks/peers.py): psql2, dlt, dlt-default, pgloader")
+    p.add_argument("--slow-peers", default="dlt-default",
+                   help="peers run on a smaller generated month (--slow-peer-rows) and extrapolated")
+    p.add_argument("--slow-peer-rows", type=int, default=200_000, help="estabelecimentos rows for --slow-peers")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
@@ -350,6 +354,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     samples: Dict[str, List[Sample]] = {"psql \\copy (text)": []}
     samples.update({f"loadkit {m}": [] for m in modes})
     samples["pandas to_sql"] = []
+    from benchmarks import peers as peer_mod
+
+    peer_keys = [k for k in args.peers.split(",") if k]
+    slow = {k for k in args.slow_peers.split(",") if k}
+    small_month = generate(args.data / f"rows{args.slow_peer_rows}", args.slow_peer_rows) if slow & set(peer_keys) \
+        else None
+    for k in peer_keys:
+        samples[peer_mod.PEERS[k][0]] = []
     loads = []
     for rep in range(args.reps):
         loads.append(load_average())
@@ -358,9 +370,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for m in modes:
             samples[f"loadkit {m}"].append(loadkit_cli(month, args.dsn, m, args.mlflow_uri, args.set))
         samples["pandas to_sql"].append(pandas_to_sql(month, args.dsn, args.pandas_rows))
+        for k in peer_keys:
+            on = small_month if (k in slow and small_month) else month
+            got = peer_mod.run_peer(k, on, args.dsn)
+            if got is not None and on is not month:  # extrapolated linearly to the full month, labelled
+                got = Sample(got.wall_s * month.total_rows / on.total_rows, extrapolated_from=on.total_rows,
+                             extra=got.extra | {"measured_s": got.wall_s})
+            if got is not None:
+                samples[peer_mod.PEERS[k][0]].append(got)
         log("  " + ", ".join(f"{k} {v[-1].wall_s:.1f}s" for k, v in samples.items()))
     reference = statistics.median(s.wall_s for s in samples["psql \\copy (text)"])
-    results = [summarise(name, s, month, reference) for name, s in samples.items()]
+    samples = {k: v for k, v in samples.items() if v}  # a peer that could not run here is left out (logged)
+    ours = samples.get(f"loadkit {modes[0]}") if modes else None
+    ours_med = statistics.median(s.wall_s for s in ours) if ours else None
+    results = [summarise(name, s, month, reference, ours_med) for name, s in samples.items()]
     small = [run_cli(ROOT / "data", args.dsn, args.mlflow_uri, args.set) for _ in range(args.sample_reps)]
     sample_month = summarise("sample month 2024-05", small, sample_month_size(), None) if small else None
 
@@ -384,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "reps": args.reps, "modes": args.modes, "pandas_rows": args.pandas_rows, "overrides": args.set,
                    "cpus": psutil.cpu_count(), "git_commit": git_commit() or "unknown",
                    "load_average_at_reps": [round(x, 2) for x in loads]},
-        "results": results, "sample_month": sample_month, "scaling": scaling, "dlt": dlt_available() or "available (not yet wired)",
+        "results": results, "sample_month": sample_month, "scaling": scaling,
     }
     report["mlflow_run_id"] = track(report, args.mlflow_uri)
     path = OUT / f"copy_bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
@@ -394,7 +417,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("memory scaling: " + ", ".join(f"{s['mode']} x{s['factor']} {s['input_mb']:.0f} MB -> "
                                              f"RSS {s['peak_rss_mb']:.0f} MB, PSS {s['peak_pss_mb']:.0f} MB"
                                              for s in scaling))
-    print(f"dlt: {report['dlt']}")
     print(f"load averages at each rep: {report['params']['load_average_at_reps']}")
     print(f"written {path.relative_to(ROOT)}; MLflow run {report['mlflow_run_id']} ({args.mlflow_uri})")
     return 0
