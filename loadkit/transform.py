@@ -543,7 +543,13 @@ def parse_parquet_batch(table: TableSpec, data: bytes, first_row: int = 1) -> Pa
     typed: Dict[str, pa.Array] = {}
     for col in table.columns:
         arr = src[col.name].combine_chunks()
-        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+                or (col.kind in _TEXT_KINDS and _has_text_form(arr.type))):
+            # Text targets take the text rules whatever the stored type: null markers on the
+            # value's text, then zfill, then the length check (an int 38881 into char(6) with
+            # zfill 6 is '038881'; 7 digits are a reject, never PostgreSQL's 22001).
             typed[col.name] = _convert_column(col, arr.cast(pa.string()), chk)
             continue
         typed[col.name] = _cast_typed(col, arr, chk)
@@ -558,18 +564,34 @@ def parse_parquet_batch(table: TableSpec, data: bytes, first_row: int = 1) -> Pa
     return _split(table, typed, chk, [], ordinals, src.num_rows, records)
 
 
+_TEXT_KINDS = ("text", "char", "varchar")
+
+
+def _has_text_form(t: pa.DataType) -> bool:
+    return (pa.types.is_integer(t) or pa.types.is_decimal(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+            or pa.types.is_temporal(t))
+
+
 def _cast_typed(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
-    """Safe cast of a typed Parquet column; values that do not fit are flagged one by one."""
+    """A typed Parquet column into a typed target, with the same rules as text.
+
+    Null markers are matched on the value's text as Arrow writes it (int 0 -> "0", a date ->
+    "2024-01-31"); the cast is safe and values that do not fit are flagged one by one;
+    min/max apply to the cast value. Raises SourceDataError when the types cannot convert."""
     target = _arrow_type(col)
+    if col.null_values and _has_text_form(arr.type):
+        marked = pc.is_in(pc.cast(arr, pa.string()), value_set=pa.array(list(col.null_values), pa.string()))
+        arr = _null_out(arr, pc.fill_null(marked, False))
     try:
-        return pc.cast(arr, target, safe=True)
+        out = pc.cast(arr, target, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         if isinstance(exc, pa.ArrowNotImplementedError) or len(arr) == 0:
             raise SourceDataError(f"parquet column {col.name} ({arr.type}) cannot become {col.sql_type}: {exc}") \
                 from None
-    fits = pa.array([_fits(v, target) for v in arr], pa.bool_())
-    bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
-    return pc.cast(_null_out(arr, bad), target, safe=True)
+        fits = pa.array([_fits(v, target) for v in arr], pa.bool_())
+        bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
+        out = pc.cast(_null_out(arr, bad), target, safe=True)
+    return _check_bounds(col, out, chk, arr)
 
 
 def _fits(value: pa.Scalar, target: pa.DataType) -> bool:

@@ -19,7 +19,6 @@ from decimal import Decimal
 from typing import Any, List, Optional, Tuple
 
 import pyarrow as pa
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -182,7 +181,8 @@ def test_integers_equal_python_int_with_min_max(kind: str, values: List[Optional
     assert [r[1].split(":")[0] if r else None for r in reasons] == [e[1] for e in expected]
 
 
-def ref_numeric(value: Optional[str], p: int, s: int, lo: Optional[Decimal], hi: Optional[Decimal]) -> Tuple[Any, Optional[str]]:
+def ref_numeric(value: Optional[str], p: int, s: int, lo: Optional[Decimal],
+                hi: Optional[Decimal]) -> Tuple[Any, Optional[str]]:
     if value is None:
         return None, None
     t = value.strip(" \t")
