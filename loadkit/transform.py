@@ -278,9 +278,12 @@ def _check_bounds(col: ColumnSpec, out: pa.Array, chk: _Checker, raw: pa.Array) 
 def _to_int(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
     """ASCII digits with an optional sign, surrounding whitespace and leading zeros allowed (as
     PostgreSQL's int input): the value is Python's ``int()`` of it, or a reject "out of range"."""
-    # "+0042" -> "42", "-007" -> "-7": Arrow's cast takes neither a plus sign nor (past 19 digits) zeros
-    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(arr), r"^(?:\+|(-))?0*([0-9])", r"\1\2")
-    ok = pc.match_substring_regex(text, r"^-?[0-9]+$")
+    text = pc.utf8_trim_whitespace(arr)
+    ok = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")  # the common case: Arrow casts it as it is
+    if pc.sum(ok).as_py() != len(text) - text.null_count:
+        ok = pc.match_substring_regex(text, r"^[+-]?[0-9]+$")
+        # "+0042" -> "42", "-007" -> "-7": Arrow's cast takes neither a plus sign nor 19+ digits with zeros
+        text = pc.replace_substring_regex(text, r"^(?:\+|(-))?0*([0-9])", r"\1\2")
     bad = chk.flag(pc.invert(ok), col.name, "not an integer", arr, col.on_invalid)
     text = _null_out(text, bad)
     lo, hi = _INT_RANGES[col.kind]
@@ -312,11 +315,14 @@ def _to_numeric(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         text = pc.replace_substring(pc.replace_substring(text, ".", ""), ",", ".")
     else:
         ok_shape = pc.match_substring_regex(text, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)$")
-    # One canonical form Arrow casts: a leading 0, no trailing fraction zeros (1.500 -> 01.5, .0 -> 0, -2. -> -02)
-    text = pc.replace_substring_regex(text, r"^([+-]?)([0-9]*)(?:\.0*|(\.[0-9]*[1-9])0*)?$", r"\10\2\3")
+    if pc.any(pc.greater(pc.utf8_length(text), 38)).as_py():
+        # Arrow parses at most 38 digits: drop leading zeros and trailing fraction zeros first
+        # (one canonical form: 000.500 -> 0.5, .0 -> 0, -2. -> -02)
+        text = pc.replace_substring_regex(text, r"^([+-]?)0*([0-9]*)(?:\.0*|(\.[0-9]*[1-9])0*)?$", r"\10\2\3")
     precision, scale = col.precision or 38, col.scale or 0
     int_digits = pc.utf8_length(pc.replace_substring_regex(text, r"^[+-]?0*(\d*)(\.\d*)?$", r"\1"))
-    frac_digits = pc.utf8_length(pc.replace_substring_regex(text, r"^[^.]*\.?", ""))
+    # significant fraction digits: trailing zeros do not count
+    frac_digits = pc.utf8_length(pc.utf8_rtrim(pc.replace_substring_regex(text, r"^[^.]*\.?", ""), characters="0"))
     fits = pc.and_(pc.less_equal(int_digits, precision - scale), pc.less_equal(frac_digits, scale))
     bad = chk.flag(pc.invert(ok_shape), col.name, "not a number", arr, col.on_invalid)
     bad2 = chk.flag(pc.and_(pc.invert(bad), pc.invert(fits)), col.name, f"does not fit {col.sql_type}", arr,
@@ -332,8 +338,9 @@ def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
     bad = chk.flag(pc.and_(pc.is_valid(text), pc.is_null(parsed)), col.name, f"not a valid {col.kind} ({fmt})", arr,
                    col.on_invalid)
     parsed = _null_out(parsed, bad)
-    if col.kind == "date":
-        return pc.cast(pc.floor_temporal(parsed, unit="day"), pa.date32())
+    if col.kind == "date":  # the calendar day, also before 1970 (a plain cast would round toward zero)
+        timeless = not re.search(r"%[HIMSfpXcTrR]", fmt.replace("%%", ""))
+        return pc.cast(parsed if timeless else pc.floor_temporal(parsed, unit="day"), pa.date32())
     return parsed
 
 
@@ -344,7 +351,8 @@ def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
 _REGEX_GROUPS = frozenset("YymbBdHIpMSfaA")
 # Python's str.isspace() over ASCII: what Python's \s matches there (RE2's \s lacks \v and \x1c-\x1f).
 _PY_SPACE = r"[\t\n\x0b\x0c\r\x1c-\x1f ]"
-_EPOCH = dt.datetime(1970, 1, 1)
+_MIN_S = pa.scalar(dt.datetime(1, 1, 1), pa.timestamp("s"))
+_MAX_S = pa.scalar(dt.datetime(9999, 12, 31, 23, 59, 59), pa.timestamp("s"))
 _US = 1_000_000
 
 
@@ -368,9 +376,9 @@ def parse_datetimes(text: pa.Array, fmt: str) -> pa.Array:
     todo = pc.is_valid(text)
     if _simple_format(fmt):
         parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
-        year = pc.year(parsed)
+        # years 1..9999 only, as datetime (the round trip cannot see a 5-digit %Y)
         ok = pc.and_(pc.equal(_format_time(parsed, fmt), text),
-                     pc.and_(pc.greater_equal(year, 1), pc.less_equal(year, 9999)))
+                     pc.and_(pc.greater_equal(parsed, _MIN_S), pc.less_equal(parsed, _MAX_S)))
         ok = pc.fill_null(ok, False)
         out = _null_out(pc.cast(parsed, pa.timestamp("us")), pc.invert(ok))
         todo = pc.and_(todo, pc.invert(ok))

@@ -89,7 +89,7 @@ def formatted(draw: Any) -> Tuple[str, List[str]]:
     for _ in range(draw(st.integers(1, 8))):
         v = draw(st.datetimes(min_value=dt.datetime(1, 1, 1), max_value=dt.datetime(9999, 12, 31, 23, 59, 59)))
         if "%y" in fmt:  # %y covers 1969..2068 only
-            v = v.replace(year=1969 + v.year % 100)
+            v = v.replace(year=1969 + v.year % 100, day=min(v.day, 28) if v.month == 2 else v.day)
         pad, upper = draw(st.booleans()), draw(st.booleans())
         text = "".join(_render(p, v, pad or draw(st.booleans()), upper) if p.startswith("%") else
                        (p if p != " " else draw(st.sampled_from([" ", "  ", "\t"]))) for p in pieces)
