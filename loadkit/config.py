@@ -63,6 +63,9 @@ class ColumnConfig:
     type: str = "text"
     nullable: bool = True
     # Extra null markers for this column (e.g. "0", "00000000" for dates some sources leave blank).
+    # Matched on the raw value (after dialect.trim, before zfill and the length check), so a
+    # placeholder such as "0" or "       0" becomes NULL instead of being padded to "00000000".
+    # For typed Parquet columns they are matched on Arrow's text of the value (int 0 -> "0").
     null_values: List[str] = field(default_factory=list)
     # strptime format for date/timestamp columns.
     format: Optional[str] = None
@@ -389,10 +392,10 @@ def bound_value(kind: str, text: str) -> Any:
     if kind == "date":
         return dt.date.fromisoformat(text)
     if kind == "timestamp":
-        value = dt.datetime.fromisoformat(text)
-        if value.tzinfo is not None:
+        moment = dt.datetime.fromisoformat(text)
+        if moment.tzinfo is not None:
             raise ValueError("timestamp columns are without time zone: give a bound without an offset")
-        return value
+        return moment
     raise ValueError(f"min/max do not apply to {kind} columns (allowed: {', '.join(ORDERABLE)})")
 
 
@@ -411,7 +414,7 @@ def _validate_column_rules(ck: str, col: ColumnConfig) -> None:
     _require(len(bounds) < 2 or bounds["min"] <= bounds["max"], f"{ck}.min",
              f"min {col.min!r} is greater than max {col.max!r}")
     if col.format is not None:
-        import _strptime
+        import _strptime  # type: ignore[import-not-found]  # the stdlib module behind datetime.strptime
 
         try:
             _strptime.TimeRE().compile(col.format)

@@ -419,7 +419,7 @@ def _simple_format(fmt: str) -> bool:
 
 
 def _strptime_lang() -> object:
-    import _strptime
+    import _strptime  # type: ignore[import-not-found]  # the stdlib module behind datetime.strptime
 
     return _strptime._getlang()  # type: ignore[attr-defined]
 
@@ -436,7 +436,7 @@ class _RegexPlan:
 @functools.lru_cache(maxsize=64)
 def _regex_plan(fmt: str, lang: object) -> Optional[_RegexPlan]:
     """Python's strptime regex for ``fmt`` as RE2, or None when stage 2 cannot assemble it."""
-    import _strptime
+    import _strptime  # type: ignore[import-not-found]  # the stdlib module behind datetime.strptime
 
     time_re = _strptime.TimeRE()
     try:
