@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loadkit.config import ColumnConfig, DialectConfig, JobConfig, LoadkitConfig, SourceConfig, TableConfig, validate
+from loadkit.config import ColumnConfig, JobConfig, LoadkitConfig, SourceConfig, TableConfig, validate
 from loadkit.errors import ConfigError
 from loadkit.transform import parse_parquet_batch
 from loadkit.writer import ipc_bytes
@@ -68,7 +68,8 @@ def test_impossible_dates_are_still_rejected(fmt: str, text: str) -> None:
 def test_unpadded_date_times() -> None:
     col = ColumnConfig(name="ts", type="timestamp", format="%m/%d/%Y %H:%M:%S")
     parsed = parse(spec([("id", "integer"), col]), b"1,5/19/2006 0:00:00\n2,12/1/2006 13:5:9\n3,5/19/2006 24:00:00\n")
-    assert rows_of(parsed) == [{"id": 1, "ts": dt.datetime(2006, 5, 19)}, {"id": 2, "ts": dt.datetime(2006, 12, 1, 13, 5, 9)}]
+    assert rows_of(parsed) == [{"id": 1, "ts": dt.datetime(2006, 5, 19)},
+                               {"id": 2, "ts": dt.datetime(2006, 12, 1, 13, 5, 9)}]
     assert rejects_of(parsed) == [(3, "ts", "not a valid timestamp (%m/%d/%Y %H")]
 
 
