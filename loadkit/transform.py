@@ -596,10 +596,20 @@ def _cast_typed(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         if isinstance(exc, pa.ArrowNotImplementedError) or len(arr) == 0:
             raise SourceDataError(f"parquet column {col.name} ({arr.type}) cannot become {col.sql_type}: {exc}") \
                 from None
-        fits = pa.array([_fits(v, target) for v in arr], pa.bool_())
+        fits = _fitting(arr, target)
         bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
         out = pc.cast(_null_out(arr, bad), target, safe=True)
     return _check_bounds(col, out, chk, arr)
+
+
+def _fitting(arr: pa.Array, target: pa.DataType) -> pa.Array:
+    """Per value: does the safe cast to ``target`` succeed? Integer targets from integers or floats
+    (overflow, fractions, NaN): vectorised as an unchecked cast and back, a value that survives
+    the round trip lost nothing. Other types value by value (decimal scale and precision rules)."""
+    if pa.types.is_integer(target) and (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        back = pc.cast(pc.cast(arr, target, safe=False), arr.type, safe=False)
+        return pc.fill_null(pc.equal(back, arr), True)
+    return pa.array([_fits(v, target) for v in arr], pa.bool_())
 
 
 def _fits(value: pa.Scalar, target: pa.DataType) -> bool:

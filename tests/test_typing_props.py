@@ -219,3 +219,18 @@ def test_decimals_equal_python_decimal_with_min(ps: Tuple[int, int], values: Lis
     expected = [ref_numeric(v, p, s, lo, None) for v in values]
     assert got == [e[0] for e in expected]
     assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
+# ---------------------------------------------------------------- typed Parquet values into integer columns
+
+
+@PROFILE
+@given(st.sampled_from([pa.int16(), pa.int32(), pa.int64()]),
+       st.one_of(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), max_size=10).map(
+           lambda v: pa.array(v, pa.int64())),
+           st.lists(st.one_of(st.none(), st.floats(allow_infinity=True, allow_nan=True), st.integers(-99, 99).map(float)),
+                    max_size=10).map(lambda v: pa.array(v, pa.float64()))))
+def test_vectorised_fit_check_equals_the_safe_cast_of_each_value(target: pa.DataType, arr: pa.Array) -> None:
+    from loadkit.transform import _fits, _fitting
+
+    assert _fitting(arr, target).to_pylist() == [_fits(v, target) if v.is_valid else True for v in arr]
