@@ -228,8 +228,8 @@ def test_decimals_equal_python_decimal_with_min(ps: Tuple[int, int], values: Lis
 @given(st.sampled_from([pa.int16(), pa.int32(), pa.int64()]),
        st.one_of(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), max_size=10).map(
            lambda v: pa.array(v, pa.int64())),
-           st.lists(st.one_of(st.none(), st.floats(allow_infinity=True, allow_nan=True), st.integers(-99, 99).map(float)),
-                    max_size=10).map(lambda v: pa.array(v, pa.float64()))))
+           st.lists(st.one_of(st.none(), st.floats(allow_infinity=True, allow_nan=True),
+                              st.integers(-99, 99).map(float)), max_size=10).map(lambda v: pa.array(v, pa.float64()))))
 def test_vectorised_fit_check_equals_the_safe_cast_of_each_value(target: pa.DataType, arr: pa.Array) -> None:
     from loadkit.transform import _fits, _fitting
 
