@@ -517,13 +517,26 @@ _TIME_FIELDS = {"%Y": (pc.year, 4), "%m": (pc.month, 2), "%d": (pc.day, 2), "%H"
 def _format_time(parsed: pa.Array, fmt: str) -> pa.Array:
     """The canonical (zero-padded) text of ``parsed`` for a format of %Y %m %d %H %M %S and literals,
     built from components: Arrow's strftime costs ~1.5 us a value."""
-    pieces = []
+    pieces: List[object] = []
+    run: List[str] = []  # adjacent fields (%Y%m%d) become one integer, one cast and one pad (~3x faster)
+
+    def flush() -> None:
+        if run:
+            acc = pc.cast(_TIME_FIELDS[run[0]][0](parsed), pa.int64())
+            for f in run[1:]:
+                fn, width = _TIME_FIELDS[f]
+                acc = pc.add(pc.multiply(acc, 10 ** width), pc.cast(fn(parsed), pa.int64()))
+            width = sum(_TIME_FIELDS[f][1] for f in run)
+            pieces.append(pc.utf8_lpad(pc.cast(acc, pa.string()), width=width, padding="0"))
+            run.clear()
+
     for p in (p for p in re.split(r"(%.)", fmt) if p):
         if p in _TIME_FIELDS:
-            fn, width = _TIME_FIELDS[p]
-            pieces.append(pc.utf8_lpad(pc.cast(fn(parsed), pa.string()), width=width, padding="0"))
+            run.append(p)
         else:
+            flush()
             pieces.append(pa.scalar(p, pa.string()))
+    flush()
     return pc.binary_join_element_wise(*pieces, "") if len(pieces) > 1 else pieces[0]
 
 
