@@ -17,6 +17,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -293,8 +294,6 @@ def _to_int(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
     if pc.any(long).as_py():
         huge = pc.fill_null(pc.greater(ndigits, 38), False)
         dec = pc.cast(_null_out(text, pc.or_(pc.invert(long), huge)), pa.decimal128(38, 0))
-        from decimal import Decimal
-
         over = pc.or_(pc.less(dec, pa.scalar(Decimal(lo))), pc.greater(dec, pa.scalar(Decimal(hi))))
         bad_long = chk.flag(pc.or_(huge, pc.fill_null(over, False)), col.name, why, arr, col.on_invalid)
         text = _null_out(text, bad_long)
