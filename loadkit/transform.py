@@ -209,10 +209,20 @@ class _Checker:
             return bad
         for i in pc.indices_nonzero(bad).to_pylist():
             if self.reason[i] is None:
-                v = values[i].as_py()
-                self.reason[i] = (column, f"{why}: {v!r}")
+                self.reason[i] = (column, f"{why}: {_shown(values, i)!r}")
                 self.rejected += 1
         return bad
+
+
+def _shown(values: pa.Array, i: int) -> object:
+    """The value at i as Python shows it; Arrow's text where Python has no such value (year 0, -4713)."""
+    try:
+        return values[i].as_py()
+    except (OverflowError, ValueError):
+        try:
+            return values.slice(i, 1).cast(pa.string())[0].as_py()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return str(values.slice(i, 1).view(pa.int64() if values.type.bit_width == 64 else pa.int32())[0])
 
 
 def _null_out(arr: pa.Array, mask: pa.Array) -> pa.Array:
@@ -579,17 +589,29 @@ def parse_parquet_batch(table: TableSpec, data: bytes, first_row: int = 1) -> Pa
         name, cols = table.derived_key
         typed[name] = derived_key([pc.cast(src[c].combine_chunks(), pa.string()) for c in cols])
     ordinals = list(range(1, src.num_rows + 1))
-    records = {i + 1: _Record(first_row + i, json.dumps(src.slice(i, 1).to_pylist()[0], default=str).encode())
-               for i, r in enumerate(chk.reason) if r is not None}
+    records = {i + 1: _Record(first_row + i, _row_json(src, i)) for i, r in enumerate(chk.reason) if r is not None}
     return _split(table, typed, chk, [], ordinals, src.num_rows, records)
 
 
 _TEXT_KINDS = ("text", "char", "varchar")
+# PostgreSQL's date and timestamp range (4714-11-24 BC .. 5874897-12-31 AD; timestamps up to 294276 AD,
+# beyond int64 microseconds) as days / microseconds since 1970-01-01.
+_PG_RANGE = {"date": (-2_440_588, 2_145_042_906), "timestamp": (-212_760_172_800_000_000, 2**63 - 1)}
 
 
 def _has_text_form(t: pa.DataType) -> bool:
     return (pa.types.is_integer(t) or pa.types.is_decimal(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
             or pa.types.is_temporal(t))
+
+
+def _row_json(src: pa.Table, i: int) -> bytes:
+    """Row i of a Parquet batch as JSON, the raw text of its reject."""
+    row = src.slice(i, 1)
+    try:
+        values = row.to_pylist()[0]
+    except (OverflowError, ValueError):  # a value Python cannot hold (a date before year 1)
+        values = {name: _shown(row.column(name).combine_chunks(), 0) for name in row.column_names}
+    return json.dumps(values, default=str).encode()
 
 
 def _cast_typed(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
@@ -611,6 +633,12 @@ def _cast_typed(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         fits = _fitting(arr, target)
         bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
         out = pc.cast(_null_out(arr, bad), target, safe=True)
+    if col.kind in _PG_RANGE:  # Arrow holds dates PostgreSQL refuses (22008 would fail the whole table)
+        lo, hi = _PG_RANGE[col.kind]
+        stored = out.view(pa.int64() if col.kind == "timestamp" else pa.int32())
+        outside = pc.or_(pc.less(stored, lo), pc.greater(stored, hi))
+        out = _null_out(out, chk.flag(outside, col.name, f"outside the range of PostgreSQL's {col.kind}", arr,
+                                      col.on_invalid))
     return _check_bounds(col, out, chk, arr)
 
 

@@ -234,3 +234,17 @@ def test_parquet_int96_timestamps_load_exactly(tmp_path: Path) -> None:
     loaded = read_local(spec([("id", "integer"), ("ts", "timestamp")], fmt="parquet"), path)
     assert loaded.errors == [] and loaded.rejects == []
     assert [r["ts"] for r in loaded.rows] == values
+
+
+def test_parquet_dates_outside_postgres_range_are_row_rejects() -> None:
+    """Arrow holds dates PostgreSQL refuses; they are rejects, never error 22008 for the whole table."""
+    parsed = _parquet([("id", "integer"), ("d", "date"), ("ts", "timestamp")], {
+        "id": pa.array([1, 2, 3]),
+        "d": pa.array([0, -2_440_589, 2_145_042_907], pa.date32()),  # 1970-01-01, 4714-11-23 BC, 5874898 AD
+        "ts": pa.array([0, 0, -212_760_172_800_000_001], pa.timestamp("us"))})
+    assert rows_of(parsed) == [{"id": 1, "d": dt.date(1970, 1, 1), "ts": dt.datetime(1970, 1, 1)}]
+    assert [(r[0], r[1]) for r in reasons(parsed)] == [(2, "d"), (3, "d")]
+    assert all("outside the range of PostgreSQL's date" in r[2] for r in reasons(parsed))
+    ts_only = _parquet([("ts", "timestamp")], {"ts": pa.array([-212_760_172_800_000_000, -212_760_172_800_000_001],
+                                                                pa.timestamp("us"))})
+    assert ts_only.rows.num_rows == 1 and reasons(ts_only)[0][:2] == (2, "ts")
