@@ -458,10 +458,15 @@ def _regex_plan(fmt: str, lang: object) -> Optional[_RegexPlan]:
     if (not set(groups) <= _REGEX_GROUPS or len(set(targets)) != len(targets) or not pattern.isascii()
             or "\\\\" in pattern):
         return None
-    re2 = pattern.replace(r"\s", _PY_SPACE).replace(r"\d", "[0-9]")
+    body = pattern.replace(r"\s", _PY_SPACE).replace(r"\d", "[0-9]")
+    re2 = f"(?i)^{body}(?P<rest_>(?s:.*))$"
+    try:
+        pc.extract_regex(pa.array([], pa.string()), re2)  # RE2 must take it; else stage 3 does the work
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
     lt = time_re.locale_time
-    return _RegexPlan(f"(?i)^{re2}(?P<rest_>(?s:.*))$", groups, tuple(m.lower() for m in lt.f_month),
-                      tuple(m.lower() for m in lt.a_month), tuple(p.lower() for p in lt.am_pm))
+    return _RegexPlan(re2, groups, tuple(m.lower() for m in lt.f_month), tuple(m.lower() for m in lt.a_month),
+                      tuple(p.lower() for p in lt.am_pm))
 
 
 def _regex_times(text: pa.Array, plan: _RegexPlan) -> pa.Array:

@@ -47,6 +47,8 @@ def py_strptime(value: Optional[str], fmt: str) -> Optional[dt.datetime]:
 
 # Each piece: (directive, how to render a datetime with or without padding)
 def _render(directive: str, v: dt.datetime, pad: bool, upper: bool) -> str:
+    if directive == "%%":
+        return "%"
     if directive == "%Y":
         return f"{v.year:04d}"
     if directive == "%y":
@@ -74,7 +76,8 @@ def _render(directive: str, v: dt.datetime, pad: bool, upper: bool) -> str:
 
 DATE_ORDERS = [["%Y", "-", "%m", "-", "%d"], ["%m", "/", "%d", "/", "%Y"], ["%d", ".", "%m", ".", "%y"],
                ["%Y", "%m", "%d"], ["%b", " ", "%d", " ", "%Y"], ["%d", " ", "%B", ", ", "%Y"],
-               ["%a", " ", "%b", " ", "%d", " ", "%Y"], ["%Y", "/", "%m", "/", "%d"], ["%d", "%m", "%Y"]]
+               ["%a", " ", "%b", " ", "%d", " ", "%Y"], ["%Y", "/", "%m", "/", "%d"], ["%d", "%m", "%Y"],
+               ["(", "%Y", ")[", "%m", "]+", "%d", "*?|^$\\"], ["%d", "%%", "%m", "{2}", "%y"]]
 TIME_PARTS = [[], [" ", "%H", ":", "%M", ":", "%S"], ["T", "%H", ":", "%M", ":", "%S", ".", "%f"],
               [" ", "%H", ":", "%M"], [" ", "%I", ":", "%M", " ", "%p"], [" ", "%H", "%M", "%S"],
               [" ", "%H", ":", "%M", ":", "%S", ".", "%f"]]
