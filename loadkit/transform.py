@@ -374,7 +374,7 @@ def parse_datetimes(text: pa.Array, fmt: str) -> pa.Array:
     space. Impossible dates (Feb 30), years outside 1..9999 and leap seconds are NULL.
     Three stages, each only for the values the previous one left: (1) for formats made of
     ``%Y %m %d %H %M %S`` and literals, Arrow's strptime with a round trip through the
-    canonical text (the common zero-padded case, ~0.2 us a value); (2) Python's own strptime
+    canonical text (the common zero-padded case: ~0.1 us a value for ``%Y%m%d``); (2) Python's own strptime
     regex (``_strptime.TimeRE``) run by Arrow's RE2 on ASCII values, the fields assembled with
     numpy calendar arithmetic; (3) ``datetime.strptime`` itself for what is left (non-ASCII
     digits or spaces, directives stage 2 does not assemble).
@@ -418,7 +418,7 @@ def _py_strptime(value: str, fmt: str) -> Optional[dt.datetime]:
         parsed = dt.datetime.strptime(value, fmt)
     except ValueError:
         return None
-    return parsed.replace(tzinfo=None) if parsed.tzinfo is None else None
+    return parsed if parsed.tzinfo is None else None  # %z: refused by config validation
 
 
 def _simple_format(fmt: str) -> bool:
