@@ -63,6 +63,9 @@ class ColumnConfig:
     type: str = "text"
     nullable: bool = True
     # Extra null markers for this column (e.g. "0", "00000000" for dates some sources leave blank).
+    # Matched on the raw value (after dialect.trim, before zfill and the length check), so a
+    # placeholder such as "0" or "       0" becomes NULL instead of being padded to "00000000".
+    # For typed Parquet columns they are matched on Arrow's text of the value (int 0 -> "0").
     null_values: List[str] = field(default_factory=list)
     # strptime format for date/timestamp columns.
     format: Optional[str] = None
@@ -72,6 +75,10 @@ class ColumnConfig:
     zfill: Optional[int] = None
     # What to do with a value that does not parse: reject the row, or store NULL (counted).
     on_invalid: str = "reject"
+    # Inclusive bounds on the typed value, written as that type's literal: an integer, a decimal
+    # (numeric, double), an ISO date (2000-01-31) or date-time (2000-01-31 08:00:00). Allowed on
+    # smallint/integer/bigint/numeric/double/date/timestamp only (config error elsewhere); a
+    # value outside is handled like an invalid one (on_invalid), reason "greater than max 10".
     min: Optional[str] = None
     max: Optional[str] = None
 
@@ -343,6 +350,7 @@ def _validate_table(tname: str, t: TableConfig) -> None:
         _require(col.format is None or col.type in ("date", "timestamp"), f"{ck}.format",
                  "format applies to date/timestamp columns only")
         _require(col.name not in names, f"{ck}.name", f"duplicate column {col.name!r}")
+        _validate_column_rules(ck, col)
         names.append(col.name)
     for kc in t.key:
         _require(kc in names or (t.derived_key is not None and kc == t.derived_key.name), f"{k}.key",
@@ -358,6 +366,62 @@ def _validate_table(tname: str, t: TableConfig) -> None:
     _require(t.mode != "merge" or bool(t.key), f"{k}.key", "mode merge needs a key")
     _require(0.0 <= t.max_reject_rate <= 1.0, f"{k}.max_reject_rate", "max_reject_rate must be within 0..1")
     _require(t.max_rejects is None or t.max_rejects >= 0, f"{k}.max_rejects", "max_rejects must be >= 0")
+
+
+ORDERABLE = ("smallint", "integer", "bigint", "numeric", "double", "date", "timestamp")
+
+
+def bound_value(kind: str, text: str) -> Any:
+    """A column's min/max as a Python value of its kind (int, Decimal, float, date, naive datetime).
+
+    Raises ValueError when the text is not a literal of that kind or the kind is not orderable."""
+    import datetime as dt
+    from decimal import Decimal, InvalidOperation
+
+    text = str(text).strip()
+    if kind in ("smallint", "integer", "bigint"):
+        return int(text)
+    if kind in ("numeric", "double"):
+        try:
+            value = Decimal(text)
+        except InvalidOperation:
+            raise ValueError(f"not a number: {text!r}") from None
+        if not value.is_finite():
+            raise ValueError(f"not a finite number: {text!r}")
+        return value if kind == "numeric" else float(value)
+    if kind == "date":
+        return dt.date.fromisoformat(text)
+    if kind == "timestamp":
+        moment = dt.datetime.fromisoformat(text)
+        if moment.tzinfo is not None:
+            raise ValueError("timestamp columns are without time zone: give a bound without an offset")
+        return moment
+    raise ValueError(f"min/max do not apply to {kind} columns (allowed: {', '.join(ORDERABLE)})")
+
+
+def _validate_column_rules(ck: str, col: ColumnConfig) -> None:
+    """min/max (orderable kinds, parseable, min <= max), format (a strptime format without time zone)."""
+    kind = col.type.split("(")[0]
+    bounds = {}
+    for name in ("min", "max"):
+        text = getattr(col, name)
+        if text is None:
+            continue
+        try:
+            bounds[name] = bound_value(kind, text)
+        except ValueError as exc:
+            raise ConfigError(f"{name} {text!r} of a {col.type} column: {exc}", key=f"{ck}.{name}") from None
+    _require(len(bounds) < 2 or bounds["min"] <= bounds["max"], f"{ck}.min",
+             f"min {col.min!r} is greater than max {col.max!r}")
+    if col.format is not None:
+        import _strptime  # type: ignore[import-not-found]  # the stdlib module behind datetime.strptime
+
+        try:
+            _strptime.TimeRE().compile(col.format)
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ConfigError(f"not a strptime format {col.format!r}: {exc}", key=f"{ck}.format") from None
+        _require(not re.search(r"%[zZ]", col.format.replace("%%", "")), f"{ck}.format",
+                 "%z/%Z (time zones) are not supported: date and timestamp columns are without time zone")
 
 
 def _validate_dialect(k: str, d: DialectConfig) -> None:

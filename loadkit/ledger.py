@@ -68,7 +68,8 @@ def ddl(schema: str) -> List[str]:
         f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
         f"""CREATE TABLE IF NOT EXISTS {s}.reject (
             batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
-            file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text)""",
+            file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text,
+            discarded boolean NOT NULL DEFAULT false)""",
         f"CREATE INDEX IF NOT EXISTS reject_batch_idx ON {s}.reject (batch_id)",
     ]
 
@@ -78,6 +79,12 @@ def ensure(cur: Any, schema: str) -> None:
     cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ledger-ddl:{schema}",))
     for stmt in ddl(schema):
         cur.execute(stmt)
+    # Ledgers created before rejects of discarded files were kept: add the column once (an
+    # unconditional ALTER would take an exclusive lock on every run, stalling other jobs' writers).
+    cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema=%s AND table_name='reject' "
+                "AND column_name='discarded'", (schema,))
+    if cur.fetchone() is None:
+        cur.execute(f"ALTER TABLE {qualified(schema, 'reject')} ADD COLUMN discarded boolean NOT NULL DEFAULT false")
 
 
 def try_lock_job(cur: Any, schema: str, job: str, period: str) -> bool:
@@ -208,16 +215,31 @@ def unpublished_batches(cur: Any, schema: str, table: str, period: str) -> Dict[
     return {int(b): int(n) for b, n in cur.fetchall()}
 
 
-def forget_batches(cur: Any, schema: str, ids: Sequence[int]) -> None:
-    """Drop these batches and their rejects from the ledger, so a resume reads their byte ranges again."""
+# Rejects kept per discarded file (the first lines), so a failed run still shows why.
+REJECTS_KEPT_PER_FILE = 1000
+
+
+def forget_batches(cur: Any, schema: str, ids: Sequence[int], keep_rejects: int = 0) -> None:
+    """Drop these batches and their rejects from the ledger, so a resume reads their byte ranges again.
+
+    ``keep_rejects``: keep that many of their rejects (lowest member and line first), marked
+    ``discarded = true``: the record of a failed run, counted in no batch and never forgotten
+    here (rejects already marked discarded are left alone)."""
     if ids:
-        cur.execute(f"DELETE FROM {qualified(schema, 'reject')} WHERE batch_id = ANY(%s)", (list(ids),))
+        if keep_rejects > 0:
+            cur.execute(f"UPDATE {qualified(schema, 'reject')} SET discarded = true WHERE ctid IN ("
+                        f"SELECT ctid FROM {qualified(schema, 'reject')} WHERE batch_id = ANY(%s) AND NOT discarded "
+                        "ORDER BY member, line_number LIMIT %s)", (list(ids), keep_rejects))
+        cur.execute(f"DELETE FROM {qualified(schema, 'reject')} WHERE batch_id = ANY(%s) AND NOT discarded",
+                    (list(ids),))
         cur.execute(f"DELETE FROM {qualified(schema, 'batch')} WHERE batch_id = ANY(%s)", (list(ids),))
 
 
-def forget(cur: Any, schema: str, table: str, period: str, file_sha: Optional[str] = None) -> None:
-    """Drop ledger entries (batches, rejects, file rows) of a table's month, or of one file."""
-    forget_batches(cur, schema, batch_ids_of(cur, schema, table, period, file_sha))
+def forget(cur: Any, schema: str, table: str, period: str, file_sha: Optional[str] = None,
+           keep_rejects: int = 0) -> None:
+    """Drop ledger entries (batches, rejects, file rows) of a table's month, or of one file;
+    ``keep_rejects`` as in forget_batches."""
+    forget_batches(cur, schema, batch_ids_of(cur, schema, table, period, file_sha), keep_rejects)
     if file_sha is None:
         cur.execute(f"DELETE FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s", (table, period))
     else:
@@ -237,7 +259,7 @@ def mark_stale_runs(cur: Any, schema: str, job: str, period: str) -> int:
 
 def reject_sample(cur: Any, schema: str, run_id: str, limit: int = 200) -> pa.Table:
     """A few of the rows a run rejected (file, line, column, reason, raw text), for its MLflow record."""
-    cols = ("table_name", "file_path", "member", "line_number", "column_name", "reason", "raw")
+    cols = ("table_name", "file_path", "member", "line_number", "column_name", "reason", "raw", "discarded")
     cur.execute(f"SELECT {', '.join(cols)} FROM {qualified(schema, 'reject')} WHERE run_id=%s "
                 "ORDER BY table_name, file_path, line_number LIMIT %s", (run_id, limit))
     rows = cur.fetchall()

@@ -275,12 +275,15 @@ def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:
 
 
 def discard_file(cur: Any, table: TableSpec, ledger_schema: str, period: str, file_sha: str) -> None:
-    """Remove every committed batch of one failed file (data, rejects and ledger) in one transaction."""
+    """Remove every committed batch of one failed file (data and ledger) in one transaction.
+
+    Its first ledger.REJECTS_KEPT_PER_FILE rejects stay, marked discarded, so the failed run
+    shows why (a reject threshold, say) in the ledger and in its MLflow reject sample."""
     ids = ledger.batch_ids_of(cur, ledger_schema, table.name, period, file_sha)
     if ids:
         cur.execute(f"DELETE FROM {qualified(table.schema, table.load_table)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
                     (ids,))
-    ledger.forget(cur, ledger_schema, table.name, period, file_sha)
+    ledger.forget(cur, ledger_schema, table.name, period, file_sha, keep_rejects=ledger.REJECTS_KEPT_PER_FILE)
 
 
 # ---------------------------------------------------------------- after the load

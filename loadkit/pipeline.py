@@ -246,7 +246,8 @@ def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
 
     member = Path(unit.file.path).name
     done = unit.ranges(member)
-    pf = pq.ParquetFile(unit.file.path)
+    # INT96 (legacy Impala/Spark timestamps) at microseconds: at Arrow's default (ns) 9999-12-31 overflows.
+    pf = pq.ParquetFile(unit.file.path, coerce_int96_timestamp_unit="us")
     missing = [c.name for c in unit.table.columns if c.name not in pf.schema_arrow.names]
     if missing:
         raise SourceDataError(f"layout drift: parquet file lacks declared columns {missing}", file=unit.file.rel)

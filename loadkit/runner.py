@@ -288,7 +288,9 @@ class Runner:
             why = f"{tm.reject_rate:.2%} of rows, more than max_reject_rate={table.max_reject_rate:.2%}"
         if why:
             self._aborted[table.name] = (f"table {table.name} rejected {why} (of {tm.rows_read} read); "
-                                         "its files of this run were discarded, nothing of them is loaded")
+                                         "its files of this run were discarded, nothing of them is loaded; "
+                                         f"their first rejects stay in {self.plan.ledger_schema if self.plan else ''}"
+                                         ".reject (discarded=true) and in the MLflow rejects_sample")
             log.error("reject threshold exceeded: %s", self._aborted[table.name], extra={"table": table.name})
 
     def _check_final_thresholds(self, plan: LoadPlan, metrics: RunMetrics) -> None:

@@ -120,7 +120,9 @@ def test_reject_threshold_discards_the_tables_committed_batches(tmp_path: Path, 
     assert len(committed) >= 3, "batches were committed before the threshold was known"
     assert rows(pg_dsn, target, "people") == []
     assert query(pg_dsn, f"SELECT count(*) FROM \"{led}\".batch WHERE table_name='people'") == [(0,)]
-    assert query(pg_dsn, f"SELECT count(*) FROM \"{led}\".reject") == [(0,)]
+    # The discarded file's rejects stay as the failed run's record (issue 11 item 13), counted in no batch.
+    assert query(pg_dsn, f"SELECT run_id, file_path, count(*), bool_and(discarded) FROM \"{led}\".reject "
+                         "GROUP BY 1, 2") == [(result.run_id, "2024-05/b.csv", 6, True)]
     files = query(pg_dsn, f'SELECT path, status, error_text FROM "{led}".file WHERE table_name=%s ORDER BY 1',
                   ("people",))
     assert [(f[0], f[1]) for f in files] == [("2024-05/a.csv", "failed"), ("2024-05/b.csv", "failed")]

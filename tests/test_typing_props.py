@@ -1,0 +1,239 @@
+"""Property tests: the typing functions against Python references (issue 11, items 10-12, 18).
+
+Dates and date-times: ``transform.parse_datetimes`` accepts exactly what ``datetime.strptime``
+accepts and returns the same value, on random values formatted with random formats (zero
+padded or not, names in any case, runs of spaces, fractions of 1-6 digits) plus corrupted
+ones. Integers and decimals: the column converters against ``int()`` / ``Decimal`` over the
+documented grammar, with min/max.
+
+CI runs a fixed-seed, bounded profile (derandomize=True); a longer search:
+``LOADKIT_HYPOTHESIS_EXAMPLES=20000 pytest tests/test_typing_props.py``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import os
+import re
+from decimal import Decimal
+from typing import Any, List, Optional, Tuple
+
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loadkit.config import ColumnConfig
+from loadkit.plan import column_spec
+from loadkit.transform import _Checker, _convert_column, parse_datetimes
+
+PROFILE = settings(max_examples=int(os.environ.get("LOADKIT_HYPOTHESIS_EXAMPLES", "150")), derandomize=True,
+                   deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def py_strptime(value: Optional[str], fmt: str) -> Optional[dt.datetime]:
+    if value is None:
+        return None
+    try:
+        return dt.datetime.strptime(value, fmt)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- dates and date-times
+
+# Each piece: (directive, how to render a datetime with or without padding)
+def _render(directive: str, v: dt.datetime, pad: bool, upper: bool) -> str:
+    if directive == "%%":
+        return "%"
+    if directive == "%Y":
+        return f"{v.year:04d}"
+    if directive == "%y":
+        return f"{v.year % 100:02d}" if pad else str(v.year % 100).zfill(2)  # Python needs 2 digits
+    if directive in ("%m", "%d", "%H", "%M", "%S"):
+        n = {"%m": v.month, "%d": v.day, "%H": v.hour, "%M": v.minute, "%S": v.second}[directive]
+        return f"{n:02d}" if pad else str(n)
+    if directive == "%I":
+        h = v.hour % 12 or 12
+        return f"{h:02d}" if pad else str(h)
+    if directive == "%p":
+        s = "AM" if v.hour < 12 else "PM"
+        return s if upper else s.lower()
+    if directive == "%f":
+        digits = f"{v.microsecond:06d}"
+        return digits if pad else (digits.rstrip("0") or "0")
+    if directive in ("%b", "%B"):
+        name = MONTHS[v.month - 1][:3] if directive == "%b" else MONTHS[v.month - 1]
+        return name.upper() if upper else name
+    if directive in ("%a", "%A"):
+        name = DAYS[v.weekday()][:3] if directive == "%a" else DAYS[v.weekday()]
+        return name.lower() if upper else name
+    raise AssertionError(directive)
+
+
+DATE_ORDERS = [["%Y", "-", "%m", "-", "%d"], ["%m", "/", "%d", "/", "%Y"], ["%d", ".", "%m", ".", "%y"],
+               ["%Y", "%m", "%d"], ["%b", " ", "%d", " ", "%Y"], ["%d", " ", "%B", ", ", "%Y"],
+               ["%a", " ", "%b", " ", "%d", " ", "%Y"], ["%Y", "/", "%m", "/", "%d"], ["%d", "%m", "%Y"],
+               ["(", "%Y", ")[", "%m", "]+", "%d", "*?|^$\\"], ["%d", "%%", "%m", "{2}", "%y"]]
+TIME_PARTS = [[], [" ", "%H", ":", "%M", ":", "%S"], ["T", "%H", ":", "%M", ":", "%S", ".", "%f"],
+              [" ", "%H", ":", "%M"], [" ", "%I", ":", "%M", " ", "%p"], [" ", "%H", "%M", "%S"],
+              [" ", "%H", ":", "%M", ":", "%S", ".", "%f"]]
+
+
+@st.composite
+def formatted(draw: Any) -> Tuple[str, List[str]]:
+    """A format and a few values: well formed (padded or not), then some corrupted."""
+    pieces = draw(st.sampled_from(DATE_ORDERS)) + draw(st.sampled_from(TIME_PARTS))
+    fmt = "".join(pieces)
+    values = []
+    for _ in range(draw(st.integers(1, 8))):
+        v = draw(st.datetimes(min_value=dt.datetime(1, 1, 1), max_value=dt.datetime(9999, 12, 31, 23, 59, 59)))
+        if "%y" in fmt:  # %y covers 1969..2068 only
+            v = v.replace(year=1969 + v.year % 100, day=min(v.day, 28) if v.month == 2 else v.day)
+        pad, upper = draw(st.booleans()), draw(st.booleans())
+        text = "".join(_render(p, v, pad or draw(st.booleans()), upper) if p.startswith("%") else
+                       (p if p != " " else draw(st.sampled_from([" ", "  ", "\t"]))) for p in pieces)
+        values.append(_corrupt(draw, text))
+    return fmt, values
+
+
+def _corrupt(draw: Any, text: str) -> str:
+    how = draw(st.sampled_from(["none", "none", "none", "digit", "insert", "cut", "feb", "space", "unicode"]))
+    if how == "none" or not text:
+        return text
+    at = draw(st.integers(0, len(text) - 1))
+    if how == "digit":
+        return text[:at] + draw(st.sampled_from("0123456789")) + text[at + 1:]
+    if how == "insert":
+        return text[:at] + draw(st.sampled_from(list("0 9x:-/\x0b\x1c") + ["\u2003", "\u0663"])) + text[at:]
+    if how == "cut":
+        return text[:at]
+    if how == "feb":  # impossible days and hours where the format allows them
+        return re.sub(r"\b(0?[1-9]|1[0-2])([-/.])(\d\d?)\b", lambda m: f"2{m.group(2)}30", text, count=1)
+    if how == "space":
+        return draw(st.sampled_from([" ", ""])) + text
+    return text.replace("1", "\u0661")  # ARABIC-INDIC DIGIT ONE: Python's \d takes it
+
+
+@PROFILE
+@given(formatted())
+def test_parse_datetimes_equals_python_strptime(case: Tuple[str, List[str]]) -> None:
+    fmt, values = case
+    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
+    assert got == [py_strptime(v, fmt) for v in values], fmt
+
+
+@PROFILE
+@given(st.sampled_from(["%Y-%m-%d", "%m/%d/%Y %H:%M:%S", "%Y%m%d", "%d %b %Y", "%Y-%m-%dT%H:%M:%S.%f"]),
+       st.lists(st.text(alphabet="0123456789 -/:.TJanFebDecmay\t\x0b\u0663", max_size=22), max_size=12))
+def test_parse_datetimes_on_arbitrary_text(fmt: str, values: List[str]) -> None:
+    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
+    assert got == [py_strptime(v, fmt) for v in values]
+
+
+# ---------------------------------------------------------------- integers and decimals
+
+def convert(col: ColumnConfig, values: List[Optional[str]]) -> Tuple[List[Any], List[Optional[Tuple[str, str]]]]:
+    chk = _Checker(len(values))
+    out = _convert_column(column_spec(col), pa.array(values, pa.string()), chk)
+    return out.to_pylist(), chk.reason
+
+
+_INT = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
+
+
+def ref_int(value: Optional[str], kind: str, lo: Optional[int], hi: Optional[int]) -> Tuple[Any, Optional[str]]:
+    """(value, reason prefix): the documented grammar [+-]?[0-9]+, then int(), the type's range, min/max."""
+    if value is None:
+        return None, None
+    t = value.strip(" \t")
+    if not re.fullmatch(r"[+-]?[0-9]+", t):
+        return None, "not an integer"
+    n = int(t)
+    if not -_INT[kind] <= n < _INT[kind]:
+        return None, f"out of range for {kind}"
+    if lo is not None and n < lo:
+        return None, f"less than min {lo}"
+    if hi is not None and n > hi:
+        return None, f"greater than max {hi}"
+    return n, None
+
+
+int_text = st.one_of(
+    st.integers(-(2**70), 2**70).map(str),
+    st.tuples(st.sampled_from(["", "+", "-", " ", "\t-"]), st.text("0", max_size=25), st.text("0123456789", min_size=1,
+                                                                                         max_size=21),
+              st.sampled_from(["", " ", "x", ".0", "_1"])).map("".join),
+    st.text(alphabet="0123456789+-. e\u0663", max_size=8), st.none())
+
+
+@PROFILE
+@given(st.sampled_from(["smallint", "integer", "bigint"]), st.lists(int_text, max_size=12),
+       st.one_of(st.none(), st.integers(-(2**40), 2**40)), st.one_of(st.none(), st.integers(-(2**40), 2**40)))
+def test_integers_equal_python_int_with_min_max(kind: str, values: List[Optional[str]], lo: Optional[int],
+                                                 hi: Optional[int]) -> None:
+    if lo is not None and hi is not None and lo > hi:
+        lo, hi = hi, lo
+    col = ColumnConfig(name="v", type=kind, min=None if lo is None else str(lo), max=None if hi is None else str(hi))
+    got, reasons = convert(col, values)
+    expected = [ref_int(v, kind, lo, hi) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(":")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
+def ref_numeric(value: Optional[str], p: int, s: int, lo: Optional[Decimal],
+                hi: Optional[Decimal]) -> Tuple[Any, Optional[str]]:
+    if value is None:
+        return None, None
+    t = value.strip(" \t")
+    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)", t):
+        return None, "not a number"
+    with decimal.localcontext(decimal.Context(prec=200)):
+        x = Decimal(t)
+        if x != x.quantize(Decimal(1).scaleb(-s)) or abs(x) >= Decimal(10) ** (p - s):
+            return None, f"does not fit numeric({p},{s})"
+        if lo is not None and x < lo:
+            return None, f"less than min {lo}"
+        if hi is not None and x > hi:
+            return None, f"greater than max {hi}"
+        return x.quantize(Decimal(1).scaleb(-s)), None
+
+
+dec_text = st.one_of(
+    st.decimals(allow_nan=False, allow_infinity=False, places=4, min_value=-(10**9), max_value=10**9).map(str),
+    st.tuples(st.sampled_from(["", "-", "+", " "]), st.text("0123456789", max_size=12), st.sampled_from(["", "."]),
+              st.text("0123456789", max_size=6), st.sampled_from(["", "0", "000", " ", "e3", "x"])).map("".join),
+    st.none())
+
+
+@PROFILE
+@given(st.tuples(st.integers(1, 20), st.integers(0, 6)).filter(lambda ps: ps[1] <= ps[0]),
+       st.lists(dec_text, max_size=12),
+       st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-10**6,
+                                        max_value=10**6)))
+def test_decimals_equal_python_decimal_with_min(ps: Tuple[int, int], values: List[Optional[str]],
+                                                lo: Optional[Decimal]) -> None:
+    p, s = ps
+    col = ColumnConfig(name="v", type=f"numeric({p},{s})", min=None if lo is None else str(lo))
+    got, reasons = convert(col, values)
+    expected = [ref_numeric(v, p, s, lo, None) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
+# ---------------------------------------------------------------- typed Parquet values into integer columns
+
+
+@PROFILE
+@given(st.sampled_from([pa.int16(), pa.int32(), pa.int64()]),
+       st.one_of(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), max_size=10).map(
+           lambda v: pa.array(v, pa.int64())),
+           st.lists(st.one_of(st.none(), st.floats(allow_infinity=True, allow_nan=True),
+                              st.integers(-99, 99).map(float)), max_size=10).map(lambda v: pa.array(v, pa.float64()))))
+def test_vectorised_fit_check_equals_the_safe_cast_of_each_value(target: pa.DataType, arr: pa.Array) -> None:
+    from loadkit.transform import _fits, _fitting
+
+    assert _fitting(arr, target).to_pylist() == [_fits(v, target) if v.is_valid else True for v in arr]
