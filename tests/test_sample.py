@@ -87,9 +87,29 @@ def test_zip_names_and_member_names(month: SampleManifest) -> None:
                 (info,) = zf.infolist()
             if table == "simples":
                 assert info.filename == "F.K03200$W.SIMPLES.CSV.D40511"
-            else:
+            elif table in sample.SHARDED_TABLES:
                 assert info.filename == f"K3241.K03200Y{shard}.D40511.{suffix[table]}"
+            else:  # reference tables, as in the real 2025-12 release: F.K03200$Z.D51213.CNAECSV
+                assert info.filename == f"F.K03200$Z.D40511.{suffix[table]}"
             assert info.date_time == (2024, 5, 11, 0, 0, 0)
+
+
+def test_2021_naming_names_each_zip_after_its_member(tmp_path: Path, month: SampleManifest) -> None:
+    """2021 to mid-2022 releases: K3241.K03200Y0.D10612.EMPRECSV.zip, F.K03200$W.SIMPLES.CSV.D10612.zip;
+    same rows as the current naming."""
+    old = generate_month(tmp_path, 2024, 5, rows=200, shards=2, seed=0, naming="2021")
+    names = {p.name for p in old.folder.glob("*.zip")}
+    assert "K3241.K03200Y0.D40511.EMPRECSV.zip" in names and "K3241.K03200Y1.D40511.ESTABELE.zip" in names
+    assert "F.K03200$W.SIMPLES.CSV.D40511.zip" in names and "F.K03200$Z.D40511.QUALSCSV.zip" in names
+    assert len(names) == 13
+    for table in TABLES:
+        for zipped, renamed in zip(month.files[table], old.files[table]):
+            with zipfile.ZipFile(old.root / renamed) as zf:
+                (info,) = zf.infolist()
+            assert Path(renamed).name == info.filename + ".zip"
+            assert member_bytes(month.root / zipped) == member_bytes(old.root / renamed)
+    with pytest.raises(ValueError, match="naming"):
+        generate_month(tmp_path / "x", 2024, 5, rows=200, naming="1999")
 
 
 def test_members_are_latin1_fully_quoted_with_layout_column_counts(month: SampleManifest) -> None:

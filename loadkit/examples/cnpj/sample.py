@@ -96,15 +96,25 @@ _CHUNK_ROWS = 100_000  # rows joined per write: big writes, bounded memory
 _ZIP_LEVEL = 1  # deflate level: the zips only need to be valid and small-ish, the generator fast
 
 
+NAMINGS = ("current", "2021")  # zip names from mid-2022 on (Empresas0.zip) / 2021 to mid-2022 (<member>.zip)
+
+
 def member_name(table: str, year: int, month: int, shard: int = 0) -> str:
-    """Inner file name as the RFB writes it; the shard number sits in ``Y{shard}`` as in real months."""
+    """Inner file name as the RFB writes it (2025-12: ``K3241.K03200Y0.D51213.EMPRECSV``,
+    ``F.K03200$W.SIMPLES.CSV.D51213``, ``F.K03200$Z.D51213.CNAECSV``); the shard number of the sharded
+    tables sits in ``Y{shard}``."""
     stamp = f"D{year % 10}{month:02d}{_EXTRACTION_DAY:02d}"
     if table == "simples":
         return f"F.K03200$W.SIMPLES.CSV.{stamp}"
-    return f"K3241.K03200Y{shard}.{stamp}.{_MEMBER_SUFFIX[table]}"
+    if table in SHARDED_TABLES:
+        return f"K3241.K03200Y{shard}.{stamp}.{_MEMBER_SUFFIX[table]}"
+    return f"F.K03200$Z.{stamp}.{_MEMBER_SUFFIX[table]}"
 
 
-def zip_name(table: str, shard: int | None = None) -> str:
+def zip_name(table: str, shard: int | None = None, naming: str = "current", member: str = "") -> str:
+    """``Empresas0.zip`` (current) or, with ``naming="2021"``, the member's own name plus ``.zip``."""
+    if naming == "2021":
+        return f"{member}.zip"
     return f"{_ZIP_STEM[table]}{'' if shard is None else shard}.zip"
 
 
@@ -1033,8 +1043,14 @@ class SampleManifest:
 
 
 def generate_month(root: Path, year: int, month: int, *, rows: int = 2000, shards: int = 2,
-                   seed: int = 0, compress: bool = True) -> SampleManifest:
-    """Write a sample month under root/YYYY-MM; same arguments -> byte-identical files."""
+                   seed: int = 0, compress: bool = True, naming: str = "current") -> SampleManifest:
+    """Write a sample month under root/YYYY-MM; same arguments -> byte-identical files.
+
+    ``naming``: "current" writes ``Empresas0.zip`` ... ``Qualificacoes.zip`` (RFB releases from mid-2022
+    on); "2021" names each zip after its member (``K3241.K03200Y0.D10612.EMPRECSV.zip``), as 2021 to
+    mid-2022 releases did. The rows are the same either way."""
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
     root = Path(root)
     plan = _plan(year, month, rows, shards, seed)
     folder = root / f"{year:04d}-{month:02d}"
@@ -1046,9 +1062,10 @@ def generate_month(root: Path, year: int, month: int, *, rows: int = 2000, shard
         sizes = plan.sizes(table)
         files[table] = []
         for shard, size in enumerate(sizes):
-            archive = zip_name(table, shard if table in SHARDED_TABLES else None)
+            member = member_name(table, year, month, shard)
+            archive = zip_name(table, shard if table in SHARDED_TABLES else None, naming, member)
             chunks = map(_encode, _shard_chunks(plan, table, shard))
-            path = _write(folder, archive, member_name(table, year, month, shard), chunks, stamp, compress, size)
+            path = _write(folder, archive, member, chunks, stamp, compress, size)
             files[table].append(path.relative_to(root).as_posix())
         counts[table] = sum(sizes)
     return SampleManifest(year, month, root, files, counts, _LazyExpected(year, month, rows, shards, seed))
@@ -1064,10 +1081,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compress", dest="compress", action="store_false",
                         help="write raw member files instead of zips (benchmarks)")
+    parser.add_argument("--naming", choices=NAMINGS, default="current",
+                        help="zip names: current (Empresas0.zip) or 2021 (<member>.zip)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     manifest = generate_month(args.out, args.year, args.month, rows=args.rows, shards=args.shards,
-                              seed=args.seed, compress=args.compress)
+                              seed=args.seed, compress=args.compress, naming=args.naming)
     manifest.to_json(manifest.folder / "manifest.json")
     n_files = sum(len(paths) for paths in manifest.files.values())
     size_mb = sum((manifest.root / p).stat().st_size for paths in manifest.files.values() for p in paths) / 1e6
