@@ -95,6 +95,14 @@ class TableConfig:
     max_reject_rate: float = 0.05
     max_rejects: Optional[int] = None
     enabled: bool = True
+    # mode merge only. Each month is a full snapshot: once every file of the table's month has loaded and
+    # no file of the run failed, delete the target rows whose key the month no longer has (a key last
+    # written by an older month). Counted as `deleted` in the summary and ledger (table_load.deleted).
+    delete_missing: bool = False
+    # with delete_missing: keep those rows and close them instead. The target gets date columns valid_from
+    # (first day of the month the key was last (re)opened) and valid_to (first day of the month it went
+    # missing; NULL while present); a key that comes back is reopened with a new valid_from.
+    history: bool = False
 
 
 @dataclass
@@ -356,8 +364,18 @@ def _validate_table(tname: str, t: TableConfig) -> None:
             _require(ic in names or (t.derived_key is not None and ic == t.derived_key.name), f"{k}.indexes",
                      f"index column {ic!r} is not declared")
     _require(t.mode != "merge" or bool(t.key), f"{k}.key", "mode merge needs a key")
+    _validate_sync(k, t, names)
     _require(0.0 <= t.max_reject_rate <= 1.0, f"{k}.max_reject_rate", "max_reject_rate must be within 0..1")
     _require(t.max_rejects is None or t.max_rejects >= 0, f"{k}.max_rejects", "max_rejects must be >= 0")
+
+
+def _validate_sync(k: str, t: TableConfig, names: List[str]) -> None:
+    """delete_missing needs merge (replace/snapshot already publish exactly the month); history needs it."""
+    _require(not t.delete_missing or t.mode == "merge", f"{k}.delete_missing",
+             f"delete_missing applies to mode merge (mode {t.mode} already publishes exactly the month's rows)")
+    _require(not t.history or t.delete_missing, f"{k}.history", "history needs delete_missing=true")
+    _require(not t.history or not {"valid_from", "valid_to"} & set(names), f"{k}.history",
+             "history adds the columns valid_from and valid_to: the table must not declare them")
 
 
 def _validate_dialect(k: str, d: DialectConfig) -> None:

@@ -337,15 +337,41 @@ class Runner:
         for table in plan.tables:
             tm = metrics.tables[table.name]
             if tm.status == "skipped":
+                if table.delete_missing and not failed:  # a sync an earlier run had to defer
+                    with db.transaction(self.dsn) as cur:
+                        if not modes.sync_done(cur, plan.ledger_schema, table.name, plan.period):
+                            tm.deleted = self._sync(cur, plan, table, failed)
+                            ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, None, tm.deleted)
                 continue
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
             with db.transaction(self.dsn) as cur:
+                staged = sum(ledger.unpublished_batches(cur, plan.ledger_schema, table.name, plan.period).values())
                 inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
                 ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
                 tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+                if table.mode != "append":  # rows staged but collapsed onto a later row with the same key
+                    tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
+                tm.deleted = self._sync(cur, plan, table, failed)
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
+                ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, tm.duplicates, tm.deleted)
+
+    def _sync(self, cur: Any, plan: LoadPlan, table: TableSpec, failed: List[Tuple[str, str, str]]) -> Optional[int]:
+        """Full-snapshot sync (merge + delete_missing), in the finalisation's transaction: only when no file
+        of this run failed and every file of the table's month is published; else deferred (None)."""
+        if not table.delete_missing:
+            return None
+        from datetime import date
+
+        month_start = date(plan.year, plan.month, 1)
+        if table.history:
+            modes.open_history(cur, table, plan.ledger_schema, plan.period, month_start)
+        if failed or not modes.month_complete(cur, table, plan.ledger_schema, plan.period):
+            log.warning("%s: not deleting keys absent from %s: %s", table.name, plan.period,
+                        "a file of this run failed" if failed else "not every file of the month is loaded yet")
+            return None
+        return modes.sync_missing(cur, table, plan.ledger_schema, plan.period, month_start)
 
     # ------------------------------------------------------------ end of run
 
