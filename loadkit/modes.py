@@ -418,6 +418,20 @@ def month_complete(cur: Any, table: TableSpec, ledger_schema: str, period: str) 
     return bool(table.files) and all(done.get(f.sha256) == "loaded" for f in table.files)
 
 
+def fewer_files_than_before(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Optional[int]:
+    """The file count of the latest earlier month of this table, if it had more files than this month.
+
+    A month that arrives with fewer shards than the one before is more likely an incomplete download
+    than a smaller snapshot; syncing it would delete every key of the missing shards.
+    """
+    f = qualified(ledger_schema, "file")
+    cur.execute(f"SELECT count(*) FROM {f} WHERE table_name=%s AND status='loaded' AND period = "
+                f"(SELECT max(period) FROM {f} WHERE table_name=%s AND period < %s AND status='loaded')",
+                (table.name, table.name, period))
+    before = int(cur.fetchone()[0])
+    return before if before > len(table.files) else None
+
+
 def sync_done(cur: Any, ledger_schema: str, table: str, period: str) -> bool:
     """True if a run already synced this table's month (table_load.deleted is set only by a sync)."""
     cur.execute(f"SELECT 1 FROM {qualified(ledger_schema, 'table_load')} WHERE table_name=%s AND period=%s "

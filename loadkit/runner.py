@@ -371,6 +371,12 @@ class Runner:
             log.warning("%s: not deleting keys absent from %s: %s", table.name, plan.period,
                         "a file of this run failed" if failed else "not every file of the month is loaded yet")
             return None
+        before = modes.fewer_files_than_before(cur, table, plan.ledger_schema, plan.period)
+        if before is not None:
+            log.warning("%s: not deleting keys absent from %s: it has %d file(s), the month before had %d "
+                        "(an incomplete download?); add the missing files and run again", table.name, plan.period,
+                        len(table.files), before)
+            return None
         return modes.sync_missing(cur, table, plan.ledger_schema, plan.period, month_start)
 
     # ------------------------------------------------------------ end of run

@@ -124,6 +124,21 @@ def test_no_delete_while_a_file_of_the_month_failed_then_the_deferred_sync_runs(
     assert all(again.metrics.tables[t].deleted is None for t in SYNCED)
 
 
+def test_a_month_with_fewer_shards_than_the_last_is_not_synced(months, pg_dsn: str, schemas: tuple,
+                                                               job_overrides) -> None:
+    """A missing shard looks like an incomplete download: deleting its keys would lose a tenth of a table."""
+    may, june, _ = months
+    target, _ = schemas
+    assert run(job_overrides, may.root, 5).status == "succeeded"
+    before = db_count(pg_dsn, target, "estabelecimentos")
+    (june.root / june.files["estabelecimentos"][1]).unlink()
+    result = run(job_overrides, june.root, 6)
+    assert result.status == "succeeded", result.error
+    assert result.metrics.tables["estabelecimentos"].deleted is None
+    assert db_count(pg_dsn, target, "estabelecimentos") == before
+    assert result.metrics.tables["empresas"].deleted == len(raw_keys(may, "empresas") - raw_keys(june, "empresas"))
+
+
 def test_history_closes_absent_keys_and_reopens_returning_ones(months, pg_dsn: str, schemas: tuple,
                                                                job_overrides, tmp_path: Path) -> None:
     may, june, _ = months
@@ -156,7 +171,7 @@ def test_delete_missing_is_checked_at_compose_time() -> None:
     with pytest.raises(ConfigError, match="delete_missing applies to mode merge"):
         compose(base + ["job.tables.cnaes.delete_missing=true"])
     with pytest.raises(ConfigError, match="history needs delete_missing"):
-        compose(base + ["job.tables.empresas.history=true"])
+        compose(base + ["job.tables.empresas.delete_missing=false", "job.tables.empresas.history=true"])
 
 
 def test_duplicates_are_counted(pg_dsn: str, schemas: tuple, job_overrides, tmp_path: Path) -> None:
