@@ -120,11 +120,41 @@ class MigrateConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Where the fetch stage (loadkit.fetch) downloads a month from, before the load.
+
+    A local mirror is one override away: ``job.remote.url=http://127.0.0.1:8000/{year:04d}-{month:02d}/``."""
+
+    # The month folder's URL, a template over year/month (str.format); None: no fetch stage.
+    url: Optional[str] = None
+    # How to list the month: webdav (PROPFIND, e.g. a Nextcloud public share), html (a plain HTTP
+    # directory listing), list (the names in `files`, sized with HEAD).
+    discovery: str = "html"
+    # discovery=list: file names (templates over year/month) under url.
+    files: List[str] = field(default_factory=list)
+    # fnmatch patterns of the listed names to download.
+    include: List[str] = field(default_factory=lambda: ["*.zip"])
+    # Transfers per file (1 + retries); each retry resumes with an HTTP Range request. Waits grow
+    # exponentially from initial_wait_s up to max_wait_s.
+    attempts: int = 5
+    initial_wait_s: float = 0.5
+    max_wait_s: float = 30.0
+    # Seconds without a byte (and for connecting) before a transfer counts as failed.
+    timeout_s: float = 60.0
+    # CRC-test every member of a downloaded zip before it is renamed into place.
+    verify_zip: bool = True
+    # Where month folders are listed for month=latest; None: the part of url before "{year".
+    root_url: Optional[str] = None
+
+
+@dataclass
 class JobConfig:
     name: str = MISSING
     schema: str = "public"
     tables: Dict[str, TableConfig] = field(default_factory=dict)
     migrate: MigrateConfig = field(default_factory=MigrateConfig)
+    # The fetch stage's source (remote.url None: files must already be under data_root).
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 @dataclass
@@ -162,6 +192,8 @@ class PoolConfig:
     # Byte-range read tasks per large uncompressed file (no newlines in values), so one big
     # file still parses on every core; files under 2 x batch.read_block_bytes stay whole.
     read_splits: int = 2
+    # Files the fetch stage downloads at once.
+    downloads: int = 4
 
 
 @dataclass
@@ -231,6 +263,10 @@ class LoadkitConfig:
     month: int = MISSING
     data_root: str = "data"
     force: bool = False
+    # The fetch stage (job.remote): auto downloads the month when its folder under data_root is missing,
+    # empty or half-fetched, then loads; always lists the remote and downloads whatever is missing or
+    # incomplete, then loads; only downloads (no load); never loads what is on disk.
+    fetch: str = "auto"
     job: Optional[JobConfig] = None
     sink: SinkConfig = field(default_factory=SinkConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -292,6 +328,22 @@ def validate(cfg: LoadkitConfig) -> None:
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")
     assert cfg.job is not None
     _validate_job(cfg.job)
+    _validate_fetch(cfg)
+
+
+def _validate_fetch(cfg: LoadkitConfig) -> None:
+    _require(cfg.fetch in ("auto", "always", "only", "never"), "fetch",
+             f"fetch must be auto, always, only or never, got {cfg.fetch!r}")
+    _require(cfg.pool.downloads >= 1, "pool.downloads", "pool.downloads must be >= 1")
+    remote = cfg.job.remote if cfg.job is not None else RemoteConfig()
+    _require(cfg.fetch != "only" or bool(remote.url), "job.remote.url", "fetch=only needs job.remote.url")
+    _require(remote.discovery in ("webdav", "html", "list"), "job.remote.discovery",
+             f"job.remote.discovery must be webdav, html or list, got {remote.discovery!r}")
+    _require(remote.discovery != "list" or bool(remote.files), "job.remote.files", "discovery=list needs files")
+    _require(remote.attempts >= 1, "job.remote.attempts", "job.remote.attempts must be >= 1")
+    _require(remote.timeout_s > 0, "job.remote.timeout_s", "job.remote.timeout_s must be > 0")
+    _require(remote.url is None or remote.url.startswith(("http://", "https://")), "job.remote.url",
+             "job.remote.url must be an http(s) URL template")
 
 
 def _validate_batch(b: BatchConfig) -> None:

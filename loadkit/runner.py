@@ -47,10 +47,14 @@ class RunResult:
     error: Optional[BaseException] = None
     mlflow_run_id: Optional[str] = None
     failed_files: List[Tuple[str, str, str]] = field(default_factory=list)
+    fetched: List[Any] = field(default_factory=list)  # loadkit.fetch.Fetched, one per remote file
 
     @property
     def summary(self) -> str:
-        return summary_table(self.metrics, self.run_id, self.wall_s)
+        from loadkit.fetch import summary_line
+
+        head = summary_line(self.fetched) + "\n" if self.fetched else ""
+        return head + summary_table(self.metrics, self.run_id, self.wall_s)
 
 
 class _Signals:
@@ -83,9 +87,11 @@ class _Signals:
 
 
 class Runner:
-    def __init__(self, cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None,
+                 fetched: Optional[List[Any]] = None) -> None:
         self.cfg = cfg
         self.tags = tags or {}
+        self.fetched = fetched or []  # what the fetch stage downloaded before this run (ledger: fetched)
         self.plan: Optional[LoadPlan] = None
         self.dsn = ""
         # table -> why its reject threshold was exceeded; its files of this run get discarded.
@@ -113,6 +119,10 @@ class Runner:
                                            f"(ledger {plan.ledger_schema}); retry when it ends")
                 ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
                 ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
+                if self.fetched:
+                    from loadkit import fetch
+
+                    fetch.record(cur, plan.ledger_schema, plan.run_id, plan.period, self.fetched)
             tracker.start(f"{plan.job}-{plan.period}", self._params(), self._tags())
             result = self._run_tracked(plan, metrics, tracker, monitor, started)
         finally:
@@ -148,7 +158,7 @@ class Runner:
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
         wall = time.time() - started
         self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
-        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed)
+        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, self.fetched)
 
     # ------------------------------------------------------------ stages
 
@@ -456,7 +466,38 @@ def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
 
 
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:
-    return Runner(cfg, tags).run()
+    """Fetch (when job.remote.url is set and fetch is not never), then load (unless fetch=only)."""
+    started = time.time()
+    fetched = _fetch_stage(cfg)
+    if cfg.fetch == "only":
+        period = f"{cfg.year:04d}-{cfg.month:02d}"
+        try:
+            with db.transaction(db.resolve_dsn(cfg.sink.dsn, cfg.sink.embedded_dir)) as cur:
+                from loadkit import fetch
+
+                ledger.ensure(cur, cfg.sink.ledger_schema)
+                fetch.record(cur, cfg.sink.ledger_schema, None, period, fetched)
+        except LoadkitError as exc:
+            log.warning("fetched, but could not record it in the ledger: %s", exc)
+        return RunResult(f"fetch-{period}", "succeeded", RunMetrics({}), time.time() - started, fetched=fetched)
+    return Runner(cfg, tags, fetched).run()
+
+
+def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
+    remote = cfg.job.remote if cfg.job is not None else None
+    if cfg.fetch == "never" or remote is None or not remote.url:
+        return []
+    from loadkit import fetch
+
+    folder = Path(cfg.data_root) / f"{cfg.year:04d}-{cfg.month:02d}"
+    if cfg.fetch == "auto" and not fetch.needs_fetch(folder):
+        log.info("fetch: %s is already here (fetch=always re-checks the remote)", folder)
+        return []
+    settings = fetch.Settings(url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
+                              include=tuple(remote.include), downloads=cfg.pool.downloads, attempts=remote.attempts,
+                              initial_wait_s=remote.initial_wait_s, max_wait_s=remote.max_wait_s,
+                              timeout_s=remote.timeout_s, verify_zip=remote.verify_zip)
+    return fetch.fetch_month(settings, Path(cfg.data_root), cfg.year, cfg.month)
 
 
 def exit_code(result: RunResult) -> int:
