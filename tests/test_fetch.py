@@ -240,15 +240,18 @@ def test_fetch_then_load_records_fetched_files(remote: tuple, published: SampleM
                                                pg_dsn: str, schemas: tuple, job_overrides) -> None:
     base, _, faults = remote
     data = tmp_path / "data"
-    url = f'job.remote.url="{base}{{year:04d}}-{{month:02d}}/"'  # quoted: Hydra's grammar reserves braces
-    only = run_job(compose(job_overrides(data, url, "fetch=only")))
+    # The CNPJ job declares the RFB's WebDAV share; a local mirror with an HTML listing is two overrides away
+    # (the URL quoted: Hydra's override grammar reserves braces).
+    url = f'job.remote.url="{base}{{year:04d}}-{{month:02d}}/"'
+    only = run_job(compose(job_overrides(data, url, "job.remote.discovery=html", "fetch=only")))
     assert only.status == "succeeded" and len(only.fetched) == 13
     assert "fetch: 13 file(s) downloaded" in only.summary
     _, led = schemas
     assert query(pg_dsn, f'SELECT count(*), count(DISTINCT name) FROM "{led}".fetched WHERE run_id IS NULL') == \
         [(13, 13)]
     (data / "2024-05" / "Paises.zip").unlink()  # lost locally: fetched again by the next run
-    result = run_job(compose(job_overrides(data, url, "fetch=always", "env.executor=inprocess")))
+    result = run_job(compose(job_overrides(data, url, "job.remote.discovery=html", "fetch=always",
+                                          "env.executor=inprocess")))
     assert result.status == "succeeded", result.error
     assert [r.name for r in result.fetched if r.status == "fetched"] == ["Paises.zip"]
     assert result.metrics.tables["estabelecimentos"].rows_read == published.rows["estabelecimentos"]
