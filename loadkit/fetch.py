@@ -101,6 +101,17 @@ class Settings:
     headers: Dict[str, str] = field(default_factory=dict)
 
 
+def settings_from(cfg: Any) -> Settings:
+    """The fetch knobs of a LoadkitConfig (job.remote, pool.downloads)."""
+    remote = cfg.job.remote
+    if not remote.url:
+        raise ConfigError("no job.remote.url: the job declares no remote to fetch from", key="job.remote.url")
+    return Settings(url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
+                    include=tuple(remote.include), downloads=cfg.pool.downloads, attempts=remote.attempts,
+                    initial_wait_s=remote.initial_wait_s, max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s,
+                    verify_zip=remote.verify_zip)
+
+
 def month_url(template: str, year: int, month: int) -> str:
     """The month's folder URL: the template rendered with year/month, ending in '/'."""
     try:
@@ -228,25 +239,36 @@ def discover(client: httpx.Client, s: Settings, year: int, month: int) -> List[R
 
 
 def latest_month(s: Settings, root_url: Optional[str] = None) -> Tuple[int, int]:
-    """(year, month) of the newest month folder that lists at least one file matching ``include``.
+    """(year, month) of the newest complete month folder under ``root_url``.
 
-    ``root_url`` defaults to the part of the URL template before ``{year``. Months are tried
-    newest first, so a folder the publisher has created but not filled yet is skipped."""
+    ``root_url`` defaults to the part of the URL template before ``{year``. A month counts as
+    complete when it lists at least one file matching ``include`` and no fewer than the month
+    before it: a folder the publisher has created but is still filling is skipped."""
     base = root_url or s.url.split("{year", 1)[0]
+    listing = s if s.discovery != "list" else _as_listing(s)
     with _client(s) as client:
-        if s.discovery == "webdav":
+        if listing.discovery == "webdav":
             names = [n for n, _, _, _ in _retrying(s)(lambda: list_webdav(client, base))]
         else:
             names = [n for n, _ in _retrying(s)(lambda: list_html(client, base))]
         months = sorted({(int(m.group(1)), int(m.group(2))) for n in names if (m := _MONTH_DIR.search(n))},
                         reverse=True)
-        for year, month in months:
+
+        def count(ym: Tuple[int, int]) -> int:
             try:
-                if discover(client, s if s.discovery != "list" else _as_listing(s), year, month):
-                    return year, month
+                return len(discover(client, listing, *ym))
             except SourceDataError:
-                continue
-    raise SourceDataError("no published month found", url=_safe(base))
+                return 0
+
+        counts = [count(ym) for ym in months[:2]]
+        for i, ym in enumerate(months):
+            if i + 1 < len(months) and len(counts) < i + 2:
+                counts.append(count(months[i + 1]))
+            older = counts[i + 1] if i + 1 < len(counts) else 0
+            if counts[i] > 0 and counts[i] >= older:
+                return ym
+            log.info("fetch: %04d-%02d lists %d file(s), the month before %d: not complete yet", *ym, counts[i], older)
+    raise SourceDataError("no complete published month found", url=_safe(base))
 
 
 def _as_listing(s: Settings) -> Settings:

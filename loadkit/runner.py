@@ -493,11 +493,7 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
     if cfg.fetch == "auto" and not fetch.needs_fetch(folder):
         log.info("fetch: %s is already here (fetch=always re-checks the remote)", folder)
         return []
-    settings = fetch.Settings(url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
-                              include=tuple(remote.include), downloads=cfg.pool.downloads, attempts=remote.attempts,
-                              initial_wait_s=remote.initial_wait_s, max_wait_s=remote.max_wait_s,
-                              timeout_s=remote.timeout_s, verify_zip=remote.verify_zip)
-    return fetch.fetch_month(settings, Path(cfg.data_root), cfg.year, cfg.month)
+    return fetch.fetch_month(fetch.settings_from(cfg), Path(cfg.data_root), cfg.year, cfg.month)
 
 
 def exit_code(result: RunResult) -> int:

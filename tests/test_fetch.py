@@ -230,7 +230,9 @@ def test_a_month_not_published_is_a_clear_source_error(remote: tuple, published:
 
 def test_latest_month_skips_a_folder_not_filled_yet(remote: tuple, published: SampleManifest) -> None:
     base, root, _ = remote
-    (root / "2024-06").mkdir()  # created by the publisher, no zip yet
+    (root / "2024-07").mkdir()  # created by the publisher, no zip yet
+    (root / "2024-06").mkdir()  # being filled: fewer files than May
+    (root / "2024-06" / "Cnaes.zip").write_bytes((published.folder / "Cnaes.zip").read_bytes())
     (root / "2023-12").mkdir()
     assert fetch.latest_month(settings(base)) == (2024, 5)
 
@@ -341,3 +343,23 @@ def test_remote_config_is_validated() -> None:
     cfg = compose(base + ['job.remote.url="http://127.0.0.1:8000/{year:04d}-{month:02d}/"', "pool.downloads=2"])
     assert cfg.job is not None and cfg.job.remote is not None and cfg.pool.downloads == 2
     assert fetch.month_url(cfg.job.remote.url or "", 2024, 5) == "http://127.0.0.1:8000/2024-05/"
+
+
+@pytest.mark.e2e
+def test_cli_month_latest_fetch_only_and_404_exit_codes(remote: tuple, published: SampleManifest, tmp_path: Path,
+                                                         pg_dsn: str, schemas: tuple) -> None:
+    """`python -m loadkit +job=monthly month=latest fetch=only` against a local mirror; a 404 month exits 3."""
+    from tests.test_cli import cli
+
+    base, root, _ = remote
+    (root / "2024-06").mkdir()  # not filled yet
+    _, led = schemas
+    common = ["+job=monthly", f'job.remote.url="{base}{{year:04d}}-{{month:02d}}/"', "job.remote.discovery=html",
+              f"data_root={tmp_path}", f"sink.dsn={pg_dsn}", f"sink.ledger_schema={led}", "tracking.enabled=false",
+              "job.remote.attempts=2", "job.remote.initial_wait_s=0.01"]
+    out = cli([*common, "month=latest", "fetch=only"])
+    assert out.returncode == 0, out.stderr
+    assert "month=latest is 2024-05" in out.stderr and "fetch: 13 file(s) downloaded" in out.stdout
+    same_files(published.folder, tmp_path / "2024-05")
+    missing = cli([*common, "year=2024", "month=8", "fetch=only"])
+    assert missing.returncode == 3 and "HTTP 404" in missing.stderr and "Traceback" not in missing.stderr
