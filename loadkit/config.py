@@ -95,7 +95,7 @@ class TableConfig:
     max_reject_rate: float = 0.05
     max_rejects: Optional[int] = None
     enabled: bool = True
-    # mode merge only. Each month is a full snapshot: once every file of the table's month has loaded and
+    # mode merge only (ignored by the other modes). Each month is a full snapshot: once every file of the table's month has loaded and
     # no file of the run failed, delete the target rows whose key the month no longer has (a key last
     # written by an older month). Counted as `deleted` in the summary and ledger (table_load.deleted).
     delete_missing: bool = False
@@ -422,9 +422,8 @@ def _validate_table(tname: str, t: TableConfig) -> None:
 
 
 def _validate_sync(k: str, t: TableConfig, names: List[str]) -> None:
-    """delete_missing needs merge (replace/snapshot already publish exactly the month); history needs it."""
-    _require(not t.delete_missing or t.mode == "merge", f"{k}.delete_missing",
-             f"delete_missing applies to mode merge (mode {t.mode} already publishes exactly the month's rows)")
+    """history needs delete_missing. Both act on mode merge only: replace and snapshot already publish exactly
+    the month, append keeps every row by design (so a job can switch a table's mode without touching them)."""
     _require(not t.history or t.delete_missing, f"{k}.history", "history needs delete_missing=true")
     _require(not t.history or not {"valid_from", "valid_to"} & set(names), f"{k}.history",
              "history adds the columns valid_from and valid_to: the table must not declare them")

@@ -237,8 +237,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, m
         max_reject_rate=t.max_reject_rate,
         max_rejects=t.max_rejects,
         period_tag=f"{year:04d}{month:02d}",
-        delete_missing=t.delete_missing,
-        history=t.history,
+        delete_missing=t.delete_missing and t.mode == "merge",
+        history=t.history and t.delete_missing and t.mode == "merge",
     )
 
 

@@ -164,12 +164,17 @@ def test_history_closes_absent_keys_and_reopens_returning_ones(months, pg_dsn: s
     assert third.metrics.tables["empresas"].deleted == 0
 
 
-def test_delete_missing_is_checked_at_compose_time() -> None:
+def test_delete_missing_applies_to_merge_and_history_needs_it(tmp_path: Path) -> None:
     from loadkit.errors import ConfigError
+    from loadkit.plan import build_plan
+
+    generate_month(tmp_path, 2024, 5, rows=100, shards=1)
 
     base = ["+job=monthly", "year=2024", "month=5"]
-    with pytest.raises(ConfigError, match="delete_missing applies to mode merge"):
-        compose(base + ["job.tables.cnaes.delete_missing=true"])
+    plan = build_plan(compose(base + [f"data_root={tmp_path}", "job.tables.cnaes.delete_missing=true",
+                                      "job.tables.empresas.mode=append"]))
+    assert not plan.table("cnaes").delete_missing and not plan.table("empresas").delete_missing  # merge only
+    assert plan.table("socios").delete_missing
     with pytest.raises(ConfigError, match="history needs delete_missing"):
         compose(base + ["job.tables.empresas.delete_missing=false", "job.tables.empresas.history=true"])
 
