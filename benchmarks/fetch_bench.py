@@ -57,8 +57,8 @@ def main() -> None:
         urls = [f"{base}2024-05/{f.name}" for f in files]
         out = work / "curl"
         out.mkdir()
-        results["curl, one at a time"] = timed(lambda: [subprocess.run(["curl", "-s", "-o", str(out / u.rsplit("/", 1)[1]),
-                                                                       u], check=True) for u in urls])
+        results["curl, one at a time"] = timed(lambda: [
+            subprocess.run(["curl", "-s", "-o", str(out / u.rsplit("/", 1)[1]), u], check=True) for u in urls])
         results[f"curl, {args.downloads} at a time"] = timed(lambda: subprocess.run(
             f"printf '%s\\n' {' '.join(urls)} | xargs -P {args.downloads} -n 1 curl -s -O", shell=True, check=True,
             cwd=out))

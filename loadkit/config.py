@@ -95,9 +95,10 @@ class TableConfig:
     max_reject_rate: float = 0.05
     max_rejects: Optional[int] = None
     enabled: bool = True
-    # mode merge only (ignored by the other modes). Each month is a full snapshot: once every file of the table's month has loaded and
-    # no file of the run failed, delete the target rows whose key the month no longer has (a key last
-    # written by an older month). Counted as `deleted` in the summary and ledger (table_load.deleted).
+    # mode merge only (ignored by the other modes). Each month is a full snapshot: once every file of
+    # the table's month has loaded and no file of the run failed, delete the target rows whose key the
+    # month no longer has (a key last written by an older month). Counted as `deleted` in the summary
+    # and ledger (table_load.deleted). Not done for a month with fewer files than the month before.
     delete_missing: bool = False
     # with delete_missing: keep those rows and close them instead. The target gets date columns valid_from
     # (first day of the month the key was last (re)opened) and valid_to (first day of the month it went

@@ -17,6 +17,7 @@ a missing or impossible ``job.remote`` is a config error (exit 2).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -219,7 +220,7 @@ def discover(client: httpx.Client, s: Settings, year: int, month: int) -> List[R
         names = [n.format(year=year, month=month) for n in s.files]
         files = []
         for n in names:
-            size, etag = retry(lambda n=n: _head(client, urljoin(url, n)))
+            size, etag = retry(functools.partial(_head, client, urljoin(url, n)))
             files.append(RemoteFile(n, urljoin(url, n), size, etag))
         return files
     if s.discovery == "webdav":
@@ -232,7 +233,7 @@ def discover(client: httpx.Client, s: Settings, year: int, month: int) -> List[R
                 found.append(RemoteFile(name, u))
     found = [f for f in found if any(fnmatch.fnmatchcase(f.name, p) for p in s.include)]
     if s.discovery == "html":  # a directory listing gives no reliable size: ask the server
-        found = [RemoteFile(f.name, f.url, *retry(lambda f=f: _head(client, f.url))) for f in found]
+        found = [RemoteFile(f.name, f.url, *retry(functools.partial(_head, client, f.url))) for f in found]
     if not found:
         raise SourceDataError(f"the remote month lists no file matching {list(s.include)}", url=_safe(url))
     return sorted(found, key=lambda f: f.name)
@@ -282,6 +283,10 @@ def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, (_Retryable, httpx.TransportError))
 
 
+def _log_retry(state: Any) -> None:
+    log.warning("fetch: %s; retrying", state.outcome.exception() if state.outcome is not None else "failed")
+
+
 def _retrying(s: Settings, sleep: Callable[[float], None] = time.sleep) -> Callable[[Callable[[], Any]], Any]:
     """Call a function under the fetch retry policy; the last failure becomes a DownloadError (transient)."""
     def call(fn: Callable[[], Any]) -> Any:
@@ -289,7 +294,7 @@ def _retrying(s: Settings, sleep: Callable[[float], None] = time.sleep) -> Calla
             for attempt in Retrying(stop=stop_after_attempt(s.attempts), reraise=True, sleep=sleep,
                                     wait=wait_exponential(multiplier=s.initial_wait_s, max=s.max_wait_s),
                                     retry=retry_if_exception(_is_retryable),
-                                    before_sleep=lambda st: log.warning("fetch: %s; retrying", st.outcome.exception())):
+                                    before_sleep=_log_retry):
                 with attempt:
                     return fn()
         except (_Retryable, httpx.TransportError) as exc:
@@ -487,8 +492,8 @@ def fetch_month(s: Settings, data_root: Path, year: int, month: int,
                     errors.append(exc)
         log.info("%s", progress.line())
         if errors:  # the first one, by the remote's order; the rest are in the log
-            for exc in errors[1:]:
-                log.error("fetch: %s", exc)
+            for other in errors[1:]:
+                log.error("fetch: %s", other)
             raise errors[0]
     (folder / IN_PROGRESS).unlink(missing_ok=True)
     return sorted(out, key=lambda r: r.name)

@@ -337,7 +337,7 @@ def test_remote_config_is_validated() -> None:
 
     base = ["+job=monthly", "year=2024", "month=5"]
     with pytest.raises(ConfigError, match="fetch=only needs job.remote.url"):
-        compose(base + ["fetch=only"])
+        compose(base + ["job.remote.url=null", "fetch=only"])
     with pytest.raises(ConfigError, match="discovery"):
         compose(base + ['job.remote.url="http://x/{year}/"', "job.remote.discovery=ftp"])
     cfg = compose(base + ['job.remote.url="http://127.0.0.1:8000/{year:04d}-{month:02d}/"', "pool.downloads=2"])
