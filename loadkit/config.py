@@ -146,6 +146,10 @@ class RemoteConfig:
     verify_zip: bool = True
     # Where month folders are listed for month=latest; None: the part of url before "{year".
     root_url: Optional[str] = None
+    # An object-store url (s3://bucket/{year:04d}-{month:02d}/, gs://...) is listed and read through
+    # fsspec with these options (e.g. {endpoint_url: http://127.0.0.1:9000}); credentials come from the
+    # environment, never from the config. discovery does not apply to object stores.
+    storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -343,8 +347,8 @@ def _validate_fetch(cfg: LoadkitConfig) -> None:
     _require(remote.discovery != "list" or bool(remote.files), "job.remote.files", "discovery=list needs files")
     _require(remote.attempts >= 1, "job.remote.attempts", "job.remote.attempts must be >= 1")
     _require(remote.timeout_s > 0, "job.remote.timeout_s", "job.remote.timeout_s must be > 0")
-    _require(remote.url is None or remote.url.startswith(("http://", "https://")), "job.remote.url",
-             "job.remote.url must be an http(s) URL template")
+    _require(remote.url is None or "://" in remote.url, "job.remote.url",
+             "job.remote.url must be a URL template (http(s)://, s3://, gs://, ...)")
 
 
 def _validate_batch(b: BatchConfig) -> None:

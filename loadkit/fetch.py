@@ -100,6 +100,9 @@ class Settings:
     chunk_bytes: int = 1 << 20
     progress_every_s: float = 5.0
     headers: Dict[str, str] = field(default_factory=dict)
+    # Non-HTTP URLs (s3://, gs://, ...): fsspec filesystem options (e.g. endpoint_url). Credentials come
+    # from the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), never from here.
+    storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
 def settings_from(cfg: Any) -> Settings:
@@ -110,7 +113,7 @@ def settings_from(cfg: Any) -> Settings:
     return Settings(url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
                     include=tuple(remote.include), downloads=cfg.pool.downloads, attempts=remote.attempts,
                     initial_wait_s=remote.initial_wait_s, max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s,
-                    verify_zip=remote.verify_zip)
+                    verify_zip=remote.verify_zip, storage_options=dict(remote.storage_options))
 
 
 def month_url(template: str, year: int, month: int) -> str:
@@ -247,8 +250,13 @@ def latest_month(s: Settings, root_url: Optional[str] = None) -> Tuple[int, int]
     before it: a folder the publisher has created but is still filling is skipped."""
     base = root_url or s.url.split("{year", 1)[0]
     listing = s if s.discovery != "list" else _as_listing(s)
-    with _client(s) as client:
-        if listing.discovery == "webdav":
+    opener: Any = _client(s) if is_http(s.url) else _FsClient(s)
+    with opener as client:
+        if not is_http(s.url):
+            names = [str(e["name"]).rstrip("/") + "/" for e in
+                     _retrying(s)(lambda: _fs_call(lambda: client.fs.ls(base, detail=True), base))
+                     if e.get("type") == "directory"]
+        elif listing.discovery == "webdav":
             names = [n for n, _, _, _ in _retrying(s)(lambda: list_webdav(client, base))]
         else:
             names = [n for n, _ in _retrying(s)(lambda: list_html(client, base))]
@@ -257,7 +265,7 @@ def latest_month(s: Settings, root_url: Optional[str] = None) -> Tuple[int, int]
 
         def count(ym: Tuple[int, int]) -> int:
             try:
-                return len(discover(client, listing, *ym))
+                return len(discover(client, listing, *ym) if is_http(s.url) else client.discover(*ym))
             except SourceDataError:
                 return 0
 
@@ -403,7 +411,7 @@ def _transfer(client: httpx.Client, f: RemoteFile, part: Path, s: Settings, prog
         raise _Retryable(f"connection ended at {got:,} of {expected:,} bytes")
 
 
-def fetch_file(client: httpx.Client, f: RemoteFile, folder: Path, s: Settings, progress: Progress,
+def fetch_file(client: Any, f: RemoteFile, folder: Path, s: Settings, progress: Progress,
                sleep: Callable[[float], None] = time.sleep) -> Fetched:
     """Download one file into folder (resuming a ``.part`` left by an earlier attempt), verify, rename."""
     dest, part = folder / f.name, folder / (f.name + ".part")
@@ -418,7 +426,10 @@ def fetch_file(client: httpx.Client, f: RemoteFile, folder: Path, s: Settings, p
         def transfer() -> None:
             nonlocal attempts
             attempts += 1
-            _transfer(client, f, part, s, progress, etag)
+            if isinstance(client, httpx.Client):
+                _transfer(client, f, part, s, progress, etag)
+            else:
+                _transfer_fs(client, f, part, s, progress)
         _retrying(s, sleep)(transfer)
         size = part.stat().st_size
         problem = None
@@ -436,6 +447,88 @@ def fetch_file(client: httpx.Client, f: RemoteFile, folder: Path, s: Settings, p
         if integrity_try == 1:
             log.warning("fetch: %s is corrupt (%s); downloading it again", f.name, problem)
     raise SourceDataError(f"downloaded twice, corrupt both times: {problem}", file=f.name, url=_safe(f.url))
+
+
+def is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+class _FsClient:
+    """An fsspec filesystem (s3://, gs://, abfs://, file://, ...) as a remote: listing with sizes and ETags."""
+
+    def __init__(self, s: Settings) -> None:
+        import fsspec
+
+        self.s = s
+        protocol = s.url.split("://", 1)[0]
+        try:
+            self.fs = fsspec.filesystem(protocol, **s.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"cannot open {protocol}:// remotes: {exc}", key="job.remote.url") from None
+
+    def __enter__(self) -> "_FsClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def discover(self, year: int, month: int) -> List[RemoteFile]:
+        url = month_url(self.s.url, year, month)
+        try:
+            entries = _retrying(self.s)(lambda: _fs_call(lambda: self.fs.ls(url, detail=True), url))
+        except FileNotFoundError:
+            entries = []
+        files = []
+        for e in entries:
+            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") == "directory" or not any(fnmatch.fnmatchcase(name, p) for p in self.s.include):
+                continue
+            etag = e.get("ETag") or e.get("etag") or e.get("md5Hash")
+            files.append(RemoteFile(name, url + name, int(e["size"]) if e.get("size") is not None else None,
+                                    str(etag) if etag else None))
+        if not files:
+            raise SourceDataError(f"the remote month lists no file matching {list(self.s.include)} (missing, or "
+                                  "not published yet)", url=_safe(url))
+        return sorted(files, key=lambda f: f.name)
+
+
+def _fs_call(fn: Callable[[], Any], url: str) -> Any:
+    """Run an fsspec call; transient-looking failures become _Retryable, the rest are classified."""
+    try:
+        return fn()
+    except FileNotFoundError:
+        raise
+    except PermissionError as exc:
+        raise ConfigError(f"the remote refused access: {exc}", key="job.remote.url") from None
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+
+
+def _transfer_fs(client: _FsClient, f: RemoteFile, part: Path, s: Settings, progress: Progress) -> None:
+    """Append what the partial file lacks, reading the object from that offset (ranged GETs underneath)."""
+    have = part.stat().st_size if part.exists() else 0
+    if f.size is not None and have > f.size:
+        part.unlink()
+        progress.add(-have, moved=False)
+        have = 0
+    if f.size is not None and have == f.size:
+        return
+
+    def copy() -> None:
+        with client.fs.open(f.url, "rb", block_size=s.chunk_bytes) as src, open(part, "ab" if have else "wb") as fh:
+            src.seek(have)
+            while block := src.read(s.chunk_bytes):
+                fh.write(block)
+                progress.add(len(block))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    try:
+        _fs_call(copy, f.url)
+    except FileNotFoundError:
+        raise SourceDataError("the remote file does not exist", url=_safe(f.url)) from None
+    if f.size is not None and part.stat().st_size < f.size:
+        raise _Retryable(f"read ended at {part.stat().st_size:,} of {f.size:,} bytes")
 
 
 def _client(s: Settings) -> httpx.Client:
@@ -469,8 +562,9 @@ def fetch_month(s: Settings, data_root: Path, year: int, month: int,
     """
     folder = Path(data_root) / f"{year:04d}-{month:02d}"
     label = f"{year:04d}-{month:02d}"
-    with _client(s) as client:
-        files = discover(client, s, year, month)
+    opener: Any = _client(s) if is_http(s.url) else _FsClient(s)
+    with opener as client:
+        files = discover(client, s, year, month) if is_http(s.url) else client.discover(year, month)
         todo = [f for f in files if not _present(folder, f)]
         out = [Fetched(f.name, _safe(f.url), str(folder / f.name), (folder / f.name).stat().st_size, f.etag,
                        "present") for f in files if f not in todo]
