@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import zipfile
@@ -99,6 +100,7 @@ class Settings:
     verify_zip: bool = True
     chunk_bytes: int = 1 << 20
     progress_every_s: float = 5.0
+    bar: bool = False  # redraw a progress line on stderr (interactive terminals)
     headers: Dict[str, str] = field(default_factory=dict)
     # Non-HTTP URLs (s3://, gs://, ...): fsspec filesystem options (e.g. endpoint_url). Credentials come
     # from the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), never from here.
@@ -113,7 +115,8 @@ def settings_from(cfg: Any) -> Settings:
     return Settings(url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
                     include=tuple(remote.include), downloads=cfg.pool.downloads, attempts=remote.attempts,
                     initial_wait_s=remote.initial_wait_s, max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s,
-                    verify_zip=remote.verify_zip, storage_options=dict(remote.storage_options))
+                    verify_zip=remote.verify_zip, storage_options=dict(remote.storage_options),
+                    bar=bool(cfg.env.progress_bars) and sys.stderr.isatty())
 
 
 def month_url(template: str, year: int, month: int) -> str:
@@ -287,7 +290,7 @@ def _as_listing(s: Settings) -> Settings:
 # ---------------------------------------------------------------- transfer
 
 
-def _is_retryable(exc: BaseException) -> bool:
+def _is_retryable(exc: BaseException) -> bool:  # Stopped is not: an interrupt ends the fetch at once
     return isinstance(exc, (_Retryable, httpx.TransportError))
 
 
@@ -310,23 +313,37 @@ def _retrying(s: Settings, sleep: Callable[[float], None] = time.sleep) -> Calla
     return call
 
 
-class Progress:
-    """Bytes done vs expected across every file, logged every few seconds with the rate and the ETA."""
+class Stopped(Exception):
+    """The fetch was asked to stop (the run was interrupted): partial files stay for the next run."""
 
-    def __init__(self, total: int, files: int, every_s: float, label: str) -> None:
-        self.total, self.files, self.every_s, self.label = total, files, every_s, label
+
+class Progress:
+    """Bytes done vs expected across every file, logged every few seconds with the rate and the ETA;
+    with ``bar`` (an interactive terminal), also redrawn in place on stderr twice a second.
+
+    ``stop`` is set when the run is interrupted: every transfer checks it between blocks."""
+
+    def __init__(self, total: int, files: int, every_s: float, label: str, bar: bool = False) -> None:
+        self.total, self.files, self.every_s, self.label, self.bar = total, files, every_s, label, bar
         self.done = 0  # bytes on disk for the month, resumed ones included
         self.moved = 0  # bytes transferred by this run
         self.finished = 0
+        self.stop = threading.Event()
         self._start = time.monotonic()
-        self._last = self._start
+        self._last = self._drawn = self._start
         self._lock = threading.Lock()
 
     def add(self, n: int, moved: bool = True) -> None:
+        if self.stop.is_set():
+            raise Stopped("fetch interrupted")
         with self._lock:
             self.done += n
             self.moved += n if moved else 0
             now = time.monotonic()
+            if self.bar and now - self._drawn >= 0.5:
+                self._drawn = now
+                sys.stderr.write("\r" + self.line()[:150].ljust(110))
+                sys.stderr.flush()
             if now - self._last >= self.every_s:
                 self._last = now
                 log.info("%s", self.line())
@@ -573,17 +590,25 @@ def fetch_month(s: Settings, data_root: Path, year: int, month: int,
             return out
         folder.mkdir(parents=True, exist_ok=True)
         (folder / IN_PROGRESS).write_text(_safe(month_url(s.url, year, month)) + "\n", encoding="utf-8")
-        progress = Progress(sum(f.size or 0 for f in todo), len(todo), s.progress_every_s, label)
+        progress = Progress(sum(f.size or 0 for f in todo), len(todo), s.progress_every_s, label, s.bar)
         log.info("fetch %s: %d of %d file(s) to download from %s (%s MB), %d at a time", label, len(todo),
                  len(files), _safe(month_url(s.url, year, month)), f"{progress.total / 1e6:,.1f}", s.downloads)
-        with ThreadPoolExecutor(max_workers=max(1, s.downloads), thread_name_prefix="fetch") as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, s.downloads), thread_name_prefix="fetch")
+        errors = []
+        try:
             futures = [pool.submit(fetch_file, client, f, folder, s, progress, sleep) for f in todo]
-            errors = []
             for fut in futures:
                 try:
                     out.append(fut.result())
                 except LoadkitError as exc:
                     errors.append(exc)
+        except BaseException:  # interrupted: stop every transfer now; the .part files resume next run
+            progress.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if s.bar:
+                sys.stderr.write("\n")
         log.info("%s", progress.line())
         if errors:  # the first one, by the remote's order; the rest are in the log
             for other in errors[1:]:

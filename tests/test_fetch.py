@@ -415,3 +415,30 @@ def test_s3_bucket_as_remote_resumes_and_verifies(s3: tuple, tmp_path: Path) -> 
     assert fetch.latest_month(s) == (2024, 5)  # 2024-06 lists 1 file, fewer than May
     with pytest.raises(SourceDataError, match="lists no file"):
         fetch.fetch_month(s, tmp_path / "data", 2024, 9)
+
+
+def test_an_interrupted_fetch_stops_every_transfer_and_resumes(remote: tuple, published: SampleManifest,
+                                                               tmp_path: Path) -> None:
+    """Ctrl-C during a fetch: the downloads stop at once (not after finishing 1.5 GB files), the .part files
+    and the in-progress marker stay, and fetch=auto resumes the month."""
+    base, _, _ = remote
+    s = settings(base, downloads=2, chunk_bytes=1024)
+    calls = {"n": 0}
+    real_add = fetch.Progress.add
+
+    def interrupt_after_some_bytes(self: fetch.Progress, n: int, moved: bool = True) -> None:
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        real_add(self, n, moved)
+
+    folder = tmp_path / "data" / "2024-05"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fetch.Progress, "add", interrupt_after_some_bytes)
+        with pytest.raises(KeyboardInterrupt):
+            fetch.fetch_month(s, tmp_path / "data", 2024, 5)
+    assert (folder / fetch.IN_PROGRESS).exists() and fetch.needs_fetch(folder)
+    assert calls["n"] < 60, "the other transfers stopped instead of running to the end"
+    fetch.fetch_month(s, tmp_path / "data", 2024, 5)
+    same_files(published.folder, folder)
+    assert not (folder / fetch.IN_PROGRESS).exists() and not fetch.needs_fetch(folder)
