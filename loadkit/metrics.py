@@ -218,6 +218,9 @@ class RunMetrics:
             out.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
                         f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s,
                         f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries})
+            out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
+                                                         ("duplicates", t.duplicates), ("deleted", t.deleted))
+                        if v is not None})
         return out
 
     def batch_table(self) -> pa.Table:

@@ -197,3 +197,5 @@ def test_duplicates_are_counted(pg_dsn: str, schemas: tuple, job_overrides, tmp_
     assert tm.duplicates == tm.rows_loaded - distinct >= 3
     assert query(pg_dsn, f'SELECT duplicates FROM "{led}".table_load WHERE run_id=%s AND table_name=%s',
                  (result.run_id, "empresas")) == [(tm.duplicates,)]
+    final = result.metrics.final(1.0, 0, 0, 0)  # what MLflow receives
+    assert final["empresas.duplicates"] == tm.duplicates and final["empresas.deleted"] == 0
