@@ -467,6 +467,7 @@ def fetch_file(client: Any, f: RemoteFile, folder: Path, s: Settings, progress: 
 
 
 def is_http(url: str) -> bool:
+    """True for http(s) remotes (httpx); anything else goes through fsspec."""
     return url.startswith(("http://", "https://"))
 
 
@@ -549,6 +550,7 @@ def _transfer_fs(client: _FsClient, f: RemoteFile, part: Path, s: Settings, prog
 
 
 def _client(s: Settings) -> httpx.Client:
+    """One pooled HTTP client for the whole month (keep-alive across files), redirects followed."""
     return httpx.Client(timeout=httpx.Timeout(s.timeout_s, connect=min(s.timeout_s, 30.0)), follow_redirects=True,
                         headers={"User-Agent": "loadkit-fetch"})
 
@@ -632,6 +634,7 @@ def summary_line(rows: List[Fetched]) -> str:
 
 
 def ledger_ddl(schema: str) -> str:
+    """The ledger's ``fetched`` table: one row per file a run downloaded (created on first use)."""
     return (f"CREATE TABLE IF NOT EXISTS {qualified(schema, 'fetched')} ("
             "period text NOT NULL, name text NOT NULL, url text NOT NULL, path text NOT NULL, size bigint NOT NULL, "
             "etag text, status text NOT NULL, seconds double precision, resumed_from bigint, attempts int, "
