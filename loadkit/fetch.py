@@ -172,9 +172,9 @@ def list_html(client: httpx.Client, url: str) -> List[Tuple[str, str]]:
         absolute = urljoin(url, href)
         if not absolute.startswith(url) or absolute == url:
             continue  # parent links, sorting links (?C=M), other sites
-        name = unquote(absolute[len(url):].split("?")[0].split("#")[0])
-        if name and name.count("/") <= 1 and not name.startswith("?"):
-            out.append((name, absolute))
+        rel = absolute[len(url):].split("#")[0].split("?")[0]  # raw: an encoded %3F is part of a name
+        if rel and "/" not in rel.rstrip("/"):  # a child (file, or folder ending in '/'), not deeper
+            out.append((unquote(rel), absolute.split("#")[0]))
     return out
 
 

@@ -6,6 +6,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loadkit import sources
 from loadkit.examples.cnpj.sample import generate_month
@@ -62,3 +64,19 @@ def test_2021_named_month_rezipped_on_a_mac_loads(tmp_path: Path, pg_dsn: str, s
         tm = result.metrics.tables[table]
         assert (tm.rows_read, tm.rows_rejected) == (rows, 0), table
     assert query(pg_dsn, f'SELECT count(*) FROM "{target}".naturezas')[0][0] == month.rows["naturezas"]
+
+
+SEGMENT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\\\x00"), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(SEGMENT, min_size=1, max_size=4))
+def test_foreign_member_rule(parts: list) -> None:
+    """Data members are every file entry except directories, AppleDouble forks and Finder/Explorer metadata."""
+    name = "/".join(parts)
+    data = sources.is_foreign_member(zipfile.ZipInfo(name))
+    expected_foreign = ("__MACOSX" in parts[:-1] or parts[-1].startswith("._")
+                        or parts[-1] in (".DS_Store", "Thumbs.db"))
+    assert data == expected_foreign
+    assert sources.is_foreign_member(zipfile.ZipInfo(name + "/"))  # a directory entry
+    assert sources.is_foreign_member(zipfile.ZipInfo("__MACOSX/" + name))

@@ -11,8 +11,13 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, Iterator, List
+from urllib.parse import quote
 
+import httpx
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from loadkit import fetch
 from loadkit.errors import EXIT_CODES, Category, SourceDataError
@@ -442,3 +447,42 @@ def test_an_interrupted_fetch_stops_every_transfer_and_resumes(remote: tuple, pu
     fetch.fetch_month(s, tmp_path / "data", 2024, 5)
     same_files(published.folder, folder)
     assert not (folder / fetch.IN_PROGRESS).exists() and not fetch.needs_fetch(folder)
+
+
+# ---------------------------------------------------------------- the listing parsers, property-tested
+
+NAMES = st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"),
+                         min_size=1, max_size=30).filter(lambda n: n not in (".", "..") and n.strip() == n and n),
+                 min_size=1, max_size=8, unique=True)
+
+
+def _mock(body: bytes, status: int = 207) -> httpx.Client:
+    return httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(status, content=body)))
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(NAMES)
+def test_html_listing_round_trips_any_file_name(names: list) -> None:
+    """Whatever the names (spaces, $, #, ?, %, accents), a percent-encoded listing gives them back exactly."""
+    base = "http://mirror.test/dados/2024-05/"
+    links = "".join(f'<a href="{html.escape(quote(n))}">{html.escape(n)}</a>' for n in names)
+    page = f'<a href="../">Parent</a><a href="?C=N;O=D">Name</a><a href="http://other.test/x">x</a>{links}'
+    got = fetch.list_html(_mock(page.encode(), 200), base)
+    assert [n for n, _ in got] == names
+    assert all(u.startswith(base) for _, u in got)
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(NAMES, st.lists(st.integers(0, 2**40), min_size=8, max_size=8))
+def test_webdav_listing_round_trips_names_and_sizes(names: list, sizes: list) -> None:
+    base = "https://share.test/public.php/dav/files/SHARE/2024-05/"
+    path = "/public.php/dav/files/SHARE/2024-05/"
+    entries = [f"<d:response><d:href>{path}</d:href><d:propstat><d:prop><d:resourcetype><d:collection/>"
+               "</d:resourcetype></d:prop></d:propstat></d:response>"]
+    for n, size in zip(names, sizes):
+        entries.append(f"<d:response><d:href>{html.escape(path + quote(n))}</d:href><d:propstat><d:prop>"
+                       f"<d:getcontentlength>{size}</d:getcontentlength><d:getetag>&quot;{size}&quot;</d:getetag>"
+                       "<d:resourcetype/></d:prop></d:propstat></d:response>")
+    body = f'<?xml version="1.0"?><d:multistatus xmlns:d="DAV:">{"".join(entries)}</d:multistatus>'
+    got = fetch.list_webdav(_mock(body.encode()), base)
+    assert [(n, size, etag) for n, _, size, etag in got] == [(n, s, f'"{s}"') for n, s in zip(names, sizes)]
