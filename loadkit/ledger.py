@@ -67,9 +67,11 @@ def ddl(schema: str) -> List[str]:
             CONSTRAINT batch_accounting CHECK (rows_in = rows_loaded + rows_rejected))""",
         f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
         # Rows a finalisation collapsed as duplicate keys, and rows a full-snapshot sync deleted or closed
-        # (NULL: no sync ran). Added to ledgers created before these columns existed.
-        f"ALTER TABLE {s}.table_load ADD COLUMN IF NOT EXISTS duplicates bigint",
-        f"ALTER TABLE {s}.table_load ADD COLUMN IF NOT EXISTS deleted bigint",
+        # (NULL: no sync ran). Added to ledgers created before these columns existed; the catalog check
+        # first, so a ledger that has them takes no ALTER TABLE lock at every run start.
+        *(f"""DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{s}.table_load'::regclass
+              AND attname = '{col}' AND NOT attisdropped) THEN ALTER TABLE {s}.table_load ADD COLUMN {col} bigint;
+              END IF; END $$""" for col in ("duplicates", "deleted")),
         f"""CREATE TABLE IF NOT EXISTS {s}.reject (
             batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
             file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text)""",

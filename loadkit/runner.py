@@ -477,8 +477,8 @@ def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunRes
 
                 ledger.ensure(cur, cfg.sink.ledger_schema)
                 fetch.record(cur, cfg.sink.ledger_schema, None, period, fetched)
-        except LoadkitError as exc:
-            log.warning("fetched, but could not record it in the ledger: %s", exc)
+        except Exception as exc:  # the files are in place; the ledger row is the only thing missing
+            log.warning("fetched, but could not record it in the ledger: %s", mask_text(str(exc)))
         return RunResult(f"fetch-{period}", "succeeded", RunMetrics({}), time.time() - started, fetched=fetched)
     return Runner(cfg, tags, fetched).run()
 
@@ -489,11 +489,12 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
         return []
     from loadkit import fetch
 
-    folder = Path(cfg.data_root) / f"{cfg.year:04d}-{cfg.month:02d}"
+    root = Path(cfg.data_root).expanduser()
+    folder = root / f"{cfg.year:04d}-{cfg.month:02d}"
     if cfg.fetch == "auto" and not fetch.needs_fetch(folder):
         log.info("fetch: %s is already here (fetch=always re-checks the remote)", folder)
         return []
-    return fetch.fetch_month(fetch.settings_from(cfg), Path(cfg.data_root), cfg.year, cfg.month)
+    return fetch.fetch_month(fetch.settings_from(cfg), root, cfg.year, cfg.month)
 
 
 def exit_code(result: RunResult) -> int:
