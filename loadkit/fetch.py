@@ -82,6 +82,7 @@ class Fetched:
     resumed_from: int = 0  # bytes a previous, interrupted download had already written
     attempts: int = 1  # transfers (1 + retries), across integrity refetches
     refetched: bool = False  # the first complete download failed its integrity check
+    started: float = 0.0  # time.monotonic() when this file's download began (for the stage's wall time)
 
 
 @dataclass
@@ -458,7 +459,7 @@ def fetch_file(client: Any, f: RemoteFile, folder: Path, s: Settings, progress: 
             os.replace(part, dest)  # atomic: the loader sees the whole file or none of it
             progress.file_done()
             return Fetched(f.name, _safe(f.url), str(dest), size, etag[0], "fetched", time.monotonic() - started,
-                           resumed, attempts, integrity_try > 1)
+                           resumed, attempts, integrity_try > 1, started)
         part.unlink(missing_ok=True)
         progress.add(-size, moved=False)
         if integrity_try == 1:
@@ -624,9 +625,9 @@ def summary_line(rows: List[Fetched]) -> str:
     """One line for the run summary: files fetched vs present, bytes, time, throughput."""
     got = [r for r in rows if r.status == "fetched"]
     size = sum(r.size - r.resumed_from for r in got)
-    secs = max((r.seconds for r in got), default=0.0)
+    secs = (max(r.started + r.seconds for r in got) - min(r.started for r in got)) if got else 0.0
     rate = f", {size / secs / 1e6:,.1f} MB/s" if secs > 0 else ""
-    return (f"fetch: {len(got)} file(s) downloaded ({size / 1e6:,.1f} MB{rate}), "
+    return (f"fetch: {len(got)} file(s) downloaded ({size / 1e6:,.1f} MB in {secs:,.1f} s{rate}), "
             f"{len(rows) - len(got)} already present")
 
 
