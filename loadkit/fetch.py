@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 from xml.etree import ElementTree
 
 import httpx
@@ -192,7 +192,7 @@ def list_webdav(client: httpx.Client, url: str) -> List[Tuple[str, str, Optional
         root = ElementTree.fromstring(resp.content)
     except ElementTree.ParseError as exc:
         raise SourceDataError(f"the WebDAV listing is not XML: {exc}", url=_safe(url)) from None
-    base_path = urlsplit(url).path.rstrip("/") + "/"
+    base_path = unquote(urlsplit(url).path).rstrip("/") + "/"
     out = []
     for r in root.iter(f"{_DAV}response"):
         href = unquote(r.findtext(f"{_DAV}href") or "")
@@ -203,7 +203,7 @@ def list_webdav(client: httpx.Client, url: str) -> List[Tuple[str, str, Optional
         name = path[len(base_path):].rstrip("/") + ("/" if is_dir else "")
         size = r.findtext(f".//{_DAV}getcontentlength")
         etag = r.findtext(f".//{_DAV}getetag")
-        out.append((name, urljoin(url, name), int(size) if size and size.isdigit() else None, etag or None))
+        out.append((name, urljoin(url, quote(name)), int(size) if size and size.isdigit() else None, etag or None))
     return out
 
 
@@ -227,8 +227,8 @@ def discover(client: httpx.Client, s: Settings, year: int, month: int) -> List[R
         names = [n.format(year=year, month=month) for n in s.files]
         files = []
         for n in names:
-            size, etag = retry(functools.partial(_head, client, urljoin(url, n)))
-            files.append(RemoteFile(n, urljoin(url, n), size, etag))
+            size, etag = retry(functools.partial(_head, client, urljoin(url, quote(n))))
+            files.append(RemoteFile(n, urljoin(url, quote(n)), size, etag))
         return files
     if s.discovery == "webdav":
         entries = retry(lambda: list_webdav(client, url))

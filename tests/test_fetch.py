@@ -11,7 +11,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, Iterator, List
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 import pytest
@@ -486,3 +486,5 @@ def test_webdav_listing_round_trips_names_and_sizes(names: list, sizes: list) ->
     body = f'<?xml version="1.0"?><d:multistatus xmlns:d="DAV:">{"".join(entries)}</d:multistatus>'
     got = fetch.list_webdav(_mock(body.encode()), base)
     assert [(n, size, etag) for n, _, size, etag in got] == [(n, s, f'"{s}"') for n, s in zip(names, sizes)]
+    assert all(unquote(urlsplit(u).path) == path + n and not urlsplit(u).query and not urlsplit(u).fragment
+               for n, u, _, _ in got)  # the download URL names the same file, whatever its characters
