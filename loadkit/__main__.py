@@ -56,6 +56,24 @@ def _precheck(argv: List[str]) -> None:
         raise ConfigError(message, key=key) from None
 
 
+def _resolve_latest(argv: List[str]) -> List[str]:
+    """``month=latest``: the newest complete month the job's remote publishes (see loadkit.fetch.latest_month);
+    returns argv with concrete year= and month= in place of it."""
+    if "month=latest" not in argv:
+        return argv
+    from hydra import compose, initialize_config_dir
+
+    from loadkit import fetch
+
+    rest = [a for a in argv if not a.startswith(("month=", "year="))]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=rest + ["year=2000", "month=1"]))
+    assert cfg.job is not None
+    year, month = fetch.latest_month(fetch.settings_from(cfg), cfg.job.remote.root_url)
+    sys.stderr.write(f"loadkit: month=latest is {year:04d}-{month:02d}\n")
+    return rest + [f"year={year}", f"month={month}"]
+
+
 def _fail(exc: LoadkitError) -> None:
     sys.stderr.write(f"loadkit: {exc.category.value} error: {exc}\n")
     raise SystemExit(EXIT_CODES[exc.category])
@@ -114,8 +132,9 @@ def _scrub_multirun_yaml(sweep_dir: Path) -> None:
 def entry() -> None:
     register()
     try:
+        sys.argv[1:] = _resolve_latest(sys.argv[1:])
         _precheck(sys.argv[1:])
-    except ConfigError as exc:
+    except LoadkitError as exc:  # a config error, or month=latest could not reach/read the remote
         _fail(exc)
     main()
     failed = [c for c in _sweep_codes if c]

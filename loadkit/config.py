@@ -102,6 +102,15 @@ class TableConfig:
     max_reject_rate: float = 0.05
     max_rejects: Optional[int] = None
     enabled: bool = True
+    # mode merge only (ignored by the other modes). Each month is a full snapshot: once every file of
+    # the table's month has loaded and no file of the run failed, delete the target rows whose key the
+    # month no longer has (a key last written by an older month). Counted as `deleted` in the summary
+    # and ledger (table_load.deleted). Not done for a month with fewer files than the month before.
+    delete_missing: bool = False
+    # with delete_missing: keep those rows and close them instead. The target gets date columns valid_from
+    # (first day of the month the key was last (re)opened) and valid_to (first day of the month it went
+    # missing; NULL while present); a key that comes back is reopened with a new valid_from.
+    history: bool = False
 
 
 @dataclass
@@ -119,11 +128,45 @@ class MigrateConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Where the fetch stage (loadkit.fetch) downloads a month from, before the load.
+
+    A local mirror is one override away: ``job.remote.url=http://127.0.0.1:8000/{year:04d}-{month:02d}/``."""
+
+    # The month folder's URL, a template over year/month (str.format); None: no fetch stage.
+    url: Optional[str] = None
+    # How to list the month: webdav (PROPFIND, e.g. a Nextcloud public share), html (a plain HTTP
+    # directory listing), list (the names in `files`, sized with HEAD).
+    discovery: str = "html"
+    # discovery=list: file names (templates over year/month) under url.
+    files: List[str] = field(default_factory=list)
+    # fnmatch patterns of the listed names to download.
+    include: List[str] = field(default_factory=lambda: ["*.zip"])
+    # Transfers per file (1 + retries); each retry resumes with an HTTP Range request. Waits grow
+    # exponentially from initial_wait_s up to max_wait_s.
+    attempts: int = 5
+    initial_wait_s: float = 0.5
+    max_wait_s: float = 30.0
+    # Seconds without a byte (and for connecting) before a transfer counts as failed.
+    timeout_s: float = 60.0
+    # CRC-test every member of a downloaded zip before it is renamed into place.
+    verify_zip: bool = True
+    # Where month folders are listed for month=latest; None: the part of url before "{year".
+    root_url: Optional[str] = None
+    # An object-store url (s3://bucket/{year:04d}-{month:02d}/, gs://...) is listed and read through
+    # fsspec with these options (e.g. {endpoint_url: http://127.0.0.1:9000}); credentials come from the
+    # environment, never from the config. discovery does not apply to object stores.
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class JobConfig:
     name: str = MISSING
     schema: str = "public"
     tables: Dict[str, TableConfig] = field(default_factory=dict)
     migrate: MigrateConfig = field(default_factory=MigrateConfig)
+    # The fetch stage's source (remote.url None: files must already be under data_root).
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 @dataclass
@@ -161,6 +204,8 @@ class PoolConfig:
     # Byte-range read tasks per large uncompressed file (no newlines in values), so one big
     # file still parses on every core; files under 2 x batch.read_block_bytes stay whole.
     read_splits: int = 2
+    # Files the fetch stage downloads at once.
+    downloads: int = 4
 
 
 @dataclass
@@ -230,6 +275,10 @@ class LoadkitConfig:
     month: int = MISSING
     data_root: str = "data"
     force: bool = False
+    # The fetch stage (job.remote): auto downloads the month when its folder under data_root is missing,
+    # empty or half-fetched, then loads; always lists the remote and downloads whatever is missing or
+    # incomplete, then loads; only downloads (no load); never loads what is on disk.
+    fetch: str = "auto"
     job: Optional[JobConfig] = None
     sink: SinkConfig = field(default_factory=SinkConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -291,6 +340,22 @@ def validate(cfg: LoadkitConfig) -> None:
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")
     assert cfg.job is not None
     _validate_job(cfg.job)
+    _validate_fetch(cfg)
+
+
+def _validate_fetch(cfg: LoadkitConfig) -> None:
+    _require(cfg.fetch in ("auto", "always", "only", "never"), "fetch",
+             f"fetch must be auto, always, only or never, got {cfg.fetch!r}")
+    _require(cfg.pool.downloads >= 1, "pool.downloads", "pool.downloads must be >= 1")
+    remote = cfg.job.remote if cfg.job is not None else RemoteConfig()
+    _require(cfg.fetch != "only" or bool(remote.url), "job.remote.url", "fetch=only needs job.remote.url")
+    _require(remote.discovery in ("webdav", "html", "list"), "job.remote.discovery",
+             f"job.remote.discovery must be webdav, html or list, got {remote.discovery!r}")
+    _require(remote.discovery != "list" or bool(remote.files), "job.remote.files", "discovery=list needs files")
+    _require(remote.attempts >= 1, "job.remote.attempts", "job.remote.attempts must be >= 1")
+    _require(remote.timeout_s > 0, "job.remote.timeout_s", "job.remote.timeout_s must be > 0")
+    _require(remote.url is None or "://" in remote.url, "job.remote.url",
+             "job.remote.url must be a URL template (http(s)://, s3://, gs://, ...)")
 
 
 def _validate_batch(b: BatchConfig) -> None:
@@ -364,6 +429,7 @@ def _validate_table(tname: str, t: TableConfig) -> None:
             _require(ic in names or (t.derived_key is not None and ic == t.derived_key.name), f"{k}.indexes",
                      f"index column {ic!r} is not declared")
     _require(t.mode != "merge" or bool(t.key), f"{k}.key", "mode merge needs a key")
+    _validate_sync(k, t, names)
     _require(0.0 <= t.max_reject_rate <= 1.0, f"{k}.max_reject_rate", "max_reject_rate must be within 0..1")
     _require(t.max_rejects is None or t.max_rejects >= 0, f"{k}.max_rejects", "max_rejects must be >= 0")
 
@@ -422,6 +488,12 @@ def _validate_column_rules(ck: str, col: ColumnConfig) -> None:
             raise ConfigError(f"not a strptime format {col.format!r}: {exc}", key=f"{ck}.format") from None
         _require(not re.search(r"%[zZ]", col.format.replace("%%", "")), f"{ck}.format",
                  "%z/%Z (time zones) are not supported: date and timestamp columns are without time zone")
+def _validate_sync(k: str, t: TableConfig, names: List[str]) -> None:
+    """history needs delete_missing. Both act on mode merge only: replace and snapshot already publish exactly
+    the month, append keeps every row by design (so a job can switch a table's mode without touching them)."""
+    _require(not t.history or t.delete_missing, f"{k}.history", "history needs delete_missing=true")
+    _require(not t.history or not {"valid_from", "valid_to"} & set(names), f"{k}.history",
+             "history adds the columns valid_from and valid_to: the table must not declare them")
 
 
 def _validate_dialect(k: str, d: DialectConfig) -> None:

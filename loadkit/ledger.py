@@ -66,6 +66,12 @@ def ddl(schema: str) -> List[str]:
             committed_at timestamptz NOT NULL DEFAULT now(),
             CONSTRAINT batch_accounting CHECK (rows_in = rows_loaded + rows_rejected))""",
         f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
+        # Rows a finalisation collapsed as duplicate keys, and rows a full-snapshot sync deleted or closed
+        # (NULL: no sync ran). Added to ledgers created before these columns existed; the catalog check
+        # first, so a ledger that has them takes no ALTER TABLE lock at every run start.
+        *(f"""DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{s}.table_load'::regclass
+              AND attname = '{col}' AND NOT attisdropped) THEN ALTER TABLE {s}.table_load ADD COLUMN {col} bigint;
+              END IF; END $$""" for col in ("duplicates", "deleted")),
         f"""CREATE TABLE IF NOT EXISTS {s}.reject (
             batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
             file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text,
@@ -142,6 +148,14 @@ def finish_table(cur: Any, schema: str, run_id: str, table: str, o: TableOutcome
         (o.status, o.rows_read, o.rows_loaded, o.rows_rejected, o.inserted, o.updated, o.seconds, o.error,
          run_id, table),
     )
+
+
+def record_collapse(cur: Any, schema: str, run_id: str, table: str, duplicates: Optional[int],
+                    deleted: Optional[int]) -> None:
+    """Duplicates collapsed by the finalisation and rows deleted/closed by a sync (None: no sync ran)."""
+    cur.execute(f"UPDATE {qualified(schema, 'table_load')} SET duplicates=coalesce(%s, duplicates), "
+                "deleted=coalesce(%s, deleted) WHERE run_id=%s AND table_name=%s",
+                (duplicates, deleted, run_id, table))
 
 
 def loaded_files(cur: Any, schema: str, table: str, period: str) -> Dict[str, str]:

@@ -35,6 +35,8 @@ class TableMetrics:
     status: str = "pending"
     inserted: Optional[int] = None
     updated: Optional[int] = None
+    duplicates: Optional[int] = None  # loaded rows collapsed onto another row with the same key
+    deleted: Optional[int] = None  # rows a full-snapshot sync deleted or closed (None: no sync ran)
 
     @property
     def rows_per_s(self) -> float:
@@ -216,6 +218,9 @@ class RunMetrics:
             out.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
                         f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s,
                         f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries})
+            out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
+                                                         ("duplicates", t.duplicates), ("deleted", t.deleted))
+                        if v is not None})
         return out
 
     def batch_table(self) -> pa.Table:
@@ -234,15 +239,20 @@ def memory_table(samples: Sequence[Tuple[float, int, float]], started: float) ->
 
 def summary_table(metrics: RunMetrics, run_id: str, wall_s: float) -> str:
     """The human summary printed at the end of a run."""
-    head = ("table", "mode", "files", "skipped", "rows read", "loaded", "rejected", "seconds", "rows/s", "status")
+    head = ("table", "mode", "files", "skipped", "rows read", "loaded", "rejected", "inserted", "updated",
+            "duplicates", "deleted", "seconds", "rows/s", "status")
     lines = [head]
+    n = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+    total = lambda name: n(sum(getattr(t, name) or 0 for t in metrics.tables.values()))  # noqa: E731
     for t in metrics.tables.values():
         lines.append((t.name, t.mode, str(t.files), str(t.files_skipped), f"{t.rows_read:,}", f"{t.rows_loaded:,}",
-                      f"{t.rows_rejected:,}", f"{t.seconds:.1f}", f"{t.rows_per_s:,.0f}", t.status))
+                      f"{t.rows_rejected:,}", n(t.inserted), n(t.updated), n(t.duplicates), n(t.deleted),
+                      f"{t.seconds:.1f}", f"{t.rows_per_s:,.0f}", t.status))
     read, loaded, rejected = metrics.totals()
     lines.append(("TOTAL", "", str(sum(t.files for t in metrics.tables.values())),
                   str(sum(t.files_skipped for t in metrics.tables.values())), f"{read:,}", f"{loaded:,}",
-                  f"{rejected:,}", f"{wall_s:.1f}", f"{read / wall_s if wall_s else 0:,.0f}", ""))
+                  f"{rejected:,}", total("inserted"), total("updated"), total("duplicates"), total("deleted"),
+                  f"{wall_s:.1f}", f"{read / wall_s if wall_s else 0:,.0f}", ""))
     return format_table(lines) + f"\nrun id: {run_id}"
 
 

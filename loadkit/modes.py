@@ -31,6 +31,9 @@ from loadkit.security import qualified, quote_ident
 
 log = logging.getLogger("loadkit.modes")
 
+# Columns a merge table with history=true carries besides its declared ones (see sync_missing).
+HISTORY_COLS = ("valid_from", "valid_to")
+
 # format_type() spellings of the declared kinds, for the schema comparison.
 _CANONICAL = {"char": "character", "varchar": "character varying", "timestamp": "timestamp without time zone",
               "double": "double precision"}
@@ -64,11 +67,13 @@ def _target_columns(table: TableSpec) -> Dict[str, Tuple[str, str]]:
     out[BATCH_COL] = ("bigint", "bigint")
     if table.mode == "snapshot":
         out[PERIOD_COL] = ("integer", "integer")
+    if table.history:
+        out.update({c: ("date", "date") for c in HISTORY_COLS})
     return out
 
 
 def _staging_columns(table: TableSpec) -> Dict[str, str]:
-    out = {n: t for n, (_, t) in _target_columns(table).items() if n != PERIOD_COL}
+    out = {n: t for n, (_, t) in _target_columns(table).items() if n != PERIOD_COL and n not in HISTORY_COLS}
     out[ROW_COL] = "integer"
     return out
 
@@ -222,7 +227,8 @@ def _create_target(cur: Any, table: TableSpec) -> None:
         cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)}, {quote_ident(PERIOD_COL)} integer NOT NULL{pk}) "
                     f"PARTITION BY LIST ({quote_ident(PERIOD_COL)})")
     elif table.mode == "merge":
-        cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)}, PRIMARY KEY ({_cols(table.key)}))")
+        history = "".join(f", {quote_ident(c)} date" for c in HISTORY_COLS) if table.history else ""
+        cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)}{history}, PRIMARY KEY ({_cols(table.key)}))")
     else:  # append, replace: no constraints during the load; replace builds them at the swap
         cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)})")
 
@@ -392,3 +398,76 @@ def _finalize_snapshot(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[
     cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
     cur.execute(f"SELECT count(*) FROM {qualified(table.schema, part)}")
     return int(cur.fetchone()[0]), None
+
+
+# ---------------------------------------------------------------- full-snapshot sync (merge + delete_missing)
+
+
+def _seen_since(ledger_schema: str) -> str:
+    """SQL: target row ``t`` was last written by a batch of this table in this month or a later one.
+
+    Every key present in a month is upserted by one of that month's batches, which sets the row's
+    batch column, so a row whose batch belongs to an older month (or to no batch the ledger still
+    knows) is a key the month no longer has. Rows a newer month wrote are never touched.
+    """
+    batch = qualified(ledger_schema, "batch")
+    return (f"EXISTS (SELECT 1 FROM {batch} b WHERE b.batch_id = t.{quote_ident(BATCH_COL)} "
+            "AND b.table_name = %s AND b.period >= %s)")
+
+
+def month_complete(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> bool:
+    """True when every file of the table's month is published ('loaded') in the ledger."""
+    done = ledger.loaded_files(cur, ledger_schema, table.name, period)
+    return bool(table.files) and all(done.get(f.sha256) == "loaded" for f in table.files)
+
+
+def fewer_files_than_before(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Optional[int]:
+    """The file count of the latest earlier month of this table, if it had more files than this month.
+
+    A month that arrives with fewer shards than the one before is more likely an incomplete download
+    than a smaller snapshot; syncing it would delete every key of the missing shards.
+    """
+    f = qualified(ledger_schema, "file")
+    cur.execute(f"SELECT count(*) FROM {f} WHERE table_name=%s AND status='loaded' AND period = "
+                f"(SELECT max(period) FROM {f} WHERE table_name=%s AND period < %s AND status='loaded')",
+                (table.name, table.name, period))
+    before = int(cur.fetchone()[0])
+    return before if before > len(table.files) else None
+
+
+def sync_done(cur: Any, ledger_schema: str, table: str, period: str) -> bool:
+    """True if a run already synced this table's month (table_load.deleted is set only by a sync)."""
+    cur.execute(f"SELECT 1 FROM {qualified(ledger_schema, 'table_load')} WHERE table_name=%s AND period=%s "
+                "AND deleted IS NOT NULL LIMIT 1", (table, period))
+    return cur.fetchone() is not None
+
+
+def open_history(cur: Any, table: TableSpec, ledger_schema: str, period: str, month_start: Any) -> int:
+    """history=true, after every merge: rows this month wrote that are new or had been closed get
+    valid_from = month_start and valid_to = NULL. Returns the rows (re)opened."""
+    target = qualified(table.schema, table.name)
+    frm, to = (quote_ident(c) for c in HISTORY_COLS)
+    cur.execute(f"UPDATE {target} t SET {frm} = %s, {to} = NULL WHERE (t.{to} IS NOT NULL OR t.{frm} IS NULL) "
+                f"AND {_seen_since(ledger_schema)}", (month_start, table.name, period))
+    return int(cur.rowcount or 0)
+
+
+def sync_missing(cur: Any, table: TableSpec, ledger_schema: str, period: str, month_start: Any) -> int:
+    """Delete (history=false) or close (history=true: valid_to = month_start) the target rows whose key
+    the month no longer has. Returns the rows deleted or closed.
+
+    The caller runs it in the finalisation's transaction, and only once every file of the table's
+    month is published and no file of the run failed: a partial month would delete keys that are
+    merely not loaded yet.
+    """
+    target = qualified(table.schema, table.name)
+    if table.history:
+        to = quote_ident(HISTORY_COLS[1])
+        cur.execute(f"UPDATE {target} t SET {to} = %s WHERE t.{to} IS NULL AND NOT {_seen_since(ledger_schema)}",
+                    (month_start, table.name, period))
+    else:
+        cur.execute(f"DELETE FROM {target} t WHERE NOT {_seen_since(ledger_schema)}", (table.name, period))
+    gone = int(cur.rowcount or 0)
+    log.info("%s: %d row(s) %s: their keys are absent from %s", table.name, gone,
+             "closed" if table.history else "deleted", period)
+    return gone

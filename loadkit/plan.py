@@ -101,6 +101,8 @@ class TableSpec:
         return self.name if self.mode == "append" else staging_name(self.name, self.period_tag)
 
     period_tag: str = ""
+    delete_missing: bool = False  # merge: delete (or close, with history) keys the month no longer has
+    history: bool = False
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, m
         max_reject_rate=t.max_reject_rate,
         max_rejects=t.max_rejects,
         period_tag=f"{year:04d}{month:02d}",
+        delete_missing=t.delete_missing and t.mode == "merge",
+        history=t.history and t.delete_missing and t.mode == "merge",
     )
 
 

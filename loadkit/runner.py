@@ -47,10 +47,14 @@ class RunResult:
     error: Optional[BaseException] = None
     mlflow_run_id: Optional[str] = None
     failed_files: List[Tuple[str, str, str]] = field(default_factory=list)
+    fetched: List[Any] = field(default_factory=list)  # loadkit.fetch.Fetched, one per remote file
 
     @property
     def summary(self) -> str:
-        return summary_table(self.metrics, self.run_id, self.wall_s)
+        from loadkit.fetch import summary_line
+
+        head = summary_line(self.fetched) + "\n" if self.fetched else ""
+        return head + summary_table(self.metrics, self.run_id, self.wall_s)
 
 
 class _Signals:
@@ -83,9 +87,11 @@ class _Signals:
 
 
 class Runner:
-    def __init__(self, cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None,
+                 fetched: Optional[List[Any]] = None) -> None:
         self.cfg = cfg
         self.tags = tags or {}
+        self.fetched = fetched or []  # what the fetch stage downloaded before this run (ledger: fetched)
         self.plan: Optional[LoadPlan] = None
         self.dsn = ""
         # table -> why its reject threshold was exceeded; its files of this run get discarded.
@@ -113,6 +119,10 @@ class Runner:
                                            f"(ledger {plan.ledger_schema}); retry when it ends")
                 ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
                 ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
+                if self.fetched:
+                    from loadkit import fetch
+
+                    fetch.record(cur, plan.ledger_schema, plan.run_id, plan.period, self.fetched)
             tracker.start(f"{plan.job}-{plan.period}", self._params(), self._tags())
             result = self._run_tracked(plan, metrics, tracker, monitor, started)
         finally:
@@ -148,7 +158,7 @@ class Runner:
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
         wall = time.time() - started
         self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
-        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed)
+        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, self.fetched)
 
     # ------------------------------------------------------------ stages
 
@@ -339,15 +349,47 @@ class Runner:
         for table in plan.tables:
             tm = metrics.tables[table.name]
             if tm.status == "skipped":
+                if table.delete_missing and not failed:  # a sync an earlier run had to defer
+                    with db.transaction(self.dsn) as cur:
+                        if not modes.sync_done(cur, plan.ledger_schema, table.name, plan.period):
+                            tm.deleted = self._sync(cur, plan, table, failed)
+                            ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, None, tm.deleted)
                 continue
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
             with db.transaction(self.dsn) as cur:
+                staged = sum(ledger.unpublished_batches(cur, plan.ledger_schema, table.name, plan.period).values())
                 inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
                 ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
                 tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+                if table.mode != "append":  # rows staged but collapsed onto a later row with the same key
+                    tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
+                tm.deleted = self._sync(cur, plan, table, failed)
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
+                ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, tm.duplicates, tm.deleted)
+
+    def _sync(self, cur: Any, plan: LoadPlan, table: TableSpec, failed: List[Tuple[str, str, str]]) -> Optional[int]:
+        """Full-snapshot sync (merge + delete_missing), in the finalisation's transaction: only when no file
+        of this run failed and every file of the table's month is published; else deferred (None)."""
+        if not table.delete_missing:
+            return None
+        from datetime import date
+
+        month_start = date(plan.year, plan.month, 1)
+        if table.history:
+            modes.open_history(cur, table, plan.ledger_schema, plan.period, month_start)
+        if failed or not modes.month_complete(cur, table, plan.ledger_schema, plan.period):
+            log.warning("%s: not deleting keys absent from %s: %s", table.name, plan.period,
+                        "a file of this run failed" if failed else "not every file of the month is loaded yet")
+            return None
+        before = modes.fewer_files_than_before(cur, table, plan.ledger_schema, plan.period)
+        if before is not None:
+            log.warning("%s: not deleting keys absent from %s: it has %d file(s), the month before had %d "
+                        "(an incomplete download?); add the missing files and run again", table.name, plan.period,
+                        len(table.files), before)
+            return None
+        return modes.sync_missing(cur, table, plan.ledger_schema, plan.period, month_start)
 
     # ------------------------------------------------------------ end of run
 
@@ -426,7 +468,35 @@ def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
 
 
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:
-    return Runner(cfg, tags).run()
+    """Fetch (when job.remote.url is set and fetch is not never), then load (unless fetch=only)."""
+    started = time.time()
+    fetched = _fetch_stage(cfg)
+    if cfg.fetch == "only":
+        period = f"{cfg.year:04d}-{cfg.month:02d}"
+        try:
+            with db.transaction(db.resolve_dsn(cfg.sink.dsn, cfg.sink.embedded_dir)) as cur:
+                from loadkit import fetch
+
+                ledger.ensure(cur, cfg.sink.ledger_schema)
+                fetch.record(cur, cfg.sink.ledger_schema, None, period, fetched)
+        except Exception as exc:  # the files are in place; the ledger row is the only thing missing
+            log.warning("fetched, but could not record it in the ledger: %s", mask_text(str(exc)))
+        return RunResult(f"fetch-{period}", "succeeded", RunMetrics({}), time.time() - started, fetched=fetched)
+    return Runner(cfg, tags, fetched).run()
+
+
+def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
+    remote = cfg.job.remote if cfg.job is not None else None
+    if cfg.fetch == "never" or remote is None or not remote.url:
+        return []
+    from loadkit import fetch
+
+    root = Path(cfg.data_root).expanduser()
+    folder = root / f"{cfg.year:04d}-{cfg.month:02d}"
+    if cfg.fetch == "auto" and not fetch.needs_fetch(folder):
+        log.info("fetch: %s is already here (fetch=always re-checks the remote)", folder)
+        return []
+    return fetch.fetch_month(fetch.settings_from(cfg), root, cfg.year, cfg.month)
 
 
 def exit_code(result: RunResult) -> int:

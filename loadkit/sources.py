@@ -72,13 +72,28 @@ def open_members(path: Path, fmt: str, member_pattern: Optional[str]) -> Iterato
     raise SourceDataError(f"format {fmt!r} is not a streamed text format", file=str(path))
 
 
+def is_foreign_member(info: zipfile.ZipInfo) -> bool:
+    """True for zip entries that are never data: directories, and the metadata macOS and Windows
+    archivers add (``__MACOSX/`` AppleDouble ``._name`` forks, ``.DS_Store``, ``Thumbs.db``).
+
+    A re-zipped archive holding ``__MACOSX/._DATA.CSV`` next to ``DATA.CSV`` would otherwise match
+    the member pattern twice and fail as layout drift.
+    """
+    name = info.filename.replace("\\", "/")
+    parts = [p for p in name.split("/") if p]
+    if info.is_dir() or name.endswith("/") or not parts:
+        return True
+    base = parts[-1]
+    return "__MACOSX" in parts[:-1] or base.startswith("._") or base in (".DS_Store", "Thumbs.db")
+
+
 def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise SourceDataError(f"corrupt zip: {exc}", file=str(path)) from None
     with zf:
-        names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+        names = sorted(i.filename for i in zf.infolist() if not is_foreign_member(i))
         if member_pattern:
             names = [n for n in names if fnmatch.fnmatchcase(n, member_pattern)]
         if not names:

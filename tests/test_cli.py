@@ -34,7 +34,8 @@ def test_unknown_key_exits_2() -> None:
 
 
 def test_missing_month_folder_exits_3_listing_the_path(tmp_path: Path) -> None:
-    out = cli(["+job=monthly", "year=2031", "month=1", f"data_root={tmp_path}", "tracking.enabled=false"])
+    out = cli(["+job=monthly", "year=2031", "month=1", f"data_root={tmp_path}", "tracking.enabled=false",
+               "fetch=never"])  # the local path error, not the download of a month that does not exist
     assert out.returncode == 3, out.stderr
     assert str(tmp_path) in out.stderr and "2031-01" in out.stderr
 

@@ -87,9 +87,29 @@ def test_zip_names_and_member_names(month: SampleManifest) -> None:
                 (info,) = zf.infolist()
             if table == "simples":
                 assert info.filename == "F.K03200$W.SIMPLES.CSV.D40511"
-            else:
+            elif table in sample.SHARDED_TABLES:
                 assert info.filename == f"K3241.K03200Y{shard}.D40511.{suffix[table]}"
+            else:  # reference tables, as in the real 2025-12 release: F.K03200$Z.D51213.CNAECSV
+                assert info.filename == f"F.K03200$Z.D40511.{suffix[table]}"
             assert info.date_time == (2024, 5, 11, 0, 0, 0)
+
+
+def test_2021_naming_names_each_zip_after_its_member(tmp_path: Path, month: SampleManifest) -> None:
+    """2021 to mid-2022 releases: K3241.K03200Y0.D10612.EMPRECSV.zip, F.K03200$W.SIMPLES.CSV.D10612.zip;
+    same rows as the current naming."""
+    old = generate_month(tmp_path, 2024, 5, rows=200, shards=2, seed=0, naming="2021")
+    names = {p.name for p in old.folder.glob("*.zip")}
+    assert "K3241.K03200Y0.D40511.EMPRECSV.zip" in names and "K3241.K03200Y1.D40511.ESTABELE.zip" in names
+    assert "F.K03200$W.SIMPLES.CSV.D40511.zip" in names and "F.K03200$Z.D40511.QUALSCSV.zip" in names
+    assert len(names) == 13
+    for table in TABLES:
+        for zipped, renamed in zip(month.files[table], old.files[table]):
+            with zipfile.ZipFile(old.root / renamed) as zf:
+                (info,) = zf.infolist()
+            assert Path(renamed).name == info.filename + ".zip"
+            assert member_bytes(month.root / zipped) == member_bytes(old.root / renamed)
+    with pytest.raises(ValueError, match="naming"):
+        generate_month(tmp_path / "x", 2024, 5, rows=200, naming="1999")
 
 
 def test_members_are_latin1_fully_quoted_with_layout_column_counts(month: SampleManifest) -> None:
@@ -253,6 +273,12 @@ def test_oracle_types_the_quirks(month: SampleManifest) -> None:
     assert matriz == {"1": 1, "2": 2}
 
 
+_DDD = ("0", "00", "000", "0000")
+_PHONE = ("0", "0000", "00000000")
+PLACEHOLDERS = {"cep": ("0", "       0", "00000000"), "ddd_1": _DDD, "ddd_2": _DDD, "ddd_fax": _DDD,
+                "telefone_1": _PHONE, "telefone_2": _PHONE, "fax": _PHONE}  # "none" in real rows: NULL
+
+
 def test_oracle_agrees_with_every_field_written(month: SampleManifest) -> None:
     """An independent reading of the files gives exactly the oracle (so lazy regeneration = files)."""
     for table in TABLES:
@@ -263,7 +289,8 @@ def test_oracle_agrees_with_every_field_written(month: SampleManifest) -> None:
             assert list(row) == list(names)
             for name, raw in zip(names, rec):
                 value, text = row[name], raw.replace("\x00", "")
-                if not text or (name in sample.DATE_COLUMNS and text in ("0", "00000000")):
+                placeholder = PLACEHOLDERS.get(name, ())
+                if not text or (name in sample.DATE_COLUMNS and text in ("0", "00000000")) or text in placeholder:
                     assert value is None, (table, name, raw)
                 elif name in sample.DATE_COLUMNS:
                     assert value is None if text in ("20230230", "20210931", "20190229", "20221301", "20200000") \
@@ -304,3 +331,48 @@ def test_other_shard_counts_keep_duplicates_later(tmp_path: Path, shards: int) -
             assert (row["nome_fantasia"] or "").endswith("(NOVA DENOMINAÇÃO)")
         seen[key] = 1
     assert repeated >= 3
+
+
+# --- realism: the shares measured on the real 2025-12 rows (/work/shared/real_cnpj, see its README) ------
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
+    return generate_month(tmp_path_factory.mktemp("big"), 2024, 5, rows=4000, shards=2, seed=3)
+
+
+def share(values: list[str], predicate) -> float:
+    return sum(1 for v in values if predicate(v)) / len(values)
+
+
+def test_empresas_look_like_the_real_rows(big: SampleManifest) -> None:
+    recs = records(big, "empresas")
+    # no thousands dot in capital_social (0 of 2,012 real rows); only the forced quirk rows carry one
+    assert sum("." in r[4] for r in recs) <= 2
+    mei = [r for r in recs if r[2] == "2135"]
+    assert 0.6 < len(mei) / len(recs) < 0.78  # real: 69%
+    rooted = [r for r in mei if re.match(r"^\d\d\.\d{3}\.\d{3} ", r[1])]
+    assert 0.55 < len(rooted) / len(mei) < 0.71  # real: 63% start with the formatted root
+    assert all(r[1].startswith(f"{r[0][:2]}.{r[0][2:5]}.{r[0][5:]} ") for r in rooted)  # their own root
+    assert share([r[1] for r in recs], lambda v: v != sample._ascii(v)) < 0.005  # real: no accents
+
+
+def test_estabelecimentos_look_like_the_real_rows(big: SampleManifest) -> None:
+    recs = records(big, "estabelecimentos")
+    col = {name: [r[i] for r in recs] for i, name in enumerate(COLUMNS["estabelecimentos"])}
+    assert {"SN", "S N", "S/N"} <= set(col["numero"])
+    assert 0.06 < share(col["numero"], lambda v: v.startswith("S")) < 0.13  # real: 9.7% S/N, SN, S N
+    assert "10A RUA" in col["tipo_logradouro"] and "PRAÇA" not in col["tipo_logradouro"]
+    emails = [v for v in col["correio_eletronico"] if v]
+    assert 0.6 < len(emails) / len(recs) < 0.8 and 0.65 < share(emails, lambda v: v == v.upper()) < 0.9
+    assert 0.02 < share(col["telefone_1"], lambda v: v == "0") < 0.07  # real: 4% '0' placeholders
+    assert "00000000" in col["telefone_2"] and "0000" in col["ddd_2"]
+    assert any(len(v) == 3 for v in col["ddd_1"])
+    assert share(col["nome_fantasia"], lambda v: v != sample._ascii(v)) < 0.005
+
+
+def test_simples_writes_missing_dates_only_as_zeros(big: SampleManifest) -> None:
+    recs = records(big, "simples")
+    assert all(r[1] in ("S", "N") and r[4] in ("S", "N") for r in recs)
+    for i in (2, 3, 5, 6):
+        assert not any(r[i] in ("", "0") for r in recs)
+    assert share([r[3] for r in recs], lambda v: v == "00000000") > 0.3

@@ -94,17 +94,28 @@ _EXTRACTION_DAY = 11  # the day the RFB stamps into member names (D40511 = 2024-
 _ALNUM_FROM = 202607  # first month whose CNPJ may carry letters
 _CHUNK_ROWS = 100_000  # rows joined per write: big writes, bounded memory
 _ZIP_LEVEL = 1  # deflate level: the zips only need to be valid and small-ish, the generator fast
+_ROOT_MARK = "\x02"  # in a pooled razao_social: replaced by the record's formatted CNPJ root
+
+
+NAMINGS = ("current", "2021")  # zip names from mid-2022 on (Empresas0.zip) / 2021 to mid-2022 (<member>.zip)
 
 
 def member_name(table: str, year: int, month: int, shard: int = 0) -> str:
-    """Inner file name as the RFB writes it; the shard number sits in ``Y{shard}`` as in real months."""
+    """Inner file name as the RFB writes it (2025-12: ``K3241.K03200Y0.D51213.EMPRECSV``,
+    ``F.K03200$W.SIMPLES.CSV.D51213``, ``F.K03200$Z.D51213.CNAECSV``); the shard number of the sharded
+    tables sits in ``Y{shard}``."""
     stamp = f"D{year % 10}{month:02d}{_EXTRACTION_DAY:02d}"
     if table == "simples":
         return f"F.K03200$W.SIMPLES.CSV.{stamp}"
-    return f"K3241.K03200Y{shard}.{stamp}.{_MEMBER_SUFFIX[table]}"
+    if table in SHARDED_TABLES:
+        return f"K3241.K03200Y{shard}.{stamp}.{_MEMBER_SUFFIX[table]}"
+    return f"F.K03200$Z.{stamp}.{_MEMBER_SUFFIX[table]}"
 
 
-def zip_name(table: str, shard: int | None = None) -> str:
+def zip_name(table: str, shard: int | None = None, naming: str = "current", member: str = "") -> str:
+    """``Empresas0.zip`` (current) or, with ``naming="2021"``, the member's own name plus ``.zip``."""
+    if naming == "2021":
+        return f"{member}.zip"
     return f"{_ZIP_STEM[table]}{'' if shard is None else shard}.zip"
 
 
@@ -404,11 +415,16 @@ def _estab_pools(prng: random.Random, lo: date, hi: date) -> dict[str, tuple[str
         return "" if r.random() < 0.5 else ",".join(r.sample(cnae_codes, r.randint(1, 5)))
 
     def street(r: random.Random) -> str:
-        return r.choice(_STREET) if r.random() < 0.6 else f"{r.choice(_FIRST)} {r.choice(_LAST)}"
+        name = r.choice(_STREET) if r.random() < 0.6 else f"{r.choice(_FIRST)} {r.choice(_LAST)}"
+        return name if r.random() < 0.006 else _ascii(name)
 
     def numero(r: random.Random) -> str:
         x = r.random()
-        return "S/N" if x < 0.04 else "" if x < 0.05 else str(r.randint(1, 4000))
+        if x < 0.095:
+            return "S/N" if x < 0.052 else "SN" if x < 0.089 else "S N"
+        if x < 0.10:
+            return f"{r.randint(1, 999)}{r.choice('ABCH')}"
+        return "" if x < 0.105 else str(r.randint(1, 4000))
 
     def complemento(r: random.Random) -> str:
         if r.random() < 0.55:
@@ -417,24 +433,31 @@ def _estab_pools(prng: random.Random, lo: date, hi: date) -> dict[str, tuple[str
         return f"{kind} {r.randint(1, 1500)}" if r.random() < 0.9 else r.choice(("TÉRREO", "SOBRELOJA", "FUNDOS"))
 
     def phones(r: random.Random) -> str:
-        def one(share: float) -> str:
-            if r.random() >= share:
+        def one(share: float, placeholder: str, placeholder_share: float) -> str:
+            x = r.random()
+            if x < placeholder_share:
+                return placeholder
+            if x >= share:
                 return SEP
-            digits = 9 if r.random() < 0.4 else 8
-            return f"{r.choice(_DDD)}{SEP}{r.randrange(2 * 10 ** (digits - 1), 10 ** digits)}"
-        return SEP.join((one(0.85), one(0.12), one(0.04)))  # ddd_1..fax
+            ddd = r.choice(_DDD) if r.random() > 0.013 else f"0{r.choice(_DDD)}"  # 3-digit area codes occur
+            return f"{ddd}{SEP}{r.randrange(10 ** 6, 10 ** 8)}"
+        # real 2025-12 shares: ddd_1/telefone_1 filled 85% ('0'/'0' 4%); ddd_2/telefone_2 '0000'/'00000000'
+        # 1.6%; fax '0'/'0' 3.5%
+        return SEP.join((one(0.85, f"0{SEP}0", 0.04), one(0.08, f"0000{SEP}00000000", 0.016),
+                         one(0.08, f"0{SEP}0", 0.035)))  # ddd_1..fax
 
     def email(r: random.Random) -> str:
-        if r.random() < 0.5:
+        if r.random() < 0.3:
             return ""
         name = _ascii(f"{r.choice(_FIRST)}.{r.choice(_LAST)}").lower().replace(" ", "")
-        return f"{name}{r.randint(1, 999)}@{r.choice(_MAIL_DOMAINS)}"
+        address = f"{name}{r.randint(1, 999)}@{r.choice(_MAIL_DOMAINS)}"
+        return address.upper() if r.random() < 0.77 else address
 
     municipios = _weighted([(f"{uf}{SEP}{code}", 40 if code in ("7107", "6001") else 8 if int(code) % 3 == 0 else 4)
                             for code, _, uf in MUNICIPIOS if uf != "EX"])
     sit = _idx8(prng, _LARGE)
     return {
-        "nome_fantasia": tuple(_varied(prng, lambda r: "" if r.random() < 0.4 else _fantasia(r))),
+        "nome_fantasia": tuple(_varied(prng, lambda r: "" if r.random() < 0.63 else _ascii(_fantasia(r)))),
         "status": _compose(
             [s for s, _ in _take(situacao, sit)],
             _draw(prng, _date_pool(prng, lo, hi, _DATE_NOISE)),
@@ -446,13 +469,16 @@ def _estab_pools(prng: random.Random, lo: date, hi: date) -> dict[str, tuple[str
             _draw(prng, _varied(prng, secundaria)),
         ),
         "address": _compose(
-            _draw(prng, _weighted([("RUA", 60), ("AVENIDA", 20), ("TRAVESSA", 4), ("ALAMEDA", 3), ("ESTRADA", 4),
-                                   ("RODOVIA", 3), ("PRAÇA", 3), ("", 1), ("VIELA", 2)])),
+            _draw(prng, _weighted([("RUA", 65), ("AVENIDA", 17.7), ("ESTRADA", 2.2), ("RODOVIA", 2), ("QUADRA", 1.7),
+                                   ("10A RUA", 1.6), ("TRAVESSA", 1.4), ("", 1.2), ("SITIO", 1), ("PRACA", 0.75),
+                                   ("ALAMEDA", 0.55), ("FAZENDA", 0.4), ("1A RUA", 0.2), ("SÍTIO", 0.25),
+                                   ("BECO", 0.25), ("RUA PRINCIPAL", 0.15)])),
             _draw(prng, _varied(prng, street)),
             _draw(prng, _varied(prng, numero)),
             _draw(prng, _varied(prng, complemento)),
             _draw(prng, _weighted(_BAIRRO)),
-            _draw(prng, _varied(prng, lambda r: f"{r.randrange(1_000_000, 100_000_000):08d}")),
+            _draw(prng, _sprinkle(prng, _varied(prng, lambda r: f"{r.randrange(1_000_000, 100_000_000):08d}"),
+                                  [("", 0.0035), ("0", 0.0005), ("       0", 0.0002)])),
         ),
         "contact": _compose(
             _draw(prng, municipios),
@@ -470,26 +496,31 @@ def _empresa_pools(prng: random.Random) -> dict[str, tuple[str, ...]]:
         """(razao_social, natureza, qualificacao_responsavel, porte, ente_federativo)."""
         x = r.random()
         porte = "00" if r.random() < 0.02 else None
-        if x < 0.45:  # MEI / empresário individual: the razão social ends with the CPF
-            return f"{_person(r)} {r.randrange(10 ** 10, 10 ** 11)}", "2135", "50", porte or "01", ""
-        if x < 0.80:
-            return _company(r), "2062", "49", porte or r.choice(("01", "01", "01", "03", "05")), ""
-        if x < 0.84:
-            return f"{r.choice(_BIZ_KIND)} {r.choice(_BIZ_NAME)} EIRELI", "2305", "65", porte or "01", ""
-        if x < 0.87:
-            return f"{r.choice(_LAST)} E {r.choice(_LAST)} ADVOGADOS", "2240", "49", porte or "05", ""
-        if x < 0.89:
-            return f"{r.choice(_BIZ_NAME)} {r.choice(_BIZ_KIND)} S.A.", "2054", "10", porte or "05", ""
-        if x < 0.95:
-            return f"ASSOCIAÇÃO DE MORADORES DO BAIRRO {r.choice(_BIZ_NAME)}", "3999", "16", porte or "05", ""
+        if x < 0.69:  # MEI / empresário individual (real 2025-12: 69% of empresas)
+            name, y = _ascii(_person(r)), r.random()
+            if y < 0.63:  # "12.345.678 NAME": the formatted CNPJ root, filled in per record (_ROOT_MARK)
+                return f"{_ROOT_MARK}{name}", "2135", "50", porte or "01", ""
+            if y < 0.86:  # older registrations end with the CPF
+                return f"{name} {r.randrange(10 ** 10, 10 ** 11)}", "2135", "50", porte or "01", ""
+            return name, "2135", "50", porte or "01", ""
+        if x < 0.88:
+            return _ascii(_company(r)), "2062", "49", porte or r.choice(("01", "01", "01", "03", "05")), ""
+        if x < 0.90:
+            return _ascii(f"{r.choice(_BIZ_KIND)} {r.choice(_BIZ_NAME)} EIRELI"), "2305", "65", porte or "01", ""
+        if x < 0.92:
+            return _ascii(f"{r.choice(_LAST)} E {r.choice(_LAST)} ADVOGADOS"), "2240", "49", porte or "05", ""
+        if x < 0.93:
+            return _ascii(f"{r.choice(_BIZ_NAME)} {r.choice(_BIZ_KIND)} S.A."), "2054", "10", porte or "05", ""
+        if x < 0.96:
+            return _ascii(f"ASSOCIACAO DE MORADORES DO BAIRRO {r.choice(_BIZ_NAME)}"), "3999", "16", porte or "05", ""
         if x < 0.97:
-            return f"IGREJA EVANGÉLICA {r.choice(_BIZ_NAME)}", "3220", "16", porte or "05", ""
+            return _ascii(f"IGREJA EVANGELICA {r.choice(_BIZ_NAME)}"), "3220", "16", porte or "05", ""
         if x < 0.98:
-            return f"COOPERATIVA {r.choice(_BIZ_KIND)} {r.choice(_BIZ_NAME)}", "2143", "16", porte or "05", ""
+            return _ascii(f"COOPERATIVA {r.choice(_BIZ_KIND)} {r.choice(_BIZ_NAME)}"), "2143", "16", porte or "05", ""
         _, city, uf = r.choice(MUNICIPIOS[:-1])
         if x < 0.99:  # public bodies: the only ones with ente_federativo_responsavel
-            return f"MUNICÍPIO DE {city}", "1244", "05", "05", f"{city} - {uf}"
-        return f"SECRETARIA MUNICIPAL DE SAÚDE DE {city}", "1031", "05", "05", f"{city} - {uf}"
+            return _ascii(f"MUNICIPIO DE {city}"), "1244", "05", "05", f"{city} - {uf}"
+        return _ascii(f"SECRETARIA MUNICIPAL DE SAUDE DE {city}"), "1031", "05", "05", f"{city} - {uf}"
 
     def capital(r: random.Random) -> str:
         x = r.random()
@@ -498,11 +529,8 @@ def _empresa_pools(prng: random.Random) -> dict[str, tuple[str, ...]]:
             return "0,00"
         if x < 0.60:
             return f"{r.choice((1000, 2000, 5000, 10000, 20000, 30000, 50000, 100000))},00"
-        if x < 0.90:
-            return f"{r.randint(100, 5_000_000)},{cents:02d}"
-        if x < 0.98:  # thousands dots, as some rows carry them
-            return f"{r.randint(1000, 90_000_000):,}".replace(",", ".") + f",{cents:02d}"
-        return "1.234,56"
+        # no thousands dots: 0 of 2,012 real rows have one (only the forced quirks below carry them)
+        return f"{r.randint(100, 5_000_000)},{cents:02d}" if x < 0.97 else f"{r.randint(5_000_000, 90_000_000)},00"
 
     razao, natureza, qualificacao, porte, ente = zip(*_varied(prng, profile))
     return {"tail": _compose(razao, natureza, qualificacao, _draw(prng, _varied(prng, capital)), porte, ente)}
@@ -553,10 +581,8 @@ def _simples_pools(prng: random.Random, lo: date, hi: date) -> dict[str, tuple[s
             fields = ("S", start, none, "S", mei_start, none)
         elif x < 0.85:
             fields = ("N", start, end, "N", none, none)
-        elif x < 0.97:
-            fields = ("N", start, end, "N", mei_start, mei_end)
         else:
-            fields = ("", "", "", "", "", "")
+            fields = ("N", start, end, "N", mei_start, mei_end)
         return SEP.join(fields)
 
     return {"tail": tuple(_varied(prng, profile))}
@@ -741,6 +767,10 @@ _FORCED: dict[str, tuple[Override, ...]] = {
         {"cnae_fiscal_secundaria": "4781400,5611201,9602501"},
         {"cnae_fiscal_secundaria": ""},
         {"situacao_especial": "RECUPERACAO JUDICIAL", "data_situacao_especial": "20191105"},
+        {"cep": "0", "ddd_1": "0", "telefone_1": "0"},
+        {"cep": "       0", "ddd_2": "0000", "telefone_2": "00000000", "ddd_fax": "0", "fax": "0"},
+        {"tipo_logradouro": "10A RUA", "numero": "SN"},
+        {"numero": "S N", "ddd_1": "061"},
     ),
     "empresas": (
         {"capital_social": "1.234,56"},
@@ -763,13 +793,10 @@ _FORCED: dict[str, tuple[Override, ...]] = {
          "qualificacao_do_socio": "37", "pais": "023", "faixa_etaria": "0"},
         {"identificador_de_socio": "2", "nome_socio": "JOÃO DA CONCEIÇÃO", "pais": "", "faixa_etaria": "5"},
     ),
-    "simples": (
-        {"data_opcao_pelo_simples": "0"},
+    "simples": (  # the real file writes every missing date as 00000000 (never 0 or empty)
         {"data_exclusao_do_simples": "00000000"},
-        {"data_opcao_pelo_mei": ""},
+        {"data_opcao_pelo_mei": "00000000", "data_exclusao_do_mei": "00000000"},
         {"data_opcao_pelo_simples": "20230230"},
-        {"opcao_pelo_simples": "", "data_opcao_pelo_simples": "", "data_exclusao_do_simples": "",
-         "opcao_pelo_mei": "", "data_opcao_pelo_mei": "", "data_exclusao_do_mei": ""},
     ),
 }
 # (share of records, variants cycled over the chosen positions)
@@ -786,8 +813,7 @@ _SPARSE: dict[str, tuple[tuple[float, tuple[Override, ...]], ...]] = {
     "empresas": ((0.0005, ({"capital_social": "999999999999,00"},)),),
     "socios": (),
     "simples": (
-        (0.002, ({"data_opcao_pelo_simples": "0"}, {"data_exclusao_do_mei": ""},
-                 {"data_opcao_pelo_mei": "20190229"})),
+        (0.002, ({"data_exclusao_do_mei": "00000000"}, {"data_opcao_pelo_mei": "20190229"})),
     ),
 }
 
@@ -836,7 +862,12 @@ def _gen_estabelecimentos(plan: _Plan, pools: Pools, rng: random.Random, shard: 
 def _gen_empresas(plan: _Plan, pools: Pools, rng: random.Random, shard: int, a: int, b: int) -> list[str]:
     basicos = plan.basicos
     keys = [basicos[e] for e in plan.empresas.entities(shard, a, b)]
-    return list(map(SEP.join, zip(keys, _pick(rng, pools["empresas"]["tail"], b - a))))
+    lines = list(map(SEP.join, zip(keys, _pick(rng, pools["empresas"]["tail"], b - a))))
+    for i, line in enumerate(lines):  # MEI names that start with the formatted root: "12.345.678 NAME"
+        if line[8 + len(SEP)] == _ROOT_MARK:
+            k = line[:8]
+            lines[i] = line.replace(_ROOT_MARK, f"{k[:2]}.{k[2:5]}.{k[5:]} ", 1)
+    return lines
 
 
 def _gen_socios(plan: _Plan, pools: Pools, rng: random.Random, shard: int, a: int, b: int) -> list[str]:
@@ -954,9 +985,28 @@ def _as_int(raw: str) -> int | None:
     return None if s is None else int(s)
 
 
+CEP_PLACEHOLDERS = ("0", "       0", "00000000")  # "no CEP" in real rows: NULL, never padded to 00000000
+DDD_PLACEHOLDERS = ("0", "00", "000", "0000")
+PHONE_PLACEHOLDERS = ("0", "0000", "00000000")
+DDD_COLUMNS = frozenset({"ddd_1", "ddd_2", "ddd_fax"})
+PHONE_COLUMNS = frozenset({"telefone_1", "telefone_2", "fax"})
+
+
 def _as_cep(raw: str) -> str | None:
     s = _text(raw)
+    if s in CEP_PLACEHOLDERS:
+        return None
     return s.zfill(8) if s is not None and len(s) == 7 and s.isdigit() else s
+
+
+def _as_ddd(raw: str) -> str | None:
+    s = _text(raw)
+    return None if s in DDD_PLACEHOLDERS else s
+
+
+def _as_phone(raw: str) -> str | None:
+    s = _text(raw)
+    return None if s in PHONE_PLACEHOLDERS else s
 
 
 def _converter(column: str) -> Callable[[str], Any]:
@@ -968,6 +1018,10 @@ def _converter(column: str) -> Callable[[str], Any]:
         return _as_int
     if column in CEP_COLUMNS:
         return _as_cep
+    if column in DDD_COLUMNS:
+        return _as_ddd
+    if column in PHONE_COLUMNS:
+        return _as_phone
     return _text
 
 
@@ -1033,8 +1087,14 @@ class SampleManifest:
 
 
 def generate_month(root: Path, year: int, month: int, *, rows: int = 2000, shards: int = 2,
-                   seed: int = 0, compress: bool = True) -> SampleManifest:
-    """Write a sample month under root/YYYY-MM; same arguments -> byte-identical files."""
+                   seed: int = 0, compress: bool = True, naming: str = "current") -> SampleManifest:
+    """Write a sample month under root/YYYY-MM; same arguments -> byte-identical files.
+
+    ``naming``: "current" writes ``Empresas0.zip`` ... ``Qualificacoes.zip`` (RFB releases from mid-2022
+    on); "2021" names each zip after its member (``K3241.K03200Y0.D10612.EMPRECSV.zip``), as 2021 to
+    mid-2022 releases did. The rows are the same either way."""
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
     root = Path(root)
     plan = _plan(year, month, rows, shards, seed)
     folder = root / f"{year:04d}-{month:02d}"
@@ -1046,9 +1106,10 @@ def generate_month(root: Path, year: int, month: int, *, rows: int = 2000, shard
         sizes = plan.sizes(table)
         files[table] = []
         for shard, size in enumerate(sizes):
-            archive = zip_name(table, shard if table in SHARDED_TABLES else None)
+            member = member_name(table, year, month, shard)
+            archive = zip_name(table, shard if table in SHARDED_TABLES else None, naming, member)
             chunks = map(_encode, _shard_chunks(plan, table, shard))
-            path = _write(folder, archive, member_name(table, year, month, shard), chunks, stamp, compress, size)
+            path = _write(folder, archive, member, chunks, stamp, compress, size)
             files[table].append(path.relative_to(root).as_posix())
         counts[table] = sum(sizes)
     return SampleManifest(year, month, root, files, counts, _LazyExpected(year, month, rows, shards, seed))
@@ -1064,10 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compress", dest="compress", action="store_false",
                         help="write raw member files instead of zips (benchmarks)")
+    parser.add_argument("--naming", choices=NAMINGS, default="current",
+                        help="zip names: current (Empresas0.zip) or 2021 (<member>.zip)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     manifest = generate_month(args.out, args.year, args.month, rows=args.rows, shards=args.shards,
-                              seed=args.seed, compress=args.compress)
+                              seed=args.seed, compress=args.compress, naming=args.naming)
     manifest.to_json(manifest.folder / "manifest.json")
     n_files = sum(len(paths) for paths in manifest.files.values())
     size_mb = sum((manifest.root / p).stat().st_size for paths in manifest.files.values() for p in paths) / 1e6
