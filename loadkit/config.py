@@ -209,6 +209,14 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None
     experiment: str = "loadkit"
+    # When MLflow is written (see loadkit.tracking.RunTracker): sync (the run id is known when the
+    # run returns), background (a short run's record is written by a detached process, so the
+    # shell is not held), auto (background for a single run from the command line, else sync).
+    flush: str = "auto"
+    # background: a run still going after this many seconds opens the store and logs live.
+    live_after_s: float = 20.0
+    # Log report.html (plots, summary, rejects sample: loadkit.report) with the run's artifacts.
+    report: bool = True
 
 
 @dataclass
@@ -279,6 +287,9 @@ def validate(cfg: LoadkitConfig) -> None:
              f"env.executor must be auto, ray or inprocess, got {cfg.env.executor!r}")
     _require(cfg.env.inprocess_max_bytes >= 0, "env.inprocess_max_bytes", "env.inprocess_max_bytes must be >= 0")
     _require(cfg.env.inprocess_max_cpus >= 0, "env.inprocess_max_cpus", "env.inprocess_max_cpus must be >= 0")
+    _require(cfg.tracking.flush in ("auto", "sync", "background"), "tracking.flush",
+             f"tracking.flush must be auto, sync or background, got {cfg.tracking.flush!r}")
+    _require(cfg.tracking.live_after_s >= 0, "tracking.live_after_s", "tracking.live_after_s must be >= 0")
     _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
     _require(IDENTIFIER.match(cfg.sink.ledger_schema) is not None, "sink.ledger_schema",
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")

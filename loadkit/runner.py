@@ -47,10 +47,11 @@ class RunResult:
     error: Optional[BaseException] = None
     mlflow_run_id: Optional[str] = None
     failed_files: List[Tuple[str, str, str]] = field(default_factory=list)
+    label: str = ""  # heads the summary: a sweep point's id and overrides
 
     @property
     def summary(self) -> str:
-        return summary_table(self.metrics, self.run_id, self.wall_s)
+        return summary_table(self.metrics, self.run_id, self.wall_s, self.label)
 
 
 class _Signals:
@@ -100,7 +101,7 @@ class Runner:
         self.dsn = db.resolve_dsn(self.cfg.sink.dsn, self.cfg.sink.embedded_dir)
         db.server_check(self.dsn)
         metrics = RunMetrics({t.name: t.mode for t in plan.tables})
-        tracker = RunTracker(self.cfg.tracking.enabled, self.cfg.tracking.uri, self.cfg.tracking.experiment)
+        tracker = RunTracker.from_config(self.cfg.tracking)
         monitor = MemoryMonitor.instance()
         monitor.reset_peak()
         started = time.time()
@@ -131,9 +132,11 @@ class Runner:
                 for u in units:
                     self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
                 self._stream(plan, units, metrics, alerts, monitor, tracker)
+                finalising = time.perf_counter()
                 self._check_final_thresholds(plan, metrics)
                 failed = self._settle_files(plan, metrics)
                 self._finalize_tables(plan, metrics, failed)
+                metrics.finalise_s = time.perf_counter() - finalising
             if self._aborted:
                 status = "failed"
                 error = RejectThresholdError("; ".join(self._aborted.values()), tables=sorted(self._aborted))
@@ -148,7 +151,7 @@ class Runner:
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
         wall = time.time() - started
         self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
-        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed)
+        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, run_label(self.tags))
 
     # ------------------------------------------------------------ stages
 
@@ -202,6 +205,7 @@ class Runner:
         for tm in metrics.tables.values():
             tm.started = last_report
         metrics.touch()  # the stall clock starts with the pipeline
+        stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())
         channel = SizeChannel(plan.batch.size) if executor == "ray" else LocalSizeChannel(plan.batch.size)
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
@@ -228,6 +232,7 @@ class Runner:
                         step += 1
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
                         last_report = time.time()
+            metrics.stream_s = time.perf_counter() - stream_started
             self._progress(metrics, alerts, monitor, tracker, step + 1, channel)
             for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size
                 alerts.check("reject_rate", tm.name, tm.reject_rate)
@@ -303,7 +308,7 @@ class Runner:
         log.info("progress: %s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
                  f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
                  figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
-        tracker.metrics(figures, step=step)
+        tracker.progress(figures, step)
         alerts.check("memory_fraction", "host", figures["memory_fraction"])
 
     def _settle_files(self, plan: LoadPlan, metrics: RunMetrics) -> List[Tuple[str, str, str]]:
@@ -341,10 +346,14 @@ class Runner:
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
+            log.info("finalising %s (%s)", table.name, table.mode, extra={"table": table.name})
+            finalising = time.perf_counter()
             with db.transaction(self.dsn) as cur:
                 inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
                 ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
                 tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+                tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
+                log.info("finalised %s in %.1f s", table.name, tm.finalise_s, extra={"table": table.name})
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
 
     # ------------------------------------------------------------ end of run
@@ -376,7 +385,7 @@ class Runner:
         tracker.tag("status", status)
         if text:
             tracker.tag("error", text[:5000])
-        tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall))
+        tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall, run_label(self.tags)))
         tracker.artifact_yaml("config.yaml", self._params())
         tracker.artifact_json("alerts.json", alerts.summary())
         tracker.artifact_table("batches.parquet", metrics.batch_table())
@@ -421,6 +430,13 @@ def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
     import loadkit
 
     return {"py_modules": [str(Path(loadkit.__file__).parent)]}
+
+
+def run_label(tags: Dict[str, str]) -> str:
+    """The line heading a sweep point's summary: its sweep id, job number and overrides (empty outside sweeps)."""
+    if not tags.get("sweep_id"):
+        return ""
+    return f"sweep {tags['sweep_id']} point {tags.get('sweep_job', '?')}: {mask_text(tags.get('overrides', ''))}"
 
 
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:
