@@ -24,7 +24,7 @@ from loadkit.config import LoadkitConfig, as_plain_dict
 from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
                             SourceDataError, classify)
 from loadkit.errors import unwrap
-from loadkit.logs import set_context
+from loadkit.logs import heartbeat, set_context
 from loadkit.metrics import RunMetrics, memory_table, summary_table
 from loadkit.monitor import MemoryMonitor
 from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
@@ -226,8 +226,9 @@ class Runner:
                             self._check_batch(plan, metrics, alerts, row)
                             self._resize(sizer, channel, metrics, monitor, row)
                         elif row["kind"] in ("eof", "error"):
-                            log.info("read %s: %s", "done" if row["kind"] == "eof" else "failed", row["message"],
-                                     extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
+                            log.log(logging.DEBUG if row["kind"] == "eof" else logging.WARNING, "read %s: %s",
+                                    "done" if row["kind"] == "eof" else "failed", row["message"],
+                                    extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
                     if time.time() - last_report >= _PROGRESS_EVERY_S:
                         step += 1
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
@@ -346,14 +347,13 @@ class Runner:
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
-            log.info("finalising %s (%s)", table.name, table.mode, extra={"table": table.name})
             finalising = time.perf_counter()
             with db.transaction(self.dsn) as cur:
-                inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
+                with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name):
+                    inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
                 ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
                 tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
                 tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
-                log.info("finalised %s in %.1f s", table.name, tm.finalise_s, extra={"table": table.name})
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
 
     # ------------------------------------------------------------ end of run
