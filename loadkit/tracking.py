@@ -78,6 +78,7 @@ def _experiment_id(client: Any, name: str, uri: Optional[str]) -> str:
 _BATCH_METRICS = 1000  # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call
 _BATCH_TAGS = 100
 _BATCH_PARAMS = 100
+_FLUSH_ATTEMPTS = 4
 
 
 def _launched_from_cli() -> bool:
@@ -351,6 +352,10 @@ def flush_spool(spool: Path) -> str:
     with open(spool.parent / "loadkit-mlflow-flush.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = _client(record["uri"])
+        loadkit_run = record["tags"].get("loadkit_run_id")
+        if loadkit_run:  # a retried flush: drop the incomplete run an earlier attempt left
+            for old in find_runs(record["uri"], record["experiment"], f"tags.loadkit_run_id = '{loadkit_run}'"):
+                client.delete_run(old.info.run_id)
         run = client.create_run(_experiment_id(client, record["experiment"], record["uri"]), run_name=record["name"],
                                 tags=record["tags"], start_time=record["start_ms"])
         run_id = run.info.run_id
@@ -434,7 +439,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     spool = Path(args[1])
     logging.basicConfig(level=logging.WARNING)
-    run_id = flush_spool(spool)
+    for attempt in range(1, _FLUSH_ATTEMPTS + 1):
+        try:
+            run_id = flush_spool(spool)
+            break
+        except Exception as exc:  # e.g. another process creating a new SQLite store's tables at the same time
+            if attempt == _FLUSH_ATTEMPTS:
+                raise
+            log.warning("flush attempt %d failed (%s: %s); retrying", attempt, type(exc).__name__, exc)
+            time.sleep(2 * attempt)
     shutil.rmtree(spool, ignore_errors=True)
     sys.stdout.write(f"recorded MLflow run {run_id}\n")
     return 0

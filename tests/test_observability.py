@@ -1,0 +1,95 @@
+"""Observability that tells the truth: the printed summary, ``history show`` and MLflow agree;
+a CLI run's MLflow record is written in the background without holding the shell; a bug shows
+its traceback; a normal run prints no warning noise."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from loadkit import tracking
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.history import main as history_main
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
+    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=150, shards=1, seed=23)
+
+
+def cli(month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, *extra: str) -> subprocess.CompletedProcess:
+    target, led = schemas
+    args = ["+job=monthly", "year=2024", "month=5", f"data_root={month.root}", f"sink.dsn={pg_dsn}",
+            f"job.schema={target}", f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}",
+            "env.progress_bars=false", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOADKIT_DSN", "LOADKIT_SWEEP_ID", "LOADKIT_FULL_ERROR")}
+    return subprocess.run([sys.executable, "-m", "loadkit", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def summary_rows(stdout: str) -> Dict[str, List[str]]:
+    """The summary table's rows by first cell (TOTAL's empty mode column drops out of split())."""
+    lines = stdout[stdout.index("table "):].splitlines()
+    return {line.split()[0]: line.split() for line in lines[2:] if line.strip() and not line.startswith("run id")}
+
+
+def wait_for_run(uri: str, loadkit_run_id: str, timeout_s: float = 120) -> object:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            found = tracking.find_by_loadkit_run(uri, loadkit_run_id)
+        except Exception:  # noqa: BLE001 - a brand-new SQLite store may still be migrating in the flusher
+            found = None
+        if found is not None and found.info.status == "FINISHED":
+            return found
+        time.sleep(1)
+    raise AssertionError(f"the background flush never recorded run {loadkit_run_id}")
+
+
+@pytest.mark.slow
+def test_summary_history_and_mlflow_show_the_same_numbers(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                          mlflow_uri: str, capsys: pytest.CaptureFixture) -> None:
+    tracking.find_runs(mlflow_uri)  # the store exists (creating one races with any concurrent reader)
+    out = cli(month, pg_dsn, schemas, mlflow_uri)
+    assert out.returncode == 0, out.stderr[-3000:]
+    noise = [line for line in out.stderr.splitlines() if "XDG_RUNTIME_DIR" in line or "Warning" in line]
+    assert noise == [], noise
+    summary = summary_rows(out.stdout)
+    run_id = out.stdout.split("run id: ")[1].split()[0]
+    assert "MLflow run recorded in the background" in out.stderr  # the shell did not wait for MLflow
+
+    run = wait_for_run(mlflow_uri, run_id)
+    m = run.data.metrics
+    total = summary["TOTAL"]  # TOTAL files skipped read loaded rejected stream final seconds rows/s
+    assert f"{m['rows_read']:,.0f}" == total[3] and f"{m['rows_per_s']:,.0f}" == total[9]
+    assert f"{m['wall_s']:.1f}" == total[8] and f"{m['stream_s']:.1f}" == total[6]
+    assert f"{m['finalise_s']:.1f}" == total[7]
+    for name in month.rows:  # name mode files skipped read loaded rejected stream final seconds rows/s status
+        row = summary[name]
+        assert f"{m[f'{name}.rows_per_s']:,.0f}" == row[10] and f"{m[f'{name}.seconds']:.1f}" == row[9]
+        assert float(row[9]) == pytest.approx(float(row[7]) + float(row[8]), abs=0.11)  # finalisation included
+    # Progress samples live under their own names: the final value is the only one under the plain name.
+    assert [p.step for p in tracking.metric_history(mlflow_uri, run.info.run_id, "rows_per_s")] == [0]
+    assert tracking.metric_history(mlflow_uri, run.info.run_id, "progress.rows_per_s")
+
+    _, led = schemas
+    assert history_main(["--dsn", pg_dsn, "--ledger-schema", led, "--tracking-uri", mlflow_uri, "show", run_id]) == 0
+    shown = capsys.readouterr().out
+    assert run.info.run_id in shown, "history found the background-flushed run by its tag"
+    shown_metrics = {line.split()[0]: line.split()[1] for line in shown.splitlines() if len(line.split()) == 2}
+    assert shown_metrics["rows_per_s"] == total[9] and f"rows read {total[3]}," in shown
+    tables = {line.split()[0]: line.split() for line in shown.splitlines() if line.split()[:1] and
+              line.split()[0] in month.rows}
+    for name in month.rows:  # table mode status files skipped read loaded rejected seconds rows/s
+        assert tables[name][-1] == summary[name][10] and tables[name][-2] == summary[name][9]
+    artifacts = [a.path for a in tracking._client(mlflow_uri).list_artifacts(run.info.run_id)]
+    assert {"report.html", "summary.txt", "memory.parquet"} <= set(artifacts)
