@@ -362,6 +362,8 @@ class Runner:
                     status: str, error: Optional[BaseException], wall: float, alerts: AlertEngine) -> None:
         category = classify(error).value if error is not None else None
         text = mask_text(f"{type(error).__name__}: {error}") if error is not None else None
+        if error is not None and category == "bug":
+            text = report_bug(error, text or "")
         def record() -> None:
             with db.transaction(self.dsn) as cur:
                 for t in metrics.tables.values():
@@ -430,6 +432,19 @@ def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
     import loadkit
 
     return {"py_modules": [str(Path(loadkit.__file__).parent)]}
+
+
+def report_bug(error: BaseException, text: str) -> str:
+    """A bug's ledger text: its one line plus the (masked) traceback. The traceback is logged too
+    at DEBUG, or at ERROR with LOADKIT_FULL_ERROR=1 (Hydra's convention for full errors)."""
+    import traceback
+
+    trace = mask_text("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    if os.environ.get("LOADKIT_FULL_ERROR") == "1":
+        log.error("bug: %s\n%s", text, trace.rstrip())
+    else:
+        log.debug("bug: %s\n%s", text, trace.rstrip())
+    return f"{text}\n{trace}"
 
 
 def run_label(tags: Dict[str, str]) -> str:

@@ -93,3 +93,29 @@ def test_summary_history_and_mlflow_show_the_same_numbers(month: SampleManifest,
         assert tables[name][-1] == summary[name][10] and tables[name][-2] == summary[name][9]
     artifacts = [a.path for a in tracking._client(mlflow_uri).list_artifacts(run.info.run_id)]
     assert {"report.html", "summary.txt", "memory.parquet"} <= set(artifacts)
+
+
+def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                          job_overrides, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from loadkit import modes
+    from loadkit.runner import run_job
+    from tests.conftest import compose, query
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("finalize got a bad argument")  # stands for any programming error
+
+    monkeypatch.setattr(modes, "finalize", broken)
+    monkeypatch.setenv("LOADKIT_FULL_ERROR", "1")
+    caplog.set_level("INFO", logger="loadkit")
+    result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking=off")))
+    assert result.status == "failed" and isinstance(result.error, TypeError)
+    logged = [r for r in caplog.records if r.getMessage().startswith("bug: TypeError")]
+    assert len(logged) == 1 and "Traceback" in logged[0].getMessage() and "in broken" in logged[0].getMessage()
+    _, led = schemas
+    [(category, text)] = query(pg_dsn, f'SELECT error_category, error_text FROM "{led}".run')
+    assert category == "bug" and text.startswith("TypeError: finalize got a bad argument\nTraceback")
+    assert history_main(["--dsn", pg_dsn, "--ledger-schema", led, "show", result.run_id]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("error (bug): TypeError") == 1 and shown.count("Traceback") == 1 and "in broken" in shown
