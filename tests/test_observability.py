@@ -119,3 +119,14 @@ def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest
     assert history_main(["--dsn", pg_dsn, "--ledger-schema", led, "show", result.run_id]) == 0
     shown = capsys.readouterr().out
     assert shown.count("error (bug): TypeError") == 1 and shown.count("Traceback") == 1 and "in broken" in shown
+
+
+def test_the_notebook_finds_the_store_of_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opened from notebooks/, the notebook reads the store the CLI created in the project root."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / ".loadkit").mkdir()
+    (tmp_path / ".loadkit" / "mlflow.db").write_bytes(b"")
+    (tmp_path / "notebooks").mkdir()
+    assert tracking.find_default_uri(tmp_path / "notebooks") == f"sqlite:///{tmp_path / '.loadkit' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.find_default_uri(tmp_path / "notebooks") == "http://127.0.0.1:5000"
