@@ -451,7 +451,10 @@ def run_label(tags: Dict[str, str]) -> str:
     """The line heading a sweep point's summary: its sweep id, job number and overrides (empty outside sweeps)."""
     if not tags.get("sweep_id"):
         return ""
-    return f"sweep {tags['sweep_id']} point {tags.get('sweep_job', '?')}: {mask_text(tags.get('overrides', ''))}"
+    from loadkit.sweep import point_overrides
+
+    overrides = mask_text(point_overrides(tags.get("overrides", "")))
+    return f"sweep {tags['sweep_id']} point {tags.get('sweep_job', '?')}: {overrides}"
 
 
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:

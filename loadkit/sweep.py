@@ -11,9 +11,10 @@ Points that read no rows are marked in the table.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -24,10 +25,29 @@ _COLUMNS = ("rows_read", "rows_rejected", "wall_s", "stream_s", "finalise_s", "r
             "peak_rss_bytes")
 
 
+SWEEP_KEYS_ENV = "LOADKIT_SWEEP_KEYS"
+
+
+def sweep_keys(overrides: Sequence[str]) -> List[str]:
+    """The keys a multirun sweeps over (``batch.size=1,2``, ``range(...)``, ``choice(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def point_overrides(overrides: str, keys: Optional[Sequence[str]] = None) -> str:
+    """A point's overrides reduced to the swept keys (all of them when the keys are unknown)."""
+    if keys is None:
+        raw = os.environ.get(SWEEP_KEYS_ENV)
+        keys = raw.split(",") if raw else None
+    if not keys:
+        return overrides
+    return " ".join(o for o in overrides.split() if o.split("=", 1)[0].lstrip("+~") in keys)
+
+
 def sweep_id(sweep_dir: str) -> str:
     """LOADKIT_SWEEP_ID, else the sweep folder's last two parts (the same rule as loadkit.__main__)."""
-    import os
-
     return os.environ.get("LOADKIT_SWEEP_ID") or "/".join(Path(sweep_dir).parts[-2:])
 
 
@@ -35,8 +55,18 @@ class SweepCallback(Callback):
     """Prints ``sweep <id>`` when a multirun starts and the points' comparison when it ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sys.stdout.write(f"sweep {sweep_id(config.hydra.sweep.dir)} ({Path(config.hydra.sweep.dir).resolve()})\n")
+        keys = sweep_keys(list(config.hydra.overrides.task))
+        os.environ[SWEEP_KEYS_ENV] = ",".join(keys)  # the points' summaries show only these overrides
+        sys.stdout.write(f"sweep {sweep_id(config.hydra.sweep.dir)} ({Path(config.hydra.sweep.dir).resolve()}) "
+                         f"over {', '.join(keys) or 'nothing'}\n")
         sys.stdout.flush()
+        if config.get("tracking") and config.tracking.enabled:
+            try:  # open the store once now, so that the first point's wall time does not include it
+                from loadkit import tracking
+
+                tracking.find_runs(config.tracking.uri, config.tracking.experiment, max_results=1)
+            except Exception:  # noqa: BLE001 - the first point reports a broken store with its context
+                pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -70,7 +100,7 @@ def render(sweep: str, runs: Sequence[Any]) -> str:
         status = tags.get("status", "?")
         if m.get("rows_read", 0) == 0 and status == "succeeded":
             status, nothing = "nothing loaded*", True
-        lines.append((tags.get("sweep_job", "?"), tags.get("overrides", ""), status,
+        lines.append((tags.get("sweep_job", "?"), point_overrides(tags.get("overrides", "")), status,
                       *(_fmt(k, m.get(k)) for k in _COLUMNS)))
     out = f"sweep {sweep}: {len(runs)} point(s)\n" + format_table(lines)
     if nothing:
