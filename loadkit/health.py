@@ -223,8 +223,9 @@ def compose_config(overrides: Sequence[str]) -> tuple:
     with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
         composed = compose("config", overrides=[*overrides, *extra])
     if composed.get("job") is None:
-        from loadkit.config import LoadkitConfig
         from omegaconf import OmegaConf
+
+        from loadkit.config import LoadkitConfig
 
         cfg = OmegaConf.to_object(composed)  # no job: validate() would refuse it, health checks the rest
         assert isinstance(cfg, LoadkitConfig)

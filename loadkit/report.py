@@ -82,8 +82,8 @@ def _figures(folder: Path) -> List[str]:
 def render(folder: Path) -> str:
     """The report's HTML for the artifacts in ``folder`` (see the module doc for the inputs)."""
     parts = ["<!doctype html><meta charset='utf-8'><title>loadkit run report</title>",
-             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}pre,table{font-size:90%}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}table{border-collapse:collapse}</style>",
+             ("<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}pre,table{font-size:90%}"
+              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}table{border-collapse:collapse}</style>"),
              "<h1>loadkit run report</h1>"]
     summary = folder / "summary.txt"
     if summary.is_file():

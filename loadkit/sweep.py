@@ -65,8 +65,8 @@ class SweepCallback(Callback):
                 from loadkit import tracking
 
                 tracking.find_runs(config.tracking.uri, config.tracking.experiment, max_results=1)
-            except Exception:  # noqa: BLE001 - the first point reports a broken store with its context
-                pass
+            except Exception as exc:  # noqa: BLE001 - the first point reports a broken store with its context
+                sys.stderr.write(f"sweep: MLflow store not opened yet: {type(exc).__name__}\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -114,6 +114,6 @@ def _fmt(key: str, value: Any) -> str:
         return "-"
     if key.endswith("_bytes"):
         return f"{value / 2**20:,.0f} MiB"
-    if key.endswith("_s") or key.endswith("_p50"):
+    if key.endswith(("_s", "_p50")):
         return f"{value:.2f}"
     return f"{value:,.0f}"

@@ -344,7 +344,7 @@ def check_store_writable(uri: Optional[str]) -> None:
     if target.startswith("sqlite:///"):
         folder = Path(target[len("sqlite:///"):]).parent
     elif target.startswith("file:") or "://" not in target:
-        folder = Path(target[len("file://"):] if target.startswith("file://") else target)
+        folder = Path(target.removeprefix("file://"))
     else:
         return
     try:

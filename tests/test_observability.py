@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Dict, List
 
@@ -33,7 +32,7 @@ def cli(month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, *ex
             "env.progress_bars=false", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("LOADKIT_DSN", "LOADKIT_SWEEP_ID", "LOADKIT_FULL_ERROR")}
     return subprocess.run([sys.executable, "-m", "loadkit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, check=False)
 
 
 def summary_rows(stdout: str) -> Dict[str, List[str]]:
