@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from loadkit import db, ledger, modes
+from loadkit import db, ledger, modes, prom
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
@@ -124,6 +124,7 @@ class Runner:
                      started: float) -> RunResult:
         alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
         self._watchdog: Optional[Watchdog] = None
+        endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id)
         status, error = "succeeded", None
         failed: List[Tuple[str, str, str]] = []
         try:
@@ -150,7 +151,11 @@ class Runner:
         except BaseException as exc:  # recorded, then re-raised to the caller below via the result
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
         wall = time.time() - started
-        self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
+        try:
+            self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
+        finally:
+            if endpoint is not None:
+                endpoint.stop()
         return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, run_label(self.tags))
 
     # ------------------------------------------------------------ stages
