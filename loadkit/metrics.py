@@ -33,6 +33,7 @@ class TableMetrics:
     last_batch_at: Optional[float] = None
     stream_s: float = 0.0  # from the pipeline's start to this table's last batch result
     finalise_s: float = 0.0  # dedup / upsert / swap / index builds after the stream
+    finalised_at: Optional[float] = None  # wall-clock time its finalisation ended
     status: str = "pending"
     inserted: Optional[int] = None
     updated: Optional[int] = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from loadkit import db, ledger, modes, prom
+from loadkit import db, ledger, modes, prom, telemetry
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
@@ -156,6 +156,7 @@ class Runner:
         finally:
             if endpoint is not None:
                 endpoint.stop()
+        telemetry.record_run(self.cfg, plan, metrics, status, started, wall)
         return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, run_label(self.tags))
 
     # ------------------------------------------------------------ stages
@@ -359,6 +360,7 @@ class Runner:
                 ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
                 tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
                 tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
+                tm.finalised_at = time.time()
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
 
     # ------------------------------------------------------------ end of run

@@ -100,3 +100,48 @@ def test_the_endpoint_serves_during_a_run(month: SampleManifest, job_overrides,
     assert s["loadkit_memory_rss_bytes"][0][1] > 0
     assert scraped["healthz"][0] == 200
     assert prom.current_address() is None, "the endpoint stops with the run"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("executor", ["inprocess", "ray"])
+def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, month: SampleManifest, job_overrides,
+                                                               request: pytest.FixtureRequest) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from loadkit import telemetry
+    from loadkit.runner import run_job
+    from tests.conftest import compose
+
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.use_provider(provider)
+    try:
+        result = run_job(compose(job_overrides(month.root, f"env.executor={executor}", "tracking=off",
+                                               "telemetry.tracing=console", "batch.size=50")))
+    finally:
+        telemetry.use_provider(None)
+    assert result.status == "succeeded", result.error
+    spans = exporter.get_finished_spans()
+    by_id = {s.context.span_id: s for s in spans}
+    names = [s.name for s in spans]
+    [run] = [s for s in spans if s.name == "run"]
+    assert run.attributes["loadkit.run_id"] == result.run_id and run.parent is None
+    tables = [s for s in spans if s.name == "table"]
+    assert {s.attributes["loadkit.table"] for s in tables} == set(month.rows)
+    assert all(by_id[s.parent.span_id].name == "run" for s in tables)
+    files = [s for s in spans if s.name == "file"]
+    assert all(by_id[s.parent.span_id].name == "table" for s in files)
+    assert len(files) == sum(len(v) for v in month.files.values())
+    batches = [s for s in spans if s.name == "batch"]
+    assert all(by_id[s.parent.span_id].name == "file" for s in batches)
+    assert sum(s.attributes["loadkit.rows_in"] for s in batches) == sum(month.rows.values())
+    assert all(s.attributes["loadkit.bytes"] > 0 and s.attributes["loadkit.batch_id"] for s in batches)
+    assert names.count("parse") == names.count("write") == len(batches)
+    assert len({s.context.trace_id for s in spans}) == 1, "one trace per run"
+    for s in spans:
+        assert s.start_time <= s.end_time
