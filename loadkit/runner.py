@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from loadkit import db, ledger, modes, prom, telemetry
+from loadkit import db, ledger, modes, prom, reload, telemetry
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
@@ -218,6 +218,7 @@ class Runner:
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
         run = execute if executor == "ray" else execute_inprocess
         results_iter = iter(run(plan, units, self.dsn, channel.actor))
+        self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
@@ -244,6 +245,7 @@ class Runner:
             for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size
                 alerts.check("reject_rate", tm.name, tm.reject_rate)
         finally:
+            self.reloader.uninstall()
             getattr(results_iter, "close", lambda: None)()  # stop Ray Data's executor on an early exit
             channel.close()
 
