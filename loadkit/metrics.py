@@ -85,6 +85,9 @@ class RunMetrics:
         self.executor = ""  # ray | inprocess; empty when nothing was left to load
         self.batch_sizes: List[Tuple[float, int, str]] = []  # (time, rows, reason) of each size change
         self.stream_s = 0.0  # the pipeline, from start to its last result
+        self.members: Dict[tuple, int] = {}  # (table, file sha) -> members to read, where known (zip)
+        self.expected: Dict[tuple, int] = {}  # (table, file sha) -> uncompressed bytes this run should parse
+        self.parsed: Dict[tuple, int] = {}  # (table, file sha) -> uncompressed bytes parsed so far
         self.finalise_s = 0.0  # after the stream: file accounting checks and every table's finalisation
         self._lock = threading.Lock()
 
@@ -107,6 +110,9 @@ class RunMetrics:
             return
         if r["kind"] == "eof":
             ev.setdefault("members", {})[r["member"]] = int(r["message"] or 0)
+            members = self.members.get(key)
+            if members is not None and len(ev["members"]) >= members:
+                ev["ended"] = True
             return
         self.last_progress = received
         t.last_batch_at = r["finished_at"]
@@ -120,11 +126,45 @@ class RunMetrics:
         t.rows_rejected += r["rows_rejected"] or 0
         t.rows_coerced += r["rows_coerced"] or 0
         t.bytes += r["bytes"] or 0
+        self.parsed[key] = self.parsed.get(key, 0) + (r["bytes"] or 0)
         retries = max(0, (r["attempts"] or 1) - 1)
         t.retries += retries
         if retries:
             self.errors["transient_infrastructure"] += retries  # each retry answered a transient failure
         t.stream_s = max(t.stream_s, (r["finished_at"] or time.time()) - t.started)
+
+    def expect(self, files: Iterable[Tuple[str, str, str, str, int]]) -> None:
+        """Plan the progress figure: (table, sha, path, format, size) of every file this run reads."""
+        for table, sha, path, fmt, size in files:
+            self.expected[(table, sha)], members = uncompressed_size(path, fmt, size)
+            if members is not None:
+                self.members[(table, sha)] = members
+
+    def done_fraction(self) -> Optional[float]:
+        """Share of the planned source bytes parsed (0..1), None before anything was planned.
+
+        A file counts in proportion to its uncompressed bytes parsed (zip/gzip sizes come from
+        their headers), and whole once it ended or failed; a resumed file's skipped ranges
+        count only when the file ends."""
+        if not self.expected:
+            return None
+        with self._lock:
+            total = sum(self.expected.values())
+            done = 0.0
+            for key, size in self.expected.items():
+                ev = self.file_events.get(key, {})
+                if ev.get("error") or ev.get("ended"):
+                    done += size
+                else:
+                    done += min(size, self.parsed.get(key, 0))
+        return min(1.0, done / total) if total else 1.0
+
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the rate so far (None until 2% is done)."""
+        f = self.done_fraction()
+        if f is None or f < 0.02:
+            return None
+        return (time.time() - self.started) * (1 - f) / f
 
     def touch(self) -> None:
         """Count as progress (the pipeline just started, so the stall clock starts now)."""
@@ -192,10 +232,16 @@ class RunMetrics:
         read, loaded, rejected = self.totals()
         elapsed = max(1e-9, time.time() - self.started)
         done = len(self._committed())
+        done_fraction = self.done_fraction()
         out = {"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "rows_per_s": read / elapsed,
                "batches_per_s": done / elapsed, "rss_bytes": rss, "memory_fraction": fraction,
                "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
                "queue_depth": max(0, self.chunks_read - len(self.batches))}
+        if done_fraction is not None:
+            out["done_fraction"] = done_fraction
+            eta = self.eta_s()
+            if eta is not None:
+                out["eta_s"] = eta
         if self.batch_sizes:
             out["batch_size"] = self.batch_sizes[-1][1]
         busy = self.writer_busy()
@@ -237,6 +283,39 @@ class RunMetrics:
     def size_table(self) -> pa.Table:
         rows = [{"at_s": at - self.started, "rows": rows, "reason": why} for at, rows, why in self.batch_sizes]
         return pa.Table.from_pylist(rows) if rows else pa.table({})
+
+
+def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int]]:
+    """(bytes a file decompresses to, its member count) from its headers; (size, None) when unknown.
+
+    zip: the central directory's member sizes; gzip: the trailer's ISIZE (modulo 4 GiB, so only
+    trusted when not smaller than the compressed size); csv: the file size; parquet: the file size
+    (its batches are counted whole when the file ends)."""
+    import zipfile
+
+    try:
+        if fmt == "zip":
+            with zipfile.ZipFile(path) as zf:
+                infos = [i for i in zf.infolist() if not i.is_dir()]
+                return max(1, sum(i.file_size for i in infos)), len(infos)
+        if fmt == "gzip":
+            with open(path, "rb") as fh:
+                fh.seek(-4, 2)
+                isize = int.from_bytes(fh.read(4), "little")
+            return (isize if isize >= size else size), 1
+    except (OSError, zipfile.BadZipFile, ValueError):
+        pass
+    return max(1, size), (1 if fmt == "csv" else None)
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    """``1h02m``, ``4m05s``, ``12s``, or ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(seconds + 0.5)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def memory_table(samples: Sequence[Tuple[float, int, float]], started: float) -> pa.Table:

@@ -25,7 +25,7 @@ from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, Loadki
                             SourceDataError, classify)
 from loadkit.errors import unwrap
 from loadkit.logs import heartbeat, set_context
-from loadkit.metrics import RunMetrics, memory_table, summary_table
+from loadkit.metrics import RunMetrics, format_eta, memory_table, summary_table
 from loadkit.monitor import MemoryMonitor
 from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
@@ -210,6 +210,7 @@ class Runner:
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
+        metrics.expect((u.table.name, u.file.sha256, u.file.path, u.table.format, u.file.size) for u in units)
         metrics.touch()  # the stall clock starts with the pipeline
         stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())
@@ -314,7 +315,9 @@ class Runner:
                   step: int, channel: SizeChannel) -> None:
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(monitor.latest())
-        log.info("progress: %s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
+        done = figures.get("done_fraction")
+        log.info("progress: %s%s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
+                 "" if done is None else f"{done:.0%} of bytes, ETA {format_eta(figures.get('eta_s'))}: ",
                  f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
                  figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
         tracker.progress(figures, step)

@@ -65,6 +65,7 @@ def test_summary_history_and_mlflow_show_the_same_numbers(month: SampleManifest,
     summary = summary_rows(out.stdout)
     run_id = out.stdout.split("run id: ")[1].split()[0]
     assert "MLflow run recorded in the background" in out.stderr  # the shell did not wait for MLflow
+    assert "progress: 100% of bytes, ETA 0s: " in out.stderr
 
     run = wait_for_run(mlflow_uri, run_id)
     m = run.data.metrics
@@ -129,3 +130,53 @@ def test_the_notebook_finds_the_store_of_the_project_root(tmp_path: Path, monkey
     assert tracking.find_default_uri(tmp_path / "notebooks") == f"sqlite:///{tmp_path / '.loadkit' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.find_default_uri(tmp_path / "notebooks") == "http://127.0.0.1:5000"
+
+
+def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
+    import zipfile
+
+    import pyarrow as pa
+
+    from loadkit.metrics import RunMetrics, format_eta, uncompressed_size
+
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("one.csv", b"x" * 6000)
+        zf.writestr("two.csv", b"y" * 4000)
+    assert uncompressed_size(str(path), "zip", path.stat().st_size) == (10_000, 2)
+    m = RunMetrics({"t": "append"})
+    m.expect([("t", "sha", str(path), "zip", path.stat().st_size)])
+    assert m.done_fraction() == 0.0 and m.eta_s() is None
+
+    def result(kind: str, member: str, nbytes: int) -> pa.Table:
+        return pa.Table.from_pylist([{
+            "kind": kind, "table_name": "t", "file_sha": "sha", "member": member, "status": "committed",
+            "rows_in": 10, "rows_loaded": 10, "rows_rejected": 0, "rows_coerced": 0, "bytes": nbytes, "attempts": 1,
+            "write_s": 0.1, "parse_s": 0.1, "writer": "w", "pool_utilisation": 0.1, "rss_bytes": 1,
+            "finished_at": time.time(), "message": "1" if kind == "eof" else None}])
+
+    m.add(result("data", "one.csv", 6000))
+    assert m.done_fraction() == pytest.approx(0.6) and m.eta_s() is not None
+    m.add(result("eof", "one.csv", 0))
+    m.add(result("data", "two.csv", 3990))  # a member's last bytes may be a trailing newline never parsed
+    assert m.done_fraction() < 1.0
+    m.add(result("eof", "two.csv", 0))
+    assert m.done_fraction() == 1.0 and m.eta_s() == pytest.approx(0.0)
+    assert (format_eta(None), format_eta(12.4), format_eta(245), format_eta(3725)) == ("?", "12s", "4m05s", "1h02m")
+
+
+def test_a_long_step_is_never_silent(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from loadkit.logs import heartbeat
+
+    log = logging.getLogger("loadkit.test")
+    caplog.set_level("DEBUG", logger="loadkit")
+    with heartbeat(log, "finalising big (merge)", every_s=0.05):
+        time.sleep(0.3)
+    with heartbeat(log, "finalising small (merge)", every_s=5):
+        pass
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any(m.startswith("still finalising big (merge)") for m in messages)
+    assert any(m.startswith("finalising big (merge): done in") for m in messages)
+    assert not any("small" in m for m in messages), "a quick step adds no INFO line"
