@@ -308,6 +308,17 @@ def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int
     return max(1, size), (1 if fmt == "csv" else None)
 
 
+def progress_text(done: Optional[float], eta_s: Optional[float], bar: bool = False) -> str:
+    """``42% of bytes, ETA 1m10s`` (with a 20-cell bar in front on a terminal); empty when unknown."""
+    if done is None:
+        return ""
+    text = f"{done:.0%} of bytes, ETA {format_eta(eta_s)}"
+    if bar:
+        cells = int(done * 20 + 0.5)
+        text = f"[{'#' * cells}{'.' * (20 - cells)}] {text}"
+    return text
+
+
 def format_eta(seconds: Optional[float]) -> str:
     """``1h02m``, ``4m05s``, ``12s``, or ``?`` when unknown."""
     if seconds is None:

@@ -25,7 +25,7 @@ from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, Loadki
                             SourceDataError, classify)
 from loadkit.errors import unwrap
 from loadkit.logs import heartbeat, set_context
-from loadkit.metrics import RunMetrics, format_eta, memory_table, summary_table
+from loadkit.metrics import RunMetrics, memory_table, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
 from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
@@ -317,7 +317,7 @@ class Runner:
         figures = metrics.progress(monitor.latest())
         done = figures.get("done_fraction")
         log.info("progress: %s%s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
-                 "" if done is None else f"{done:.0%} of bytes, ETA {format_eta(figures.get('eta_s'))}: ",
+                 "" if done is None else progress_text(done, figures.get("eta_s"), _stderr_is_tty()) + ": ",
                  f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
                  figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
         tracker.progress(figures, step)
@@ -457,6 +457,13 @@ def report_bug(error: BaseException, text: str) -> str:
     else:
         log.debug("bug: %s\n%s", text, trace.rstrip())
     return f"{text}\n{trace}"
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 def run_label(tags: Dict[str, str]) -> str:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -25,12 +25,14 @@ def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
     return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=150, shards=1, seed=23)
 
 
-def cli(month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, *extra: str) -> subprocess.CompletedProcess:
+def cli(month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, *extra: str,
+        env_extra: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     target, led = schemas
     args = ["+job=monthly", "year=2024", "month=5", f"data_root={month.root}", f"sink.dsn={pg_dsn}",
             f"job.schema={target}", f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}",
             "env.progress_bars=false", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("LOADKIT_DSN", "LOADKIT_SWEEP_ID", "LOADKIT_FULL_ERROR")}
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "loadkit", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env, check=False)
 
@@ -58,9 +60,13 @@ def wait_for_run(uri: str, loadkit_run_id: str, timeout_s: float = 120) -> objec
 def test_summary_history_and_mlflow_show_the_same_numbers(month: SampleManifest, pg_dsn: str, schemas: tuple,
                                                           mlflow_uri: str, capsys: pytest.CaptureFixture) -> None:
     tracking.find_runs(mlflow_uri)  # the store exists (creating one races with any concurrent reader)
-    out = cli(month, pg_dsn, schemas, mlflow_uri)
+    out = cli(month, pg_dsn, schemas, mlflow_uri, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    noise = [line for line in out.stderr.splitlines() if "XDG_RUNTIME_DIR" in line or "Warning" in line]
+    imports = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert imports and not [line for line in imports if line.split("|")[-1].strip().startswith("mlflow")], \
+        "a CLI run imports nothing of MLflow (the background flush process does)"
+    noise = [line for line in out.stderr.splitlines() if not line.startswith("import time:") and
+             ("XDG_RUNTIME_DIR" in line or "Warning" in line)]
     assert noise == [], noise
     summary = summary_rows(out.stdout)
     run_id = out.stdout.split("run id: ")[1].split()[0]
@@ -137,7 +143,7 @@ def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
 
     import pyarrow as pa
 
-    from loadkit.metrics import RunMetrics, format_eta, uncompressed_size
+    from loadkit.metrics import RunMetrics, format_eta, progress_text, uncompressed_size
 
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -163,6 +169,8 @@ def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
     m.add(result("eof", "two.csv", 0))
     assert m.done_fraction() == 1.0 and m.eta_s() == pytest.approx(0.0)
     assert (format_eta(None), format_eta(12.4), format_eta(245), format_eta(3725)) == ("?", "12s", "4m05s", "1h02m")
+    assert progress_text(0.42, 70, bar=True) == "[########............] 42% of bytes, ETA 1m10s"
+    assert progress_text(None, None) == ""
 
 
 def test_a_long_step_is_never_silent(caplog: pytest.LogCaptureFixture) -> None:
