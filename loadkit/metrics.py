@@ -302,7 +302,7 @@ def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int
             with open(path, "rb") as fh:
                 fh.seek(-4, 2)
                 isize = int.from_bytes(fh.read(4), "little")
-            return (isize if isize >= size else size), 1
+            return (max(isize, size)), 1
     except (OSError, zipfile.BadZipFile, ValueError):
         pass
     return max(1, size), (1 if fmt == "csv" else None)

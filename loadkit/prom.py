@@ -26,9 +26,9 @@ import json
 import logging
 import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from socketserver import ThreadingMixIn
 
 log = logging.getLogger("loadkit.prom")
 

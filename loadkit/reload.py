@@ -40,7 +40,12 @@ def compose_groups(overrides: List[str], year: int, month: int) -> tuple:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from loadkit.config import LoadkitConfig, _validate_alerts, _validate_batch, register
+    from loadkit.config import (
+        LoadkitConfig,
+        _validate_alerts,
+        _validate_batch,
+        register,
+    )
     from loadkit.errors import ConfigError
 
     keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("year", "month")]

@@ -441,10 +441,20 @@ def download_artifact(uri: Optional[str], run_id: str, path: str, dst: str) -> s
     return str(_client(uri).download_artifacts(run_id, path, dst))
 
 
-def find_by_loadkit_run(uri: Optional[str], loadkit_run_id: str, experiment: str = "loadkit") -> Optional[Any]:
-    """The MLflow run tagged with this loadkit run id (a background flush leaves the ledger without its id)."""
-    found = find_runs(uri, experiment, filter_string=f"tags.loadkit_run_id = '{loadkit_run_id}'", max_results=1)
-    return found[0] if found else None
+def find_by_loadkit_run(uri: Optional[str], loadkit_run_id: str, experiment: str = "loadkit",
+                        wait_s: float = 0.0) -> Optional[Any]:
+    """The MLflow run tagged with this loadkit run id (a background flush leaves the ledger without its id).
+
+    ``wait_s`` > 0 polls until the run is FINISHED (or FAILED/KILLED) for up to that many seconds:
+    a CLI run's record may still be on its way from the background flush."""
+    deadline = time.time() + wait_s
+    while True:
+        found = find_runs(uri, experiment, filter_string=f"tags.loadkit_run_id = '{loadkit_run_id}'", max_results=1)
+        if found and (wait_s <= 0 or found[0].info.status != "RUNNING"):
+            return found[0]
+        if time.time() >= deadline:
+            return found[0] if found else None
+        time.sleep(0.5)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -108,7 +108,9 @@ def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, mon
                                                                request: pytest.FixtureRequest) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
     from loadkit import telemetry
     from loadkit.runner import run_job
