@@ -5,7 +5,8 @@
 Alternates ``tracking=local`` (a SQLite store) and ``tracking=off`` runs of
 ``python -m loadkit +job=monthly year=2024 month=5`` on data/ (fresh target and ledger
 schemas each time, dropped afterwards) and prints the median wall time of each, measured
-from process start to process exit, i.e. how long the user's shell is held.
+from process start to process exit, i.e. how long the user's shell is held. After a tracked run it
+waits for the background MLflow flush to finish, so the flush never slows the next run down.
 """
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def one(dsn: str, uri: str, tracking: str) -> float:
                     f'DROP SCHEMA IF EXISTS "{led}" CASCADE'], capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"loadkit exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    if tracking != "off":  # let the background flush finish: it must not slow the next run down
+        from loadkit.tracking import find_by_loadkit_run
+
+        run_id = proc.stdout.split("run id: ")[1].split()[0]
+        if find_by_loadkit_run(uri, run_id, wait_s=180) is None:
+            raise SystemExit(f"run {run_id} never reached MLflow")
     return wall
 
 
