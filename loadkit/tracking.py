@@ -124,7 +124,8 @@ class RunTracker:
       its ``loadkit_run_id`` tag); a failed flush leaves DIR and its ``flush.log`` for a retry.
     - ``auto`` (default): ``background`` for a single run launched from the loadkit command
       line, ``sync`` otherwise (library calls, tests, notebooks and sweeps, whose comparison
-      table reads the store right after each point).
+      table reads the store right after each point) and for the run that creates a new local
+      store (two processes creating one SQLite store at once race on its migrations).
 
     A failure to open the store is raised once, by the first call that waits (``ready``), and
     turns the tracker off so that recording the failed run cannot fail too.
@@ -147,6 +148,7 @@ class RunTracker:
         self._name = ""
         self._params: List[Tuple[str, str]] = []
         self._tags: Dict[str, str] = {}
+        self._live_failed = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> "RunTracker":
@@ -162,7 +164,8 @@ class RunTracker:
         if not self.enabled:
             return
         if self._flush == "auto":
-            self._flush = "background" if _launched_from_cli() and not tags.get("sweep_id") else "sync"
+            background = _launched_from_cli() and not tags.get("sweep_id") and _store_exists(self._uri)
+            self._flush = "background" if background else "sync"
         self._started = time.time()
         base = {"hostname": socket.gethostname(), "git_commit": git_commit() or "unknown"}
         self._tags = {**base, **{k: mask_text(str(v)) for k, v in tags.items() if v is not None}}
@@ -227,12 +230,22 @@ class RunTracker:
 
     def _maybe_flush(self) -> None:
         """Write what is buffered if the run is open; in background mode open it once the run is long."""
-        if self.background and self._opening is None and self._run_id is None and \
+        if self.background and self._opening is None and self._run_id is None and not self._live_failed and \
                 time.time() - self._started >= self._live_after_s:
             self._open_async()  # a long run: worth a live record, and the import is small beside it
         if self._opening is not None and self._opening.is_alive():
             return
-        if self._join():
+        try:
+            is_open = self._join()
+        except Exception as exc:
+            if not self.background:
+                raise
+            # Background mode promised not to stop a load over MLflow: keep buffering, flush at the end.
+            log.warning("MLflow store not reachable mid-run (%s: %s); the run's record is written at its end",
+                        type(exc).__name__, exc)
+            self.enabled, self._error, self._live_failed = True, None, True
+            return
+        if is_open:
             self._write_pending()
 
     def _write_pending(self) -> None:
@@ -332,6 +345,16 @@ def _log_params(client: Any, run_id: str, params: List[Tuple[str, str]]) -> None
 
     for i in range(0, len(params), _BATCH_PARAMS):
         client.log_batch(run_id, params=[Param(k, v) for k, v in params[i:i + _BATCH_PARAMS]])
+
+
+def _store_exists(uri: Optional[str]) -> bool:
+    """False for a local SQLite store not created yet: the first run creates it in-process, since two
+    processes creating one store at once (a flush and a reader) race on its schema migration."""
+    target = uri or default_uri()
+    if target.startswith("sqlite:///"):
+        path = Path(target[len("sqlite:///"):])
+        return path.is_file() and path.stat().st_size > 0
+    return True
 
 
 def check_store_writable(uri: Optional[str]) -> None:
@@ -449,7 +472,13 @@ def find_by_loadkit_run(uri: Optional[str], loadkit_run_id: str, experiment: str
     a CLI run's record may still be on its way from the background flush."""
     deadline = time.time() + wait_s
     while True:
-        found = find_runs(uri, experiment, filter_string=f"tags.loadkit_run_id = '{loadkit_run_id}'", max_results=1)
+        try:
+            found = find_runs(uri, experiment, filter_string=f"tags.loadkit_run_id = '{loadkit_run_id}'",
+                              max_results=1)
+        except Exception:  # noqa: BLE001 - while waiting, a store busy being written is retried
+            if time.time() >= deadline:
+                raise
+            found = []
         if found and (wait_s <= 0 or found[0].info.status != "RUNNING"):
             return found[0]
         if time.time() >= deadline:

@@ -188,3 +188,18 @@ def test_a_long_step_is_never_silent(caplog: pytest.LogCaptureFixture) -> None:
     assert any(m.startswith("still finalising big (merge)") for m in messages)
     assert any(m.startswith("finalising big (merge): done in") for m in messages)
     assert not any("small" in m for m in messages), "a quick step adds no INFO line"
+
+
+def test_a_long_background_run_opens_the_store_and_logs_live(month: SampleManifest, job_overrides,
+                                                             mlflow_uri: str) -> None:
+    """Background mode on a run longer than live_after_s (0 here): the store opens mid-run, the record is
+    written before the run returns and the ledger gets its MLflow id, as in sync mode."""
+    from loadkit.runner import run_job
+    from tests.conftest import compose
+
+    result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.flush=background",
+                                           "tracking.live_after_s=0")))
+    assert result.status == "succeeded" and result.mlflow_run_id
+    run = tracking.get_run(mlflow_uri, result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["rows_read"] == sum(month.rows.values())
+    assert tracking.metric_history(mlflow_uri, result.mlflow_run_id, "progress.rows_read")
