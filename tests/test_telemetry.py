@@ -103,7 +103,7 @@ def test_the_endpoint_serves_during_a_run(month: SampleManifest, job_overrides,
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("executor", ["inprocess", "ray"])
+@pytest.mark.parametrize("executor", ["inprocess", pytest.param("ray", marks=pytest.mark.slow)])
 def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, month: SampleManifest, job_overrides,
                                                                request: pytest.FixtureRequest) -> None:
     from opentelemetry.sdk.trace import TracerProvider
@@ -124,7 +124,7 @@ def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, mon
     telemetry.use_provider(provider)
     try:
         result = run_job(compose(job_overrides(month.root, f"env.executor={executor}", "tracking=off",
-                                               "telemetry.tracing=console", "batch.size=50")))
+                                               "telemetry.tracing=console", "batch.size=100")))
     finally:
         telemetry.use_provider(None)
     assert result.status == "succeeded", result.error
