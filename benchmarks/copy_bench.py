@@ -208,10 +208,10 @@ def _psql(dsn: str, sql: str) -> None:
 
 
 def _run_metrics(uri: str, loadkit_run_id: str) -> Dict[str, float]:
-    from loadkit.tracking import find_runs
+    from loadkit.tracking import find_by_loadkit_run
 
-    runs = find_runs(uri, filter_string=f"tags.loadkit_run_id = '{loadkit_run_id}'", max_results=1)
-    return dict(runs[0].data.metrics) if runs else {}
+    run = find_by_loadkit_run(uri, loadkit_run_id, wait_s=120)  # a CLI run's record is flushed in the background
+    return dict(run.data.metrics) if run else {}
 
 
 def _writers(uri: str, loadkit_run_id: Optional[str]) -> Dict[str, int]:
@@ -220,13 +220,13 @@ def _writers(uri: str, loadkit_run_id: Optional[str]) -> Dict[str, int]:
 
     import pyarrow.parquet as pq
 
-    from loadkit.tracking import download_artifact, find_runs
+    from loadkit.tracking import download_artifact, find_by_loadkit_run
 
-    runs = find_runs(uri, filter_string=f"tags.loadkit_run_id = '{loadkit_run_id}'", max_results=1)
-    if not runs:
+    run = find_by_loadkit_run(uri, loadkit_run_id, wait_s=120) if loadkit_run_id else None
+    if run is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = pq.read_table(download_artifact(uri, runs[0].info.run_id, "batches.parquet", tmp)).to_pylist()
+        rows = pq.read_table(download_artifact(uri, run.info.run_id, "batches.parquet", tmp)).to_pylist()
     out: Dict[str, int] = {}
     for r in rows:
         if r["kind"] == "data" and r["status"] == "committed":

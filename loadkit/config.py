@@ -261,6 +261,27 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None
     experiment: str = "loadkit"
+    # When MLflow is written (see loadkit.tracking.RunTracker): sync (the run id is known when the
+    # run returns), background (a short run's record is written by a detached process, so the
+    # shell is not held), auto (background for a single run from the command line, else sync).
+    flush: str = "auto"
+    # background: a run still going after this many seconds opens the store and logs live.
+    live_after_s: float = 20.0
+    # Log report.html (plots, summary, rejects sample: loadkit.report) with the run's artifacts.
+    report: bool = True
+
+
+@dataclass
+class TelemetryConfig:
+    """Live observability of a run (see loadkit.prom and loadkit.telemetry)."""
+
+    # Serve Prometheus /metrics and /healthz on metrics_host:metrics_port while a run streams;
+    # None: off, 0: any free port (logged at start).
+    metrics_port: Optional[int] = None
+    metrics_host: str = "127.0.0.1"
+    # OpenTelemetry spans run -> table -> file -> batch: off, console (stderr) or otlp (to otlp_endpoint).
+    tracing: str = "off"
+    otlp_endpoint: Optional[str] = None
 
 
 @dataclass
@@ -288,6 +309,7 @@ class LoadkitConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def register() -> None:
@@ -335,6 +357,15 @@ def validate(cfg: LoadkitConfig) -> None:
              f"env.executor must be auto, ray or inprocess, got {cfg.env.executor!r}")
     _require(cfg.env.inprocess_max_bytes >= 0, "env.inprocess_max_bytes", "env.inprocess_max_bytes must be >= 0")
     _require(cfg.env.inprocess_max_cpus >= 0, "env.inprocess_max_cpus", "env.inprocess_max_cpus must be >= 0")
+    _require(cfg.tracking.flush in ("auto", "sync", "background"), "tracking.flush",
+             f"tracking.flush must be auto, sync or background, got {cfg.tracking.flush!r}")
+    _require(cfg.telemetry.metrics_port is None or 0 <= cfg.telemetry.metrics_port <= 65535,
+             "telemetry.metrics_port", "telemetry.metrics_port must be null or 0..65535")
+    _require(cfg.telemetry.tracing in ("off", "console", "otlp"), "telemetry.tracing",
+             f"telemetry.tracing must be off, console or otlp, got {cfg.telemetry.tracing!r}")
+    _require(cfg.telemetry.tracing != "otlp" or bool(cfg.telemetry.otlp_endpoint), "telemetry.otlp_endpoint",
+             "telemetry.tracing=otlp needs telemetry.otlp_endpoint")
+    _require(cfg.tracking.live_after_s >= 0, "tracking.live_after_s", "tracking.live_after_s must be >= 0")
     _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
     _require(IDENTIFIER.match(cfg.sink.ledger_schema) is not None, "sink.ledger_schema",
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")

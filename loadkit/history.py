@@ -16,13 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from loadkit import db
 from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, sqlstate_of
-from loadkit.metrics import format_table
+from loadkit.metrics import format_table, rate
 from loadkit.security import mask_text, qualified
 
 _RUN_COLS = ("run_id", "job", "period", "status", "started_at", "finished_at", "rows_read", "rows_loaded",
              "rows_rejected", "error_category", "error_text", "mlflow_run_id")
 # MLflow metrics worth comparing, in display order (others are listed after them).
-_KEY_METRICS = ("wall_s", "rows_per_s", "batches_per_s", "batches", "batch_write_s_p50", "batch_write_s_p95",
+_KEY_METRICS = ("wall_s", "stream_s", "finalise_s", "rows_per_s", "batches_per_s", "batches", "batch_write_s_p50", "batch_write_s_p95",
                 "batch_write_s_max", "batch_parse_s_p50", "batch_parse_s_p95", "peak_rss_bytes", "peak_pss_bytes",
                 "writer_busy_mean", "driver_wait_s", "backpressure_s", "retries", "alerts")
 
@@ -63,12 +63,20 @@ class History:
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     def metrics(self, run: Dict[str, Any]) -> Dict[str, float]:
-        """The run's final MLflow metrics, if it was tracked (empty otherwise)."""
-        if not run.get("mlflow_run_id"):
-            return {}
+        """The run's final MLflow metrics (``progress.*`` samples left out), empty if it was not tracked.
+
+        A run recorded by a background flush has no MLflow id in the ledger: it is found by its
+        ``loadkit_run_id`` tag."""
         from loadkit import tracking
 
-        return dict(tracking.get_run(self.tracking_uri, run["mlflow_run_id"]).data.metrics)
+        if run.get("mlflow_run_id"):
+            found = tracking.get_run(self.tracking_uri, run["mlflow_run_id"])
+        else:
+            found = tracking.find_by_loadkit_run(self.tracking_uri, run["run_id"])
+            if found is None:
+                return {}
+            run["mlflow_run_id"] = found.info.run_id
+        return {k: v for k, v in found.data.metrics.items() if not k.startswith("progress.")}
 
 
 def _seconds(run: Dict[str, Any]) -> Optional[float]:
@@ -99,11 +107,16 @@ def render_show(run: Dict[str, Any], tables: Sequence[Dict[str, Any]], metrics: 
             f"rows read {_num(run['rows_read'])}, loaded {_num(run['rows_loaded'])}, "
             f"rejected {_num(run['rows_rejected'])}  mlflow {run['mlflow_run_id'] or '-'}"]
     if run["error_text"]:
-        head.append(f"error ({run['error_category']}): {mask_text(run['error_text'])}")
-    lines = [("table", "mode", "status", "files", "skipped", "read", "loaded", "rejected", "seconds")]
+        first, _, rest = mask_text(run["error_text"]).partition("\n")
+        head.append(f"error ({run['error_category']}): {first}")
+        if rest.strip():
+            head.append(rest.rstrip())
+    lines = [("table", "mode", "status", "files", "skipped", "read", "loaded", "rejected", "seconds", "rows/s")]
     for t in tables:
+        per_s = rate(t["rows_read"] or 0, t["seconds"] or 0.0)
         lines.append((t["table_name"], t["mode"], t["status"], _num(t["files"]), _num(t["files_skipped"]),
-                      _num(t["rows_read"]), _num(t["rows_loaded"]), _num(t["rows_rejected"]), _num(t["seconds"])))
+                      _num(t["rows_read"]), _num(t["rows_loaded"]), _num(t["rows_rejected"]),
+                      f"{t['seconds'] or 0:.1f}", f"{per_s:,.0f}"))
     out = "\n".join(head) + "\n\n" + format_table(lines)
     if metrics:
         keys = [k for k in _KEY_METRICS if k in metrics]
@@ -173,7 +186,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             exc = ConfigError(f"no ledger in schema {args.ledger_schema!r} (see --ledger-schema)", key="ledger_schema")
         if not isinstance(exc, LoadkitError):
             raise
-        sys.stderr.write(f"loadkit.history: {exc.category.value} error: {exc}\n")
         sys.stderr.write(f"loadkit.history: {exc.category.value} error: {exc}\n")
         return EXIT_CODES[exc.category]
     return 0

@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import sys
+import threading
+import time
 from typing import Any, Dict, Iterator, Optional
 
 from loadkit.security import mask_text
@@ -78,3 +80,28 @@ def setup_logging(fmt: str = "text", level: str = "INFO", stream: Optional[Any] 
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+@contextlib.contextmanager
+def heartbeat(logger: logging.Logger, what: str, every_s: float = 5.0, **extra: Any) -> Iterator[None]:
+    """Log ``what`` at DEBUG, then "still <what> (N s)" at INFO every ``every_s`` seconds until the
+    block ends, and "<what>: done in N s" at INFO if it took longer than one beat: a long step
+    (a merge's upsert, an index build) never leaves the console silent, a short one adds no line."""
+    started = time.perf_counter()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            logger.info("still %s (%.0f s)", what, time.perf_counter() - started, extra=extra)
+
+    logger.debug("%s", what, extra=extra)
+    thread = threading.Thread(target=beat, name="loadkit-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        took = time.perf_counter() - started
+        if took >= every_s:
+            logger.info("%s: done in %.1f s", what, took, extra=extra)

@@ -31,7 +31,9 @@ class TableMetrics:
     retries: int = 0
     started: float = field(default_factory=time.time)
     last_batch_at: Optional[float] = None
-    seconds: float = 0.0
+    stream_s: float = 0.0  # from the pipeline's start to this table's last batch result
+    finalise_s: float = 0.0  # dedup / upsert / swap / index builds after the stream
+    finalised_at: Optional[float] = None  # wall-clock time its finalisation ended
     status: str = "pending"
     inserted: Optional[int] = None
     updated: Optional[int] = None
@@ -39,8 +41,14 @@ class TableMetrics:
     deleted: Optional[int] = None  # rows a full-snapshot sync deleted or closed (None: no sync ran)
 
     @property
+    def seconds(self) -> float:
+        """The table's whole load time: streaming plus finalisation (what the ledger records)."""
+        return self.stream_s + self.finalise_s
+
+    @property
     def rows_per_s(self) -> float:
-        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+        """Rows read per second of the table's whole load, finalisation included."""
+        return rate(self.rows_read, self.seconds)
 
     @property
     def batches_per_s(self) -> float:
@@ -78,6 +86,11 @@ class RunMetrics:
         self.chunks_read = 0
         self.executor = ""  # ray | inprocess; empty when nothing was left to load
         self.batch_sizes: List[Tuple[float, int, str]] = []  # (time, rows, reason) of each size change
+        self.stream_s = 0.0  # the pipeline, from start to its last result
+        self.members: Dict[tuple, int] = {}  # (table, file sha) -> members to read, where known (zip)
+        self.expected: Dict[tuple, int] = {}  # (table, file sha) -> uncompressed bytes this run should parse
+        self.parsed: Dict[tuple, int] = {}  # (table, file sha) -> uncompressed bytes parsed so far
+        self.finalise_s = 0.0  # after the stream: file accounting checks and every table's finalisation
         self._lock = threading.Lock()
 
     def add(self, results: pa.Table) -> List[Dict[str, Any]]:
@@ -99,6 +112,9 @@ class RunMetrics:
             return
         if r["kind"] == "eof":
             ev.setdefault("members", {})[r["member"]] = int(r["message"] or 0)
+            members = self.members.get(key)
+            if members is not None and len(ev["members"]) >= members:
+                ev["ended"] = True
             return
         self.last_progress = received
         t.last_batch_at = r["finished_at"]
@@ -112,11 +128,45 @@ class RunMetrics:
         t.rows_rejected += r["rows_rejected"] or 0
         t.rows_coerced += r["rows_coerced"] or 0
         t.bytes += r["bytes"] or 0
+        self.parsed[key] = self.parsed.get(key, 0) + (r["bytes"] or 0)
         retries = max(0, (r["attempts"] or 1) - 1)
         t.retries += retries
         if retries:
             self.errors["transient_infrastructure"] += retries  # each retry answered a transient failure
-        t.seconds = max(t.seconds, (r["finished_at"] or time.time()) - t.started)
+        t.stream_s = max(t.stream_s, (r["finished_at"] or time.time()) - t.started)
+
+    def expect(self, files: Iterable[Tuple[str, str, str, str, int]]) -> None:
+        """Plan the progress figure: (table, sha, path, format, size) of every file this run reads."""
+        for table, sha, path, fmt, size in files:
+            self.expected[(table, sha)], members = uncompressed_size(path, fmt, size)
+            if members is not None:
+                self.members[(table, sha)] = members
+
+    def done_fraction(self) -> Optional[float]:
+        """Share of the planned source bytes parsed (0..1), None before anything was planned.
+
+        A file counts in proportion to its uncompressed bytes parsed (zip/gzip sizes come from
+        their headers), and whole once it ended or failed; a resumed file's skipped ranges
+        count only when the file ends."""
+        if not self.expected:
+            return None
+        with self._lock:
+            total = sum(self.expected.values())
+            done = 0.0
+            for key, size in self.expected.items():
+                ev = self.file_events.get(key, {})
+                if ev.get("error") or ev.get("ended"):
+                    done += size
+                else:
+                    done += min(size, self.parsed.get(key, 0))
+        return min(1.0, done / total) if total else 1.0
+
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the rate so far (None until 2% is done)."""
+        f = self.done_fraction()
+        if f is None or f < 0.02:
+            return None
+        return (time.time() - self.started) * (1 - f) / f
 
     def touch(self) -> None:
         """Count as progress (the pipeline just started, so the stall clock starts now)."""
@@ -184,10 +234,16 @@ class RunMetrics:
         read, loaded, rejected = self.totals()
         elapsed = max(1e-9, time.time() - self.started)
         done = len(self._committed())
+        done_fraction = self.done_fraction()
         out = {"rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "rows_per_s": read / elapsed,
                "batches_per_s": done / elapsed, "rss_bytes": rss, "memory_fraction": fraction,
                "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
                "queue_depth": max(0, self.chunks_read - len(self.batches))}
+        if done_fraction is not None:
+            out["done_fraction"] = done_fraction
+            eta = self.eta_s()
+            if eta is not None:
+                out["eta_s"] = eta
         if self.batch_sizes:
             out["batch_size"] = self.batch_sizes[-1][1]
         busy = self.writer_busy()
@@ -200,7 +256,7 @@ class RunMetrics:
         read, loaded, rejected = self.totals()
         out: Dict[str, float] = {
             "rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "wall_s": wall_s,
-            "rows_per_s": read / wall_s if wall_s else 0.0,
+            "rows_per_s": rate(read, wall_s),
             "batches_per_s": len(self._committed()) / wall_s if wall_s else 0.0,
             "batches": len(self._committed()), "peak_rss_bytes": peak_rss, "peak_pss_bytes": peak_pss,
             "alerts": alerts,
@@ -208,6 +264,7 @@ class RunMetrics:
             "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
             "backpressure_s": max(0.0, self.read_wait_s - sum(b["parse_s"] or 0.0 for b in self._committed())),
             "batch_size_changes": len(self.batch_sizes),
+            "stream_s": self.stream_s, "finalise_s": self.finalise_s,
         }
         out.update(self.latencies())
         out.update(self.pool_figures())
@@ -217,7 +274,9 @@ class RunMetrics:
         for t in self.tables.values():
             out.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
                         f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s,
-                        f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries})
+                        f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries,
+                        f"{t.name}.seconds": t.seconds, f"{t.name}.stream_s": t.stream_s,
+                        f"{t.name}.finalise_s": t.finalise_s})
             out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
                                                          ("duplicates", t.duplicates), ("deleted", t.deleted))
                         if v is not None})
@@ -231,29 +290,86 @@ class RunMetrics:
         return pa.Table.from_pylist(rows) if rows else pa.table({})
 
 
+def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int]]:
+    """(bytes a file decompresses to, its member count) from its headers; (size, None) when unknown.
+
+    zip: the central directory's member sizes; gzip: the trailer's ISIZE (modulo 4 GiB, so only
+    trusted when not smaller than the compressed size); csv: the file size; parquet: the file size
+    (its batches are counted whole when the file ends)."""
+    import zipfile
+
+    try:
+        if fmt == "zip":
+            with zipfile.ZipFile(path) as zf:
+                infos = [i for i in zf.infolist() if not i.is_dir()]
+                return max(1, sum(i.file_size for i in infos)), len(infos)
+        if fmt == "gzip":
+            with open(path, "rb") as fh:
+                fh.seek(-4, 2)
+                isize = int.from_bytes(fh.read(4), "little")
+            return (max(isize, size)), 1
+    except (OSError, zipfile.BadZipFile, ValueError):
+        pass
+    return max(1, size), (1 if fmt == "csv" else None)
+
+
+def progress_text(done: Optional[float], eta_s: Optional[float], bar: bool = False) -> str:
+    """``42% of bytes, ETA 1m10s`` (with a 20-cell bar in front on a terminal); empty when unknown."""
+    if done is None:
+        return ""
+    text = f"{done:.0%} of bytes, ETA {format_eta(eta_s)}"
+    if bar:
+        cells = int(done * 20 + 0.5)
+        text = f"[{'#' * cells}{'.' * (20 - cells)}] {text}"
+    return text
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    """``1h02m``, ``4m05s``, ``12s``, or ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(seconds + 0.5)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def memory_table(samples: Sequence[Tuple[float, int, float]], started: float) -> pa.Table:
     """The memory monitor's samples as a table (seconds since start, tree RSS, host fraction)."""
     return pa.table({"at_s": [t - started for t, _, _ in samples], "rss_bytes": [r for _, r, _ in samples],
                      "memory_fraction": [f for _, _, f in samples]})
 
 
-def summary_table(metrics: RunMetrics, run_id: str, wall_s: float) -> str:
-    """The human summary printed at the end of a run."""
+def rate(rows: float, seconds: float) -> float:
+    """Rows per second, 0 for no time. The one formula behind every printed and logged rows/s."""
+    return rows / seconds if seconds > 0 else 0.0
+
+
+def summary_table(metrics: RunMetrics, run_id: str, wall_s: float, label: str = "") -> str:
+    """The human summary printed at the end of a run.
+
+    Per table, ``seconds`` is streaming plus finalisation (``stream s`` + ``final s``) and
+    ``rows/s`` is rows read over that whole time; the TOTAL row uses the run's wall time, the
+    same figures MLflow records as ``wall_s`` and ``rows_per_s`` (and ``history show`` prints).
+    ``inserted``/``updated``/``duplicates``/``deleted`` come from finalisation (``-``: not applicable).
+    ``label`` (e.g. a sweep point's overrides) heads the table."""
     head = ("table", "mode", "files", "skipped", "rows read", "loaded", "rejected", "inserted", "updated",
-            "duplicates", "deleted", "seconds", "rows/s", "status")
+            "duplicates", "deleted", "stream s", "final s", "seconds", "rows/s", "status")
     lines = [head]
     n = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
     total = lambda name: n(sum(getattr(t, name) or 0 for t in metrics.tables.values()))  # noqa: E731
     for t in metrics.tables.values():
         lines.append((t.name, t.mode, str(t.files), str(t.files_skipped), f"{t.rows_read:,}", f"{t.rows_loaded:,}",
                       f"{t.rows_rejected:,}", n(t.inserted), n(t.updated), n(t.duplicates), n(t.deleted),
-                      f"{t.seconds:.1f}", f"{t.rows_per_s:,.0f}", t.status))
+                      f"{t.stream_s:.1f}", f"{t.finalise_s:.1f}", f"{t.seconds:.1f}", f"{t.rows_per_s:,.0f}",
+                      t.status))
     read, loaded, rejected = metrics.totals()
     lines.append(("TOTAL", "", str(sum(t.files for t in metrics.tables.values())),
                   str(sum(t.files_skipped for t in metrics.tables.values())), f"{read:,}", f"{loaded:,}",
                   f"{rejected:,}", total("inserted"), total("updated"), total("duplicates"), total("deleted"),
-                  f"{wall_s:.1f}", f"{read / wall_s if wall_s else 0:,.0f}", ""))
-    return format_table(lines) + f"\nrun id: {run_id}"
+                  f"{metrics.stream_s:.1f}", f"{metrics.finalise_s:.1f}", f"{wall_s:.1f}",
+                  f"{rate(read, wall_s):,.0f}", ""))
+    return (f"{label}\n" if label else "") + format_table(lines) + f"\nrun id: {run_id}"
 
 
 def format_table(lines: Sequence[Sequence[str]]) -> str:

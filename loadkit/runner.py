@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from loadkit import db, ledger, modes
+from loadkit import db, ledger, modes, prom, reload, telemetry
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
 from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
                             SourceDataError, classify)
 from loadkit.errors import unwrap
-from loadkit.logs import set_context
-from loadkit.metrics import RunMetrics, memory_table, summary_table
+from loadkit.logs import heartbeat, set_context
+from loadkit.metrics import RunMetrics, memory_table, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
 from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
@@ -48,13 +48,14 @@ class RunResult:
     mlflow_run_id: Optional[str] = None
     failed_files: List[Tuple[str, str, str]] = field(default_factory=list)
     fetched: List[Any] = field(default_factory=list)  # loadkit.fetch.Fetched, one per remote file
+    label: str = ""  # heads the summary: a sweep point's id and overrides
 
     @property
     def summary(self) -> str:
         from loadkit.fetch import summary_line
 
         head = summary_line(self.fetched) + "\n" if self.fetched else ""
-        return head + summary_table(self.metrics, self.run_id, self.wall_s)
+        return head + summary_table(self.metrics, self.run_id, self.wall_s, self.label)
 
 
 class _Signals:
@@ -106,7 +107,7 @@ class Runner:
         self.dsn = db.resolve_dsn(self.cfg.sink.dsn, self.cfg.sink.embedded_dir)
         db.server_check(self.dsn)
         metrics = RunMetrics({t.name: t.mode for t in plan.tables})
-        tracker = RunTracker(self.cfg.tracking.enabled, self.cfg.tracking.uri, self.cfg.tracking.experiment)
+        tracker = RunTracker.from_config(self.cfg.tracking)
         monitor = MemoryMonitor.instance()
         monitor.reset_peak()
         started = time.time()
@@ -133,6 +134,7 @@ class Runner:
                      started: float) -> RunResult:
         alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
         self._watchdog: Optional[Watchdog] = None
+        endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id)
         status, error = "succeeded", None
         failed: List[Tuple[str, str, str]] = []
         try:
@@ -141,9 +143,11 @@ class Runner:
                 for u in units:
                     self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
                 self._stream(plan, units, metrics, alerts, monitor, tracker)
+                finalising = time.perf_counter()
                 self._check_final_thresholds(plan, metrics)
                 failed = self._settle_files(plan, metrics)
                 self._finalize_tables(plan, metrics, failed)
+                metrics.finalise_s = time.perf_counter() - finalising
             if self._aborted:
                 status = "failed"
                 error = RejectThresholdError("; ".join(self._aborted.values()), tables=sorted(self._aborted))
@@ -157,8 +161,14 @@ class Runner:
         except BaseException as exc:  # recorded, then re-raised to the caller below via the result
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
         wall = time.time() - started
-        self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
-        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, self.fetched)
+        try:
+            self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
+        finally:
+            if endpoint is not None:
+                endpoint.stop()
+        telemetry.record_run(self.cfg, plan, metrics, status, started, wall)
+        return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, self.fetched,
+                         run_label(self.tags))
 
     # ------------------------------------------------------------ stages
 
@@ -211,13 +221,16 @@ class Runner:
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
+        metrics.expect((u.table.name, u.file.sha256, u.file.path, u.table.format, u.file.size) for u in units)
         metrics.touch()  # the stall clock starts with the pipeline
+        stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())
         channel = SizeChannel(plan.batch.size) if executor == "ray" else LocalSizeChannel(plan.batch.size)
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
         run = execute if executor == "ray" else execute_inprocess
         results_iter = iter(run(plan, units, self.dsn, channel.actor))
+        self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
@@ -232,16 +245,19 @@ class Runner:
                             self._check_batch(plan, metrics, alerts, row)
                             self._resize(sizer, channel, metrics, monitor, row)
                         elif row["kind"] in ("eof", "error"):
-                            log.info("read %s: %s", "done" if row["kind"] == "eof" else "failed", row["message"],
-                                     extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
+                            log.log(logging.DEBUG if row["kind"] == "eof" else logging.WARNING, "read %s: %s",
+                                    "done" if row["kind"] == "eof" else "failed", row["message"],
+                                    extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
                     if time.time() - last_report >= _PROGRESS_EVERY_S:
                         step += 1
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
                         last_report = time.time()
+            metrics.stream_s = time.perf_counter() - stream_started
             self._progress(metrics, alerts, monitor, tracker, step + 1, channel)
             for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size
                 alerts.check("reject_rate", tm.name, tm.reject_rate)
         finally:
+            self.reloader.uninstall()
             getattr(results_iter, "close", lambda: None)()  # stop Ray Data's executor on an early exit
             channel.close()
 
@@ -312,10 +328,12 @@ class Runner:
                   step: int, channel: SizeChannel) -> None:
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(monitor.latest())
-        log.info("progress: %s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
+        done = figures.get("done_fraction")
+        log.info("progress: %s%s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
+                 "" if done is None else progress_text(done, figures.get("eta_s"), _stderr_is_tty()) + ": ",
                  f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
                  figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
-        tracker.metrics(figures, step=step)
+        tracker.progress(figures, step)
         alerts.check("memory_fraction", "host", figures["memory_fraction"])
 
     def _settle_files(self, plan: LoadPlan, metrics: RunMetrics) -> List[Tuple[str, str, str]]:
@@ -358,14 +376,18 @@ class Runner:
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
+            finalising = time.perf_counter()
             with db.transaction(self.dsn) as cur:
                 staged = sum(ledger.unpublished_batches(cur, plan.ledger_schema, table.name, plan.period).values())
-                inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
+                with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name):
+                    inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
                 ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
                 tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
                 if table.mode != "append":  # rows staged but collapsed onto a later row with the same key
                     tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
                 tm.deleted = self._sync(cur, plan, table, failed)
+                tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
+                tm.finalised_at = time.time()
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
                 ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, tm.duplicates, tm.deleted)
 
@@ -397,6 +419,8 @@ class Runner:
                     status: str, error: Optional[BaseException], wall: float, alerts: AlertEngine) -> None:
         category = classify(error).value if error is not None else None
         text = mask_text(f"{type(error).__name__}: {error}") if error is not None else None
+        if error is not None and category == "bug":
+            text = report_bug(error, text or "")
         def record() -> None:
             with db.transaction(self.dsn) as cur:
                 for t in metrics.tables.values():
@@ -420,7 +444,7 @@ class Runner:
         tracker.tag("status", status)
         if text:
             tracker.tag("error", text[:5000])
-        tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall))
+        tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall, run_label(self.tags)))
         tracker.artifact_yaml("config.yaml", self._params())
         tracker.artifact_json("alerts.json", alerts.summary())
         tracker.artifact_table("batches.parquet", metrics.batch_table())
@@ -465,6 +489,36 @@ def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
     import loadkit
 
     return {"py_modules": [str(Path(loadkit.__file__).parent)]}
+
+
+def report_bug(error: BaseException, text: str) -> str:
+    """A bug's ledger text: its one line plus the (masked) traceback. The traceback is logged too
+    at DEBUG, or at ERROR with LOADKIT_FULL_ERROR=1 (Hydra's convention for full errors)."""
+    import traceback
+
+    trace = mask_text("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    if os.environ.get("LOADKIT_FULL_ERROR") == "1":
+        log.error("bug: %s\n%s", text, trace.rstrip())
+    else:
+        log.debug("bug: %s\n%s", text, trace.rstrip())
+    return f"{text}\n{trace}"
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
+
+
+def run_label(tags: Dict[str, str]) -> str:
+    """The line heading a sweep point's summary: its sweep id, job number and overrides (empty outside sweeps)."""
+    if not tags.get("sweep_id"):
+        return ""
+    from loadkit.sweep import point_overrides
+
+    overrides = mask_text(point_overrides(tags.get("overrides", "")))
+    return f"sweep {tags['sweep_id']} point {tags.get('sweep_job', '?')}: {overrides}"
 
 
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:

@@ -53,3 +53,4 @@ def test_cli_entry_point_and_unknown_ledger(pg_dsn: str) -> None:
     out = subprocess.run([sys.executable, "-m", "loadkit.history", "--ledger-schema", "no_such_ledger", "list"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and "no_such_ledger" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("error:") == 1, out.stderr  # printed once

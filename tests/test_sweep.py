@@ -44,6 +44,15 @@ def test_three_point_sweep_makes_three_runs_under_one_sweep(month: SampleManifes
     problems = [line for line in out.stderr.splitlines() if "loadkit:" in line or "Error" in line]
     assert out.returncode == 0, "\n".join(problems[-20:]) or out.stderr[-3000:]
     assert out.stdout.count("TOTAL") == 3
+    sweep = "/".join(sweep_dir.resolve().parts[-2:])
+    assert out.stdout.startswith(f"sweep {sweep} ("), out.stdout[:300]  # the sweep id comes first
+    for job, size in enumerate((100, 200, 400)):  # each summary is labelled with its point's overrides
+        assert f"sweep {sweep} point {job}: " in out.stdout and f"batch.size={size}" in out.stdout
+    comparison = out.stdout[out.stdout.index(f"sweep {sweep}: 3 point(s)"):].splitlines()
+    assert comparison[1].split()[:3] == ["point", "overrides", "status"]
+    points = [line.split() for line in comparison[3:6]]
+    assert [p[0] for p in points] == ["0", "1", "2"] and all("succeeded" in p for p in points)
+    assert all(f"{sum(month.rows.values()):,}" in p for p in points)
 
     runs = tracking.find_runs(mlflow_uri, filter_string=f"tags.sweep_dir = '{sweep_dir.resolve()}'")
     assert len(runs) == 3

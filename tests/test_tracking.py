@@ -89,13 +89,15 @@ def test_run_is_tracked_with_masked_params_tags_metrics_and_artifacts(
     assert 0 < m["writer_busy_max"] <= 1 and "pool_utilisation_max" in m
     assert m["file_completed_s_max"] > 0 and m["driver_wait_s"] > 0 and m["read_wait_s"] > 0
     assert m["retries"] == 0 and m["alerts"] == 0
-    history = tracking.metric_history(mlflow_uri, result.mlflow_run_id, "queue_depth")
+    history = tracking.metric_history(mlflow_uri, result.mlflow_run_id, "progress.queue_depth")
     assert history, "progress metrics are logged while the run streams"
 
     artifacts = all_artifacts(mlflow_uri, result.mlflow_run_id, tmp_path / "artifacts")
     expected = {"config.yaml", "summary.txt", "alerts.json", "batches.parquet", "files.parquet", "memory.parquet",
-                "rejects_sample.parquet"}
+                "rejects_sample.parquet", "report.html"}
     assert expected <= set(artifacts), sorted(artifacts)
+    report = artifacts["report.html"].decode()
+    assert "TOTAL" in report and "NO KEY" in report and report.count("<svg") == 3
     assert b"batch:" in artifacts["config.yaml"] and b"cnpj_monthly" in artifacts["config.yaml"]
     assert b"TOTAL" in artifacts["summary.txt"]
     assert json.loads(artifacts["alerts.json"]) == []
