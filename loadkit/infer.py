@@ -2,7 +2,8 @@
 
 What is inferred, and from what:
 - compression / container from magic bytes: gzip (1f 8b), zip (PK), parquet (PAR1); else plain text;
-- encoding: UTF-8 if the sample decodes, else charset_normalizer's best guess (latin-1 family);
+- encoding: UTF-8 if the sample decodes, else latin-1 / cp1252 by the high bytes present, else
+  charset_normalizer's guess (check accented text after a first load);
 - delimiter and quote: ``csv.Sniffer`` over the sample (candidates , ; tab |);
 - header: a first row whose values do not fit the types of the rows below it (``csv.Sniffer.has_header``
   when every column is text);
@@ -124,16 +125,27 @@ def _sample(path: Path, fmt: str, limit: int) -> Tuple[bytes, bool, Optional[str
 
 
 def _encoding(data: bytes) -> str:
+    """utf-8 if the bytes decode as UTF-8; else latin-1 when every high byte is a latin-1 letter or
+    sign (0xA0-0xFF: the common Western case), cp1252 when its 0x80-0x9F punctuation appears; only
+    then charset_normalizer's guess (other 8-bit code pages), falling back to latin-1."""
     try:
         data.decode("utf-8")
         return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    high = set(data) & set(range(0x80, 0x100))
+    if not high & set(range(0x80, 0xA0)):
+        return "latin-1"
+    try:
+        data.decode("cp1252")
+        return "cp1252"
     except UnicodeDecodeError:
         pass
     try:
         from charset_normalizer import from_bytes
 
         best = from_bytes(data[: 1 << 20]).best()
-        if best is not None and best.encoding not in ("ascii", "utf_8"):
+        if best is not None:
             enc = best.encoding.replace("_", "-")
             data.decode(enc)
             return enc
@@ -303,8 +315,7 @@ def _has_header(body: List[List[str]], text: str, delimiter: str) -> bool:
         typed = True
         if value == "" or value in col.null_values:
             continue
-        if _type_of([value], f"c{i}", delimiter)[0] != col.type or (
-                col.format and not _fits_time([value], col.format)):
+        if not _value_fits(value, col, delimiter):
             return True
     if typed:
         return False
@@ -312,6 +323,21 @@ def _has_header(body: List[List[str]], text: str, delimiter: str) -> bool:
         return csv.Sniffer().has_header(text[: 64 * 1024])
     except csv.Error:
         return len(set(first)) == len(first) and all(v and not v[0].isdigit() for v in first)
+
+
+_WIDER = {"integer": {"integer"}, "bigint": {"integer", "bigint"}, "numeric": {"integer", "bigint", "numeric"},
+          "double": {"integer", "bigint", "numeric", "double"}}
+
+
+def _value_fits(value: str, col: ColumnGuess, delimiter: str) -> bool:
+    """Could this (first-row) value belong to the column as typed from the rows below it?"""
+    if col.format:
+        return _fits_time([value], col.format)
+    kind, _, comma = _type_of([value], col.name, delimiter)
+    base, col_base = kind.split("(")[0], col.type.split("(")[0]
+    if col_base in _WIDER:
+        return base in _WIDER[col_base] and (comma == col.decimal_comma or base == "integer")
+    return base == col_base
 
 
 def _infer_parquet(path: Path, name: str) -> TableGuess:
