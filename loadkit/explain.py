@@ -7,6 +7,7 @@ the DDL shown is that of a fresh target and the ledger state is "unknown".
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,6 +18,8 @@ from loadkit.plan import LoadPlan, TableSpec
 from loadkit.security import mask_dsn
 
 _DDL = ("CREATE", "ALTER", "DROP", "TRUNCATE")
+_IF_NOT_EXISTS = re.compile(r'^\s*CREATE\s+(?:UNLOGGED\s+)?(SCHEMA|TABLE)\s+IF\s+NOT\s+EXISTS\s+("[^"]+"(?:\."[^"]+")?)',
+                            re.IGNORECASE)
 
 
 class _Recorder:
@@ -27,10 +30,22 @@ class _Recorder:
         self.statements: List[str] = []
 
     def execute(self, sql: str, args: Any = None) -> None:
-        if sql.lstrip().upper().startswith(_DDL):
+        if sql.lstrip().upper().startswith(_DDL) and not self._no_op(sql):
             self.statements.append(" ".join(sql.split()))
         if self._cur is not None:
             self._cur.execute(sql, args)
+
+    def _no_op(self, sql: str) -> bool:
+        """A CREATE ... IF NOT EXISTS of a schema or table that exists: nothing would change."""
+        m = _IF_NOT_EXISTS.match(sql)
+        if m is None or self._cur is None:
+            return False
+        kind, name = m.group(1).upper(), m.group(2)
+        if kind == "SCHEMA":
+            self._cur.execute("SELECT to_regnamespace(%s) IS NOT NULL", (name,))
+        else:
+            self._cur.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+        return bool(self._cur.fetchone()[0])
 
     def fetchall(self) -> List[Any]:
         return self._cur.fetchall() if self._cur is not None else []
