@@ -84,18 +84,19 @@ def plan_task(cfg: DictConfig) -> Optional[int]:
 
 
 def mlflow_hint(uri: Optional[str], run_id: str) -> str:
-    """The command that opens this MLflow run in the UI (the store's URI masked)."""
+    """How to open this MLflow run in the UI: the URL on a tracking server, else the ``mlflow ui``
+    command for the local store and the run's page on it (the store's URI masked)."""
     from loadkit.tracking import default_uri, get_run
 
     store = uri or default_uri()
     try:
-        experiment = get_run(uri, run_id).info.experiment_id
-        where = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
-    except Exception:  # the hint must never fail a finished run
-        where = f"run {run_id}"
+        page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}"
+    except Exception:  # noqa: BLE001 -- the hint must never fail a finished run
+        page = f"#/runs/{run_id}"
     if store.startswith(("http://", "https://")):
-        return f"loadkit: MLflow run: {mask_text(store.rstrip('/'))}/#/experiments/{where.split('#/experiments/')[-1]}"
-    return f"loadkit: open the MLflow run with: mlflow ui --backend-store-uri {mask_text(store)}  then {where}"
+        return f"loadkit: MLflow run: {mask_text(store.rstrip('/'))}/{page}"
+    return (f"loadkit: open the MLflow run with: mlflow ui --backend-store-uri {mask_text(store)}"
+            f"  then http://127.0.0.1:5000/{page}")
 
 
 def sweep_id(sweep_dir: str) -> str:

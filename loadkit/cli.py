@@ -218,9 +218,16 @@ def _db(argv: List[str]) -> int:
     if not (path / "postmaster.pid").is_file():
         sys.stdout.write(f"no embedded PostgreSQL running in {path}\n")
         return 0
+    import subprocess
+
     from pgserver._commands import pg_ctl
 
-    pg_ctl(["-w", "stop"], pgdata=path)
+    # pgserver runs the server as the system user "pgserver" when started by root: stop it as that user.
+    user = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "stop"], pgdata=path, user=user)
+    except subprocess.CalledProcessError as exc:
+        return fail(ConfigError(f"could not stop the embedded PostgreSQL in {path}: {exc}", key="--embedded-dir"))
     sys.stdout.write(f"stopped the embedded PostgreSQL in {path}\n")
     return 0
 

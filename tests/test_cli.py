@@ -56,6 +56,7 @@ def test_flagship_command_on_the_committed_sample(pg_dsn: str, schemas: tuple, m
                f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}", "env.progress_bars=false"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "estabelecimentos" in out.stdout and "run id:" in out.stdout
+    assert f"mlflow ui --backend-store-uri {mlflow_uri}" in out.stderr  # how to open the run in the UI
     run_id = out.stdout.strip().splitlines()[-1].split()[-1]
     status = query(pg_dsn, f'SELECT status, rows_read, rows_loaded + rows_rejected FROM "{led}".run WHERE run_id=%s',
                    (run_id,))
@@ -145,3 +146,21 @@ def test_plan_prints_files_ddl_and_ledger_and_writes_nothing(user_project: Path,
     after = loadkit(args, user_project, LOADKIT_CONFIG_DIR=str(user_project / "conf"))
     assert after.returncode == 0 and "ledger: loaded" in after.stdout and "would load 0 of 1" in after.stdout
     assert "no DDL" in after.stdout
+    history = loadkit(["history", "--dsn", pg_dsn, "--ledger-schema", led, "list"], user_project)
+    assert history.returncode == 0 and "weather" in history.stdout, history.stderr
+
+
+@pytest.mark.slow
+def test_db_url_starts_the_embedded_server_in_the_home_and_stop_stops_it(tmp_path: Path) -> None:
+    import psycopg2
+
+    url = loadkit(["db", "url"], tmp_path, timeout=180)
+    assert url.returncode == 0 and url.stdout.startswith("postgresql://"), url.stderr[-2000:]
+    try:
+        psycopg2.connect(url.stdout.strip(), connect_timeout=10).close()
+        assert (tmp_path / "home" / "pgdata" / "PG_VERSION").is_file()
+    finally:
+        stopped = loadkit(["db", "stop"], tmp_path)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists()
+    assert "no embedded PostgreSQL running" in loadkit(["db", "stop"], tmp_path).stdout
