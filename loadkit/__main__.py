@@ -24,7 +24,7 @@ from loadkit.logs import setup_logging
 from loadkit.security import mask_text
 
 
-def _typed(cfg: DictConfig) -> Optional[LoadkitConfig]:
+def _typed(cfg: DictConfig) -> LoadkitConfig:
     setup_logging(cfg.logging.format, cfg.logging.level)
     return to_config(cfg)
 
@@ -54,7 +54,7 @@ def run_task(cfg: DictConfig) -> Optional[int]:
         return _stop(fail(exc), multirun)
     sys.stdout.write(result.summary + "\n")
     sys.stdout.flush()
-    if result.mlflow_run_id and typed is not None:
+    if result.mlflow_run_id:
         sys.stderr.write(mlflow_hint(typed.tracking.uri, result.mlflow_run_id) + "\n")
     code = exit_code(result)
     if result.error is not None:
@@ -76,7 +76,6 @@ def plan_task(cfg: DictConfig) -> Optional[int]:
 
     try:
         typed = _typed(cfg)
-        assert typed is not None
         sys.stdout.write(explain.describe(build_plan(typed), typed) + "\n")
     except LoadkitError as exc:
         raise SystemExit(fail(exc)) from None

@@ -220,7 +220,7 @@ def _db(argv: List[str]) -> int:
         return 0
     import subprocess
 
-    from pgserver._commands import pg_ctl
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
     # pgserver runs the server as the system user "pgserver" when started by root: stop it as that user.
     user = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
