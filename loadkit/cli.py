@@ -89,7 +89,6 @@ def precheck(argv: List[str]) -> None:
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: F401 (import check)
     from hydra.errors import HydraException
     from hydra.types import RunMode
     from omegaconf import open_dict
