@@ -154,15 +154,58 @@ def _encoding(data: bytes) -> str:
     return "latin-1"  # decodes any byte sequence: nothing is rejected for its encoding
 
 
+def _quote(head: str, delimiter: str, sniffed: Optional[str]) -> str:
+    """'"' unless the sample has no '"' and a field wrapped in the sniffed quote holds the delimiter
+    (the one reason to quote it: a value that merely starts and ends with ' is data)."""
+    if sniffed in (None, '"') or '"' in head:
+        return '"'
+    q, d = re.escape(sniffed), re.escape(delimiter)
+    wrapped = re.search(rf"(^|{d}){q}[^{q}\n]*{d}[^{q}\n]*{q}({d}|$)", head, re.MULTILINE)
+    return sniffed if wrapped else '"'
+
+
+def _score(head: str, delimiter: str, quote: str) -> Tuple[bool, int, int, int]:
+    """(every row has the same number of fields > 1, columns that type as non-text below the first
+    row, the same counting the first row, fields per row)."""
+    rows = [r for r in csv.reader(io.StringIO(head, newline=""), delimiter=delimiter, quotechar=quote) if r]
+    widths = {len(r) for r in rows}
+    width = max(widths) if widths else 0
+    if not rows or width < 2:
+        return False, 0, 0, width
+
+    others = set(";\t|") - {delimiter}  # left inside a field, these say the split is wrong
+
+    def typed(part: List[List[str]]) -> int:
+        count = 0
+        for i in range(width):
+            values = [r[i] for r in part if i < len(r) and r[i] != ""]
+            if not any(others & set(v) for v in values) and _type_of(values, f"c{i}", delimiter)[0] != "text":
+                count += 1
+        return count
+
+    return len(widths) == 1, typed(rows[1:] if len(rows) > 1 else rows), typed(rows), width
+
+
 def _dialect(text: str) -> Tuple[str, Optional[str]]:
+    """Delimiter and quote: csv.Sniffer's guess, replaced by another candidate delimiter that splits
+    the sample into a consistent number of fields with more typed columns (the sniffer cannot tell
+    "0;0,5" = two numbers with a decimal comma from "0;0" and "5")."""
     head = text[: 64 * 1024]
     try:
         d = csv.Sniffer().sniff(head, delimiters=",;\t|")
-        delimiter, quote = d.delimiter, d.quotechar or '"'
+        delimiter, sniffed = d.delimiter, d.quotechar
     except csv.Error:
         counts = {c: head.count(c) for c in ",;\t|"}
-        delimiter, quote = max(counts, key=lambda c: counts[c]), '"'
-    return delimiter, quote
+        delimiter, sniffed = max(counts, key=lambda c: counts[c]), '"'
+    # On a tie the rarer character in data wins (a comma is also a decimal mark and punctuation).
+    rarity = {"\t": 3, "|": 2, ";": 1, ",": 0}
+
+    def key(cand: str) -> Tuple[Any, ...]:
+        return (*_score(head, cand, _quote(head, cand, sniffed))[:3], rarity[cand])
+
+    candidates = [c for c in ",;\t|" if c == delimiter or c in head]
+    delimiter = max(candidates, key=key)
+    return delimiter, _quote(head, delimiter, sniffed)
 
 
 # ---------------------------------------------------------------- column types
@@ -319,14 +362,18 @@ def _has_header(body: List[List[str]], text: str, delimiter: str) -> bool:
             return True
     if typed:
         return False
+    if any(v and _type_of([v], f"c{i}", delimiter)[0] != "text" for i, v in enumerate(first)):
+        return False  # a header is names: a number or a date in the first row is data
     try:
         return csv.Sniffer().has_header(text[: 64 * 1024])
     except csv.Error:
         return len(set(first)) == len(first) and all(v and not v[0].isdigit() for v in first)
 
 
-_WIDER = {"integer": {"integer"}, "bigint": {"integer", "bigint"}, "numeric": {"integer", "bigint", "numeric"},
-          "double": {"integer", "bigint", "numeric", "double"}}
+# A first-row value of one of these kinds is data, not a header, in a column of the key's kind
+# (a header is words, so any number in a number column means "data").
+_WIDER = {"integer": {"integer", "bigint", "numeric", "double"}, "bigint": {"integer", "bigint", "numeric", "double"},
+          "numeric": {"integer", "bigint", "numeric", "double"}, "double": {"integer", "bigint", "numeric", "double"}}
 
 
 def _value_fits(value: str, col: ColumnGuess, delimiter: str) -> bool:
@@ -336,7 +383,7 @@ def _value_fits(value: str, col: ColumnGuess, delimiter: str) -> bool:
     kind, _, comma = _type_of([value], col.name, delimiter)
     base, col_base = kind.split("(")[0], col.type.split("(")[0]
     if col_base in _WIDER:
-        return base in _WIDER[col_base] and (comma == col.decimal_comma or base == "integer")
+        return base in _WIDER[col_base]
     return base == col_base
 
 
