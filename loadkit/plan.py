@@ -226,14 +226,14 @@ def period_key(job: JobConfig, values: Dict[str, Any]) -> str:
 
 
 def period_tag(period: str, values: Dict[str, Any]) -> str:
-    """An identifier-safe tag of the period for staging names: YYYYMM for a monthly job
-    (the snapshot partition value), else the period's letters and digits (hashed when long)."""
-    if set(values) <= {"year", "month"} and "year" in values and "month" in values:
+    """An identifier-safe tag of the period for staging names, one per period: YYYYMM for a monthly
+    job (the snapshot partition value), the digits of a YYYY[-MM[-DD]] period, "all" for a job
+    without parameters, else "p" + a 48-bit hash of the period (partition keys may hold anything)."""
+    if set(values) == {"year", "month"}:
         return f"{values['year']:04d}{values['month']:02d}"
-    tag = re.sub(r"[^A-Za-z0-9]", "", period).lower()
-    if not tag or len(tag) > 16 or tag != re.sub(r"[^A-Za-z0-9]", "", period):
-        tag = hashlib.blake2b(period.encode(), digest_size=6).hexdigest()
-    return tag
+    if period == NO_PERIOD or re.fullmatch(r"\d{4}(-\d{2}){0,2}", period):
+        return period.replace("-", "")
+    return "p" + hashlib.blake2b(period.encode(), digest_size=6).hexdigest()
 
 
 def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any]) -> Tuple[FileSpec, ...]:

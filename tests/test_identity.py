@@ -17,6 +17,8 @@ from typing import Iterator, List, Tuple
 
 import psycopg2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loadkit.errors import ConfigError
 from loadkit.runner import RunResult, run_job
@@ -191,3 +193,17 @@ def test_parameters_are_required_only_by_jobs_that_use_them(project) -> None:
                           "partition=eu"])
     assert cfg.job is not None and period_key(cfg.job, {"year": 2024, "month": 5, "day": 3, "partition": "eu"}) \
         == "2024-05-03/eu"
+
+
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_every_period_gets_its_own_identifier_safe_staging_tag(a: str, b: str) -> None:
+    from loadkit.plan import period_tag, staging_name
+    from loadkit.security import quote_ident
+
+    tags = [period_tag(p, {"partition": p}) for p in (a, b)]
+    for tag in tags:
+        quote_ident(staging_name("t" * 39, tag))  # a valid identifier for table names up to 39 chars
+    assert (tags[0] == tags[1]) == (a == b)
+    assert period_tag("2024-05", {"year": 2024, "month": 5}) == "202405"
+    assert period_tag("2024-05-03", {"year": 2024, "month": 5, "day": 3}) == "20240503"
+    assert period_tag("all", {}) == "all"
