@@ -101,7 +101,9 @@ def precheck(argv: List[str]) -> None:
             or args.multirun or getattr(args, "experimental_rerun", None)):
         return
     register()
-    primary = os.path.abspath(args.config_path) if args.config_path else conf_dir()
+    primary = conf_dir()
+    if args.config_path:  # Hydra resolves a relative --config-path against the task's module (loadkit/)
+        primary = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.config_path)
     try:
         search_path = create_config_search_path(f"file://{primary}")
         if args.config_dir is not None:
