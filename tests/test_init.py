@@ -133,3 +133,23 @@ def test_codes_keep_leading_zeros_and_a_decimal_comma_is_found(tmp_path: Path) -
     assert (g.delimiter, g.header) == (";", True)
     assert [(c.name, c.type, c.decimal_comma, c.format) for c in g.columns] == [
         ("code", "text", False, None), ("amount", "numeric(5,2)", True, None), ("when", "date", False, "%Y-%m-%d")]
+
+
+def test_zip_members_and_parquet_schemas_are_read(tmp_path: Path) -> None:
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with zipfile.ZipFile(tmp_path / "people.zip", "w") as zf:
+        zf.writestr("PEOPLE.CSV", "id;name;born\n1;Ana;2001-02-03\n2;Bo;1999-12-31\n")
+    z = infer.infer_file(tmp_path / "people.zip")
+    assert (z.format, z.member, z.delimiter, z.header) == ("zip", "PEOPLE.CSV", ";", True)
+    assert [c.type for c in z.columns] == ["integer", "text", "date"]
+    pq.write_table(pa.table({"n": pa.array([1, 2], pa.int64()), "x": [0.5, 1.5], "s": ["a", "b"]}),
+                   tmp_path / "t.parquet")
+    p = infer.infer_file(tmp_path / "t.parquet")
+    assert p.format == "parquet" and [(c.name, c.type) for c in p.columns] == [
+        ("n", "bigint"), ("x", "double"), ("s", "text")]
+    text = infer.render("mixed", [z, p], tmp_path)
+    assert 'member: "PEOPLE.CSV"' in text and "dialect" not in text.split("  t:")[1]
