@@ -289,6 +289,11 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
     values = run_params(cfg)
     period = period_key(cfg.job, values)
     tag = period_tag(period, values)
+    for name, t in cfg.job.tables.items():
+        if t.enabled and t.mode == "snapshot" and not tag.isdigit():
+            raise ConfigError(f"mode snapshot keeps one integer {PERIOD_COL} partition per period (YYYYMM or "
+                              f"YYYYMMDD), but this job's period is {period!r}: its params may be year, month, day",
+                              key=f"job.tables.{name}.mode")
     tables = tuple(
         _table_spec(name, t, cfg.job.schema, root, values, tag)
         for name, t in cfg.job.tables.items()

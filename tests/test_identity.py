@@ -193,6 +193,13 @@ def test_parameters_are_required_only_by_jobs_that_use_them(project) -> None:
                           "partition=eu"])
     assert cfg.job is not None and period_key(cfg.job, {"year": 2024, "month": 5, "day": 3, "partition": "eu"}) \
         == "2024-05-03/eu"
+    from loadkit.plan import build_plan
+
+    snapshot = compose(base + ["+job=weather", "job.params=[partition]", "partition=eu",
+                               "job.tables.seattle_weather.mode=snapshot"])
+    with pytest.raises(ConfigError) as err:
+        build_plan(snapshot)  # its partition column is an integer period
+    assert err.value.context["key"] == "job.tables.seattle_weather.mode"
 
 
 @given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
