@@ -1,8 +1,11 @@
-"""Hydra entry point: compose, validate, run, exit code.
+"""Entry point: ``loadkit`` / ``python -m loadkit`` (subcommands in loadkit.cli).
 
-    python -m loadkit +job=monthly year=2024 month=5 [group=choice] [key=value ...]
-    python -m loadkit -m +job=monthly year=2024 month=5 batch.size=5000,20000,100000
+    loadkit +job=monthly year=2024 month=5 [group=choice] [key=value ...]
+    loadkit -m +job=monthly year=2024 month=5 batch.size=5000,20000,100000
+    loadkit --config-dir ./conf +job=weather          # a job kept in the project's conf/job/
+    loadkit plan +job=monthly year=2024 month=5        # what would load; writes nothing
 
+Nothing is resolved at import time: the config folder is found when a command runs.
 Exit codes: 0 ok, 2 config error, 3 source data error, 4 infrastructure, 1 bug, 130 interrupted.
 """
 from __future__ import annotations
@@ -10,88 +13,37 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from loadkit.config import register, to_config
-from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, classify
+from loadkit.cli import conf_dir, fail  # noqa: F401 (conf_dir: public helper, kept importable here)
+from loadkit.config import LoadkitConfig, to_config
+from loadkit.errors import ConfigError, LoadkitError, classify
 from loadkit.logs import setup_logging
 from loadkit.security import mask_text
 
 
-def conf_dir() -> str:
-    """loadkit's config groups: LOADKIT_CONF if set, else the conf/ shipped inside the package."""
-    for candidate in (os.environ.get("LOADKIT_CONF"), str(Path(__file__).resolve().parent / "conf")):
-        if candidate and os.path.isfile(os.path.join(candidate, "config.yaml")):
-            return os.path.abspath(candidate)
-    raise SystemExit("loadkit: cannot find conf/config.yaml (set LOADKIT_CONF)")
+def _typed(cfg: DictConfig) -> LoadkitConfig:
+    setup_logging(cfg.logging.format, cfg.logging.level)
+    return to_config(cfg)
 
 
-_HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "--info", "-h", "--help", "--hydra-help", "--resolve",
-                "-p", "--package", "--shell-completion", "-sc", "--version", "--run", "-r")
+def run_task(cfg: DictConfig) -> Optional[int]:
+    """The Hydra task of ``loadkit run``: load, print the summary, return the exit code."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-
-def _precheck(argv: List[str]) -> None:
-    """Compose once before Hydra runs so a config error exits 2 with one clear line."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if any(a.split("=")[0] in _HYDRA_FLAGS for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("hydra/")]
-    try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            to_config(compose("config", overrides=overrides))
-    except ConfigError:
-        raise
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        cause = exc.__cause__ or exc
-        key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise ConfigError(message, key=key) from None
-
-
-def _resolve_latest(argv: List[str]) -> List[str]:
-    """``month=latest``: the newest complete month the job's remote publishes (see loadkit.fetch.latest_month);
-    returns argv with concrete year= and month= in place of it."""
-    if "month=latest" not in argv:
-        return argv
-    from hydra import compose, initialize_config_dir
-
-    from loadkit import fetch
-
-    rest = [a for a in argv if not a.startswith(("month=", "year="))]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=rest + ["year=2000", "month=1"]))
-    assert cfg.job is not None
-    year, month = fetch.latest_month(fetch.settings_from(cfg), cfg.job.remote.root_url)
-    sys.stderr.write(f"loadkit: month=latest is {year:04d}-{month:02d}\n")
-    return rest + [f"year={year}", f"month={month}"]
-
-
-def _fail(exc: LoadkitError) -> None:
-    sys.stderr.write(f"loadkit: {exc.category.value} error: {exc}\n")
-    raise SystemExit(EXIT_CODES[exc.category])
-
-
-@hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> Optional[int]:
     from loadkit.runner import exit_code, run_job
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:
         _scrub_multirun_yaml(Path(hc.sweep.dir))
-    setup_logging(cfg.logging.format, cfg.logging.level)
     try:
-        typed = to_config(cfg)
+        typed = _typed(cfg)
     except ConfigError as exc:
-        _fail(exc)
+        return _stop(fail(exc), multirun)
     tags = {"sweep_id": sweep_id(hc.sweep.dir) if multirun else None,
             "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
             "sweep_job": str(hc.job.num) if multirun else None,
@@ -99,19 +51,51 @@ def main(cfg: DictConfig) -> Optional[int]:
     try:
         result = run_job(typed, tags={k: v for k, v in tags.items() if v})
     except LoadkitError as exc:  # refused before the run started (plan, sink): nothing was written
-        _fail(exc)
+        return _stop(fail(exc), multirun)
     sys.stdout.write(result.summary + "\n")
     sys.stdout.flush()
+    if result.mlflow_run_id:
+        sys.stderr.write(mlflow_hint(typed.tracking.uri, result.mlflow_run_id) + "\n")
     code = exit_code(result)
     if result.error is not None:
         sys.stderr.write(f"loadkit: run {result.status} ({classify(result.error).value}): {result.error}\n")
+    return _stop(code, multirun)
+
+
+def _stop(code: int, multirun: bool) -> int:
+    """A single run exits with its code at once; a sweep goes on and exits with the first failure."""
     if code and not multirun:
         raise SystemExit(code)
-    _sweep_codes.append(code)
     return code
 
 
-_sweep_codes: List[int] = []  # a sweep exits non-zero if any of its runs failed
+def plan_task(cfg: DictConfig) -> Optional[int]:
+    """The Hydra task of ``loadkit plan``: print the resolved plan; nothing is written."""
+    from loadkit import explain
+    from loadkit.plan import build_plan
+
+    try:
+        typed = _typed(cfg)
+        sys.stdout.write(explain.describe(build_plan(typed), typed) + "\n")
+    except LoadkitError as exc:
+        raise SystemExit(fail(exc)) from None
+    return 0
+
+
+def mlflow_hint(uri: Optional[str], run_id: str) -> str:
+    """How to open this MLflow run in the UI: the URL on a tracking server, else the ``mlflow ui``
+    command for the local store and the run's page on it (the store's URI masked)."""
+    from loadkit.tracking import default_uri, get_run
+
+    store = uri or default_uri()
+    try:
+        page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}"
+    except Exception:  # noqa: BLE001 -- the hint must never fail a finished run
+        page = f"#/runs/{run_id}"
+    if store.startswith(("http://", "https://")):
+        return f"loadkit: MLflow run: {mask_text(store.rstrip('/'))}/{page}"
+    return (f"loadkit: open the MLflow run with: mlflow ui --backend-store-uri {mask_text(store)}"
+            f"  then http://127.0.0.1:5000/{page}")
 
 
 def sweep_id(sweep_dir: str) -> str:
@@ -130,16 +114,10 @@ def _scrub_multirun_yaml(sweep_dir: Path) -> None:
 
 
 def entry() -> None:
-    register()
-    try:
-        sys.argv[1:] = _resolve_latest(sys.argv[1:])
-        _precheck(sys.argv[1:])
-    except LoadkitError as exc:  # a config error, or month=latest could not reach/read the remote
-        _fail(exc)
-    main()
-    failed = [c for c in _sweep_codes if c]
-    if failed:
-        raise SystemExit(failed[0])
+    """The ``loadkit`` console script."""
+    from loadkit.cli import main
+
+    raise SystemExit(main())
 
 
 if __name__ == "__main__":

@@ -167,13 +167,33 @@ class JobConfig:
     migrate: MigrateConfig = field(default_factory=MigrateConfig)
     # The fetch stage's source (remote.url None: files must already be under data_root).
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    # Run parameters this job needs (subset of year, month, day, partition). None: the
+    # placeholders its source path templates use ({year}, {month}, {day}, {partition}),
+    # plus year and month for a snapshot table (its partition is YYYYMM). Only these are
+    # required on the command line; a job with none is a one-off load.
+    params: Optional[List[str]] = None
+    # The ledger's period key for one run of this job, a template over its params
+    # (e.g. "{year:04d}-{month:02d}"). None: year-month[-day] and /partition from the
+    # params the job uses, or "all" for a job without params.
+    period: Optional[str] = None
+    # Before skipping a file the ledger says is loaded, check the target still holds its
+    # rows: "exists" (the target table exists and holds rows of this period's batches, or
+    # of later ones for merge/replace: one indexed-free EXISTS, stops at the first row),
+    # "count" (append: the exact row count of those batches), "off" (trust the ledger).
+    verify: str = "exists"
+    # What to do when the target does not hold what the ledger says (dropped table,
+    # changed job.schema, deleted rows): "reload" (warn naming the table, forget the
+    # ledger's claim, remove this period's rows and load again) or "stop" (refuse the run).
+    on_drift: str = "reload"
 
 
 @dataclass
 class SinkConfig:
     # None: use LOADKIT_DSN, else an embedded PostgreSQL under embedded_dir.
     dsn: Optional[str] = None
-    embedded_dir: str = ".loadkit/pgdata"
+    # The embedded server's data folder: <loadkit home>/pgdata (LOADKIT_HOME, else the per-user
+    # data folder; see loadkit.home), the same whatever the current folder.
+    embedded_dir: str = field(default_factory=lambda: str(_home_path("pgdata")))
     ledger_schema: str = "loadkit"
     connect_timeout: int = 10
     statement_timeout_ms: int = 0
@@ -292,8 +312,12 @@ class LoggingConfig:
 
 @dataclass
 class LoadkitConfig:
-    year: int = MISSING
-    month: int = MISSING
+    # Run parameters; each is required only by jobs that use it (JobConfig.params).
+    year: Optional[int] = None
+    month: Optional[int] = None
+    day: Optional[int] = None
+    # An arbitrary partition key ({partition} in path templates), e.g. a region or batch label.
+    partition: Optional[str] = None
     data_root: str = "data"
     force: bool = False
     # The fetch stage (job.remote): auto downloads the month when its folder under data_root is missing,
@@ -316,7 +340,19 @@ def register() -> None:
     """Register the schema so conf/config.yaml can name it in its defaults list."""
     from hydra.core.config_store import ConfigStore
 
+    register_resolvers()
     ConfigStore.instance().store(name="loadkit_schema", node=LoadkitConfig)
+
+
+def _home_path(sub: str = "") -> str:
+    from loadkit.home import path
+
+    return str(path(*[p for p in sub.split("/") if p]))
+
+
+def register_resolvers() -> None:
+    """``${loadkit_home:sub/dir}``: a path in loadkit's state folder (see loadkit.home)."""
+    OmegaConf.register_new_resolver("loadkit_home", _home_path, replace=True)
 
 
 def to_config(cfg: DictConfig | LoadkitConfig) -> LoadkitConfig:
@@ -342,9 +378,9 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 def validate(cfg: LoadkitConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError naming the key."""
-    _require(1900 <= cfg.year <= 2100, "year", f"year must be between 1900 and 2100, got {cfg.year}")
-    _require(1 <= cfg.month <= 12, "month", f"month must be 1..12, got {cfg.month}")
     _require(cfg.job is not None, "job", "no job selected: add +job=<name> (e.g. +job=monthly)")
+    assert cfg.job is not None
+    _validate_params(cfg, job_params(cfg.job))
     _validate_batch(cfg.batch)
     _require(cfg.pool.writers >= 1, "pool.writers", "pool.writers must be >= 1")
     _require(cfg.pool.connections_per_writer >= 1, "pool.connections_per_writer", "pool.connections_per_writer must be >= 1")
@@ -389,6 +425,40 @@ def _validate_fetch(cfg: LoadkitConfig) -> None:
              "job.remote.url must be a URL template (http(s)://, s3://, gs://, ...)")
 
 
+PARAMS = ("year", "month", "day", "partition")
+_PLACEHOLDER = re.compile(r"{(\w+)")
+
+
+def job_params(job: JobConfig) -> List[str]:
+    """The run parameters a job needs: ``job.params`` if declared, else the {placeholders} its
+    enabled tables' path templates (and job.period) use, plus year and month for snapshot tables."""
+    if job.params is not None:
+        return list(job.params)
+    used = set(_PLACEHOLDER.findall(job.period or ""))
+    for t in job.tables.values():
+        if not t.enabled:
+            continue
+        for template in t.source.paths or []:
+            used.update(_PLACEHOLDER.findall(template))
+        if t.mode == "snapshot":
+            used.update(("year", "month"))
+    return [p for p in PARAMS if p in used] + sorted(used - set(PARAMS))
+
+
+def _validate_params(cfg: LoadkitConfig, params: List[str]) -> None:
+    name = cfg.job.name if cfg.job is not None else "?"
+    for p in params:
+        _require(p in PARAMS, "job.params", f"unknown run parameter {p!r}: a job may use {list(PARAMS)}")
+        _require(getattr(cfg, p) is not None, p,
+                 f"job {name} needs {p} (job.params, or its path templates or snapshot partitions use it): add {p}=...")
+    if cfg.year is not None:
+        _require(1900 <= cfg.year <= 2100, "year", f"year must be between 1900 and 2100, got {cfg.year}")
+    if cfg.month is not None:
+        _require(1 <= cfg.month <= 12, "month", f"month must be 1..12, got {cfg.month}")
+    if cfg.day is not None:
+        _require(1 <= cfg.day <= 31, "day", f"day must be 1..31, got {cfg.day}")
+
+
 def _validate_batch(b: BatchConfig) -> None:
     _require(b.policy in ("fixed", "adaptive"), "batch.policy", "batch.policy must be fixed or adaptive")
     _require(b.size >= 1, "batch.size", f"batch.size must be >= 1, got {b.size}")
@@ -424,6 +494,8 @@ def _validate_alerts(a: AlertsConfig) -> None:
 def _validate_job(job: JobConfig) -> None:
     _require(IDENTIFIER.match(job.schema) is not None, "job.schema", f"not a valid SQL identifier: {job.schema!r}")
     _require(bool(job.tables), "job.tables", "the job declares no tables")
+    _require(job.verify in ("exists", "count", "off"), "job.verify", "job.verify must be exists, count or off")
+    _require(job.on_drift in ("reload", "stop"), "job.on_drift", "job.on_drift must be reload or stop")
     for tname, table in job.tables.items():
         _validate_table(tname, table)
 

@@ -261,5 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+# ``loadkit health`` (loadkit.cli picks these up).
+CLI_HELP = "check PostgreSQL, the ledger, MLflow, Ray, disk and sources: loadkit health [overrides]"
+cli_main = main
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -278,3 +278,38 @@ def reject_sample(cur: Any, schema: str, run_id: str, limit: int = 200) -> pa.Ta
                 "ORDER BY table_name, file_path, line_number LIMIT %s", (run_id, limit))
     rows = cur.fetchall()
     return pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)}) if rows else pa.table({})
+
+
+# ---------------------------------------------------------------- file identity: is a claim still true?
+
+
+def claimed_batches_sql(schema: str) -> str:
+    """SQL selecting the batch ids of a table's published files in one period (args: table, period)."""
+    return (f"SELECT b.batch_id FROM {qualified(schema, 'batch')} b JOIN {qualified(schema, 'file')} f "
+            "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+            "WHERE b.table_name = %s AND b.period = %s AND f.status = 'loaded'")
+
+
+def claimed_rows(cur: Any, schema: str, table: str, period: str) -> int:
+    """Rows the ledger says the table's published files of this period put into the target."""
+    cur.execute(f"SELECT coalesce(sum(rows_loaded), 0) FROM {qualified(schema, 'file')} "
+                "WHERE table_name=%s AND period=%s AND status='loaded'", (table, period))
+    return int(cur.fetchone()[0])
+
+
+def claimed_or_later_sql(schema: str) -> str:
+    """SQL selecting the batch ids of a table's published batches committed at or after the first
+    batch of this period (args: table, period, table): for merge/replace targets, where a later
+    period's batches legitimately overwrite this one's rows."""
+    return (f"SELECT b.batch_id FROM {qualified(schema, 'batch')} b JOIN {qualified(schema, 'file')} f "
+            "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+            "WHERE b.table_name = %s AND f.status = 'loaded' AND b.committed_at >= "
+            f"(SELECT min(committed_at) FROM {qualified(schema, 'batch')} WHERE table_name = %s AND period = %s)")
+
+
+def loaded_elsewhere(cur: Any, schema: str, table: str, period: str, file_sha: str) -> List[Tuple[str, int]]:
+    """(period, rows_loaded) of the other periods under which this file's content is loaded into the table."""
+    cur.execute(f"SELECT period, coalesce(rows_loaded, 0) FROM {qualified(schema, 'file')} "
+                "WHERE table_name=%s AND file_sha=%s AND period <> %s AND status='loaded' ORDER BY period",
+                (table, file_sha, period))
+    return [(str(p), int(n)) for p, n in cur.fetchall()]

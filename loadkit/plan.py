@@ -10,10 +10,10 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from loadkit import sources
-from loadkit.config import ColumnConfig, LoadkitConfig, TableConfig
+from loadkit.config import ColumnConfig, JobConfig, LoadkitConfig, TableConfig, job_params
 from loadkit.errors import ConfigError
 from loadkit.security import confine, render_path_template
 
@@ -21,6 +21,8 @@ from loadkit.security import confine, render_path_template
 BATCH_COL = "_lk_batch"
 ROW_COL = "_lk_row"
 PERIOD_COL = "ref_period"
+# The ledger period of a job that takes no run parameters (a one-off load).
+NO_PERIOD = "all"
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,8 @@ class RetryPolicy:
 class LoadPlan:
     run_id: str
     job: str
-    year: int
-    month: int
+    year: Optional[int]
+    month: Optional[int]
     force: bool
     ledger_schema: str
     tables: Tuple[TableSpec, ...]
@@ -145,9 +147,15 @@ class LoadPlan:
     data_root: str = ""
     read_splits: int = 1
     extra: dict = field(default_factory=dict, hash=False, compare=False)
+    # The ledger's period key of this run (see period_key); "" means year-month.
+    period_key: str = ""
+    params: Tuple[Tuple[str, Any], ...] = ()  # the run parameters the job uses, (name, value)
 
     @property
     def period(self) -> str:
+        """The ledger period of this run: "2024-05" for a monthly job, "all" for a one-off load."""
+        if self.period_key:
+            return self.period_key
         return f"{self.year:04d}-{self.month:02d}"
 
     def table(self, name: str) -> TableSpec:
@@ -195,8 +203,42 @@ def column_spec(col: ColumnConfig) -> ColumnSpec:
     )
 
 
-def _resolve_files(name: str, t: TableConfig, root: Path, year: int, month: int) -> Tuple[FileSpec, ...]:
-    values = {"year": year, "month": month}
+def run_params(cfg: LoadkitConfig) -> Dict[str, Any]:
+    """name -> value of the run parameters the job uses (validated: none is missing)."""
+    assert cfg.job is not None
+    return {p: getattr(cfg, p) for p in job_params(cfg.job)}
+
+
+def period_key(job: JobConfig, values: Dict[str, Any]) -> str:
+    """The ledger period for these parameter values: job.period rendered, else
+    "YYYY-MM[-DD]" from year/month/day, "/<partition>" appended, or NO_PERIOD for none."""
+    if job.period:
+        return render_path_template(job.period, values)
+    parts = []
+    if "year" in values:
+        parts.append(f"{values['year']:04d}")
+    if "month" in values:
+        parts.append(f"{values['month']:02d}")
+    if "day" in values:
+        parts.append(f"{values['day']:02d}")
+    key = "-".join(parts)
+    if "partition" in values:
+        key = f"{key}/{values['partition']}" if key else str(values["partition"])
+    return key or NO_PERIOD
+
+
+def period_tag(period: str, values: Dict[str, Any]) -> str:
+    """An identifier-safe tag of the period for staging names, one per period: YYYYMM for a monthly
+    job (the snapshot partition value), the digits of a YYYY[-MM[-DD]] period, "all" for a job
+    without parameters, else "p" + a 48-bit hash of the period (partition keys may hold anything)."""
+    if set(values) == {"year", "month"}:
+        return f"{values['year']:04d}{values['month']:02d}"
+    if period == NO_PERIOD or re.fullmatch(r"\d{4}(-\d{2}){0,2}", period):
+        return period.replace("-", "")
+    return "p" + hashlib.blake2b(period.encode(), digest_size=6).hexdigest()
+
+
+def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any]) -> Tuple[FileSpec, ...]:
     patterns = []
     for template in t.source.paths:
         rendered = render_path_template(template, values)
@@ -215,7 +257,7 @@ def _resolve_files(name: str, t: TableConfig, root: Path, year: int, month: int)
     )
 
 
-def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, month: int) -> TableSpec:
+def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict[str, Any], tag: str) -> TableSpec:
     d = t.source.dialect
     return TableSpec(
         name=name,
@@ -233,10 +275,10 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, m
             newlines_in_values=d.newlines_in_values, strip_nul=d.strip_nul, trim=d.trim,
         ),
         allow_empty=t.source.allow_empty,
-        files=_resolve_files(name, t, root, year, month),
+        files=_resolve_files(name, t, root, values),
         max_reject_rate=t.max_reject_rate,
         max_rejects=t.max_rejects,
-        period_tag=f"{year:04d}{month:02d}",
+        period_tag=tag,
         delete_missing=t.delete_missing and t.mode == "merge",
         history=t.history and t.delete_missing and t.mode == "merge",
     )
@@ -248,8 +290,16 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
     root = Path(cfg.data_root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data_root {root.resolve()} is not a directory", key="data_root")
+    values = run_params(cfg)
+    period = period_key(cfg.job, values)
+    tag = period_tag(period, values)
+    for name, t in cfg.job.tables.items():
+        if t.enabled and t.mode == "snapshot" and not tag.isdigit():
+            raise ConfigError(f"mode snapshot keeps one integer {PERIOD_COL} partition per period (YYYYMM or "
+                              f"YYYYMMDD), but this job's period is {period!r}: its params may be year, month, day",
+                              key=f"job.tables.{name}.mode")
     tables = tuple(
-        _table_spec(name, t, cfg.job.schema, root, cfg.year, cfg.month)
+        _table_spec(name, t, cfg.job.schema, root, values, tag)
         for name, t in cfg.job.tables.items()
         if t.enabled
     )
@@ -272,4 +322,6 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         parse_concurrency=p.parse_concurrency,
         read_splits=p.read_splits,
         data_root=str(root.resolve()),
+        period_key=period,
+        params=tuple(values.items()),
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from loadkit import db, ledger, modes, prom, reload, telemetry
+from loadkit import db, identity, ledger, modes, prom, reload, telemetry
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
@@ -183,7 +183,9 @@ class Runner:
                     modes.reset(cur, table, plan.ledger_schema, plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
                     modes.forget_lost_batches(cur, table, plan.ledger_schema, plan.period)
-                done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
+                # The ledger's claims, checked against the target (dropped table, changed job.schema).
+                done = identity.verified_files(cur, table, plan.ledger_schema, plan.period,
+                                               self.cfg.job.verify, self.cfg.job.on_drift)
                 ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
                 todo = [f for f in table.files if done.get(f.sha256) != "loaded"]
                 if table.mode in ("replace", "snapshot") and 0 < len(todo) < len(table.files):

@@ -24,14 +24,20 @@ from loadkit.security import mask_mapping, mask_text
 
 log = logging.getLogger("loadkit.tracking")
 
-DEFAULT_URI_DIR = ".loadkit"
 _STATUS = {"succeeded": "FINISHED", "interrupted": "KILLED"}
 
 
+def _default_artifacts() -> Path:
+    from loadkit.home import mlflow_artifacts
+
+    return mlflow_artifacts()
+
+
 def default_uri() -> str:
-    path = Path(DEFAULT_URI_DIR).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
+    """A SQLite store in loadkit's per-user state folder (LOADKIT_HOME), whatever the current folder."""
+    from loadkit.home import mlflow_uri
+
+    return mlflow_uri()
 
 
 def find_default_uri(start: Optional[Path] = None) -> str:
@@ -81,7 +87,7 @@ def _experiment_id(client: Any, name: str, uri: Optional[str]) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
-    artifacts = Path(DEFAULT_URI_DIR, "mlartifacts").resolve().as_uri() if not uri else None
+    artifacts = _default_artifacts().as_uri() if not uri else None
     try:
         return str(client.create_experiment(name, artifact_location=artifacts))
     except Exception:  # another process created it between the lookup and the create

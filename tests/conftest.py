@@ -27,6 +27,20 @@ def _reachable(dsn: str) -> bool:
         return False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def loadkit_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """LOADKIT_HOME for the session (inherited by CLI subprocesses): tests never touch the user's
+    own loadkit home (embedded server, default MLflow store, Hydra run folders)."""
+    home = tmp_path_factory.mktemp("loadkit_home")
+    previous = os.environ.get("LOADKIT_HOME")
+    os.environ["LOADKIT_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LOADKIT_HOME", None)
+    else:
+        os.environ["LOADKIT_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
     dsn = os.environ.get("LOADKIT_TEST_DSN")

@@ -57,7 +57,111 @@ def test_flagship_command_on_the_committed_sample(pg_dsn: str, schemas: tuple, m
                f"sink.ledger_schema={led}", f"tracking.uri={mlflow_uri}", "env.progress_bars=false"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "estabelecimentos" in out.stdout and "run id:" in out.stdout
+    assert f"mlflow ui --backend-store-uri {mlflow_uri}" in out.stderr  # how to open the run in the UI
     run_id = out.stdout.strip().splitlines()[-1].split()[-1]
     status = query(pg_dsn, f'SELECT status, rows_read, rows_loaded + rows_rejected FROM "{led}".run WHERE run_id=%s',
                    (run_id,))
     assert status[0][0] == "succeeded" and status[0][1] == status[0][2] > 0
+
+
+# ---------------------------------------------------------------- the framework CLI (issue 12)
+
+
+def loadkit(args: List[str], cwd: Path, timeout: int = 300, **env_extra: str) -> subprocess.CompletedProcess:
+    """``python -m loadkit`` from a folder outside the checkout (the checkout only on PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOADKIT_DSN", "LOADKIT_CONFIG_DIR", "LOADKIT_CONF")}
+    env.update(PYTHONPATH=str(ROOT), LOADKIT_HOME=str(cwd / "home"), **env_extra)
+    return subprocess.run([sys.executable, "-m", "loadkit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture()
+def user_project(tmp_path: Path) -> Path:
+    """A user's folder: conf/job/weather.yaml, conf/weather_run.yaml (a primary config of their
+    own, on top of loadkit's) and data/seattle-weather.csv."""
+    import shutil
+
+    from tests.test_identity import weather_csv, write_job
+
+    write_job(tmp_path / "conf")
+    (tmp_path / "conf" / "weather_run.yaml").write_text(
+        "defaults:\n  - config\n  - job: weather\n  - _self_\ndata_root: data\n")
+    (tmp_path / "data").mkdir()
+    shutil.copy(weather_csv(), tmp_path / "data" / "seattle-weather.csv")
+    return tmp_path
+
+
+def test_import_resolves_nothing(tmp_path: Path) -> None:
+    code = "import loadkit.__main__, loadkit.cli; print('imported')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "LOADKIT_CONF": str(tmp_path / "nowhere")})
+    assert out.returncode == 0 and out.stdout.strip() == "imported", out.stderr
+
+
+def test_hydra_flags_work_as_in_any_hydra_app(user_project: Path) -> None:
+    shown = loadkit(["--config-dir", "conf", "--cfg", "job", "+job=weather"], user_project)
+    assert shown.returncode == 0 and "seattle_weather" in shown.stdout, shown.stderr
+    info = loadkit(["-cd", "conf", "--info", "searchpath"], user_project)
+    assert info.returncode == 0 and str(user_project / "conf") in info.stdout, info.stderr
+    # -cn: the user's own primary config, which extends loadkit's
+    named = loadkit(["plan", "-cd", "conf", "-cn", "weather_run", "sink.dsn=postgresql://x@127.0.0.1:1/x",
+                     "sink.connect_timeout=1"], user_project)
+    assert named.returncode == 0 and "table public.seattle_weather" in named.stdout, named.stderr
+    searched = loadkit(["plan", f"hydra.searchpath=[file://{user_project / 'conf'}]", "+job=weather",
+                        "data_root=data", "sink.dsn=postgresql://x@127.0.0.1:1/x", "sink.connect_timeout=1"],
+                       user_project)
+    assert searched.returncode == 0 and "CREATE TABLE" in searched.stdout, searched.stderr
+
+
+def test_config_errors_keep_hydras_hints(user_project: Path) -> None:
+    wrong = loadkit(["+job=nope"], user_project, LOADKIT_CONFIG_DIR=str(user_project / "conf"))
+    assert wrong.returncode == 2 and "Available options" in wrong.stderr
+    assert "monthly" in wrong.stderr and "weather" in wrong.stderr  # loadkit's jobs and the project's
+    plain = loadkit(["job=monthly"], user_project)
+    assert plain.returncode == 2 and "+job=monthly" in plain.stderr and "Traceback" not in plain.stderr
+    helped = loadkit(["help"], user_project)
+    assert helped.returncode == 0 and all(c in helped.stdout for c in ("run", "plan", "init", "history", "db"))
+
+
+def test_plan_prints_files_ddl_and_ledger_and_writes_nothing(user_project: Path, pg_dsn: str,
+                                                             schemas: tuple) -> None:
+    target, led = schemas
+    args = ["plan", "+job=weather", "data_root=data", f"sink.dsn={pg_dsn}", f"job.schema={target}",
+            f"sink.ledger_schema={led}"]
+    before = loadkit(args, user_project, LOADKIT_CONFIG_DIR=str(user_project / "conf"))
+    assert before.returncode == 0, before.stderr
+    assert "seattle-weather.csv" in before.stdout and "ledger: new" in before.stdout
+    assert f'CREATE TABLE "{target}"."seattle_weather"' in before.stdout and "would load 1 of 1" in before.stdout
+    assert query(pg_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname IN (%s, %s)", (target, led)) == [(0,)]
+    from loadkit import sources
+
+    sha = sources.fingerprint(user_project / "data" / "seattle-weather.csv")
+    assert sha[:16] in before.stdout
+
+    from loadkit.runner import run_job
+    from tests.conftest import compose
+
+    run_job(compose([f"hydra.searchpath=[file://{user_project / 'conf'}]", "+job=weather",
+                     f"data_root={user_project / 'data'}", f"sink.dsn={pg_dsn}", f"job.schema={target}",
+                     f"sink.ledger_schema={led}", "tracking.enabled=false", "env.executor=inprocess"]))
+    after = loadkit(args, user_project, LOADKIT_CONFIG_DIR=str(user_project / "conf"))
+    assert after.returncode == 0 and "ledger: loaded" in after.stdout and "would load 0 of 1" in after.stdout
+    assert "no DDL" in after.stdout
+    history = loadkit(["history", "--dsn", pg_dsn, "--ledger-schema", led, "list"], user_project)
+    assert history.returncode == 0 and "weather" in history.stdout, history.stderr
+
+
+@pytest.mark.slow
+def test_db_url_starts_the_embedded_server_in_the_home_and_stop_stops_it(tmp_path: Path) -> None:
+    import psycopg2
+
+    url = loadkit(["db", "url"], tmp_path, timeout=180)
+    assert url.returncode == 0 and url.stdout.startswith("postgresql://"), url.stderr[-2000:]
+    try:
+        psycopg2.connect(url.stdout.strip(), connect_timeout=10).close()
+        assert (tmp_path / "home" / "pgdata" / "PG_VERSION").is_file()
+    finally:
+        stopped = loadkit(["db", "stop"], tmp_path)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists()
+    assert "no embedded PostgreSQL running" in loadkit(["db", "stop"], tmp_path).stdout
