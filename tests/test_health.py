@@ -44,3 +44,18 @@ def test_failures_are_named_and_exit_non_zero(pg_dsn: str, schemas: tuple, tmp_p
     out = capsys.readouterr()
     assert checks_of(out.out)["postgres"] == "FAIL" and checks_of(out.out)["ledger"] == "skipped"
     assert out.err.strip() == "unhealthy: postgres"
+
+
+def test_health_is_a_loadkit_subcommand(pg_dsn: str, schemas: tuple, mlflow_uri: str,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """`loadkit health ...` dispatches to loadkit.health and returns its exit code."""
+    from loadkit.cli import main as cli_main
+
+    target, led = schemas
+    code = cli_main(["health", "+job=monthly", "year=2024", "month=5", f"data_root={ROOT / 'data'}",
+                     f"sink.dsn={pg_dsn}", f"job.schema={target}", f"sink.ledger_schema={led}",
+                     f"tracking.uri={mlflow_uri}", "--min-free-mb", "1"])
+    out = capsys.readouterr()
+    assert code == 0, out
+    assert checks_of(out.out)["postgres"] == "ok"
+    assert cli_main(["help"]) == 0 and "health" in capsys.readouterr().out
