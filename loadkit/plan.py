@@ -62,6 +62,10 @@ class Dialect:
     newlines_in_values: bool
     strip_nul: bool
     trim: bool
+    quoting: str = "strict"  # strict | lenient (see DialectConfig and loadkit.scanner)
+    max_record_bytes: int = 16 * 1024 * 1024
+    skip_lines: int = 0
+    quoted_can_be_null: bool = True
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, m
             delimiter=d.delimiter, quote=d.quote, escape=d.escape, header=d.header,
             match_by_name=d.match_by_name, encoding=d.encoding, null_values=tuple(d.null_values),
             newlines_in_values=d.newlines_in_values, strip_nul=d.strip_nul, trim=d.trim,
+            quoting=d.quoting, max_record_bytes=d.max_record_bytes, skip_lines=d.skip_lines,
+            quoted_can_be_null=d.quoted_can_be_null,
         ),
         allow_empty=t.source.allow_empty,
         files=_resolve_files(name, t, root, year, month),

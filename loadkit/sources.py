@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from loadkit import scanner
 from loadkit.errors import SourceDataError
 
 _READ_SIZE = 4 * 1024 * 1024
 _FINGERPRINT_BLOCK = 8 * 1024 * 1024
+_MIN_TARGET = 1024  # smallest chunk target in bytes (tests lower it to cut tiny inputs into many chunks)
+_HEAD_BYTES = 4096  # raw text kept of a record too long to hold
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class Chunk:
     end: int  # byte offset just after the last record
     first_line: int  # 1-based physical line number of the first record
     data: bytes
+    # Set when the chunk is one record the reader rejected itself (longer than max_record_bytes):
+    # the reason; ``data`` then holds only the record's first bytes, for the reject's raw text.
+    reject: Optional[str] = None
 
 
 def fingerprint(path: Path) -> str:
@@ -116,10 +124,9 @@ def read_errors() -> tuple:
 
 
 def record_boundary(fh: BinaryIO, offset: int, size: int) -> int:
-    """The first record start at or after ``offset``: just past the first newline at offset-1 or later.
+    """The first line start at or after ``offset``: just past the first newline at offset-1 or later.
 
-    Only valid when no value holds a newline (every newline ends a record). Two neighbouring
-    spans of a split file compute the same boundary, so together they cover every record once.
+    Exact only for unquoted data; split reads use ``record_start``, which follows the scanner.
     """
     if offset <= 0 or offset >= size:
         return min(max(offset, 0), size)
@@ -133,6 +140,37 @@ def record_boundary(fh: BinaryIO, offset: int, size: int) -> int:
         if found >= 0:
             return pos + found + 1
         pos += len(block)
+
+
+def record_start(fh: BinaryIO, offset: int, size: int, syntax: "scanner.Syntax", origin: int = 0,
+                 origin_line: int = 1) -> Tuple[int, int]:
+    """(The first record start at or after ``offset``, its 1-based line number), read exactly.
+
+    Scans from ``origin`` (a record start: 0, or the end of ``dialect.skip_lines``) with the record
+    scanner, so a quoted newline or an unterminated quote before ``offset`` is seen as what it is.
+    Two neighbouring spans of a split file compute the same boundary, so together they cover
+    every record once. Time is linear in ``offset``; memory one read block plus one record.
+    """
+    if offset <= origin:
+        return origin, origin_line
+    if offset >= size:
+        return size, origin_line + count_lines(fh, size) - count_lines(fh, origin)
+    fh.seek(origin)
+    buf, base, line, eof = b"", origin, origin_line, False
+    while True:
+        block = fh.read(_READ_SIZE)
+        eof = not block
+        buf += block
+        sc = scanner.scan(buf, syntax, final=eof, first_line=line)
+        if len(sc):
+            k = int(np.searchsorted(sc.ends, offset - base))
+            if k < len(sc):
+                return base + int(sc.ends[k]), line + buf.count(b"\n", 0, int(sc.ends[k]))
+        if eof:
+            return size, line + buf.count(b"\n")
+        used = sc.consumed
+        line += buf.count(b"\n", 0, used)
+        buf, base = buf[used:], base + used
 
 
 def count_lines(fh: BinaryIO, end: int) -> int:
@@ -168,7 +206,11 @@ class ChunkReader:
 
     ``committed`` are (start, end) ranges a previous run already loaded; they are
     record boundaries by construction, so chunks are cut exactly at their edges and
-    never straddle them.
+    never straddle them. Record ends come from the record scanner (``syntax``; built from
+    ``quote``/``escape`` when not given), so a chunk never ends inside a record, whatever
+    ``newlines_in_values`` says (a speed hint only). A record longer than
+    ``syntax.max_record_bytes`` is skipped without being held in memory and yielded as a
+    chunk of its own with ``reject`` set.
     """
 
     def __init__(
@@ -183,12 +225,12 @@ class ChunkReader:
         prefix: bytes = b"",
         origin: int = 0,
         origin_line: int = 1,
+        syntax: Optional["scanner.Syntax"] = None,
     ) -> None:
         self._stream = stream
         self._member = member
-        self._target = max(1024, target_bytes)
-        self._quote = quote.encode("latin-1") if (quote and newlines_in_values) else None
-        self._escape = escape.encode("latin-1") if escape else None
+        self._target = max(_MIN_TARGET, target_bytes)
+        self._syntax = syntax or scanner.Syntax(quote=quote, escape=escape)
         self._committed = sorted(committed)
         self._buf = prefix  # bytes already read from the stream (e.g. a sample)
         self._pos = origin  # member offset of _buf[0] (a span of a split file starts past 0)
@@ -197,7 +239,7 @@ class ChunkReader:
 
     def retarget(self, target_bytes: int) -> None:
         """Chunk size from the next chunk on (adaptive batch sizing; byte ranges stay record-aligned)."""
-        self._target = max(1024, target_bytes)
+        self._target = max(_MIN_TARGET, target_bytes)
 
     def __iter__(self) -> Iterator[Chunk]:
         while True:
@@ -206,6 +248,9 @@ class ChunkReader:
             if not self._buf:
                 return
             cut = self._cut_point()
+            if cut < 0:
+                yield self._skip_long_record()
+                continue
             yield self._take(cut)
 
     def _fill(self, size: int) -> None:
@@ -251,43 +296,41 @@ class ChunkReader:
         return Chunk(self._member, start, self._pos, line, data)
 
     def _cut_point(self) -> int:
-        """Bytes to take: up to the next committed range, else the last record end within target."""
+        """Bytes to take: up to the next committed range, else the last record end within target.
+
+        -1: the first record is longer than max_record_bytes and its end is not in memory.
+        """
         rng = self._next_committed()
         limit = self._target
         if rng is not None and rng[0] - self._pos <= limit:
             return rng[0] - self._pos
+        cap = self._syntax.max_record_bytes
         while True:
             if self._eof and len(self._buf) <= limit:
                 return len(self._buf)
-            cut = self._last_record_end(limit)
+            cut = scanner.scan(self._buf[:limit], self._syntax, final=False).consumed
             if cut > 0:
                 return cut
-            # A record longer than the window: widen it.
+            if limit > cap + _READ_SIZE:
+                return -1
+            # A record longer than the window: widen it (geometrically, so scanning stays linear).
             limit *= 2
             self._fill(limit + 1)
             if rng is not None and rng[0] - self._pos <= limit:
                 return rng[0] - self._pos
 
-    def _last_record_end(self, limit: int) -> int:
-        """Offset just after the last newline within limit that is outside quotes, or 0."""
-        window = self._buf[:limit]
-        pos = window.rfind(b"\n")
-        if self._quote is None:
-            return pos + 1
-        inside = self._quote_count(window) % 2
-        while pos >= 0:
-            # Quotes after pos flip the parity back to what it was at pos.
-            tail = window[pos:]
-            parity_at_pos = (inside - self._quote_count(tail)) % 2
-            if parity_at_pos == 0:
-                return pos + 1
-            pos = window.rfind(b"\n", 0, pos)
-        return 0
-
-    def _quote_count(self, data: bytes) -> int:
-        assert self._quote is not None
-        count = data.count(self._quote)
-        if self._escape and self._escape != self._quote:
-            count -= data.count(self._escape + self._quote)
-        return count
-
+    def _skip_long_record(self) -> Chunk:
+        """Consume a record longer than max_record_bytes: up to the first LF at or after that length."""
+        start, line = self._pos, self._line
+        head = self._buf[:_HEAD_BYTES]
+        self._advance(self._syntax.max_record_bytes - 1)
+        while True:
+            found = self._buf.find(b"\n")
+            if found >= 0:
+                self._advance(found + 1)
+                break
+            self._advance(len(self._buf))
+            self._fill(_READ_SIZE)
+            if not self._buf:
+                break
+        return Chunk(self._member, start, self._pos, line, head, reject=scanner.TOO_LONG)
