@@ -12,8 +12,6 @@ the whole dataset, so the other files keep loading.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import queue
 import signal
@@ -58,6 +56,7 @@ _SOURCE_FIELDS = [
 CHUNK_SCHEMA = pa.schema(_SOURCE_FIELDS + [
     ("header", pa.list_(pa.string())),
     ("skip_header", pa.bool_()),
+    ("scan", pa.string()),  # the reader's scanner.Summary of data (encoded), so parse need not rescan
     ("data", pa.large_binary()),
     ("message", pa.string()),
 ])
@@ -234,7 +233,8 @@ def _emit_chunks(unit: ReadUnit, member: str, reader: "sources.ChunkReader", sam
         # A data record's message, when set, is the reason the reader rejected the chunk's one record.
         yield _block([_record(unit, "data", member, chunk.reject, start=chunk.start, end=chunk.end,
                               first_line=chunk.first_line, data=chunk.data, header=header,
-                              skip_header=bool(d.header and chunk.start == data_start))])
+                              skip_header=bool(d.header and chunk.start == data_start),
+                              scan=chunk.summary.encode() if chunk.summary else None)])
         rows = feed.chunk_done(time.perf_counter() - handed)
         if rows is not None:
             reader.retarget(_target_bytes(sample, rows))
@@ -398,7 +398,7 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
             parsed = parse_parquet_batch(table, rec["data"], rec["first_line"])
         else:
             parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"],
-                                 reject=rec.get("message"))
+                                 reject=rec.get("message"), hint=rec.get("scan"))
     except SourceDataError as exc:  # the file fails, not the whole dataset
         out.update(kind="error", message=str(exc))
         return out

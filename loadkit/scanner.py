@@ -116,6 +116,48 @@ class Scan:
         return not self.errors and not self.slow
 
 
+@dataclass(frozen=True)
+class Summary:
+    """What a chunk's reader learnt by scanning it, so the parse need not scan it again.
+
+    clean: every record is well-formed with every quote in place (pyarrow reads exactly these
+    records); quoted_newlines: some value holds a LF; records: records in the chunk (blank ones
+    included); blank: blank lines among them. Travels as a short string (``encode``/``decode``).
+    """
+
+    clean: bool
+    quoted_newlines: bool
+    records: int
+    blank: int
+
+    def encode(self) -> str:
+        return f"{int(self.clean)},{int(self.quoted_newlines)},{self.records},{self.blank}"
+
+    @classmethod
+    def decode(cls, text: Optional[str]) -> Optional["Summary"]:
+        if not text:
+            return None
+        c, qn, r, b = text.split(",")
+        return cls(c == "1", qn == "1", int(r), int(b))
+
+
+def blank_records(data: bytes, sc: "Scan") -> np.ndarray:
+    """Boolean mask of the records that are blank lines (b"\\n" or b"\\r\\n", no error)."""
+    ends = sc.ends
+    blank = np.zeros(len(ends), bool)
+    if len(ends):
+        starts = np.concatenate([[0], ends[:-1]])
+        for i in np.flatnonzero((ends - starts) <= 2).tolist():
+            if i not in sc.errors and data[int(starts[i]):int(ends[i])] in (b"\n", b"\r\n"):
+                blank[i] = True
+    return blank
+
+
+def summarize(data: bytes, sc: "Scan") -> Summary:
+    """The Summary of a chunk whose records are exactly ``sc`` (sc.consumed == len(data))."""
+    return Summary(sc.clean, sc.quoted_newlines, len(sc), int(blank_records(data, sc).sum()))
+
+
 class _Need(Exception):
     """The record runs past the end of the buffer and the buffer is not final: read more."""
 
@@ -131,12 +173,13 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     arr = np.frombuffer(data, np.uint8)
     nl = np.flatnonzero(arr == LF)
     qb, db, eb = syn._b(syn.quote), syn._b(syn.delimiter), syn._b(syn.escape)
-    q = np.flatnonzero(arr == qb) if qb is not None else np.empty(0, np.int64)
+    q = np.flatnonzero(arr == qb) if (qb is not None and data.find(syn.quote.encode("latin-1")) >= 0) \
+        else np.empty(0, np.int64)  # type: ignore[union-attr]
     # Positions the parity rule cannot read: escape characters, bare CRs.
     others: List[np.ndarray] = []
-    if eb is not None:
+    if eb is not None and data.find(syn.escape.encode("latin-1")) >= 0:  # type: ignore[union-attr]
         others.append(np.flatnonzero(arr == eb))
-    cr = np.flatnonzero(arr == CR)
+    cr = np.flatnonzero(arr == CR) if data.find(b"\r") >= 0 else np.empty(0, np.int64)
     if len(cr):
         after = cr + 1
         bare = np.ones(len(cr), bool)
@@ -144,7 +187,8 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
         bare[inside] = arr[after[inside]] != LF
         others.append(cr[bare])
     other = np.sort(np.concatenate(others)) if others else np.empty(0, np.int64)
-    bad = _bad_quotes(arr, q, db, qb, syn, final) if len(q) else (np.empty(0, np.int64), np.empty(0, np.int64))
+    empty = np.empty(0, np.int64)
+    bad = _bad_quotes(arr, q, db, qb, syn, final) if len(q) else (empty, empty)
 
     ends: List[np.ndarray] = []
     errors: Dict[int, Tuple[str, int]] = {}
@@ -205,29 +249,49 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     return Scan(all_ends.astype(np.int64), lines.astype(np.int64), reasons, slow, quoted_nl)
 
 
-def _bad_quotes(arr: np.ndarray, q: np.ndarray, db: int, qb: int, syn: Syntax, final: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """Quote indexes that break the parity rule, for both alignments (quote 0 opening / closing)."""
+def _bad_quotes(arr: np.ndarray, q: np.ndarray, db: int, qb: int, syn: Syntax,
+                final: bool) -> "_Bad":
+    """Quote indexes that break the parity rule, for both alignments (quote 0 opening / closing).
+
+    An opening quote must follow a delimiter or LF (or start the data); a closing one must precede
+    a delimiter, LF, CR LF or the end of (final) data; with doubled quotes a closing quote may
+    precede, and an opening one follow, another quote (``""`` inside a value).
+    """
     n = len(arr)
-    prev = np.full(len(q), LF, np.int64)
-    has_prev = q > 0
-    prev[has_prev] = arr[q[has_prev] - 1]
-    nxt = np.full(len(q), -1, np.int64)  # -1: end of data
-    has_next = q + 1 < n
-    nxt[has_next] = arr[q[has_next] + 1]
-    nxt2 = np.full(len(q), -1, np.int64)
-    has_next2 = q + 2 < n
-    nxt2[has_next2] = arr[q[has_next2] + 2]
+    # Padded copy: one LF before (the data starts a record), two sentinels after.
+    pad = np.empty(n + 3, np.uint8)
+    pad[0] = LF
+    pad[1:n + 1] = arr
+    pad[n + 1] = LF if final else 0  # end of final data closes a quote; of a partial buffer: unknown
+    pad[n + 2] = 0
+    prev = pad[q]
+    nxt = pad[q + 2]
     open_ok = (prev == db) | (prev == LF)
-    close_ok = (nxt == db) | (nxt == LF) | ((nxt == CR) & (nxt2 == LF))
-    if final:
-        close_ok |= nxt == -1
+    close_ok = (nxt == db) | (nxt == LF)
+    cr = nxt == CR
+    if cr.any():
+        close_ok |= cr & (pad[q + 3] == LF)
     if syn.doublequote:
         open_ok |= prev == qb
         close_ok |= nxt == qb
-    even = (np.arange(len(q)) & 1) == 0
-    bad0 = np.flatnonzero(np.where(even, ~open_ok, ~close_ok))
-    bad1 = np.flatnonzero(np.where(even, ~close_ok, ~open_ok))
-    return bad0, bad1
+    return _Bad(~open_ok, ~close_ok)
+
+
+class _Bad:
+    """Sorted indexes of the quotes that break the parity rule, per alignment, built on first use."""
+
+    def __init__(self, bad_open: np.ndarray, bad_close: np.ndarray) -> None:
+        self._open, self._close = bad_open, bad_close
+        self._idx: Dict[int, np.ndarray] = {}
+
+    def __getitem__(self, alignment: int) -> np.ndarray:
+        if alignment not in self._idx:
+            m = np.empty(len(self._open), bool)
+            first, second = (self._open, self._close) if alignment == 0 else (self._close, self._open)
+            m[0::2] = first[0::2]  # alignment 0: even quotes open, odd ones close
+            m[1::2] = second[1::2]
+            self._idx[alignment] = np.flatnonzero(m)
+        return self._idx[alignment]
 
 
 def _line_of(nl: np.ndarray, start: int, pos: int) -> int:

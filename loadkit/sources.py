@@ -13,7 +13,7 @@ import gzip
 import hashlib
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
@@ -40,6 +40,8 @@ class Chunk:
     # Set when the chunk is one record the reader rejected itself (longer than max_record_bytes):
     # the reason; ``data`` then holds only the record's first bytes, for the reject's raw text.
     reject: Optional[str] = None
+    # The scanner's verdict on ``data`` (scanner.Summary), when the reader scanned exactly it.
+    summary: Optional["scanner.Summary"] = None
 
 
 def fingerprint(path: Path) -> str:
@@ -247,11 +249,12 @@ class ChunkReader:
             self._fill(self._target + 1)
             if not self._buf:
                 return
-            cut = self._cut_point()
+            cut, summary = self._cut_point()
             if cut < 0:
                 yield self._skip_long_record()
                 continue
-            yield self._take(cut)
+            chunk = self._take(cut)
+            yield replace(chunk, summary=summary) if summary is not None else chunk
 
     def _fill(self, size: int) -> None:
         while not self._eof and len(self._buf) < size:
@@ -295,29 +298,32 @@ class ChunkReader:
         data = self._advance(cut)
         return Chunk(self._member, start, self._pos, line, data)
 
-    def _cut_point(self) -> int:
-        """Bytes to take: up to the next committed range, else the last record end within target.
+    def _cut_point(self) -> Tuple[int, Optional["scanner.Summary"]]:
+        """Bytes to take (up to the next committed range, else the last record end within target),
+        with the scanner's summary of them when it scanned exactly those bytes.
 
         -1: the first record is longer than max_record_bytes and its end is not in memory.
         """
         rng = self._next_committed()
         limit = self._target
         if rng is not None and rng[0] - self._pos <= limit:
-            return rng[0] - self._pos
+            return rng[0] - self._pos, None
         cap = self._syntax.max_record_bytes
         while True:
             if self._eof and len(self._buf) <= limit:
-                return len(self._buf)
-            cut = scanner.scan(self._buf[:limit], self._syntax, final=False).consumed
+                sc = scanner.scan(self._buf, self._syntax, final=True)
+                return len(self._buf), scanner.summarize(self._buf, sc)
+            sc = scanner.scan(self._buf[:limit], self._syntax, final=False)
+            cut = sc.consumed
             if cut > 0:
-                return cut
+                return cut, scanner.summarize(self._buf, sc)
             if limit > cap + _READ_SIZE:
-                return -1
+                return -1, None
             # A record longer than the window: widen it (geometrically, so scanning stays linear).
             limit *= 2
             self._fill(limit + 1)
             if rng is not None and rng[0] - self._pos <= limit:
-                return rng[0] - self._pos
+                return rng[0] - self._pos, None
 
     def _skip_long_record(self) -> Chunk:
         """Consume a record longer than max_record_bytes: up to the first LF at or after that length."""

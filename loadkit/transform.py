@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -135,21 +134,21 @@ class _Layout:
         self.header_end = int(self.sc.ends[0]) if first else 0
         # Blank lines are NULL rows of a one-column table (its one value is empty); else skipped.
         self.keep_blank = ncols == 1
-        self.index: List[int] = []  # data record ordinal - 1 -> scanner record index
-        self.blank = 0
-        for i in range(first, len(self.sc)):
-            a, b = self.sc.span(i)
-            if not self.keep_blank and i not in self.sc.errors and _is_blank(data[a:b]):
-                self.blank += 1
-                continue
-            self.index.append(i)
+        blank = scanner.blank_records(data, self.sc) if not self.keep_blank else np.zeros(len(self.sc), bool)
+        blank[:first] = True  # the header is no data record either
+        self.blank = int(blank[first:].sum())
+        self.index = np.flatnonzero(~blank)  # data record ordinal - 1 -> scanner record index
 
     def record(self, ordinal: int) -> _Record:
-        i = self.index[ordinal - 1]
+        i = int(self.index[ordinal - 1])
         return _Record(int(self.sc.lines[i]), self.data[slice(*self.sc.span(i))])
 
-    def records(self) -> Dict[int, _Record]:
-        return {o: self.record(o) for o in range(1, len(self.index) + 1)}
+    def get(self, ordinal: int, default: Optional[_Record] = None) -> Optional[_Record]:
+        """The record of a data ordinal (1-based), like dict.get: rejects look up only their own."""
+        return self.record(ordinal) if 1 <= ordinal <= len(self.index) else default
+
+    def records(self) -> "_Layout":
+        return self
 
 
 def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Table, List[Tuple[int, str, str]]]:
@@ -167,7 +166,7 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
     texts: List[Tuple[int, str, bool]] = []
     for ordinal, i in enumerate(lay.index, start=1):
         raw = lay.data[slice(*lay.sc.span(i))]
-        why = lay.sc.errors.get(i)
+        why = lay.sc.errors.get(int(i))
         if why is not None:
             why = f"malformed record: {why}"
         text = ""
@@ -181,11 +180,11 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
         if why is not None:
             invalid.append((ordinal, why, _raw_text(raw, d.encoding)))
             continue
-        texts.append((ordinal, text, exact or i in lay.sc.slow))
+        texts.append((ordinal, text, exact or int(i) in lay.sc.slow))
     plain = [t for o, t, slow in texts if not slow]
     parsed_plain = iter(csv.reader(plain, delimiter=d.delimiter, quotechar=d.quote or '"',
                                    quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE,
-                                   escapechar=d.escape, doublequote=d.escape is None, strict=True)) if plain else iter(())
+                                   escapechar=d.escape, doublequote=d.escape is None, strict=True))
     for ordinal, text, slow in texts:
         if slow:
             vals, why = scanner.fields(text, syn)
@@ -418,11 +417,13 @@ def _fits(value: pa.Scalar, target: pa.DataType) -> bool:
 
 
 def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional[Sequence[str]] = None,
-                skip_header: bool = False, reject: Optional[str] = None) -> ParsedChunk:
+                skip_header: bool = False, reject: Optional[str] = None, hint: Optional[str] = None) -> ParsedChunk:
     """Parse, type and validate one record-aligned chunk of a source member.
 
     ``reject``: the chunk is one record the reader already rejected (too long); ``data`` holds
-    its first bytes. ``ParsedChunk.blank_lines`` counts blank lines skipped (never rows).
+    its first bytes. ``hint``: the reader's ``scanner.Summary`` of this chunk (encoded), which
+    spares a second scan of a clean chunk. ``ParsedChunk.blank_lines`` counts blank lines
+    skipped (never rows).
     """
     d = table.dialect
     declared = [c.name for c in table.columns]
@@ -432,25 +433,33 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
                         pa.array([reject], pa.string()), pa.array([_raw_text(data, d.encoding)], pa.string())],
                        schema=REJECT_SCHEMA)
         return ParsedChunk(arrow_schema(table).empty_table(), rej, 1)
-    if first_line == 1 and data.startswith(_BOM):
+    bom = first_line == 1 and data.startswith(_BOM)
+    if bom:
         data = data[len(_BOM):]
-    lay = _Layout(data, d, first_line, skip_header, len(names))
+    keep_blank = len(names) == 1
+    summary = None if (skip_header or bom) else scanner.Summary.decode(hint)
+    lay: Optional[_Layout] = None
+    if summary is None:
+        lay = _Layout(data, d, first_line, skip_header, len(names))
+        summary = scanner.Summary(lay.sc.clean, lay.sc.quoted_newlines, len(lay.sc), lay.blank)
+    want_rows = len(lay.index) if lay is not None else summary.records - (0 if keep_blank else summary.blank)
     has_nul = b"\x00" in data
     raw: Optional[pa.Table] = None
     invalid: List[Tuple[int, str, str]] = []
-    if lay.sc.clean and not (has_nul and not d.strip_nul):
+    if summary.clean and not (has_nul and not d.strip_nul):
         try:
-            raw = _arrow_parse(_transcode(data[lay.header_end:], d.encoding), names, d, lay.sc.quoted_newlines,
-                               keep_blank=lay.keep_blank)
-            if raw.num_rows != len(lay.index):  # a defence: the scanner and pyarrow must agree
+            raw = _arrow_parse(_transcode(data[lay.header_end if lay else 0:], d.encoding), names, d,
+                               summary.quoted_newlines, keep_blank=keep_blank)
+            if raw.num_rows != want_rows:  # a defence: the scanner and pyarrow must agree
                 raw = None
         except (UnicodeDecodeError, pa.ArrowInvalid):
             raw = None
         if raw is not None and d.trim:
             raw = _trimmed(raw, d)
-    records: Optional[Dict[int, _Record]] = None
+    records: Optional[Any] = None  # ordinal -> _Record lookups (a _Layout)
     if raw is None:
         # pyarrow does not say where a bad row was: reparse record by record for exact lines.
+        lay = lay or _Layout(data, d, first_line, skip_header, len(names))
         raw, invalid = _slow_parse(lay, names, d)
         records = lay.records()
     coerced: Dict[str, int] = {}
@@ -462,11 +471,11 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
                                else range(1, rows_in + 1))
     typed, chk = _type_columns(table, raw)
     if records is None and chk.rejected:
-        records = lay.records()
+        records = (lay or _Layout(data, d, first_line, skip_header, len(names))).records()
     out = _split(table, typed, chk, invalid, ordinals, rows_in, records or {})
     for k, v in coerced.items():
         out.coerced[k] = out.coerced.get(k, 0) + v
-    out.blank_lines = lay.blank
+    out.blank_lines = lay.blank if lay is not None else (0 if keep_blank else summary.blank)
     return out
 
 

@@ -110,7 +110,10 @@ def load(data: bytes, d: Dict[str, Any], ncols: int, target: int, cap: int = sca
         reader = sources.ChunkReader(sources.Window(fh, hi), "m", target, None, None, False, origin=lo,
                                      origin_line=line, syntax=syn)
         for chunk in reader:
-            p = parse_chunk(table, chunk.data, chunk.first_line, reject=chunk.reject)
+            hint = chunk.summary.encode() if chunk.summary else None
+            p = parse_chunk(table, chunk.data, chunk.first_line, reject=chunk.reject, hint=hint)
+            again = parse_chunk(table, chunk.data, chunk.first_line, reject=chunk.reject)  # no hint: scans itself
+            assert (p.rows.to_pylist(), p.rejects.to_pylist()) == (again.rows.to_pylist(), again.rejects.to_pylist())
             assert p.rows_in == p.rows.num_rows + p.rejects.num_rows
             rows_in += p.rows_in
             blank += p.blank_lines
