@@ -114,6 +114,22 @@ def _data_records(sample: bytes, table: TableSpec) -> int:
     return len(sc) - blank - int(table.dialect.header)
 
 
+def _complete_head(sample: bytes, stream: Any, table: TableSpec) -> bytes:
+    """Read on until the sample holds the first record whole (a header or first value may be longer
+    than the sample), up to max_record_bytes; the caller's stream continues after the result."""
+    d = table.dialect
+    syn = scanner.Syntax.of(d)
+    while len(sample) < syn.max_record_bytes + _SAMPLE_BYTES:
+        skip = scanner.skip_lines(sample, d.skip_lines)
+        if len(scanner.scan(sample[skip:], syn, final=False)):
+            break
+        more = stream.read(max(_SAMPLE_BYTES, len(sample)))
+        if not more:
+            break
+        sample += more
+    return sample
+
+
 def _check_layout(data: bytes, table: TableSpec, member: str, path: str) -> Optional[List[str]]:
     """Refuse a member whose first record does not have the declared columns (layout drift)."""
     declared = [c.name for c in table.columns]
@@ -189,6 +205,7 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") ->
     sample = stream.read(_SAMPLE_BYTES)
     if sources.is_cr_only(sample):
         sample, stream = sample.replace(b"\r", b"\n"), sources.CrToLf(stream)
+    sample = _complete_head(sample, stream, table)
     d = table.dialect
     skip = scanner.skip_lines(sample, d.skip_lines)  # banner lines: not records, still counted as lines
     body = sample[skip:]
@@ -208,6 +225,7 @@ def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
     d = table.dialect
     with open(unit.file.path, "rb") as fh:
         sample = fh.read(_SAMPLE_BYTES)  # the file's head: layout and header, whichever span this is
+        sample = _complete_head(sample, fh, table)
         skip = scanner.skip_lines(sample, d.skip_lines)
         header = _check_layout(sample[skip:], table, member, unit.file.rel)
         syn = scanner.Syntax.of(d)

@@ -424,8 +424,11 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
 # ---------------------------------------------------------------- fields
 
 
-def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool]], Optional[str]]:
-    """The fields of one record (decoded text, line end included or not) as (value, was_quoted).
+def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool, str]], Optional[str]]:
+    """The fields of one record (decoded text, line end included or not) as (value, was_quoted, as_written).
+
+    ``as_written`` is an unquoted field's text before escapes are resolved (null markers such as
+    MySQL's ``\\N`` match it); for a quoted field it is the value.
 
     Follows exactly the rules of ``_one_record``; returns a reason instead of fields when the
     record is malformed (a scan already rejects those, so this is a second line of defence).
@@ -435,7 +438,7 @@ def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool]], Optional[str
     elif text.endswith("\n"):
         text = text[:-1]
     d, qc, ec = syn.delimiter, syn.quote, syn.escape
-    out: List[Tuple[str, bool]] = []
+    out: List[Tuple[str, bool, str]] = []
     n = len(text)
     i = 0
     while True:
@@ -467,11 +470,13 @@ def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool]], Optional[str
                     return out, f"malformed quoting: {nxt!r} after a closing quote"
                 buf.append(c)
                 i += 1
-            out.append(("".join(buf), True))
+            value = "".join(buf)
+            out.append((value, True, value))
             if i >= n or text[i] == "\r":
                 return out, None
             i += 1  # the delimiter
             continue
+        begin = i
         while i < n:
             c = text[i]
             if ec is not None and c == ec:
@@ -483,7 +488,7 @@ def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool]], Optional[str
                 break
             buf.append(c)
             i += 1
-        out.append(("".join(buf), False))
+        out.append(("".join(buf), False, text[begin:min(i, n)]))
         if i >= n:
             return out, None
         i += 1
@@ -501,7 +506,7 @@ def first_record_fields(data: bytes, syn: Syntax, encoding: str) -> List[str]:
     a, b = sc.span(0)
     text = data[a:b].decode(encoding, errors="replace")
     vals, _ = fields(text, syn)
-    return [v for v, _q in vals]
+    return [v for v, _q, _w in vals]
 
 
 def line_starts(data: bytes) -> np.ndarray:

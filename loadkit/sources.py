@@ -231,8 +231,8 @@ class ChunkReader:
     ) -> None:
         self._stream = stream
         self._member = member
-        self._target = max(_MIN_TARGET, target_bytes)
         self._syntax = syntax or scanner.Syntax(quote=quote, escape=escape)
+        self._target = self._bounded(target_bytes)
         self._committed = sorted(committed)
         self._buf = prefix  # bytes already read from the stream (e.g. a sample)
         self._pos = origin  # member offset of _buf[0] (a span of a split file starts past 0)
@@ -241,7 +241,12 @@ class ChunkReader:
 
     def retarget(self, target_bytes: int) -> None:
         """Chunk size from the next chunk on (adaptive batch sizing; byte ranges stay record-aligned)."""
-        self._target = max(_MIN_TARGET, target_bytes)
+        self._target = self._bounded(target_bytes)
+
+    def _bounded(self, target_bytes: int) -> int:
+        """At most 4 x max_record_bytes: a chunk's memory is bounded by the record cap, whatever
+        the average line length of the sample said (a bomb's sample is one endless line)."""
+        return max(_MIN_TARGET, min(target_bytes, 4 * self._syntax.max_record_bytes))
 
     def __iter__(self) -> Iterator[Chunk]:
         while True:

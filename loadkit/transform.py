@@ -167,7 +167,7 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
     for ordinal, i in enumerate(lay.index, start=1):
         raw = lay.data[slice(*lay.sc.span(i))]
         why = lay.sc.errors.get(int(i))
-        if why is not None:
+        if why is not None and why != scanner.TOO_LONG:
             why = f"malformed record: {why}"
         text = ""
         if why is None:
@@ -191,8 +191,11 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
             if why is not None:
                 invalid.append((ordinal, f"malformed record: {why}", _raw_text(text.encode(d.encoding), d.encoding)))
                 continue
-            values = [(v.strip() if d.trim else v, q) for v, q in vals]
-            fields = [None if (v in nulls and not (q and exact)) else v for v, q in values]
+            if d.trim:
+                vals = [(v.strip(), q, w.strip()) for v, q, w in vals]
+            # null markers match what was written (MySQL's \N before the escape is resolved);
+            # with quoted_can_be_null false a quoted value is never NULL (PostgreSQL COPY's rule)
+            fields = [None if ((w if not q else v) in nulls and not (q and exact)) else v for v, q, w in vals]
         else:
             got = next(parsed_plain, [])
             fields = [None if f in nulls else f for f in ((x.strip() for x in got) if d.trim else got)]
