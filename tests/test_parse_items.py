@@ -73,12 +73,19 @@ def test_item5_mysql_null_marker_with_backslash_escape() -> None:
     assert parsed.rejects.num_rows == 0
 
 
-def _cnaes(lines: int, at: int) -> bytes:
+def _cnaes(lines: int, at: int, lf_at: int = 0) -> bytes:
+    """A cnaes-shaped member whose line ``at`` holds a quoted LF; with ``lf_at`` the first line is
+    padded so that LF sits at that byte offset (where a 64 KiB chunk target cuts)."""
     out = []
     for i in range(1, lines + 1):
         text = "COMERCIO VAREJISTA DE ARTIGOS DIVERSOS\nNAO ESPECIFICADOS" if i == at else f"ATIVIDADE {i}"
         out.append(f'"{i:07d}";"{text}"\n')
-    return "".join(out).encode("latin-1")
+    data = "".join(out).encode("latin-1")
+    if lf_at:
+        pad = lf_at - data.index(b"DIVERSOS\n") - len(b"DIVERSOS")
+        data = data.replace(b"ATIVIDADE 1\"", b"ATIVIDADE 1" + b"-" * pad + b"\"", 1)
+        assert data.index(b"DIVERSOS\n") + len(b"DIVERSOS") == lf_at
+    return data
 
 
 def test_item6_quoted_newline_on_a_chunk_cut_for_every_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +118,8 @@ def test_item6_end_to_end_same_rows_for_every_batch_size(tmp_path: Path, pg_dsn:
 
     month = tmp_path / "2024-05"
     month.mkdir()
-    write_zip(month / "Cnaes.zip", {"F.K03200$Z.D40511.CNAECSV": _cnaes(300, 157)})
+    # the reader's 64 KiB chunk target ends between the quoted LF and the record's end
+    write_zip(month / "Cnaes.zip", {"F.K03200$Z.D40511.CNAECSV": _cnaes(2000, 1457, lf_at=65_530)})
     others = ("empresas", "estabelecimentos", "socios", "simples", "motivos", "municipios", "naturezas", "paises",
               "qualificacoes")
     result = run_job(compose(job_overrides(tmp_path, f"env.executor={executor}", f"batch.size={size}",
@@ -120,8 +128,8 @@ def test_item6_end_to_end_same_rows_for_every_batch_size(tmp_path: Path, pg_dsn:
     assert result.status == "succeeded", result.error
     target, _ = schemas
     got = query(pg_dsn, f'SELECT codigo, descricao FROM "{target}".cnaes ORDER BY codigo')
-    assert len(got) == 300
-    assert got[156] == ("0000157", "COMERCIO VAREJISTA DE ARTIGOS DIVERSOS\nNAO ESPECIFICADOS")
+    assert len(got) == 2000 and result.metrics.tables["cnaes"].rows_rejected == 0
+    assert got[1456] == ("0001457", "COMERCIO VAREJISTA DE ARTIGOS DIVERSOS\nNAO ESPECIFICADOS")
 
 
 def test_item7_blank_lines_are_null_rows_of_a_one_column_table_else_skipped_and_counted() -> None:
