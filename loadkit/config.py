@@ -49,7 +49,7 @@ class DialectConfig:
     trim: bool = False
     # strict: a closing quote must be followed by the delimiter or the line end, else the record is
     # rejected (malformed quoting). lenient: a quote closes a quoted field only when followed by the
-    # delimiter or the line end; any other quote is literal text (real CNPJ files need this).
+    # delimiter or the line end; any other quote is literal text (sources with unescaped inner quotes).
     quoting: str = "strict"
     # The longest record in bytes; a longer one (or an unterminated quote) is rejected and reading
     # goes on at the next line. Bounds memory whatever the input (zip bombs, a stray quote).
@@ -73,6 +73,11 @@ class SourceConfig:
     dialect: DialectConfig = field(default_factory=DialectConfig)
     # An empty file (or header-only) is an error only if this is false.
     allow_empty: bool = True
+    # Decompression guards for gzip/zip members (zip bombs): a member that decompresses past this
+    # many bytes, or past max_compression_ratio x its compressed size (zip: the member's; gzip: the
+    # file's; never below 64 MiB), fails its file as source data. None: no guard.
+    max_member_bytes: Optional[int] = None
+    max_compression_ratio: Optional[float] = None
 
 
 @dataclass
@@ -350,6 +355,10 @@ def _validate_table(tname: str, t: TableConfig) -> None:
     _require(t.source.format in FORMATS, f"{k}.source.format", f"format must be one of {FORMATS}, got {t.source.format!r}")
     _require(bool(t.source.paths), f"{k}.source.paths", "no source paths declared")
     _validate_dialect(f"{k}.source.dialect", t.source.dialect)
+    _require(t.source.max_member_bytes is None or t.source.max_member_bytes > 0, f"{k}.source.max_member_bytes",
+             "max_member_bytes must be > 0 or null")
+    _require(t.source.max_compression_ratio is None or t.source.max_compression_ratio >= 1,
+             f"{k}.source.max_compression_ratio", "max_compression_ratio must be >= 1 or null")
     _require(bool(t.columns), f"{k}.columns", "no columns declared")
     names: list[str] = []
     for i, col in enumerate(t.columns):

@@ -192,7 +192,8 @@ def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
         if unit.span is not None:
             yield from _read_span(unit, feed)
             return
-        for member, stream in sources.open_members(path, table.format, table.member):
+        for member, stream in sources.open_members(path, table.format, table.member, table.max_member_bytes,
+                                                   table.max_compression_ratio):
             yield from _read_member(unit, member, stream, feed)
     except SourceDataError as exc:
         yield _block([_record(unit, "error", message=str(exc))])

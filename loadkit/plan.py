@@ -105,6 +105,8 @@ class TableSpec:
         return self.name if self.mode == "append" else staging_name(self.name, self.period_tag)
 
     period_tag: str = ""
+    max_member_bytes: Optional[int] = None  # decompression guards (SourceConfig)
+    max_compression_ratio: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, year: int, m
         max_reject_rate=t.max_reject_rate,
         max_rejects=t.max_rejects,
         period_tag=f"{year:04d}{month:02d}",
+        max_member_bytes=t.source.max_member_bytes,
+        max_compression_ratio=t.source.max_compression_ratio,
     )
 
 

@@ -66,23 +66,59 @@ def discover(root: Path, patterns: Sequence[str]) -> List[Path]:
     return [found[k] for k in sorted(found)]
 
 
-def open_members(path: Path, fmt: str, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
-    """Yield (member name, binary stream) for each readable member of a source file."""
+class Guarded:
+    """A decompressed stream that fails its file once it yields more than ``limit`` bytes (zip bombs)."""
+
+    def __init__(self, stream: BinaryIO, limit: int, why: str, file: str, member: str) -> None:
+        self._stream, self._limit, self._why, self._file, self._member = stream, limit, why, file, member
+        self._read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._stream.read(size)
+        self._read += len(block)
+        if self._read > self._limit:
+            raise SourceDataError(f"member decompresses past {self._limit} bytes ({self._why})",
+                                  file=self._file, member=self._member)
+        return block
+
+
+def _guard(stream: BinaryIO, path: Path, member: str, compressed: int, max_bytes: Optional[int],
+           max_ratio: Optional[float]) -> BinaryIO:
+    limits = []
+    if max_bytes is not None:
+        limits.append((max_bytes, "source.max_member_bytes"))
+    if max_ratio is not None:
+        limits.append((max(64 << 20, int(compressed * max_ratio)), f"source.max_compression_ratio {max_ratio:g}"))
+    if not limits:
+        return stream
+    limit, why = min(limits)
+    return Guarded(stream, limit, why, path.name, member)  # type: ignore[return-value]
+
+
+def open_members(path: Path, fmt: str, member_pattern: Optional[str], max_bytes: Optional[int] = None,
+                 max_ratio: Optional[float] = None) -> Iterator[Tuple[str, BinaryIO]]:
+    """Yield (member name, binary stream) for each readable member of a source file.
+
+    ``max_bytes`` / ``max_ratio`` guard compressed members: reading past the limit raises
+    SourceDataError for the file (the ratio is taken against the member's compressed size for
+    zip, the file's for gzip, never below 64 MiB).
+    """
     if fmt == "csv":
         with open(path, "rb") as fh:
             yield path.name, fh
         return
     if fmt == "gzip":
         with gzip.open(path, "rb") as fh:
-            yield path.name, fh  # type: ignore[misc]
+            yield path.name, _guard(fh, path, path.name, path.stat().st_size, max_bytes, max_ratio)  # type: ignore
         return
     if fmt == "zip":
-        yield from _zip_members(path, member_pattern)
+        for name, fh, compressed in _zip_members(path, member_pattern):
+            yield name, _guard(fh, path, name, compressed, max_bytes, max_ratio)
         return
     raise SourceDataError(f"format {fmt!r} is not a streamed text format", file=str(path))
 
 
-def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
+def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO, int]]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -97,7 +133,7 @@ def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[st
             )
         for name in names:
             with zf.open(name) as fh:
-                yield name, fh  # type: ignore[misc]
+                yield name, fh, zf.getinfo(name).compress_size  # type: ignore[misc]
 
 
 def is_cr_only(sample: bytes) -> bool:

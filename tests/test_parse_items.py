@@ -230,6 +230,13 @@ def test_issue14_2_zip_bomb_is_one_reject_with_bounded_memory(tmp_path: Path) ->
     assert [(r["line_number"], r["reason"]) for r in load.rejects] == [(2, scanner.TOO_LONG)]
     assert len(load.rejects[0]["raw"]) <= 4096
     assert peak < 64 * 1024 * 1024  # far below the 96 MiB record
+    # the decompression guards fail that file clearly, before reading it all
+    by_size = table.__class__(**{**table.__dict__, "format": "zip", "max_member_bytes": 8 << 20})
+    assert read_local(by_size, path).errors == [
+        "member decompresses past 8388608 bytes (source.max_member_bytes) [file=bomb.zip, member=bomb.csv]"]
+    by_ratio = table.__class__(**{**table.__dict__, "format": "zip", "max_compression_ratio": 100.0})
+    err = read_local(by_ratio, path).errors
+    assert len(err) == 1 and "source.max_compression_ratio 100" in err[0]
 
 
 def test_issue14_4_field_over_128_kib_in_the_first_record_loads(tmp_path: Path) -> None:
