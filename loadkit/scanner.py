@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -509,11 +509,6 @@ def first_record_fields(data: bytes, syn: Syntax, encoding: str) -> List[str]:
     return [v for v, _q, _w in vals]
 
 
-def line_starts(data: bytes) -> np.ndarray:
-    """Offsets of the LFs in data (for line arithmetic by callers)."""
-    return np.flatnonzero(np.frombuffer(data, np.uint8) == LF)
-
-
 def skip_lines(data: bytes, count: int) -> int:
     """Offset just past the first ``count`` physical lines of data (len(data) if it has fewer)."""
     pos = 0
@@ -523,8 +518,3 @@ def skip_lines(data: bytes, count: int) -> int:
             return len(data)
         pos = k + 1
     return pos
-
-
-def texts(data: bytes, sc: Scan, idx: Sequence[int]) -> List[bytes]:
-    """The raw bytes of the given records."""
-    return [data[slice(*sc.span(i))] for i in idx]
