@@ -264,13 +264,13 @@ def _bad_quotes(arr: np.ndarray, q: np.ndarray, db: int, qb: int, syn: Syntax,
     pad[1:n + 1] = arr
     pad[n + 1] = LF if final else 0  # end of final data closes a quote; of a partial buffer: unknown
     pad[n + 2] = 0
-    prev = pad[q]
-    nxt = pad[q + 2]
+    prev = pad[q]  # the byte before each quote (views, not q+k arrays: no 8-byte-per-quote temporaries)
+    nxt = pad[2:][q]
     open_ok = (prev == db) | (prev == LF)
     close_ok = (nxt == db) | (nxt == LF)
     cr = nxt == CR
     if cr.any():
-        close_ok |= cr & (pad[q + 3] == LF)
+        close_ok |= cr & (pad[3:][q] == LF)
     if syn.doublequote:
         open_ok |= prev == qb
         close_ok |= nxt == qb

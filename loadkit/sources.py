@@ -161,25 +161,6 @@ def read_errors() -> tuple:
     return (zipfile.BadZipFile, zlib.error, EOFError, gzip.BadGzipFile, OSError)
 
 
-def record_boundary(fh: BinaryIO, offset: int, size: int) -> int:
-    """The first line start at or after ``offset``: just past the first newline at offset-1 or later.
-
-    Exact only for unquoted data; split reads use ``record_start``, which follows the scanner.
-    """
-    if offset <= 0 or offset >= size:
-        return min(max(offset, 0), size)
-    pos = offset - 1
-    fh.seek(pos)
-    while True:
-        block = fh.read(_READ_SIZE)
-        if not block:
-            return size
-        found = block.find(b"\n")
-        if found >= 0:
-            return pos + found + 1
-        pos += len(block)
-
-
 def record_start(fh: BinaryIO, offset: int, size: int, syntax: "scanner.Syntax", origin: int = 0,
                  origin_line: int = 1) -> Tuple[int, int]:
     """(The first record start at or after ``offset``, its 1-based line number), read exactly.
