@@ -172,12 +172,13 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     n = len(data)
     arr = np.frombuffer(data, np.uint8)
     nl = np.flatnonzero(arr == LF)
-    qb, db, eb = syn._b(syn.quote), syn._b(syn.delimiter), syn._b(syn.escape)
-    q = np.flatnonzero(arr == qb) if (qb is not None and data.find(syn.quote.encode("latin-1")) >= 0) \
-        else np.empty(0, np.int64)  # type: ignore[union-attr]
+    qb, eb = syn._b(syn.quote), syn._b(syn.escape)
+    db = syn.delimiter.encode("latin-1")[0]
+    empty = np.empty(0, np.int64)
+    q = np.flatnonzero(arr == qb) if (qb is not None and data.find(bytes([qb])) >= 0) else empty
     # Positions the parity rule cannot read: escape characters, bare CRs.
     others: List[np.ndarray] = []
-    if eb is not None and data.find(syn.escape.encode("latin-1")) >= 0:  # type: ignore[union-attr]
+    if eb is not None and data.find(bytes([eb])) >= 0:
         others.append(np.flatnonzero(arr == eb))
     cr = np.flatnonzero(arr == CR) if data.find(b"\r") >= 0 else np.empty(0, np.int64)
     if len(cr):
@@ -187,8 +188,7 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
         bare[inside] = arr[after[inside]] != LF
         others.append(cr[bare])
     other = np.sort(np.concatenate(others)) if others else np.empty(0, np.int64)
-    empty = np.empty(0, np.int64)
-    bad = _bad_quotes(arr, q, db, qb, syn, final) if len(q) else (empty, empty)
+    bad = _bad_quotes(arr, q, db, qb, syn, final) if (qb is not None and len(q)) else (empty, empty)
 
     ends: List[np.ndarray] = []
     errors: Dict[int, Tuple[str, int]] = {}

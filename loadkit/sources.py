@@ -108,12 +108,12 @@ def open_members(path: Path, fmt: str, member_pattern: Optional[str], max_bytes:
             yield path.name, fh
         return
     if fmt == "gzip":
-        with gzip.open(path, "rb") as fh:
-            yield path.name, _guard(fh, path, path.name, path.stat().st_size, max_bytes, max_ratio)  # type: ignore
+        with gzip.open(path, "rb") as gz:
+            yield path.name, _guard(gz, path, path.name, path.stat().st_size, max_bytes, max_ratio)  # type: ignore
         return
     if fmt == "zip":
-        for name, fh, compressed in _zip_members(path, member_pattern):
-            yield name, _guard(fh, path, name, compressed, max_bytes, max_ratio)
+        for name, member, compressed in _zip_members(path, member_pattern):
+            yield name, _guard(member, path, name, compressed, max_bytes, max_ratio)
         return
     raise SourceDataError(f"format {fmt!r} is not a streamed text format", file=str(path))
 

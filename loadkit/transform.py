@@ -165,7 +165,7 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
     invalid: List[Tuple[int, str, str]] = []
     texts: List[Tuple[int, str, bool]] = []
     for ordinal, i in enumerate(lay.index, start=1):
-        raw = lay.data[slice(*lay.sc.span(i))]
+        raw = lay.data[slice(*lay.sc.span(int(i)))]
         why = lay.sc.errors.get(int(i))
         if why is not None and why != scanner.TOO_LONG:
             why = f"malformed record: {why}"
