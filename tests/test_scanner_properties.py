@@ -205,3 +205,31 @@ def test_scan_is_total_linear_and_prefix_stable(data: bytes, d: Dict[str, Any], 
         assert sc.consumed == len(data)
     full = scanner.scan(data, syn, final=True).ends.tolist()
     assert full[:len(ends)] == ends
+
+
+@PROFILE
+@given(d=dialects(), ncols=st.integers(2, 3), data=st.data(), eol=st.sampled_from(["\n", "\r\n"]),
+       bom=st.booleans(), banner=st.integers(0, 2))
+def test_files_with_header_bom_and_banner_lines_through_the_reader(tmp_path_factory: pytest.TempPathFactory,
+                                                                  d: Dict[str, Any], ncols: int, data: Any, eol: str,
+                                                                  bom: bool, banner: int) -> None:
+    """The pipeline's reader (head, header, skip_lines, BOM, chunks) on whole files, random chunk sizes."""
+    from loadkit import pipeline
+    from tests.corpus import read_local
+
+    rows = data.draw(st.lists(st.lists(VALUE, min_size=ncols, max_size=ncols), max_size=8))
+    names = [f"c{i}" for i in range(ncols)]
+    head = "".join(f"exported by tool {i}{eol}" for i in range(banner))
+    text = head + d["delimiter"].join(names) + eol + serialise(rows, d, eol, False)
+    path = tmp_path_factory.mktemp("f") / "t.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom and not banner else b"") + text.encode("utf-8"))
+    target = data.draw(st.integers(1, 200))
+    table = spec([(n, "text") for n in names], header=True, skip_lines=banner, **d)
+    real = pipeline._target_bytes
+    pipeline._target_bytes = lambda sample, rows: target  # type: ignore[assignment]
+    try:
+        load = read_local(table, path)
+    finally:
+        pipeline._target_bytes = real  # type: ignore[assignment]
+    assert load.errors == [] and load.rejects == []
+    assert [list(r.values()) for r in load.rows] == expected_rows(rows, d)
