@@ -174,6 +174,7 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     nl = np.flatnonzero(arr == LF)
     qb, eb = syn._b(syn.quote), syn._b(syn.escape)
     db = syn.delimiter.encode("latin-1")[0]
+    # int64 throughout: searchsorted on an int32 array with a Python int converts the whole array
     empty = np.empty(0, np.int64)
     q = np.flatnonzero(arr == qb) if (qb is not None and data.find(bytes([qb])) >= 0) else empty
     # Positions the parity rule cannot read: escape characters, bare CRs.
@@ -209,9 +210,10 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
         if len(lf):
             parity = ((np.searchsorted(q, lf) - j) & 1) if len(q) else np.zeros(len(lf), np.int64)
             good = lf[parity == 0] + 1
-            over = np.flatnonzero(np.diff(good, prepend=pos) > cap)
-            if len(over):
-                good = good[:over[0]]
+            if len(good) and int(good[-1]) - pos > cap:  # some record may be too long: find the first
+                over = np.flatnonzero(np.diff(good, prepend=pos) > cap)
+                if len(over):
+                    good = good[:over[0]]
             if len(good):
                 if parity[:np.searchsorted(lf, good[-1])].any():
                     quoted_nl = True

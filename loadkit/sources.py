@@ -335,7 +335,8 @@ class ChunkReader:
             if self._eof and len(self._buf) <= limit:
                 sc = scanner.scan(self._buf, self._syntax, final=True)
                 return len(self._buf), scanner.summarize(self._buf, sc)
-            sc = scanner.scan(self._buf[:limit], self._syntax, final=False)
+            window = self._buf if limit >= len(self._buf) else self._buf[:limit]
+            sc = scanner.scan(window, self._syntax, final=False)
             cut = sc.consumed
             if cut > 0:
                 return cut, scanner.summarize(self._buf, sc)
