@@ -506,52 +506,6 @@ def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = No
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
-def prefetched(blocks: Iterator[pa.Table], stop: threading.Event) -> Iterator[pa.Table]:
-    """The blocks of a reader, read one ahead in their own thread.
-
-    Decompression and the record scan (zlib, numpy: they release the GIL) of the next chunk
-    overlap the parse of this one. Memory: one chunk more in flight. The reader thread ends
-    when its blocks do, when ``stop`` is set, when this generator is closed, or on an error,
-    which is raised here, in the consumer's thread.
-    """
-    ahead: "queue.Queue[Any]" = queue.Queue(maxsize=1)
-    end = object()
-    closed = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not (stop.is_set() or closed.is_set()):
-            try:
-                ahead.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for block in blocks:
-                if not put(block):
-                    return
-            put(end)
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            put(exc)
-
-    threading.Thread(target=run, name="loadkit-read", daemon=True).start()
-    try:
-        while not stop.is_set():
-            try:
-                item = ahead.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        closed.set()
-
-
 def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: SizeBoard) -> Iterator[pa.Table]:
     """The same stages without Ray: one parse thread feeding ``pool.writers`` writer threads.
 
@@ -569,7 +523,7 @@ def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board
 
     def produce() -> None:
         for unit in units:
-            for block in prefetched(read_unit(unit, board), stop):
+            for block in read_unit(unit, board):
                 if not _offer(parsed, parse_block(block, tables, plan.period), stop):
                     return
         for _ in writers:  # one end marker per writer
