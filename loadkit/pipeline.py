@@ -101,8 +101,9 @@ def _block(rows: List[Dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
 
 
-def _fields_of_first_record(data: bytes, table: TableSpec) -> List[str]:
-    """The first record's fields as the record scanner reads them (any field length, BOM dropped)."""
+def _fields_of_first_record(data: bytes, table: TableSpec) -> Tuple[List[str], Optional[str]]:
+    """The first record's fields as the record scanner reads them (any field length, BOM dropped),
+    or why it cannot be read."""
     d = table.dialect
     return scanner.first_record_fields(data.replace(b"\x00", b""), scanner.Syntax.of(d), d.encoding)
 
@@ -133,7 +134,11 @@ def _complete_head(sample: bytes, stream: Any, table: TableSpec) -> bytes:
 def _check_layout(data: bytes, table: TableSpec, member: str, path: str) -> Optional[List[str]]:
     """Refuse a member whose first record does not have the declared columns (layout drift)."""
     declared = [c.name for c in table.columns]
-    fields = _fields_of_first_record(data, table)
+    fields, why = _fields_of_first_record(data, table)
+    if why is not None:
+        if table.dialect.header:
+            raise SourceDataError(f"cannot read the header: {why}", file=path, member=member, line=1)
+        return None  # no layout to compare: the reader rejects that record with its reason
     if table.dialect.header:
         names = [f.strip() for f in fields]
         if table.dialect.match_by_name:

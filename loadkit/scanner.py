@@ -496,19 +496,21 @@ def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool, str]], Optiona
         i += 1
 
 
-def first_record_fields(data: bytes, syn: Syntax, encoding: str) -> List[str]:
-    """The fields of the first record of ``data`` (a header or a layout sample); BOM dropped."""
+def first_record_fields(data: bytes, syn: Syntax, encoding: str) -> Tuple[List[str], Optional[str]]:
+    """(The fields of the first record of ``data``, None) — a header or a layout sample; BOM dropped —
+    or ([], why) when that record cannot be read (malformed quoting, too long)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     sc = scan(data, syn, final=False)
     if len(sc) == 0:
         sc = scan(data, syn, final=True)
     if len(sc) == 0:
-        return []
+        return [], None
+    if 0 in sc.errors:
+        return [], sc.errors[0]
     a, b = sc.span(0)
-    text = data[a:b].decode(encoding, errors="replace")
-    vals, _ = fields(text, syn)
-    return [v for v, _q, _w in vals]
+    vals, why = fields(data[a:b].decode(encoding, errors="replace"), syn)
+    return ([v for v, _q, _w in vals], None) if why is None else ([], why)
 
 
 def skip_lines(data: bytes, count: int) -> int:

@@ -248,3 +248,13 @@ def test_issue14_4_field_over_128_kib_in_the_first_record_loads(tmp_path: Path) 
     hdr = tmp_path / "hdr.csv"
     hdr.write_bytes(f'a,"{big}"\n1,x\n'.encode())
     assert read_local(spec([("a", "integer"), ("b", "text")], header=True, match_by_name=False), hdr).errors == []
+
+
+def test_a_malformed_first_record_is_a_reject_not_layout_drift(tmp_path: Path) -> None:
+    path = tmp_path / "f.csv"
+    path.write_bytes(b'"1";"PADARIA "BOM DIA" LTDA";"x"\n"2";"ok";"y"\n')
+    load = read_local(spec(NOTES, delimiter=";"), path)
+    assert load.errors == [] and [r["n"] for r in load.rows] == ["2"]
+    assert [r["line_number"] for r in load.rejects] == [1]
+    path.write_bytes(b'a,"b\n1,2,3\n')
+    assert "cannot read the header: unterminated quote" in read_local(spec(NOTES, header=True), path).errors[0]
