@@ -18,6 +18,7 @@ from loadkit.errors import ConfigError
 WRITE_MODES = ("append", "replace", "merge", "snapshot")
 FORMATS = ("csv", "gzip", "zip", "parquet")
 ON_INVALID = ("reject", "null")
+QUOTING = ("strict", "lenient")
 # Column types the transform and DDL understand; lengths/precisions in parentheses.
 TYPE_PATTERN = re.compile(
     r"^(text|char\(\d+\)|varchar\(\d+\)|smallint|integer|bigint|double|"
@@ -39,9 +40,26 @@ class DialectConfig:
     match_by_name: bool = False
     encoding: str = "utf-8"
     null_values: List[str] = field(default_factory=lambda: [""])
+    # A speed hint only (records are the same either way): false says no value holds a newline,
+    # which lets a large plain file be read in parallel byte ranges (pool.read_splits).
     newlines_in_values: bool = True
+    # Remove NUL bytes from values (after null detection; values altered are counted as coerced).
+    # false: a record with a NUL byte is rejected.
     strip_nul: bool = True
     trim: bool = False
+    # strict: a closing quote must be followed by the delimiter or the line end, else the record is
+    # rejected (malformed quoting). lenient: a quote closes a quoted field only when followed by the
+    # delimiter or the line end; any other quote is literal text (sources with unescaped inner quotes).
+    quoting: str = "strict"
+    # The longest record in bytes; a longer one (or an unterminated quote) is rejected and reading
+    # goes on at the next line. Bounds memory whatever the input (zip bombs, a stray quote).
+    max_record_bytes: int = 16 * 1024 * 1024
+    # Physical lines to skip at the start of every member before the header / first record
+    # (export banners); they still count in line numbers.
+    skip_lines: int = 0
+    # false: PostgreSQL COPY's rule, a quoted value is never NULL ("" is an empty string, unquoted
+    # empty is NULL with the default null_values). true: null markers apply to quoted values too.
+    quoted_can_be_null: bool = True
 
 
 @dataclass
@@ -55,6 +73,11 @@ class SourceConfig:
     dialect: DialectConfig = field(default_factory=DialectConfig)
     # An empty file (or header-only) is an error only if this is false.
     allow_empty: bool = True
+    # Decompression guards for gzip/zip members (zip bombs): a member that decompresses past this
+    # many bytes, or past max_compression_ratio x its compressed size (zip: the member's; gzip: the
+    # file's; never below 64 MiB), fails its file as source data. None: no guard.
+    max_member_bytes: Optional[int] = None
+    max_compression_ratio: Optional[float] = None
 
 
 @dataclass
@@ -507,6 +530,10 @@ def _validate_table(tname: str, t: TableConfig) -> None:
     _require(t.source.format in FORMATS, f"{k}.source.format", f"format must be one of {FORMATS}, got {t.source.format!r}")
     _require(bool(t.source.paths), f"{k}.source.paths", "no source paths declared")
     _validate_dialect(f"{k}.source.dialect", t.source.dialect)
+    _require(t.source.max_member_bytes is None or t.source.max_member_bytes > 0, f"{k}.source.max_member_bytes",
+             "max_member_bytes must be > 0 or null")
+    _require(t.source.max_compression_ratio is None or t.source.max_compression_ratio >= 1,
+             f"{k}.source.max_compression_ratio", "max_compression_ratio must be >= 1 or null")
     _require(bool(t.columns), f"{k}.columns", "no columns declared")
     names: list[str] = []
     for i, col in enumerate(t.columns):
@@ -605,10 +632,24 @@ def _validate_dialect(k: str, d: DialectConfig) -> None:
     _require(d.escape is None or len(d.escape) == 1, f"{k}.escape", "escape must be one character or null")
     _require(d.delimiter != d.quote, f"{k}.delimiter", "delimiter and quote must differ")
     _require(not d.match_by_name or d.header, f"{k}.match_by_name", "match_by_name needs header=true")
+    _require(d.escape is None or d.escape not in (d.quote, d.delimiter), f"{k}.escape",
+             "escape must differ from quote and delimiter (escape: null means doubled quotes)")
+    _require(d.quoting in QUOTING, f"{k}.quoting", f"quoting must be one of {QUOTING}, got {d.quoting!r}")
+    _require(d.max_record_bytes >= 1024, f"{k}.max_record_bytes", "max_record_bytes must be >= 1024")
+    _require(d.skip_lines >= 0, f"{k}.skip_lines", "skip_lines must be >= 0")
     try:
         "".encode(d.encoding)
     except LookupError:
         raise ConfigError(f"unknown encoding {d.encoding!r}", key=f"{k}.encoding") from None
+    # The scanner reads bytes: line ends and the special characters must be single ASCII-compatible
+    # bytes. UTF-16/32 files are refused here rather than misread as one column.
+    _require("\n\r".encode(d.encoding, errors="replace") == b"\n\r", f"{k}.encoding",
+             f"encoding {d.encoding!r} is not ASCII-compatible (UTF-16/32); transcode the file to UTF-8 first")
+    for name in ("delimiter", "quote", "escape"):
+        ch = getattr(d, name)
+        if ch is not None:
+            _require(len(ch) == 1 and ord(ch) < 256 and ch.encode(d.encoding, errors="replace") == ch.encode("latin-1"),
+                     f"{k}.{name}", f"{name} {ch!r} must be one byte in encoding {d.encoding!r}")
 
 
 def as_plain_dict(cfg: Any) -> Dict[str, Any]:

@@ -12,8 +12,6 @@ the whole dataset, so the other files keep loading.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import queue
 import signal
@@ -26,11 +24,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
-from loadkit import sources
+from loadkit import scanner, sources
 from loadkit.errors import SourceDataError
 from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
-from loadkit.transform import parse_chunk, parse_parquet_batch, split_records
+from loadkit.transform import parse_chunk, parse_parquet_batch
 from loadkit.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
 
 log = logging.getLogger("loadkit.pipeline")
@@ -58,6 +56,7 @@ _SOURCE_FIELDS = [
 CHUNK_SCHEMA = pa.schema(_SOURCE_FIELDS + [
     ("header", pa.list_(pa.string())),
     ("skip_header", pa.bool_()),
+    ("scan", pa.string()),  # the reader's scanner.Summary of data (encoded), so parse need not rescan
     ("data", pa.large_binary()),
     ("message", pa.string()),
 ])
@@ -102,23 +101,44 @@ def _block(rows: List[Dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
 
 
-def _fields_of_first_record(data: bytes, table: TableSpec) -> List[str]:
+def _fields_of_first_record(data: bytes, table: TableSpec) -> Tuple[List[str], Optional[str]]:
+    """The first record's fields as the record scanner reads them (any field length, BOM dropped),
+    or why it cannot be read."""
     d = table.dialect
-    records = split_records(data.replace(b"\x00", b""), d, 1)  # quote-aware: a value may hold a newline
-    first = records[0].raw if records else b""
-    text = first.decode(d.encoding, errors="replace").rstrip("\r\n")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    reader = csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
-                        quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE, escapechar=d.escape,
-                        doublequote=d.escape is None)
-    return next(reader, [])
+    return scanner.first_record_fields(data.replace(b"\x00", b""), scanner.Syntax.of(d), d.encoding)
+
+
+def _data_records(sample: bytes, table: TableSpec) -> int:
+    """Non-blank records in a whole (short) member, header excluded."""
+    sc = scanner.scan(sample, scanner.Syntax.of(table.dialect), final=True)
+    blank = sum(1 for i in range(len(sc)) if sample[slice(*sc.span(i))] in (b"\n", b"\r\n"))
+    return len(sc) - blank - int(table.dialect.header)
+
+
+def _complete_head(sample: bytes, stream: Any, table: TableSpec) -> bytes:
+    """Read on until the sample holds the first record whole (a header or first value may be longer
+    than the sample), up to max_record_bytes; the caller's stream continues after the result."""
+    d = table.dialect
+    syn = scanner.Syntax.of(d)
+    while len(sample) < syn.max_record_bytes + _SAMPLE_BYTES:
+        skip = scanner.skip_lines(sample, d.skip_lines)
+        if len(scanner.scan(sample[skip:], syn, final=False)):
+            break
+        more = stream.read(max(_SAMPLE_BYTES, len(sample)))
+        if not more:
+            break
+        sample += more
+    return sample
 
 
 def _check_layout(data: bytes, table: TableSpec, member: str, path: str) -> Optional[List[str]]:
     """Refuse a member whose first record does not have the declared columns (layout drift)."""
     declared = [c.name for c in table.columns]
-    fields = _fields_of_first_record(data, table)
+    fields, why = _fields_of_first_record(data, table)
+    if why is not None:
+        if table.dialect.header:
+            raise SourceDataError(f"cannot read the header: {why}", file=path, member=member, line=1)
+        return None  # no layout to compare: the reader rejects that record with its reason
     if table.dialect.header:
         names = [f.strip() for f in fields]
         if table.dialect.match_by_name:
@@ -177,7 +197,8 @@ def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
         if unit.span is not None:
             yield from _read_span(unit, feed)
             return
-        for member, stream in sources.open_members(path, table.format, table.member):
+        for member, stream in sources.open_members(path, table.format, table.member, table.max_member_bytes,
+                                                   table.max_compression_ratio):
             yield from _read_member(unit, member, stream, feed)
     except SourceDataError as exc:
         yield _block([_record(unit, "error", message=str(exc))])
@@ -190,14 +211,17 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") ->
     sample = stream.read(_SAMPLE_BYTES)
     if sources.is_cr_only(sample):
         sample, stream = sample.replace(b"\r", b"\n"), sources.CrToLf(stream)
-    if len(sample) < _SAMPLE_BYTES:
-        _check_not_empty(table, len(split_records(sample, table.dialect, 1)) - int(table.dialect.header), member,
-                         unit.file.rel)
-    header = _check_layout(sample, table, member, unit.file.rel) if sample.strip() else None
+    sample = _complete_head(sample, stream, table)
     d = table.dialect
-    reader = sources.ChunkReader(stream, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
-                                 d.newlines_in_values, unit.ranges(member), prefix=sample)
-    yield from _emit_chunks(unit, member, reader, sample, header, feed)
+    skip = scanner.skip_lines(sample, d.skip_lines)  # banner lines: not records, still counted as lines
+    body = sample[skip:]
+    if len(sample) < _SAMPLE_BYTES:
+        _check_not_empty(table, _data_records(body, table), member, unit.file.rel)
+    header = _check_layout(body, table, member, unit.file.rel) if body.strip() else None
+    reader = sources.ChunkReader(stream, member, _target_bytes(body or sample, unit.batch_rows), d.quote, d.escape,
+                                 d.newlines_in_values, unit.ranges(member), prefix=body, origin=skip,
+                                 origin_line=1 + sample.count(b"\n", 0, skip), syntax=scanner.Syntax.of(d))
+    yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
 
 
 def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
@@ -207,27 +231,34 @@ def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
     d = table.dialect
     with open(unit.file.path, "rb") as fh:
         sample = fh.read(_SAMPLE_BYTES)  # the file's head: layout and header, whichever span this is
-        header = _check_layout(sample, table, member, unit.file.rel)
-        start = sources.record_boundary(fh, unit.span[0], size)
-        end = sources.record_boundary(fh, unit.span[1], size)
-        line = sources.count_lines(fh, start) + 1
+        sample = _complete_head(sample, fh, table)
+        skip = scanner.skip_lines(sample, d.skip_lines)
+        header = _check_layout(sample[skip:], table, member, unit.file.rel)
+        syn = scanner.Syntax.of(d)
+        skip_line = 1 + sample.count(b"\n", 0, skip)
+        # Exact span edges: scanned from the data start, so a quoted newline is never a cut.
+        start, line = sources.record_start(fh, max(unit.span[0], skip), size, syn, skip, skip_line)
+        end, _ = sources.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)
         fh.seek(start)
         committed = [(max(s, start), min(e, end)) for s, e in unit.ranges(member) if s < end and e > start]
         reader = sources.ChunkReader(sources.Window(fh, end), member, _target_bytes(sample, unit.batch_rows),
                                      d.quote, d.escape, d.newlines_in_values, committed, origin=start,
-                                     origin_line=line)
-        yield from _emit_chunks(unit, member, reader, sample, header, feed)
+                                     origin_line=line, syntax=syn)
+        yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
 
 
 def _emit_chunks(unit: ReadUnit, member: str, reader: "sources.ChunkReader", sample: bytes,
-                 header: Optional[List[str]], feed: "_SizeFeed") -> Iterator[pa.Table]:
+                 header: Optional[List[str]], feed: "_SizeFeed", data_start: int = 0) -> Iterator[pa.Table]:
     d = unit.table.dialect
     count = 0
     for chunk in reader:
         count += 1
         handed = time.perf_counter()
-        yield _block([_record(unit, "data", member, start=chunk.start, end=chunk.end, first_line=chunk.first_line,
-                              data=chunk.data, header=header, skip_header=bool(d.header and chunk.start == 0))])
+        # A data record's message, when set, is the reason the reader rejected the chunk's one record.
+        yield _block([_record(unit, "data", member, chunk.reject, start=chunk.start, end=chunk.end,
+                              first_line=chunk.first_line, data=chunk.data, header=header,
+                              skip_header=bool(d.header and chunk.start == data_start),
+                              scan=chunk.summary.encode() if chunk.summary else None)])
         rows = feed.chunk_done(time.perf_counter() - handed)
         if rows is not None:
             reader.retarget(_target_bytes(sample, rows))
@@ -391,7 +422,8 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
         if table.format == "parquet":
             parsed = parse_parquet_batch(table, rec["data"], rec["first_line"])
         else:
-            parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"])
+            parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"],
+                                 reject=rec.get("message"), hint=rec.get("scan"))
     except SourceDataError as exc:  # the file fails, not the whole dataset
         out.update(kind="error", message=str(exc))
         return out
@@ -399,7 +431,7 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
         batch_id=batch_id(table.name, period, rec["file_sha"], rec["member"], rec["start"]),
         rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
         rows_coerced=sum(parsed.coerced.values()), bytes=len(rec["data"]), parse_s=time.perf_counter() - started,
-        rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects),
+        rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects), message=None,
     )
     return out
 

@@ -64,6 +64,10 @@ class Dialect:
     newlines_in_values: bool
     strip_nul: bool
     trim: bool
+    quoting: str = "strict"  # strict | lenient (see DialectConfig and loadkit.scanner)
+    max_record_bytes: int = 16 * 1024 * 1024
+    skip_lines: int = 0
+    quoted_can_be_null: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class TableSpec:
     period_tag: str = ""
     delete_missing: bool = False  # merge: delete (or close, with history) keys the month no longer has
     history: bool = False
+    max_member_bytes: Optional[int] = None  # decompression guards (SourceConfig)
+    max_compression_ratio: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
             delimiter=d.delimiter, quote=d.quote, escape=d.escape, header=d.header,
             match_by_name=d.match_by_name, encoding=d.encoding, null_values=tuple(d.null_values),
             newlines_in_values=d.newlines_in_values, strip_nul=d.strip_nul, trim=d.trim,
+            quoting=d.quoting, max_record_bytes=d.max_record_bytes, skip_lines=d.skip_lines,
+            quoted_can_be_null=d.quoted_can_be_null,
         ),
         allow_empty=t.source.allow_empty,
         files=_resolve_files(name, t, root, values),
@@ -281,6 +289,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
         period_tag=tag,
         delete_missing=t.delete_missing and t.mode == "merge",
         history=t.history and t.delete_missing and t.mode == "merge",
+        max_member_bytes=t.source.max_member_bytes,
+        max_compression_ratio=t.source.max_compression_ratio,
     )
 
 

@@ -13,14 +13,19 @@ import gzip
 import hashlib
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from loadkit import scanner
 from loadkit.errors import SourceDataError
 
 _READ_SIZE = 4 * 1024 * 1024
 _FINGERPRINT_BLOCK = 8 * 1024 * 1024
+_MIN_TARGET = 1024  # smallest chunk target in bytes (tests lower it to cut tiny inputs into many chunks)
+_HEAD_BYTES = 4096  # raw text kept of a record too long to hold
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,11 @@ class Chunk:
     end: int  # byte offset just after the last record
     first_line: int  # 1-based physical line number of the first record
     data: bytes
+    # Set when the chunk is one record the reader rejected itself (longer than max_record_bytes):
+    # the reason; ``data`` then holds only the record's first bytes, for the reject's raw text.
+    reject: Optional[str] = None
+    # The scanner's verdict on ``data`` (scanner.Summary), when the reader scanned exactly it.
+    summary: Optional["scanner.Summary"] = None
 
 
 def fingerprint(path: Path) -> str:
@@ -56,18 +66,54 @@ def discover(root: Path, patterns: Sequence[str]) -> List[Path]:
     return [found[k] for k in sorted(found)]
 
 
-def open_members(path: Path, fmt: str, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
-    """Yield (member name, binary stream) for each readable member of a source file."""
+class Guarded:
+    """A decompressed stream that fails its file once it yields more than ``limit`` bytes (zip bombs)."""
+
+    def __init__(self, stream: BinaryIO, limit: int, why: str, file: str, member: str) -> None:
+        self._stream, self._limit, self._why, self._file, self._member = stream, limit, why, file, member
+        self._read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._stream.read(size)
+        self._read += len(block)
+        if self._read > self._limit:
+            raise SourceDataError(f"member decompresses past {self._limit} bytes ({self._why})",
+                                  file=self._file, member=self._member)
+        return block
+
+
+def _guard(stream: BinaryIO, path: Path, member: str, compressed: int, max_bytes: Optional[int],
+           max_ratio: Optional[float]) -> BinaryIO:
+    limits = []
+    if max_bytes is not None:
+        limits.append((max_bytes, "source.max_member_bytes"))
+    if max_ratio is not None:
+        limits.append((max(64 << 20, int(compressed * max_ratio)), f"source.max_compression_ratio {max_ratio:g}"))
+    if not limits:
+        return stream
+    limit, why = min(limits)
+    return Guarded(stream, limit, why, path.name, member)  # type: ignore[return-value]
+
+
+def open_members(path: Path, fmt: str, member_pattern: Optional[str], max_bytes: Optional[int] = None,
+                 max_ratio: Optional[float] = None) -> Iterator[Tuple[str, BinaryIO]]:
+    """Yield (member name, binary stream) for each readable member of a source file.
+
+    ``max_bytes`` / ``max_ratio`` guard compressed members: reading past the limit raises
+    SourceDataError for the file (the ratio is taken against the member's compressed size for
+    zip, the file's for gzip, never below 64 MiB).
+    """
     if fmt == "csv":
         with open(path, "rb") as fh:
             yield path.name, fh
         return
     if fmt == "gzip":
-        with gzip.open(path, "rb") as fh:
-            yield path.name, fh  # type: ignore[misc]
+        with gzip.open(path, "rb") as gz:
+            yield path.name, _guard(gz, path, path.name, path.stat().st_size, max_bytes, max_ratio)  # type: ignore
         return
     if fmt == "zip":
-        yield from _zip_members(path, member_pattern)
+        for name, member, compressed in _zip_members(path, member_pattern):
+            yield name, _guard(member, path, name, compressed, max_bytes, max_ratio)
         return
     raise SourceDataError(f"format {fmt!r} is not a streamed text format", file=str(path))
 
@@ -87,7 +133,7 @@ def is_foreign_member(info: zipfile.ZipInfo) -> bool:
     return "__MACOSX" in parts[:-1] or base.startswith("._") or base in (".DS_Store", "Thumbs.db")
 
 
-def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO]]:
+def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO, int]]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -102,7 +148,7 @@ def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[st
             )
         for name in names:
             with zf.open(name) as fh:
-                yield name, fh  # type: ignore[misc]
+                yield name, fh, zf.getinfo(name).compress_size  # type: ignore[misc]
 
 
 def is_cr_only(sample: bytes) -> bool:
@@ -130,24 +176,35 @@ def read_errors() -> tuple:
     return (zipfile.BadZipFile, zlib.error, EOFError, gzip.BadGzipFile, OSError)
 
 
-def record_boundary(fh: BinaryIO, offset: int, size: int) -> int:
-    """The first record start at or after ``offset``: just past the first newline at offset-1 or later.
+def record_start(fh: BinaryIO, offset: int, size: int, syntax: "scanner.Syntax", origin: int = 0,
+                 origin_line: int = 1) -> Tuple[int, int]:
+    """(The first record start at or after ``offset``, its 1-based line number), read exactly.
 
-    Only valid when no value holds a newline (every newline ends a record). Two neighbouring
-    spans of a split file compute the same boundary, so together they cover every record once.
+    Scans from ``origin`` (a record start: 0, or the end of ``dialect.skip_lines``) with the record
+    scanner, so a quoted newline or an unterminated quote before ``offset`` is seen as what it is.
+    Two neighbouring spans of a split file compute the same boundary, so together they cover
+    every record once. Time is linear in ``offset``; memory one read block plus one record.
     """
-    if offset <= 0 or offset >= size:
-        return min(max(offset, 0), size)
-    pos = offset - 1
-    fh.seek(pos)
+    if offset <= origin:
+        return origin, origin_line
+    if offset >= size:
+        return size, origin_line + count_lines(fh, size) - count_lines(fh, origin)
+    fh.seek(origin)
+    buf, base, line, eof = b"", origin, origin_line, False
     while True:
         block = fh.read(_READ_SIZE)
-        if not block:
-            return size
-        found = block.find(b"\n")
-        if found >= 0:
-            return pos + found + 1
-        pos += len(block)
+        eof = not block
+        buf += block
+        sc = scanner.scan(buf, syntax, final=eof, first_line=line)
+        if len(sc):
+            k = int(np.searchsorted(sc.ends, offset - base))
+            if k < len(sc):
+                return base + int(sc.ends[k]), line + buf.count(b"\n", 0, int(sc.ends[k]))
+        if eof:
+            return size, line + buf.count(b"\n")
+        used = sc.consumed
+        line += buf.count(b"\n", 0, used)
+        buf, base = buf[used:], base + used
 
 
 def count_lines(fh: BinaryIO, end: int) -> int:
@@ -183,7 +240,11 @@ class ChunkReader:
 
     ``committed`` are (start, end) ranges a previous run already loaded; they are
     record boundaries by construction, so chunks are cut exactly at their edges and
-    never straddle them.
+    never straddle them. Record ends come from the record scanner (``syntax``; built from
+    ``quote``/``escape`` when not given), so a chunk never ends inside a record, whatever
+    ``newlines_in_values`` says (a speed hint only). A record longer than
+    ``syntax.max_record_bytes`` is skipped without being held in memory and yielded as a
+    chunk of its own with ``reject`` set.
     """
 
     def __init__(
@@ -198,12 +259,12 @@ class ChunkReader:
         prefix: bytes = b"",
         origin: int = 0,
         origin_line: int = 1,
+        syntax: Optional["scanner.Syntax"] = None,
     ) -> None:
         self._stream = stream
         self._member = member
-        self._target = max(1024, target_bytes)
-        self._quote = quote.encode("latin-1") if (quote and newlines_in_values) else None
-        self._escape = escape.encode("latin-1") if escape else None
+        self._syntax = syntax or scanner.Syntax(quote=quote, escape=escape)
+        self._target = self._bounded(target_bytes)
         self._committed = sorted(committed)
         self._buf = prefix  # bytes already read from the stream (e.g. a sample)
         self._pos = origin  # member offset of _buf[0] (a span of a split file starts past 0)
@@ -212,7 +273,12 @@ class ChunkReader:
 
     def retarget(self, target_bytes: int) -> None:
         """Chunk size from the next chunk on (adaptive batch sizing; byte ranges stay record-aligned)."""
-        self._target = max(1024, target_bytes)
+        self._target = self._bounded(target_bytes)
+
+    def _bounded(self, target_bytes: int) -> int:
+        """At most 4 x max_record_bytes: a chunk's memory is bounded by the record cap, whatever
+        the average line length of the sample said (a bomb's sample is one endless line)."""
+        return max(_MIN_TARGET, min(target_bytes, 4 * self._syntax.max_record_bytes))
 
     def __iter__(self) -> Iterator[Chunk]:
         while True:
@@ -220,8 +286,12 @@ class ChunkReader:
             self._fill(self._target + 1)
             if not self._buf:
                 return
-            cut = self._cut_point()
-            yield self._take(cut)
+            cut, summary = self._cut_point()
+            if cut < 0:
+                yield self._skip_long_record()
+                continue
+            chunk = self._take(cut)
+            yield replace(chunk, summary=summary) if summary is not None else chunk
 
     def _fill(self, size: int) -> None:
         while not self._eof and len(self._buf) < size:
@@ -265,44 +335,46 @@ class ChunkReader:
         data = self._advance(cut)
         return Chunk(self._member, start, self._pos, line, data)
 
-    def _cut_point(self) -> int:
-        """Bytes to take: up to the next committed range, else the last record end within target."""
+    def _cut_point(self) -> Tuple[int, Optional["scanner.Summary"]]:
+        """Bytes to take (up to the next committed range, else the last record end within target),
+        with the scanner's summary of them when it scanned exactly those bytes.
+
+        -1: the first record is longer than max_record_bytes and its end is not in memory.
+        """
         rng = self._next_committed()
         limit = self._target
         if rng is not None and rng[0] - self._pos <= limit:
-            return rng[0] - self._pos
+            return rng[0] - self._pos, None
+        cap = self._syntax.max_record_bytes
         while True:
             if self._eof and len(self._buf) <= limit:
-                return len(self._buf)
-            cut = self._last_record_end(limit)
+                sc = scanner.scan(self._buf, self._syntax, final=True)
+                return len(self._buf), scanner.summarize(self._buf, sc)
+            window = self._buf if limit >= len(self._buf) else self._buf[:limit]
+            sc = scanner.scan(window, self._syntax, final=False)
+            cut = sc.consumed
             if cut > 0:
-                return cut
-            # A record longer than the window: widen it.
+                return cut, scanner.summarize(self._buf, sc)
+            if limit > cap + _READ_SIZE:
+                return -1, None
+            # A record longer than the window: widen it (geometrically, so scanning stays linear).
             limit *= 2
             self._fill(limit + 1)
             if rng is not None and rng[0] - self._pos <= limit:
-                return rng[0] - self._pos
+                return rng[0] - self._pos, None
 
-    def _last_record_end(self, limit: int) -> int:
-        """Offset just after the last newline within limit that is outside quotes, or 0."""
-        window = self._buf[:limit]
-        pos = window.rfind(b"\n")
-        if self._quote is None:
-            return pos + 1
-        inside = self._quote_count(window) % 2
-        while pos >= 0:
-            # Quotes after pos flip the parity back to what it was at pos.
-            tail = window[pos:]
-            parity_at_pos = (inside - self._quote_count(tail)) % 2
-            if parity_at_pos == 0:
-                return pos + 1
-            pos = window.rfind(b"\n", 0, pos)
-        return 0
-
-    def _quote_count(self, data: bytes) -> int:
-        assert self._quote is not None
-        count = data.count(self._quote)
-        if self._escape and self._escape != self._quote:
-            count -= data.count(self._escape + self._quote)
-        return count
-
+    def _skip_long_record(self) -> Chunk:
+        """Consume a record longer than max_record_bytes: up to the first LF at or after that length."""
+        start, line = self._pos, self._line
+        head = self._buf[:_HEAD_BYTES]
+        self._advance(self._syntax.max_record_bytes - 1)
+        while True:
+            found = self._buf.find(b"\n")
+            if found >= 0:
+                self._advance(found + 1)
+                break
+            self._advance(len(self._buf))
+            self._fill(_READ_SIZE)
+            if not self._buf:
+                break
+        return Chunk(self._member, start, self._pos, line, head, reject=scanner.TOO_LONG)

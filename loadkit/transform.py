@@ -13,18 +13,18 @@ import csv
 import datetime as dt
 import functools
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from loadkit import scanner
 from loadkit.config import bound_value
 from loadkit.errors import LoadkitError, SourceDataError
 from loadkit.plan import ROW_COL, ColumnSpec, Dialect, TableSpec
@@ -49,6 +49,8 @@ class ParsedChunk:
     rejects: pa.Table  # REJECT_SCHEMA
     rows_in: int
     coerced: Dict[str, int] = field(default_factory=dict)  # column -> values stored as NULL by on_invalid=null
+    # (or altered by dialect.strip_nul: NUL bytes removed from the value)
+    blank_lines: int = 0  # blank lines skipped (not rows: rows_in excludes them)
 
 
 def arrow_schema(table: TableSpec) -> pa.Schema:
@@ -83,25 +85,28 @@ def _transcode(data: bytes, encoding: str) -> bytes:
     return data.decode(encoding).encode("utf-8")
 
 
-def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, skip_header: bool) -> Tuple[pa.Table, List[Tuple[int, str, str]]]:
-    # No invalid_row_handler: it slows pyarrow's parse by ~30%, and a bad row sends the chunk to
-    # the record-by-record reparse anyway, which finds the exact lines; ArrowInvalid gets it there.
-    invalid: List[Tuple[int, str, str]] = []
-    table = pacsv.read_csv(
+def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines: bool,
+                 keep_blank: bool = False) -> pa.Table:
+    """pyarrow's reader on a chunk the scanner found clean (its records are exactly pyarrow's rows).
+
+    ``quoted_newlines`` comes from the scanner, never from the dialect: ``newlines_in_values``
+    is only a hint. No invalid_row_handler: it slows pyarrow's parse by ~30%, and a bad row sends
+    the chunk to the record-by-record reparse anyway, which finds the exact lines.
+    """
+    return pacsv.read_csv(
         pa.py_buffer(text),
-        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False, skip_rows=1 if skip_header else 0,
+        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False,
                                        block_size=max(1 << 20, min(len(text) + 1, 1 << 30))),
         parse_options=pacsv.ParseOptions(
             delimiter=d.delimiter, quote_char=d.quote or False, escape_char=d.escape or False,
-            double_quote=d.escape is None, newlines_in_values=d.newlines_in_values,
-            ignore_empty_lines=True,
+            double_quote=d.escape is None, newlines_in_values=quoted_newlines,
+            ignore_empty_lines=not keep_blank,
         ),
         convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names}, null_values=list(d.null_values),
-            strings_can_be_null=True, quoted_strings_can_be_null=True,
+            strings_can_be_null=True, quoted_strings_can_be_null=d.quoted_can_be_null,
         ),
     )
-    return table, invalid
 
 
 @dataclass
@@ -110,81 +115,106 @@ class _Record:
     raw: bytes
 
 
+csv.field_size_limit(2**31 - 1)  # records are bounded by dialect.max_record_bytes, not by csv's 128 KiB
+
+
 def split_records(data: bytes, d: Dialect, first_line: int) -> List[_Record]:
-    """Non-empty records with their physical start lines (quote-aware). Used only off the fast path."""
-    out: List[_Record] = []
-    quote = d.quote.encode("latin-1") if (d.quote and d.newlines_in_values) else None
-    start_line, buf, parity = first_line, b"", 0
-    for i, line in enumerate(data.split(b"\n")):
-        piece = line + b"\n"
-        buf = piece if not buf else buf + piece
-        if quote is not None:
-            parity = (parity + line.count(quote)) % 2
-        if parity == 0:
-            if buf.strip(b"\r\n"):
-                out.append(_Record(start_line, buf))
-            buf, start_line = b"", first_line + i + 1
-    if buf.strip(b"\r\n"):
-        out.append(_Record(start_line, buf))
-    return out
+    """Every record of a chunk with its physical start line, as the record scanner cuts them."""
+    sc = scanner.scan(data, scanner.Syntax.of(d), final=True, first_line=first_line)
+    return [_Record(int(sc.lines[i]), data[slice(*sc.span(i))]) for i in range(len(sc))]
 
 
-def _slow_parse(data: bytes, names: Sequence[str], d: Dialect, first_line: int,
-                skip_header: bool) -> Tuple[pa.Table, List[Tuple[int, str, str]], Dict[int, _Record]]:
+def _is_blank(raw: bytes) -> bool:
+    return raw == b"\n" or raw == b"\r\n"
+
+
+class _Layout:
+    """A chunk's records as the scanner sees them: which are data, blank, the header."""
+
+    def __init__(self, data: bytes, d: Dialect, first_line: int, skip_header: bool, ncols: int) -> None:
+        self.data = data
+        self.sc = scanner.scan(data, scanner.Syntax.of(d), final=True, first_line=first_line)
+        first = 1 if (skip_header and len(self.sc)) else 0
+        self.header_end = int(self.sc.ends[0]) if first else 0
+        # Blank lines are NULL rows of a one-column table (its one value is empty); else skipped.
+        self.keep_blank = ncols == 1
+        blank = scanner.blank_records(data, self.sc) if not self.keep_blank else np.zeros(len(self.sc), bool)
+        blank[:first] = True  # the header is no data record either
+        self.blank = int(blank[first:].sum())
+        self.index = np.flatnonzero(~blank)  # data record ordinal - 1 -> scanner record index
+
+    def record(self, ordinal: int) -> _Record:
+        i = int(self.index[ordinal - 1])
+        return _Record(int(self.sc.lines[i]), self.data[slice(*self.sc.span(i))])
+
+    def get(self, ordinal: int, default: Optional[_Record] = None) -> Optional[_Record]:
+        """The record of a data ordinal (1-based), like dict.get: rejects look up only their own."""
+        return self.record(ordinal) if 1 <= ordinal <= len(self.index) else default
+
+    def records(self) -> "_Layout":
+        return self
+
+
+def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Table, List[Tuple[int, str, str]]]:
     """Record-by-record parse: every record becomes a row or a reject with its reason.
 
-    Returns the string table, the rejects as (record ordinal, reason, raw text) and every
-    record by ordinal, so line numbers and raw text stay exact.
+    Record ends and quoting rules are the scanner's; fields of records the fast path could read
+    come from Python's csv (same values, C speed), the others from ``scanner.fields``. Returns the
+    string table and the rejects as (record ordinal, reason, raw text).
     """
-    records = split_records(data, d, first_line)
-    if skip_header and records:
-        records = records[1:]
-    rows: List[List[Optional[str]]] = []
-    seen: Dict[int, _Record] = {}
-    invalid: List[Tuple[int, str, str]] = []
+    syn = scanner.Syntax.of(d)
     nulls = set(d.null_values)
-    ordinal = 0
-    while records:
-        rec = records.pop(0)
-        ordinal += 1
-        fields, why = _fields_of(rec, d)
-        if why is not None and not records and rec.raw.count(b"\n") > 1 and "unexpected end" in why:
-            # An unterminated quote swallowed the rest of the chunk: reject its first
-            # line only and parse the lines after it again, so one stray quote costs one row.
-            head, tail = rec.raw.split(b"\n", 1)
-            rec = _Record(rec.line, head + b"\n")
-            records = split_records(tail, d, rec.line + 1)
-        if why is None and len(fields) != len(names):
-            why = f"expected {len(names)} fields, found {len(fields)}"
-        seen[ordinal] = rec
+    exact = not d.quoted_can_be_null
+    rows: List[List[Optional[str]]] = []
+    invalid: List[Tuple[int, str, str]] = []
+    texts: List[Tuple[int, str, bool]] = []
+    for ordinal, i in enumerate(lay.index, start=1):
+        raw = lay.data[slice(*lay.sc.span(int(i)))]
+        why = lay.sc.errors.get(int(i))
+        if why is not None and why != scanner.TOO_LONG:
+            why = f"malformed record: {why}"
+        text = ""
+        if why is None:
+            try:
+                text = raw.decode(d.encoding)
+            except UnicodeDecodeError as exc:
+                why = f"invalid bytes for encoding {d.encoding} at byte {exc.start}"
+        if why is None and not d.strip_nul and "\x00" in text:
+            why = "NUL byte in a value (dialect.strip_nul is false)"
         if why is not None:
-            invalid.append((ordinal, why, _raw_text(rec.raw, d.encoding)))
+            invalid.append((ordinal, why, _raw_text(raw, d.encoding)))
             continue
-        if d.trim:
-            fields = [f.strip() for f in fields]
-        rows.append([None if f in nulls else f for f in fields])
-    columns = {n: pa.array([r[i] for r in rows], pa.string()) for i, n in enumerate(names)}
-    return pa.table(columns) if names else pa.table({}), invalid, seen
+        texts.append((ordinal, text, exact or int(i) in lay.sc.slow))
+    plain = [t for o, t, slow in texts if not slow]
+    parsed_plain = iter(csv.reader(plain, delimiter=d.delimiter, quotechar=d.quote or '"',
+                                   quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE,
+                                   escapechar=d.escape, doublequote=d.escape is None, strict=True))
+    for ordinal, text, slow in texts:
+        if slow:
+            vals, why = scanner.fields(text, syn)
+            if why is not None:
+                invalid.append((ordinal, f"malformed record: {why}", _raw_text(text.encode(d.encoding), d.encoding)))
+                continue
+            if d.trim:
+                vals = [(v.strip(), q, w.strip()) for v, q, w in vals]
+            # null markers match what was written (MySQL's \N before the escape is resolved);
+            # with quoted_can_be_null false a quoted value is never NULL (PostgreSQL COPY's rule)
+            fields = [None if ((w if not q else v) in nulls and not (q and exact)) else v for v, q, w in vals]
+        else:
+            got = next(parsed_plain, [])
+            fields = [None if f in nulls else f for f in ((x.strip() for x in got) if d.trim else got)]
+        if len(fields) != len(names):
+            invalid.append((ordinal, f"expected {len(names)} fields, found {len(fields)}",
+                            _raw_text(lay.data[slice(*lay.sc.span(lay.index[ordinal - 1]))], d.encoding)))
+            continue
+        rows.append(fields)
+    invalid.sort()
+    columns = {n: pa.array([r[k] for r in rows], pa.string()) for k, n in enumerate(names)}
+    return (pa.table(columns) if names else pa.table({})), invalid
 
 
 def _raw_text(raw: bytes, encoding: str) -> str:
     return raw.decode(encoding, errors="backslashreplace").rstrip("\r\n")
-
-
-def _fields_of(rec: _Record, d: Dialect) -> Tuple[List[str], Optional[str]]:
-    """The record's fields, or the reason it cannot be read (bad bytes, malformed quoting)."""
-    try:
-        text = rec.raw.decode(d.encoding)
-    except UnicodeDecodeError as exc:
-        return [], f"invalid bytes for encoding {d.encoding} at byte {exc.start}"
-    try:
-        return next(csv.reader(io.StringIO(text), delimiter=d.delimiter, quotechar=d.quote or '"',
-                               quoting=csv.QUOTE_MINIMAL if d.quote else csv.QUOTE_NONE,
-                               escapechar=d.escape, doublequote=d.escape is None, strict=True)), None
-    except csv.Error as exc:
-        return [], f"malformed record: {exc}"
-    except StopIteration:
-        return [], "malformed record: no fields"
 
 
 # ---------------------------------------------------------------- typing
@@ -666,33 +696,80 @@ def _fits(value: pa.Scalar, target: pa.DataType) -> bool:
 
 
 def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional[Sequence[str]] = None,
-                skip_header: bool = False) -> ParsedChunk:
-    """Parse, type and validate one record-aligned chunk of a source member."""
+                skip_header: bool = False, reject: Optional[str] = None, hint: Optional[str] = None) -> ParsedChunk:
+    """Parse, type and validate one record-aligned chunk of a source member.
+
+    ``reject``: the chunk is one record the reader already rejected (too long); ``data`` holds
+    its first bytes. ``hint``: the reader's ``scanner.Summary`` of this chunk (encoded), which
+    spares a second scan of a clean chunk. ``ParsedChunk.blank_lines`` counts blank lines
+    skipped (never rows).
+    """
     d = table.dialect
-    if d.strip_nul and b"\x00" in data:
-        data = data.replace(b"\x00", b"")
-    if first_line == 1 and data.startswith(_BOM):
-        data = data[len(_BOM):]
     declared = [c.name for c in table.columns]
     names = list(header) if (header and d.match_by_name) else declared
-    records: Optional[Dict[int, _Record]] = None
-    try:
-        raw, invalid = _arrow_parse(_transcode(data, d.encoding), names, d, skip_header)
-        if d.trim:
+    if reject is not None:
+        rej = pa.table([pa.array([first_line], pa.int64()), pa.array([None], pa.string()),
+                        pa.array([reject], pa.string()), pa.array([_raw_text(data, d.encoding)], pa.string())],
+                       schema=REJECT_SCHEMA)
+        return ParsedChunk(arrow_schema(table).empty_table(), rej, 1)
+    bom = first_line == 1 and data.startswith(_BOM)
+    if bom:
+        data = data[len(_BOM):]
+    keep_blank = len(names) == 1
+    summary = None if (skip_header or bom) else scanner.Summary.decode(hint)
+    lay: Optional[_Layout] = None
+    if summary is None:
+        lay = _Layout(data, d, first_line, skip_header, len(names))
+        summary = scanner.Summary(lay.sc.clean, lay.sc.quoted_newlines, len(lay.sc), lay.blank)
+    want_rows = len(lay.index) if lay is not None else summary.records - (0 if keep_blank else summary.blank)
+    has_nul = b"\x00" in data
+    raw: Optional[pa.Table] = None
+    invalid: List[Tuple[int, str, str]] = []
+    if summary.clean and not (has_nul and not d.strip_nul):
+        try:
+            raw = _arrow_parse(_transcode(data[lay.header_end if lay else 0:], d.encoding), names, d,
+                               summary.quoted_newlines, keep_blank=keep_blank)
+            if raw.num_rows != want_rows:  # a defence: the scanner and pyarrow must agree
+                raw = None
+        except (UnicodeDecodeError, pa.ArrowInvalid):
+            raw = None
+        if raw is not None and d.trim:
             raw = _trimmed(raw, d)
-    except (UnicodeDecodeError, pa.ArrowInvalid):
-        invalid = [(0, "", "")]
-    if invalid:
+    records: Optional[Any] = None  # ordinal -> _Record lookups (a _Layout)
+    if raw is None:
         # pyarrow does not say where a bad row was: reparse record by record for exact lines.
-        raw, invalid, records = _slow_parse(data, names, d, first_line, skip_header)
+        lay = lay or _Layout(data, d, first_line, skip_header, len(names))
+        raw, invalid = _slow_parse(lay, names, d)
+        records = lay.records()
+    coerced: Dict[str, int] = {}
+    if has_nul and d.strip_nul:
+        raw = _strip_nul(raw, coerced)
     rows_in = raw.num_rows + len(invalid)
     bad_ordinals = {o for o, _, _ in invalid}
     ordinals: Sequence[int] = ([o for o in range(1, rows_in + 1) if o not in bad_ordinals] if bad_ordinals
                                else range(1, rows_in + 1))
     typed, chk = _type_columns(table, raw)
     if records is None and chk.rejected:
-        records = _by_ordinal(data, d, first_line, skip_header)
-    return _split(table, typed, chk, invalid, ordinals, rows_in, records or {})
+        records = (lay or _Layout(data, d, first_line, skip_header, len(names))).records()
+    out = _split(table, typed, chk, invalid, ordinals, rows_in, records or {})
+    for k, v in coerced.items():
+        out.coerced[k] = out.coerced.get(k, 0) + v
+    out.blank_lines = lay.blank if lay is not None else (0 if keep_blank else summary.blank)
+    return out
+
+
+def _strip_nul(raw: pa.Table, coerced: Dict[str, int]) -> pa.Table:
+    """Remove NUL bytes from values, after null detection; count the values altered per column."""
+    cols = {}
+    for n in raw.column_names:
+        arr = raw[n]
+        has = pc.fill_null(pc.match_substring(arr, "\x00"), False)
+        count = pc.sum(has).as_py() or 0
+        if count:
+            coerced[n] = coerced.get(n, 0) + count
+            arr = pc.replace_substring(arr, "\x00", "")
+        cols[n] = arr
+    return pa.table(cols) if cols else raw
 
 
 def _trimmed(raw: pa.Table, d: Dialect) -> pa.Table:
@@ -703,13 +780,6 @@ def _trimmed(raw: pa.Table, d: Dialect) -> pa.Table:
         arr = pc.utf8_trim_whitespace(raw[n])
         cols[n] = pc.if_else(pc.is_in(arr, value_set=nulls), pa.scalar(None, pa.string()), arr)
     return pa.table(cols)
-
-
-def _by_ordinal(data: bytes, d: Dialect, first_line: int, skip_header: bool) -> Dict[int, _Record]:
-    records = split_records(data, d, first_line)
-    if skip_header and records:
-        records = records[1:]
-    return dict(enumerate(records, start=1))
 
 
 def _type_columns(table: TableSpec, raw: pa.Table) -> Tuple[Dict[str, pa.Array], _Checker]:

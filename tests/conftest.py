@@ -66,6 +66,9 @@ def ray_session() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if ray.is_initialized():  # a test without this fixture let loadkit start Ray in this process: reuse it
+        yield
+        return
     ray.init(num_cpus=2, object_store_memory=500_000_000, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield

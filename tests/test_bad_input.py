@@ -89,7 +89,7 @@ def test_bad_rows_go_to_the_rejects_table_and_the_load_goes_on(tmp_path: Path, p
     assert [r[6] for r in rejects] == [
         "expected 4 fields, found 2", "not a valid date (%Y-%m-%d): '1999-02-29'",
         "does not fit numeric(6,2): '99999'", "invalid bytes for encoding utf-8 at byte 5",
-        "malformed record: unexpected end of data"]
+        "malformed record: unterminated quote opened on line 7"]
     assert [r[7] for r in rejects] == ["2,Bob", "4,Dé,1999-02-29,2", "5,Eve,1980-05-05,99999",
                                        "6,caf\\xe9,1970-01-01,3", '8,"open,1972-01-01,5']
     files = query(pg_dsn, f'SELECT status, rows_read, rows_loaded, rows_rejected FROM "{led}".file')

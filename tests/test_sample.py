@@ -262,7 +262,8 @@ def test_oracle_types_the_quirks(month: SampleManifest) -> None:
     cep = dict(typed_pairs(month, "estabelecimentos", "cep"))
     assert cep["1310100"] == "01310100"
     complemento = dict(typed_pairs(month, "estabelecimentos", "complemento"))
-    assert complemento["SALA\x00 101"] == "SALA 101" and complemento["\x00"] is None and complemento[""] is None
+    # NUL stripped after null detection (issue 11 item 16): a lone NUL is an empty string
+    assert complemento["SALA\x00 101"] == "SALA 101" and complemento["\x00"] == "" and complemento[""] is None
     logradouro = dict(typed_pairs(month, "estabelecimentos", "logradouro"))
     assert logradouro["DA CONCEIÇÃO\x00"] == "DA CONCEIÇÃO"
     municipio = dict(typed_pairs(month, "estabelecimentos", "municipio"))
@@ -290,8 +291,10 @@ def test_oracle_agrees_with_every_field_written(month: SampleManifest) -> None:
             for name, raw in zip(names, rec):
                 value, text = row[name], raw.replace("\x00", "")
                 placeholder = PLACEHOLDERS.get(name, ())
-                if not text or (name in sample.DATE_COLUMNS and text in ("0", "00000000")) or text in placeholder:
+                if not raw or (name in sample.DATE_COLUMNS and text in ("", "0", "00000000")) or text in placeholder:
                     assert value is None, (table, name, raw)
+                elif not text:  # a lone NUL: stripped after null detection, an empty string (issue 11 item 16)
+                    assert value == "", (table, name, raw)
                 elif name in sample.DATE_COLUMNS:
                     assert value is None if text in ("20230230", "20210931", "20190229", "20221301", "20200000") \
                         else value.strftime("%Y%m%d") == text, (table, name, raw)

@@ -118,8 +118,11 @@ def test_on_invalid_null_stores_null_and_counts() -> None:
     assert parsed.coerced == {"d": 1} and parsed.rejects.num_rows == 0
 
 
-def test_nul_bytes_are_stripped() -> None:
-    assert rows_of(parse(spec(ABC), b"1,a\x00b,\x00\n")) == [{"a": 1, "b": "ab", "c": None}]
+def test_nul_bytes_are_stripped_after_null_detection_and_counted() -> None:
+    # Issue 11 item 16: a lone NUL is a value (not the empty null marker); the stripped values count.
+    parsed = parse(spec(ABC), b"1,a\x00b,\x00\n")
+    assert rows_of(parsed) == [{"a": 1, "b": "ab", "c": ""}]
+    assert parsed.coerced == {"b": 1, "c": 1}
 
 
 def test_invalid_utf8_rejects_only_that_row() -> None:

@@ -960,9 +960,10 @@ def _write(folder: Path, archive: str, member: str, chunks: Iterator[bytes], sta
 # --------------------------------------------------------------------------------------------------
 
 def _text(raw: str) -> str | None:
-    if "\x00" in raw:
-        raw = raw.replace("\x00", "")
-    return raw or None
+    # loadkit strips NUL bytes after null detection (issue 11 item 16): a lone NUL is an empty string.
+    if not raw:
+        return None
+    return raw.replace("\x00", "")
 
 
 def _as_date(raw: str) -> date | None:
