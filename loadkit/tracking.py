@@ -41,18 +41,12 @@ def default_uri() -> str:
 
 
 def find_default_uri(start: Optional[Path] = None) -> str:
-    """The store a loadkit run from here (or from a parent folder) used by default.
-
-    MLFLOW_TRACKING_URI if set; else the nearest ``.loadkit/mlflow.db`` in ``start`` (default:
-    the current folder) or a parent, so a notebook opened from ``notebooks/`` finds the store the
-    CLI created in the project root; else ``default_uri()`` (a new store here)."""
+    """The store a loadkit run used by default: MLFLOW_TRACKING_URI if set, else the store in loadkit's
+    per-user home (``default_uri()``), which is the same whatever the current folder — so a notebook
+    opened from ``notebooks/`` (or anywhere) reads the store the CLI wrote. ``start`` is accepted for
+    callers that pass the notebook's folder; it no longer changes the answer."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        db = folder / DEFAULT_URI_DIR / "mlflow.db"
-        if db.is_file():
-            return f"sqlite:///{db}"
     return default_uri()
 
 

@@ -128,13 +128,16 @@ def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest
     assert shown.count("error (bug): TypeError") == 1 and shown.count("Traceback") == 1 and "in broken" in shown
 
 
-def test_the_notebook_finds_the_store_of_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opened from notebooks/, the notebook reads the store the CLI created in the project root."""
+def test_the_notebook_finds_the_store_the_cli_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From notebooks/ or any folder, the notebook reads the store the CLI wrote: the one in loadkit's home."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / ".loadkit").mkdir()
-    (tmp_path / ".loadkit" / "mlflow.db").write_bytes(b"")
+    monkeypatch.setenv("LOADKIT_HOME", str(tmp_path / "home"))
     (tmp_path / "notebooks").mkdir()
-    assert tracking.find_default_uri(tmp_path / "notebooks") == f"sqlite:///{tmp_path / '.loadkit' / 'mlflow.db'}"
+    expected = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert tracking.default_uri() == expected
+    assert tracking.find_default_uri(tmp_path / "notebooks") == expected
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert tracking.find_default_uri() == expected
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.find_default_uri(tmp_path / "notebooks") == "http://127.0.0.1:5000"
 
