@@ -52,9 +52,9 @@ def test_blank_lines_are_null_rows_of_a_one_column_table_else_counted_skips(
         ("a",), ("b",), ("c",), (None,), (None,)]
 
     # the ledger: per table, records = loaded + rejected, and lines = header + records + blank lines
-    sums = dict((r[0], r[1:]) for r in query(
+    sums = {r[0]: r[1:] for r in query(
         pg_dsn, f"SELECT table_name, sum(rows_in), sum(rows_loaded), sum(rows_rejected), sum(blank_lines) "
-                f'FROM "{led}".batch GROUP BY table_name'))
+                f'FROM "{led}".batch GROUP BY table_name')}
     assert sums == {"pairs": (2, 2, 0, 2), "single": (5, 5, 0, 0)}
     for name, raw, header in (("pairs", PAIRS_CSV, 1), ("single", SINGLE_CSV, 0)):
         rows_in, loaded, rejected, blank = sums[name]
