@@ -104,3 +104,12 @@ def test_an_older_ledger_gains_the_blank_lines_column_once(pg_dsn: str, schemas:
             assert cur.fetchall() == [(3, 0)]
     finally:
         conn.close()
+
+
+def test_a_blank_line_of_a_required_one_column_is_a_reject_with_its_line() -> None:
+    from tests.corpus import parse, rejects_of, rows_of, spec
+
+    parsed = parse(spec([ColumnConfig(name="v", type="text", nullable=False)]), b"a\n\nb\n")
+    assert rows_of(parsed) == [{"v": "a"}, {"v": "b"}]
+    assert rejects_of(parsed) == [(2, "v", "required value is missing")]
+    assert parsed.rows_in == 3 == parsed.rows.num_rows + parsed.rejects.num_rows and parsed.blank_lines == 0
