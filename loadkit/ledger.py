@@ -32,6 +32,7 @@ BATCH_SCHEMA = pa.schema([
     ("rows_coerced", pa.int64()),
     ("writer", pa.string()),
     ("attempts", pa.int32()),
+    ("blank_lines", pa.int64()),  # blank lines skipped, not records (see writer.BATCH_COUNT_FIELDS)
 ])
 
 REJECT_META = [("batch_id", pa.int64()), ("run_id", pa.string()), ("table_name", pa.string()),
@@ -72,6 +73,12 @@ def ddl(schema: str) -> List[str]:
         *(f"""DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{s}.table_load'::regclass
               AND attname = '{col}' AND NOT attisdropped) THEN ALTER TABLE {s}.table_load ADD COLUMN {col} bigint;
               END IF; END $$""" for col in ("duplicates", "deleted")),
+        # Blank lines a batch skipped (not records: rows_in = rows_loaded + rows_rejected still holds, and
+        # the batch's source lines = rows_in + blank_lines); 0 in ledgers created before the column existed.
+        f"""DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{s}.batch'::regclass
+              AND attname = 'blank_lines' AND NOT attisdropped) THEN
+              ALTER TABLE {s}.batch ADD COLUMN blank_lines bigint NOT NULL DEFAULT 0 CHECK (blank_lines >= 0);
+              END IF; END $$""",
         f"""CREATE TABLE IF NOT EXISTS {s}.reject (
             batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
             file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text,

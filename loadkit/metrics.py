@@ -27,6 +27,7 @@ class TableMetrics:
     rows_loaded: int = 0
     rows_rejected: int = 0
     rows_coerced: int = 0
+    blank_lines: int = 0  # blank lines skipped (not records; a one-column table loads them as NULL rows)
     bytes: int = 0
     retries: int = 0
     started: float = field(default_factory=time.time)
@@ -127,6 +128,7 @@ class RunMetrics:
         t.rows_loaded += r["rows_loaded"] or 0
         t.rows_rejected += r["rows_rejected"] or 0
         t.rows_coerced += r["rows_coerced"] or 0
+        t.blank_lines += r.get("blank_lines") or 0
         t.bytes += r["bytes"] or 0
         self.parsed[key] = self.parsed.get(key, 0) + (r["bytes"] or 0)
         retries = max(0, (r["attempts"] or 1) - 1)
@@ -265,6 +267,7 @@ class RunMetrics:
             "backpressure_s": max(0.0, self.read_wait_s - sum(b["parse_s"] or 0.0 for b in self._committed())),
             "batch_size_changes": len(self.batch_sizes),
             "stream_s": self.stream_s, "finalise_s": self.finalise_s,
+            "blank_lines": sum(t.blank_lines for t in self.tables.values()),
         }
         out.update(self.latencies())
         out.update(self.pool_figures())
@@ -276,7 +279,7 @@ class RunMetrics:
                         f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s,
                         f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries,
                         f"{t.name}.seconds": t.seconds, f"{t.name}.stream_s": t.stream_s,
-                        f"{t.name}.finalise_s": t.finalise_s})
+                        f"{t.name}.finalise_s": t.finalise_s, f"{t.name}.blank_lines": t.blank_lines})
             out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
                                                          ("duplicates", t.duplicates), ("deleted", t.deleted))
                         if v is not None})
@@ -352,6 +355,8 @@ def summary_table(metrics: RunMetrics, run_id: str, wall_s: float, label: str = 
     ``rows/s`` is rows read over that whole time; the TOTAL row uses the run's wall time, the
     same figures MLflow records as ``wall_s`` and ``rows_per_s`` (and ``history show`` prints).
     ``inserted``/``updated``/``duplicates``/``deleted`` come from finalisation (``-``: not applicable).
+    Blank lines skipped (never records: ``rows read = loaded + rejected``) are a footnote, printed
+    only when some table skipped any (see ``skipped_lines_note``).
     ``label`` (e.g. a sweep point's overrides) heads the table."""
     head = ("table", "mode", "files", "skipped", "rows read", "loaded", "rejected", "inserted", "updated",
             "duplicates", "deleted", "stream s", "final s", "seconds", "rows/s", "status")
@@ -369,7 +374,23 @@ def summary_table(metrics: RunMetrics, run_id: str, wall_s: float, label: str = 
                   f"{rejected:,}", total("inserted"), total("updated"), total("duplicates"), total("deleted"),
                   f"{metrics.stream_s:.1f}", f"{metrics.finalise_s:.1f}", f"{wall_s:.1f}",
                   f"{rate(read, wall_s):,.0f}", ""))
-    return (f"{label}\n" if label else "") + format_table(lines) + f"\nrun id: {run_id}"
+    note = skipped_lines_note(metrics)
+    return (f"{label}\n" if label else "") + format_table(lines) + (f"\n{note}" if note else "") + f"\nrun id: {run_id}"
+
+
+def skipped_lines_note(metrics: RunMetrics) -> str:
+    """The summary's footnote on blank lines skipped, or "" when no table skipped any.
+
+    ``skipped lines: 2 blank (people 2); lines = records + blank lines skipped, records = loaded + rejected``.
+    A blank line is a NULL row in a one-column table (a record, counted in ``rows read``) and is
+    skipped in any other table (counted here, never in ``rows read``)."""
+    per = [(t.name, t.blank_lines) for t in metrics.tables.values() if t.blank_lines]
+    if not per:
+        return ""
+    total = sum(n for _, n in per)
+    tables = ", ".join(f"{name} {n:,}" for name, n in per)
+    return (f"skipped lines: {total:,} blank ({tables}); "
+            "lines = records + blank lines skipped, records = loaded + rejected")
 
 
 def format_table(lines: Sequence[Sequence[str]]) -> str:

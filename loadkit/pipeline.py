@@ -431,6 +431,7 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
         batch_id=batch_id(table.name, period, rec["file_sha"], rec["member"], rec["start"]),
         rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
         rows_coerced=sum(parsed.coerced.values()), bytes=len(rec["data"]), parse_s=time.perf_counter() - started,
+        blank_lines=parsed.blank_lines,
         rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects), message=None,
     )
     return out

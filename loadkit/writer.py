@@ -37,6 +37,9 @@ BATCH_COUNT_FIELDS = [
     ("rows_coerced", pa.int64()),
     ("bytes", pa.int64()),
     ("parse_s", pa.float64()),
+    # Blank lines the parser skipped (a table of two or more columns; in a one-column table a blank
+    # line is a NULL row). Not records: a batch's source lines = rows_in + blank_lines (+ header).
+    ("blank_lines", pa.int64()),
 ]
 
 RESULT_SCHEMA = pa.schema([
@@ -108,7 +111,7 @@ class BatchWriter:
     def _handle(self, rec: Dict[str, Any]) -> Dict[str, Any]:
         out = {k: rec.get(k) for k in ("kind", "table_name", "file_sha", "member", "batch_id", "rows_in",
                                         "rows_loaded", "rows_rejected", "rows_coerced", "bytes", "parse_s",
-                                        "message")}
+                                        "blank_lines", "message")}
         out["writer"] = self._name
         if rec["kind"] != "data":
             out.update(status=rec["kind"], write_s=0.0, attempts=0)
@@ -177,7 +180,7 @@ class BatchWriter:
             "member": rec["member"], "start_offset": rec["start"], "end_offset": rec["end"],
             "first_line": rec["first_line"], "rows_in": rec["rows_in"], "rows_loaded": rec["rows_loaded"],
             "rows_rejected": rec["rows_rejected"], "rows_coerced": rec["rows_coerced"], "writer": self._name,
-            "attempts": self._attempts,
+            "attempts": self._attempts, "blank_lines": rec.get("blank_lines") or 0,
         }
         return pa.Table.from_pylist([values], schema=ledger.BATCH_SCHEMA)
 

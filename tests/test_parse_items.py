@@ -119,7 +119,8 @@ def test_item6_end_to_end_same_rows_for_every_batch_size(tmp_path: Path, pg_dsn:
     month = tmp_path / "2024-05"
     month.mkdir()
     # the reader's 64 KiB chunk target ends between the quoted LF and the record's end
-    write_zip(month / "Cnaes.zip", {"F.K03200$Z.D40511.CNAECSV": _cnaes(2000, 1457, lf_at=65_530)})
+    member = _cnaes(2000, 1457, lf_at=65_530)
+    write_zip(month / "Cnaes.zip", {"F.K03200$Z.D40511.CNAECSV": member})
     others = ("empresas", "estabelecimentos", "socios", "simples", "motivos", "municipios", "naturezas", "paises",
               "qualificacoes")
     result = run_job(compose(job_overrides(tmp_path, f"env.executor={executor}", f"batch.size={size}",
@@ -130,6 +131,14 @@ def test_item6_end_to_end_same_rows_for_every_batch_size(tmp_path: Path, pg_dsn:
     got = query(pg_dsn, f'SELECT codigo, descricao FROM "{target}".cnaes ORDER BY codigo')
     assert len(got) == 2000 and result.metrics.tables["cnaes"].rows_rejected == 0
     assert got[1456] == ("0001457", "COMERCIO VAREJISTA DE ARTIGOS DIVERSOS\nNAO ESPECIFICADOS")
+    # the accounting adds up across batches (item 7): records = loaded + rejected in the ledger and
+    # the metrics, and lines = records + blank lines skipped + the one quoted LF (no header)
+    led = schemas[1]
+    rows_in, loaded, rejected, blank = query(
+        pg_dsn, f'SELECT sum(rows_in), sum(rows_loaded), sum(rows_rejected), sum(blank_lines) FROM "{led}".batch')[0]
+    cnaes = result.metrics.tables["cnaes"]
+    assert rows_in == loaded + rejected == cnaes.rows_read == cnaes.rows_loaded + cnaes.rows_rejected == 2000
+    assert member.count(b"\n") == rows_in + blank + 1 and blank == cnaes.blank_lines == 0
 
 
 def test_item7_blank_lines_are_null_rows_of_a_one_column_table_else_skipped_and_counted() -> None:
