@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from loadkit import db
+from loadkit import db, home
 from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, sqlstate_of
 from loadkit.metrics import format_table, rate
 from loadkit.security import mask_text, qualified
@@ -152,7 +152,8 @@ def render_compare(a: Dict[str, Any], b: Dict[str, Any], rows: Sequence[Dict[str
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadkit.history", description=__doc__.splitlines()[0])
     p.add_argument("--dsn", default=os.environ.get("LOADKIT_DSN"), help="sink DSN (default LOADKIT_DSN)")
-    p.add_argument("--embedded-dir", default=".loadkit/pgdata", help="embedded PostgreSQL when no DSN is given")
+    p.add_argument("--embedded-dir", default=None,
+                   help="embedded PostgreSQL when no DSN is given (default: pgdata in loadkit's home)")
     p.add_argument("--ledger-schema", default="loadkit")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> str:
-    h = History(db.resolve_dsn(args.dsn, args.embedded_dir), args.ledger_schema, args.tracking_uri)
+    embedded = args.embedded_dir or str(home.pgdata())
+    h = History(db.resolve_dsn(args.dsn, embedded), args.ledger_schema, args.tracking_uri)
     if args.command == "list":
         return render_list(h.runs(args.limit, args.job))
     if args.command == "show":
