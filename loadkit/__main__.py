@@ -56,6 +56,8 @@ def run_task(cfg: DictConfig) -> Optional[int]:
     sys.stdout.flush()
     if result.mlflow_run_id:
         sys.stderr.write(mlflow_hint(typed.tracking.uri, result.mlflow_run_id) + "\n")
+    elif typed.tracking.enabled:  # recorded by the background flush: its MLflow id is not known yet
+        sys.stderr.write(mlflow_hint(typed.tracking.uri, None, loadkit_run_id=result.run_id) + "\n")
     code = exit_code(result)
     if result.error is not None:
         sys.stderr.write(f"loadkit: run {result.status} ({classify(result.error).value}): {result.error}\n")
@@ -82,16 +84,23 @@ def plan_task(cfg: DictConfig) -> Optional[int]:
     return 0
 
 
-def mlflow_hint(uri: Optional[str], run_id: str) -> str:
+def mlflow_hint(uri: Optional[str], run_id: Optional[str], loadkit_run_id: Optional[str] = None) -> str:
     """How to open this MLflow run in the UI: the URL on a tracking server, else the ``mlflow ui``
-    command for the local store and the run's page on it (the store's URI masked)."""
-    from loadkit.tracking import default_uri, get_run
+    command for the local store and the run's page on it (the store's URI masked). Without an
+    MLflow ``run_id`` (a background flush is still writing it), the page is the run search by the
+    ``loadkit_run_id`` tag; MLflow itself is then not imported."""
+    from loadkit.tracking import default_uri
 
     store = uri or default_uri()
-    try:
-        page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}"
-    except Exception:  # noqa: BLE001 -- the hint must never fail a finished run
-        page = f"#/runs/{run_id}"
+    if run_id is None:
+        page = f"#/experiments  (search: tags.loadkit_run_id = '{loadkit_run_id}')"
+    else:
+        from loadkit.tracking import get_run
+
+        try:
+            page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}"
+        except Exception:  # noqa: BLE001 -- the hint must never fail a finished run
+            page = f"#/runs/{run_id}"
     if store.startswith(("http://", "https://")):
         return f"loadkit: MLflow run: {mask_text(store.rstrip('/'))}/{page}"
     return (f"loadkit: open the MLflow run with: mlflow ui --backend-store-uri {mask_text(store)}"
