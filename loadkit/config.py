@@ -454,17 +454,19 @@ _PLACEHOLDER = re.compile(r"{(\w+)")
 
 def job_params(job: JobConfig) -> List[str]:
     """The run parameters a job needs: ``job.params`` if declared, else the {placeholders} its
-    enabled tables' path templates (and job.period) use, plus year and month for snapshot tables."""
+    enabled tables' path templates (and job.period, job.remote.url) use, plus year and month for
+    snapshot tables and for merge tables with delete_missing (their sync is per month)."""
     if job.params is not None:
         return list(job.params)
     used = set(_PLACEHOLDER.findall(job.period or ""))
+    used.update(_PLACEHOLDER.findall(job.remote.url or ""))  # the fetch stage's URL template
     for t in job.tables.values():
         if not t.enabled:
             continue
         for template in t.source.paths or []:
             used.update(_PLACEHOLDER.findall(template))
-        if t.mode == "snapshot":
-            used.update(("year", "month"))
+        if t.mode == "snapshot" or (t.mode == "merge" and t.delete_missing):
+            used.update(("year", "month"))  # a YYYYMM partition / the month a full-snapshot sync closes
     return [p for p in PARAMS if p in used] + sorted(used - set(PARAMS))
 
 

@@ -400,6 +400,8 @@ class Runner:
             return None
         from datetime import date
 
+        # config.job_params makes year and month required for a merge table with delete_missing
+        assert plan.year is not None and plan.month is not None
         month_start = date(plan.year, plan.month, 1)
         if table.history:
             modes.open_history(cur, table, plan.ledger_schema, plan.period, month_start)
@@ -547,6 +549,10 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
         return []
     from loadkit import fetch
 
+    if cfg.year is None or cfg.month is None:
+        from loadkit.errors import ConfigError
+
+        raise ConfigError("the fetch stage downloads one month: give year= and month= (or fetch=never)", key="month")
     root = Path(cfg.data_root).expanduser()
     folder = root / f"{cfg.year:04d}-{cfg.month:02d}"
     if cfg.fetch == "auto" and not fetch.needs_fetch(folder):

@@ -73,3 +73,17 @@ def test_sql_injection_in_table_name_is_refused() -> None:
     with pytest.raises(ConfigError):
         quote_ident('x"; drop table y; --')
     assert quote_ident("empresas") == '"empresas"'
+
+
+def test_sync_and_fetch_make_year_and_month_required() -> None:
+    """A merge table with delete_missing is synced per month, and job.remote.url's placeholders are
+    run parameters: job_params asks for them even when no path template uses them."""
+    from loadkit.config import JobConfig, RemoteConfig, SourceConfig, TableConfig, job_params
+
+    table = TableConfig(mode="merge", key=["id"], source=SourceConfig(paths=["people.csv"]))
+    assert job_params(JobConfig(name="one", tables={"people": table})) == []
+    table.delete_missing = True
+    assert job_params(JobConfig(name="one", tables={"people": table})) == ["year", "month"]
+    table.delete_missing = False
+    remote = RemoteConfig(url="http://127.0.0.1:8000/{year:04d}/{day:02d}/")
+    assert job_params(JobConfig(name="one", tables={"people": table}, remote=remote)) == ["year", "day"]
