@@ -46,7 +46,8 @@ def main() -> int:
     creds = ConnectionStringCredentials(args.dsn)
     if not creds.password:  # dlt insists on one; a trust-auth server ignores it
         creds.password = "unused"
-    pipeline = dlt.pipeline(pipeline_name=f"bench_{args.schema}", destination=dlt.destinations.postgres(creds.to_native_representation()),
+    pipeline = dlt.pipeline(pipeline_name=f"bench_{args.schema}",
+                            destination=dlt.destinations.postgres(creds.to_native_representation()),
                             dataset_name=args.schema, pipelines_dir=f"/tmp/dlt-pipelines-{args.schema}")
     resources = []
     for spec in args.files:

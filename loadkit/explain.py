@@ -18,7 +18,8 @@ from loadkit.plan import LoadPlan, TableSpec
 from loadkit.security import mask_dsn
 
 _DDL = ("CREATE", "ALTER", "DROP", "TRUNCATE")
-_IF_NOT_EXISTS = re.compile(r'^\s*CREATE\s+(?:UNLOGGED\s+)?(SCHEMA|TABLE)\s+IF\s+NOT\s+EXISTS\s+("[^"]+"(?:\."[^"]+")?)',
+_IF_NOT_EXISTS = re.compile(
+    r'^\s*CREATE\s+(?:UNLOGGED\s+)?(SCHEMA|TABLE)\s+IF\s+NOT\s+EXISTS\s+("[^"]+"(?:\."[^"]+")?)',
                             re.IGNORECASE)
 
 

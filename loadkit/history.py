@@ -22,7 +22,8 @@ from loadkit.security import mask_text, qualified
 _RUN_COLS = ("run_id", "job", "period", "status", "started_at", "finished_at", "rows_read", "rows_loaded",
              "rows_rejected", "error_category", "error_text", "mlflow_run_id")
 # MLflow metrics worth comparing, in display order (others are listed after them).
-_KEY_METRICS = ("wall_s", "stream_s", "finalise_s", "rows_per_s", "batches_per_s", "batches", "batch_write_s_p50", "batch_write_s_p95",
+_KEY_METRICS = ("wall_s", "stream_s", "finalise_s", "rows_per_s", "batches_per_s", "batches", "batch_write_s_p50",
+                "batch_write_s_p95",
                 "batch_write_s_max", "batch_parse_s_p50", "batch_parse_s_p95", "peak_rss_bytes", "peak_pss_bytes",
                 "writer_busy_mean", "driver_wait_s", "backpressure_s", "retries", "alerts")
 

@@ -480,7 +480,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="where to write the YAML (default: print it); "
                    "put it in <dir>/job/NAME.yaml and load with --config-dir <dir>")
     p.add_argument("--name", help="job name (default: the output file's stem, else the first file's)")
-    p.add_argument("--data-root", type=Path, help="folder the paths are relative to (default: the files' common folder)")
+    p.add_argument("--data-root", type=Path,
+                   help="folder the paths are relative to (default: the files' common folder)")
     p.add_argument("--sample-bytes", type=int, default=64 << 20, help="bytes read per file (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return p

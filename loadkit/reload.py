@@ -48,7 +48,7 @@ def compose_groups(overrides: List[str], year: int, month: int) -> tuple:
     )
     from loadkit.errors import ConfigError
 
-    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("year", "month")]
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("year", "month")]
     register()
     try:
         with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):

@@ -801,7 +801,8 @@ def _split(table: TableSpec, typed: Dict[str, pa.Array], chk: _Checker, invalid:
     typed[ROW_COL] = (pa.array(np.arange(ordinals.start, ordinals.stop, dtype=np.int32)) if isinstance(ordinals, range)
                       else pa.array(ordinals, pa.int32()))
     good = pa.table([typed[f.name] for f in schema], schema=schema)
-    reject_rows: List[Tuple[int, Optional[str], str, Optional[str]]] = [(o, None, why, text) for o, why, text in invalid]
+    reject_rows: List[Tuple[int, Optional[str], str, Optional[str]]] = [
+        (o, None, why, text) for o, why, text in invalid]
     if chk.rejected:
         good = good.filter(pa.array([r is None for r in chk.reason]))
         reject_rows += [(ordinals[i], r[0], r[1], None) for i, r in enumerate(chk.reason) if r is not None]

@@ -89,7 +89,8 @@ def test_rerun_is_idempotent_and_ledgered(month: SampleManifest, pg_dsn: str, sc
     assert first.status == second.status == "succeeded"
     assert {t: query(pg_dsn, f'SELECT count(*) FROM "{target}"."{t}"')[0][0] for t in month.rows} == counts
     assert all(t.files_skipped == t.files for t in second.metrics.tables.values())
-    runs = query(pg_dsn, f'SELECT run_id, status, rows_read, rows_loaded, rows_rejected FROM "{led}".run ORDER BY started_at')
+    runs = query(pg_dsn, f'SELECT run_id, status, rows_read, rows_loaded, rows_rejected FROM "{led}".run '
+                         'ORDER BY started_at')
     assert [r[1] for r in runs] == ["succeeded", "succeeded"]
     assert runs[0][2] == sum(month.rows.values()) == runs[0][3] + runs[0][4]
     assert runs[1][2] == 0
