@@ -384,12 +384,13 @@ def to_config(cfg: DictConfig | LoadkitConfig) -> LoadkitConfig:
         obj = cfg
     else:
         try:
-            obj = OmegaConf.to_object(cfg)
+            composed = OmegaConf.to_object(cfg)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None)
             raise ConfigError(f"invalid configuration: {exc.msg if hasattr(exc, 'msg') else exc}", key=key) from None
-        if not isinstance(obj, LoadkitConfig):
+        if not isinstance(composed, LoadkitConfig):
             raise ConfigError("configuration does not follow the loadkit schema")
+        obj = composed
     validate(obj)
     return obj
 

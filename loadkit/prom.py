@@ -217,7 +217,7 @@ def serve(cfg: Any, metrics: Any, monitor: Any, alerts: Any, run_id: str) -> Opt
     """Start the endpoint if ``cfg.telemetry.metrics_port`` is set (None: off); never fails the run."""
     telemetry = getattr(cfg, "telemetry", None)
     port = getattr(telemetry, "metrics_port", None)
-    if port is None:
+    if telemetry is None or port is None:
         return None
     try:
         return MetricsEndpoint(RunCollector(metrics, monitor, alerts), telemetry.metrics_host, port, run_id,

@@ -63,7 +63,7 @@ def provider_for(cfg: Any) -> Any:
     global _provider
     telemetry = getattr(cfg, "telemetry", None)
     tracing = getattr(telemetry, "tracing", "off")
-    if tracing == "off":
+    if telemetry is None or tracing == "off":
         return None
     if _provider is None:
         _provider = _build(tracing, telemetry.otlp_endpoint)

@@ -931,7 +931,7 @@ def _encode(lines: list[str]) -> bytes:
     return ('"' + '"\n"'.join(lines) + '"\n').encode("latin-1") if lines else b""
 
 
-def _write(folder: Path, archive: str, member: str, chunks: Iterator[bytes], stamp: tuple[int, ...],
+def _write(folder: Path, archive: str, member: str, chunks: Iterator[bytes], stamp: tuple[int, int, int, int, int, int],
            compress: bool, rows: int) -> Path:
     """Write one member, zipped with fixed metadata (byte-identical reruns) or raw for benchmarks."""
     if not compress:
@@ -945,10 +945,8 @@ def _write(folder: Path, archive: str, member: str, chunks: Iterator[bytes], sta
     info.compress_type = zipfile.ZIP_DEFLATED
     info.create_system = 3
     info.external_attr = 0o644 << 16
-    if hasattr(info, "compress_level"):  # renamed from _compresslevel in Python 3.13
-        info.compress_level = _ZIP_LEVEL
-    else:
-        info._compresslevel = _ZIP_LEVEL
+    # renamed from _compresslevel in Python 3.13
+    setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel", _ZIP_LEVEL)
     with zipfile.ZipFile(path, "w") as zf, zf.open(info, "w", force_zip64=rows * 1000 > zipfile.ZIP64_LIMIT) as fh:
         for chunk in chunks:
             fh.write(chunk)
