@@ -208,6 +208,36 @@ def unpublished_batches(cur: Any, schema: str, table: str, period: str) -> Dict[
     return {int(b): int(n) for b, n in cur.fetchall()}
 
 
+@dataclass(frozen=True)
+class StagedBatch:
+    """A committed batch whose rows should still be in staging (its file is not published yet)."""
+
+    batch_id: int
+    run_id: str
+    rows_in: int
+    rows_loaded: int
+    rows_rejected: int
+
+
+def unpublished_batch_rows(cur: Any, schema: str, table: str, period: str) -> Dict[int, StagedBatch]:
+    """batch id -> StagedBatch for committed batches of unpublished files: what staging must hold."""
+    cur.execute(
+        f"SELECT b.batch_id, b.run_id, b.rows_in, b.rows_loaded, b.rows_rejected FROM {qualified(schema, 'batch')} b "
+        f"LEFT JOIN {qualified(schema, 'file')} f "
+        "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+        "WHERE b.table_name=%s AND b.period=%s AND f.status IS DISTINCT FROM 'loaded'",
+        (table, period),
+    )
+    return {int(r[0]): StagedBatch(int(r[0]), r[1], int(r[2]), int(r[3]), int(r[4])) for r in cur.fetchall()}
+
+
+def staged_files(cur: Any, schema: str, table: str, period: str) -> int:
+    """How many files of the table's month are staged but not yet published."""
+    cur.execute(f"SELECT count(*) FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s "
+                "AND status='staged'", (table, period))
+    return int(cur.fetchone()[0])
+
+
 def forget_batches(cur: Any, schema: str, ids: Sequence[int]) -> None:
     """Drop these batches and their rejects from the ledger, so a resume reads their byte ranges again."""
     if ids:

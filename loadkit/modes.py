@@ -12,8 +12,9 @@ table's sorted file list wins, then the last batch (byte offset) in it, then the
 batch -- i.e. "last shard wins, last record wins", the same in every run.
 
 Staging is UNLOGGED (no WAL: about half the write I/O). PostgreSQL empties UNLOGGED tables in
-crash recovery while the ledger still says their batches committed, so ``forget_lost_batches``
-compares staged rows per batch with the ledger before every resume and forgets what was lost.
+crash recovery while the ledger still says their batches committed, so ``verify_staging``
+compares staged rows per batch with the ledger before every resume and again inside every
+publishing transaction, and forgets what was lost so it is read again (never published short).
 
 Every finalisation runs in the caller's transaction, together with marking the files loaded.
 """
@@ -237,30 +238,43 @@ def _create_indexes(cur: Any, table: TableSpec, on: str) -> None:
                     f"ON {qualified(table.schema, on)} ({_cols(cols)})")
 
 
-def forget_lost_batches(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Tuple[int, int]:
-    """Before a resume: forget ledger batches whose rows are no longer (all) in staging.
+def verify_staging(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> List[ledger.StagedBatch]:
+    """Compare staging with the ledger per batch; forget (and return) the batches whose rows are gone.
 
     Crash recovery empties UNLOGGED tables (and a staging table is dropped when the
-    declaration changed), while the ledger still says those batches committed; forgetting
-    them makes the resume read their byte ranges again. Returns (batches, rows) forgotten.
+    declaration changed), while the ledger still says those batches committed. Forgetting
+    them (their ledger rows, rejects and any partial staged rows) makes the next read take
+    their byte ranges again. Staged rows of batches the ledger does not know are deleted
+    too. Runs before every resume and, in the publishing transaction, before every
+    finalisation, so nothing is published from a staging table that lost rows.
     """
     if table.mode == "append":
-        return 0, 0
-    expected = ledger.unpublished_batches(cur, ledger_schema, table.name, period)
-    if not expected:
-        return 0, 0
+        return []
+    expected = ledger.unpublished_batch_rows(cur, ledger_schema, table.name, period)
     stage = qualified(table.schema, table.load_table)
-    cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
-    staged = {int(b): int(n) for b, n in cur.fetchall()}
-    lost = [b for b, rows in expected.items() if staged.get(b, 0) != rows]
+    cur.execute("SELECT to_regclass(%s)", (stage,))
+    if cur.fetchone()[0] is None:
+        staged: Dict[int, int] = {}
+    else:
+        cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
+        staged = {int(b): int(n) for b, n in cur.fetchall()}
+    lost = [b for b, sb in expected.items() if staged.get(b, 0) != sb.rows_loaded]
+    orphans = [b for b in staged if b not in expected]
+    if (lost or orphans) and staged:
+        cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost + orphans,))
     if not lost:
-        return 0, 0
-    cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost,))
+        return []
     ledger.forget_batches(cur, ledger_schema, lost)
-    rows = sum(expected[b] for b in lost)
+    rows = sum(expected[b].rows_loaded for b in lost)
     log.warning("%s: %d committed batch(es) with %d rows are missing from staging %s (crash recovery empties "
                 "UNLOGGED tables); they will be read again", table.name, len(lost), rows, table.load_table)
-    return len(lost), rows
+    return [expected[b] for b in lost]
+
+
+def forget_lost_batches(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Tuple[int, int]:
+    """verify_staging, summarised: (batches, rows) forgotten."""
+    lost = verify_staging(cur, table, ledger_schema, period)
+    return len(lost), sum(b.rows_loaded for b in lost)
 
 
 def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:

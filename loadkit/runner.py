@@ -36,6 +36,9 @@ from loadkit.tracking import RunTracker
 log = logging.getLogger("loadkit.run")
 
 _PROGRESS_EVERY_S = 5.0
+# Read-again rounds when staging lost batches before publishing (a crash restart empties UNLOGGED
+# tables); past this many the run fails transient and the rerun resumes.
+_MAX_REREADS = 3
 
 
 @dataclass
@@ -128,12 +131,22 @@ class Runner:
         try:
             with _Signals(lambda: self._watchdog.error if self._watchdog is not None else None):
                 units = self._prepare(plan, metrics)
-                for u in units:
-                    self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
-                self._stream(plan, units, metrics, alerts, monitor, tracker)
-                self._check_final_thresholds(plan, metrics)
-                failed = self._settle_files(plan, metrics)
-                self._finalize_tables(plan, metrics, failed)
+                tables = [t.name for t in plan.tables]
+                for round_ in range(_MAX_REREADS + 1):
+                    for u in units:
+                        self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
+                    self._stream(plan, units, metrics, alerts, monitor, tracker)
+                    self._check_final_thresholds(plan, metrics)
+                    failed += self._settle_files(plan, metrics, tables)
+                    lost = self._finalize_tables(plan, metrics, failed, tables)
+                    if not lost:
+                        break
+                    if round_ == _MAX_REREADS:
+                        raise TransientDBError(f"staging lost committed batches {round_ + 1} times (is the server "
+                                               "crash-restarting?); nothing of them was published, rerun to resume",
+                                               tables=",".join(lost))
+                    log.warning("re-reading the batches staging lost before publishing: %s", ", ".join(lost))
+                    units, tables = self._reread(plan, metrics, lost), lost
             if self._aborted:
                 status = "failed"
                 error = RejectThresholdError("; ".join(self._aborted.values()), tables=sorted(self._aborted))
@@ -163,9 +176,7 @@ class Runner:
                     modes.reset(cur, table, plan.ledger_schema, plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
                     modes.forget_lost_batches(cur, table, plan.ledger_schema, plan.period)
-                done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
-                ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
-                todo = [f for f in table.files if done.get(f.sha256) != "loaded"]
+                todo, ranges = self._todo(cur, plan, table)
                 if table.mode in ("replace", "snapshot") and 0 < len(todo) < len(table.files):
                     # These modes publish a whole month at once: a new file in a published month
                     # means rebuilding it from every file, or the swap would drop the others' rows.
@@ -177,11 +188,33 @@ class Runner:
                                    len(table.files), len(table.files) - len(todo))
             tm = metrics.tables[table.name]
             tm.files, tm.files_skipped = len(table.files), len(table.files) - len(todo)
-            for f in todo:
-                committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == f.sha256)
-                units.append(ReadUnit(table, f, committed, plan.batch.size))
+            units += self._units(plan, table, todo, ranges)
             if not todo:
                 tm.status = "skipped"
+        return units
+
+    def _todo(self, cur: Any, plan: LoadPlan, table: TableSpec) -> Tuple[List[Any], Dict[Any, Any]]:
+        """The table's files not yet published, and the byte ranges already committed (to skip)."""
+        done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
+        ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
+        return [f for f in table.files if done.get(f.sha256) != "loaded"], ranges
+
+    def _units(self, plan: LoadPlan, table: TableSpec, todo: List[Any], ranges: Dict[Any, Any]) -> List[ReadUnit]:
+        out = []
+        for f in todo:
+            committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == f.sha256)
+            out.append(ReadUnit(table, f, committed, plan.batch.size))
+        return out
+
+    def _reread(self, plan: LoadPlan, metrics: RunMetrics, tables: List[str]) -> List[ReadUnit]:
+        """Read units for the byte ranges staging lost (the committed rest is skipped by its ranges)."""
+        units: List[ReadUnit] = []
+        for name in tables:
+            table = plan.table(name)
+            with db.transaction(self.dsn) as cur:
+                todo, ranges = self._todo(cur, plan, table)
+            units += self._units(plan, table, todo, ranges)
+            metrics.tables[name].status = "pending"
         return units
 
     def _stream(self, plan: LoadPlan, units: List[ReadUnit], metrics: RunMetrics, alerts: AlertEngine,
@@ -306,46 +339,86 @@ class Runner:
         tracker.metrics(figures, step=step)
         alerts.check("memory_fraction", "host", figures["memory_fraction"])
 
-    def _settle_files(self, plan: LoadPlan, metrics: RunMetrics) -> List[Tuple[str, str, str]]:
+    def _settle_files(self, plan: LoadPlan, metrics: RunMetrics, tables: List[str]) -> List[Tuple[str, str, str]]:
         """Per file: verify accounting, mark it, or discard everything a failed file committed."""
         failed: List[Tuple[str, str, str]] = []
         for table in plan.tables:
+            if table.name not in tables:
+                continue
             for f in table.files:
                 if metrics.tables[table.name].status == "skipped":
                     continue
                 error = metrics.file_error(table.name, f.sha256)
                 if error is None and f.sha256 in self._reading.get(table.name, ()):
                     error = self._aborted.get(table.name)
-                with db.transaction(self.dsn) as cur:
-                    if error:
-                        modes.discard_file(cur, table, plan.ledger_schema, plan.period, f.sha256)
-                        ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
-                                         f.rel, f.ordinal, f.size, "failed", error=error)
-                        failed.append((table.name, f.rel, error))
-                        continue
-                    totals = ledger.file_totals(cur, plan.ledger_schema, table.name, plan.period, f.sha256)
-                    if totals[0] != totals[1] + totals[2]:
-                        raise LoadkitError("rows_read != rows_loaded + rows_rejected", table=table.name, file=f.rel,
-                                           totals=totals)
-                    status = "loaded" if table.mode == "append" else "staged"
-                    ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
-                                     f.rel, f.ordinal, f.size, status, totals)
+                retrying(plan.retry)(self._settle_file, plan, table, f, error, failed)
         return failed
 
-    def _finalize_tables(self, plan: LoadPlan, metrics: RunMetrics, failed: List[Tuple[str, str, str]]) -> None:
+    def _settle_file(self, plan: LoadPlan, table: TableSpec, f: Any, error: Optional[str],
+                     failed: List[Tuple[str, str, str]]) -> None:
+        """One file's settlement, one transaction (retried whole on a transient failure)."""
+        with db.transaction(self.dsn) as cur:
+            if error:
+                modes.discard_file(cur, table, plan.ledger_schema, plan.period, f.sha256)
+                ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
+                                 f.rel, f.ordinal, f.size, "failed", error=error)
+            else:
+                totals = ledger.file_totals(cur, plan.ledger_schema, table.name, plan.period, f.sha256)
+                if totals[0] != totals[1] + totals[2]:
+                    raise LoadkitError("rows_read != rows_loaded + rows_rejected", table=table.name, file=f.rel,
+                                       totals=totals)
+                status = "loaded" if table.mode == "append" else "staged"
+                ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
+                                 f.rel, f.ordinal, f.size, status, totals)
+        if error:
+            failed.append((table.name, f.rel, error))
+
+    def _finalize_tables(self, plan: LoadPlan, metrics: RunMetrics, failed: List[Tuple[str, str, str]],
+                         tables: List[str]) -> List[str]:
+        """Publish each table whose files all settled; returns the tables whose staging lost batches.
+
+        Each table publishes in one transaction that first re-verifies staging against the
+        ledger per batch (``modes.verify_staging``): a crash restart empties UNLOGGED staging,
+        and publishing from it would lose rows while the ledger says they loaded. Lost batches
+        are forgotten (committed, without publishing) and the caller reads them again. A
+        transient failure (the server restarting mid-finalise) retries the whole transaction;
+        a table whose files are already all published (a commit whose reply was lost) is not
+        published twice.
+        """
         failed_tables = {t for t, _, _ in failed}
+        lost_tables: List[str] = []
         for table in plan.tables:
             tm = metrics.tables[table.name]
-            if tm.status == "skipped":
+            if table.name not in tables or tm.status == "skipped":
                 continue
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
-            with db.transaction(self.dsn) as cur:
-                inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
-                ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
-                tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+            if retrying(plan.retry)(self._finalize_table, plan, table, tm):
+                lost_tables.append(table.name)
+        return lost_tables
+
+    def _finalize_table(self, plan: LoadPlan, table: TableSpec, tm: Any) -> bool:
+        """One table's verify-then-publish transaction; True if staging lost batches (nothing published)."""
+        with db.transaction(self.dsn) as cur:
+            if table.mode != "append" and not ledger.staged_files(cur, plan.ledger_schema, table.name, plan.period):
+                log.info("%s: already published (the previous attempt committed)", table.name)
+                tm.status = "loaded"
                 ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
+                return False
+            lost = modes.verify_staging(cur, table, plan.ledger_schema, plan.period)
+            if lost:
+                ours = [b for b in lost if b.run_id == plan.run_id]  # counted by this run: read again below
+                tm.rows_read -= sum(b.rows_in for b in ours)
+                tm.rows_loaded -= sum(b.rows_loaded for b in ours)
+                tm.rows_rejected -= sum(b.rows_rejected for b in ours)
+                tm.batches -= len(ours)
+                return True
+            inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
+            ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
+            tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+            ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
+        return False
 
     # ------------------------------------------------------------ end of run
 
