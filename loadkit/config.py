@@ -125,8 +125,14 @@ class SinkConfig:
     dsn: Optional[str] = None
     embedded_dir: str = ".loadkit/pgdata"
     ledger_schema: str = "loadkit"
+    # Seconds libpq waits for a connection (every driver and writer connection); 0 waits forever.
     connect_timeout: int = 10
+    # Server-side statement_timeout of every loadkit session, ms (0 = none). A statement over it
+    # fails with 57014 and is retried as transient (a COPY batch, a ledger query, a finalize step).
     statement_timeout_ms: int = 0
+    # Server-side lock_timeout of every loadkit session, ms (0 = none): a statement waiting longer
+    # for a lock (a reader holding the table a finalize swaps) fails with 55P03 and is retried.
+    lock_timeout_ms: int = 0
 
 
 @dataclass
@@ -202,6 +208,9 @@ class EnvConfig:
     executor: str = "auto"
     inprocess_max_bytes: int = 32 * 1024 * 1024
     inprocess_max_cpus: int = 2
+    # The run's deadline in seconds (0 = none): past it the run stops like an interrupt (committed
+    # batches stay for the resume) and fails transient (exit 4) with "run deadline exceeded".
+    max_run_seconds: float = 0
 
 
 @dataclass
@@ -280,6 +289,9 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.env.inprocess_max_bytes >= 0, "env.inprocess_max_bytes", "env.inprocess_max_bytes must be >= 0")
     _require(cfg.env.inprocess_max_cpus >= 0, "env.inprocess_max_cpus", "env.inprocess_max_cpus must be >= 0")
     _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
+    for key in ("connect_timeout", "statement_timeout_ms", "lock_timeout_ms"):
+        _require(getattr(cfg.sink, key) >= 0, f"sink.{key}", f"sink.{key} must be >= 0 (0 = no limit)")
+    _require(cfg.env.max_run_seconds >= 0, "env.max_run_seconds", "env.max_run_seconds must be >= 0 (0 = none)")
     _require(IDENTIFIER.match(cfg.sink.ledger_schema) is not None, "sink.ledger_schema",
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")
     assert cfg.job is not None

@@ -14,14 +14,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 from urllib.parse import quote
 
 import psycopg2
 import psycopg2.extensions
 
-from loadkit.errors import ConfigError, TransientDBError
-from loadkit.security import mask_dsn
+from loadkit.errors import Category, ConfigError, LoadkitError, OperatorError, TransientDBError, classify
+from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret
 
 log = logging.getLogger("loadkit.db")
 
@@ -47,12 +47,67 @@ def embedded_dsn(embedded_dir: str) -> str:
     return server.get_uri()
 
 
-def connect(dsn: str, connect_timeout: int = 10, autocommit: bool = False) -> psycopg2.extensions.connection:
-    """A psycopg2 connection; connection failures surface as TransientDBError with a masked DSN."""
+def parse_dsn(dsn: str) -> Dict[str, str]:
+    """The DSN's parameters by libpq's own rules (URI or key=value; psycopg2's ``parse_dsn``).
+
+    A DSN libpq cannot parse is a ConfigError whose message never quotes the DSN or libpq's
+    complaint (both may hold the password). Every password found is registered with
+    ``security.register_secret`` so no later output can show it."""
+    register_dsn(dsn)
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=connect_timeout, application_name="loadkit")
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise ConfigError("sink.dsn is not a valid libpq connection URI or key=value string (its text is "
+                          "withheld because it may contain the password; percent-encode reserved characters "
+                          "such as @ / # % ? : in a URI password)", key="sink.dsn") from None
+    if params.get("password"):
+        register_secret(params["password"])
+    return params
+
+
+def session_dsn(dsn: str, connect_timeout: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0) -> str:
+    """The DSN every loadkit connection uses: libpq key=value form with ``sink.connect_timeout`` and
+    the server-side ``statement_timeout``/``lock_timeout`` (0 = none) in ``options``.
+
+    Set in the DSN, the limits reach every connection (psycopg2 in the driver, ADBC in the
+    writers, Ray workers included) without each connect call knowing them."""
+    params = parse_dsn(dsn)
+    options = [params.get("options", "")]
+    if statement_timeout_ms:
+        options.append(f"-c statement_timeout={int(statement_timeout_ms)}")
+    if lock_timeout_ms:
+        options.append(f"-c lock_timeout={int(lock_timeout_ms)}")
+    extra: Dict[str, Any] = {}
+    if connect_timeout:
+        extra["connect_timeout"] = int(connect_timeout)
+    if any(options[1:]):
+        extra["options"] = " ".join(o for o in options if o)
+    return psycopg2.extensions.make_dsn(dsn, **extra) if extra else dsn
+
+
+def connect_failure(exc: BaseException, dsn: str) -> LoadkitError:
+    """A connect-time driver error as the LoadkitError of its category, its text scrubbed of secrets.
+
+    A refusal the operator must fix (missing database or role, bad password, no pg_hba entry,
+    permission) is an OperatorError; anything else (server down, restarting) is transient."""
+    text = mask_text(str(exc).strip())
+    if classify(exc) is Category.OPERATOR:
+        return OperatorError(f"PostgreSQL refused the connection: {text}", dsn=mask_dsn(dsn))
+    return TransientDBError(f"cannot connect to PostgreSQL: {text}", dsn=mask_dsn(dsn))
+
+
+def connect(dsn: str, connect_timeout: Optional[int] = None, autocommit: bool = False,
+            application_name: str = "loadkit") -> psycopg2.extensions.connection:
+    """A psycopg2 connection; failures surface as TransientDBError / OperatorError with a masked DSN.
+
+    ``connect_timeout`` None: the DSN's own (``session_dsn`` puts ``sink.connect_timeout`` there)."""
+    kwargs: Dict[str, Any] = {"application_name": application_name}
+    if connect_timeout is not None:
+        kwargs["connect_timeout"] = connect_timeout
+    try:
+        conn = psycopg2.connect(dsn, **kwargs)
     except psycopg2.OperationalError as exc:
-        raise TransientDBError(f"cannot connect to PostgreSQL: {str(exc).strip()}", dsn=mask_dsn(dsn)) from None
+        raise connect_failure(exc, dsn) from None
     conn.autocommit = autocommit
     return conn
 
@@ -88,7 +143,7 @@ def adbc_connect(dsn: str) -> Any:
     try:
         return adbc.connect(dsn, autocommit=False)
     except Exception as exc:  # ADBC raises its own OperationalError hierarchy
-        raise TransientDBError(f"cannot connect to PostgreSQL: {exc}", dsn=mask_dsn(dsn)) from None
+        raise connect_failure(exc, dsn) from None
 
 
 @dataclass
@@ -256,16 +311,16 @@ def wait_for_server(dsn: str, timeout_s: float = 30.0) -> None:
 
 
 def server_check(dsn: str) -> str:
-    """The server version, or a ConfigError for an unusable DSN (bad syntax, unknown database)."""
+    """The server version; a ConfigError for a malformed DSN, an OperatorError for a refusal (missing
+    database or role, bad password), a TransientDBError for a server that is down."""
+    parse_dsn(dsn)  # a malformed DSN: ConfigError, its text withheld
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=10)
+        conn = psycopg2.connect(dsn)
     except psycopg2.OperationalError as exc:
-        text = str(exc).strip()
-        if "does not exist" in text or "authentication" in text or "invalid" in text:
+        text = mask_text(str(exc).strip())
+        if "invalid" in text and classify(exc) is not Category.OPERATOR:
             raise ConfigError(f"cannot use sink.dsn: {text}", key="sink.dsn", dsn=mask_dsn(dsn)) from None
-        raise TransientDBError(f"cannot connect to PostgreSQL: {text}", dsn=mask_dsn(dsn)) from None
-    except psycopg2.ProgrammingError as exc:
-        raise ConfigError(f"invalid sink.dsn: {exc}", key="sink.dsn", dsn=mask_dsn(dsn)) from None
+        raise connect_failure(exc, dsn) from None
     try:
         with conn.cursor() as cur:
             cur.execute("SHOW server_version")

@@ -23,7 +23,7 @@ from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
 from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
                             SourceDataError, classify)
-from loadkit.errors import unwrap
+from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import set_context
 from loadkit.metrics import RunMetrics, memory_table, summary_table
 from loadkit.monitor import MemoryMonitor
@@ -100,7 +100,9 @@ class Runner:
     def run(self) -> RunResult:
         self.plan = plan = build_plan(self.cfg)
         set_context(run_id=plan.run_id)
-        self.dsn = db.resolve_dsn(self.cfg.sink.dsn, self.cfg.sink.embedded_dir)
+        sink = self.cfg.sink
+        self.dsn = db.session_dsn(db.resolve_dsn(sink.dsn, sink.embedded_dir), sink.connect_timeout,
+                                  sink.statement_timeout_ms, sink.lock_timeout_ms)
         db.server_check(self.dsn)
         metrics = RunMetrics({t.name: t.mode for t in plan.tables})
         tracker = RunTracker(self.cfg.tracking.enabled, self.cfg.tracking.uri, self.cfg.tracking.experiment)
@@ -109,13 +111,18 @@ class Runner:
         started = time.time()
         lock_conn = db.connect(self.dsn, autocommit=True)
         try:
-            with lock_conn.cursor() as cur:
-                ledger.ensure(cur, plan.ledger_schema)
-                if not ledger.try_lock_job(cur, plan.ledger_schema, plan.job, plan.period):
-                    raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
-                                           f"(ledger {plan.ledger_schema}); retry when it ends")
-                ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
-                ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
+            try:
+                with lock_conn.cursor() as cur:
+                    ledger.ensure(cur, plan.ledger_schema)
+                    if not ledger.try_lock_job(cur, plan.ledger_schema, plan.job, plan.period):
+                        raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
+                                               f"(ledger {plan.ledger_schema}); retry when it ends")
+                    ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
+                    ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
+            except LoadkitError:
+                raise
+            except Exception as exc:  # a driver error before the run row exists: its category, not a traceback
+                raise as_loadkit_error(exc, ledger=plan.ledger_schema) from exc
             tracker.start(f"{plan.job}-{plan.period}", self._params(), self._tags())
             result = self._run_tracked(plan, metrics, tracker, monitor, started)
         finally:
@@ -154,8 +161,9 @@ class Runner:
                 status = "failed"
                 error = SourceDataError(f"{len(failed)} source file(s) failed: " +
                                         "; ".join(f"{t}/{p}: {m}" for t, p, m in failed))
-        except InterruptedRun as exc:
-            status, error = "interrupted", exc
+        except (InterruptedRun, KeyboardInterrupt) as exc:  # Ctrl-C outside the signal handler's reach too
+            status = "interrupted"
+            error = exc if isinstance(exc, InterruptedRun) else InterruptedRun("stopped by KeyboardInterrupt")
             self._shutdown_ray()
         except BaseException as exc:  # recorded, then re-raised to the caller below via the result
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
@@ -501,7 +509,8 @@ def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunRes
 
 
 def exit_code(result: RunResult) -> int:
-    """0 on success, 130 when interrupted, else the failure category's code (config 2, data 3, infra 4, bug 1)."""
+    """0 on success, 130 when interrupted, else the failure category's code (errors.EXIT_CODES: config 2,
+    source data 3, transient infrastructure 4, operator/environment 5, alert abort 6, bug 1)."""
     if result.status == "succeeded":
         return 0
     if result.status == "interrupted":
