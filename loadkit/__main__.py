@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from loadkit.config import register, to_config
 from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, classify
 from loadkit.logs import setup_logging
-from loadkit.security import mask_text
+from loadkit.security import MaskingStream, mask_text, register_argv_secrets
 
 
 def conf_dir() -> str:
@@ -112,6 +112,10 @@ def _scrub_multirun_yaml(sweep_dir: Path) -> None:
 
 
 def entry() -> None:
+    # Passwords on the command line or in LOADKIT_DSN are masked in everything printed, Hydra's
+    # own output (--cfg job, override parse errors) included.
+    register_argv_secrets(sys.argv[1:] + [f"dsn={os.environ.get('LOADKIT_DSN', '')}"])
+    sys.stdout, sys.stderr = MaskingStream(sys.stdout), MaskingStream(sys.stderr)
     register()
     try:
         _precheck(sys.argv[1:])

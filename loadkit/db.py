@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import psycopg2
 import psycopg2.extensions
 
 from loadkit.errors import Category, ConfigError, LoadkitError, OperatorError, TransientDBError, classify
-from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret
+from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password
 
 log = logging.getLogger("loadkit.db")
 
@@ -62,6 +62,12 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
                           "such as @ / # % ? : in a URI password)", key="sink.dsn") from None
     if params.get("password"):
         register_secret(params["password"])
+    written = uri_password(dsn)
+    if written is not None and params.get("password") != unquote(written):
+        # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
+        # become host, port or database names and show up in its error messages.
+        raise ConfigError("sink.dsn's password is not read by libpq as written (an unencoded reserved "
+                          "character in a URI password): percent-encode @ / # % ? : in it", key="sink.dsn")
     return params
 
 

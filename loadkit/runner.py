@@ -98,6 +98,8 @@ class Runner:
     # ------------------------------------------------------------ entry
 
     def run(self) -> RunResult:
+        if self.cfg.sink.dsn:  # a malformed DSN is refused (exit 2, text withheld) before any file is listed
+            db.parse_dsn(self.cfg.sink.dsn)
         self.plan = plan = build_plan(self.cfg)
         set_context(run_id=plan.run_id)
         sink = self.cfg.sink

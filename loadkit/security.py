@@ -17,7 +17,9 @@ from loadkit.config import IDENTIFIER
 from loadkit.errors import ConfigError
 
 _MASK = "***"
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+# libpq's conninfo value rules: single-quoted with backslash escapes (an unterminated quote runs to
+# the end), or a run of non-blank characters in which a backslash escapes the next (even a blank).
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|\\$|[^\s\\])+)", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
 SECRET_KEYS = ("password", "passwd", "secret", "token", "dsn", "webhook_url", "uri")
@@ -55,6 +57,12 @@ def _userinfo_password(dsn: str) -> Optional[Tuple[int, int]]:
     if colon < 0:
         return None
     return colon + 1, at
+
+
+def uri_password(dsn: str) -> Optional[str]:
+    """The password as written in a URI's userinfo (still percent-encoded), or None (no URI / no password)."""
+    span = _userinfo_password(dsn)
+    return dsn[span[0]:span[1]] if span is not None else None
 
 
 def _kv_passwords(dsn: str) -> List[Tuple[int, int]]:
@@ -147,6 +155,34 @@ def mask_mapping(data: Any) -> Any:
     if isinstance(data, str):
         return mask_text(data)
     return data
+
+
+class MaskingStream:
+    """A text stream wrapper that masks secrets in everything written (``mask_text``).
+
+    The CLI wraps stdout/stderr with it, so text loadkit does not format itself (Hydra's
+    ``--cfg job`` dump, its override parse errors, tracebacks) cannot show a DSN password."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(mask_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def register_argv_secrets(argv: List[str]) -> None:
+    """Register the passwords of DSNs given as overrides (``sink.dsn=...``) before anything prints them."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and any(k in key.lower() for k in SECRET_KEYS):
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            register_dsn(value)
 
 
 def quote_ident(name: str) -> str:
