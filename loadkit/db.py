@@ -71,7 +71,8 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
     return params
 
 
-def session_dsn(dsn: str, connect_timeout: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0) -> str:
+def session_dsn(dsn: str, connect_timeout: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0,
+                app_name: str = "loadkit") -> str:
     """The DSN every loadkit connection uses: libpq key=value form with ``sink.connect_timeout`` and
     the server-side ``statement_timeout``/``lock_timeout`` (0 = none) in ``options``.
 
@@ -83,12 +84,12 @@ def session_dsn(dsn: str, connect_timeout: int = 10, statement_timeout_ms: int =
         options.append(f"-c statement_timeout={int(statement_timeout_ms)}")
     if lock_timeout_ms:
         options.append(f"-c lock_timeout={int(lock_timeout_ms)}")
-    extra: Dict[str, Any] = {}
+    extra: Dict[str, Any] = {"application_name": app_name[:63]}
     if connect_timeout:
         extra["connect_timeout"] = int(connect_timeout)
     if any(options[1:]):
         extra["options"] = " ".join(o for o in options if o)
-    return psycopg2.extensions.make_dsn(dsn, **extra) if extra else dsn
+    return psycopg2.extensions.make_dsn(dsn, **extra)
 
 
 def connect_failure(exc: BaseException, dsn: str) -> LoadkitError:
@@ -103,11 +104,13 @@ def connect_failure(exc: BaseException, dsn: str) -> LoadkitError:
 
 
 def connect(dsn: str, connect_timeout: Optional[int] = None, autocommit: bool = False,
-            application_name: str = "loadkit") -> psycopg2.extensions.connection:
+            application_name: Optional[str] = None) -> psycopg2.extensions.connection:
     """A psycopg2 connection; failures surface as TransientDBError / OperatorError with a masked DSN.
 
-    ``connect_timeout`` None: the DSN's own (``session_dsn`` puts ``sink.connect_timeout`` there)."""
-    kwargs: Dict[str, Any] = {"application_name": application_name}
+    ``connect_timeout`` / ``application_name`` None: the DSN's own (``session_dsn`` sets both)."""
+    kwargs: Dict[str, Any] = {}
+    if application_name is not None:
+        kwargs["application_name"] = application_name
     if connect_timeout is not None:
         kwargs["connect_timeout"] = connect_timeout
     try:
@@ -136,11 +139,41 @@ def application_name(run_id: str, role: str) -> str:
 
 
 def with_application_name(dsn: str, name: str) -> str:
-    """The DSN with application_name set, so an operator (or a fault test) can find these sessions."""
+    """The DSN with application_name set (replacing any), so an operator, a fault test or the run's own
+    shutdown (``cancel_backends``) can find these sessions."""
     name = name[:63]  # NAMEDATALEN - 1: the server truncates longer names anyway
-    if "://" in dsn:
-        return f"{dsn}{'&' if '?' in dsn else '?'}application_name={quote(name)}"
-    return f"{dsn} application_name='{name}'"
+    try:
+        return psycopg2.extensions.make_dsn(dsn, application_name=name)
+    except psycopg2.ProgrammingError:  # not parseable: let the connect report it (masked)
+        if "://" in dsn:
+            return f"{dsn}{'&' if '?' in dsn else '?'}application_name={quote(name)}"
+        return f"{dsn} application_name='{name}'"
+
+
+def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2) -> int:
+    """pg_cancel_backend on every session of this run (application_name ``loadkit:<run id>:*``).
+
+    Stops statements in progress (a COPY blocked on a lock, a finalize step) at once so a
+    stop takes well under a second; the transactions roll back, committed batches stay. Best
+    effort: returns how many were signalled, 0 if the server cannot be reached."""
+    prefix = application_name(run_id, "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=timeout_s, application_name=f"loadkit-cancel:{run_id}"[:63])
+    except psycopg2.Error as exc:
+        log.warning("could not reach the server to cancel run %s's statements: %s", run_id, mask_text(str(exc)))
+        return 0
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name LIKE %s AND pid <> pg_backend_pid() AND state = 'active'",
+                        (prefix + "%",))
+            return int(cur.fetchone()[0])
+    except psycopg2.Error as exc:
+        log.warning("cancelling run %s's statements failed: %s", run_id, mask_text(str(exc)))
+        return 0
+    finally:
+        conn.close()
 
 
 def adbc_connect(dsn: str) -> Any:

@@ -27,7 +27,7 @@ class Category(str, Enum):
 
 
 # SQLSTATE classes/codes that mean "the server or the network failed, try again".
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P0", "53", "40001", "40P01", "55P03", "58", "57014")
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P0", "53", "40001", "40P01", "55P03", "58")
 # SQLSTATEs that mean "the operator must change the environment" (PostgreSQL Appendix A): no retry
 # fixes them, and they are not the job config's or the data's fault.
 _OPERATOR_SQLSTATES = (
@@ -115,6 +115,10 @@ class OperatorError(LoadkitError):
     operator changes the environment and reruns. Exit code 5."""
 
     category = Category.OPERATOR
+
+
+class RunDeadlineExceeded(TransientDBError):
+    """The run passed env.max_run_seconds: stopped like an interrupt, committed batches kept; rerun to resume."""
 
 
 class InterruptedRun(LoadkitError):
@@ -226,6 +230,8 @@ def classify(exc: BaseException) -> Category:
     if code:
         if code in _OPERATOR_SQLSTATES:
             return Category.OPERATOR
+        if code == "57014":  # query_canceled: by statement_timeout (retry) or by our own shutdown's cancel
+            return Category.TRANSIENT if "statement timeout" in str(exc) else Category.INTERRUPTED
         if is_transient_sqlstate(code):
             return Category.TRANSIENT
         if code.startswith(("22", "23")):

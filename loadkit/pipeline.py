@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import pyarrow as pa
 
 from loadkit import sources
+from loadkit.db import cancel_backends
 from loadkit.errors import SourceDataError
 from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
@@ -524,10 +525,26 @@ def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board
             yield item
     finally:
         stop.set()  # threads finish the batch in hand (committed or rolled back, both safe) and leave
-        for t in threads:
-            t.join(timeout=60)
-        for w in writers:
-            w.close()
+        _join(threads, _STOP_GRACE_S)
+        if any(t.is_alive() for t in threads[1:]):
+            # A writer is inside a statement (a COPY waiting on a lock, a slow server): cancel this
+            # run's statements so it rolls back and leaves now, not when the lock is released.
+            cancel_backends(dsn, plan.run_id)
+            _join(threads, _STOP_GRACE_S)
+        for t, w in zip(threads[1:], writers, strict=True):
+            if t.is_alive():  # still stuck (server unreachable): a daemon thread; its pool closes with it
+                log.warning("writer thread %s did not stop in time; leaving it behind", t.name)
+            else:
+                w.close()
+
+
+_STOP_GRACE_S = 0.25  # per stage of a stop: threads leaving by themselves, then after a cancel
+
+
+def _join(threads: Sequence[threading.Thread], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _open_writers(settings: WriterSettings, count: int) -> List[BatchWriter]:

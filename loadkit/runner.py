@@ -11,6 +11,7 @@ import _thread
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from loadkit import db, ledger, modes
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
-from loadkit.errors import (EXIT_CODES, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
-                            SourceDataError, classify)
+from loadkit.errors import (EXIT_CODES, Category, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
+                            RunDeadlineExceeded, SourceDataError, classify)
 from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import set_context
 from loadkit.metrics import RunMetrics, memory_table, summary_table
@@ -57,12 +58,26 @@ class RunResult:
 
 
 class _Signals:
-    """SIGINT/SIGTERM raise InterruptedRun in the driver's main thread, at once."""
+    """SIGINT/SIGTERM raise InterruptedRun in the driver's main thread, at once.
 
-    def __init__(self, pending: Optional[Callable[[], Optional[BaseException]]] = None) -> None:
+    Python runs a signal handler only when the main thread is back in the interpreter, not
+    while it waits inside libpq (a finalize statement blocked on a lock). So the C-level
+    handler also writes to a wakeup pipe (``signal.set_wakeup_fd``) and a watcher thread
+    calls ``on_signal`` at once -- the runner cancels the run's own statements there
+    (``db.cancel_backends``), the blocked call returns, and the handler runs. The watchdog
+    and the run deadline interrupt the same way (``_thread.interrupt_main`` trips the pipe).
+    """
+
+    def __init__(self, pending: Optional[Callable[[], Optional[BaseException]]] = None,
+                 on_signal: Optional[Callable[[], None]] = None) -> None:
         self._previous: Dict[int, Any] = {}
         self.received: Optional[int] = None
         self._pending = pending  # an error the watchdog wants raised (it interrupts with SIGINT)
+        self._on_signal = on_signal
+        self._pipe: Optional[Tuple[int, int]] = None
+        self._old_wakeup = -1
+        self._watcher: Optional[threading.Thread] = None
+        self.defer = False
 
     def __enter__(self) -> "_Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,9 +85,39 @@ class _Signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a test runner thread): leave signals alone
                 break
+        if self._previous and self._on_signal is not None:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            try:
+                self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            except ValueError:
+                os.close(r)
+                os.close(w)
+                return self
+            self._pipe = (r, w)
+            self._watcher = threading.Thread(target=self._watch, args=(r,), name="loadkit-signals", daemon=True)
+            self._watcher.start()
         return self
 
+    def _watch(self, fd: int) -> None:
+        wanted = {int(signal.SIGINT), int(signal.SIGTERM)}
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # write end closed: the run is over
+                return
+            if wanted & set(data) and self._on_signal is not None:
+                try:
+                    self._on_signal()
+                except Exception as exc:  # best effort; the handler still stops the run
+                    log.warning("could not cancel the run's statements: %s", exc)
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.defer:  # the run is recording its end: that finishes first (it is quick)
+            self.received = self.received or signum
+            return
         pending = self._pending() if self._pending is not None else None
         if pending is not None:
             raise pending
@@ -81,6 +126,12 @@ class _Signals:
             raise InterruptedRun(f"stopped by {signal.Signals(signum).name}", signal=signum)
 
     def __exit__(self, *exc: Any) -> None:
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self._pipe[1])
+            if self._watcher is not None:
+                self._watcher.join(timeout=2)
+            os.close(self._pipe[0])
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -94,6 +145,9 @@ class Runner:
         # table -> why its reject threshold was exceeded; its files of this run get discarded.
         self._aborted: Dict[str, str] = {}
         self._reading: Dict[str, set] = {}  # table -> shas of the files this run reads
+        self._watchdog: Optional[Watchdog] = None
+        self._deadline_error: Optional[RunDeadlineExceeded] = None
+        self._signals: Optional[_Signals] = None
 
     # ------------------------------------------------------------ entry
 
@@ -104,13 +158,20 @@ class Runner:
         set_context(run_id=plan.run_id)
         sink = self.cfg.sink
         self.dsn = db.session_dsn(db.resolve_dsn(sink.dsn, sink.embedded_dir), sink.connect_timeout,
-                                  sink.statement_timeout_ms, sink.lock_timeout_ms)
+                                  sink.statement_timeout_ms, sink.lock_timeout_ms,
+                                  db.application_name(plan.run_id, "driver"))
         db.server_check(self.dsn)
         metrics = RunMetrics({t.name: t.mode for t in plan.tables})
         tracker = RunTracker(self.cfg.tracking.enabled, self.cfg.tracking.uri, self.cfg.tracking.experiment)
         monitor = MemoryMonitor.instance()
         monitor.reset_peak()
         started = time.time()
+        self._signals = _Signals(self._pending_error, lambda: db.cancel_backends(self.dsn, plan.run_id))
+        with self._signals:  # from the first ledger statement: a stop while waiting on a lock there is prompt too
+            return self._run_locked(plan, metrics, tracker, monitor, started)
+
+    def _run_locked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
+                    started: float) -> RunResult:
         lock_conn = db.connect(self.dsn, autocommit=True)
         try:
             try:
@@ -134,28 +195,27 @@ class Runner:
     def _run_tracked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                      started: float) -> RunResult:
         alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
-        self._watchdog: Optional[Watchdog] = None
+        deadline = self._start_deadline(started)
         status, error = "succeeded", None
         failed: List[Tuple[str, str, str]] = []
         try:
-            with _Signals(lambda: self._watchdog.error if self._watchdog is not None else None):
-                units = self._prepare(plan, metrics)
-                tables = [t.name for t in plan.tables]
-                for round_ in range(_MAX_REREADS + 1):
-                    for u in units:
-                        self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
-                    self._stream(plan, units, metrics, alerts, monitor, tracker)
-                    self._check_final_thresholds(plan, metrics)
-                    failed += self._settle_files(plan, metrics, tables)
-                    lost = self._finalize_tables(plan, metrics, failed, tables)
-                    if not lost:
-                        break
-                    if round_ == _MAX_REREADS:
-                        raise TransientDBError(f"staging lost committed batches {round_ + 1} times (is the server "
-                                               "crash-restarting?); nothing of them was published, rerun to resume",
-                                               tables=",".join(lost))
-                    log.warning("re-reading the batches staging lost before publishing: %s", ", ".join(lost))
-                    units, tables = self._reread(plan, metrics, lost), lost
+            units = self._prepare(plan, metrics)
+            tables = [t.name for t in plan.tables]
+            for round_ in range(_MAX_REREADS + 1):
+                for u in units:
+                    self._reading.setdefault(u.table.name, set()).add(u.file.sha256)
+                self._stream(plan, units, metrics, alerts, monitor, tracker)
+                self._check_final_thresholds(plan, metrics)
+                failed += self._settle_files(plan, metrics, tables)
+                lost = self._finalize_tables(plan, metrics, failed, tables)
+                if not lost:
+                    break
+                if round_ == _MAX_REREADS:
+                    raise TransientDBError(f"staging lost committed batches {round_ + 1} times (is the server "
+                                           "crash-restarting?); nothing of them was published, rerun to resume",
+                                           tables=",".join(lost))
+                log.warning("re-reading the batches staging lost before publishing: %s", ", ".join(lost))
+                units, tables = self._reread(plan, metrics, lost), lost
             if self._aborted:
                 status = "failed"
                 error = RejectThresholdError("; ".join(self._aborted.values()), tables=sorted(self._aborted))
@@ -169,9 +229,41 @@ class Runner:
             self._shutdown_ray()
         except BaseException as exc:  # recorded, then re-raised to the caller below via the result
             status, error = "failed", unwrap(exc)  # the classified cause, not Ray's wrapper around it
+            if classify(error) is Category.INTERRUPTED:  # our own cancel surfaced before the handler's error
+                status, error = "interrupted", InterruptedRun(f"stopped: {error}")
+                self._shutdown_ray()
+        if deadline is not None:
+            deadline.cancel()
+        if self._signals is not None:
+            self._signals.defer = True  # a second stop must not cut the recording of the first short
         wall = time.time() - started
         self._record_end(plan, metrics, tracker, monitor, status, error, wall, alerts)
         return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed)
+
+    def _pending_error(self) -> Optional[BaseException]:
+        """An error a helper thread wants raised in the main thread (it interrupts with SIGINT)."""
+        if self._watchdog is not None and self._watchdog.error is not None:
+            return self._watchdog.error
+        return self._deadline_error
+
+    def _start_deadline(self, started: float) -> Optional[threading.Timer]:
+        """env.max_run_seconds: a timer that stops the run like an interrupt (the error is transient)."""
+        limit = self.cfg.env.max_run_seconds
+        if not limit:
+            return None
+        interrupt = threading.current_thread() is threading.main_thread()
+
+        def fire() -> None:
+            self._deadline_error = RunDeadlineExceeded(f"run deadline exceeded: env.max_run_seconds={limit:g}; "
+                                                       "committed batches are kept, rerun to resume")
+            log.error("%s", self._deadline_error)
+            if interrupt:
+                _thread.interrupt_main()
+
+        timer = threading.Timer(max(0.0, limit - (time.time() - started)), fire)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     # ------------------------------------------------------------ stages
 
@@ -260,6 +352,8 @@ class Runner:
                     if results is None:
                         break
                     self._watchdog.raise_if_tripped()
+                    if self._deadline_error is not None:
+                        raise self._deadline_error
                     for row in metrics.add(results):
                         if row["kind"] == "data":
                             self._check_batch(plan, metrics, alerts, row)
@@ -490,10 +584,11 @@ class Runner:
                 "loadkit_run_id": self.plan.run_id, **self.tags}
 
     def _shutdown_ray(self) -> None:
-        """On interrupt: stop every worker now; their open transactions roll back server-side."""
-        import ray
+        """On interrupt: stop every worker now; their open transactions roll back server-side.
 
-        if ray.is_initialized():
+        Never imports Ray (seconds of start-up): if this process has not imported it, there is no Ray to stop."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
             ray.shutdown()
 
 

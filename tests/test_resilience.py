@@ -43,7 +43,6 @@ class DriverError(Exception):
     ("25006", Category.OPERATOR),  # read_only_sql_transaction: pointed at a standby
     ("3D000", Category.OPERATOR),  # invalid_catalog_name: the database does not exist
     ("28P01", Category.OPERATOR),  # invalid_password
-    ("57014", Category.TRANSIENT),  # query_canceled: statement_timeout
     ("XX000", Category.BUG),  # internal_error
 ])
 def test_sqlstate_classification(code: str, category: Category) -> None:
