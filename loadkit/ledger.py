@@ -256,13 +256,21 @@ def forget(cur: Any, schema: str, table: str, period: str, file_sha: Optional[st
 
 
 def mark_stale_runs(cur: Any, schema: str, job: str, period: str) -> int:
-    """Runs left 'running' by a killed driver (we hold the job lock, so none is alive): mark them crashed."""
+    """Runs left 'running' by a killed driver (we hold the job lock, so none is alive): mark them crashed,
+    and close their table rows still 'loading' the same way."""
     cur.execute(
         f"UPDATE {qualified(schema, 'run')} SET status='crashed', finished_at=coalesce(finished_at, now()) "
-        "WHERE job=%s AND period=%s AND status='running'",
+        "WHERE job=%s AND period=%s AND status='running' RETURNING run_id",
         (job, period),
     )
-    return cur.rowcount or 0
+    stale = [r[0] for r in cur.fetchall()]
+    cur.execute(
+        f"UPDATE {qualified(schema, 'table_load')} t SET status='crashed', finished_at=coalesce(t.finished_at, now()) "
+        f"FROM {qualified(schema, 'run')} r WHERE r.run_id = t.run_id AND r.job=%s AND r.period=%s "
+        "AND r.status <> 'running' AND t.status = 'loading'",
+        (job, period),
+    )
+    return len(stale)
 
 
 def reject_sample(cur: Any, schema: str, run_id: str, limit: int = 200) -> pa.Table:

@@ -228,6 +228,45 @@ def _create_target(cur: Any, table: TableSpec) -> None:
         cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)})")
 
 
+PG_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names (silently, or fails later)
+
+
+def derived_identifiers(table: TableSpec) -> List[str]:
+    """Every name loadkit derives from the table's for its mode: staging, shadow, partition, keys, indexes."""
+    names = [table.name]
+    if table.mode != "append":
+        names.append(table.load_table)
+    if table.mode == "replace":
+        names += [f"{table.name}__lk_new", f"{table.name}__lk_new_pkey", f"{table.name}_pkey"]
+    if table.mode == "snapshot":
+        part = f"{table.name}__p{table.period_tag}"
+        names += [part, f"{part}__lk_new", f"{part}__lk_new_pkey", f"{part}__lk_new_period", f"{part}_pkey"]
+    return names
+
+
+def validate_identifiers(table: TableSpec) -> None:
+    """Refuse, before any SQL, a table whose derived names PostgreSQL would truncate (and later trip on)."""
+    key = f"job.tables.{table.name}"
+    for name in derived_identifiers(table):
+        if len(name.encode("utf-8")) > PG_IDENTIFIER_BYTES:
+            raise ConfigError(f"table name {table.name!r} is too long for mode {table.mode}: it derives "
+                              f"{name!r} ({len(name.encode('utf-8'))} bytes, PostgreSQL allows "
+                              f"{PG_IDENTIFIER_BYTES}); use a name of at most "
+                              f"{len(table.name) - (len(name.encode('utf-8')) - PG_IDENTIFIER_BYTES)} characters",
+                              key=key)
+    bases = [n for n in derived_identifiers(table) if not n.endswith(("_pkey", "_period"))]
+    indexes = [_index_name(on, cols) for on in bases for cols in table.indexes]
+    if len(set(indexes)) != len(indexes):
+        raise ConfigError(f"table {table.name!r}: index names collide once cut to {PG_IDENTIFIER_BYTES} bytes; "
+                          "use a shorter table name", key=key)
+
+
+def drop_staging(cur: Any, table: TableSpec) -> None:
+    """Drop the table's staging (nothing of this month is waiting in it): no litter in the target schema."""
+    if table.mode != "append":
+        cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.load_table)}")
+
+
 def _index_name(on: str, cols: Tuple[str, ...]) -> str:
     return f"{on}__{'_'.join(cols)}_idx"[:63]
 
@@ -340,7 +379,7 @@ def _finalize_merge(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int
         "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
     )
     inserted, updated = cur.fetchone()
-    cur.execute(f"TRUNCATE {qualified(table.schema, table.load_table)}")
+    cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")  # published: no litter left
     _create_indexes(cur, table, table.name)
     cur.execute(f"ANALYZE {target}")
     return int(inserted), int(updated)

@@ -155,6 +155,8 @@ class Runner:
         if self.cfg.sink.dsn:  # a malformed DSN is refused (exit 2, text withheld) before any file is listed
             db.parse_dsn(self.cfg.sink.dsn)
         self.plan = plan = build_plan(self.cfg)
+        for table in plan.tables:  # every derived name fits PostgreSQL's 63 bytes, before any SQL
+            modes.validate_identifiers(table)
         set_context(run_id=plan.run_id)
         sink = self.cfg.sink
         self.dsn = db.session_dsn(db.resolve_dsn(sink.dsn, sink.embedded_dir), sink.connect_timeout,
@@ -175,8 +177,9 @@ class Runner:
         lock_conn = db.connect(self.dsn, autocommit=True)
         try:
             try:
-                with lock_conn.cursor() as cur:
+                with db.transaction(self.dsn) as cur:  # the DDL lock is transaction-level: one transaction
                     ledger.ensure(cur, plan.ledger_schema)
+                with lock_conn.cursor() as cur:
                     if not ledger.try_lock_job(cur, plan.ledger_schema, plan.job, plan.period):
                         raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
                                                f"(ledger {plan.ledger_schema}); retry when it ends")
@@ -273,6 +276,9 @@ class Runner:
         for table in plan.tables:
             with db.transaction(self.dsn) as cur:
                 assert self.cfg.job is not None
+                # Concurrent runs on one database: their DDL (CREATE ... IF NOT EXISTS races on the
+                # catalog) is serialised per target schema until this transaction ends.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{table.schema}",))
                 modes.prepare(cur, table, self.cfg.job.migrate)
                 if plan.force:
                     modes.reset(cur, table, plan.ledger_schema, plan.period)
@@ -293,6 +299,8 @@ class Runner:
             units += self._units(plan, table, todo, ranges)
             if not todo:
                 tm.status = "skipped"
+                with db.transaction(self.dsn) as cur:  # nothing staged for a published month: no litter
+                    modes.drop_staging(cur, table)
         return units
 
     def _todo(self, cur: Any, plan: LoadPlan, table: TableSpec) -> Tuple[List[Any], Dict[Any, Any]]:
@@ -505,6 +513,9 @@ class Runner:
     def _finalize_table(self, plan: LoadPlan, table: TableSpec, tm: Any) -> bool:
         """One table's verify-then-publish transaction; True if staging lost batches (nothing published)."""
         with db.transaction(self.dsn) as cur:
+            # Publishing is DDL too (indexes, swaps, partitions): serialised with other runs' per target
+            # schema, so concurrent runs never deadlock here (a deadlock with anyone else is retried).
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{table.schema}",))
             if table.mode != "append" and not ledger.staged_files(cur, plan.ledger_schema, table.name, plan.period):
                 log.info("%s: already published (the previous attempt committed)", table.name)
                 tm.status = "loaded"
@@ -536,6 +547,8 @@ class Runner:
                     if t.status not in ("loaded", "skipped"):
                         t.status = "failed" if status == "failed" else status if status != "succeeded" else t.status
                         ledger.finish_table(cur, plan.ledger_schema, plan.run_id, t.name, self._outcome(t, text))
+                    elif t.status == "skipped":  # a no-op table's row is closed too, never left 'loading'
+                        ledger.finish_table(cur, plan.ledger_schema, plan.run_id, t.name, self._outcome(t))
                 ledger.finish_run(cur, plan.ledger_schema, plan.run_id, status, metrics.totals(), category, text,
                                   tracker.run_id)
 
