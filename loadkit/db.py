@@ -122,9 +122,9 @@ def connect(dsn: str, connect_timeout: Optional[int] = None, autocommit: bool = 
 
 
 @contextmanager
-def transaction(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
+def transaction(dsn: str, application_name: Optional[str] = None) -> Iterator[psycopg2.extensions.cursor]:
     """A cursor in one transaction: committed on success, rolled back on error, always closed."""
-    conn = connect(dsn)
+    conn = connect(dsn, application_name=application_name)
     try:
         with conn:
             with conn.cursor() as cur:

@@ -117,6 +117,10 @@ class OperatorError(LoadkitError):
     category = Category.OPERATOR
 
 
+class JobLockLost(TransientDBError):
+    """The run's job lock vanished and another run has it: this run stops (not retried); rerun later."""
+
+
 class RunDeadlineExceeded(TransientDBError):
     """The run passed env.max_run_seconds: stopped like an interrupt, committed batches kept; rerun to resume."""
 

@@ -23,7 +23,7 @@ from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
 from loadkit.errors import (EXIT_CODES, Category, TransientDBError, InterruptedRun, LoadkitError, RejectThresholdError,
-                            RunDeadlineExceeded, SourceDataError, classify)
+                            JobLockLost, RunDeadlineExceeded, SourceDataError, classify)
 from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import set_context
 from loadkit.metrics import RunMetrics, memory_table, summary_table
@@ -31,7 +31,7 @@ from loadkit.monitor import MemoryMonitor
 from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
 from loadkit.resilience import retrying
-from loadkit.security import mask_dsn, mask_text
+from loadkit.security import mask_dsn, mask_text, qualified
 from loadkit.tracking import RunTracker
 
 log = logging.getLogger("loadkit.run")
@@ -136,6 +136,96 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+_LOCK_CHECK_S = 1.0
+
+
+class _JobLock:
+    """The run's job lock (a session advisory lock) and its health check.
+
+    The lock lives as long as its session: a terminated session or a server restart drops
+    it, and a second run of the month would be admitted. A watcher thread pings the session
+    every ``_LOCK_CHECK_S``; when it is gone it reconnects and takes the lock again, and
+    keeps the run only if nobody else has it and the ledger still shows this run
+    'running' (another run marks it 'crashed' when it starts). Otherwise the run stops as
+    transient (``on_lost``), before it can publish. Publishing checks it synchronously too.
+    While the server is unreachable nobody else can run either, so the watcher keeps trying.
+    """
+
+    def __init__(self, dsn: str, plan: LoadPlan, on_lost: Callable[[LoadkitError], None]) -> None:
+        self._dsn = db.with_application_name(dsn, db.application_name(plan.run_id, "lock"))
+        self._plan = plan
+        self._on_lost = on_lost
+        self._conn: Any = None
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[LoadkitError] = None
+
+    def acquire(self) -> bool:
+        self._conn = db.connect(self._dsn, autocommit=True)
+        with self._conn.cursor() as cur:
+            return ledger.try_lock_job(cur, self._plan.ledger_schema, self._plan.job, self._plan.period)
+
+    def cursor(self) -> Any:
+        return self._conn.cursor()
+
+    def watch(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loadkit-job-lock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_LOCK_CHECK_S):
+            try:
+                self.check()
+            except LoadkitError as exc:
+                if self.error is not None and not self._stop.is_set():
+                    self._on_lost(exc)
+                    return
+
+    def check(self) -> None:
+        """Raise TransientDBError if the lock is lost for good; re-take it after a dropped session."""
+        if self.error is not None:
+            raise self.error
+        with self._mutex:
+            try:
+                with self._conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return
+            except Exception as exc:  # the session is gone (terminated, server restarted)
+                log.warning("the job lock's session is gone (%s); taking the lock again", mask_text(str(exc)))
+            try:
+                self._conn.close()
+            except Exception:  # already broken
+                pass
+            plan = self._plan
+            try:
+                took = self.acquire()
+                with self._conn.cursor() as cur:
+                    cur.execute(f"SELECT status FROM {qualified(plan.ledger_schema, 'run')} WHERE run_id = %s",
+                                (plan.run_id,))
+                    row = cur.fetchone()
+            except LoadkitError:
+                raise TransientDBError("cannot reach the server to check the job lock") from None  # retried
+            except Exception as exc:
+                raise TransientDBError(f"cannot check the job lock: {exc}") from None
+            if not took or row is None or row[0] != "running":
+                self.error = JobLockLost(
+                    f"lost the job lock of {plan.job} {plan.period} (its session ended) and another run "
+                    f"{'holds it' if not took else 'took over meanwhile'}: stopping before anything is published; "
+                    "committed batches stay for the resume")
+                raise self.error
+            log.info("job lock of %s %s taken again", plan.job, plan.period)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._mutex:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception:  # already broken: the lock is gone with it
+                    pass
+
+
 class Runner:
     def __init__(self, cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> None:
         self.cfg = cfg
@@ -148,6 +238,9 @@ class Runner:
         self._watchdog: Optional[Watchdog] = None
         self._deadline_error: Optional[RunDeadlineExceeded] = None
         self._signals: Optional[_Signals] = None
+        self._lock_error: Optional[LoadkitError] = None
+        self._job_lock: Optional[_JobLock] = None
+        self._interrupt_main = threading.current_thread() is threading.main_thread()
 
     # ------------------------------------------------------------ entry
 
@@ -174,26 +267,34 @@ class Runner:
 
     def _run_locked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                     started: float) -> RunResult:
-        lock_conn = db.connect(self.dsn, autocommit=True)
+        self._job_lock = job_lock = _JobLock(self.dsn, plan, self._lock_lost)
         try:
             try:
                 with db.transaction(self.dsn) as cur:  # the DDL lock is transaction-level: one transaction
                     ledger.ensure(cur, plan.ledger_schema)
-                with lock_conn.cursor() as cur:
-                    if not ledger.try_lock_job(cur, plan.ledger_schema, plan.job, plan.period):
-                        raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
-                                               f"(ledger {plan.ledger_schema}); retry when it ends")
+                if not job_lock.acquire():
+                    raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
+                                           f"(ledger {plan.ledger_schema}); retry when it ends")
+                with job_lock.cursor() as cur:
                     ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
                     ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
             except LoadkitError:
                 raise
             except Exception as exc:  # a driver error before the run row exists: its category, not a traceback
                 raise as_loadkit_error(exc, ledger=plan.ledger_schema) from exc
+            job_lock.watch()
             tracker.start(f"{plan.job}-{plan.period}", self._params(), self._tags())
             result = self._run_tracked(plan, metrics, tracker, monitor, started)
         finally:
-            lock_conn.close()  # releases the session advisory lock
+            job_lock.close()  # releases the session advisory lock
         return result
+
+    def _lock_lost(self, error: LoadkitError) -> None:
+        """The job lock's watcher lost the lock for good: stop the run (transient) before it can race."""
+        self._lock_error = error
+        log.error("%s", error)
+        if self._interrupt_main:
+            _thread.interrupt_main()
 
     def _run_tracked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                      started: float) -> RunResult:
@@ -247,7 +348,7 @@ class Runner:
         """An error a helper thread wants raised in the main thread (it interrupts with SIGINT)."""
         if self._watchdog is not None and self._watchdog.error is not None:
             return self._watchdog.error
-        return self._deadline_error
+        return self._deadline_error or self._lock_error
 
     def _start_deadline(self, started: float) -> Optional[threading.Timer]:
         """env.max_run_seconds: a timer that stops the run like an interrupt (the error is transient)."""
@@ -362,6 +463,8 @@ class Runner:
                     self._watchdog.raise_if_tripped()
                     if self._deadline_error is not None:
                         raise self._deadline_error
+                    if self._lock_error is not None:
+                        raise self._lock_error
                     for row in metrics.add(results):
                         if row["kind"] == "data":
                             self._check_batch(plan, metrics, alerts, row)
@@ -512,6 +615,8 @@ class Runner:
 
     def _finalize_table(self, plan: LoadPlan, table: TableSpec, tm: Any) -> bool:
         """One table's verify-then-publish transaction; True if staging lost batches (nothing published)."""
+        if self._job_lock is not None:
+            self._job_lock.check()  # never publish without the job lock (raises TransientDBError if lost)
         with db.transaction(self.dsn) as cur:
             # Publishing is DDL too (indexes, swaps, partitions): serialised with other runs' per target
             # schema, so concurrent runs never deadlock here (a deadlock with anyone else is retried).
@@ -542,7 +647,8 @@ class Runner:
         category = classify(error).value if error is not None else None
         text = mask_text(f"{type(error).__name__}: {error}") if error is not None else None
         def record() -> None:
-            with db.transaction(self.dsn) as cur:
+            # Not a loadkit:<run>:* session: a stop's cancel_backends (possibly still in flight) spares it.
+            with db.transaction(self.dsn, application_name=f"loadkit-end:{plan.run_id}"[:63]) as cur:
                 for t in metrics.tables.values():
                     if t.status not in ("loaded", "skipped"):
                         t.status = "failed" if status == "failed" else status if status != "succeeded" else t.status
@@ -554,8 +660,8 @@ class Runner:
 
         try:  # the run's end must reach the ledger even if the server is restarting right now
             retrying(plan.retry)(record)
-        except LoadkitError as exc:
-            log.error("could not record the end of run %s in the ledger: %s", plan.run_id, exc)
+        except Exception as exc:  # reported, never a traceback instead of the run's own outcome
+            log.error("could not record the end of run %s in the ledger: %s", plan.run_id, mask_text(str(exc)))
         if category is not None:
             metrics.errors[category] += 1
         self._track_end(plan, metrics, tracker, monitor, status, text, wall, alerts)

@@ -205,3 +205,50 @@ def test_run_deadline_stops_a_blocked_run(month: SampleManifest, pg_dsn: str, sc
     assert took < 3 + STOP_BOUND_S
     blocker.release()
     assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("failed", "transient_infrastructure")]
+
+
+# ------------------------------------------------------------------ the job lock
+
+
+def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                         job_overrides, blocker: Blocker) -> None:
+    """Terminate the lock's session: the run takes the lock again. Terminate it and take the lock from
+    another session (a second run admitted): the run stops, transient, before publishing anything."""
+    from loadkit.errors import JobLockLost
+
+    _, led = schemas
+    events: List[str] = []
+    other = psycopg2.connect(pg_dsn, application_name="loadkit-test-other-run")
+    other.autocommit = True
+
+    def lock_pids(run_id: str) -> List[int]:
+        return [r[0] for r in query(pg_dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                    (f"loadkit:{run_id}:lock",))]
+
+    def interfere() -> None:
+        wait_for(lambda: running(pg_dsn, led), 120, "the run")
+        blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")  # keep the run loading
+        run_id, job, period = query(pg_dsn, f'SELECT run_id, job, period FROM "{led}".run')[0]
+        first = lock_pids(run_id)
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (first[0],))
+        wait_for(lambda: bool(lock_pids(run_id)) and lock_pids(run_id) != first, 15, "the lock taken again")
+        events.append("retaken")
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (lock_pids(run_id)[0],))
+        with other.cursor() as cur:  # a second run of the month is admitted in the gap
+            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"loadkit-run:{led}:{job}:{period}",))
+        events.append("taken by another")
+
+    thread = in_background(interfere)
+    started = time.monotonic()
+    try:
+        result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false",
+                                               *ONLY_CNAES)))
+    finally:
+        thread.join(30)
+        other.close()
+    assert events == ["retaken", "taken by another"], events
+    assert result.status == "failed" and isinstance(result.error, JobLockLost), result.error
+    assert classify(result.error) is Category.TRANSIENT
+    assert time.monotonic() - started < 60
+    blocker.release()
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file WHERE status = %s', ("loaded",)) == [(0,)]
