@@ -63,7 +63,7 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
     if params.get("password"):
         register_secret(params["password"])
     written = uri_password(dsn)
-    if written is not None and params.get("password") != unquote(written):
+    if written is not None and (params.get("password") or "") != unquote(written):
         # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
         # become host, port or database names and show up in its error messages.
         raise ConfigError("sink.dsn's password is not read by libpq as written (an unencoded reserved "
