@@ -3,7 +3,9 @@
     python -m loadkit +job=monthly year=2024 month=5 [group=choice] [key=value ...]
     python -m loadkit -m +job=monthly year=2024 month=5 batch.size=5000,20000,100000
 
-Exit codes: 0 ok, 2 config error, 3 source data error, 4 infrastructure, 1 bug, 130 interrupted.
+Exit codes (errors.EXIT_CODES): 0 ok, 1 bug, 2 config error, 3 source data error, 4 transient
+infrastructure, 5 operator/environment (permissions, read-only standby, missing database), 6 alert
+abort, 130 interrupted.
 """
 from __future__ import annotations
 
