@@ -74,8 +74,10 @@ def ddl(schema: str) -> List[str]:
 
 
 def ensure(cur: Any, schema: str) -> None:
-    # Serialise concurrent first-time creation (CREATE ... IF NOT EXISTS races on the catalog).
-    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ledger-ddl:{schema}",))
+    # Serialise concurrent first-time creation (CREATE ... IF NOT EXISTS races on the catalog). The key is
+    # the one the runner's target DDL takes per schema, so a ledger inside a target schema shares it.
+    # Transaction-level: the caller runs this in one transaction (an autocommit session releases it at once).
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{schema}",))
     for stmt in ddl(schema):
         cur.execute(stmt)
 
