@@ -206,11 +206,15 @@ def _migrate(cur: Any, table: TableSpec, diff: SchemaDiff, migrate: MigrateConfi
 
 def _prepare_staging(cur: Any, table: TableSpec) -> None:
     """UNLOGGED staging of the declared shape; one left by another declaration is dropped (its batches reload)."""
-    stage = qualified(table.schema, table.load_table)
-    actual = existing_columns(cur, table.schema, table.load_table)
+    stage = qualified(table.load_schema, table.load_table)
+    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.load_schema)}")
+    # Staging of an older loadkit lived in the target schema: drop it (its batches are found missing
+    # from the new staging and read again), so nothing of loadkit's stays in the user's schema.
+    cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.load_table)}")
+    actual = existing_columns(cur, table.load_schema, table.load_table)
     if actual is not None and actual != _staging_columns(table):
         log.warning("staging table %s.%s does not match the declaration; dropping it, its batches will reload",
-                    table.schema, table.load_table)
+                    table.load_schema, table.load_table)
         cur.execute(f"DROP TABLE {stage}")
     cur.execute(f"CREATE UNLOGGED TABLE IF NOT EXISTS {stage} ({_column_ddl(table)}, {quote_ident(ROW_COL)} integer)")
 
@@ -235,7 +239,7 @@ def derived_identifiers(table: TableSpec) -> List[str]:
     """Every name loadkit derives from the table's for its mode: staging, shadow, partition, keys, indexes."""
     names = [table.name]
     if table.mode != "append":
-        names.append(table.load_table)
+        names += [table.load_table, table.load_schema]
     if table.mode == "replace":
         names += [f"{table.name}__lk_new", f"{table.name}__lk_new_pkey", f"{table.name}_pkey"]
     if table.mode == "snapshot":
@@ -264,7 +268,7 @@ def validate_identifiers(table: TableSpec) -> None:
 def drop_staging(cur: Any, table: TableSpec) -> None:
     """Drop the table's staging (nothing of this month is waiting in it): no litter in the target schema."""
     if table.mode != "append":
-        cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.load_table)}")
+        cur.execute(f"DROP TABLE IF EXISTS {qualified(table.load_schema, table.load_table)}")
 
 
 def _index_name(on: str, cols: Tuple[str, ...]) -> str:
@@ -290,7 +294,7 @@ def verify_staging(cur: Any, table: TableSpec, ledger_schema: str, period: str) 
     if table.mode == "append":
         return []
     expected = ledger.unpublished_batch_rows(cur, ledger_schema, table.name, period)
-    stage = qualified(table.schema, table.load_table)
+    stage = qualified(table.load_schema, table.load_table)
     cur.execute("SELECT to_regclass(%s)", (stage,))
     if cur.fetchone()[0] is None:
         staged: Dict[int, int] = {}
@@ -323,7 +327,7 @@ def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:
         cur.execute(f"DELETE FROM {qualified(table.schema, table.name)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
                     (ids,))
     if table.mode != "append":
-        cur.execute(f"TRUNCATE {qualified(table.schema, table.load_table)}")
+        cur.execute(f"TRUNCATE {qualified(table.load_schema, table.load_table)}")
     ledger.forget(cur, ledger_schema, table.name, period)
 
 
@@ -331,7 +335,7 @@ def discard_file(cur: Any, table: TableSpec, ledger_schema: str, period: str, fi
     """Remove every committed batch of one failed file (data, rejects and ledger) in one transaction."""
     ids = ledger.batch_ids_of(cur, ledger_schema, table.name, period, file_sha)
     if ids:
-        cur.execute(f"DELETE FROM {qualified(table.schema, table.load_table)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
+        cur.execute(f"DELETE FROM {qualified(table.load_schema, table.load_table)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
                     (ids,))
     ledger.forget(cur, ledger_schema, table.name, period, file_sha)
 
@@ -346,7 +350,7 @@ def _published_names(table: TableSpec) -> Tuple[str, ...]:
 def _dedup_select(table: TableSpec, ledger_schema: str, extra: str = "") -> str:
     """Staged rows, one per key when a key is declared: the last file, offset and row win."""
     cols = ", ".join(f"s.{quote_ident(n)}" for n in _published_names(table))
-    stage = qualified(table.schema, table.load_table)
+    stage = qualified(table.load_schema, table.load_table)
     if not table.key:
         return f"SELECT {cols}{extra} FROM {stage} s"
     batch = qualified(ledger_schema, "batch")
@@ -379,7 +383,7 @@ def _finalize_merge(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int
         "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
     )
     inserted, updated = cur.fetchone()
-    cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")  # published: no litter left
+    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")  # published: no litter left
     _create_indexes(cur, table, table.name)
     cur.execute(f"ANALYZE {target}")
     return int(inserted), int(updated)
@@ -392,7 +396,7 @@ def _finalize_replace(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[i
     cur.execute(f"DROP TABLE {qualified(table.schema, table.name)}")
     cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(table.name)}")
     _rename_indexes(cur, table, new, table.name)
-    cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
+    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
     cur.execute(f"SELECT count(*) FROM {qualified(table.schema, table.name)}")
     return int(cur.fetchone()[0]), None
 
@@ -439,6 +443,6 @@ def _finalize_snapshot(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[
     _rename_indexes(cur, table, new, part)
     cur.execute(f"ALTER TABLE {parent} ATTACH PARTITION {qualified(table.schema, part)} FOR VALUES IN ({tag})")
     _create_indexes(cur, table, table.name)
-    cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
+    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
     cur.execute(f"SELECT count(*) FROM {qualified(table.schema, part)}")
     return int(cur.fetchone()[0]), None

@@ -408,7 +408,7 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
 
 
 def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
-    targets = {t.name: TableTarget(t.schema, t.load_table, t.mode != "append") for t in plan.tables}
+    targets = {t.name: TableTarget(t.load_schema, t.load_table, t.mode != "append") for t in plan.tables}
     return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
                           tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
                           retry=plan.retry)

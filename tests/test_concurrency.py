@@ -75,6 +75,9 @@ def test_no_litter_and_no_stuck_rows(pg_dsn: str, schemas: tuple, job_overrides,
     litter = query(pg_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
                            "AND table_name LIKE %s", (target, "%\\_\\_lk\\_%"))
     assert litter == [], litter
+    staged = query(pg_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                   (f"{target}__lk_stage",))
+    assert staged == [], staged  # loadkit's own staging schema is empty after publishing, too
     assert query(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE status = %s', ("loading",)) == [(0,)]
     assert query(pg_dsn, f'SELECT status FROM "{led}".run WHERE run_id = %s', ("killed",)) == [("crashed",)]
     assert query(pg_dsn, f'SELECT status FROM "{led}".table_load WHERE run_id = %s', ("killed",)) == [("crashed",)]

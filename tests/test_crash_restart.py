@@ -149,7 +149,7 @@ def test_crash_restarts_lose_nothing(layout: str, executor: str, server: Private
         in_ledger = query(dsn, f'SELECT coalesce(sum(rows_in), 0) FROM "{led}".batch WHERE run_id = %s',
                           (run_id,))[0][0]
         assert rows_read == in_ledger, (run_id, rows_read, in_ledger)
-    request.addfinalizer(lambda: _drop(dsn, target, led))
+    request.addfinalizer(lambda: _drop(dsn, target, led, f"{target}__lk_stage"))
 
 
 def _drop(dsn: str, *schemas: str) -> None:

@@ -391,7 +391,8 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
     def interfere(stop: threading.Event) -> None:
         def staging_tables() -> list:
             return query(pg_dsn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                 "WHERE n.nspname = %s AND c.relname LIKE %s", (target, "estabelecimentos%stag%"))
+                                 "WHERE n.nspname = %s AND c.relname LIKE %s",
+                         (f"{target}__lk_stage", "estabelecimentos%stag%"))
 
         # From the moment staging exists (the whole load), not from the first commit: more batches to collide with.
         wait_until(lambda: bool(staging_tables()) or stop.is_set(), 120, "the staging table")
@@ -404,7 +405,7 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
                     with conn, conn.cursor() as cur:
                         cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
                         time.sleep(0.3)  # a writer reaches its ledger insert holding the staging lock
-                        cur.execute(f'LOCK TABLE "{target}"."{staging[0][0]}" IN SHARE ROW EXCLUSIVE MODE')
+                        cur.execute(f'LOCK TABLE "{target}__lk_stage"."{staging[0][0]}" IN SHARE ROW EXCLUSIVE MODE')
                 except psycopg2.errors.DeadlockDetected:
                     deadlocks.append("interferer")
                 except psycopg2.errors.UndefinedTable:  # published: merge drops its staging table
