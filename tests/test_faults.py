@@ -399,12 +399,20 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
         staging = staging_tables()
         assert staging, "no staging table for estabelecimentos"
         conn = psycopg2.connect(pg_dsn, application_name="loadkit-test-interferer")
+        collisions = 0
         try:
-            while not stop.is_set():
+            while not stop.is_set() and collisions < 3:  # a few: retries must get through, not be exhausted
                 try:
                     with conn, conn.cursor() as cur:
                         cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
-                        time.sleep(0.3)  # a writer reaches its ledger insert holding the staging lock
+                        # Hold it until a writer waits for it (it then holds its staging lock), up to 1.5 s.
+                        until, waiting = time.monotonic() + 1.5, False
+                        while time.monotonic() < until and not stop.is_set() and not waiting:
+                            waiting = bool(query(pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name "
+                                                         "LIKE %s AND wait_event_type = 'Lock'",
+                                                 ("loadkit:%:writer",)))
+                            time.sleep(0.05)
+                        collisions += int(waiting)
                         cur.execute(f'LOCK TABLE "{target}__lk_stage"."{staging[0][0]}" IN SHARE ROW EXCLUSIVE MODE')
                 except psycopg2.errors.DeadlockDetected:
                     deadlocks.append("interferer")
