@@ -7,6 +7,7 @@ can never disagree. Everything else here runs in the driver over psycopg2.
 from __future__ import annotations
 
 import json
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -78,8 +79,34 @@ def ensure(cur: Any, schema: str) -> None:
     # the one the runner's target DDL takes per schema, so a ledger inside a target schema shares it.
     # Transaction-level: the caller runs this in one transaction (an autocommit session releases it at once).
     cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{schema}",))
-    for stmt in ddl(schema):
+    # An existing ledger needs no DDL: CREATE INDEX IF NOT EXISTS takes a SHARE lock on its table
+    # before it finds the index, which deadlocks with other runs' writers (reject, then batch).
+    statements = ddl(schema)
+    relations = _created_relations(statements)
+    if relations is not None:
+        cur.execute("SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) FROM unnest(%s::text[]) n",
+                    (schema, relations))
+        if cur.fetchone()[0] == len(relations):
+            return
+    for stmt in statements:
         cur.execute(stmt)
+
+
+_CREATE = re.compile(r'^\s*CREATE (?:TABLE|(?:UNIQUE )?INDEX) IF NOT EXISTS (?:"[^"]+"\.)?"?(\w+)"?', re.IGNORECASE)
+
+
+def _created_relations(statements: List[str]) -> Optional[List[str]]:
+    """The relations ddl() creates, if it only creates relations (IF NOT EXISTS); None if it does more
+    (a schema aside, e.g. an ALTER), in which case ensure() always runs it."""
+    names = []
+    for stmt in statements:
+        if stmt.lstrip().upper().startswith("CREATE SCHEMA IF NOT EXISTS"):
+            continue
+        m = _CREATE.match(stmt)
+        if m is None:
+            return None
+        names.append(m.group(1))
+    return names
 
 
 def try_lock_job(cur: Any, schema: str, job: str, period: str) -> bool:

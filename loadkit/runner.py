@@ -270,8 +270,7 @@ class Runner:
         self._job_lock = job_lock = _JobLock(self.dsn, plan, self._lock_lost)
         try:
             try:
-                with db.transaction(self.dsn) as cur:  # the DDL lock is transaction-level: one transaction
-                    ledger.ensure(cur, plan.ledger_schema)
+                retrying(plan.retry)(self._ensure_ledger, plan)
                 if not job_lock.acquire():
                     raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
                                            f"(ledger {plan.ledger_schema}); retry when it ends")
@@ -288,6 +287,11 @@ class Runner:
         finally:
             job_lock.close()  # releases the session advisory lock
         return result
+
+    def _ensure_ledger(self, plan: LoadPlan) -> None:
+        """The ledger's tables, in one transaction (its DDL lock is transaction-level); retried on deadlock."""
+        with db.transaction(self.dsn) as cur:
+            ledger.ensure(cur, plan.ledger_schema)
 
     def _lock_lost(self, error: LoadkitError) -> None:
         """The job lock's watcher lost the lock for good: stop the run (transient) before it can race."""

@@ -392,12 +392,12 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
         def staging_tables() -> list:
             return query(pg_dsn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                                  "WHERE n.nspname = %s AND c.relname LIKE %s",
-                         (f"{target}__lk_stage", "estabelecimentos%stag%"))
+                         (f"{target}__lk_stage", "%\\_\\_lk\\_stage\\_%"))
 
         # From the moment staging exists (the whole load), not from the first commit: more batches to collide with.
         wait_until(lambda: bool(staging_tables()) or stop.is_set(), 120, "the staging table")
         staging = staging_tables()
-        assert staging, "no staging table for estabelecimentos"
+        assert staging, "no staging table"
         conn = psycopg2.connect(pg_dsn, application_name="loadkit-test-interferer")
         collisions = 0
         try:
@@ -413,7 +413,9 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
                                                  ("loadkit:%:writer",)))
                             time.sleep(0.05)
                         collisions += int(waiting)
-                        cur.execute(f'LOCK TABLE "{target}__lk_stage"."{staging[0][0]}" IN SHARE ROW EXCLUSIVE MODE')
+                        # Every staging table: whichever the waiting writer holds, the cycle closes.
+                        names = ", ".join(f'"{target}__lk_stage"."{r[0]}"' for r in staging_tables())
+                        cur.execute(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
                 except psycopg2.errors.DeadlockDetected:
                     deadlocks.append("interferer")
                 except psycopg2.errors.UndefinedTable:  # published: merge drops its staging table
