@@ -415,6 +415,8 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
                         collisions += int(waiting)
                         # Every staging table: whichever the waiting writer holds, the cycle closes.
                         names = ", ".join(f'"{target}__lk_stage"."{r[0]}"' for r in staging_tables())
+                        if not names:  # all published: merge dropped its staging tables
+                            return
                         cur.execute(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
                 except psycopg2.errors.DeadlockDetected:
                     deadlocks.append("interferer")
