@@ -6,7 +6,9 @@
     loadkit plan +job=monthly year=2024 month=5        # what would load; writes nothing
 
 Nothing is resolved at import time: the config folder is found when a command runs.
-Exit codes: 0 ok, 2 config error, 3 source data error, 4 infrastructure, 1 bug, 130 interrupted.
+Exit codes (errors.EXIT_CODES): 0 ok, 1 bug, 2 config error, 3 source data error, 4 transient
+infrastructure, 5 operator/environment (permissions, read-only standby, missing database), 6 alert
+abort, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from loadkit.cli import conf_dir, fail  # noqa: F401 (conf_dir: public helper, k
 from loadkit.config import LoadkitConfig, to_config
 from loadkit.errors import ConfigError, LoadkitError, classify
 from loadkit.logs import setup_logging
-from loadkit.security import mask_text
+from loadkit.security import MaskingStream, mask_text, register_argv_secrets
 
 
 def _typed(cfg: DictConfig) -> LoadkitConfig:
@@ -123,7 +125,10 @@ def _scrub_multirun_yaml(sweep_dir: Path) -> None:
 
 
 def entry() -> None:
-    """The ``loadkit`` console script."""
+    """The ``loadkit`` console script. Passwords on the command line or in LOADKIT_DSN are masked in
+    everything printed, Hydra's own output (--cfg job, override parse errors) included."""
+    register_argv_secrets(sys.argv[1:] + [f"dsn={os.environ.get('LOADKIT_DSN', '')}"])
+    sys.stdout, sys.stderr = MaskingStream(sys.stdout), MaskingStream(sys.stderr)
     from loadkit.cli import main
 
     raise SystemExit(main())

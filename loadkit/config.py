@@ -218,8 +218,14 @@ class SinkConfig:
     # data folder; see loadkit.home), the same whatever the current folder.
     embedded_dir: str = field(default_factory=lambda: str(_home_path("pgdata")))
     ledger_schema: str = "loadkit"
+    # Seconds libpq waits for a connection (every driver and writer connection); 0 waits forever.
     connect_timeout: int = 10
+    # Server-side statement_timeout of every loadkit session, ms (0 = none). A statement over it
+    # fails with 57014 and is retried as transient (a COPY batch, a ledger query, a finalize step).
     statement_timeout_ms: int = 0
+    # Server-side lock_timeout of every loadkit session, ms (0 = none): a statement waiting longer
+    # for a lock (a reader holding the table a finalize swaps) fails with 55P03 and is retried.
+    lock_timeout_ms: int = 0
 
 
 @dataclass
@@ -297,6 +303,9 @@ class EnvConfig:
     executor: str = "auto"
     inprocess_max_bytes: int = 32 * 1024 * 1024
     inprocess_max_cpus: int = 2
+    # The run's deadline in seconds (0 = none): past it the run stops like an interrupt (committed
+    # batches stay for the resume) and fails transient (exit 4) with "run deadline exceeded".
+    max_run_seconds: float = 0
 
 
 @dataclass
@@ -407,7 +416,8 @@ def validate(cfg: LoadkitConfig) -> None:
     _validate_params(cfg, job_params(cfg.job))
     _validate_batch(cfg.batch)
     _require(cfg.pool.writers >= 1, "pool.writers", "pool.writers must be >= 1")
-    _require(cfg.pool.connections_per_writer >= 1, "pool.connections_per_writer", "pool.connections_per_writer must be >= 1")
+    _require(cfg.pool.connections_per_writer >= 1, "pool.connections_per_writer",
+             "pool.connections_per_writer must be >= 1")
     _require(cfg.pool.parse_concurrency >= 0, "pool.parse_concurrency", "pool.parse_concurrency must be >= 0")
     _require(cfg.pool.read_splits >= 1, "pool.read_splits", "pool.read_splits must be >= 1")
     _validate_retry(cfg.retry)
@@ -427,6 +437,9 @@ def validate(cfg: LoadkitConfig) -> None:
              "telemetry.tracing=otlp needs telemetry.otlp_endpoint")
     _require(cfg.tracking.live_after_s >= 0, "tracking.live_after_s", "tracking.live_after_s must be >= 0")
     _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
+    for key in ("connect_timeout", "statement_timeout_ms", "lock_timeout_ms"):
+        _require(getattr(cfg.sink, key) >= 0, f"sink.{key}", f"sink.{key} must be >= 0 (0 = no limit)")
+    _require(cfg.env.max_run_seconds >= 0, "env.max_run_seconds", "env.max_run_seconds must be >= 0 (0 = none)")
     _require(IDENTIFIER.match(cfg.sink.ledger_schema) is not None, "sink.ledger_schema",
              f"not a valid SQL identifier: {cfg.sink.ledger_schema!r}")
     assert cfg.job is not None
@@ -513,8 +526,10 @@ def _validate_alerts(a: AlertsConfig) -> None:
         _require(rule.threshold >= 0, f"alerts.{name}.threshold", "alert threshold must be >= 0")
     for sink in a.sinks:
         _require(sink in ("log", "jsonl", "webhook"), "alerts.sinks", f"unknown alert sink {sink!r}")
-    _require("jsonl" not in a.sinks or bool(a.jsonl_path), "alerts.jsonl_path", "alerts.sinks has jsonl but no jsonl_path")
-    _require("webhook" not in a.sinks or bool(a.webhook_url), "alerts.webhook_url", "alerts.sinks has webhook but no webhook_url")
+    _require("jsonl" not in a.sinks or bool(a.jsonl_path), "alerts.jsonl_path",
+             "alerts.sinks has jsonl but no jsonl_path")
+    _require("webhook" not in a.sinks or bool(a.webhook_url), "alerts.webhook_url",
+             "alerts.sinks has webhook but no webhook_url")
 
 
 def _validate_job(job: JobConfig) -> None:
@@ -530,7 +545,8 @@ def _validate_table(tname: str, t: TableConfig) -> None:
     k = f"job.tables.{tname}"
     _require(IDENTIFIER.match(tname) is not None, k, f"table name is not a valid SQL identifier: {tname!r}")
     _require(t.mode in WRITE_MODES, f"{k}.mode", f"mode must be one of {WRITE_MODES}, got {t.mode!r}")
-    _require(t.source.format in FORMATS, f"{k}.source.format", f"format must be one of {FORMATS}, got {t.source.format!r}")
+    _require(t.source.format in FORMATS, f"{k}.source.format",
+             f"format must be one of {FORMATS}, got {t.source.format!r}")
     _require(bool(t.source.paths), f"{k}.source.paths", "no source paths declared")
     _validate_dialect(f"{k}.source.dialect", t.source.dialect)
     _require(t.source.max_member_bytes is None or t.source.max_member_bytes > 0, f"{k}.source.max_member_bytes",

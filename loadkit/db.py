@@ -14,14 +14,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
-from urllib.parse import quote
+from typing import Any, Callable, Dict, Iterator, List, Optional
+from urllib.parse import quote, unquote
 
 import psycopg2
 import psycopg2.extensions
 
-from loadkit.errors import ConfigError, TransientDBError
-from loadkit.security import mask_dsn
+from loadkit.errors import Category, ConfigError, LoadkitError, OperatorError, TransientDBError, classify
+from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password
 
 log = logging.getLogger("loadkit.db")
 
@@ -47,20 +47,84 @@ def embedded_dsn(embedded_dir: str) -> str:
     return server.get_uri()
 
 
-def connect(dsn: str, connect_timeout: int = 10, autocommit: bool = False) -> psycopg2.extensions.connection:
-    """A psycopg2 connection; connection failures surface as TransientDBError with a masked DSN."""
+def parse_dsn(dsn: str) -> Dict[str, str]:
+    """The DSN's parameters by libpq's own rules (URI or key=value; psycopg2's ``parse_dsn``).
+
+    A DSN libpq cannot parse is a ConfigError whose message never quotes the DSN or libpq's
+    complaint (both may hold the password). Every password found is registered with
+    ``security.register_secret`` so no later output can show it."""
+    register_dsn(dsn)
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=connect_timeout, application_name="loadkit")
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise ConfigError("sink.dsn is not a valid libpq connection URI or key=value string (its text is "
+                          "withheld because it may contain the password; percent-encode reserved characters "
+                          "such as @ / # % ? : in a URI password)", key="sink.dsn") from None
+    if params.get("password"):
+        register_secret(params["password"])
+    written = uri_password(dsn)
+    if written is not None and (params.get("password") or "") != unquote(written):
+        # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
+        # become host, port or database names and show up in its error messages.
+        raise ConfigError("sink.dsn's password is not read by libpq as written (an unencoded reserved "
+                          "character in a URI password): percent-encode @ / # % ? : in it", key="sink.dsn")
+    return params
+
+
+def session_dsn(dsn: str, connect_timeout: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0,
+                app_name: str = "loadkit") -> str:
+    """The DSN every loadkit connection uses: libpq key=value form with ``sink.connect_timeout`` and
+    the server-side ``statement_timeout``/``lock_timeout`` (0 = none) in ``options``.
+
+    Set in the DSN, the limits reach every connection (psycopg2 in the driver, ADBC in the
+    writers, Ray workers included) without each connect call knowing them."""
+    params = parse_dsn(dsn)
+    options = [params.get("options", "")]
+    if statement_timeout_ms:
+        options.append(f"-c statement_timeout={int(statement_timeout_ms)}")
+    if lock_timeout_ms:
+        options.append(f"-c lock_timeout={int(lock_timeout_ms)}")
+    extra: Dict[str, Any] = {"application_name": app_name[:63]}
+    if connect_timeout:
+        extra["connect_timeout"] = int(connect_timeout)
+    if any(options[1:]):
+        extra["options"] = " ".join(o for o in options if o)
+    return psycopg2.extensions.make_dsn(dsn, **extra)
+
+
+def connect_failure(exc: BaseException, dsn: str) -> LoadkitError:
+    """A connect-time driver error as the LoadkitError of its category, its text scrubbed of secrets.
+
+    A refusal the operator must fix (missing database or role, bad password, no pg_hba entry,
+    permission) is an OperatorError; anything else (server down, restarting) is transient."""
+    text = mask_text(str(exc).strip())
+    if classify(exc) is Category.OPERATOR:
+        return OperatorError(f"PostgreSQL refused the connection: {text}", dsn=mask_dsn(dsn))
+    return TransientDBError(f"cannot connect to PostgreSQL: {text}", dsn=mask_dsn(dsn))
+
+
+def connect(dsn: str, connect_timeout: Optional[int] = None, autocommit: bool = False,
+            application_name: Optional[str] = None) -> psycopg2.extensions.connection:
+    """A psycopg2 connection; failures surface as TransientDBError / OperatorError with a masked DSN.
+
+    ``connect_timeout`` / ``application_name`` None: the DSN's own (``session_dsn`` sets both)."""
+    kwargs: Dict[str, Any] = {}
+    if application_name is not None:
+        kwargs["application_name"] = application_name
+    if connect_timeout is not None:
+        kwargs["connect_timeout"] = connect_timeout
+    try:
+        conn = psycopg2.connect(dsn, **kwargs)
     except psycopg2.OperationalError as exc:
-        raise TransientDBError(f"cannot connect to PostgreSQL: {str(exc).strip()}", dsn=mask_dsn(dsn)) from None
+        raise connect_failure(exc, dsn) from None
     conn.autocommit = autocommit
     return conn
 
 
 @contextmanager
-def transaction(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
+def transaction(dsn: str, application_name: Optional[str] = None) -> Iterator[psycopg2.extensions.cursor]:
     """A cursor in one transaction: committed on success, rolled back on error, always closed."""
-    conn = connect(dsn)
+    conn = connect(dsn, application_name=application_name)
     try:
         with conn:
             with conn.cursor() as cur:
@@ -75,11 +139,41 @@ def application_name(run_id: str, role: str) -> str:
 
 
 def with_application_name(dsn: str, name: str) -> str:
-    """The DSN with application_name set, so an operator (or a fault test) can find these sessions."""
+    """The DSN with application_name set (replacing any), so an operator, a fault test or the run's own
+    shutdown (``cancel_backends``) can find these sessions."""
     name = name[:63]  # NAMEDATALEN - 1: the server truncates longer names anyway
-    if "://" in dsn:
-        return f"{dsn}{'&' if '?' in dsn else '?'}application_name={quote(name)}"
-    return f"{dsn} application_name='{name}'"
+    try:
+        return psycopg2.extensions.make_dsn(dsn, application_name=name)
+    except psycopg2.ProgrammingError:  # not parseable: let the connect report it (masked)
+        if "://" in dsn:
+            return f"{dsn}{'&' if '?' in dsn else '?'}application_name={quote(name)}"
+        return f"{dsn} application_name='{name}'"
+
+
+def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2) -> int:
+    """pg_cancel_backend on every session of this run (application_name ``loadkit:<run id>:*``).
+
+    Stops statements in progress (a COPY blocked on a lock, a finalize step) at once so a
+    stop takes well under a second; the transactions roll back, committed batches stay. Best
+    effort: returns how many were signalled, 0 if the server cannot be reached."""
+    prefix = application_name(run_id, "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=timeout_s, application_name=f"loadkit-cancel:{run_id}"[:63])
+    except psycopg2.Error as exc:
+        log.warning("could not reach the server to cancel run %s's statements: %s", run_id, mask_text(str(exc)))
+        return 0
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name LIKE %s AND pid <> pg_backend_pid() AND state = 'active'",
+                        (prefix + "%",))
+            return int(cur.fetchone()[0])
+    except psycopg2.Error as exc:
+        log.warning("cancelling run %s's statements failed: %s", run_id, mask_text(str(exc)))
+        return 0
+    finally:
+        conn.close()
 
 
 def adbc_connect(dsn: str) -> Any:
@@ -88,7 +182,7 @@ def adbc_connect(dsn: str) -> Any:
     try:
         return adbc.connect(dsn, autocommit=False)
     except Exception as exc:  # ADBC raises its own OperationalError hierarchy
-        raise TransientDBError(f"cannot connect to PostgreSQL: {exc}", dsn=mask_dsn(dsn)) from None
+        raise connect_failure(exc, dsn) from None
 
 
 @dataclass
@@ -256,16 +350,16 @@ def wait_for_server(dsn: str, timeout_s: float = 30.0) -> None:
 
 
 def server_check(dsn: str) -> str:
-    """The server version, or a ConfigError for an unusable DSN (bad syntax, unknown database)."""
+    """The server version; a ConfigError for a malformed DSN, an OperatorError for a refusal (missing
+    database or role, bad password), a TransientDBError for a server that is down."""
+    parse_dsn(dsn)  # a malformed DSN: ConfigError, its text withheld
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=10)
+        conn = psycopg2.connect(dsn)
     except psycopg2.OperationalError as exc:
-        text = str(exc).strip()
-        if "does not exist" in text or "authentication" in text or "invalid" in text:
+        text = mask_text(str(exc).strip())
+        if "invalid" in text and classify(exc) is not Category.OPERATOR:
             raise ConfigError(f"cannot use sink.dsn: {text}", key="sink.dsn", dsn=mask_dsn(dsn)) from None
-        raise TransientDBError(f"cannot connect to PostgreSQL: {text}", dsn=mask_dsn(dsn)) from None
-    except psycopg2.ProgrammingError as exc:
-        raise ConfigError(f"invalid sink.dsn: {exc}", key="sink.dsn", dsn=mask_dsn(dsn)) from None
+        raise connect_failure(exc, dsn) from None
     try:
         with conn.cursor() as cur:
             cur.execute("SHOW server_version")

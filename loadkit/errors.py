@@ -15,19 +15,39 @@ from typing import Any, Optional
 
 
 class Category(str, Enum):
-    CONFIG = "config"
-    SOURCE_DATA = "source_data"
-    TRANSIENT = "transient_infrastructure"
+    """What kind of failure, hence who acts: the value is stored in the ledger (run.error_category)."""
+
+    CONFIG = "config"  # the job's config is wrong: fix it
+    SOURCE_DATA = "source_data"  # a source file is bad: fix or replace it
+    TRANSIENT = "transient_infrastructure"  # the server/network/cluster failed: retry later
+    OPERATOR = "operator_environment"  # the environment refuses: grant, point at the primary, create the database
+    ALERT = "alert_abort"  # an alert with action=abort stopped the run (memory, stall, pool, reject rate)
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM/Ctrl-C: rerun to resume
     BUG = "bug"
 
 
 # SQLSTATE classes/codes that mean "the server or the network failed, try again".
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P0", "53", "40001", "40P01", "55P03", "58")
+# SQLSTATEs that mean "the operator must change the environment" (PostgreSQL Appendix A): no retry
+# fixes them, and they are not the job config's or the data's fault.
+_OPERATOR_SQLSTATES = (
+    "42501",  # insufficient_privilege: GRANT what the job needs
+    "25006",  # read_only_sql_transaction: connected to a standby / read-only database
+    "3D000",  # invalid_catalog_name: the database does not exist
+    "28000",  # invalid_authorization_specification: no such role / pg_hba refuses
+    "28P01",  # invalid_password
+    "42P06",  # duplicate_schema raised by a role without CREATE on the database (defensive)
+)
 # Exit codes by category, so a scheduler can tell "fix your config" from "retry later".
+# Documented in the README (Exit codes): 0 ok, 1 bug, 2 config, 3 source data, 4 transient
+# infrastructure, 5 operator/environment, 6 alert abort, 130 interrupted.
 EXIT_CODES = {
     Category.CONFIG: 2,
     Category.SOURCE_DATA: 3,
     Category.TRANSIENT: 4,
+    Category.OPERATOR: 5,
+    Category.ALERT: 6,
+    Category.INTERRUPTED: 130,
     Category.BUG: 1,
 }
 
@@ -88,16 +108,33 @@ class PermanentDBError(LoadkitError):
     category = Category.BUG
 
 
-class InterruptedRun(LoadkitError):
-    """The run was stopped by a signal; committed batches stay valid for the resume."""
+class OperatorError(LoadkitError):
+    """The environment refuses the work: permissions, a read-only standby, a missing database or role.
 
-    category = Category.TRANSIENT
+    Not retried (waiting will not grant a privilege) and not a config or data error: the
+    operator changes the environment and reruns. Exit code 5."""
+
+    category = Category.OPERATOR
+
+
+class JobLockLost(TransientDBError):
+    """The run's job lock vanished and another run has it: this run stops (not retried); rerun later."""
+
+
+class RunDeadlineExceeded(TransientDBError):
+    """The run passed env.max_run_seconds: stopped like an interrupt, committed batches kept; rerun to resume."""
+
+
+class InterruptedRun(LoadkitError):
+    """The run was stopped by a signal; committed batches stay valid for the resume. Exit code 130."""
+
+    category = Category.INTERRUPTED
 
 
 class AlertAbort(LoadkitError):
-    """An alert configured with action=abort fired."""
+    """An alert configured with action=abort fired. Exit code 6."""
 
-    category = Category.SOURCE_DATA
+    category = Category.ALERT
 
 
 def sqlstate_of(exc: BaseException) -> Optional[str]:
@@ -179,8 +216,8 @@ def as_loadkit_error(exc: BaseException, **context: Any) -> LoadkitError:
         return exc
     code = sqlstate_of(exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    cls = {Category.TRANSIENT: TransientDBError, Category.SOURCE_DATA: SourceDataError}.get(
-        classify(exc), PermanentDBError)
+    cls = {Category.TRANSIENT: TransientDBError, Category.SOURCE_DATA: SourceDataError,
+           Category.OPERATOR: OperatorError}.get(classify(exc), PermanentDBError)
     return cls(f"{type(exc).__name__}: {text}", sqlstate=code, **context)
 
 
@@ -191,16 +228,33 @@ def classify(exc: BaseException) -> Category:
         return classify(inner)
     if isinstance(exc, LoadkitError):
         return exc.category
+    if isinstance(exc, KeyboardInterrupt):
+        return Category.INTERRUPTED
     code = sqlstate_of(exc)
     if code:
+        if code in _OPERATOR_SQLSTATES:
+            return Category.OPERATOR
+        if code == "57014":  # query_canceled: by statement_timeout (retry) or by our own shutdown's cancel
+            return Category.TRANSIENT if "statement timeout" in str(exc) else Category.INTERRUPTED
         if is_transient_sqlstate(code):
             return Category.TRANSIENT
         if code.startswith(("22", "23")):
             return Category.SOURCE_DATA
         return Category.BUG
+    if _is_operator_failure(exc):
+        return Category.OPERATOR
     if isinstance(exc, (ConnectionError, TimeoutError)) or _is_connection_failure(exc) or _is_cluster_failure(exc):
         return Category.TRANSIENT
     return Category.BUG
+
+
+def _is_operator_failure(exc: BaseException) -> bool:
+    """Driver errors without a SQLSTATE whose text is a server FATAL refusal the operator must fix."""
+    text = str(exc).lower()
+    if "does not exist" in text and ("database \"" in text or "role \"" in text):
+        return True
+    return any(m in text for m in ("permission denied", "password authentication failed", "no pg_hba.conf entry",
+                                   "read-only transaction"))
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ can never disagree. Everything else here runs in the driver over psycopg2.
 from __future__ import annotations
 
 import json
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -67,6 +68,19 @@ def ddl(schema: str) -> List[str]:
             committed_at timestamptz NOT NULL DEFAULT now(),
             CONSTRAINT batch_accounting CHECK (rows_in = rows_loaded + rows_rejected))""",
         f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.reject (
+            batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
+            file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text,
+            discarded boolean NOT NULL DEFAULT false)""",
+        f"CREATE INDEX IF NOT EXISTS reject_batch_idx ON {s}.reject (batch_id)",
+    ]
+
+
+def migrations(schema: str) -> List[str]:
+    """Columns added to ledgers created before they existed. Each statement checks the catalog first,
+    so a ledger that has the column takes no ALTER TABLE lock at every run start."""
+    s = quote_ident(schema)
+    return [
         # Rows a finalisation collapsed as duplicate keys, and rows a full-snapshot sync deleted or closed
         # (NULL: no sync ran). Added to ledgers created before these columns existed; the catalog check
         # first, so a ledger that has them takes no ALTER TABLE lock at every run start.
@@ -79,18 +93,29 @@ def ddl(schema: str) -> List[str]:
               AND attname = 'blank_lines' AND NOT attisdropped) THEN
               ALTER TABLE {s}.batch ADD COLUMN blank_lines bigint NOT NULL DEFAULT 0 CHECK (blank_lines >= 0);
               END IF; END $$""",
-        f"""CREATE TABLE IF NOT EXISTS {s}.reject (
-            batch_id bigint NOT NULL, run_id text NOT NULL, table_name text NOT NULL, period text NOT NULL,
-            file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text,
-            discarded boolean NOT NULL DEFAULT false)""",
-        f"CREATE INDEX IF NOT EXISTS reject_batch_idx ON {s}.reject (batch_id)",
     ]
 
 
 def ensure(cur: Any, schema: str) -> None:
-    # Serialise concurrent first-time creation (CREATE ... IF NOT EXISTS races on the catalog).
-    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ledger-ddl:{schema}",))
-    for stmt in ddl(schema):
+    # Serialise concurrent first-time creation (CREATE ... IF NOT EXISTS races on the catalog). The key is
+    # the one the runner's target DDL takes per schema, so a ledger inside a target schema shares it.
+    # Transaction-level: the caller runs this in one transaction (an autocommit session releases it at once).
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{schema}",))
+    # An existing ledger needs no DDL: CREATE INDEX IF NOT EXISTS takes a SHARE lock on its table
+    # before it finds the index, which deadlocks with other runs' writers (reject, then batch).
+    statements = ddl(schema)
+    relations = _created_relations(statements)
+    missing: bool
+    if relations is not None:
+        cur.execute("SELECT count(to_regclass(format('%%I.%%I', %s::text, n))) FROM unnest(%s::text[]) n",
+                    (schema, relations))
+        missing = cur.fetchone()[0] != len(relations)
+    else:
+        missing = True
+    if missing:
+        for stmt in statements:
+            cur.execute(stmt)
+    for stmt in migrations(schema):
         cur.execute(stmt)
     # Ledgers created before rejects of discarded files were kept: add the column once (an
     # unconditional ALTER would take an exclusive lock on every run, stalling other jobs' writers).
@@ -98,6 +123,23 @@ def ensure(cur: Any, schema: str) -> None:
                 "AND column_name='discarded'", (schema,))
     if cur.fetchone() is None:
         cur.execute(f"ALTER TABLE {qualified(schema, 'reject')} ADD COLUMN discarded boolean NOT NULL DEFAULT false")
+
+
+_CREATE = re.compile(r'^\s*CREATE (?:TABLE|(?:UNIQUE )?INDEX) IF NOT EXISTS (?:"[^"]+"\.)?"?(\w+)"?', re.IGNORECASE)
+
+
+def _created_relations(statements: List[str]) -> Optional[List[str]]:
+    """The relations ddl() creates, if it only creates relations (IF NOT EXISTS); None if it does more
+    (a schema aside, e.g. an ALTER), in which case ensure() always runs it."""
+    names = []
+    for stmt in statements:
+        if stmt.lstrip().upper().startswith("CREATE SCHEMA IF NOT EXISTS"):
+            continue
+        m = _CREATE.match(stmt)
+        if m is None:
+            return None
+        names.append(m.group(1))
+    return names
 
 
 def try_lock_job(cur: Any, schema: str, job: str, period: str) -> bool:
@@ -117,7 +159,8 @@ def start_run(cur: Any, schema: str, run_id: str, job: str, period: str, config:
 
 
 def finish_run(cur: Any, schema: str, run_id: str, status: str, totals: Tuple[int, int, int],
-               category: Optional[str] = None, error: Optional[str] = None, mlflow_run_id: Optional[str] = None) -> None:
+               category: Optional[str] = None, error: Optional[str] = None,
+               mlflow_run_id: Optional[str] = None) -> None:
     cur.execute(
         f"UPDATE {qualified(schema, 'run')} SET status=%s, finished_at=now(), rows_read=%s, rows_loaded=%s, "
         "rows_rejected=%s, error_category=%s, error_text=%s, mlflow_run_id=coalesce(%s, mlflow_run_id) "
@@ -236,6 +279,36 @@ def unpublished_batches(cur: Any, schema: str, table: str, period: str) -> Dict[
     return {int(b): int(n) for b, n in cur.fetchall()}
 
 
+@dataclass(frozen=True)
+class StagedBatch:
+    """A committed batch whose rows should still be in staging (its file is not published yet)."""
+
+    batch_id: int
+    run_id: str
+    rows_in: int
+    rows_loaded: int
+    rows_rejected: int
+
+
+def unpublished_batch_rows(cur: Any, schema: str, table: str, period: str) -> Dict[int, StagedBatch]:
+    """batch id -> StagedBatch for committed batches of unpublished files: what staging must hold."""
+    cur.execute(
+        f"SELECT b.batch_id, b.run_id, b.rows_in, b.rows_loaded, b.rows_rejected FROM {qualified(schema, 'batch')} b "
+        f"LEFT JOIN {qualified(schema, 'file')} f "
+        "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+        "WHERE b.table_name=%s AND b.period=%s AND f.status IS DISTINCT FROM 'loaded'",
+        (table, period),
+    )
+    return {int(r[0]): StagedBatch(int(r[0]), r[1], int(r[2]), int(r[3]), int(r[4])) for r in cur.fetchall()}
+
+
+def staged_files(cur: Any, schema: str, table: str, period: str) -> int:
+    """How many files of the table's month are staged but not yet published."""
+    cur.execute(f"SELECT count(*) FROM {qualified(schema, 'file')} WHERE table_name=%s AND period=%s "
+                "AND status='staged'", (table, period))
+    return int(cur.fetchone()[0])
+
+
 # Rejects kept per discarded file (the first lines), so a failed run still shows why.
 REJECTS_KEPT_PER_FILE = 1000
 
@@ -269,13 +342,21 @@ def forget(cur: Any, schema: str, table: str, period: str, file_sha: Optional[st
 
 
 def mark_stale_runs(cur: Any, schema: str, job: str, period: str) -> int:
-    """Runs left 'running' by a killed driver (we hold the job lock, so none is alive): mark them crashed."""
+    """Runs left 'running' by a killed driver (we hold the job lock, so none is alive): mark them crashed,
+    and close their table rows still 'loading' the same way."""
     cur.execute(
         f"UPDATE {qualified(schema, 'run')} SET status='crashed', finished_at=coalesce(finished_at, now()) "
-        "WHERE job=%s AND period=%s AND status='running'",
+        "WHERE job=%s AND period=%s AND status='running' RETURNING run_id",
         (job, period),
     )
-    return cur.rowcount or 0
+    stale = [r[0] for r in cur.fetchall()]
+    cur.execute(
+        f"UPDATE {qualified(schema, 'table_load')} t SET status='crashed', finished_at=coalesce(t.finished_at, now()) "
+        f"FROM {qualified(schema, 'run')} r WHERE r.run_id = t.run_id AND r.job=%s AND r.period=%s "
+        "AND r.status <> 'running' AND t.status = 'loading'",
+        (job, period),
+    )
+    return len(stale)
 
 
 def reject_sample(cur: Any, schema: str, run_id: str, limit: int = 200) -> pa.Table:

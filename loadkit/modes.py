@@ -12,8 +12,9 @@ table's sorted file list wins, then the last batch (byte offset) in it, then the
 batch -- i.e. "last shard wins, last record wins", the same in every run.
 
 Staging is UNLOGGED (no WAL: about half the write I/O). PostgreSQL empties UNLOGGED tables in
-crash recovery while the ledger still says their batches committed, so ``forget_lost_batches``
-compares staged rows per batch with the ledger before every resume and forgets what was lost.
+crash recovery while the ledger still says their batches committed, so ``verify_staging``
+compares staged rows per batch with the ledger before every resume and again inside every
+publishing transaction, and forgets what was lost so it is read again (never published short).
 
 Every finalisation runs in the caller's transaction, together with marking the files loaded.
 """
@@ -210,11 +211,15 @@ def _migrate(cur: Any, table: TableSpec, diff: SchemaDiff, migrate: MigrateConfi
 
 def _prepare_staging(cur: Any, table: TableSpec) -> None:
     """UNLOGGED staging of the declared shape; one left by another declaration is dropped (its batches reload)."""
-    stage = qualified(table.schema, table.load_table)
-    actual = existing_columns(cur, table.schema, table.load_table)
+    stage = qualified(table.load_schema, table.load_table)
+    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.load_schema)}")
+    # Staging of an older loadkit lived in the target schema: drop it (its batches are found missing
+    # from the new staging and read again), so nothing of loadkit's stays in the user's schema.
+    cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.load_table)}")
+    actual = existing_columns(cur, table.load_schema, table.load_table)
     if actual is not None and actual != _staging_columns(table):
         log.warning("staging table %s.%s does not match the declaration; dropping it, its batches will reload",
-                    table.schema, table.load_table)
+                    table.load_schema, table.load_table)
         cur.execute(f"DROP TABLE {stage}")
     cur.execute(f"CREATE UNLOGGED TABLE IF NOT EXISTS {stage} ({_column_ddl(table)}, {quote_ident(ROW_COL)} integer)")
 
@@ -233,6 +238,45 @@ def _create_target(cur: Any, table: TableSpec) -> None:
         cur.execute(f"CREATE TABLE {target} ({_column_ddl(table)})")
 
 
+PG_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names (silently, or fails later)
+
+
+def derived_identifiers(table: TableSpec) -> List[str]:
+    """Every name loadkit derives from the table's for its mode: staging, shadow, partition, keys, indexes."""
+    names = [table.name]
+    if table.mode != "append":
+        names += [table.load_table, table.load_schema]
+    if table.mode == "replace":
+        names += [f"{table.name}__lk_new", f"{table.name}__lk_new_pkey", f"{table.name}_pkey"]
+    if table.mode == "snapshot":
+        part = f"{table.name}__p{table.period_tag}"
+        names += [part, f"{part}__lk_new", f"{part}__lk_new_pkey", f"{part}__lk_new_period", f"{part}_pkey"]
+    return names
+
+
+def validate_identifiers(table: TableSpec) -> None:
+    """Refuse, before any SQL, a table whose derived names PostgreSQL would truncate (and later trip on)."""
+    key = f"job.tables.{table.name}"
+    for name in derived_identifiers(table):
+        if len(name.encode("utf-8")) > PG_IDENTIFIER_BYTES:
+            raise ConfigError(f"table name {table.name!r} is too long for mode {table.mode}: it derives "
+                              f"{name!r} ({len(name.encode('utf-8'))} bytes, PostgreSQL allows "
+                              f"{PG_IDENTIFIER_BYTES}); use a name of at most "
+                              f"{len(table.name) - (len(name.encode('utf-8')) - PG_IDENTIFIER_BYTES)} characters",
+                              key=key)
+    bases = [n for n in derived_identifiers(table) if not n.endswith(("_pkey", "_period"))]
+    indexes = [_index_name(on, cols) for on in bases for cols in table.indexes]
+    if len(set(indexes)) != len(indexes):
+        raise ConfigError(f"table {table.name!r}: index names collide once cut to {PG_IDENTIFIER_BYTES} bytes; "
+                          "use a shorter table name", key=key)
+
+
+def drop_staging(cur: Any, table: TableSpec) -> None:
+    """Drop the table's staging (nothing of this month is waiting in it): no litter in the target schema."""
+    if table.mode != "append":
+        cur.execute(f"DROP TABLE IF EXISTS {qualified(table.load_schema, table.load_table)}")
+
+
 def _index_name(on: str, cols: Tuple[str, ...]) -> str:
     return f"{on}__{'_'.join(cols)}_idx"[:63]
 
@@ -243,30 +287,43 @@ def _create_indexes(cur: Any, table: TableSpec, on: str) -> None:
                     f"ON {qualified(table.schema, on)} ({_cols(cols)})")
 
 
-def forget_lost_batches(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Tuple[int, int]:
-    """Before a resume: forget ledger batches whose rows are no longer (all) in staging.
+def verify_staging(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> List[ledger.StagedBatch]:
+    """Compare staging with the ledger per batch; forget (and return) the batches whose rows are gone.
 
     Crash recovery empties UNLOGGED tables (and a staging table is dropped when the
-    declaration changed), while the ledger still says those batches committed; forgetting
-    them makes the resume read their byte ranges again. Returns (batches, rows) forgotten.
+    declaration changed), while the ledger still says those batches committed. Forgetting
+    them (their ledger rows, rejects and any partial staged rows) makes the next read take
+    their byte ranges again. Staged rows of batches the ledger does not know are deleted
+    too. Runs before every resume and, in the publishing transaction, before every
+    finalisation, so nothing is published from a staging table that lost rows.
     """
     if table.mode == "append":
-        return 0, 0
-    expected = ledger.unpublished_batches(cur, ledger_schema, table.name, period)
-    if not expected:
-        return 0, 0
-    stage = qualified(table.schema, table.load_table)
-    cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
-    staged = {int(b): int(n) for b, n in cur.fetchall()}
-    lost = [b for b, rows in expected.items() if staged.get(b, 0) != rows]
+        return []
+    expected = ledger.unpublished_batch_rows(cur, ledger_schema, table.name, period)
+    stage = qualified(table.load_schema, table.load_table)
+    cur.execute("SELECT to_regclass(%s)", (stage,))
+    if cur.fetchone()[0] is None:
+        staged: Dict[int, int] = {}
+    else:
+        cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
+        staged = {int(b): int(n) for b, n in cur.fetchall()}
+    lost = [b for b, sb in expected.items() if staged.get(b, 0) != sb.rows_loaded]
+    orphans = [b for b in staged if b not in expected]
+    if (lost or orphans) and staged:
+        cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost + orphans,))
     if not lost:
-        return 0, 0
-    cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost,))
+        return []
     ledger.forget_batches(cur, ledger_schema, lost)
-    rows = sum(expected[b] for b in lost)
+    rows = sum(expected[b].rows_loaded for b in lost)
     log.warning("%s: %d committed batch(es) with %d rows are missing from staging %s (crash recovery empties "
                 "UNLOGGED tables); they will be read again", table.name, len(lost), rows, table.load_table)
-    return len(lost), rows
+    return [expected[b] for b in lost]
+
+
+def forget_lost_batches(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> Tuple[int, int]:
+    """verify_staging, summarised: (batches, rows) forgotten."""
+    lost = verify_staging(cur, table, ledger_schema, period)
+    return len(lost), sum(b.rows_loaded for b in lost)
 
 
 def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:
@@ -276,7 +333,7 @@ def reset(cur: Any, table: TableSpec, ledger_schema: str, period: str) -> None:
         cur.execute(f"DELETE FROM {qualified(table.schema, table.name)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
                     (ids,))
     if table.mode != "append":
-        cur.execute(f"TRUNCATE {qualified(table.schema, table.load_table)}")
+        cur.execute(f"TRUNCATE {qualified(table.load_schema, table.load_table)}")
     ledger.forget(cur, ledger_schema, table.name, period)
 
 
@@ -287,7 +344,8 @@ def discard_file(cur: Any, table: TableSpec, ledger_schema: str, period: str, fi
     shows why (a reject threshold, say) in the ledger and in its MLflow reject sample."""
     ids = ledger.batch_ids_of(cur, ledger_schema, table.name, period, file_sha)
     if ids:
-        cur.execute(f"DELETE FROM {qualified(table.schema, table.load_table)} WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
+        cur.execute(f"DELETE FROM {qualified(table.load_schema, table.load_table)} "
+                    f"WHERE {quote_ident(BATCH_COL)} = ANY(%s)",
                     (ids,))
     ledger.forget(cur, ledger_schema, table.name, period, file_sha, keep_rejects=ledger.REJECTS_KEPT_PER_FILE)
 
@@ -302,7 +360,7 @@ def _published_names(table: TableSpec) -> Tuple[str, ...]:
 def _dedup_select(table: TableSpec, ledger_schema: str, extra: str = "") -> str:
     """Staged rows, one per key when a key is declared: the last file, offset and row win."""
     cols = ", ".join(f"s.{quote_ident(n)}" for n in _published_names(table))
-    stage = qualified(table.schema, table.load_table)
+    stage = qualified(table.load_schema, table.load_table)
     if not table.key:
         return f"SELECT {cols}{extra} FROM {stage} s"
     batch = qualified(ledger_schema, "batch")
@@ -335,7 +393,7 @@ def _finalize_merge(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int
         "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
     )
     inserted, updated = cur.fetchone()
-    cur.execute(f"TRUNCATE {qualified(table.schema, table.load_table)}")
+    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")  # published: no litter left
     _create_indexes(cur, table, table.name)
     cur.execute(f"ANALYZE {target}")
     return int(inserted), int(updated)
@@ -348,7 +406,7 @@ def _finalize_replace(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[i
     cur.execute(f"DROP TABLE {qualified(table.schema, table.name)}")
     cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(table.name)}")
     _rename_indexes(cur, table, new, table.name)
-    cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
+    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
     cur.execute(f"SELECT count(*) FROM {qualified(table.schema, table.name)}")
     return int(cur.fetchone()[0]), None
 
@@ -395,7 +453,7 @@ def _finalize_snapshot(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[
     _rename_indexes(cur, table, new, part)
     cur.execute(f"ALTER TABLE {parent} ATTACH PARTITION {qualified(table.schema, part)} FOR VALUES IN ({tag})")
     _create_indexes(cur, table, table.name)
-    cur.execute(f"DROP TABLE {qualified(table.schema, table.load_table)}")
+    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
     cur.execute(f"SELECT count(*) FROM {qualified(table.schema, part)}")
     return int(cur.fetchone()[0]), None
 

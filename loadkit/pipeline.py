@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import pyarrow as pa
 
 from loadkit import scanner, sources
+from loadkit.db import cancel_backends
 from loadkit.errors import SourceDataError
 from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
@@ -441,7 +442,7 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
 
 
 def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
-    targets = {t.name: TableTarget(t.schema, t.load_table, t.mode != "append") for t in plan.tables}
+    targets = {t.name: TableTarget(t.load_schema, t.load_table, t.mode != "append") for t in plan.tables}
     return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
                           tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
                           retry=plan.retry)
@@ -558,10 +559,26 @@ def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board
             yield item
     finally:
         stop.set()  # threads finish the batch in hand (committed or rolled back, both safe) and leave
-        for t in threads:
-            t.join(timeout=60)
-        for w in writers:
-            w.close()
+        _join(threads, _STOP_GRACE_S)
+        if any(t.is_alive() for t in threads[1:]):
+            # A writer is inside a statement (a COPY waiting on a lock, a slow server): cancel this
+            # run's statements so it rolls back and leaves now, not when the lock is released.
+            cancel_backends(dsn, plan.run_id)
+            _join(threads, _STOP_GRACE_S)
+        for t, w in zip(threads[1:], writers, strict=True):
+            if t.is_alive():  # still stuck (server unreachable): a daemon thread; its pool closes with it
+                log.warning("writer thread %s did not stop in time; leaving it behind", t.name)
+            else:
+                w.close()
+
+
+_STOP_GRACE_S = 0.25  # per stage of a stop: threads leaving by themselves, then after a cancel
+
+
+def _join(threads: Sequence[threading.Thread], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _open_writers(settings: WriterSettings, count: int) -> List[BatchWriter]:

@@ -106,6 +106,12 @@ class TableSpec:
         """The physical table batches are COPYed into: the target itself, or its staging table."""
         return self.name if self.mode == "append" else staging_name(self.name, self.period_tag)
 
+    @property
+    def load_schema(self) -> str:
+        """The schema of ``load_table``: the target's (append), or loadkit's staging schema beside it,
+        so no loadkit object is left in the user's schema."""
+        return self.schema if self.mode == "append" else staging_schema(self.schema)
+
     period_tag: str = ""
     delete_missing: bool = False  # merge: delete (or close, with history) keys the month no longer has
     history: bool = False
@@ -169,6 +175,11 @@ class LoadPlan:
             if t.name == name:
                 return t
         raise KeyError(name)
+
+
+def staging_schema(schema: str) -> str:
+    """``<target schema>__lk_stage``: loadkit's own schema for the UNLOGGED staging tables of that schema."""
+    return f"{schema}__lk_stage"
 
 
 def staging_name(table: str, period_tag: str) -> str:

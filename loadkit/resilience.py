@@ -14,7 +14,7 @@ from typing import Callable, Optional, TypeVar
 
 import tenacity
 
-from loadkit.errors import Category, CircuitOpenError, InterruptedRun, classify
+from loadkit.errors import Category, CircuitOpenError, InterruptedRun, JobLockLost, RunDeadlineExceeded, classify
 from loadkit.plan import RetryPolicy
 
 T = TypeVar("T")
@@ -73,8 +73,9 @@ class CircuitBreaker:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    # A stop signal is "transient" for the rerun, never for a retry inside this run.
-    return classify(exc) is Category.TRANSIENT and not isinstance(exc, InterruptedRun)
+    # A stop (signal, run deadline, lost job lock) is "transient" for the rerun, never for a retry in this run.
+    return classify(exc) is Category.TRANSIENT and not isinstance(exc, (InterruptedRun, JobLockLost,
+                                                                       RunDeadlineExceeded))
 
 
 def retrying(policy: RetryPolicy, on_retry: Optional[Callable[[tenacity.RetryCallState], None]] = None,

@@ -92,6 +92,7 @@ def schemas(pg_dsn: str) -> Iterator[tuple]:
     with conn.cursor() as cur:
         cur.execute(f'DROP SCHEMA IF EXISTS "{target}" CASCADE')
         cur.execute(f'DROP SCHEMA IF EXISTS "{led}" CASCADE')
+        cur.execute(f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE')  # loadkit's staging beside the target
     conn.close()
 
 

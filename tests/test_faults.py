@@ -389,20 +389,39 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
     deadlocks: List[str] = []
 
     def interfere(stop: threading.Event) -> None:
-        wait_until(lambda: committed(pg_dsn, led) >= 1 or stop.is_set(), 120, "the first commit")
-        staging = query(pg_dsn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                "WHERE n.nspname = %s AND c.relname LIKE %s", (target, "estabelecimentos%stag%"))
-        assert staging, "no staging table for estabelecimentos"
+        def staging_tables() -> list:
+            return query(pg_dsn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                 "WHERE n.nspname = %s AND c.relname LIKE %s",
+                         (f"{target}__lk_stage", "%\\_\\_lk\\_stage\\_%"))
+
+        # From the moment staging exists (the whole load), not from the first commit: more batches to collide with.
+        wait_until(lambda: bool(staging_tables()) or stop.is_set(), 120, "the staging table")
+        staging = staging_tables()
+        assert staging, "no staging table"
         conn = psycopg2.connect(pg_dsn, application_name="loadkit-test-interferer")
+        collisions = 0
         try:
-            while not stop.is_set():
+            while not stop.is_set() and collisions < 3:  # a few: retries must get through, not be exhausted
                 try:
                     with conn, conn.cursor() as cur:
                         cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
-                        time.sleep(0.3)  # a writer reaches its ledger insert holding the staging lock
-                        cur.execute(f'LOCK TABLE "{target}"."{staging[0][0]}" IN SHARE ROW EXCLUSIVE MODE')
+                        # Hold it until a writer waits for it (it then holds its staging lock), up to 1.5 s.
+                        until, waiting = time.monotonic() + 1.5, False
+                        while time.monotonic() < until and not stop.is_set() and not waiting:
+                            waiting = bool(query(pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name "
+                                                         "LIKE %s AND wait_event_type = 'Lock'",
+                                                 ("loadkit:%:writer",)))
+                            time.sleep(0.05)
+                        collisions += int(waiting)
+                        # Every staging table: whichever the waiting writer holds, the cycle closes.
+                        names = ", ".join(f'"{target}__lk_stage"."{r[0]}"' for r in staging_tables())
+                        if not names:  # all published: merge dropped its staging tables
+                            return
+                        cur.execute(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
                 except psycopg2.errors.DeadlockDetected:
                     deadlocks.append("interferer")
+                except psycopg2.errors.UndefinedTable:  # published: merge drops its staging table
+                    return
                 time.sleep(0.2)
         finally:
             conn.close()

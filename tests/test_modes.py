@@ -124,12 +124,12 @@ def test_merge_reloads_batches_lost_from_staging_then_counts_updates(
     assert failed.status == "failed"  # shard 0 is staged and ledgered, shard 1 failed: nothing published
     stage = "empresas__lk_stage_202405"
     assert query(pg_dsn, "SELECT relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                         "WHERE n.nspname=%s AND c.relname=%s", (target, stage)) == [("u",)]
+                         "WHERE n.nspname=%s AND c.relname=%s", (f"{target}__lk_stage", stage)) == [("u",)]
     ledgered = query(pg_dsn, f'SELECT sum(rows_loaded) FROM "{led}".batch WHERE table_name=%s', ("empresas",))[0][0]
-    assert ledgered > 0 and query(pg_dsn, f'SELECT count(*) FROM "{target}"."{stage}"')[0][0] == ledgered
+    assert ledgered > 0 and query(pg_dsn, f'SELECT count(*) FROM "{target}__lk_stage"."{stage}"')[0][0] == ledgered
 
     # What crash recovery does to an UNLOGGED table, behind loadkit's back; then the file is fixed.
-    _exec(pg_dsn, f'TRUNCATE "{target}"."{stage}"')
+    _exec(pg_dsn, f'TRUNCATE "{target}__lk_stage"."{stage}"')
     shard1.write_bytes(good)
     resumed = run(job_overrides, root, *all_in("merge"))
     check_month(resumed, month, pg_dsn, target, "merge")  # empresas: shard 0 was read again, not skipped

@@ -39,7 +39,10 @@ class DriverError(Exception):
     ("22P02", Category.SOURCE_DATA),  # invalid_text_representation
     ("23505", Category.SOURCE_DATA),  # unique_violation
     ("42P01", Category.BUG),  # undefined_table
-    ("42501", Category.BUG),  # insufficient_privilege
+    ("42501", Category.OPERATOR),  # insufficient_privilege: a GRANT, not a code change
+    ("25006", Category.OPERATOR),  # read_only_sql_transaction: pointed at a standby
+    ("3D000", Category.OPERATOR),  # invalid_catalog_name: the database does not exist
+    ("28P01", Category.OPERATOR),  # invalid_password
     ("XX000", Category.BUG),  # internal_error
 ])
 def test_sqlstate_classification(code: str, category: Category) -> None:

@@ -1,0 +1,118 @@
+"""Concurrent runs on one database, litter and stuck states, late refusals, session limits.
+
+- 4 runs of different months at once, on a fresh database and again (force) on the initialised
+  one: all exit 0 (DDL and publishing serialised per target schema under a transaction-level
+  advisory lock; a deadlock with anyone else is retried).
+- after a load and a no-op rerun no loadkit object is left in the target schema and no table row
+  is left 'loading'; a killed run's rows are closed by the next run.
+- a derived identifier over 63 bytes is refused before any SQL.
+- sink.connect_timeout / statement_timeout_ms / lock_timeout_ms reach every session.
+"""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import adbc_driver_postgresql.dbapi as adbc
+import psycopg2
+import pytest
+
+from loadkit import db, modes
+from loadkit.errors import ConfigError
+from loadkit.examples.cnpj.sample import generate_month
+from loadkit.plan import build_plan
+from loadkit.runner import run_job
+from tests.conftest import ROOT, compose, query
+
+SMALL = [f"~job.tables.{t}" for t in ("estabelecimentos", "socios", "simples")]
+
+
+@pytest.mark.slow
+def test_four_concurrent_months_on_one_database_all_succeed(pg_dsn: str, schemas: tuple, job_overrides,
+                                                           tmp_path: Path) -> None:
+    target, led = schemas
+    months = [5, 6, 7, 8]
+    for m in months:
+        generate_month(tmp_path / "data", 2024, m, rows=50, shards=1, seed=m)
+
+    def wave(*extra: str) -> List[int]:
+        procs = []
+        for m in months:
+            args = job_overrides(tmp_path / "data", "env.executor=inprocess", "tracking.enabled=false", *SMALL,
+                                 *extra, month=m)
+            log = open(tmp_path / f"run-{m}-{len(extra)}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", "loadkit", *args], cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        return [p.wait(300) for p in procs]
+
+    first = wave()
+    logs = {f.name: f.read_text()[-1500:] for f in tmp_path.glob("run-*.log")}
+    assert first == [0, 0, 0, 0], logs
+    second = wave("force=true")  # the initialised database: publishing (indexes, swaps) at the same time
+    logs = {f.name: f.read_text()[-1500:] for f in tmp_path.glob("run-*-1.log")}
+    assert second == [0, 0, 0, 0], logs
+    assert query(pg_dsn, f'SELECT status, count(*) FROM "{led}".run GROUP BY 1') == [("succeeded", 8)]
+
+
+@pytest.mark.slow
+def test_no_litter_and_no_stuck_rows(pg_dsn: str, schemas: tuple, job_overrides, tmp_path: Path) -> None:
+    target, led = schemas
+    month = generate_month(tmp_path / "data", 2024, 5, rows=50, shards=1, seed=2)
+    overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", *SMALL)
+    assert run_job(compose(overrides)).status == "succeeded"
+    # A killed run: its rows stay 'running' / 'loading' until the next run of the month closes them.
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f'INSERT INTO "{led}".run (run_id, job, period, status) VALUES (%s, %s, %s, %s)',
+                    ("killed", "cnpj_monthly", "2024-05", "running"))
+        cur.execute(f'INSERT INTO "{led}".table_load (run_id, table_name, period, mode, status) '
+                    "VALUES ('killed', 'empresas', '2024-05', 'merge', 'loading')")
+    conn.close()
+    rerun = run_job(compose(overrides))  # a no-op: every file is loaded
+    assert rerun.status == "succeeded"
+    litter = query(pg_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+                           "AND table_name LIKE %s", (target, "%\\_\\_lk\\_%"))
+    assert litter == [], litter
+    staged = query(pg_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                   (f"{target}__lk_stage",))
+    assert staged == [], staged  # loadkit's own staging schema is empty after publishing, too
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE status = %s', ("loading",)) == [(0,)]
+    assert query(pg_dsn, f'SELECT status FROM "{led}".run WHERE run_id = %s', ("killed",)) == [("crashed",)]
+    assert query(pg_dsn, f'SELECT status FROM "{led}".table_load WHERE run_id = %s', ("killed",)) == [("crashed",)]
+
+
+def test_long_derived_identifiers_are_refused_before_any_sql(job_overrides, tmp_path: Path) -> None:
+    month = generate_month(tmp_path / "data", 2024, 5, rows=50, shards=1, seed=2)
+    plan = build_plan(compose(job_overrides(month.root)))
+    base = plan.table("empresas")
+    for mode, length in (("snapshot", 40), ("snapshot", 46), ("replace", 52), ("merge", 47)):
+        table = dataclasses.replace(base, name="e" * length, mode=mode)
+        with pytest.raises(ConfigError, match="too long"):
+            modes.validate_identifiers(table)
+    modes.validate_identifiers(dataclasses.replace(base, name="e" * 30, mode="snapshot"))  # fits
+    assert all(len(n) <= 63 for n in modes.derived_identifiers(dataclasses.replace(base, name="e" * 30,
+                                                                                    mode="snapshot")))
+
+
+def test_session_limits_reach_driver_and_writer_sessions(pg_dsn: str) -> None:
+    dsn = db.session_dsn(pg_dsn, connect_timeout=3, statement_timeout_ms=4500, lock_timeout_ms=700)
+    assert db.parse_dsn(dsn)["connect_timeout"] == "3"
+    conn = db.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout')")
+        assert cur.fetchone() == ("4500ms", "700ms")
+    conn.close()
+    writer = adbc.connect(db.with_application_name(dsn, "loadkit:test:writer"))
+    with writer.cursor() as cur:
+        cur.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+                    "current_setting('application_name')")
+        assert cur.fetchall() == [("4500ms", "700ms", "loadkit:test:writer")]
+    writer.close()
+    with pytest.raises(psycopg2.errors.QueryCanceled):  # the limit is enforced, not just stored
+        c = db.connect(db.session_dsn(pg_dsn, statement_timeout_ms=100))
+        try:
+            c.cursor().execute("SELECT pg_sleep(2)")
+        finally:
+            c.close()

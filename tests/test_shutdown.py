@@ -1,0 +1,255 @@
+"""Stopping is prompt in every phase: SIGTERM/SIGINT, the stall abort and the run deadline.
+
+A stop cancels the run's own statements (``pg_cancel_backend`` on the sessions whose
+application_name is ``loadkit:<run id>:*``), so a writer waiting on a lock or a driver statement
+waiting on one does not hold the exit. The in-process path never imports Ray.
+The measured seconds are recorded (junit properties); the bounds asserted are loose on purpose
+(a loaded 2-core CI box), an order of magnitude under the lock holder's patience.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import psycopg2
+import pytest
+
+from loadkit import ledger
+from loadkit.errors import AlertAbort, Category, RunDeadlineExceeded, classify
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.runner import run_job
+from tests.conftest import ROOT, compose, query
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+ONLY_CNAES = [f"~job.tables.{t}" for t in ("empresas", "estabelecimentos", "socios", "simples", "motivos",
+                                            "municipios", "naturezas", "paises", "qualificacoes")]
+THREE = [f"~job.tables.{t}" for t in ("simples", "cnaes", "motivos", "municipios", "naturezas", "paises",
+                                       "qualificacoes")]
+STOP_BOUND_S = 5.0  # asserted; the issue's target (<= 1 s) is what the recorded numbers show
+
+
+@pytest.fixture(scope="module")
+def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
+    return generate_month(tmp_path_factory.mktemp("stop"), 2024, 5, rows=200, shards=1, seed=5)
+
+
+class Blocker:
+    """A session holding a table lock, released on exit (and by a safety timer, so nothing hangs)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg2.connect(dsn, application_name="loadkit-test-blocker")
+        self._safety = threading.Timer(90, self.release)
+
+    def lock(self, table: str, mode: str) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN {mode} MODE")
+        self._safety.start()
+
+    def release(self) -> None:
+        try:
+            self.conn.rollback()
+        except psycopg2.Error:
+            pass
+
+    def close(self) -> None:
+        self._safety.cancel()
+        self.release()
+        self.conn.close()
+
+
+@pytest.fixture()
+def blocker(pg_dsn: str) -> Iterator[Blocker]:
+    b = Blocker(pg_dsn)
+    yield b
+    b.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def count(dsn: str, sql: str) -> int:
+    try:
+        return int(query(dsn, sql)[0][0])
+    except psycopg2.Error:
+        return 0
+
+
+def running(dsn: str, led: str) -> bool:
+    """The run row exists (the ledger is set up): a lock taken now blocks the load, not the set-up."""
+    return count(dsn, f'SELECT count(*) FROM "{led}".run WHERE status = \'running\'') > 0
+
+
+def in_background(fn: Callable[[], None]) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def waiting_on_lock(dsn: str, led: str) -> bool:
+    """A session of the run (application_name loadkit:*) is waiting for a lock right now."""
+    return count(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'loadkit:%%' "
+                      "AND wait_event_type = 'Lock'") > 0
+
+
+# ------------------------------------------------------------------ signals, through the CLI
+
+
+def cli(overrides: List[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "loadkit", *overrides], cwd=ROOT, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.parametrize("phase", ["streaming", "writers_blocked", "driver_blocked"])
+def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                   job_overrides, blocker: Blocker, tmp_path: Path,
+                                                   record_property: Callable[[str, Any], None]) -> None:
+    target, led = schemas
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        ledger.ensure(cur, led)
+    conn.close()
+    overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=20",
+                              *THREE)
+    proc = cli(overrides, tmp_path / "cli.log")
+    try:
+        wait_for(lambda: running(pg_dsn, led), 120, "the run to start")
+        if phase == "writers_blocked":  # every batch commit waits for the ledger's batch table
+            blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")
+        if phase == "streaming":
+            wait_for(lambda: count(pg_dsn, f'SELECT count(*) FROM "{led}".batch') >= 2, 120, "2 commits")
+        elif phase == "writers_blocked":
+            wait_for(lambda: waiting_on_lock(pg_dsn, led), 120, "a writer waiting on the lock")
+        else:  # the driver settles files into ledger.file: hold that table once the stream is on
+            wait_for(lambda: count(pg_dsn, f'SELECT count(*) FROM "{led}".batch') >= 1, 120, "a commit")
+            blocker.lock(f'"{led}".file', "EXCLUSIVE")
+            wait_for(lambda: waiting_on_lock(pg_dsn, led), 120, "the driver waiting on the lock")
+        assert proc.poll() is None, "the run ended before the signal"
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    record_property("sigterm_to_exit_s", round(took, 3))
+    assert code == 130, (tmp_path / "cli.log").read_text()[-3000:]
+    assert took < STOP_BOUND_S, f"{phase}: {took:.2f}s from SIGTERM to exit"
+    blocker.release()
+    assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
+
+
+def test_the_inprocess_path_never_imports_ray(month: SampleManifest, job_overrides) -> None:
+    overrides = job_overrides(month.root, 'env.executor=inprocess', 'tracking.enabled=false', *ONLY_CNAES)
+    code = ("import sys; from tests.conftest import compose; from loadkit.runner import run_job; "
+            f"r = run_job(compose({overrides!r})); "
+            "print(r.status, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["succeeded", "False"], out.stdout + out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ stall abort and deadline, both executors
+
+
+@pytest.mark.parametrize("executor", ["inprocess", "ray"])
+def test_stall_abort_stops_a_blocked_run_on_both_executors(executor: str, month: SampleManifest, pg_dsn: str,
+                                                           schemas: tuple, ray_session: None, job_overrides,
+                                                           blocker: Blocker,
+                                                           record_property: Callable[[str, Any], None]) -> None:
+    """A lock holds every writer's ledger insert; the 2 s stall alert aborts and the run ends right after."""
+    _, led = schemas
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        ledger.ensure(cur, led)
+    conn.close()
+    locker = in_background(lambda: (wait_for(lambda: running(pg_dsn, led), 120, "the run"),
+                                    blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")))
+    started = time.monotonic()
+    result = run_job(compose(job_overrides(month.root, f"env.executor={executor}", "tracking.enabled=false",
+                                           "alerts.stall_seconds.threshold=2", "alerts.stall_seconds.action=abort",
+                                           *ONLY_CNAES)))
+    took = time.monotonic() - started
+    locker.join(5)
+    record_property("run_s", round(took, 2))
+    assert result.status == "failed" and isinstance(result.error, AlertAbort), result.error
+    assert classify(result.error) is Category.ALERT
+    # Before: the in-process run ended only when the lock was released (the safety timer, 90 s).
+    assert took < 2 + 0.5 + STOP_BOUND_S + (20 if executor == "ray" else 0), f"{took:.1f}s"
+
+
+def test_run_deadline_stops_a_blocked_run(month: SampleManifest, pg_dsn: str, schemas: tuple, job_overrides,
+                                          blocker: Blocker, record_property: Callable[[str, Any], None]) -> None:
+    _, led = schemas
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        ledger.ensure(cur, led)
+    conn.close()
+    locker = in_background(lambda: (wait_for(lambda: running(pg_dsn, led), 120, "the run"),
+                                    blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")))
+    started = time.monotonic()
+    result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false",
+                                           "env.max_run_seconds=3", *ONLY_CNAES)))
+    locker.join(5)
+    took = time.monotonic() - started
+    record_property("run_s", round(took, 2))
+    assert result.status == "failed" and isinstance(result.error, RunDeadlineExceeded), result.error
+    assert classify(result.error) is Category.TRANSIENT
+    assert took < 3 + STOP_BOUND_S
+    blocker.release()
+    assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("failed", "transient_infrastructure")]
+
+
+# ------------------------------------------------------------------ the job lock
+
+
+def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                         job_overrides, blocker: Blocker) -> None:
+    """Terminate the lock's session: the run takes the lock again. Terminate it and take the lock from
+    another session (a second run admitted): the run stops, transient, before publishing anything."""
+    from loadkit.errors import JobLockLost
+
+    _, led = schemas
+    events: List[str] = []
+    other = psycopg2.connect(pg_dsn, application_name="loadkit-test-other-run")
+    other.autocommit = True
+
+    def lock_pids(run_id: str) -> List[int]:
+        return [r[0] for r in query(pg_dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                    (f"loadkit:{run_id}:lock",))]
+
+    def interfere() -> None:
+        wait_for(lambda: running(pg_dsn, led), 120, "the run")
+        blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")  # keep the run loading
+        run_id, job, period = query(pg_dsn, f'SELECT run_id, job, period FROM "{led}".run')[0]
+        first = lock_pids(run_id)
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (first[0],))
+        wait_for(lambda: bool(lock_pids(run_id)) and lock_pids(run_id) != first, 15, "the lock taken again")
+        events.append("retaken")
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (lock_pids(run_id)[0],))
+        with other.cursor() as cur:  # a second run of the month is admitted in the gap
+            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"loadkit-run:{led}:{job}:{period}",))
+        events.append("taken by another")
+
+    thread = in_background(interfere)
+    started = time.monotonic()
+    try:
+        result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false",
+                                               *ONLY_CNAES)))
+    finally:
+        thread.join(30)
+        other.close()
+    assert events == ["retaken", "taken by another"], events
+    assert result.status == "failed" and isinstance(result.error, JobLockLost), result.error
+    assert classify(result.error) is Category.TRANSIENT
+    assert time.monotonic() - started < 60
+    blocker.release()
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file WHERE status = %s', ("loaded",)) == [(0,)]
