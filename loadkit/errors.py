@@ -11,7 +11,7 @@ Errors cross Ray process boundaries, so each one pickles with its fields
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional, Set
 
 
 class Category(str, Enum):
@@ -149,7 +149,7 @@ def sqlstate_of(exc: BaseException) -> Optional[str]:
 
 
 def is_transient_sqlstate(code: Optional[str]) -> bool:
-    return bool(code) and any(code.startswith(p) for p in _TRANSIENT_SQLSTATE_PREFIXES)
+    return code is not None and any(code.startswith(p) for p in _TRANSIENT_SQLSTATE_PREFIXES)
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
@@ -188,7 +188,8 @@ def _is_cluster_failure(exc: BaseException) -> bool:
 
 def _causes(exc: BaseException) -> list:
     """exc and what it wraps: Ray re-raises a worker's error as RayTaskError/UserCodeException around it."""
-    chain, seen = [], set()
+    chain: List[BaseException] = []
+    seen: Set[int] = set()
     current: Optional[BaseException] = exc
     while current is not None and id(current) not in seen and len(chain) < 16:
         seen.add(id(current))

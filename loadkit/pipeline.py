@@ -12,6 +12,7 @@ the whole dataset, so the other files keep loading.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import signal
@@ -20,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import pyarrow as pa
 
@@ -91,7 +92,7 @@ class ReadUnit:
 
 
 def _record(unit: ReadUnit, kind: str, member: str = "", message: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
-    row = {f.name: None for f in CHUNK_SCHEMA}
+    row: Dict[str, Any] = {f.name: None for f in CHUNK_SCHEMA}
     row.update(kind=kind, table_name=unit.table.name, file_sha=unit.file.sha256, file_ordinal=unit.file.ordinal,
                file_path=unit.file.rel, member=member, message=message, skip_header=False)
     row.update(extra)
@@ -242,9 +243,9 @@ def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
         end, _ = sources.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)
         fh.seek(start)
         committed = [(max(s, start), min(e, end)) for s, e in unit.ranges(member) if s < end and e > start]
-        reader = sources.ChunkReader(sources.Window(fh, end), member, _target_bytes(sample, unit.batch_rows),
-                                     d.quote, d.escape, d.newlines_in_values, committed, origin=start,
-                                     origin_line=line, syntax=syn)
+        window = cast(BinaryIO, sources.Window(fh, end))  # a read()-only view of the span
+        reader = sources.ChunkReader(window, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
+                                     d.newlines_in_values, committed, origin=start, origin_line=line, syntax=syn)
         yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
 
 
@@ -330,7 +331,7 @@ class SizeChannel:
     def __init__(self, rows: int) -> None:
         import ray
 
-        self.actor = ray.remote(num_cpus=0, max_restarts=0)(SizeBoard).remote(rows)
+        self.actor: Any = ray.remote(num_cpus=0, max_restarts=0)(SizeBoard).remote(rows)  # an ActorHandle
 
     def publish(self, rows: int) -> None:
         self.actor.set.remote(rows)
@@ -338,7 +339,8 @@ class SizeChannel:
     def counters(self) -> Tuple[int, float]:
         import ray
 
-        return ray.get(self.actor.counters.remote(), timeout=30)
+        rows, seconds = ray.get(self.actor.counters.remote(), timeout=30)
+        return int(rows), float(seconds)
 
     def close(self) -> None:
         import ray
@@ -464,8 +466,8 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
         def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                            data_context: Any = None) -> List[ReadTask]:
             return [
-                ReadTask(lambda u=u: read_unit(u, board),
-                         BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=[u.file.path],
+                ReadTask(functools.partial(read_unit, u, board),
+                         BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=(u.file.path,),
                                        exec_stats=None),
                          schema=CHUNK_SCHEMA)
                 for u in self._units

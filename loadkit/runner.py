@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 from loadkit import db, identity, ledger, modes, prom, reload, telemetry
 from loadkit.alerts import AlertEngine, Watchdog
@@ -74,7 +74,7 @@ class _Signals:
     """
 
     def __init__(self, pending: Optional[Callable[[], Optional[BaseException]]] = None,
-                 on_signal: Optional[Callable[[], None]] = None) -> None:
+                 on_signal: Optional[Callable[[], object]] = None) -> None:
         self._previous: Dict[int, Any] = {}
         self.received: Optional[int] = None
         self._pending = pending  # an error the watchdog wants raised (it interrupts with SIGINT)
@@ -317,7 +317,7 @@ class Runner:
         self._watchdog = None
         endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id)
         deadline = self._start_deadline(started)
-        status, error = "succeeded", None
+        status, error = "succeeded", cast(Optional[BaseException], None)
         failed: List[Tuple[str, str, str]] = []
         try:
             units = self._prepare(plan, metrics)
@@ -541,7 +541,8 @@ class Runner:
         return SizingSettings(b.policy, b.size, b.min_size, b.max_size, window_s=b.window_s,
                               memory_ceiling=b.memory_ceiling)
 
-    def _resize(self, sizer: BatchSizer, channel: SizeChannel, metrics: RunMetrics, monitor: MemoryMonitor,
+    def _resize(self, sizer: BatchSizer, channel: Union[SizeChannel, LocalSizeChannel], metrics: RunMetrics,
+                monitor: MemoryMonitor,
                 row: Dict[str, Any]) -> None:
         """Feed the sizing policy a committed batch; publish the new size to the read tasks if it moved."""
         if row["status"] != "committed":
@@ -587,7 +588,7 @@ class Runner:
             self._check_threshold(table, metrics.tables[table.name], judge_rate=True)
 
     def _progress(self, metrics: RunMetrics, alerts: AlertEngine, monitor: MemoryMonitor, tracker: RunTracker,
-                  step: int, channel: SizeChannel) -> None:
+                  step: int, channel: Union[SizeChannel, LocalSizeChannel]) -> None:
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(monitor.latest())
         done = figures.get("done_fraction")

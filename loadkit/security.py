@@ -207,7 +207,7 @@ def render_path_template(template: str, values: Mapping[str, int]) -> str:
             raise ConfigError(f"path template {template!r} may only use {sorted(values)} placeholders")
         if spec and not re.fullmatch(r"0?\d{0,2}d?", spec):
             raise ConfigError(f"path template {template!r} has an unsupported format spec {spec!r}")
-        out.append(format(values[field_name], spec))
+        out.append(format(values[field_name], spec or ""))
     return "".join(out)
 
 
