@@ -378,15 +378,24 @@ def zip_problem(path: Path) -> Optional[str]:
     return None if bad is None else f"member {bad} fails its CRC check"
 
 
-def _transfer(client: httpx.Client, f: RemoteFile, part: Path, s: Settings, progress: Progress,
-              etag: List[Optional[str]]) -> None:
-    """One GET of whatever the partial file lacks; raises _Retryable (or a transport error) to resume."""
+def _resume_from(f: RemoteFile, part: Path, progress: Progress) -> Optional[int]:
+    """Bytes of ``part`` to keep and resume after (a partial file longer than the remote one is
+    started over); None when it is already complete."""
     have = part.stat().st_size if part.exists() else 0
     if f.size is not None and have > f.size:
         part.unlink()
         progress.add(-have, moved=False)
         have = 0
     if f.size is not None and have == f.size:
+        return None
+    return have
+
+
+def _transfer(client: httpx.Client, f: RemoteFile, part: Path, s: Settings, progress: Progress,
+              etag: List[Optional[str]]) -> None:
+    """One GET of whatever the partial file lacks; raises _Retryable (or a transport error) to resume."""
+    have = _resume_from(f, part, progress)
+    if have is None:
         return
     headers = dict(s.headers)
     if have:
@@ -525,12 +534,8 @@ def _fs_call(fn: Callable[[], Any], url: str) -> Any:
 
 def _transfer_fs(client: _FsClient, f: RemoteFile, part: Path, s: Settings, progress: Progress) -> None:
     """Append what the partial file lacks, reading the object from that offset (ranged GETs underneath)."""
-    have = part.stat().st_size if part.exists() else 0
-    if f.size is not None and have > f.size:
-        part.unlink()
-        progress.add(-have, moved=False)
-        have = 0
-    if f.size is not None and have == f.size:
+    have = _resume_from(f, part, progress)
+    if have is None:
         return
 
     def copy() -> None:
