@@ -59,8 +59,10 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 data[key] = value
         if record.exc_info:
-            data["exc"] = mask_text(self.formatException(record.exc_info))
-        return mask_text(json.dumps(data, default=str))
+            data["exc"] = self.formatException(record.exc_info)
+        # Mask each value, then encode: masking the encoded line could cut through its JSON syntax
+        # (a registered secret may contain quotes, commas or braces).
+        return json.dumps({k: mask_text(v) if isinstance(v, str) else v for k, v in data.items()}, default=str)
 
 
 class TextFormatter(logging.Formatter):

@@ -105,6 +105,8 @@ class RunCollector:
                                 value=sum(t[3] for t in tables) / elapsed)
         if self.monitor is not None:
             _, rss, fraction = self.monitor.latest()
+            if not rss:  # no sample since the run started (the monitor samples every 0.5 s): read one now
+                _, rss, fraction = self.monitor.sample()
             yield GaugeMetricFamily("loadkit_memory_rss_bytes", "RSS of the driver and its local workers", value=rss)
             yield GaugeMetricFamily("loadkit_memory_host_fraction", "Host memory in use (0..1)", value=fraction)
         writer_rss = GaugeMetricFamily("loadkit_writer_rss_bytes", "Writer RSS after its last batch", labels=["writer"])

@@ -843,6 +843,8 @@ def run_label(tags: Dict[str, str]) -> str:
 def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunResult:
     """Fetch (when job.remote.url is set and fetch is not never), then load (unless fetch=only)."""
     started = time.time()
+    if cfg.sink.dsn:  # a malformed DSN is a config error (exit 2, text withheld) before any download
+        db.parse_dsn(cfg.sink.dsn)
     fetched = _fetch_stage(cfg)
     if cfg.fetch == "only":
         period = f"{cfg.year:04d}-{cfg.month:02d}"
