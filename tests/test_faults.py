@@ -214,10 +214,12 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     assert run.wait(30) == -signal.SIGKILL
     after_kill = committed(pg_dsn, led)
     assert after_kill >= kill_at
-    # 3. SIGTERM after a few more commits, with a bigger batch size.
-    term_at = after_kill + rng.randint(2, 4)
-    run = cli_runs(args(400))
+    # 3. SIGTERM after a few more commits, with a smaller batch size (many batches left, so the signal lands
+    # mid-load however many commits the kill -9 above let through).
+    term_at = after_kill + rng.randint(1, 2)
+    run = cli_runs(args(120))
     wait_until(lambda: committed(pg_dsn, led) >= term_at or not run.alive(), 300, f"{term_at} commits")
+    assert run.alive(), "the run ended before SIGTERM could land mid-load"
     run.signal(signal.SIGTERM)
     signalled = time.time()
     wait_until(lambda: ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.run WHERE status = 'interrupted'") == 1,
