@@ -96,7 +96,7 @@ def test_merge_and_replace_finalisation_report_their_steps(tmp_path: Path, job_o
     generate_month(tmp_path / "data", 2024, 5, rows=60, shards=1, seed=5)
     result = run_job(compose(job_overrides(tmp_path / "data", *only("empresas", "cnaes"), "env.executor=inprocess",
                                            "tracking.enabled=false")))
-    assert result.status == "success", result.error
+    assert result.status == "succeeded", result.error
     merge, replace = result.metrics.tables["empresas"], result.metrics.tables["cnaes"]
     assert list(merge.finalise_steps) == ["upsert", "drop_staging", "indexes", "analyze", "sync_missing"]
     assert list(replace.finalise_steps) == ["insert", "primary_key", "indexes", "analyze", "swap", "drop_staging",
