@@ -6,11 +6,13 @@ so the runner only decides *when* to log.
 """
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 import pyarrow as pa
 
@@ -40,6 +42,9 @@ class TableMetrics:
     updated: Optional[int] = None
     duplicates: Optional[int] = None  # loaded rows collapsed onto another row with the same key
     deleted: Optional[int] = None  # rows a full-snapshot sync deleted or closed (None: no sync ran)
+    # Seconds per finalisation step (upsert, swap, indexes, ...; see modes.step), in the order run;
+    # their sum is at most finalise_s (the transaction's other statements are not steps).
+    finalise_steps: Dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -280,6 +285,7 @@ class RunMetrics:
                         f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries,
                         f"{t.name}.seconds": t.seconds, f"{t.name}.stream_s": t.stream_s,
                         f"{t.name}.finalise_s": t.finalise_s, f"{t.name}.blank_lines": t.blank_lines})
+            out.update({f"{t.name}.finalise.{step}_s": v for step, v in t.finalise_steps.items()})
             out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
                                                          ("duplicates", t.duplicates), ("deleted", t.deleted))
                         if v is not None})
@@ -325,6 +331,52 @@ def progress_text(done: Optional[float], eta_s: Optional[float], bar: bool = Fal
         cells = int(done * 20 + 0.5)
         text = f"[{'#' * cells}{'.' * (20 - cells)}] {text}"
     return text
+
+
+def progress_line(figures: Dict[str, float]) -> str:
+    """The in-place terminal line: ``[####....] 42% of bytes, ETA 1m10s | 1,234 rows, 5,678 rows/s``
+    (without the bar and percent when the share of bytes is unknown)."""
+    done = figures.get("done_fraction")
+    head = progress_text(done, figures.get("eta_s"), bar=True) + " | " if done is not None else ""
+    return f"{head}{figures['rows_read']:,.0f} rows, {figures['rows_per_s']:,.0f} rows/s"
+
+
+class ProgressBar:
+    """The run's progress drawn in place on an interactive terminal: one line redrawn with ``\\r``.
+
+    While a line is drawn, any ``loadkit`` log record first clears it (a filter on the logger's
+    handlers), so log lines never end up glued to the bar; the next ``draw`` puts the bar back.
+    ``close`` ends the line with a newline and removes the filters. Off a terminal the runner does
+    not use this class and logs ``progress:`` lines instead."""
+
+    def __init__(self, stream: Optional[TextIO] = None, logger: str = "loadkit") -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.drawn = False
+        self.drawn_at = 0.0  # time.time() of the last draw
+        self._handlers = list(logging.getLogger(logger).handlers)
+        for h in self._handlers:
+            h.addFilter(self._clear)
+
+    def _clear(self, record: logging.LogRecord) -> bool:
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.drawn = False
+        return True
+
+    def draw(self, text: str) -> None:
+        """Replace the current line by ``text`` (cut to 150 characters)."""
+        self.stream.write("\r" + text[:150] + "\x1b[K")
+        self.stream.flush()
+        self.drawn, self.drawn_at = True, time.time()
+
+    def close(self) -> None:
+        """Keep the last drawn line and move below it; the log handlers are left as they were."""
+        for h in self._handlers:
+            h.removeFilter(self._clear)
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
 
 
 def format_eta(seconds: Optional[float]) -> str:

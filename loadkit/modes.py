@@ -20,9 +20,12 @@ Every finalisation runs in the caller's transaction, together with marking the f
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from loadkit import ledger
 from loadkit.config import MigrateConfig
@@ -34,6 +37,39 @@ log = logging.getLogger("loadkit.modes")
 
 # Columns a merge table with history=true carries besides its declared ones (see sync_missing).
 HISTORY_COLS = ("valid_from", "valid_to")
+
+# Finalisation step timings: ``record_steps`` collects what ``step`` measures (see below).
+_steps: contextvars.ContextVar[Optional[Dict[str, float]]] = contextvars.ContextVar("loadkit_steps", default=None)
+SLOW_STEP_S = 1.0  # a finalisation step that takes longer is logged at INFO
+
+
+@contextlib.contextmanager
+def record_steps() -> Iterator[Dict[str, float]]:
+    """Collect the seconds of every ``step`` run inside the block: {step name: seconds}, in the order
+    run (a step run twice adds up). The caller (the runner) keeps them in TableMetrics.finalise_steps."""
+    steps: Dict[str, float] = {}
+    token = _steps.set(steps)
+    try:
+        yield steps
+    finally:
+        _steps.reset(token)
+
+
+@contextlib.contextmanager
+def step(name: str, table: str) -> Iterator[None]:
+    """Time one finalisation step (upsert, swap, indexes, ...) of ``table``: logged at INFO when it takes
+    over SLOW_STEP_S seconds, added to the ``record_steps`` collector when one is open."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        took = time.perf_counter() - started
+        steps = _steps.get()
+        if steps is not None:
+            steps[name] = steps.get(name, 0.0) + took
+        if took > SLOW_STEP_S:
+            log.info("%s: finalise step %s took %.1f s", table, name, took, extra={"table": table})
+
 
 # format_type() spellings of the declared kinds, for the schema comparison.
 _CANONICAL = {"char": "character", "varchar": "character varying", "timestamp": "timestamp without time zone",
@@ -373,7 +409,8 @@ def _dedup_select(table: TableSpec, ledger_schema: str, extra: str = "") -> str:
 def finalize(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[Optional[int], Optional[int]]:
     """Publish the staged rows per the table's mode. Returns (inserted, updated) where meaningful."""
     if table.mode == "append":
-        _create_indexes(cur, table, table.name)
+        with step("indexes", table.name):
+            _create_indexes(cur, table, table.name)
         return None, None
     if table.mode == "merge":
         return _finalize_merge(cur, table, ledger_schema)
@@ -387,15 +424,19 @@ def _finalize_merge(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[int
     target = qualified(table.schema, table.name)
     updates = ", ".join(f"{quote_ident(n)} = EXCLUDED.{quote_ident(n)}" for n in names if n not in table.key)
     # xmax = 0 only on a freshly inserted tuple: the standard way to tell inserts from updates.
-    cur.execute(
-        f"WITH up AS (INSERT INTO {target} ({_cols(names)}) {_dedup_select(table, ledger_schema)} "
-        f"ON CONFLICT ({_cols(table.key)}) DO UPDATE SET {updates} RETURNING (xmax = 0) AS inserted) "
-        "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
-    )
-    inserted, updated = cur.fetchone()
-    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")  # published: no litter left
-    _create_indexes(cur, table, table.name)
-    cur.execute(f"ANALYZE {target}")
+    with step("upsert", table.name):  # dedup + insert/update in one statement
+        cur.execute(
+            f"WITH up AS (INSERT INTO {target} ({_cols(names)}) {_dedup_select(table, ledger_schema)} "
+            f"ON CONFLICT ({_cols(table.key)}) DO UPDATE SET {updates} RETURNING (xmax = 0) AS inserted) "
+            "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
+        )
+        inserted, updated = cur.fetchone()
+    with step("drop_staging", table.name):
+        cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")  # published: no litter left
+    with step("indexes", table.name):
+        _create_indexes(cur, table, table.name)
+    with step("analyze", table.name):
+        cur.execute(f"ANALYZE {target}")
     return int(inserted), int(updated)
 
 
@@ -403,11 +444,14 @@ def _finalize_replace(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[i
     """Build the shadow while readers keep the old table, then swap: they block only for the rename."""
     new = f"{table.name}__lk_new"
     _build_shadow(cur, table, ledger_schema, like=table.name, name=new)
-    cur.execute(f"DROP TABLE {qualified(table.schema, table.name)}")
-    cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(table.name)}")
-    _rename_indexes(cur, table, new, table.name)
-    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
-    cur.execute(f"SELECT count(*) FROM {qualified(table.schema, table.name)}")
+    with step("swap", table.name):
+        cur.execute(f"DROP TABLE {qualified(table.schema, table.name)}")
+        cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(table.name)}")
+        _rename_indexes(cur, table, new, table.name)
+    with step("drop_staging", table.name):
+        cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
+    with step("count", table.name):
+        cur.execute(f"SELECT count(*) FROM {qualified(table.schema, table.name)}")
     return int(cur.fetchone()[0]), None
 
 
@@ -417,14 +461,19 @@ def _build_shadow(cur: Any, table: TableSpec, ledger_schema: str, like: str, nam
     shadow = qualified(table.schema, name)
     names = _published_names(table) + ((PERIOD_COL,) if period_tag is not None else ())
     extra = f", {period_tag}" if period_tag is not None else ""
-    cur.execute(f"DROP TABLE IF EXISTS {shadow}")
-    cur.execute(f"CREATE TABLE {shadow} (LIKE {qualified(table.schema, like)} INCLUDING DEFAULTS)")
-    cur.execute(f"INSERT INTO {shadow} ({_cols(names)}) {_dedup_select(table, ledger_schema, extra)}")
+    with step("insert", table.name):  # dedup into a fresh shadow table
+        cur.execute(f"DROP TABLE IF EXISTS {shadow}")
+        cur.execute(f"CREATE TABLE {shadow} (LIKE {qualified(table.schema, like)} INCLUDING DEFAULTS)")
+        cur.execute(f"INSERT INTO {shadow} ({_cols(names)}) {_dedup_select(table, ledger_schema, extra)}")
     if table.key:
         pk_cols = table.key + ((PERIOD_COL,) if period_tag is not None else ())
-        cur.execute(f"ALTER TABLE {shadow} ADD CONSTRAINT {quote_ident(name + '_pkey')} PRIMARY KEY ({_cols(pk_cols)})")
-    _create_indexes(cur, table, name)
-    cur.execute(f"ANALYZE {shadow}")
+        with step("primary_key", table.name):
+            cur.execute(f"ALTER TABLE {shadow} ADD CONSTRAINT {quote_ident(name + '_pkey')} "
+                        f"PRIMARY KEY ({_cols(pk_cols)})")
+    with step("indexes", table.name):
+        _create_indexes(cur, table, name)
+    with step("analyze", table.name):
+        cur.execute(f"ANALYZE {shadow}")
 
 
 def _rename_indexes(cur: Any, table: TableSpec, old: str, new: str) -> None:
@@ -443,18 +492,24 @@ def _finalize_snapshot(cur: Any, table: TableSpec, ledger_schema: str) -> Tuple[
     parent = qualified(table.schema, table.name)
     _build_shadow(cur, table, ledger_schema, like=table.name, name=new, period_tag=tag)
     # The CHECK lets ATTACH skip its validation scan of the new partition.
-    cur.execute(f"ALTER TABLE {qualified(table.schema, new)} ADD CONSTRAINT {quote_ident(new + '_period')} "
-                f"CHECK ({quote_ident(PERIOD_COL)} = {tag})")
-    cur.execute("SELECT to_regclass(%s)", (qualified(table.schema, part),))
-    if cur.fetchone()[0] is not None:
-        cur.execute(f"ALTER TABLE {parent} DETACH PARTITION {qualified(table.schema, part)}")
-        cur.execute(f"DROP TABLE {qualified(table.schema, part)}")
-    cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(part)}")
-    _rename_indexes(cur, table, new, part)
-    cur.execute(f"ALTER TABLE {parent} ATTACH PARTITION {qualified(table.schema, part)} FOR VALUES IN ({tag})")
-    _create_indexes(cur, table, table.name)
-    cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
-    cur.execute(f"SELECT count(*) FROM {qualified(table.schema, part)}")
+    with step("check_constraint", table.name):
+        cur.execute(f"ALTER TABLE {qualified(table.schema, new)} ADD CONSTRAINT {quote_ident(new + '_period')} "
+                    f"CHECK ({quote_ident(PERIOD_COL)} = {tag})")
+    with step("swap", table.name):  # the old partition out, the shadow renamed in its place
+        cur.execute("SELECT to_regclass(%s)", (qualified(table.schema, part),))
+        if cur.fetchone()[0] is not None:
+            cur.execute(f"ALTER TABLE {parent} DETACH PARTITION {qualified(table.schema, part)}")
+            cur.execute(f"DROP TABLE {qualified(table.schema, part)}")
+        cur.execute(f"ALTER TABLE {qualified(table.schema, new)} RENAME TO {quote_ident(part)}")
+        _rename_indexes(cur, table, new, part)
+    with step("attach", table.name):
+        cur.execute(f"ALTER TABLE {parent} ATTACH PARTITION {qualified(table.schema, part)} FOR VALUES IN ({tag})")
+    with step("parent_indexes", table.name):
+        _create_indexes(cur, table, table.name)
+    with step("drop_staging", table.name):
+        cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")
+    with step("count", table.name):
+        cur.execute(f"SELECT count(*) FROM {qualified(table.schema, part)}")
     return int(cur.fetchone()[0]), None
 
 
@@ -505,8 +560,9 @@ def open_history(cur: Any, table: TableSpec, ledger_schema: str, period: str, mo
     valid_from = month_start and valid_to = NULL. Returns the rows (re)opened."""
     target = qualified(table.schema, table.name)
     frm, to = (quote_ident(c) for c in HISTORY_COLS)
-    cur.execute(f"UPDATE {target} t SET {frm} = %s, {to} = NULL WHERE (t.{to} IS NOT NULL OR t.{frm} IS NULL) "
-                f"AND {_seen_since(ledger_schema)}", (month_start, table.name, period))
+    with step("open_history", table.name):
+        cur.execute(f"UPDATE {target} t SET {frm} = %s, {to} = NULL WHERE (t.{to} IS NOT NULL OR t.{frm} IS NULL) "
+                    f"AND {_seen_since(ledger_schema)}", (month_start, table.name, period))
     return int(cur.rowcount or 0)
 
 
@@ -519,12 +575,13 @@ def sync_missing(cur: Any, table: TableSpec, ledger_schema: str, period: str, mo
     merely not loaded yet.
     """
     target = qualified(table.schema, table.name)
-    if table.history:
-        to = quote_ident(HISTORY_COLS[1])
-        cur.execute(f"UPDATE {target} t SET {to} = %s WHERE t.{to} IS NULL AND NOT {_seen_since(ledger_schema)}",
-                    (month_start, table.name, period))
-    else:
-        cur.execute(f"DELETE FROM {target} t WHERE NOT {_seen_since(ledger_schema)}", (table.name, period))
+    with step("sync_missing", table.name):
+        if table.history:
+            to = quote_ident(HISTORY_COLS[1])
+            cur.execute(f"UPDATE {target} t SET {to} = %s WHERE t.{to} IS NULL AND NOT {_seen_since(ledger_schema)}",
+                        (month_start, table.name, period))
+        else:
+            cur.execute(f"DELETE FROM {target} t WHERE NOT {_seen_since(ledger_schema)}", (table.name, period))
     gone = int(cur.rowcount or 0)
     log.info("%s: %d row(s) %s: their keys are absent from %s", table.name, gone,
              "closed" if table.history else "deleted", period)

@@ -26,7 +26,7 @@ from loadkit.errors import (EXIT_CODES, Category, TransientDBError, InterruptedR
                             JobLockLost, RunDeadlineExceeded, SourceDataError, classify)
 from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import heartbeat, set_context
-from loadkit.metrics import RunMetrics, memory_table, progress_text, summary_table
+from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
 from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
@@ -37,6 +37,7 @@ from loadkit.tracking import RunTracker
 log = logging.getLogger("loadkit.run")
 
 _PROGRESS_EVERY_S = 5.0
+_BAR_EVERY_S = 0.5  # the in-place progress line (a terminal) is redrawn at most this often between reports
 # Read-again rounds when staging lost batches before publishing (a crash restart empties UNLOGGED
 # tables); past this many the run fails transient and the rerun resumes.
 _MAX_REREADS = 3
@@ -247,6 +248,7 @@ class Runner:
         self._signals: Optional[_Signals] = None
         self._lock_error: Optional[LoadkitError] = None
         self._job_lock: Optional[_JobLock] = None
+        self._bar: Optional[ProgressBar] = None  # the in-place progress line (env.progress_bars on a terminal)
         self._interrupt_main = threading.current_thread() is threading.main_thread()
 
     # ------------------------------------------------------------ entry
@@ -489,6 +491,7 @@ class Runner:
         run = execute if executor == "ray" else execute_inprocess
         results_iter = iter(run(plan, units, self.dsn, channel.actor))
         self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
+        self._bar = ProgressBar() if env.progress_bars and _stderr_is_tty() else None
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
@@ -514,11 +517,16 @@ class Runner:
                         step += 1
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
                         last_report = time.time()
+                    elif self._bar is not None and time.time() - self._bar.drawn_at >= _BAR_EVERY_S:
+                        self._bar.draw(progress_line(metrics.progress(monitor.latest())))
             metrics.stream_s = time.perf_counter() - stream_started
             self._progress(metrics, alerts, monitor, tracker, step + 1, channel)
             for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size
                 alerts.check("reject_rate", tm.name, tm.reject_rate)
         finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             self.reloader.uninstall()
             getattr(results_iter, "close", lambda: None)()  # stop Ray Data's executor on an early exit
             channel.close()
@@ -592,10 +600,13 @@ class Runner:
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(monitor.latest())
         done = figures.get("done_fraction")
-        log.info("progress: %s%s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
-                 "" if done is None else progress_text(done, figures.get("eta_s"), _stderr_is_tty()) + ": ",
-                 f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
-                 figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
+        if self._bar is not None:  # drawn in place; the same line still goes to the log, at DEBUG
+            self._bar.draw(progress_line(figures))
+        log.log(logging.DEBUG if self._bar is not None else logging.INFO,
+                "progress: %s%s rows read, %s loaded, %s rejected, %.0f rows/s, rss %.0f MB, %d batches queued",
+                "" if done is None else progress_text(done, figures.get("eta_s"), _stderr_is_tty()) + ": ",
+                f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
+                figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
         tracker.progress(figures, step)
         alerts.check("memory_fraction", "host", figures["memory_fraction"])
 
@@ -691,13 +702,16 @@ class Runner:
                 tm.batches -= len(ours)
                 return True
             staged = sum(ledger.unpublished_batches(cur, plan.ledger_schema, table.name, plan.period).values())
-            with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name):
+            with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), \
+                    modes.record_steps() as steps:
                 inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
             ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
             tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
             if table.mode != "append":  # rows staged but collapsed onto a later row with the same key
                 tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
-            tm.deleted = self._sync(cur, plan, table, failed)
+            with modes.record_steps() as synced:
+                tm.deleted = self._sync(cur, plan, table, failed)
+            tm.finalise_steps = {**steps, **synced}  # seconds per step (upsert, swap, indexes, sync_missing...)
             tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
             tm.finalised_at = time.time()
             ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
