@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/fetch_bench.py --rows 300000 [--load]
 
 Generates a CNPJ month, serves it with Python's stock http.server (its HTML directory listing is what
-discovery=html parses), then times: loadkit.fetch (pool.downloads at a time, zip CRC test on and off),
+discovery=html parses), then times: loadkit.source.fetch (pool.downloads at a time, zip CRC test on and off),
 curl of the same files one after another, and curl with the same parallelism (xargs -P). With --load it
 also times the whole fetch + load of the month (fetch=always) into $LOADKIT_DSN / the local server.
 """
@@ -19,7 +19,7 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from loadkit import fetch
+from loadkit.source import fetch
 from loadkit.examples.cnpj.sample import generate_month
 
 

@@ -134,11 +134,11 @@ def precheck(argv: List[str]) -> Any:
 
 
 def resolve_latest(argv: List[str]) -> List[str]:
-    """``month=latest``: the newest complete month the job's remote publishes (loadkit.fetch.latest_month);
+    """``month=latest``: the newest complete month the job's remote publishes (loadkit.source.fetch.latest_month);
     returns argv with concrete ``year=`` and ``month=`` in its place. Other argv is returned unchanged."""
     if "month=latest" not in argv:
         return argv
-    from loadkit import fetch
+    from loadkit.source import fetch
 
     rest = [a for a in argv if not a.startswith(("month=", "year="))]
     cfg = precheck(rest + ["year=2000", "month=1"])
@@ -206,7 +206,7 @@ def _history(argv: List[str]) -> int:
 
 
 def _init(argv: List[str]) -> int:
-    from loadkit import infer
+    from loadkit.source import infer
 
     return infer.main(argv)
 
@@ -227,7 +227,7 @@ def _db(argv: List[str]) -> int:
         sys.stdout.write(f"{path}\n")
         return 0
     if args.action == "url":
-        from loadkit.db import embedded_dsn
+        from loadkit.postgres.db import embedded_dsn
 
         try:
             sys.stdout.write(embedded_dsn(str(path)) + "\n")

@@ -152,7 +152,7 @@ class MigrateConfig:
 
 @dataclass
 class RemoteConfig:
-    """Where the fetch stage (loadkit.fetch) downloads a month from, before the load.
+    """Where the fetch stage (loadkit.source.fetch) downloads a month from, before the load.
 
     A local mirror is one override away: ``job.remote.url=http://127.0.0.1:8000/{year:04d}-{month:02d}/``."""
 

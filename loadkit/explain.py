@@ -11,7 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from loadkit import db, identity, ledger, modes
+from loadkit.postgres import db
+from loadkit.postgres import identity
+from loadkit.postgres import ledger
+from loadkit.postgres import modes
 from loadkit.config import LoadkitConfig
 from loadkit.errors import LoadkitError
 from loadkit.plan import LoadPlan, TableSpec

@@ -56,7 +56,7 @@ def _run(name: str, fn: Any, *args: Any) -> Check:
 
 
 def check_postgres(dsn: str, schemas: Sequence[str]) -> tuple:
-    from loadkit import db
+    from loadkit.postgres import db
 
     conn = db.connect(dsn, connect_timeout=5, autocommit=True)
     try:
@@ -83,7 +83,7 @@ def check_postgres(dsn: str, schemas: Sequence[str]) -> tuple:
 
 def check_ledger(dsn: str, schema: str) -> tuple:
     """No run stuck 'running': such a row whose job lock is free belongs to a dead driver."""
-    from loadkit import db
+    from loadkit.postgres import db
 
     conn = db.connect(dsn, connect_timeout=5, autocommit=True)
     try:
@@ -163,7 +163,7 @@ def check_sources(cfg: Any) -> tuple:
 
 def check_health(cfg: Any, min_free_mb: int = DEFAULT_MIN_FREE_MB, sources: bool = True) -> List[Check]:
     """Every check for this (typed) config, in order; none raises."""
-    from loadkit import db
+    from loadkit.postgres import db
 
     checks: List[Check] = []
     try:

@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from loadkit import db, home
+from loadkit import home
+from loadkit.postgres import db
 from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, sqlstate_of
 from loadkit.metrics import format_table, rate
 from loadkit.security import mask_text, qualified

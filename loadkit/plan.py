@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from loadkit import sources
+from loadkit.source import files
 from loadkit.config import ColumnConfig, JobConfig, LoadkitConfig, TableConfig, job_params
 from loadkit.errors import ConfigError
 from loadkit.security import confine, render_path_template
@@ -64,7 +64,7 @@ class Dialect:
     newlines_in_values: bool
     strip_nul: bool
     trim: bool
-    quoting: str = "strict"  # strict | lenient (see DialectConfig and loadkit.scanner)
+    quoting: str = "strict"  # strict | lenient (see DialectConfig and loadkit.source.scanner)
     max_record_bytes: int = 16 * 1024 * 1024
     skip_lines: int = 0
     quoted_can_be_null: bool = True
@@ -261,14 +261,14 @@ def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any]
         rendered = render_path_template(template, values)
         confine(root / rendered, root)
         patterns.append(rendered)
-    paths = sources.discover(root, patterns)
+    paths = files.discover(root, patterns)
     return tuple(
         FileSpec(
             path=str(confine(p, root)),
             rel=str(p.relative_to(root)),
             ordinal=i,
             size=p.stat().st_size,
-            sha256=sources.fingerprint(p),
+            sha256=files.fingerprint(p),
         )
         for i, p in enumerate(paths)
     )

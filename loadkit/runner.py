@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
-from loadkit import db, identity, ledger, modes, prom, reload, telemetry
+from loadkit import prom, reload, telemetry
+from loadkit.postgres import db
+from loadkit.postgres import identity
+from loadkit.postgres import ledger
+from loadkit.postgres import modes
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
@@ -28,7 +32,7 @@ from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import heartbeat, set_context
 from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
-from loadkit.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
+from loadkit.execute.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
 from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text, qualified
@@ -52,12 +56,12 @@ class RunResult:
     error: Optional[BaseException] = None
     mlflow_run_id: Optional[str] = None
     failed_files: List[Tuple[str, str, str]] = field(default_factory=list)
-    fetched: List[Any] = field(default_factory=list)  # loadkit.fetch.Fetched, one per remote file
+    fetched: List[Any] = field(default_factory=list)  # loadkit.source.fetch.Fetched, one per remote file
     label: str = ""  # heads the summary: a sweep point's id and overrides
 
     @property
     def summary(self) -> str:
-        from loadkit.fetch import summary_line
+        from loadkit.source.fetch import summary_line
 
         head = summary_line(self.fetched) + "\n" if self.fetched else ""
         return head + summary_table(self.metrics, self.run_id, self.wall_s, self.label)
@@ -287,7 +291,7 @@ class Runner:
                     ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
                     ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
                     if self.fetched:
-                        from loadkit import fetch
+                        from loadkit.source import fetch
 
                         fetch.record(cur, plan.ledger_schema, plan.run_id, plan.period, self.fetched)
             except LoadkitError:
@@ -436,7 +440,7 @@ class Runner:
         """The table's files not yet published, and the byte ranges already committed (to skip).
 
         ``verify``: the ledger's claims are checked against the target first (dropped table, changed
-        job.schema: loadkit.identity), as a run does before it skips anything."""
+        job.schema: loadkit.postgres.identity), as a run does before it skips anything."""
         if verify:
             assert self.cfg.job is not None
             done = identity.verified_files(cur, table, plan.ledger_schema, plan.period,
@@ -864,7 +868,7 @@ def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunRes
         period = f"{cfg.year:04d}-{cfg.month:02d}"
         try:
             with db.transaction(db.resolve_dsn(cfg.sink.dsn, cfg.sink.embedded_dir)) as cur:
-                from loadkit import fetch
+                from loadkit.source import fetch
 
                 ledger.ensure(cur, cfg.sink.ledger_schema)
                 fetch.record(cur, cfg.sink.ledger_schema, None, period, fetched)
@@ -878,7 +882,7 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
     remote = cfg.job.remote if cfg.job is not None else None
     if cfg.fetch == "never" or remote is None or not remote.url:
         return []
-    from loadkit import fetch
+    from loadkit.source import fetch
 
     if cfg.year is None or cfg.month is None:
         from loadkit.errors import ConfigError

@@ -12,7 +12,7 @@ with no tracing code in the workers' hot path. Span times are those measurements
 the batch waited in a queue between the two is not part of either).
 
 Attributes: ``loadkit.run_id``, ``loadkit.table``, ``loadkit.file`` (path), ``loadkit.batch_id``,
-``loadkit.rows_in`` / ``rows_loaded`` / ``rows_rejected``, ``loadkit.bytes``, ``loadkit.writer``,
+``loadkit.rows_in`` / ``rows_loaded`` / ``rows_rejected``, ``loadkit.bytes``, ``loadkit.postgres.writer``,
 ``loadkit.attempts``, ``loadkit.status``.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _batch_spans(tracer: Any, parent: Any, b: Dict[str, Any]) -> None:
     attrs = {"loadkit.table": b["table_name"], "loadkit.batch_id": int(b["batch_id"] or 0),
              "loadkit.rows_in": int(b["rows_in"] or 0), "loadkit.rows_loaded": int(b["rows_loaded"] or 0),
              "loadkit.rows_rejected": int(b["rows_rejected"] or 0), "loadkit.bytes": int(b["bytes"] or 0),
-             "loadkit.writer": b["writer"] or "", "loadkit.attempts": int(b["attempts"] or 0),
+             "loadkit.postgres.writer": b["writer"] or "", "loadkit.attempts": int(b["attempts"] or 0),
              "loadkit.status": b["status"] or ""}
     span = tracer.start_span("batch", context=parent, start_time=_ns(parse_start), attributes=attrs)
     ctx = trace.set_span_in_context(span)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from loadkit import scanner
+from loadkit.source import scanner
 from loadkit.config import bound_value
 from loadkit.errors import LoadkitError, SourceDataError
 from loadkit.plan import ROW_COL, ColumnSpec, Dialect, TableSpec

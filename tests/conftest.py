@@ -51,7 +51,7 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
     if _reachable(LOCAL_DSN):
         return LOCAL_DSN
     try:
-        from loadkit.db import embedded_dsn
+        from loadkit.postgres.db import embedded_dsn
 
         return embedded_dsn(str(tmp_path_factory.mktemp("pgdata")))
     except Exception as exc:  # no database at all: fail in CI, skip on a laptop

@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 
 from loadkit.config import ColumnConfig, DialectConfig
-from loadkit.pipeline import ReadUnit, _parse_record, read_unit
+from loadkit.execute.pipeline import ReadUnit, _parse_record, read_unit
 from loadkit.plan import ROW_COL, Dialect, FileSpec, TableSpec, column_spec
-from loadkit.sources import fingerprint
+from loadkit.source.files import fingerprint
 from loadkit.transform import ParsedChunk, parse_chunk
-from loadkit.writer import ipc_table
+from loadkit.postgres.writer import ipc_table
 
 Col = Union[ColumnConfig, Tuple[str, str]]
 

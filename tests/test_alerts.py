@@ -14,7 +14,8 @@ import psycopg2
 import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
-from loadkit import ledger, tracking
+from loadkit import tracking
+from loadkit.postgres import ledger
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.config import AlertRule, AlertsConfig
 from loadkit.errors import AlertAbort

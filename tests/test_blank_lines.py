@@ -86,7 +86,7 @@ def test_summary_has_no_skipped_lines_footnote_when_none_were_skipped() -> None:
 def test_an_older_ledger_gains_the_blank_lines_column_once(pg_dsn: str, schemas: tuple) -> None:
     import psycopg2
 
-    from loadkit import ledger
+    from loadkit.postgres import ledger
 
     led = schemas[1]
     conn = psycopg2.connect(pg_dsn)

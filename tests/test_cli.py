@@ -133,9 +133,9 @@ def test_plan_prints_files_ddl_and_ledger_and_writes_nothing(user_project: Path,
     assert "seattle-weather.csv" in before.stdout and "ledger: new" in before.stdout
     assert f'CREATE TABLE "{target}"."seattle_weather"' in before.stdout and "would load 1 of 1" in before.stdout
     assert query(pg_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname IN (%s, %s)", (target, led)) == [(0,)]
-    from loadkit import sources
+    from loadkit.source import files
 
-    sha = sources.fingerprint(user_project / "data" / "seattle-weather.csv")
+    sha = files.fingerprint(user_project / "data" / "seattle-weather.csv")
     assert sha[:16] in before.stdout
 
     from loadkit.runner import run_job

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadkit import sources
+from loadkit.source import files
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.plan import build_plan
 from loadkit.runner import run_job
@@ -35,10 +35,10 @@ def test_foreign_zip_entries_are_not_members(tmp_path: Path) -> None:
         zf.writestr("F.K03200$Z.D51213.NATJUCSV", b'"2062";"Sociedade Empresaria Limitada"\n')
     _rezip_like_a_mac(path)
     assert len(zipfile.ZipFile(path).infolist()) == 5
-    members = [name for name, _ in sources.open_members(path, "zip", "*NATJUCSV")]
+    members = [name for name, _ in files.open_members(path, "zip", "*NATJUCSV")]
     assert members == ["F.K03200$Z.D51213.NATJUCSV"]
-    assert [name for name, _ in sources.open_members(path, "zip", None)] == members
-    flags = {i.filename: sources.is_foreign_member(i) for i in zipfile.ZipFile(path).infolist()}
+    assert [name for name, _ in files.open_members(path, "zip", None)] == members
+    flags = {i.filename: files.is_foreign_member(i) for i in zipfile.ZipFile(path).infolist()}
     assert flags == {"__MACOSX/": True, "__MACOSX/._F.K03200$Z.D51213.NATJUCSV": True, ".DS_Store": True,
                      "sub/": True, "F.K03200$Z.D51213.NATJUCSV": False}
 
@@ -74,9 +74,9 @@ SEGMENT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characte
 def test_foreign_member_rule(parts: list) -> None:
     """Data members are every file entry except directories, AppleDouble forks and Finder/Explorer metadata."""
     name = "/".join(parts)
-    data = sources.is_foreign_member(zipfile.ZipInfo(name))
+    data = files.is_foreign_member(zipfile.ZipInfo(name))
     expected_foreign = ("__MACOSX" in parts[:-1] or parts[-1].startswith("._")
                         or parts[-1] in (".DS_Store", "Thumbs.db"))
     assert data == expected_foreign
-    assert sources.is_foreign_member(zipfile.ZipInfo(name + "/"))  # a directory entry
-    assert sources.is_foreign_member(zipfile.ZipInfo("__MACOSX/" + name))
+    assert files.is_foreign_member(zipfile.ZipInfo(name + "/"))  # a directory entry
+    assert files.is_foreign_member(zipfile.ZipInfo("__MACOSX/" + name))

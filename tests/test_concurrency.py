@@ -20,7 +20,8 @@ import adbc_driver_postgresql.dbapi as adbc
 import psycopg2
 import pytest
 
-from loadkit import db, modes
+from loadkit.postgres import db
+from loadkit.postgres import modes
 from loadkit.errors import ConfigError
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.plan import build_plan

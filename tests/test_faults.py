@@ -335,7 +335,7 @@ def embedded() -> Iterator[tuple]:
     locks out the unprivileged user pgserver runs PostgreSQL as."""
     import pgserver
 
-    from loadkit.db import embedded_dsn
+    from loadkit.postgres.db import embedded_dsn
 
     pgdata = Path(tempfile.mkdtemp(prefix="loadkit-faults-pg-")) / "pg"
     dsn = embedded_dsn(str(pgdata))
@@ -441,7 +441,7 @@ def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schema
 
 def test_serialization_failures_on_ledger_updates_are_retried(pg_dsn: str, schemas: tuple) -> None:
     """Two SERIALIZABLE read-then-write ledger transactions collide (40001); the retried one lands once."""
-    from loadkit import ledger
+    from loadkit.postgres import ledger
 
     _, led = schemas
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:

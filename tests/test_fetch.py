@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from loadkit import fetch
+from loadkit.source import fetch
 from loadkit.errors import EXIT_CODES, Category, SourceDataError
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job

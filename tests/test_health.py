@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from loadkit import db, ledger
+from loadkit.postgres import db
+from loadkit.postgres import ledger
 from loadkit.health import main
 from tests.conftest import LOCAL_DSN, ROOT
 

@@ -118,7 +118,7 @@ def test_same_file_under_another_period_is_skipped_not_duplicated(project, pg_ds
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     monthly = ("job.params=[year,month]", "year=2024")
     assert run(project, pg_dsn, schemas, *monthly, "month=1").status == "succeeded"
-    with caplog.at_level(logging.WARNING, logger="loadkit.identity"):
+    with caplog.at_level(logging.WARNING, logger="loadkit.postgres.identity"):
         second = run(project, pg_dsn, schemas, *monthly, "month=2")
     assert second.status == "succeeded" and second.metrics.tables["seattle_weather"].files_skipped == 1
     assert weather(pg_dsn, schemas[0]) == [(WEATHER_ROWS, WEATHER_PRECIPITATION)]
@@ -129,7 +129,7 @@ def test_changed_schema_loads_into_the_new_schema(project, pg_dsn: str, schemas:
                                                   caplog: pytest.LogCaptureFixture) -> None:
     target, led = schemas
     assert run(project, pg_dsn, schemas).status == "succeeded"
-    with caplog.at_level(logging.WARNING, logger="loadkit.identity"):
+    with caplog.at_level(logging.WARNING, logger="loadkit.postgres.identity"):
         moved = run(project, pg_dsn, (other_schema, led))
     assert moved.status == "succeeded" and moved.metrics.tables["seattle_weather"].rows_loaded == WEATHER_ROWS
     assert weather(pg_dsn, other_schema) == [(WEATHER_ROWS, WEATHER_PRECIPITATION)]
@@ -149,7 +149,7 @@ def test_dropped_table_is_reloaded_or_refused(project, pg_dsn: str, schemas: tup
     assert f"{target}.seattle_weather" in str(refused.error) and "force=true" in str(refused.error)
     # refused inside the preparing transaction: not even the empty table was recreated
     assert query(pg_dsn, "SELECT to_regclass(%s)", (f"{target}.seattle_weather",)) == [(None,)]
-    with caplog.at_level(logging.WARNING, logger="loadkit.identity"):
+    with caplog.at_level(logging.WARNING, logger="loadkit.postgres.identity"):
         reloaded = run(project, pg_dsn, schemas)
     assert reloaded.status == "succeeded" and f"{target}.seattle_weather" in caplog.text
     assert weather(pg_dsn, target) == [(WEATHER_ROWS, WEATHER_PRECIPITATION)]

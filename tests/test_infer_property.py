@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Tuple
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadkit import infer
+from loadkit.source import infer
 from loadkit.config import ColumnConfig
 from loadkit.plan import Dialect, TableSpec, column_spec
 from loadkit.transform import parse_chunk

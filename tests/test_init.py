@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import pytest
 
-from loadkit import infer
+from loadkit.source import infer
 from loadkit.runner import run_job
 from tests.conftest import compose, query
 

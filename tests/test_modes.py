@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
-from loadkit import modes
+from loadkit.postgres import modes
 from loadkit.config import MigrateConfig
 from loadkit.errors import Category, ConfigError, classify
 from loadkit.plan import build_plan

@@ -106,7 +106,7 @@ def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest
                                                           job_overrides, monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture,
                                                           capsys: pytest.CaptureFixture) -> None:
-    from loadkit import modes
+    from loadkit.postgres import modes
     from loadkit.runner import run_job
     from tests.conftest import compose, query
 

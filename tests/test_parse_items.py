@@ -11,7 +11,8 @@ from typing import List
 
 import pytest
 
-from loadkit import scanner, sources
+from loadkit.source import scanner
+from loadkit.source import files
 from loadkit.config import ColumnConfig, DialectConfig, _validate_dialect
 from loadkit.errors import ConfigError
 from tests.conftest import compose, query
@@ -89,7 +90,7 @@ def _cnaes(lines: int, at: int, lf_at: int = 0) -> bytes:
 
 
 def test_item6_quoted_newline_on_a_chunk_cut_for_every_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "_MIN_TARGET", 1)
+    monkeypatch.setattr(files, "_MIN_TARGET", 1)
     data = _cnaes(2000, 1457)
     path = tmp_path / "c.csv"
     path.write_bytes(data)
@@ -106,7 +107,7 @@ def test_item6_quoted_newline_on_a_chunk_cut_for_every_size(tmp_path: Path, monk
     syn = scanner.Syntax.of(table.dialect)
     whole = scanner.scan(data, syn).ends.tolist()
     for offset in range(0, len(data), 997):
-        start, line = sources.record_start(io.BytesIO(data), offset, len(data), syn)
+        start, line = files.record_start(io.BytesIO(data), offset, len(data), syn)
         assert start in whole + [0] and line == data.count(b"\n", 0, start) + 1
 
 

@@ -15,7 +15,7 @@ from typing import Any, List
 
 import pytest
 
-from loadkit import modes
+from loadkit.postgres import modes
 from loadkit.metrics import ProgressBar, RunMetrics, progress_line
 from tests.conftest import ROOT, compose
 
@@ -68,7 +68,7 @@ def test_steps_are_collected_summed_and_slow_ones_logged(monkeypatch: pytest.Mon
     monkeypatch.setattr(modes, "SLOW_STEP_S", 0.01)
     modes.log.addHandler(caplog.handler)  # the "loadkit" logger may not propagate (logs.setup_logging)
     try:
-        with caplog.at_level(logging.INFO, logger="loadkit.modes"), modes.record_steps() as steps:
+        with caplog.at_level(logging.INFO, logger="loadkit.postgres.modes"), modes.record_steps() as steps:
             with modes.step("upsert", "t"):
                 time.sleep(0.02)
             with modes.step("indexes", "t"):

@@ -11,7 +11,7 @@ from typing import Callable, List
 import psycopg2
 import pytest
 
-from loadkit.db import ConnectionPool, application_name, with_application_name
+from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
 from loadkit.errors import (Category, CircuitOpenError, ConfigError, PermanentDBError, SourceDataError,
                             TransientDBError, as_loadkit_error, classify, unwrap)
 from loadkit.plan import RetryPolicy

@@ -105,7 +105,7 @@ def test_column_rules_and_kept_rejects_on_both_executors(executor: str, tmp_path
 def test_an_older_ledger_gains_the_discarded_column_once(pg_dsn: str, schemas: tuple) -> None:
     import psycopg2
 
-    from loadkit import ledger
+    from loadkit.postgres import ledger
 
     led = schemas[1]
     conn = psycopg2.connect(pg_dsn)

@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadkit import scanner, sources
+from loadkit.source import scanner
+from loadkit.source import files
 from loadkit.plan import ROW_COL
 from loadkit.transform import parse_chunk
 from tests.corpus import spec
@@ -98,7 +99,7 @@ def load(data: bytes, d: Dict[str, Any], ncols: int, target: int, cap: int = sca
     table = spec([(f"c{i}", "text") for i in range(ncols)], max_record_bytes=cap, **d)
     syn = scanner.Syntax.of(table.dialect)
     fh = io.BytesIO(data)
-    edges = [0] + [sources.record_start(fh, off, len(data), syn)[0] for off in splits] + [len(data)]
+    edges = [0] + [files.record_start(fh, off, len(data), syn)[0] for off in splits] + [len(data)]
     rows: List[list] = []
     rejects: List[dict] = []
     rows_in = blank = 0
@@ -107,7 +108,7 @@ def load(data: bytes, d: Dict[str, Any], ncols: int, target: int, cap: int = sca
             continue
         fh.seek(lo)
         line = 1 + data.count(b"\n", 0, lo)
-        reader = sources.ChunkReader(sources.Window(fh, hi), "m", target, None, None, False, origin=lo,
+        reader = files.ChunkReader(files.Window(fh, hi), "m", target, None, None, False, origin=lo,
                                      origin_line=line, syntax=syn)
         for chunk in reader:
             hint = chunk.summary.encode() if chunk.summary else None
@@ -124,7 +125,7 @@ def load(data: bytes, d: Dict[str, Any], ncols: int, target: int, cap: int = sca
 
 @pytest.fixture(autouse=True)
 def _tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "_MIN_TARGET", 1)
+    monkeypatch.setattr(files, "_MIN_TARGET", 1)
 
 
 @PROFILE
@@ -214,7 +215,7 @@ def test_files_with_header_bom_and_banner_lines_through_the_reader(tmp_path_fact
                                                                   d: Dict[str, Any], ncols: int, data: Any, eol: str,
                                                                   bom: bool, banner: int) -> None:
     """The pipeline's reader (head, header, skip_lines, BOM, chunks) on whole files, random chunk sizes."""
-    from loadkit import pipeline
+    from loadkit.execute import pipeline
     from tests.corpus import read_local
 
     rows = data.draw(st.lists(st.lists(VALUE, min_size=ncols, max_size=ncols), max_size=8))

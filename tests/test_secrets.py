@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadkit import db
+from loadkit.postgres import db
 from loadkit.errors import Category, ConfigError, LoadkitError, classify
 from loadkit.logs import TextFormatter
 from loadkit.security import MIN_FREE_TEXT_SECRET, mask_dsn, mask_mapping, mask_text
@@ -58,7 +58,7 @@ def test_masking_never_shows_a_password(pw: str, shape: int) -> None:
     assert not leaks(pw, mask_dsn(dsn) or "")
     assert not leaks(pw, json.dumps(mask_mapping({"sink": {"dsn": dsn}, "note": f"using {dsn}"})))
     assert not leaks(pw, mask_text(f"connecting with {dsn} failed"))
-    record = logging.LogRecord("loadkit.db", logging.ERROR, __file__, 1, "cannot use %s", (dsn,), None)
+    record = logging.LogRecord("loadkit.postgres.db", logging.ERROR, __file__, 1, "cannot use %s", (dsn,), None)
     assert not leaks(pw, TextFormatter().format(record))
     # libpq's reading: a valid DSN gets its session settings, a malformed one a ConfigError that never
     # quotes it; a connect failure's text is scrubbed either way.

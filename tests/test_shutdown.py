@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, List
 import psycopg2
 import pytest
 
-from loadkit import ledger
+from loadkit.postgres import ledger
 from loadkit.errors import AlertAbort, Category, RunDeadlineExceeded, classify
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job

@@ -1,4 +1,4 @@
-"""sources.ChunkReader and the file-level read path (pipeline.read_unit), without Ray or a database."""
+"""files.ChunkReader and the file-level read path (pipeline.read_unit), without Ray or a database."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loadkit import sources
+from loadkit.source import files
 from loadkit.errors import SourceDataError
 from tests.corpus import corrupt_zip_member, read_local, spec, write_gzip, write_zip
 
@@ -30,8 +30,8 @@ def _records(n: int, seed: int = 3) -> bytes:
     return "".join(out).encode()
 
 
-def _chunks(data: bytes, target: int, committed=()) -> List[sources.Chunk]:
-    return list(sources.ChunkReader(io.BytesIO(data), "m", target, '"', None, True, committed))
+def _chunks(data: bytes, target: int, committed=()) -> List[files.Chunk]:
+    return list(files.ChunkReader(io.BytesIO(data), "m", target, '"', None, True, committed))
 
 
 def test_chunks_end_on_record_boundaries_and_cover_every_byte() -> None:
@@ -64,7 +64,7 @@ def test_cr_only_file_is_read_as_records(tmp_path: Path) -> None:
 
 def test_cr_to_lf_keeps_offsets() -> None:
     data = b"1,a\r2,b\r"
-    chunks = list(sources.ChunkReader(sources.CrToLf(io.BytesIO(data)), "m", 1024, '"', None, True))
+    chunks = list(files.ChunkReader(files.CrToLf(io.BytesIO(data)), "m", 1024, '"', None, True))
     assert chunks[0].end == len(data) and chunks[0].data == b"1,a\n2,b\n"
 
 
@@ -128,7 +128,7 @@ def test_truncated_gzip_and_corrupt_zip_fail_the_file(tmp_path: Path) -> None:
 
 def test_discover_names_the_paths_it_searched(tmp_path: Path) -> None:
     with pytest.raises(SourceDataError) as info:
-        sources.discover(tmp_path, ["2024-05/Empresas*.zip", "other/*.csv"])
+        files.discover(tmp_path, ["2024-05/Empresas*.zip", "other/*.csv"])
     assert str(tmp_path / "2024-05/Empresas*.zip") in str(info.value)
     assert str(tmp_path / "other/*.csv") in str(info.value)
 

@@ -25,15 +25,16 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pyarrow as pa
 
-from loadkit import scanner, sources
-from loadkit.db import cancel_backends
+from loadkit.source import scanner
+from loadkit.source import files
+from loadkit.postgres.db import cancel_backends
 from loadkit.errors import SourceDataError
 from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
 from loadkit.transform import parse_chunk, parse_parquet_batch
-from loadkit.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
+from loadkit.postgres.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
 
-log = logging.getLogger("loadkit.pipeline")
+log = logging.getLogger("loadkit.execute.pipeline")
 
 _SAMPLE_BYTES = 256 * 1024
 _POLL_S = 0.5  # how often a read task asks the driver for the current batch size
@@ -199,20 +200,20 @@ def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
         if unit.span is not None:
             yield from _read_span(unit, feed)
             return
-        for member, stream in sources.open_members(path, table.format, table.member, table.max_member_bytes,
+        for member, stream in files.open_members(path, table.format, table.member, table.max_member_bytes,
                                                    table.max_compression_ratio):
             yield from _read_member(unit, member, stream, feed)
     except SourceDataError as exc:
         yield _block([_record(unit, "error", message=str(exc))])
-    except (*sources.read_errors(), pa.ArrowInvalid) as exc:
+    except (*files.read_errors(), pa.ArrowInvalid) as exc:
         yield _block([_record(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")])
 
 
 def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") -> Iterator[pa.Table]:
     table = unit.table
     sample = stream.read(_SAMPLE_BYTES)
-    if sources.is_cr_only(sample):
-        sample, stream = sample.replace(b"\r", b"\n"), sources.CrToLf(stream)
+    if files.is_cr_only(sample):
+        sample, stream = sample.replace(b"\r", b"\n"), files.CrToLf(stream)
     sample = _complete_head(sample, stream, table)
     d = table.dialect
     skip = scanner.skip_lines(sample, d.skip_lines)  # banner lines: not records, still counted as lines
@@ -220,7 +221,7 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") ->
     if len(sample) < _SAMPLE_BYTES:
         _check_not_empty(table, _data_records(body, table), member, unit.file.rel)
     header = _check_layout(body, table, member, unit.file.rel) if body.strip() else None
-    reader = sources.ChunkReader(stream, member, _target_bytes(body or sample, unit.batch_rows), d.quote, d.escape,
+    reader = files.ChunkReader(stream, member, _target_bytes(body or sample, unit.batch_rows), d.quote, d.escape,
                                  d.newlines_in_values, unit.ranges(member), prefix=body, origin=skip,
                                  origin_line=1 + sample.count(b"\n", 0, skip), syntax=scanner.Syntax.of(d))
     yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
@@ -239,17 +240,17 @@ def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
         syn = scanner.Syntax.of(d)
         skip_line = 1 + sample.count(b"\n", 0, skip)
         # Exact span edges: scanned from the data start, so a quoted newline is never a cut.
-        start, line = sources.record_start(fh, max(unit.span[0], skip), size, syn, skip, skip_line)
-        end, _ = sources.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)
+        start, line = files.record_start(fh, max(unit.span[0], skip), size, syn, skip, skip_line)
+        end, _ = files.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)
         fh.seek(start)
         committed = [(max(s, start), min(e, end)) for s, e in unit.ranges(member) if s < end and e > start]
-        window = cast(BinaryIO, sources.Window(fh, end))  # a read()-only view of the span
-        reader = sources.ChunkReader(window, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
+        window = cast(BinaryIO, files.Window(fh, end))  # a read()-only view of the span
+        reader = files.ChunkReader(window, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
                                      d.newlines_in_values, committed, origin=start, origin_line=line, syntax=syn)
         yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
 
 
-def _emit_chunks(unit: ReadUnit, member: str, reader: "sources.ChunkReader", sample: bytes,
+def _emit_chunks(unit: ReadUnit, member: str, reader: "files.ChunkReader", sample: bytes,
                  header: Optional[List[str]], feed: "_SizeFeed", data_start: int = 0) -> Iterator[pa.Table]:
     d = unit.table.dialect
     count = 0

@@ -40,7 +40,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from loadkit.errors import Category, ConfigError, LoadkitError, SourceDataError
 from loadkit.security import mask_dsn, qualified
 
-log = logging.getLogger("loadkit.fetch")
+log = logging.getLogger("loadkit.source.fetch")
 
 DISCOVERY = ("webdav", "html", "list")
 FETCH_MODES = ("auto", "always", "only", "never")

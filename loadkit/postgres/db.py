@@ -23,7 +23,7 @@ import psycopg2.extensions
 from loadkit.errors import Category, ConfigError, LoadkitError, OperatorError, TransientDBError, classify
 from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password
 
-log = logging.getLogger("loadkit.db")
+log = logging.getLogger("loadkit.postgres.db")
 
 
 def resolve_dsn(dsn: Optional[str], embedded_dir: str) -> str:

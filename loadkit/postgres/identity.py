@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
-from loadkit import ledger, modes
+from loadkit.postgres import ledger
+from loadkit.postgres import modes
 from loadkit.errors import ConfigError
 from loadkit.plan import BATCH_COL, TableSpec
 from loadkit.security import qualified, quote_ident
 
-log = logging.getLogger("loadkit.identity")
+log = logging.getLogger("loadkit.postgres.identity")
 
 
 def _holds_any(cur: Any, table: TableSpec, ids_sql: str, args: tuple) -> bool:

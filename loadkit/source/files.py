@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from loadkit import scanner
+from loadkit.source import scanner
 from loadkit.errors import SourceDataError
 
 _READ_SIZE = 4 * 1024 * 1024

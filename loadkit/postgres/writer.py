@@ -20,15 +20,15 @@ from typing import Any, Dict
 
 import pyarrow as pa
 
-from loadkit import ledger
-from loadkit.db import ConnectionPool, application_name, with_application_name
+from loadkit.postgres import ledger
+from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
 from loadkit.errors import as_loadkit_error, sqlstate_of
 from loadkit.monitor import process_rss, release_memory
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
 from loadkit.security import qualified
 
-log = logging.getLogger("loadkit.writer")
+log = logging.getLogger("loadkit.postgres.writer")
 
 # Per-batch counts the parser produces and the writer passes on to the driver.
 BATCH_COUNT_FIELDS = [

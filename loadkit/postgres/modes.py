@@ -27,13 +27,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from loadkit import ledger
+from loadkit.postgres import ledger
 from loadkit.config import MigrateConfig
 from loadkit.errors import ConfigError
 from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, TableSpec
 from loadkit.security import qualified, quote_ident
 
-log = logging.getLogger("loadkit.modes")
+log = logging.getLogger("loadkit.postgres.modes")
 
 # Columns a merge table with history=true carries besides its declared ones (see sync_missing).
 HISTORY_COLS = ("valid_from", "valid_to")
