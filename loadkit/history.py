@@ -87,9 +87,12 @@ def _seconds(run: Dict[str, Any]) -> Optional[float]:
     return None
 
 
-def _num(v: Any) -> str:
+def _num(v: Any, name: str = "") -> str:
+    """A metric as the run's summary prints it: rates (``*_per_s``) as whole numbers, other fractions to 3 places."""
     if v is None:
         return "-"
+    if name.endswith("_per_s") and isinstance(v, (int, float)):
+        return f"{v:,.0f}"
     if isinstance(v, float) and not v.is_integer():
         return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
     return f"{int(v):,}"
@@ -122,7 +125,7 @@ def render_show(run: Dict[str, Any], tables: Sequence[Dict[str, Any]], metrics: 
     out = "\n".join(head) + "\n\n" + format_table(lines)
     if metrics:
         keys = [k for k in _KEY_METRICS if k in metrics]
-        out += "\n\n" + format_table([("metric", "value")] + [(k, _num(metrics[k])) for k in keys])
+        out += "\n\n" + format_table([("metric", "value")] + [(k, _num(metrics[k], k)) for k in keys])
     return out
 
 
@@ -146,8 +149,8 @@ def render_compare(a: Dict[str, Any], b: Dict[str, Any], rows: Sequence[Dict[str
     lines = [("metric", "", "A", "B", "delta", "%")]
     for r in rows:
         pct = "-" if r["pct"] is None else f"{r['pct']:+.1f}%"
-        delta = "-" if r["delta"] is None else ("+" if r["delta"] > 0 else "") + _num(r["delta"])
-        lines.append((r["metric"], "", _num(r["a"]), _num(r["b"]), delta, pct))
+        delta = "-" if r["delta"] is None else ("+" if r["delta"] > 0 else "") + _num(r["delta"], r["metric"])
+        lines.append((r["metric"], "", _num(r["a"], r["metric"]), _num(r["b"], r["metric"]), delta, pct))
     return f"A = {a['run_id']} ({a['status']})\nB = {b['run_id']} ({b['status']})\n\n" + format_table(lines)
 
 
