@@ -34,6 +34,7 @@ from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line
 from loadkit.monitor import MemoryMonitor
 from loadkit.execute.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
 from loadkit.plan import LoadPlan, TableSpec, build_plan
+from loadkit.records import BatchResult
 from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text, qualified
 from loadkit.tracking import RunTracker
@@ -500,23 +501,25 @@ class Runner:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
                     waited = time.perf_counter()
-                    results = next(results_iter, None)
+                    result = next(results_iter, None)
                     metrics.driver_wait_s += time.perf_counter() - waited
-                    if results is None:
+                    if result is None:
                         break
                     self._watchdog.raise_if_tripped()
                     if self._deadline_error is not None:
                         raise self._deadline_error
                     if self._lock_error is not None:
                         raise self._lock_error
-                    for row in metrics.add(results):
-                        if row["kind"] == "data":
-                            self._check_batch(plan, metrics, alerts, row)
-                            self._resize(sizer, channel, metrics, monitor, row)
-                        elif row["kind"] in ("eof", "error"):
-                            log.log(logging.DEBUG if row["kind"] == "eof" else logging.WARNING, "read %s: %s",
-                                    "done" if row["kind"] == "eof" else "failed", row["message"],
-                                    extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
+                    result = metrics.add(result)
+                    if result.kind == "data":
+                        self._check_batch(plan, metrics, alerts, result)
+                        self._resize(sizer, channel, metrics, monitor, result)
+                    elif result.kind == "eof":
+                        log.debug("read done: %d chunk(s)", result.chunks,
+                                  extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
+                    else:
+                        log.warning("read failed: %s", result.message,
+                                    extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
                     if time.time() - last_report >= _PROGRESS_EVERY_S:
                         step += 1
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
@@ -555,23 +558,23 @@ class Runner:
 
     def _resize(self, sizer: BatchSizer, channel: Union[SizeChannel, LocalSizeChannel], metrics: RunMetrics,
                 monitor: MemoryMonitor,
-                row: Dict[str, Any]) -> None:
+                result: BatchResult) -> None:
         """Feed the sizing policy a committed batch; publish the new size to the read tasks if it moved."""
-        if row["status"] != "committed":
+        if result.status != "committed":
             return
-        decision = sizer.observe(row["rows_in"] or 0, monitor.latest()[2])
+        decision = sizer.observe(result.rows_in, monitor.latest()[2])
         if decision is not None:
             channel.publish(decision.size)
             metrics.size_changed(decision.size, decision.reason)
             log.info("batch size -> %s rows (%s, %.0f rows/s)", f"{decision.size:,}", decision.reason, decision.rate)
 
-    def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, row: Dict[str, Any]) -> None:
-        table = plan.table(row["table_name"])
+    def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, result: BatchResult) -> None:
+        table = plan.table(result.table_name)
         tm = metrics.tables[table.name]
         # Mid-stream the rate needs a base to mean anything: judge it after the first full batch.
         self._check_threshold(table, tm, judge_rate=tm.rows_read >= min(plan.batch.size, 1000))
         alerts.check("reject_rate", table.name, tm.reject_rate, tm.rows_read >= 1000)
-        alerts.check("pool_utilisation", row["writer"] or "", row["pool_utilisation"] or 0.0)
+        alerts.check("pool_utilisation", result.writer, result.pool_utilisation)
 
     def _check_threshold(self, table: TableSpec, tm: Any, judge_rate: bool) -> None:
         """Mark the table aborted once it rejects too much.

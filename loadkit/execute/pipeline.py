@@ -32,7 +32,8 @@ from loadkit.errors import SourceDataError
 from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
 from loadkit.transform import parse_chunk, parse_parquet_batch
-from loadkit.postgres.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
+from loadkit.postgres.writer import BatchWriter, TableTarget, WriterSettings
+from loadkit.records import BatchResult, Chunk, Kind, ParsedBatch, carry, ipc_bytes
 
 log = logging.getLogger("loadkit.execute.pipeline")
 
@@ -42,35 +43,6 @@ _POLL_S = 0.5  # how often a read task asks the driver for the current batch siz
 # budget: at 0.25 each, 2 cores ran one parse task at a time (the rest 'backpressured').
 _WRITER_CPUS = 0.0
 _BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
-
-# Where a record comes from: shared by the raw chunks and the parsed batches.
-_SOURCE_FIELDS = [
-    ("kind", pa.string()),  # data|eof|error
-    ("table_name", pa.string()),
-    ("file_sha", pa.string()),
-    ("file_ordinal", pa.int32()),
-    ("file_path", pa.string()),
-    ("member", pa.string()),
-    ("start", pa.int64()),
-    ("end", pa.int64()),
-    ("first_line", pa.int64()),
-]
-
-CHUNK_SCHEMA = pa.schema(_SOURCE_FIELDS + [
-    ("header", pa.list_(pa.string())),
-    ("skip_header", pa.bool_()),
-    ("scan", pa.string()),  # the reader's scanner.Summary of data (encoded), so parse need not rescan
-    ("data", pa.large_binary()),
-    ("message", pa.string()),
-])
-
-PARSED_SCHEMA = pa.schema(_SOURCE_FIELDS + [("batch_id", pa.int64()), ("rows_in", pa.int64())]
-                          + BATCH_COUNT_FIELDS + [
-    ("rows", pa.large_binary()),
-    ("rejects", pa.large_binary()),
-    ("message", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class ReadUnit:
@@ -92,16 +64,9 @@ class ReadUnit:
 # ---------------------------------------------------------------- read
 
 
-def _record(unit: ReadUnit, kind: str, member: str = "", message: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
-    row: Dict[str, Any] = {f.name: None for f in CHUNK_SCHEMA}
-    row.update(kind=kind, table_name=unit.table.name, file_sha=unit.file.sha256, file_ordinal=unit.file.ordinal,
-               file_path=unit.file.rel, member=member, message=message, skip_header=False)
-    row.update(extra)
-    return row
-
-
-def _block(rows: List[Dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+def _chunk(unit: ReadUnit, kind: Kind, member: str = "", **fields: Any) -> Chunk:
+    return Chunk(kind=kind, table_name=unit.table.name, file_sha=unit.file.sha256, file_ordinal=unit.file.ordinal,
+                 file_path=unit.file.rel, member=member, **fields)
 
 
 def _fields_of_first_record(data: bytes, table: TableSpec) -> Tuple[List[str], Optional[str]]:
@@ -189,8 +154,8 @@ def _newline_ended(unit: ReadUnit) -> bool:
     return b"\n" in sample
 
 
-def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
-    """Yield one block per chunk, then an eof record per member, or an error record for the file."""
+def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[Chunk]:
+    """Yield the file's chunks, then an eof record per member, or an error record for the file."""
     table, path = unit.table, Path(unit.file.path)
     feed = _SizeFeed(board, unit.batch_rows)
     try:
@@ -204,12 +169,12 @@ def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
                                                    table.max_compression_ratio):
             yield from _read_member(unit, member, stream, feed)
     except SourceDataError as exc:
-        yield _block([_record(unit, "error", message=str(exc))])
+        yield _chunk(unit, "error", message=str(exc))
     except (*files.read_errors(), pa.ArrowInvalid) as exc:
-        yield _block([_record(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")])
+        yield _chunk(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")
 
 
-def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") -> Iterator[pa.Table]:
+def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") -> Iterator[Chunk]:
     table = unit.table
     sample = stream.read(_SAMPLE_BYTES)
     if files.is_cr_only(sample):
@@ -227,7 +192,7 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") ->
     yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
 
 
-def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
+def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[Chunk]:
     """One byte range of a split plain file: from its first record start to the next span's."""
     assert unit.span is not None
     table, member, size = unit.table, Path(unit.file.path).name, unit.file.size
@@ -251,22 +216,21 @@ def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
 
 
 def _emit_chunks(unit: ReadUnit, member: str, reader: "files.ChunkReader", sample: bytes,
-                 header: Optional[List[str]], feed: "_SizeFeed", data_start: int = 0) -> Iterator[pa.Table]:
+                 header: Optional[List[str]], feed: "_SizeFeed", data_start: int = 0) -> Iterator[Chunk]:
     d = unit.table.dialect
     count = 0
     for chunk in reader:
         count += 1
         handed = time.perf_counter()
-        # A data record's message, when set, is the reason the reader rejected the chunk's one record.
-        yield _block([_record(unit, "data", member, chunk.reject, start=chunk.start, end=chunk.end,
-                              first_line=chunk.first_line, data=chunk.data, header=header,
-                              skip_header=bool(d.header and chunk.start == data_start),
-                              scan=chunk.summary.encode() if chunk.summary else None)])
+        yield _chunk(unit, "data", member, reject=chunk.reject, start=chunk.start, end=chunk.end,
+                     first_line=chunk.first_line, data=chunk.data, header=None if header is None else tuple(header),
+                     skip_header=bool(d.header and chunk.start == data_start),
+                     scan=chunk.summary.encode() if chunk.summary else None)
         rows = feed.chunk_done(time.perf_counter() - handed)
         if rows is not None:
             reader.retarget(_target_bytes(sample, rows))
     feed.flush()
-    yield _block([_record(unit, "eof", member, message=str(count))])
+    yield _chunk(unit, "eof", member, chunks=count)
 
 
 def _check_not_empty(table: TableSpec, records: int, member: str, path: str) -> None:
@@ -275,7 +239,7 @@ def _check_not_empty(table: TableSpec, records: int, member: str, path: str) -> 
         raise SourceDataError("source has no data rows and source.allow_empty is false", file=path, member=member)
 
 
-def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
+def _read_parquet(unit: ReadUnit) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     member = Path(unit.file.path).name
@@ -293,9 +257,9 @@ def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
         if any(s <= start and end <= e for s, e in done):
             continue
         count += 1
-        yield _block([_record(unit, "data", member, start=start, end=end, first_line=start + 1,
-                              data=ipc_bytes(pa.Table.from_batches([rb])))])
-    yield _block([_record(unit, "eof", member, message=str(count))])
+        yield _chunk(unit, "data", member, start=start, end=end, first_line=start + 1,
+                     data=ipc_bytes(pa.Table.from_batches([rb])))
+    yield _chunk(unit, "eof", member, chunks=count)
 
 
 # ---------------------------------------------------------------- batch size channel
@@ -409,36 +373,47 @@ class _SizeFeed:
 # ---------------------------------------------------------------- parse
 
 
-def parse_block(batch: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
-    """map_batches UDF: raw chunk records -> typed rows and rejects, serialised for the writer."""
-    out = pa.Table.from_pylist([_parse_record(r, tables, period) for r in batch.to_pylist()], schema=PARSED_SCHEMA)
+def parse_block(block: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
+    """map_batches UDF: a block of Chunks -> a block of ParsedBatches (rows and rejects as IPC bytes)."""
+    out = ParsedBatch.to_table([parse(c, tables, period) for c in Chunk.from_table(block)])
     release_memory()
     return out
 
 
-def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str) -> Dict[str, Any]:
-    out = {f.name: rec.get(f.name) for f in PARSED_SCHEMA}
-    if rec["kind"] != "data":
-        return out
-    table = tables[rec["table_name"]]
+def parse(chunk: Chunk, tables: Dict[str, TableSpec], period: str) -> ParsedBatch:
+    """One chunk -> its typed rows and rejects with the batch's id and counts (eof/error pass through).
+
+    A SourceDataError (a chunk the parser cannot read at all) becomes an error record: the file
+    fails, the other files keep loading."""
+    if chunk.kind != "data":
+        return carry(chunk, ParsedBatch)
+    table = tables[chunk.table_name]
     started = time.perf_counter()
     try:
         if table.format == "parquet":
-            parsed = parse_parquet_batch(table, rec["data"], rec["first_line"])
+            parsed = parse_parquet_batch(table, chunk.data, chunk.first_line)
         else:
-            parsed = parse_chunk(table, rec["data"], rec["first_line"], rec["header"], rec["skip_header"],
-                                 reject=rec.get("message"), hint=rec.get("scan"))
+            parsed = parse_chunk(table, chunk.data, chunk.first_line, chunk.header, chunk.skip_header,
+                                 reject=chunk.reject, hint=chunk.scan)
     except SourceDataError as exc:  # the file fails, not the whole dataset
-        out.update(kind="error", message=str(exc))
-        return out
-    out.update(
-        batch_id=batch_id(table.name, period, rec["file_sha"], rec["member"], rec["start"]),
+        return carry(chunk, ParsedBatch, kind="error", message=str(exc))
+    return carry(
+        chunk, ParsedBatch,
+        batch_id=batch_id(table.name, period, chunk.file_sha, chunk.member, chunk.start),
         rows_in=parsed.rows_in, rows_loaded=parsed.rows.num_rows, rows_rejected=parsed.rejects.num_rows,
-        rows_coerced=sum(parsed.coerced.values()), bytes=len(rec["data"]), parse_s=time.perf_counter() - started,
-        blank_lines=parsed.blank_lines,
-        rows=ipc_bytes(parsed.rows), rejects=ipc_bytes(parsed.rejects), message=None,
+        rows_coerced=sum(parsed.coerced.values()), bytes=len(chunk.data), parse_s=time.perf_counter() - started,
+        blank_lines=parsed.blank_lines, rows=parsed.rows, rejects=parsed.rejects,
     )
-    return out
+
+
+class WriterActor:
+    """map_batches UDF (an actor): a block of ParsedBatches -> a block of BatchResults via a BatchWriter."""
+
+    def __init__(self, settings: WriterSettings) -> None:
+        self.writer = BatchWriter(settings)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        return BatchResult.to_table([self.writer.write(b) for b in ParsedBatch.from_table(block)])
 
 
 # ---------------------------------------------------------------- build and run
@@ -467,10 +442,10 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
         def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                            data_context: Any = None) -> List[ReadTask]:
             return [
-                ReadTask(functools.partial(read_unit, u, board),
+                ReadTask(functools.partial(_read_blocks, u, board),
                          BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=(u.file.path,),
                                        exec_stats=None),
-                         schema=CHUNK_SCHEMA)
+                         schema=Chunk.schema())
                 for u in self._units
             ]
 
@@ -492,7 +467,7 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
     ds = ds.map_batches(parse_block, **parse_args)
     # Writers hold connections, not CPU (see _WRITER_CPUS): the cores stay with read/parse.
     return ds.map_batches(
-        BatchWriter,
+        WriterActor,
         fn_constructor_args=(writer_settings(plan, dsn),),
         batch_format="pyarrow",
         batch_size=1,
@@ -506,18 +481,30 @@ def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: An
     )
 
 
-def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = None) -> Iterator[pa.Table]:
-    """Run the pipeline; yield per-batch result tables as writers finish them.
+def _read_blocks(unit: ReadUnit, board: Any) -> Iterator[pa.Table]:
+    """The Ray read task: read_unit's chunks as one-chunk blocks."""
+    for chunk in read_unit(unit, board):
+        yield Chunk.to_table([chunk])
+
+
+def execute(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = None) -> Iterator[BatchResult]:
+    """Run the pipeline; yield per-batch results as writers finish them.
 
     ``board`` (SizeChannel.actor) lets the read tasks follow the driver's batch size.
     """
     if not units:
-        return iter(())
+        return
     ds = build_dataset(plan, units, dsn, board)
-    return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    try:
+        for block in blocks:
+            yield from BatchResult.from_table(block)
+    finally:
+        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
-def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: SizeBoard) -> Iterator[pa.Table]:
+def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str,
+                      board: SizeBoard) -> Iterator[BatchResult]:
     """The same stages without Ray: one parse thread feeding ``pool.writers`` writer threads.
 
     pyarrow's parser and ADBC's COPY release the GIL, so parsing, encoding and the server's
@@ -534,15 +521,17 @@ def execute_inprocess(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board
 
     def produce() -> None:
         for unit in units:
-            for block in read_unit(unit, board):
-                if not _offer(parsed, parse_block(block, tables, plan.period), stop):
+            for chunk in read_unit(unit, board):
+                batch = parse(chunk, tables, plan.period)
+                release_memory()
+                if not _offer(parsed, batch, stop):
                     return
         for _ in writers:  # one end marker per writer
             _offer(parsed, None, stop)
 
     def write(writer: BatchWriter) -> None:
         while (item := _take(parsed, stop)) is not None:
-            results.put(writer(item))
+            results.put(writer.write(item))
         results.put(None)
 
     threads = [threading.Thread(target=_reporting(produce, results), name="loadkit-parse", daemon=True)]
