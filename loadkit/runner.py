@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 from loadkit import prom, reload, telemetry
 from loadkit.postgres import db
@@ -32,9 +32,11 @@ from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import heartbeat, set_context
 from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
-from loadkit.execute.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
+from loadkit.execute import choose_executor, make_executor, writer_settings
+from loadkit.execute.channel import SizeChannel
 from loadkit.plan import LoadPlan, TableSpec, build_plan
 from loadkit.records import BatchResult
+from loadkit.source.read import ReadUnit
 from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text, qualified
 from loadkit.tracking import RunTracker
@@ -475,14 +477,14 @@ class Runner:
             log.info("nothing to load: every file of %s is already loaded (force=true reloads)", plan.period)
             return
         env = self.cfg.env
-        executor = metrics.executor = self._executor(units)
-        log.info("executor: %s (%d file(s), %.1f MB to read)", executor, len(units),
+        executor = make_executor(self._executor(units), env.address, env.num_cpus, env.object_store_memory,
+                                 _runtime_env(env.ship_code), env.progress_bars)
+        metrics.executor = executor.name
+        log.info("executor: %s (%d file(s), %.1f MB to read)", executor.name, len(units),
                  sum(u.file.size for u in units) / 1e6)
-        if executor == "ray":
-            ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
-                       env.progress_bars)
+        executor.start()
         tracker.ready()  # opened while Ray started; a broken store stops the run before any data moves
-        tracker.tag("executor", executor)
+        tracker.tag("executor", executor.name)
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
@@ -490,11 +492,10 @@ class Runner:
         metrics.touch()  # the stall clock starts with the pipeline
         stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())
-        channel = SizeChannel(plan.batch.size) if executor == "ray" else LocalSizeChannel(plan.batch.size)
+        channel = executor.size_channel(plan.batch.size)
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
-        run = execute if executor == "ray" else execute_inprocess
-        results_iter = iter(run(plan, units, self.dsn, channel.actor))
+        results_iter = executor.run(plan, units, writer_settings(plan, self.dsn), channel.board)
         self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
         self._bar = ProgressBar() if env.progress_bars and _stderr_is_tty() else None
         try:
@@ -542,13 +543,8 @@ class Runner:
         """Ray Data, or the same stages in this process where Ray's start-up or its processes would
         cost more than they give: a small input, or a small local machine (see README, Benchmark)."""
         env = self.cfg.env
-        if env.executor != "auto":
-            return env.executor
-        if env.address is not None:
-            return "ray"
-        small_input = sum(u.file.size for u in units) <= env.inprocess_max_bytes
-        small_machine = (env.num_cpus or os.cpu_count() or 1) <= env.inprocess_max_cpus
-        return "inprocess" if small_input or small_machine else "ray"
+        return choose_executor(env.executor, env.address, sum(u.file.size for u in units),
+                               env.num_cpus or os.cpu_count() or 1, env.inprocess_max_bytes, env.inprocess_max_cpus)
 
     def _sizing(self) -> SizingSettings:
         assert self.plan is not None
@@ -556,7 +552,7 @@ class Runner:
         return SizingSettings(b.policy, b.size, b.min_size, b.max_size, window_s=b.window_s,
                               memory_ceiling=b.memory_ceiling)
 
-    def _resize(self, sizer: BatchSizer, channel: Union[SizeChannel, LocalSizeChannel], metrics: RunMetrics,
+    def _resize(self, sizer: BatchSizer, channel: SizeChannel, metrics: RunMetrics,
                 monitor: MemoryMonitor,
                 result: BatchResult) -> None:
         """Feed the sizing policy a committed batch; publish the new size to the read tasks if it moved."""
@@ -603,7 +599,7 @@ class Runner:
             self._check_threshold(table, metrics.tables[table.name], judge_rate=True)
 
     def _progress(self, metrics: RunMetrics, alerts: AlertEngine, monitor: MemoryMonitor, tracker: RunTracker,
-                  step: int, channel: Union[SizeChannel, LocalSizeChannel]) -> None:
+                  step: int, channel: SizeChannel) -> None:
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(monitor.latest())
         done = figures.get("done_fraction")

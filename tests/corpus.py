@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 
 from loadkit.config import ColumnConfig, DialectConfig
-from loadkit.execute.pipeline import ReadUnit, read_unit
-from loadkit.execute.pipeline import parse as parse_batch
+from loadkit.execute.parse import parse as parse_batch
+from loadkit.source.read import ReadUnit, read_unit
 from loadkit.plan import ROW_COL, Dialect, FileSpec, TableSpec, column_spec
 from loadkit.source.files import fingerprint
 from loadkit.transform import ParsedChunk, parse_chunk

@@ -9,7 +9,7 @@ from typing import List
 import pytest
 
 from loadkit.examples.cnpj.sample import generate_month
-from loadkit.execute.pipeline import ReadUnit, read_unit, split_units
+from loadkit.source.read import ReadUnit, read_unit, split_units
 from loadkit.records import Chunk
 from loadkit.plan import build_plan
 from tests.conftest import compose, query
