@@ -47,9 +47,6 @@ class ReadUnit:
         return ()
 
 
-
-
-
 def _chunk(unit: ReadUnit, kind: Kind, member: str = "", **fields: Any) -> Chunk:
     return Chunk(kind=kind, table_name=unit.table.name, file_sha=unit.file.sha256, file_ordinal=unit.file.ordinal,
                  file_path=unit.file.rel, member=member, **fields)
@@ -141,7 +138,11 @@ def _newline_ended(unit: ReadUnit) -> bool:
 
 
 def read_unit(unit: ReadUnit, board: Optional[Board] = None) -> Iterator[Chunk]:
-    """Yield the file's chunks, then an eof record per member, or an error record for the file."""
+    """Yield the file's chunks, then an eof record per member, or an error record for the file.
+
+    ``board``: where the rows per batch come from mid-run (None: ``unit.batch_rows`` throughout).
+    Never raises for bad source data: a SourceDataError or an unreadable container becomes the
+    file's error record (after any chunks already yielded)."""
     table, path = unit.table, Path(unit.file.path)
     feed = SizeFeed(board, unit.batch_rows)
     try:
