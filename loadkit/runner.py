@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 from loadkit import prom, reload, telemetry
 from loadkit.postgres import db
@@ -32,8 +32,11 @@ from loadkit.errors import as_loadkit_error, unwrap
 from loadkit.logs import heartbeat, set_context
 from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
-from loadkit.execute.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
+from loadkit.execute import choose_executor, make_executor, writer_settings
+from loadkit.execute.channel import SizeChannel
 from loadkit.plan import LoadPlan, TableSpec, build_plan
+from loadkit.records import BatchResult
+from loadkit.source.read import ReadUnit
 from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text, qualified
 from loadkit.tracking import RunTracker
@@ -474,14 +477,14 @@ class Runner:
             log.info("nothing to load: every file of %s is already loaded (force=true reloads)", plan.period)
             return
         env = self.cfg.env
-        executor = metrics.executor = self._executor(units)
-        log.info("executor: %s (%d file(s), %.1f MB to read)", executor, len(units),
+        executor = make_executor(self._executor(units), env.address, env.num_cpus, env.object_store_memory,
+                                 _runtime_env(env.ship_code), env.progress_bars)
+        metrics.executor = executor.name
+        log.info("executor: %s (%d file(s), %.1f MB to read)", executor.name, len(units),
                  sum(u.file.size for u in units) / 1e6)
-        if executor == "ray":
-            ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
-                       env.progress_bars)
+        executor.start()
         tracker.ready()  # opened while Ray started; a broken store stops the run before any data moves
-        tracker.tag("executor", executor)
+        tracker.tag("executor", executor.name)
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
@@ -489,34 +492,35 @@ class Runner:
         metrics.touch()  # the stall clock starts with the pipeline
         stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())
-        channel = SizeChannel(plan.batch.size) if executor == "ray" else LocalSizeChannel(plan.batch.size)
+        channel = executor.size_channel(plan.batch.size)
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
-        run = execute if executor == "ray" else execute_inprocess
-        results_iter = iter(run(plan, units, self.dsn, channel.actor))
+        results_iter = executor.run(plan, units, writer_settings(plan, self.dsn), channel.board)
         self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
         self._bar = ProgressBar() if env.progress_bars and _stderr_is_tty() else None
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
                     waited = time.perf_counter()
-                    results = next(results_iter, None)
+                    result = next(results_iter, None)
                     metrics.driver_wait_s += time.perf_counter() - waited
-                    if results is None:
+                    if result is None:
                         break
                     self._watchdog.raise_if_tripped()
                     if self._deadline_error is not None:
                         raise self._deadline_error
                     if self._lock_error is not None:
                         raise self._lock_error
-                    for row in metrics.add(results):
-                        if row["kind"] == "data":
-                            self._check_batch(plan, metrics, alerts, row)
-                            self._resize(sizer, channel, metrics, monitor, row)
-                        elif row["kind"] in ("eof", "error"):
-                            log.log(logging.DEBUG if row["kind"] == "eof" else logging.WARNING, "read %s: %s",
-                                    "done" if row["kind"] == "eof" else "failed", row["message"],
-                                    extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
+                    result = metrics.add(result)
+                    if result.kind == "data":
+                        self._check_batch(plan, metrics, alerts, result)
+                        self._resize(sizer, channel, metrics, monitor, result)
+                    elif result.kind == "eof":
+                        log.debug("read done: %d chunk(s)", result.chunks,
+                                  extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
+                    else:
+                        log.warning("read failed: %s", result.message,
+                                    extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
                     if time.time() - last_report >= _PROGRESS_EVERY_S:
                         step += 1
                         self._progress(metrics, alerts, monitor, tracker, step, channel)
@@ -539,13 +543,8 @@ class Runner:
         """Ray Data, or the same stages in this process where Ray's start-up or its processes would
         cost more than they give: a small input, or a small local machine (see README, Benchmark)."""
         env = self.cfg.env
-        if env.executor != "auto":
-            return env.executor
-        if env.address is not None:
-            return "ray"
-        small_input = sum(u.file.size for u in units) <= env.inprocess_max_bytes
-        small_machine = (env.num_cpus or os.cpu_count() or 1) <= env.inprocess_max_cpus
-        return "inprocess" if small_input or small_machine else "ray"
+        return choose_executor(env.executor, env.address, sum(u.file.size for u in units),
+                               env.num_cpus or os.cpu_count() or 1, env.inprocess_max_bytes, env.inprocess_max_cpus)
 
     def _sizing(self) -> SizingSettings:
         assert self.plan is not None
@@ -553,25 +552,25 @@ class Runner:
         return SizingSettings(b.policy, b.size, b.min_size, b.max_size, window_s=b.window_s,
                               memory_ceiling=b.memory_ceiling)
 
-    def _resize(self, sizer: BatchSizer, channel: Union[SizeChannel, LocalSizeChannel], metrics: RunMetrics,
+    def _resize(self, sizer: BatchSizer, channel: SizeChannel, metrics: RunMetrics,
                 monitor: MemoryMonitor,
-                row: Dict[str, Any]) -> None:
+                result: BatchResult) -> None:
         """Feed the sizing policy a committed batch; publish the new size to the read tasks if it moved."""
-        if row["status"] != "committed":
+        if result.status != "committed":
             return
-        decision = sizer.observe(row["rows_in"] or 0, monitor.latest()[2])
+        decision = sizer.observe(result.rows_in, monitor.latest()[2])
         if decision is not None:
             channel.publish(decision.size)
             metrics.size_changed(decision.size, decision.reason)
             log.info("batch size -> %s rows (%s, %.0f rows/s)", f"{decision.size:,}", decision.reason, decision.rate)
 
-    def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, row: Dict[str, Any]) -> None:
-        table = plan.table(row["table_name"])
+    def _check_batch(self, plan: LoadPlan, metrics: RunMetrics, alerts: AlertEngine, result: BatchResult) -> None:
+        table = plan.table(result.table_name)
         tm = metrics.tables[table.name]
         # Mid-stream the rate needs a base to mean anything: judge it after the first full batch.
         self._check_threshold(table, tm, judge_rate=tm.rows_read >= min(plan.batch.size, 1000))
         alerts.check("reject_rate", table.name, tm.reject_rate, tm.rows_read >= 1000)
-        alerts.check("pool_utilisation", row["writer"] or "", row["pool_utilisation"] or 0.0)
+        alerts.check("pool_utilisation", result.writer, result.pool_utilisation)
 
     def _check_threshold(self, table: TableSpec, tm: Any, judge_rate: bool) -> None:
         """Mark the table aborted once it rejects too much.
@@ -600,7 +599,7 @@ class Runner:
             self._check_threshold(table, metrics.tables[table.name], judge_rate=True)
 
     def _progress(self, metrics: RunMetrics, alerts: AlertEngine, monitor: MemoryMonitor, tracker: RunTracker,
-                  step: int, channel: Union[SizeChannel, LocalSizeChannel]) -> None:
+                  step: int, channel: SizeChannel) -> None:
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(monitor.latest())
         done = figures.get("done_fraction")

@@ -154,7 +154,7 @@ def test_auto_executor_runs_small_months_in_process_and_resumes_across_executors
 ])
 def test_auto_executor_rule(month: SampleManifest, max_bytes: int, max_cpus: int, cpus: int, address: object,
                             expected: str) -> None:
-    from loadkit.execute.pipeline import ReadUnit
+    from loadkit.source.read import ReadUnit
     from loadkit.plan import build_plan
     from loadkit.runner import Runner
 
