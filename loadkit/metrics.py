@@ -307,13 +307,15 @@ def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int
     (its batches are counted whole when the file ends)."""
     import zipfile
 
+    from loadkit.source.files import open_source  # a local path or an fsspec URL (a few ranged reads)
+
     try:
         if fmt == "zip":
-            with zipfile.ZipFile(path) as zf:
+            with open_source(path) as raw, zipfile.ZipFile(raw) as zf:
                 infos = [i for i in zf.infolist() if not i.is_dir()]
                 return max(1, sum(i.file_size for i in infos)), len(infos)
         if fmt == "gzip":
-            with open(path, "rb") as fh:
+            with open_source(path) as fh:
                 fh.seek(-4, 2)
                 isize = int.from_bytes(fh.read(4), "little")
             return (max(isize, size)), 1

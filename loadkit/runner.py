@@ -882,7 +882,10 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
     remote = cfg.job.remote if cfg.job is not None else None
     if cfg.fetch == "never" or remote is None or not remote.url:
         return []
-    from loadkit.source import fetch
+    from loadkit.source import fetch, files
+
+    if files.is_url(cfg.data_root):  # read straight from the object store: nothing to download
+        return []
 
     if cfg.year is None or cfg.month is None:
         from loadkit.errors import ConfigError

@@ -20,7 +20,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import pyarrow as pa
@@ -184,14 +183,14 @@ def split_units(units: Sequence[ReadUnit], splits: int, block_bytes: int) -> Lis
 
 
 def _newline_ended(unit: ReadUnit) -> bool:
-    with open(unit.file.path, "rb") as fh:
+    with files.open_source(unit.file.path) as fh:
         sample = fh.read(_SAMPLE_BYTES)
     return b"\n" in sample
 
 
 def read_unit(unit: ReadUnit, board: Any = None) -> Iterator[pa.Table]:
     """Yield one block per chunk, then an eof record per member, or an error record for the file."""
-    table, path = unit.table, Path(unit.file.path)
+    table, path = unit.table, unit.file.path  # a local path or an fsspec URL this task opens itself
     feed = _SizeFeed(board, unit.batch_rows)
     try:
         if table.format == "parquet":
@@ -230,9 +229,9 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "_SizeFeed") ->
 def _read_span(unit: ReadUnit, feed: "_SizeFeed") -> Iterator[pa.Table]:
     """One byte range of a split plain file: from its first record start to the next span's."""
     assert unit.span is not None
-    table, member, size = unit.table, Path(unit.file.path).name, unit.file.size
+    table, member, size = unit.table, files.basename(unit.file.path), unit.file.size
     d = table.dialect
-    with open(unit.file.path, "rb") as fh:
+    with files.open_source(unit.file.path) as fh:
         sample = fh.read(_SAMPLE_BYTES)  # the file's head: layout and header, whichever span this is
         sample = _complete_head(sample, fh, table)
         skip = scanner.skip_lines(sample, d.skip_lines)
@@ -278,10 +277,15 @@ def _check_not_empty(table: TableSpec, records: int, member: str, path: str) -> 
 def _read_parquet(unit: ReadUnit) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
-    member = Path(unit.file.path).name
+    member = files.basename(unit.file.path)
+    with files.open_source(unit.file.path) as fh:
+        yield from _read_parquet_file(unit, member, pq.ParquetFile(fh, coerce_int96_timestamp_unit="us"))
+
+
+def _read_parquet_file(unit: ReadUnit, member: str, pf: Any) -> Iterator[pa.Table]:
+    # INT96 (legacy Impala/Spark timestamps) is read at microseconds: at Arrow's default (ns)
+    # 9999-12-31 overflows.
     done = unit.ranges(member)
-    # INT96 (legacy Impala/Spark timestamps) at microseconds: at Arrow's default (ns) 9999-12-31 overflows.
-    pf = pq.ParquetFile(unit.file.path, coerce_int96_timestamp_unit="us")
     missing = [c.name for c in unit.table.columns if c.name not in pf.schema_arrow.names]
     if missing:
         raise SourceDataError(f"layout drift: parquet file lacks declared columns {missing}", file=unit.file.rel)
