@@ -87,6 +87,7 @@ class RunMetrics:
         self.started = time.time()
         self.last_progress = time.time()
         self.errors: Counter = Counter()
+        self.deadlocks = 0  # writer commits retried after a deadlock/serialization failure (batch results)
         self.driver_wait_s = 0.0  # driver blocked waiting for the next result
         self.read_wait_s = 0.0  # read tasks blocked handing a chunk downstream (parse + backpressure)
         self.chunks_read = 0
@@ -125,6 +126,7 @@ class RunMetrics:
         self.last_progress = received
         t.last_batch_at = r["finished_at"]
         self.batches.append({**r, "received_at": received})
+        self.deadlocks += r.get("deadlocks") or 0
         if r["status"] == "skipped":
             t.batches_skipped += 1
             return

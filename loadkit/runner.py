@@ -321,7 +321,7 @@ class Runner:
                      started: float) -> RunResult:
         alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
         self._watchdog = None
-        endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id)
+        endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id, self.dsn)
         deadline = self._start_deadline(started)
         status, error = "succeeded", cast(Optional[BaseException], None)
         failed: List[Tuple[str, str, str]] = []

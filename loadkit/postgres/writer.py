@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from loadkit.postgres import ledger
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
-from loadkit.errors import as_loadkit_error, sqlstate_of
+from loadkit.errors import as_loadkit_error, is_deadlock, sqlstate_of
 from loadkit.monitor import process_rss, release_memory
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
@@ -53,6 +53,7 @@ RESULT_SCHEMA = pa.schema([
 ] + BATCH_COUNT_FIELDS + [
     ("write_s", pa.float64()),
     ("attempts", pa.int32()),
+    ("deadlocks", pa.int32()),  # attempts lost to a deadlock/serialization failure (retried)
     ("writer", pa.string()),
     ("pool_utilisation", pa.float64()),
     ("rss_bytes", pa.int64()),
@@ -114,16 +115,23 @@ class BatchWriter:
                                         "blank_lines", "message")}
         out["writer"] = self._name
         if rec["kind"] != "data":
-            out.update(status=rec["kind"], write_s=0.0, attempts=0)
+            out.update(status=rec["kind"], write_s=0.0, attempts=0, deadlocks=0)
             return self._finish(out)
         started = time.perf_counter()
-        self._attempts = 0
+        self._attempts, deadlocks = 0, [0]
+
+        def lost(state: Any) -> None:  # reported in the result: this writer may run in a Ray worker
+            exc = state.outcome.exception() if state.outcome else None
+            deadlocks[0] += int(exc is not None and is_deadlock(exc))
+
         try:
-            status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(rec)))
+            status = retrying(self._s.retry, on_retry=lost, count_deadlocks=False)(
+                lambda: self._breaker.call(lambda: self._commit(rec)))
         except Exception as exc:  # retries exhausted or permanent: fail with the classified cause
             raise as_loadkit_error(exc, table=rec["table_name"], batch_id=rec["batch_id"], writer=self._name,
                                    attempts=self._attempts) from exc
-        out.update(status=status, write_s=time.perf_counter() - started, attempts=self._attempts)
+        out.update(status=status, write_s=time.perf_counter() - started, attempts=self._attempts,
+                   deadlocks=deadlocks[0])
         return self._finish(out)
 
     def _finish(self, out: Dict[str, Any]) -> Dict[str, Any]:
