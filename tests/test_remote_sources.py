@@ -200,3 +200,34 @@ def test_containers_and_spans_read_the_same_from_s3(s3: Dict[str, str], tmp_path
             assert remote_start == files.record_start(fh, offset, len(body), syntax)
     with pytest.raises(Exception, match="no source file matches s3://lk-formats/in/none"):
         files.discover_urls(["s3://lk-formats/in/none*.zip"])
+
+
+def test_a_large_remote_plain_file_is_read_whole_not_split(s3: Dict[str, str],
+                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """pool.read_splits would cut a large local CSV into spans; an object is read as one unit (a span
+    scans from the file's start to find its first record: a download of that prefix per span), and
+    its chunks equal the local file's."""
+    import boto3
+
+    from loadkit.execute.pipeline import ReadUnit, read_unit, split_units
+    from loadkit.plan import build_plan
+    from tests.test_split_read import raw_overrides
+
+    raw = generate_month(tmp_path_factory.mktemp("raw"), 2024, 5, rows=3000, shards=1, seed=11, compress=False)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="lk-raw")
+    for path in sorted((raw.root / "2024-05").iterdir()):
+        client.put_object(Bucket="lk-raw", Key=f"m/2024-05/{path.name}", Body=path.read_bytes())
+    common = ["+job=monthly", "year=2024", "month=5", "batch.size=200", "batch.read_block_bytes=65536",
+              "pool.read_splits=3", *raw_overrides("estabelecimentos")]
+    chunks = {}
+    for where, root in (("local", str(raw.root)), ("s3", "s3://lk-raw/m")):
+        plan = build_plan(compose([f"data_root={root}", *common]))
+        table = plan.table("estabelecimentos")
+        units = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
+                            plan.batch.read_block_bytes)
+        assert [u.span is None for u in units] == ([False] * 3 if where == "local" else [True])
+        chunks[where] = sorted((r["start"], r["end"], r["first_line"], r["data"]) for u in units
+                               for block in read_unit(u) for r in block.to_pylist() if r["kind"] == "data")
+    assert chunks["s3"] and b"".join(c[3] for c in chunks["s3"]) == b"".join(c[3] for c in chunks["local"])
+    assert [c[:3] for c in chunks["s3"]][0] == (0, chunks["s3"][0][1], 1)

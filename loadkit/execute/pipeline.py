@@ -170,11 +170,14 @@ def split_units(units: Sequence[ReadUnit], splits: int, block_bytes: int) -> Lis
     Only where every newline ends a record (no newlines in values, not CR-only): a span then
     starts just past the first newline at or after its offset, so spans need no coordination.
     Batch ids stay member byte offsets, so a split and an unsplit run skip each other's batches.
+    A remote file (URL) is never split: a span finds its exact first record by scanning from the
+    file's start, which for an object would download that prefix once per span.
     """
     out: List[ReadUnit] = []
     for u in units:
         n = min(splits, u.file.size // max(1, block_bytes))
-        if n < 2 or u.table.format != "csv" or u.table.dialect.newlines_in_values or not _newline_ended(u):
+        if n < 2 or u.table.format != "csv" or u.table.dialect.newlines_in_values or files.is_url(u.file.path) \
+                or not _newline_ended(u):
             out.append(u)
             continue
         cuts = [u.file.size * i // n for i in range(n + 1)]
