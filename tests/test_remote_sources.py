@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
+from loadkit.errors import ConfigError, SourceDataError
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
 from loadkit.source import files, scanner
@@ -198,8 +199,12 @@ def test_containers_and_spans_read_the_same_from_s3(s3: Dict[str, str], tmp_path
             remote_start = files.record_start(fh, offset, len(body), syntax)
         with files.open_source(tmp_path / "a.csv") as fh:
             assert remote_start == files.record_start(fh, offset, len(body), syntax)
-    with pytest.raises(Exception, match="no source file matches s3://lk-formats/in/none"):
+    with pytest.raises(SourceDataError, match="no source file matches s3://lk-formats/in/none"):
         files.discover_urls(["s3://lk-formats/in/none*.zip"])
+    with pytest.raises(SourceDataError, match="no source file matches"):
+        files.discover_urls(["s3://no-such-bucket/in/*.zip"])
+    with pytest.raises(ConfigError, match="cannot read nosuchproto://"):
+        files.discover_urls(["nosuchproto://x/*.zip"])
 
 
 def test_a_large_remote_plain_file_is_read_whole_not_split(s3: Dict[str, str],

@@ -47,11 +47,11 @@ class Chunk:
 
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# Object metadata fields that change whenever the content does (S3/HTTP ETag, GCS md5/crc32c, Azure
-# content_md5), in order of preference: with one of them a remote file's identity costs no download.
 # Environment variables holding object-store credentials (botocore, gcsfs, adlfs): never printed.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING",
                "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY")
+# Object metadata fields that change whenever the content does (S3/HTTP ETag, GCS md5/crc32c, Azure
+# content_md5), in order of preference: with one of them a remote file's identity costs no download.
 _CONTENT_TAGS = ("etag", "md5hash", "content-md5", "content_md5", "crc32c", "digest", "checksum")
 
 
@@ -139,7 +139,10 @@ def _url_fs(url: str) -> Tuple[Any, str]:
 def discover_urls(patterns: Sequence[str]) -> List[Found]:
     """Objects matching the (rendered) URL glob patterns, sorted by URL, deduplicated; each with its size
     and fingerprint from the listing (one LIST per pattern, plus a download only for objects without a
-    content tag). Raises SourceDataError when nothing matches, like ``discover``."""
+    content tag). Raises SourceDataError when nothing matches, like ``discover``; OperatorError when the
+    store refuses the listing (credentials, policy); ConfigError for an unknown protocol or one whose
+    fsspec package is not installed. Network failures propagate (classified transient)."""
+    from loadkit.errors import ConfigError, OperatorError
     from loadkit.security import mask_text
 
     found: Dict[str, Found] = {}
@@ -147,11 +150,13 @@ def discover_urls(patterns: Sequence[str]) -> List[Found]:
         try:
             fs, key = _url_fs(pattern)
             hits = fs.glob(key, detail=True)
-        except FileNotFoundError:
+        except FileNotFoundError:  # no such bucket/prefix: nothing matches this pattern
             continue
-        except (OSError, ValueError) as exc:
-            raise SourceDataError(f"cannot list {mask_text(pattern)}: {type(exc).__name__}: "
-                                  f"{mask_text(str(exc))}") from None
+        except PermissionError as exc:
+            raise OperatorError(f"the store refuses to list {mask_text(pattern)}: {mask_text(str(exc))}") from None
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"cannot read {mask_text(pattern)} through fsspec: {type(exc).__name__}: "
+                              f"{mask_text(str(exc))}") from None
         for name, info in sorted(hits.items()):
             if info.get("type", "file") != "file":
                 continue
