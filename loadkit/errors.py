@@ -148,6 +148,23 @@ def sqlstate_of(exc: BaseException) -> Optional[str]:
     return code if isinstance(code, str) and code else None
 
 
+# deadlock_detected and serialization_failure: the transaction lost a lock race; a retry may succeed.
+# Counted by resilience.retrying as they are retried (Prometheus loadkit_deadlocks_total).
+DEADLOCK_SQLSTATES = ("40P01", "40001")
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """True when exc or an error it wraps is a deadlock or serialization failure (SQLSTATE 40P01/40001),
+    read from the driver error or from a LoadkitError's ``sqlstate`` context (``as_loadkit_error``)."""
+    for inner in _causes(exc):
+        code = sqlstate_of(inner)
+        if code is None and isinstance(inner, LoadkitError):
+            code = inner.context.get("sqlstate")
+        if code in DEADLOCK_SQLSTATES:
+            return True
+    return False
+
+
 def is_transient_sqlstate(code: Optional[str]) -> bool:
     return code is not None and any(code.startswith(p) for p in _TRANSIENT_SQLSTATE_PREFIXES)
 

@@ -6,8 +6,10 @@ Takes the same Hydra overrides as a run and checks, without loading anything:
 
 - ``postgres``: connect, server version, and the privileges a run needs (CREATE and USAGE on the
   target and ledger schemas if they exist, else CREATE on the database to make them);
-- ``ledger``: its tables exist (or can be made) and no run is stuck ``running`` (a ``running``
-  row whose job lock nobody holds: its driver died; the next run of that job marks it crashed);
+- ``ledger``: its tables exist (or can be made), no run is stuck ``running`` (a ``running``
+  row whose job lock nobody holds: its driver died; the next run of that job marks it crashed) and
+  no ``table_load`` row is stale ``loading`` (its run is closed, missing or such a dead run: listed
+  by run id, table and period);
 - ``mlflow``: the tracking store answers (skipped with tracking off);
 - ``ray``: the cluster in ``env.address`` accepts a TCP connection (skipped when none is set);
 - ``disk``: free space under ``data_root`` and the temp dir is at least ``--min-free-mb``;
@@ -32,6 +34,7 @@ from loadkit.errors import EXIT_CODES, Category
 from loadkit.security import mask_text, qualified
 
 DEFAULT_MIN_FREE_MB = 512
+_LISTED = 10  # stale ledger rows named in the ledger check's detail (the rest are counted)
 
 
 @dataclass
@@ -82,7 +85,12 @@ def check_postgres(dsn: str, schemas: Sequence[str]) -> tuple:
 
 
 def check_ledger(dsn: str, schema: str) -> tuple:
-    """No run stuck 'running': such a row whose job lock is free belongs to a dead driver."""
+    """No run stuck 'running' and no table row stale 'loading'.
+
+    A 'running' run whose job lock is free belongs to a dead driver. A ``table_load`` row still
+    'loading' is stale when its run is gone: that run is closed (crashed, failed, interrupted ...),
+    missing, or one of those dead 'running' runs. Both are listed (run id, table, period); the next
+    run of that job and month marks them crashed."""
     from loadkit.postgres import db
 
     conn = db.connect(dsn, connect_timeout=5, autocommit=True)
@@ -93,21 +101,33 @@ def check_ledger(dsn: str, schema: str) -> tuple:
                 return "ok", f"no ledger in schema {schema} yet (the first run creates it)"
             cur.execute(f"SELECT job, period, count(*) FROM {qualified(schema, 'run')} WHERE status='running' "
                         "GROUP BY job, period")
-            stuck = []
+            stuck, dead = [], set()
             for job, period, count in cur.fetchall():
                 key = f"loadkit-run:{schema}:{job}:{period}"
                 cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
                 if cur.fetchone()[0]:  # nobody runs this job now: its 'running' rows are stuck
                     cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
                     stuck.append(f"{job} {period} ({count})")
+                    dead.add((job, period))
+            cur.execute(f"SELECT t.run_id, t.table_name, t.period, r.job, r.status "
+                        f"FROM {qualified(schema, 'table_load')} t LEFT JOIN {qualified(schema, 'run')} r "
+                        "ON r.run_id = t.run_id WHERE t.status = 'loading' ORDER BY t.started_at, t.table_name")
+            loading = [f"{run_id} {table} {period} (run {status or 'missing'})"
+                       for run_id, table, period, job, status in cur.fetchall()
+                       if status != "running" or (job, period) in dead]
             cur.execute(f"SELECT count(*) FROM {qualified(schema, 'run')}")
             runs = cur.fetchone()[0]
     finally:
         conn.close()
+    problems = []
     if stuck:
-        return "FAIL", (f"runs stuck 'running' with no live driver: {', '.join(stuck)}; "
-                        "the next run of that job and month marks them crashed")
-    return "ok", f"{runs} run(s) recorded in {schema}, none stuck"
+        problems.append(f"runs stuck 'running' with no live driver: {', '.join(stuck)}")
+    if loading:
+        shown = ", ".join(loading[:_LISTED]) + (f" and {len(loading) - _LISTED} more" if len(loading) > _LISTED else "")
+        problems.append(f"{len(loading)} table row(s) stale 'loading' (their run is gone): {shown}")
+    if problems:
+        return "FAIL", "; ".join(problems) + "; the next run of that job and month marks them crashed"
+    return "ok", f"{runs} run(s) recorded in {schema}, none stuck, no stale 'loading' table row"
 
 
 def check_mlflow(uri: Optional[str], experiment: str) -> tuple:

@@ -89,6 +89,7 @@ class RunMetrics:
         self.started = time.time()
         self.last_progress = time.time()
         self.errors: Counter = Counter()
+        self.deadlocks = 0  # writer commits retried after a deadlock/serialization failure (batch results)
         self.driver_wait_s = 0.0  # driver blocked waiting for the next result
         self.read_wait_s = 0.0  # read tasks blocked handing a chunk downstream (parse + backpressure)
         self.chunks_read = 0
@@ -126,6 +127,7 @@ class RunMetrics:
         self.last_progress = r.received_at
         t.last_batch_at = r.finished_at
         self.batches.append(r)
+        self.deadlocks += r.deadlocks
         if r.status == "skipped":
             t.batches_skipped += 1
             return
@@ -308,13 +310,15 @@ def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int
     (its batches are counted whole when the file ends)."""
     import zipfile
 
+    from loadkit.source.files import open_source  # a local path or an fsspec URL (a few ranged reads)
+
     try:
         if fmt == "zip":
-            with zipfile.ZipFile(path) as zf:
+            with open_source(path) as raw, zipfile.ZipFile(raw) as zf:
                 infos = [i for i in zf.infolist() if not i.is_dir()]
                 return max(1, sum(i.file_size for i in infos)), len(infos)
         if fmt == "gzip":
-            with open(path, "rb") as fh:
+            with open_source(path) as fh:
                 fh.seek(-4, 2)
                 isize = int.from_bytes(fh.read(4), "little")
             return (max(isize, size)), 1

@@ -72,7 +72,7 @@ class Dialect:
 
 @dataclass(frozen=True)
 class FileSpec:
-    path: str  # absolute
+    path: str  # absolute, or an fsspec URL (s3://, gs://, http(s)://) the read tasks open themselves
     rel: str  # relative to the data root, for humans
     ordinal: int  # position in the table's sorted file list: later files win on duplicate keys
     size: int
@@ -255,13 +255,18 @@ def period_tag(period: str, values: Dict[str, Any]) -> str:
     return "p" + hashlib.blake2b(period.encode(), digest_size=6).hexdigest()
 
 
-def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any]) -> Tuple[FileSpec, ...]:
-    patterns = []
-    for template in t.source.paths:
-        rendered = render_path_template(template, values)
-        confine(root / rendered, root)
-        patterns.append(rendered)
-    paths = files.discover(root, patterns)
+def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any],
+                   url_root: Optional[str] = None) -> Tuple[FileSpec, ...]:
+    rendered = [render_path_template(template, values) for template in t.source.paths]
+    if url_root is not None or any(files.is_url(p) for p in rendered):  # an object store: read via fsspec
+        urls = [files.url_join(url_root, p) if url_root else p for p in rendered]
+        if not all(files.is_url(u) for u in urls):
+            raise ConfigError("a table's source paths are all URLs or all local paths", key=f"job.tables.{name}")
+        return tuple(FileSpec(path=f.path, rel=f.rel, ordinal=i, size=f.size, sha256=f.fingerprint)
+                     for i, f in enumerate(files.discover_urls(urls)))
+    for pattern in rendered:
+        confine(root / pattern, root)
+    paths = files.discover(root, rendered)
     return tuple(
         FileSpec(
             path=str(confine(p, root)),
@@ -274,7 +279,8 @@ def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any]
     )
 
 
-def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict[str, Any], tag: str) -> TableSpec:
+def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict[str, Any], tag: str,
+                url_root: Optional[str] = None) -> TableSpec:
     d = t.source.dialect
     return TableSpec(
         name=name,
@@ -294,7 +300,7 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
             quoted_can_be_null=d.quoted_can_be_null,
         ),
         allow_empty=t.source.allow_empty,
-        files=_resolve_files(name, t, root, values),
+        files=_resolve_files(name, t, root, values, url_root),
         max_reject_rate=t.max_reject_rate,
         max_rejects=t.max_rejects,
         period_tag=tag,
@@ -308,8 +314,9 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
 def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
     """Resolve files, schemas and knobs. Raises ConfigError/SourceDataError before any load starts."""
     assert cfg.job is not None
+    url_root = cfg.data_root if files.is_url(cfg.data_root) else None  # s3://bucket/prefix etc.
     root = Path(cfg.data_root).expanduser()
-    if not root.is_dir():
+    if url_root is None and not root.is_dir():
         raise ConfigError(f"data_root {root.resolve()} is not a directory", key="data_root")
     values = run_params(cfg)
     period = period_key(cfg.job, values)
@@ -320,7 +327,7 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
                               f"YYYYMMDD), but this job's period is {period!r}: its params may be year, month, day",
                               key=f"job.tables.{name}.mode")
     tables = tuple(
-        _table_spec(name, t, cfg.job.schema, root, values, tag)
+        _table_spec(name, t, cfg.job.schema, root, values, tag, url_root)
         for name, t in cfg.job.tables.items()
         if t.enabled
     )
@@ -342,7 +349,7 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         pre_ping=p.pre_ping,
         parse_concurrency=p.parse_concurrency,
         read_splits=p.read_splits,
-        data_root=str(root.resolve()),
+        data_root=url_root or str(root.resolve()),
         period_key=period,
         params=tuple(values.items()),
     )

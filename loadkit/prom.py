@@ -12,10 +12,13 @@ pipeline's hot path gains no instrumentation. Served names (all prefixed ``loadk
 - ``memory_rss_bytes`` (driver + local workers), ``memory_host_fraction``, ``writer_rss_bytes{writer}``
   (memory per batch, as the writer saw it), ``memory_pressure_events_total`` (memory alerts fired)
 - ``pool_utilisation{writer}``, ``queue_depth`` (chunks read but not yet written), ``read_wait_seconds``
-- ``connection_failures_total`` (retried transient failures), ``deadlocks_total``,
-  ``processing_failures_total{category}``, ``alerts_total``
+- ``connection_failures_total`` (retried transient failures), ``deadlocks_total`` (deadlock and
+  serialization-failure retries: writer commits, from their batch results, plus the driver's own
+  ledger/finalise retries, counted by ``resilience.retrying``), ``processing_failures_total{category}``,
+  ``alerts_total``
 - ``thread_up{thread}`` (1 per live loadkit background thread), ``seconds_since_progress``,
-  ``ledger_up`` (the last ledger write succeeded)
+  ``ledger_up`` (``LedgerProbe``: the ledger database answers and holds the ledger's tables; checked
+  at most every ``LedgerProbe.ttl_s`` seconds, within a 2 s connect/statement timeout)
 
 ``/healthz`` answers 200 with a JSON status while the run makes progress, 503 once no batch
 result arrived for ``alerts.stall_seconds``.
@@ -59,13 +62,62 @@ def _histogram(name: str, doc: str, samples: Dict[str, List[float]], label: str,
     return family
 
 
+class LedgerProbe:
+    """``ledger_up``: a real, cheap check of the ledger -- connect, then look its tables up in the catalog.
+
+    True when the database answers within ``timeout_s`` and ``schema`` holds the ledger's ``run``, ``file``
+    and ``batch`` tables. The answer is kept ``ttl_s`` seconds, so scrapes (and ``/healthz``) cost at most
+    one short connection per interval whatever their rate; a failure is logged at DEBUG (masked)."""
+
+    ttl_s = 5.0
+
+    def __init__(self, dsn: str, schema: str, timeout_s: int = 2, clock: Callable[[], float] = time.monotonic) -> None:
+        self._dsn, self._schema, self._timeout, self._clock = dsn, schema, timeout_s, clock
+        self._lock = threading.Lock()
+        self._at: Optional[float] = None
+        self._up = False
+
+    def __call__(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            if self._at is None or now - self._at >= self.ttl_s:
+                self._up, self._at = self._check(), now
+            return self._up
+
+    def _check(self) -> bool:
+        from loadkit.postgres import db
+        from loadkit.security import mask_text, qualified
+
+        try:
+            conn = db.connect(self._dsn, connect_timeout=self._timeout, autocommit=True,
+                              application_name="loadkit:ledger-probe")
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SET statement_timeout = %s", (self._timeout * 1000,))
+                    cur.execute("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL "
+                                "AND to_regclass(%s) IS NOT NULL",
+                                tuple(qualified(self._schema, t) for t in ("run", "file", "batch")))
+                    return bool(cur.fetchone()[0])
+            finally:
+                conn.close()
+        except Exception as exc:  # down is the answer, never an exception in a scrape
+            log.debug("ledger probe failed: %s", mask_text(str(exc)))
+            return False
+
+
 class RunCollector:
-    """Reads the run's state at scrape time. ``sources`` are callables so a scrape never blocks the run."""
+    """Reads the run's state at scrape time. ``sources`` are callables so a scrape never blocks the run.
+
+    ``ledger_up``: a ``LedgerProbe`` (None: no ledger to check, reported up)."""
 
     def __init__(self, metrics: Any, monitor: Any = None, alerts: Any = None,
                  ledger_up: Optional[Callable[[], bool]] = None) -> None:
+        from loadkit.resilience import deadlock_retries
+
         self.metrics, self.monitor, self.alerts = metrics, monitor, alerts
         self.ledger_up = ledger_up or (lambda: True)
+        self._driver_deadlocks = deadlock_retries  # this process's count; the run reports its increase
+        self._deadlock_base = deadlock_retries()
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -127,8 +179,9 @@ class RunCollector:
         yield CounterMetricFamily("loadkit_alerts", "Alerts fired", value=len(fired))
         yield CounterMetricFamily("loadkit_connection_failures", "Transient failures answered by a retry",
                                   value=sum(t[7] for t in tables))
-        yield CounterMetricFamily("loadkit_deadlocks", "Deadlocks detected (and retried)",
-                                  value=errors.get("deadlock", 0))
+        deadlocks = m.deadlocks + self._driver_deadlocks() - self._deadlock_base
+        yield CounterMetricFamily("loadkit_deadlocks", "Deadlock and serialization-failure retries",
+                                  value=deadlocks)
         failures = CounterMetricFamily("loadkit_processing_failures", "Failures by category", labels=["category"])
         for category, count in errors.items():
             failures.add_metric([category], count)
@@ -139,7 +192,7 @@ class RunCollector:
                 threads.add_metric([t.name], 1.0 if t.is_alive() else 0.0)
         yield threads
         yield GaugeMetricFamily("loadkit_seconds_since_progress", "Seconds since the last batch result", value=since)
-        yield GaugeMetricFamily("loadkit_ledger_up", "1 when the last ledger write succeeded",
+        yield GaugeMetricFamily("loadkit_ledger_up", "1 when the ledger database answers and holds the ledger",
                                 value=1.0 if self.ledger_up() else 0.0)
 
 
@@ -211,14 +264,17 @@ class MetricsEndpoint:
             _current = None
 
 
-def serve(cfg: Any, metrics: Any, monitor: Any, alerts: Any, run_id: str) -> Optional[MetricsEndpoint]:
-    """Start the endpoint if ``cfg.telemetry.metrics_port`` is set (None: off); never fails the run."""
+def serve(cfg: Any, metrics: Any, monitor: Any, alerts: Any, run_id: str,
+          dsn: Optional[str] = None) -> Optional[MetricsEndpoint]:
+    """Start the endpoint if ``cfg.telemetry.metrics_port`` is set (None: off); never fails the run.
+    ``dsn``: the run's database, probed for ``ledger_up`` (``LedgerProbe``)."""
     telemetry = getattr(cfg, "telemetry", None)
     port = getattr(telemetry, "metrics_port", None)
     if telemetry is None or port is None:
         return None
     try:
-        return MetricsEndpoint(RunCollector(metrics, monitor, alerts), telemetry.metrics_host, port, run_id,
+        probe = LedgerProbe(dsn, cfg.sink.ledger_schema) if dsn else None
+        return MetricsEndpoint(RunCollector(metrics, monitor, alerts, probe), telemetry.metrics_host, port, run_id,
                                cfg.alerts.stall_seconds.threshold).start()
     except OSError as exc:
         log.warning("metrics endpoint not started on %s:%s: %s", telemetry.metrics_host, port, exc)

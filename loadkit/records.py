@@ -131,6 +131,7 @@ class BatchResult(Counted):
     status: Status = "eof"  # committed | skipped (the ledger had it) | eof | error (copied from kind)
     write_s: float = 0.0  # seconds from the first attempt to the commit (COPY + ledger row), retries included
     attempts: int = _int32()
+    deadlocks: int = _int32()  # attempts lost to a deadlock/serialization failure (retried); Prometheus counts them
     writer: str = ""  # writer-<pid>
     pool_utilisation: float = 0.0  # the writer's connection pool, when the batch finished (0..1)
     rss_bytes: int = 0  # the writer process's resident memory then

@@ -14,11 +14,28 @@ from typing import Callable, Optional, TypeVar
 
 import tenacity
 
-from loadkit.errors import Category, CircuitOpenError, InterruptedRun, JobLockLost, RunDeadlineExceeded, classify
+from loadkit.errors import (Category, CircuitOpenError, InterruptedRun, JobLockLost, RunDeadlineExceeded, classify,
+                            is_deadlock)
 from loadkit.plan import RetryPolicy
 
 T = TypeVar("T")
 log = logging.getLogger("loadkit.retry")
+_deadlocks = 0  # deadlock/serialization retries made by this process's counting ``retrying`` calls
+_deadlocks_lock = threading.Lock()
+
+
+def deadlock_retries() -> int:
+    """Deadlock and serialization-failure retries this process made so far (monotonic; a run reads
+    the difference from its start). Writers report theirs per batch instead (``count_deadlocks=False``),
+    since they may run in Ray worker processes."""
+    with _deadlocks_lock:
+        return _deadlocks
+
+
+def _count_deadlock() -> None:
+    global _deadlocks
+    with _deadlocks_lock:
+        _deadlocks += 1
 
 
 class CircuitBreaker:
@@ -79,12 +96,17 @@ def _is_retryable(exc: BaseException) -> bool:
 
 
 def retrying(policy: RetryPolicy, on_retry: Optional[Callable[[tenacity.RetryCallState], None]] = None,
-             sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
-    """A tenacity Retrying for transient errors: exponential backoff with jitter, bounded attempts."""
+             sleep: Callable[[float], None] = time.sleep, count_deadlocks: bool = True) -> tenacity.Retrying:
+    """A tenacity Retrying for transient errors: exponential backoff with jitter, bounded attempts.
+
+    Each retry of a deadlock or serialization failure (``errors.is_deadlock``) is counted in
+    ``deadlock_retries()`` unless ``count_deadlocks`` is False (the caller reports it itself)."""
 
     def _log(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
+        if count_deadlocks and exc is not None and is_deadlock(exc):
+            _count_deadlock()
         log.warning("transient failure (attempt %d/%d), retrying in %.2fs: %s",
                     state.attempt_number, policy.attempts, wait, exc)
         if on_retry is not None:

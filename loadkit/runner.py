@@ -324,7 +324,7 @@ class Runner:
                      started: float) -> RunResult:
         alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
         self._watchdog = None
-        endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id)
+        endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id, self.dsn)
         deadline = self._start_deadline(started)
         status, error = "succeeded", cast(Optional[BaseException], None)
         failed: List[Tuple[str, str, str]] = []
@@ -881,7 +881,10 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
     remote = cfg.job.remote if cfg.job is not None else None
     if cfg.fetch == "never" or remote is None or not remote.url:
         return []
-    from loadkit.source import fetch
+    from loadkit.source import fetch, files
+
+    if files.is_url(cfg.data_root):  # read straight from the object store: nothing to download
+        return []
 
     if cfg.year is None or cfg.month is None:
         from loadkit.errors import ConfigError

@@ -60,3 +60,37 @@ def test_health_is_a_loadkit_subcommand(pg_dsn: str, schemas: tuple, mlflow_uri:
     assert code == 0, out
     assert checks_of(out.out)["postgres"] == "ok"
     assert cli_main(["help"]) == 0 and "health" in capsys.readouterr().out
+
+
+def test_stale_loading_table_rows_are_listed(pg_dsn: str, schemas: tuple, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """A table row left 'loading' by a run that is gone is named; one whose run is alive is not."""
+    import psycopg2
+
+    _, led = schemas
+    with db.transaction(pg_dsn) as cur:
+        ledger.ensure(cur, led)
+        ledger.start_run(cur, led, "failedrun", "jobA", "2024-05", {})
+        ledger.start_table(cur, led, "failedrun", "empresas", "2024-05", "merge", 2, 0)
+        cur.execute(f'UPDATE "{led}".run SET status = %s WHERE run_id = %s', ("failed", "failedrun"))
+        ledger.start_run(cur, led, "liverun", "jobB", "2024-06", {})
+        ledger.start_table(cur, led, "liverun", "socios", "2024-06", "append", 1, 0)
+        ledger.start_table(cur, led, "liverun", "cnaes", "2024-06", "replace", 1, 0)
+        cur.execute(f'UPDATE "{led}".table_load SET status = %s WHERE table_name = %s', ("loaded", "cnaes"))
+    args = [f"sink.dsn={pg_dsn}", f"sink.ledger_schema={led}", "tracking=off", f"data_root={tmp_path}",
+            "--min-free-mb", "1"]
+    driver = psycopg2.connect(pg_dsn)  # jobB's driver is alive: it holds the job lock
+    try:
+        with driver.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"loadkit-run:{led}:jobB:2024-06",))
+        assert main(args) == 4
+        out = capsys.readouterr()
+        assert checks_of(out.out)["ledger"] == "FAIL"
+        assert "1 table row(s) stale 'loading'" in out.out and "failedrun empresas 2024-05 (run failed)" in out.out
+        assert "liverun" not in out.out and "stuck 'running'" not in out.out
+    finally:
+        driver.close()  # the driver dies: its run and its 'loading' row are stale now
+    assert main(args) == 4
+    out = capsys.readouterr().out
+    assert "jobB 2024-06 (1)" in out and "2 table row(s) stale 'loading'" in out
+    assert "liverun socios 2024-06 (run running)" in out and "cnaes" not in out

@@ -147,3 +147,103 @@ def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, mon
     assert len({s.context.trace_id for s in spans}) == 1, "one trace per run"
     for s in spans:
         assert s.start_time <= s.end_time
+
+
+def _deadlocks_total(collector: prom.RunCollector) -> float:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    return samples(generate_latest(registry).decode())["loadkit_deadlocks_total"][0][1]
+
+
+def test_deadlock_retries_feed_loadkit_deadlocks_total(pg_dsn: str, schemas: tuple) -> None:
+    """A real deadlock (40P01) retried by resilience.retrying is counted where it is retried; writers'
+    deadlock retries arrive in their batch results. Both end up in loadkit_deadlocks_total."""
+    import threading
+
+    import psycopg2
+
+    from loadkit import resilience
+    from loadkit.plan import RetryPolicy
+    from tests.conftest import query
+
+    target, _ = schemas
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE SCHEMA "{target}"')
+        cur.execute(f'CREATE TABLE "{target}".locks (id int PRIMARY KEY, v int)')
+        cur.execute(f'INSERT INTO "{target}".locks VALUES (1, 0), (2, 0)')
+    conn.close()
+    update = f'UPDATE "{target}".locks SET v = v + 1 WHERE id = %s'
+    metrics = RunMetrics({"people": "append"})
+    collector = prom.RunCollector(metrics)
+    assert _deadlocks_total(collector) == 0
+    policy = RetryPolicy(attempts=3, initial_wait_s=0.01, max_wait_s=0.1, multiplier=2.0, jitter_s=0.0,
+                         breaker_failures=5, breaker_cooldown_s=1.0)
+    attempts: List[int] = []
+
+    def once() -> None:
+        attempts.append(1)
+        ours = psycopg2.connect(pg_dsn, application_name="lk-test-ours")
+        other = psycopg2.connect(pg_dsn, application_name="lk-test-other") if len(attempts) == 1 else None
+        waiter = None
+        try:
+            with ours.cursor() as cur:
+                cur.execute("SET deadlock_timeout = '200ms'")  # ours detects the cycle (the other waits 60 s)
+                cur.execute(update, (1,))
+                if other is not None:
+                    ocur = other.cursor()
+                    ocur.execute("SET deadlock_timeout = '60s'")
+                    ocur.execute(update, (2,))
+                    waiter = threading.Thread(target=lambda: (ocur.execute(update, (1,)), other.commit()))
+                    waiter.start()
+                    deadline = time.monotonic() + 30
+                    while not query(pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name = %s "
+                                            "AND wait_event_type = 'Lock'", ("lk-test-other",)):
+                        assert time.monotonic() < deadline, "the other session never waited for our lock"
+                        time.sleep(0.05)
+                cur.execute(update, (2,))  # closes the cycle: 40P01 on the first attempt
+            ours.commit()
+        finally:
+            ours.close()  # rolls back: the other session gets its lock and commits
+            if waiter is not None:
+                waiter.join(30)
+            if other is not None:
+                other.close()
+
+    before = resilience.deadlock_retries()
+    resilience.retrying(policy)(once)
+    assert len(attempts) == 2 and resilience.deadlock_retries() - before == 1
+    assert query(pg_dsn, f'SELECT v FROM "{target}".locks ORDER BY id') == [(2,), (2,)]
+    assert _deadlocks_total(collector) == 1
+    metrics.add(batch("people", 10, 0.1, attempts=3, deadlocks=2))
+    assert _deadlocks_total(collector) == 3
+
+
+def test_ledger_up_is_a_real_ledger_check(pg_dsn: str, schemas: tuple) -> None:
+    from loadkit.postgres import db, ledger
+    from tests.conftest import LOCAL_DSN
+
+    _, led = schemas
+    now = [0.0]
+    probe = prom.LedgerProbe(pg_dsn, led, clock=lambda: now[0])
+    assert probe() is False, "no ledger in that schema yet"
+    with db.transaction(pg_dsn) as cur:
+        ledger.ensure(cur, led)
+    assert probe() is False, "the answer is kept ttl_s seconds"
+    now[0] += prom.LedgerProbe.ttl_s
+    assert probe() is True
+    metrics = RunMetrics({"people": "append"})
+    metrics.add(batch("people", 10, 0.1))
+    down = prom.LedgerProbe(LOCAL_DSN.replace(":5432/", ":1/"), led)  # nothing listens there
+    endpoint = prom.MetricsEndpoint(prom.RunCollector(metrics, ledger_up=down), port=0, run_id="r2").start()
+    try:
+        host, port = endpoint.address
+        code, text = get(f"http://{host}:{port}/metrics")
+        assert code == 200 and samples(text)["loadkit_ledger_up"][0][1] == 0
+        code, body = get(f"http://{host}:{port}/healthz")
+        assert code == 503 and json.loads(body)["ledger_up"] is False
+    finally:
+        endpoint.stop()

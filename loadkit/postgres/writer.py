@@ -23,7 +23,7 @@ import pyarrow as pa
 from loadkit.postgres import ledger
 from loadkit.records import BatchResult, ParsedBatch, carry
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
-from loadkit.errors import as_loadkit_error, sqlstate_of
+from loadkit.errors import as_loadkit_error, is_deadlock, sqlstate_of
 from loadkit.monitor import process_rss, release_memory
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
@@ -70,13 +70,20 @@ class BatchWriter:
         if batch.kind != "data":
             return self._finish(batch, status=batch.kind, write_s=0.0, attempts=0)
         started = time.perf_counter()
-        self._attempts = 0
+        self._attempts, deadlocks = 0, [0]
+
+        def lost(state: Any) -> None:  # reported in the result: this writer may run in a Ray worker
+            exc = state.outcome.exception() if state.outcome else None
+            deadlocks[0] += int(exc is not None and is_deadlock(exc))
+
         try:
-            status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(batch)))
+            status = retrying(self._s.retry, on_retry=lost, count_deadlocks=False)(
+                lambda: self._breaker.call(lambda: self._commit(batch)))
         except Exception as exc:  # retries exhausted or permanent: fail with the classified cause
             raise as_loadkit_error(exc, table=batch.table_name, batch_id=batch.batch_id, writer=self._name,
                                    attempts=self._attempts) from exc
-        return self._finish(batch, status=status, write_s=time.perf_counter() - started, attempts=self._attempts)
+        return self._finish(batch, status=status, write_s=time.perf_counter() - started, attempts=self._attempts,
+                            deadlocks=deadlocks[0])
 
     def _finish(self, batch: ParsedBatch, **outcome: Any) -> BatchResult:
         release_memory()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import fnmatch
 import gzip
 import hashlib
+import re
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -44,13 +46,148 @@ class Chunk:
     summary: Optional["scanner.Summary"] = None
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 of the file's bytes: the identity of a file across runs and renames."""
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Environment variables holding object-store credentials (botocore, gcsfs, adlfs): never printed.
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING",
+               "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY")
+# Object metadata fields that change whenever the content does (S3/HTTP ETag, GCS md5/crc32c, Azure
+# content_md5), in order of preference: with one of them a remote file's identity costs no download.
+_CONTENT_TAGS = ("etag", "md5hash", "content-md5", "content_md5", "crc32c", "digest", "checksum")
+
+
+def is_url(path: Union[str, Path]) -> bool:
+    """True for an fsspec URL (``s3://``, ``gs://``, ``http(s)://``, ``memory://`` ...): read through fsspec.
+    ``file://`` URLs and plain paths are local files."""
+    m = _URL.match(str(path))
+    return m is not None and m.group(1).lower() not in ("file", "local")
+
+
+def url_join(root: str, rel: str) -> str:
+    """``rel`` under the URL ``root`` (``s3://b/data`` + ``2024-05/*.zip``); an absolute URL ``rel`` as is."""
+    if is_url(rel):
+        return rel
+    return root.rstrip("/") + "/" + rel.lstrip("/")
+
+
+def basename(path: Union[str, Path]) -> str:
+    """The last path component of a local path or URL (the member name of a plain or gzip file)."""
+    return PurePosixPath(str(path).split("?", 1)[0].rstrip("/")).name if is_url(path) else Path(path).name
+
+
+@dataclass(frozen=True)
+class Found:
+    """One discovered source file: where to open it, what to call it, its size and its identity."""
+
+    path: str  # absolute local path, or the fsspec URL the read tasks open
+    rel: str  # for humans and the ledger: relative to the data root, or the URL (credentials masked)
+    size: int  # bytes
+    fingerprint: str  # 64 hex digits (see ``fingerprint`` / ``remote_fingerprint``)
+
+
+def fingerprint(path: Union[str, Path]) -> str:
+    """sha256 of the file's bytes: the identity of a file across runs and renames.
+
+    For a URL, see ``remote_fingerprint`` (from the object's ETag/checksum when the store gives one)."""
+    if is_url(path):
+        fs, key = _url_fs(str(path))
+        return remote_fingerprint(fs, key, fs.info(key))
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_FINGERPRINT_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remote_fingerprint(fs: Any, key: str, info: Mapping[str, Any]) -> str:
+    """A remote object's identity, 64 hex digits like a local sha256.
+
+    sha256 over (protocol, content tag, size) when the listing carries a content tag (S3/HTTP ETag,
+    GCS md5Hash/crc32c ...): a changed object gets a new tag, so a rerun skips exactly what it loaded,
+    and no byte is downloaded twice. Without a tag (some HTTP servers, memory://): the sha256 of the
+    content, streamed. The same bytes on disk and in a bucket are therefore two files to the ledger
+    (load a month from one place)."""
+    tags = {str(k).lower(): v for k, v in info.items()}
+    for name in _CONTENT_TAGS:
+        value = tags.get(name)
+        if value:
+            proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            text = f"{proto}|{name}|{str(value).strip(chr(34))}|{info.get('size')}"
+            return hashlib.sha256(text.encode()).hexdigest()
+    digest = hashlib.sha256()
+    with fs.open(key, "rb") as fh:
+        while block := fh.read(_FINGERPRINT_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _url_fs(url: str) -> Tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URL. Options (endpoint, credentials) come from the
+    standard places only: the protocol's own environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, an IAM
+    role ...) and fsspec's config (``FSSPEC_S3='{"endpoint_url": ...}'``, ``FSSPEC_CONFIG_DIR``), so no
+    credential passes through loadkit's config, logs or the ledger."""
+    import os
+
+    from fsspec.core import url_to_fs
+
+    from loadkit.security import register_secret
+
+    for name in _SECRET_ENV:  # masked from here on in logs, errors and ledger text (security.mask_text)
+        register_secret(os.environ.get(name))
+    return url_to_fs(url)
+
+
+def discover_urls(patterns: Sequence[str]) -> List[Found]:
+    """Objects matching the (rendered) URL glob patterns, sorted by URL, deduplicated; each with its size
+    and fingerprint from the listing (one LIST per pattern, plus a download only for objects without a
+    content tag). Raises SourceDataError when nothing matches, like ``discover``; OperatorError when the
+    store refuses the listing (credentials, policy); ConfigError for an unknown protocol or one whose
+    fsspec package is not installed. Network failures propagate (classified transient)."""
+    from loadkit.errors import ConfigError, OperatorError
+    from loadkit.security import mask_text
+
+    found: Dict[str, Found] = {}
+    for pattern in patterns:
+        try:
+            fs, key = _url_fs(pattern)
+            hits = fs.glob(key, detail=True)
+        except FileNotFoundError:  # no such bucket/prefix: nothing matches this pattern
+            continue
+        except PermissionError as exc:
+            raise OperatorError(f"the store refuses to list {mask_text(pattern)}: {mask_text(str(exc))}") from None
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"cannot read {mask_text(pattern)} through fsspec: {type(exc).__name__}: "
+                              f"{mask_text(str(exc))}") from None
+        for name, info in sorted(hits.items()):
+            if info.get("type", "file") != "file":
+                continue
+            url = fs.unstrip_protocol(name)
+            if url not in found:
+                found[url] = Found(url, mask_text(url), int(info.get("size") or 0),
+                                   remote_fingerprint(fs, name, info))
+    if not found:
+        raise SourceDataError(f"no source file matches {', '.join(mask_text(p) for p in patterns)}")
+    return [found[k] for k in sorted(found)]
+
+
+@contextmanager
+def open_source(path: Union[str, Path]) -> Iterator[BinaryIO]:
+    """A seekable binary file for a local path or an fsspec URL (opened by whoever reads: a Ray read
+    task opens the object itself, no shared mount). Zip members need random access: fsspec files
+    seek with ranged GETs over a read-ahead cache."""
+    if not is_url(path):
+        with open(path, "rb") as fh:
+            yield fh
+        return
+    fs, key = _url_fs(str(path))
+    with fs.open(key, "rb") as fh:
+        yield fh
+
+
+def _stream_size(fh: BinaryIO) -> int:
+    here = fh.tell()
+    size = fh.seek(0, 2)
+    fh.seek(here)
+    return size
 
 
 def discover(root: Path, patterns: Sequence[str]) -> List[Path]:
@@ -82,7 +219,7 @@ class Guarded:
         return block
 
 
-def _guard(stream: BinaryIO, path: Path, member: str, compressed: int, max_bytes: Optional[int],
+def _guard(stream: BinaryIO, path: Union[str, Path], member: str, compressed: int, max_bytes: Optional[int],
            max_ratio: Optional[float]) -> BinaryIO:
     limits = []
     if max_bytes is not None:
@@ -92,28 +229,30 @@ def _guard(stream: BinaryIO, path: Path, member: str, compressed: int, max_bytes
     if not limits:
         return stream
     limit, why = min(limits)
-    return Guarded(stream, limit, why, path.name, member)  # type: ignore[return-value]
+    return Guarded(stream, limit, why, basename(path), member)  # type: ignore[return-value]
 
 
-def open_members(path: Path, fmt: str, member_pattern: Optional[str], max_bytes: Optional[int] = None,
+def open_members(path: Union[str, Path], fmt: str, member_pattern: Optional[str], max_bytes: Optional[int] = None,
                  max_ratio: Optional[float] = None) -> Iterator[Tuple[str, BinaryIO]]:
     """Yield (member name, binary stream) for each readable member of a source file.
 
     ``max_bytes`` / ``max_ratio`` guard compressed members: reading past the limit raises
     SourceDataError for the file (the ratio is taken against the member's compressed size for
-    zip, the file's for gzip, never below 64 MiB).
+    zip, the file's for gzip, never below 64 MiB). ``path`` may be an fsspec URL (``open_source``).
     """
+    name = basename(path)
     if fmt == "csv":
-        with open(path, "rb") as fh:
-            yield path.name, fh
+        with open_source(path) as fh:
+            yield name, fh
         return
     if fmt == "gzip":
-        with gzip.open(path, "rb") as gz:
-            yield path.name, _guard(gz, path, path.name, path.stat().st_size, max_bytes, max_ratio)  # type: ignore
+        with open_source(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            yield name, _guard(gz, path, name, _stream_size(raw), max_bytes, max_ratio)  # type: ignore
         return
     if fmt == "zip":
-        for name, member, compressed in _zip_members(path, member_pattern):
-            yield name, _guard(member, path, name, compressed, max_bytes, max_ratio)
+        with open_source(path) as raw:
+            for member_name, member, compressed in _zip_members(raw, str(path), member_pattern):
+                yield member_name, _guard(member, path, member_name, compressed, max_bytes, max_ratio)
         return
     raise SourceDataError(f"format {fmt!r} is not a streamed text format", file=str(path))
 
@@ -133,18 +272,18 @@ def is_foreign_member(info: zipfile.ZipInfo) -> bool:
     return "__MACOSX" in parts[:-1] or base.startswith("._") or base in (".DS_Store", "Thumbs.db")
 
 
-def _zip_members(path: Path, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO, int]]:
+def _zip_members(raw: BinaryIO, path: str, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO, int]]:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(raw)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise SourceDataError(f"corrupt zip: {exc}", file=str(path)) from None
+        raise SourceDataError(f"corrupt zip: {exc}", file=path) from None
     with zf:
         names = sorted(i.filename for i in zf.infolist() if not is_foreign_member(i))
         if member_pattern:
             names = [n for n in names if fnmatch.fnmatchcase(n, member_pattern)]
         if not names:
             raise SourceDataError(
-                f"zip has no member matching {member_pattern!r}", file=str(path), members=len(zf.infolist())
+                f"zip has no member matching {member_pattern!r}", file=path, members=len(zf.infolist())
             )
         for name in names:
             with zf.open(name) as fh:

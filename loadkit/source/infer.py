@@ -38,6 +38,10 @@ NULL_MARKERS = ("NA", "N/A", "n/a", "null", "NULL", "Null", "None", "none", "NaN
 DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%m-%Y", "%Y%m%d")
 TIMESTAMP_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M",
                      "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S", "%d/%m/%Y %H:%M", "%m/%d/%Y %H:%M:%S")
+# (type, format) tried in order on values that are no number: dates first, then timestamps.
+# %Y%m%d is not among them: eight digits are an integer unless the column's name says date.
+_TIME_CANDIDATES = tuple(("date", f) for f in DATE_FORMATS if f != "%Y%m%d") + tuple(
+    ("timestamp", f) for f in TIMESTAMP_FORMATS)
 _BOOL = {"true", "false", "t", "f", "yes", "no", "y", "n"}
 _INT = re.compile(r"^[+-]?\d+$")
 _DEC = re.compile(r"^[+-]?\d+(\.\d+)?$")
@@ -255,22 +259,18 @@ def _type_of(values: Sequence[str], name: str, delimiter: str) -> Tuple[str, Opt
         if biggest < 2**63:
             return "bigint", None, False
         return "text", None, False
-    if all(_DEC.match(v) for v in stripped):
-        t = _numeric_type(stripped, comma=False)
-        if t:
-            return t, None, False
-    if delimiter != "," and all(_DEC_COMMA.match(v) for v in stripped) and any("," in v for v in stripped):
-        t = _numeric_type(stripped, comma=True)
-        if t:
-            return t, None, True
+    # A decimal comma only where the comma cannot be the delimiter, and only if some value has one.
+    comma_ok = delimiter != "," and any("," in v for v in stripped)
+    for pattern, comma in ((_DEC, False), (_DEC_COMMA, True)):
+        if (comma_ok or not comma) and all(pattern.match(v) for v in stripped):
+            t = _numeric_type(stripped, comma=comma)
+            if t:
+                return t, None, comma
     if all(_FLOAT.match(v) for v in stripped):
         return "double", None, False
-    for fmt in DATE_FORMATS:
-        if fmt != "%Y%m%d" and _fits_time(values, fmt):
-            return "date", fmt, False
-    for fmt in TIMESTAMP_FORMATS:
+    for kind, fmt in _TIME_CANDIDATES:
         if _fits_time(values, fmt):
-            return "timestamp", fmt, False
+            return kind, fmt, False
     return "text", None, False
 
 

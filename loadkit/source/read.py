@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, BinaryIO, Iterator, List, Optional, Protocol, Sequence, Tuple, cast
 
 import pyarrow as pa
@@ -119,11 +118,14 @@ def split_units(units: Sequence[ReadUnit], splits: int, block_bytes: int) -> Lis
     Only where every newline ends a record (no newlines in values, not CR-only): a span then
     starts just past the first newline at or after its offset, so spans need no coordination.
     Batch ids stay member byte offsets, so a split and an unsplit run skip each other's batches.
+    A remote file (URL) is never split: a span finds its exact first record by scanning from the
+    file's start, which for an object would download that prefix once per span.
     """
     out: List[ReadUnit] = []
     for u in units:
         n = min(splits, u.file.size // max(1, block_bytes))
-        if n < 2 or u.table.format != "csv" or u.table.dialect.newlines_in_values or not _newline_ended(u):
+        if n < 2 or u.table.format != "csv" or u.table.dialect.newlines_in_values or files.is_url(u.file.path) \
+                or not _newline_ended(u):
             out.append(u)
             continue
         cuts = [u.file.size * i // n for i in range(n + 1)]
@@ -132,7 +134,7 @@ def split_units(units: Sequence[ReadUnit], splits: int, block_bytes: int) -> Lis
 
 
 def _newline_ended(unit: ReadUnit) -> bool:
-    with open(unit.file.path, "rb") as fh:
+    with files.open_source(unit.file.path) as fh:
         sample = fh.read(_SAMPLE_BYTES)
     return b"\n" in sample
 
@@ -143,7 +145,7 @@ def read_unit(unit: ReadUnit, board: Optional[Board] = None) -> Iterator[Chunk]:
     ``board``: where the rows per batch come from mid-run (None: ``unit.batch_rows`` throughout).
     Never raises for bad source data: a SourceDataError or an unreadable container becomes the
     file's error record (after any chunks already yielded)."""
-    table, path = unit.table, Path(unit.file.path)
+    table, path = unit.table, unit.file.path  # a local path or an fsspec URL this task opens itself
     feed = SizeFeed(board, unit.batch_rows)
     try:
         if table.format == "parquet":
@@ -182,9 +184,9 @@ def _read_member(unit: ReadUnit, member: str, stream: Any, feed: "SizeFeed") -> 
 def _read_span(unit: ReadUnit, feed: "SizeFeed") -> Iterator[Chunk]:
     """One byte range of a split plain file: from its first record start to the next span's."""
     assert unit.span is not None
-    table, member, size = unit.table, Path(unit.file.path).name, unit.file.size
+    table, member, size = unit.table, files.basename(unit.file.path), unit.file.size
     d = table.dialect
-    with open(unit.file.path, "rb") as fh:
+    with files.open_source(unit.file.path) as fh:
         sample = fh.read(_SAMPLE_BYTES)  # the file's head: layout and header, whichever span this is
         sample = _complete_head(sample, fh, table)
         skip = scanner.skip_lines(sample, d.skip_lines)
@@ -229,10 +231,14 @@ def _check_not_empty(table: TableSpec, records: int, member: str, path: str) -> 
 def _read_parquet(unit: ReadUnit) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
-    member = Path(unit.file.path).name
+    member = files.basename(unit.file.path)
+    with files.open_source(unit.file.path) as fh:
+        # INT96 (legacy Impala/Spark timestamps) at microseconds: at Arrow's default (ns) 9999-12-31 overflows.
+        yield from _read_parquet_file(unit, member, pq.ParquetFile(fh, coerce_int96_timestamp_unit="us"))
+
+
+def _read_parquet_file(unit: ReadUnit, member: str, pf: Any) -> Iterator[Chunk]:
     done = unit.ranges(member)
-    # INT96 (legacy Impala/Spark timestamps) at microseconds: at Arrow's default (ns) 9999-12-31 overflows.
-    pf = pq.ParquetFile(unit.file.path, coerce_int96_timestamp_unit="us")
     missing = [c.name for c in unit.table.columns if c.name not in pf.schema_arrow.names]
     if missing:
         raise SourceDataError(f"layout drift: parquet file lacks declared columns {missing}", file=unit.file.rel)

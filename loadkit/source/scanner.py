@@ -311,6 +311,7 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
     delim = syn.delimiter.encode("latin-1")
     quote = syn.quote.encode("latin-1") if syn.quote else None
     esc = syn.escape.encode("latin-1") if syn.escape else None
+    esc_byte = esc[0] if esc else -1
     unquoted = re.compile(b"[" + re.escape(delim + b"\n" + (esc or b"")) + b"]")
     quoted = re.compile(b"[" + re.escape((quote or b"") + (esc or b"")) + b"]")
     i = s
@@ -323,6 +324,22 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
                 raise _Need()
             return n
         return k + 1
+
+    def next_unquoted(p: int) -> int:
+        """Offset of the first delimiter or LF at or after p in an unquoted field, skipping escape+char
+        pairs (an escape keeps the scan inside the same field); -1 when none lies before the end of the
+        data or the record cap. Raises _Need for an escape at the very end of a non-final buffer."""
+        stop = min(n, cap_end)
+        while True:
+            m = unquoted.search(data, p, stop)
+            if m is None:
+                return -1
+            j = m.start()
+            if esc is None or data[j] != esc_byte:
+                return j
+            if j + 1 >= n and not final:
+                raise _Need()
+            p = j + 2
 
     def too_long() -> Tuple[int, Optional[str]]:
         k = data.find(b"\n", cap_end - 1)
@@ -385,40 +402,14 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
             if c == b"\r":
                 i += 1
             return min(i + 1, n), None
-        m = unquoted.search(data, i, min(n, cap_end))
-        if m is None:
+        j = next_unquoted(i)
+        if j < 0:
             if cap_end <= n:
                 return too_long()
             if not final:
                 raise _Need()
             return n, None
-        j = m.start()
-        c = data[j:j + 1]
-        if esc is not None and c == esc:
-            if j + 1 >= n and not final:
-                raise _Need()
-            i = j + 2
-            # keep scanning the same field: not at a field start
-            m2 = None
-            while True:
-                m2 = unquoted.search(data, i, min(n, cap_end))
-                if m2 is None:
-                    break
-                if data[m2.start():m2.start() + 1] == esc:
-                    if m2.start() + 1 >= n and not final:
-                        raise _Need()
-                    i = m2.start() + 2
-                    continue
-                break
-            if m2 is None:
-                if cap_end <= n:
-                    return too_long()
-                if not final:
-                    raise _Need()
-                return n, None
-            j = m2.start()
-            c = data[j:j + 1]
-        if c == b"\n":
+        if data[j] == 10:  # LF
             return j + 1, None
         i = j + 1  # a delimiter: the next field starts
 
