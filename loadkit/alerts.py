@@ -21,7 +21,6 @@ from loadkit.errors import AlertAbort
 
 log = logging.getLogger("loadkit.alerts")
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.CRITICAL}
-RULES = ("reject_rate", "memory_fraction", "pool_utilisation", "stall_seconds")
 
 
 @dataclass
