@@ -11,7 +11,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from loadkit.source import files
 from loadkit.config import (
@@ -351,6 +351,11 @@ def column_spec(col: ColumnConfig) -> ColumnSpec:
     )
 
 
+def column_from(values: Mapping[str, Any]) -> ColumnSpec:
+    """The ColumnSpec of a column declared as a mapping of ColumnConfig keys (loadkit init's guesses)."""
+    return column_spec(ColumnConfig(**values))
+
+
 def run_params(cfg: LoadkitConfig) -> Dict[str, Any]:
     """name -> value of the run parameters the job uses (validated: none is missing)."""
     assert cfg.job is not None
@@ -455,6 +460,15 @@ def alerts_plan(a: AlertsConfig) -> AlertsPlan:
 def batch_policy(b: BatchConfig) -> BatchPolicy:
     """The frozen batch policy of a BatchConfig (also used by loadkit.reload for a hot reload)."""
     return BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes, b.window_s, b.memory_ceiling)
+
+
+def reloaded_policies(conf_dir: str, overrides: List[str], year: Optional[int],
+                      month: Optional[int]) -> Tuple[AlertsPlan, BatchPolicy]:
+    """The alert rules and batch policy the config files say now (loadkit.reload); ConfigError if invalid."""
+    from loadkit.config import compose_groups
+
+    alerts, batch = compose_groups(conf_dir, overrides, year, month)
+    return alerts_plan(alerts), batch_policy(batch)
 
 
 def fetch_plan(cfg: LoadkitConfig) -> FetchPlan:
