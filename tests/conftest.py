@@ -14,9 +14,7 @@ from typing import Iterator, List
 import psycopg2
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "loadkit" / "conf"
-LOCAL_DSN = "postgresql://root@127.0.0.1:5432/test"
+from tests.helpers import LOCAL_DSN
 
 
 def _reachable(dsn: str) -> bool:
@@ -96,17 +94,6 @@ def schemas(pg_dsn: str) -> Iterator[tuple]:
     conn.close()
 
 
-def compose(overrides: List[str]):
-    """The typed config for these overrides, exactly as the CLI would compose it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from loadkit.config import register, to_config
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=overrides))
-
-
 @pytest.fixture()
 def job_overrides(pg_dsn: str, schemas: tuple, mlflow_uri: str, tmp_path: Path):
     """Overrides that point a job at this test's schemas, database and MLflow store.
@@ -122,13 +109,3 @@ def job_overrides(pg_dsn: str, schemas: tuple, mlflow_uri: str, tmp_path: Path):
                 f"tracking.uri={mlflow_uri}", "env.progress_bars=false", *executor, *extra]
 
     return make
-
-
-def query(dsn: str, sql: str, args: tuple = ()) -> list:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall()
-    finally:
-        conn.close()

@@ -21,7 +21,7 @@ from loadkit.config import AlertRule, AlertsConfig
 from loadkit.plan import alerts_plan
 from loadkit.errors import AlertAbort
 from loadkit.runner import run_job
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.test_tracking import inject_rejects
 
 

@@ -9,7 +9,7 @@ import pytest
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 ADAPTIVE = SizingSettings(policy="adaptive", size=10_000, min_size=1_000, max_size=80_000, window_s=1.0,
                           window_batches=2, step=2.0, tolerance=0.05, memory_ceiling=0.8)

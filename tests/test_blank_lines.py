@@ -15,7 +15,7 @@ from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig,
                             SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.metrics import RunMetrics, skipped_lines_note, summary_table
 from loadkit.runner import run_job
-from tests.conftest import query
+from tests.helpers import query
 
 PAIRS_CSV = b"id,name\n1,a\n\n2,b\n\n"  # header, 2 records, 2 blank lines
 SINGLE_CSV = b"a\n\nb\n\nc\n"  # one column: 5 records, 2 of them NULL

@@ -21,7 +21,7 @@ import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 from tests.private_pg import PrivatePostgres
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 

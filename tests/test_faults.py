@@ -33,7 +33,7 @@ from loadkit.errors import Category, classify
 from loadkit.plan import RetryPolicy
 from loadkit.resilience import retrying
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose, query
+from tests.helpers import ROOT, compose, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]

@@ -10,7 +10,7 @@ import pytest
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.history import main
 from loadkit.runner import RunResult, run_job
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from loadkit.config import MigrateConfig
 from loadkit.errors import Category, ConfigError, classify
 from loadkit.plan import build_plan
 from loadkit.runner import RunResult, run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = pytest.mark.e2e

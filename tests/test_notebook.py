@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ import pytest
 from loadkit import tracking
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.history import main as history_main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -108,7 +108,7 @@ def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest
                                                           capsys: pytest.CaptureFixture) -> None:
     from loadkit.postgres import modes
     from loadkit.runner import run_job
-    from tests.conftest import compose, query
+    from tests.helpers import compose, query
 
     def broken(*args: object, **kwargs: object) -> None:
         raise TypeError("finalize got a bad argument")  # stands for any programming error
@@ -199,7 +199,7 @@ def test_a_long_background_run_opens_the_store_and_logs_live(month: SampleManife
     """Background mode on a run longer than live_after_s (0 here): the store opens mid-run, the record is
     written before the run returns and the ledger gets its MLflow id, as in sync mode."""
     from loadkit.runner import run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.flush=background",
                                            "tracking.live_after_s=0")))

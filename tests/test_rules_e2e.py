@@ -19,7 +19,7 @@ from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig,
                             SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.errors import RejectThresholdError
 from loadkit.runner import run_job
-from tests.conftest import query
+from tests.helpers import query
 
 CODES = [ColumnConfig(name="id", type="integer", nullable=False),
          ColumnConfig(name="code", type="char(6)", zfill=6, null_values=["0"]),

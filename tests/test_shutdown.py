@@ -24,7 +24,7 @@ from loadkit.postgres import ledger
 from loadkit.errors import AlertAbort, Category, RunDeadlineExceeded, classify
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose, query
+from tests.helpers import ROOT, compose, query
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -152,7 +152,7 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
 
 def test_the_inprocess_path_never_imports_ray(month: SampleManifest, job_overrides) -> None:
     overrides = job_overrides(month.root, 'env.executor=inprocess', 'tracking.enabled=false', *ONLY_CNAES)
-    code = ("import sys; from tests.conftest import compose; from loadkit.runner import run_job; "
+    code = ("import sys; from tests.helpers import compose; from loadkit.runner import run_job; "
             f"r = run_job(compose({overrides!r})); "
             "print(r.status, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -11,7 +11,7 @@ import pytest
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.execute.pipeline import ReadUnit, read_unit, split_units
 from loadkit.plan import build_plan
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 TABLES = ("estabelecimentos", "empresas")
 PATTERNS = {"estabelecimentos": "*ESTABELE", "empresas": "*EMPRECSV"}

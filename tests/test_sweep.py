@@ -10,7 +10,7 @@ import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import tracking
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_tracking import SECRET, with_password
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -77,7 +77,7 @@ def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
 def test_the_endpoint_serves_during_a_run(month: SampleManifest, job_overrides,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from loadkit.runner import Runner, run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     scraped: Dict[str, object] = {}
     finalize = Runner._finalize_tables
@@ -114,7 +114,7 @@ def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, mon
 
     from loadkit import telemetry
     from loadkit.runner import run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     if executor == "ray":
         request.getfixturevalue("ray_session")

@@ -19,7 +19,7 @@ from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import tracking
 from loadkit.logs import JsonFormatter, TextFormatter, set_context
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 pytestmark = pytest.mark.e2e
 
