@@ -5,8 +5,9 @@ repository root on sys.path, so ``pytest tests/test_config.py`` collects on its 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import List
+from typing import Any, Iterator, List
 
 import psycopg2
 
@@ -31,6 +32,18 @@ def compose(overrides: List[str]):
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             raise compose_error(exc) from None
         return to_config(composed)
+
+
+@contextlib.contextmanager
+def autocommit_cursor(dsn: str) -> Iterator[Any]:
+    """A psycopg2 cursor in autocommit mode; its connection is closed when the block ends."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
 
 
 def query(dsn: str, sql: str, args: tuple = ()) -> list:

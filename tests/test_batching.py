@@ -6,7 +6,7 @@ from typing import Callable, List
 
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.runner import run_job
 from tests.helpers import compose, query
@@ -56,9 +56,7 @@ def test_memory_pressure_halves_at_once_within_bounds() -> None:
     assert sizer.size == ADAPTIVE.min_size
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=3000, shards=1, seed=23)
+MONTH = {"rows": 3000, "shards": 1, "seed": 23}  # the size of conftest's `month`
 
 
 @pytest.mark.e2e

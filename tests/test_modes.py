@@ -30,9 +30,7 @@ TABLES = ("empresas", "estabelecimentos", "socios", "simples", "cnaes", "motivos
 REFERENCE = TABLES[4:]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=300, shards=2, seed=11)
+MONTH = {"rows": 300, "shards": 2, "seed": 11}  # the size of conftest's `month`
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,14 @@ from typing import Dict, List, Optional
 import pytest
 
 from loadkit import tracking
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.history import main as history_main
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=150, shards=1, seed=23)
+MONTH = {"rows": 150, "shards": 1, "seed": 23}  # the size of conftest's `month`
 
 
 def cli(month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, *extra: str,

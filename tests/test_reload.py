@@ -9,15 +9,13 @@ from typing import Dict, List
 
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from tests.helpers import CONF, compose
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signal")]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=300, shards=1, seed=31)
+MONTH = {"rows": 300, "shards": 1, "seed": 31}  # the size of conftest's `month`
 
 
 def edit(conf: Path, group: str, name: str, old: str, new: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadkit import prom
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.metrics import RunMetrics
 
 
@@ -68,9 +68,7 @@ def test_metrics_and_healthz_reflect_the_run_state() -> None:
     assert prom.current_address() is None
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=100, shards=1, seed=29)
+MONTH = {"rows": 100, "shards": 1, "seed": 29}  # the size of conftest's `month`
 
 
 @pytest.mark.e2e
