@@ -26,8 +26,10 @@ def edit(conf: Path, group: str, name: str, old: str, new: str) -> None:
 
 
 def add(conf: Path, group: str, name: str, line: str) -> None:
+    from omegaconf import OmegaConf
+
     path = conf / group / f"{name}.yaml"
-    assert line.split(":")[0] not in path.read_text()
+    assert line.split(":")[0] not in (OmegaConf.load(path) or {}), "the packaged file sets no default"
     with path.open("a") as fh:
         fh.write(line + "\n")
 
