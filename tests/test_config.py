@@ -274,3 +274,30 @@ def test_group_files_hold_only_what_differs_from_the_defaults() -> None:
             assert value != expected, f"{path.relative_to(CONF)}: {key}: {value!r} restates the default"
             checked += 1
     assert checked >= 10  # the files that do differ (adaptive batch, cluster/prod env, embedded sink, ...)
+
+
+def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
+    """Runner reads the plan, not the config: each frozen sub-plan mirrors its config class field for field, and
+    build_plan carries the values (the sink's timeouts included, which were once accepted and ignored)."""
+    from loadkit import config as c, plan as p
+
+    pairs = [(p.SinkPlan, c.SinkConfig), (p.EnvPlan, c.EnvConfig), (p.AlertsPlan, c.AlertsConfig),
+             (p.AlertRuleSpec, c.AlertRule), (p.TrackingPlan, c.TrackingConfig),
+             (p.TelemetryPlan, c.TelemetryConfig), (p.MigratePolicy, c.MigrateConfig),
+             (p.BatchPolicy, c.BatchConfig), (p.RetryPolicy, c.RetryConfig)]
+    for frozen, source in pairs:
+        assert [f.name for f in dataclasses.fields(frozen)] == [f.name for f in dataclasses.fields(source)], frozen
+    cfg = compose(BASE + [f"data_root={month.root}", "sink.dsn=postgresql://u:secret@h/db", "sink.connect_timeout=3",
+                          "sink.statement_timeout_ms=5000", "sink.lock_timeout_ms=700", "env.executor=inprocess",
+                          "alerts.stall_seconds.action=abort", "job.migrate.add_columns=true", "job.verify=count",
+                          "tracking=off", "telemetry.tracing=console", "fetch=never"])
+    plan = p.build_plan(cfg)
+    assert (plan.sink.connect_timeout, plan.sink.statement_timeout_ms, plan.sink.lock_timeout_ms) == (3, 5000, 700)
+    assert plan.sink.dsn == "postgresql://u:secret@h/db" and "secret" not in repr(plan.sink)
+    assert plan.env.executor == "inprocess" and type(plan.env.executor) is str
+    assert plan.alerts.stall_seconds == p.AlertRuleSpec(300.0, "critical", "abort")
+    assert plan.migrate.add_columns and plan.verify == "count" and not plan.tracking.enabled
+    assert plan.telemetry.tracing == "console" and plan.fetch.mode == "never"
+    assert type(plan.table("empresas").mode) is str and plan.table("empresas").mode == "merge"
+    settings = plan.settings_dict()
+    assert settings["sink"]["dsn"] == "postgresql://u:***@h/db" and settings["job"]["verify"] == "count"
