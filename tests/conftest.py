@@ -15,7 +15,7 @@ from typing import Iterator, List
 import psycopg2
 import pytest
 
-from tests.helpers import LOCAL_DSN
+from tests.helpers import CONF, LOCAL_DSN, ROOT, compose, query  # noqa: F401 -- re-exported: import tests.helpers
 
 
 def _reachable(dsn: str) -> bool:
