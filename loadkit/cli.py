@@ -95,7 +95,7 @@ def precheck(argv: List[str]) -> Any:
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from loadkit.config import register, to_config
+    from loadkit.config import compose_error, register, to_config
 
     args = _hydra_args(argv)
     if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
@@ -125,10 +125,7 @@ def precheck(argv: List[str]) -> Any:
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        cause = exc.__cause__ or exc
-        key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-        message = str(cause).strip() or type(cause).__name__
-        raise ConfigError(message, key=key) from None
+        raise compose_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -144,7 +141,10 @@ def resolve_latest(argv: List[str]) -> List[str]:
     cfg = precheck(rest + ["year=2000", "month=1"])
     if cfg is None or cfg.job is None:
         raise ConfigError("month=latest needs a job with job.remote (and no -m/--cfg)", key="month")
-    year, month = fetch.latest_month(fetch.settings_from(cfg), cfg.job.remote.root_url)
+    from loadkit.plan import fetch_plan
+
+    settings = fetch_plan(cfg)
+    year, month = fetch.latest_month(fetch.settings_from(settings), settings.root_url)
     sys.stderr.write(f"loadkit: month=latest is {year:04d}-{month:02d}\n")
     return rest + [f"year={year}", f"month={month}"]
 

@@ -34,7 +34,7 @@ from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line
 from loadkit.monitor import MemoryMonitor
 from loadkit.execute import choose_executor, make_executor, writer_settings
 from loadkit.execute.channel import SizeChannel
-from loadkit.plan import LoadPlan, TableSpec, build_plan
+from loadkit.plan import LoadPlan, TableSpec, build_plan, fetch_plan
 from loadkit.records import BatchResult
 from loadkit.source.read import ReadUnit
 from loadkit.resilience import retrying
@@ -322,7 +322,7 @@ class Runner:
 
     def _run_tracked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                      started: float) -> RunResult:
-        alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
+        alerts = AlertEngine(plan.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
         self._watchdog = None
         endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id, self.dsn)
         deadline = self._start_deadline(started)
@@ -414,7 +414,7 @@ class Runner:
                 # Concurrent runs on one database: their DDL (CREATE ... IF NOT EXISTS races on the
                 # catalog) is serialised per target schema until this transaction ends.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{table.schema}",))
-                modes.prepare(cur, table, self.cfg.job.migrate)
+                modes.prepare(cur, table, plan.migrate)
                 if plan.force:
                     modes.reset(cur, table, plan.ledger_schema, plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
@@ -496,7 +496,7 @@ class Runner:
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
         results_iter = executor.run(plan, units, writer_settings(plan, self.dsn), channel.board)
-        self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
+        self.reloader = reload.install(plan, self.tags.get("overrides"), alerts, sizer, channel, metrics)
         self._bar = ProgressBar() if env.progress_bars and _stderr_is_tty() else None
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
@@ -895,7 +895,7 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
     if cfg.fetch == "auto" and not fetch.needs_fetch(folder):
         log.info("fetch: %s is already here (fetch=always re-checks the remote)", folder)
         return []
-    return fetch.fetch_month(fetch.settings_from(cfg), root, cfg.year, cfg.month)
+    return fetch.fetch_month(fetch.settings_from(fetch_plan(cfg)), root, cfg.year, cfg.month)
 
 
 def exit_code(result: RunResult) -> int:

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadkit import prom
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.metrics import RunMetrics
 from loadkit.records import BatchResult
 
@@ -68,16 +68,14 @@ def test_metrics_and_healthz_reflect_the_run_state() -> None:
     assert prom.current_address() is None
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=100, shards=1, seed=29)
+MONTH = {"rows": 100, "shards": 1, "seed": 29}  # the size of conftest's `month`
 
 
 @pytest.mark.e2e
 def test_the_endpoint_serves_during_a_run(month: SampleManifest, job_overrides,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from loadkit.runner import Runner, run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     scraped: Dict[str, object] = {}
     finalize = Runner._finalize_tables
@@ -114,7 +112,7 @@ def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, mon
 
     from loadkit import telemetry
     from loadkit.runner import run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     if executor == "ray":
         request.getfixturevalue("ray_session")

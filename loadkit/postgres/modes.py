@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from loadkit.postgres import ledger
-from loadkit.config import MigrateConfig
 from loadkit.errors import ConfigError
-from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, TableSpec
+from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, MigratePolicy, TableSpec
 from loadkit.security import qualified, quote_ident
 
 log = logging.getLogger("loadkit.postgres.modes")
@@ -188,7 +187,7 @@ def schema_diff(table: TableSpec, actual: Dict[str, str]) -> SchemaDiff:
 # ---------------------------------------------------------------- before the load
 
 
-def prepare(cur: Any, table: TableSpec, migrate: MigrateConfig) -> None:
+def prepare(cur: Any, table: TableSpec, migrate: MigratePolicy) -> None:
     """Create the target (and staging) if missing; reconcile an existing target with the declaration.
 
     A target that differs stops the run with the full diff unless ``migrate`` allows each
@@ -220,7 +219,7 @@ def _check_shape(cur: Any, table: TableSpec) -> None:
                           "needs for its upsert: add one, or load it once with mode replace", key=key)
 
 
-def _migrate(cur: Any, table: TableSpec, diff: SchemaDiff, migrate: MigrateConfig) -> None:
+def _migrate(cur: Any, table: TableSpec, diff: SchemaDiff, migrate: MigratePolicy) -> None:
     refused = SchemaDiff(
         missing=diff.missing if not migrate.add_columns else {},
         extra=diff.extra if not migrate.allow_extra_columns else {},
