@@ -189,3 +189,41 @@ def test_importing_the_cli_and_planning_import_no_mlflow() -> None:
     assert out.returncode == 0, out.stderr
     assert "import []" in out.stdout and "plan []" in out.stdout, out.stdout
     assert "CREATE" in out.stdout  # the plan was printed: the command really ran
+
+
+@pytest.mark.parametrize("code, status, err", [("3", 3, ""), ("None", 0, ""), ("'boom'", 1, "boom"),
+                                                ("True", 1, "")])
+def test_fast_exit_runs_atexit_flushes_output_and_keeps_the_code(tmp_path: Path, code: str, status: int,
+                                                                  err: str) -> None:
+    """``exit_now`` skips the interpreter's teardown, not what matters at exit: atexit handlers
+    (logging, Ray, OpenTelemetry), buffered stdout/stderr and the exit code as SystemExit has it."""
+    marker = tmp_path / "atexit.txt"
+    out = _python(
+        "import atexit, logging, sys\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r})\n"
+        "logging.getLogger('t').warning('logged')\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('partial line, no newline')\n"
+        "from loadkit.__main__ import exit_now\n"
+        f"exit_now({code})\n"
+        "print('not reached')\n")
+    assert out.returncode == status, out.stderr
+    assert out.stdout == "partial line, no newline"
+    assert out.stderr.strip() == err
+    assert marker.read_text() == "ran"
+    assert "logged" in (tmp_path / "log.txt").read_text()
+
+
+def test_fast_exit_waits_for_a_non_daemon_thread(tmp_path: Path) -> None:
+    """A live non-daemon thread makes exit_now fall back to the normal exit, which waits for it."""
+    done = tmp_path / "thread.txt"
+    out = _python(
+        "import threading, time\n"
+        "def work():\n"
+        "    time.sleep(0.5)\n"
+        f"    open({str(done)!r}, 'w').write('finished')\n"
+        "threading.Thread(target=work).start()\n"
+        "from loadkit.__main__ import exit_now\n"
+        "exit_now(4)\n")
+    assert out.returncode == 4, out.stderr
+    assert done.read_text() == "finished"
