@@ -45,7 +45,8 @@ def one(tree: Path, dsn: str, uri: str, tracking: str) -> Tuple[float, float]:
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
     subprocess.run(["psql", dsn, "-qc", f'DROP SCHEMA IF EXISTS "{target}" CASCADE; '
-                    f'DROP SCHEMA IF EXISTS "{led}" CASCADE'], capture_output=True)
+                    f'DROP SCHEMA IF EXISTS "{led}" CASCADE; '
+                    f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE'], capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: loadkit exited {proc.returncode}:\n{stderr[-3000:]}")
     if tracking != "off":
