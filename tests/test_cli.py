@@ -165,3 +165,65 @@ def test_db_url_starts_the_embedded_server_in_the_home_and_stop_stops_it(tmp_pat
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists()
     assert "no embedded PostgreSQL running" in loadkit(["db", "stop"], tmp_path).stdout
+
+
+def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOADKIT_DSN", "LOADKIT_NORMAL_EXIT")}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_importing_the_cli_and_planning_import_no_mlflow() -> None:
+    """MLflow (~2 CPU-s to import) is not loaded by the command line itself nor by a plan: a run
+    imports it only to write its record (issue 16)."""
+    out = _python(
+        "import sys\n"
+        "import loadkit.cli, loadkit.__main__\n"
+        "print('import', sorted(m for m in ('mlflow', 'ray') if m in sys.modules))\n"
+        "try:\n"
+        "    loadkit.cli.main(['plan', '+job=monthly', 'year=2024', 'month=5', 'data_root=data',\n"
+        "                      'sink.dsn=postgresql://x@127.0.0.1:1/x', 'tracking=local'])\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code)\n"
+        "print('plan', sorted(m for m in ('mlflow', 'ray') if m in sys.modules))\n")
+    assert out.returncode == 0, out.stderr
+    assert "import []" in out.stdout and "plan []" in out.stdout, out.stdout
+    assert "CREATE" in out.stdout  # the plan was printed: the command really ran
+
+
+@pytest.mark.parametrize("code, status, err", [("3", 3, ""), ("None", 0, ""), ("'boom'", 1, "boom"),
+                                                ("True", 1, "")])
+def test_fast_exit_runs_atexit_flushes_output_and_keeps_the_code(tmp_path: Path, code: str, status: int,
+                                                                  err: str) -> None:
+    """``exit_now`` skips the interpreter's teardown, not what matters at exit: atexit handlers
+    (logging, Ray, OpenTelemetry), buffered stdout/stderr and the exit code as SystemExit has it."""
+    marker = tmp_path / "atexit.txt"
+    out = _python(
+        "import atexit, logging, sys\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r})\n"
+        "logging.getLogger('t').warning('logged')\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('partial line, no newline')\n"
+        "from loadkit.__main__ import exit_now\n"
+        f"exit_now({code})\n"
+        "print('not reached')\n")
+    assert out.returncode == status, out.stderr
+    assert out.stdout == "partial line, no newline"
+    assert out.stderr.strip() == err
+    assert marker.read_text() == "ran"
+    assert "logged" in (tmp_path / "log.txt").read_text()
+
+
+def test_fast_exit_waits_for_a_non_daemon_thread(tmp_path: Path) -> None:
+    """A live non-daemon thread makes exit_now fall back to the normal exit, which waits for it."""
+    done = tmp_path / "thread.txt"
+    out = _python(
+        "import threading, time\n"
+        "def work():\n"
+        "    time.sleep(0.5)\n"
+        f"    open({str(done)!r}, 'w').write('finished')\n"
+        "threading.Thread(target=work).start()\n"
+        "from loadkit.__main__ import exit_now\n"
+        "exit_now(4)\n")
+    assert out.returncode == 4, out.stderr
+    assert done.read_text() == "finished"

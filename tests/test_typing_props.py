@@ -134,6 +134,72 @@ def test_parse_datetimes_on_arbitrary_text(fmt: str, values: List[str]) -> None:
     assert got == [py_strptime(v, fmt) for v in values]
 
 
+# The zero-padded formats take a shape test plus a re-check of the values that may have overflowed
+# (transform._canonical); these cases aim at it: impossible days, second 60/61, years 0 and 9999,
+# unpadded fields of the canonical length, signs and whitespace.
+FIXED_FORMATS = ["%Y%m%d", "%Y-%m-%d", "%d/%m/%Y", "%Y-%m-%dT%H:%M:%S", "%Y%m%d%H%M%S", "%H:%M:%S %d.%m.%Y"]
+
+
+@st.composite
+def fixed_fields(draw: Any) -> Tuple[str, List[str]]:
+    fmt = draw(st.sampled_from(FIXED_FORMATS))
+    values = []
+    for _ in range(draw(st.integers(1, 10))):
+        fields = {"%Y": draw(st.sampled_from([0, 1, 2, 1900, 2000, 2023, 2024, 9998, 9999, 10000])
+                             | st.integers(0, 9999)),
+                  "%m": draw(st.integers(0, 13)), "%d": draw(st.sampled_from([0, 1, 2, 3, 28, 29, 30, 31, 32])
+                                                             | st.integers(0, 32)),
+                  "%H": draw(st.integers(0, 24)), "%M": draw(st.integers(0, 60)),
+                  "%S": draw(st.sampled_from([0, 1, 59, 60, 61]) | st.integers(0, 62))}
+        pad = draw(st.sampled_from(["all", "all", "none", "some"]))
+        text = ""
+        for p in (p for p in re.split(r"(%.)", fmt) if p):
+            if p in fields:
+                w = 4 if p == "%Y" else 2
+                padded = pad == "all" or (pad == "some" and draw(st.booleans()))
+                text += str(fields[p]).zfill(w) if padded else str(fields[p])
+            else:
+                text += p
+        how = draw(st.sampled_from(["none", "none", "none", "sign", "space", "swap"]))
+        if how == "sign":
+            at = draw(st.integers(0, len(text)))
+            text = text[:at] + draw(st.sampled_from("+-")) + text[at:]
+        elif how == "space":  # whitespace before a field, of the canonical length when a field is unpadded
+            at = draw(st.integers(0, len(text)))
+            text = text[:at] + draw(st.sampled_from([" ", "\t", "\x0b", "\n"])) + text[at:]
+        elif how == "swap" and len(text) > 1:
+            at = draw(st.integers(0, len(text) - 2))
+            text = text[:at] + text[at + 1] + text[at] + text[at + 2:]
+        values.append(text)
+    return fmt, values
+
+
+@PROFILE
+@given(fixed_fields())
+def test_zero_padded_formats_equal_python_strptime(case: Tuple[str, List[str]]) -> None:
+    fmt, values = case
+    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
+    assert got == [py_strptime(v, fmt) for v in values], fmt
+
+
+def test_every_day_number_of_every_month_number_equals_python_strptime() -> None:
+    """Exhaustive over the overflow edges: days 00..32 of months 00..13 in leap, non-leap and edge years,
+    padded and unpadded (' 2024-1-05' has the canonical length), with second 59..61 at the end of a day."""
+    values = []
+    for year in ("0000", "0001", "1900", "2000", "2023", "2024", "9999"):
+        for month in range(14):
+            for day in range(33):
+                values += [f"{year}-{month:02d}-{day:02d}", f"{year}-{month}-{day:02d} ", f" {year}-{month}-{day}"]
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        texts = values if "-" in fmt else [v.replace("-", "") for v in values]
+        got = parse_datetimes(pa.array(texts, pa.string()), fmt).to_pylist()
+        assert got == [py_strptime(v, fmt) for v in texts], fmt
+    stamps = [f"{d}T23:59:{s}" for d in ("2024-02-28", "2024-02-29", "2023-02-28", "2024-12-31", "9999-12-31")
+              for s in ("59", "60", "61", "62", "6", " 6")]
+    got = parse_datetimes(pa.array(stamps, pa.string()), "%Y-%m-%dT%H:%M:%S").to_pylist()
+    assert got == [py_strptime(v, "%Y-%m-%dT%H:%M:%S") for v in stamps]
+
+
 # ---------------------------------------------------------------- integers and decimals
 
 def convert(col: ColumnConfig, values: List[Optional[str]]) -> Tuple[List[Any], List[Optional[Tuple[str, str]]]]:
