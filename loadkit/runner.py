@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 from loadkit import prom, reload, telemetry
 from loadkit.postgres import db
 from loadkit.postgres import identity
-from loadkit.postgres import ledger
 from loadkit.postgres import modes
+from loadkit.postgres.ledger import Ledger, TableOutcome
+from loadkit.postgres.modes import mode_for
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.config import LoadkitConfig, as_plain_dict
@@ -174,7 +175,7 @@ class _JobLock:
     def acquire(self) -> bool:
         self._conn = db.connect(self._dsn, autocommit=True)
         with self._conn.cursor() as cur:
-            return ledger.try_lock_job(cur, self._plan.ledger_schema, self._plan.job, self._plan.period)
+            return Ledger(self._plan.ledger_schema).try_lock_job(cur, self._plan.job, self._plan.period)
 
     def cursor(self) -> Any:
         return self._conn.cursor()
@@ -288,8 +289,8 @@ class Runner:
                     raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
                                            f"(ledger {plan.ledger_schema}); retry when it ends")
                 with job_lock.cursor() as cur:
-                    ledger.mark_stale_runs(cur, plan.ledger_schema, plan.job, plan.period)
-                    ledger.start_run(cur, plan.ledger_schema, plan.run_id, plan.job, plan.period, self._params())
+                    Ledger(plan.ledger_schema).mark_stale_runs(cur, plan.job, plan.period)
+                    Ledger(plan.ledger_schema).start_run(cur, plan.run_id, plan.job, plan.period, self._params())
                     if self.fetched:
                         from loadkit.source import fetch
 
@@ -308,7 +309,7 @@ class Runner:
     def _ensure_ledger(self, plan: LoadPlan) -> None:
         """The ledger's tables, in one transaction (its DDL lock is transaction-level); retried on deadlock."""
         with db.transaction(self.dsn) as cur:
-            ledger.ensure(cur, plan.ledger_schema)
+            Ledger(plan.ledger_schema).ensure(cur)
 
     def _lock_lost(self, error: LoadkitError) -> None:
         """The job lock's watcher lost the lock for good: stop the run (transient) before it can race."""
@@ -411,20 +412,20 @@ class Runner:
                 # Concurrent runs on one database: their DDL (CREATE ... IF NOT EXISTS races on the
                 # catalog) is serialised per target schema until this transaction ends.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{table.schema}",))
-                modes.prepare(cur, table, self.cfg.job.migrate)
+                mode_for(table).prepare(cur, self.cfg.job.migrate)
                 if plan.force:
-                    modes.reset(cur, table, plan.ledger_schema, plan.period)
+                    mode_for(table).reset(cur, Ledger(plan.ledger_schema), plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
-                    modes.forget_lost_batches(cur, table, plan.ledger_schema, plan.period)
+                    mode_for(table).forget_lost_batches(cur, Ledger(plan.ledger_schema), plan.period)
                 todo, ranges = self._todo(cur, plan, table, verify=True)
-                if table.mode in ("replace", "snapshot") and 0 < len(todo) < len(table.files):
+                if mode_for(table).whole_period and 0 < len(todo) < len(table.files):
                     # These modes publish a whole month at once: a new file in a published month
                     # means rebuilding it from every file, or the swap would drop the others' rows.
                     log.info("table %s: %d new file(s) in a published month; reloading all %d", table.name,
                              len(todo), len(table.files))
-                    modes.reset(cur, table, plan.ledger_schema, plan.period)
+                    mode_for(table).reset(cur, Ledger(plan.ledger_schema), plan.period)
                     ranges, todo = {}, list(table.files)
-                ledger.start_table(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, table.mode,
+                Ledger(plan.ledger_schema).start_table(cur, plan.run_id, table.name, plan.period, table.mode,
                                    len(table.files), len(table.files) - len(todo))
             tm = metrics.tables[table.name]
             tm.files, tm.files_skipped = len(table.files), len(table.files) - len(todo)
@@ -432,7 +433,7 @@ class Runner:
             if not todo:
                 tm.status = "skipped"
                 with db.transaction(self.dsn) as cur:  # nothing staged for a published month: no litter
-                    modes.drop_staging(cur, table)
+                    mode_for(table).drop_staging(cur)
         return units
 
     def _todo(self, cur: Any, plan: LoadPlan, table: TableSpec,
@@ -443,11 +444,11 @@ class Runner:
         job.schema: loadkit.postgres.identity), as a run does before it skips anything."""
         if verify:
             assert self.cfg.job is not None
-            done = identity.verified_files(cur, table, plan.ledger_schema, plan.period,
+            done = identity.verified_files(cur, table, Ledger(plan.ledger_schema), plan.period,
                                            self.cfg.job.verify, self.cfg.job.on_drift)
         else:
-            done = ledger.loaded_files(cur, plan.ledger_schema, table.name, plan.period)
-        ranges = ledger.committed_ranges(cur, plan.ledger_schema, table.name, plan.period)
+            done = Ledger(plan.ledger_schema).loaded_files(cur, table.name, plan.period)
+        ranges = Ledger(plan.ledger_schema).committed_ranges(cur, table.name, plan.period)
         return [f for f in table.files if done.get(f.sha256) != "loaded"], ranges
 
     def _units(self, plan: LoadPlan, table: TableSpec, todo: List[Any], ranges: Dict[Any, Any]) -> List[ReadUnit]:
@@ -634,16 +635,16 @@ class Runner:
         """One file's settlement, one transaction (retried whole on a transient failure)."""
         with db.transaction(self.dsn) as cur:
             if error:
-                modes.discard_file(cur, table, plan.ledger_schema, plan.period, f.sha256)
-                ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
+                mode_for(table).discard_file(cur, Ledger(plan.ledger_schema), plan.period, f.sha256)
+                Ledger(plan.ledger_schema).mark_file(cur, plan.run_id, table.name, plan.period, f.sha256,
                                  f.rel, f.ordinal, f.size, "failed", error=error)
             else:
-                totals = ledger.file_totals(cur, plan.ledger_schema, table.name, plan.period, f.sha256)
+                totals = Ledger(plan.ledger_schema).file_totals(cur, table.name, plan.period, f.sha256)
                 if totals[0] != totals[1] + totals[2]:
                     raise LoadkitError("rows_read != rows_loaded + rows_rejected", table=table.name, file=f.rel,
                                        totals=totals)
-                status = "loaded" if table.mode == "append" else "staged"
-                ledger.mark_file(cur, plan.ledger_schema, plan.run_id, table.name, plan.period, f.sha256,
+                status = mode_for(table).settled_status
+                Ledger(plan.ledger_schema).mark_file(cur, plan.run_id, table.name, plan.period, f.sha256,
                                  f.rel, f.ordinal, f.size, status, totals)
         if error:
             failed.append((table.name, f.rel, error))
@@ -669,9 +670,9 @@ class Runner:
             if tm.status == "skipped":
                 if table.delete_missing and not failed:  # a sync an earlier run had to defer
                     with db.transaction(self.dsn) as cur:
-                        if not modes.sync_done(cur, plan.ledger_schema, table.name, plan.period):
+                        if not Ledger(plan.ledger_schema).sync_done(cur, table.name, plan.period):
                             tm.deleted = self._sync(cur, plan, table, failed)
-                            ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, None, tm.deleted)
+                            Ledger(plan.ledger_schema).record_collapse(cur, plan.run_id, table.name, None, tm.deleted)
                 continue
             if table.name in failed_tables:
                 tm.status = "failed"
@@ -692,12 +693,12 @@ class Runner:
             # Publishing is DDL too (indexes, swaps, partitions): serialised with other runs' per target
             # schema, so concurrent runs never deadlock here (a deadlock with anyone else is retried).
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{table.schema}",))
-            if table.mode != "append" and not ledger.staged_files(cur, plan.ledger_schema, table.name, plan.period):
+            if mode_for(table).staged and not Ledger(plan.ledger_schema).staged_files(cur, table.name, plan.period):
                 log.info("%s: already published (the previous attempt committed)", table.name)
                 tm.status = "loaded"
-                ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
+                Ledger(plan.ledger_schema).finish_table(cur, plan.run_id, table.name, self._outcome(tm))
                 return False
-            lost = modes.verify_staging(cur, table, plan.ledger_schema, plan.period)
+            lost = mode_for(table).verify_staging(cur, Ledger(plan.ledger_schema), plan.period)
             if lost:
                 ours = [b for b in lost if b.run_id == plan.run_id]  # counted by this run: read again below
                 tm.rows_read -= sum(b.rows_in for b in ours)
@@ -705,46 +706,29 @@ class Runner:
                 tm.rows_rejected -= sum(b.rows_rejected for b in ours)
                 tm.batches -= len(ours)
                 return True
-            staged = sum(ledger.unpublished_batches(cur, plan.ledger_schema, table.name, plan.period).values())
+            staged = sum(Ledger(plan.ledger_schema).unpublished_batches(cur, table.name, plan.period).values())
             with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), \
                     modes.record_steps() as steps:
-                inserted, updated = modes.finalize(cur, table, plan.ledger_schema)
-            ledger.mark_files_loaded(cur, plan.ledger_schema, table.name, plan.period)
+                inserted, updated = mode_for(table).finalize(cur, Ledger(plan.ledger_schema))
+            Ledger(plan.ledger_schema).mark_files_loaded(cur, table.name, plan.period)
             tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
-            if table.mode != "append":  # rows staged but collapsed onto a later row with the same key
+            if mode_for(table).staged:  # rows staged but collapsed onto a later row with the same key
                 tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
             with modes.record_steps() as synced:
                 tm.deleted = self._sync(cur, plan, table, failed)
             tm.finalise_steps = {**steps, **synced}  # seconds per step (upsert, swap, indexes, sync_missing...)
             tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
             tm.finalised_at = time.time()
-            ledger.finish_table(cur, plan.ledger_schema, plan.run_id, table.name, self._outcome(tm))
-            ledger.record_collapse(cur, plan.ledger_schema, plan.run_id, table.name, tm.duplicates, tm.deleted)
+            Ledger(plan.ledger_schema).finish_table(cur, plan.run_id, table.name, self._outcome(tm))
+            Ledger(plan.ledger_schema).record_collapse(cur, plan.run_id, table.name, tm.duplicates, tm.deleted)
         return False
 
     def _sync(self, cur: Any, plan: LoadPlan, table: TableSpec, failed: List[Tuple[str, str, str]]) -> Optional[int]:
-        """Full-snapshot sync (merge + delete_missing), in the finalisation's transaction: only when no file
-        of this run failed and every file of the table's month is published; else deferred (None)."""
-        if not table.delete_missing:
-            return None
+        """Full-snapshot sync (merge + delete_missing), in the finalisation's transaction (see modes.Sync)."""
         from datetime import date
 
-        # config.job_params makes year and month required for a merge table with delete_missing
-        assert plan.year is not None and plan.month is not None
-        month_start = date(plan.year, plan.month, 1)
-        if table.history:
-            modes.open_history(cur, table, plan.ledger_schema, plan.period, month_start)
-        if failed or not modes.month_complete(cur, table, plan.ledger_schema, plan.period):
-            log.warning("%s: not deleting keys absent from %s: %s", table.name, plan.period,
-                        "a file of this run failed" if failed else "not every file of the month is loaded yet")
-            return None
-        before = modes.fewer_files_than_before(cur, table, plan.ledger_schema, plan.period)
-        if before is not None:
-            log.warning("%s: not deleting keys absent from %s: it has %d file(s), the month before had %d "
-                        "(an incomplete download?); add the missing files and run again", table.name, plan.period,
-                        len(table.files), before)
-            return None
-        return modes.sync_missing(cur, table, plan.ledger_schema, plan.period, month_start)
+        month_start = date(plan.year, plan.month, 1) if plan.year is not None and plan.month is not None else None
+        return mode_for(table).sync(cur, Ledger(plan.ledger_schema), plan.period, month_start, bool(failed))
 
     # ------------------------------------------------------------ end of run
 
@@ -760,10 +744,10 @@ class Runner:
                 for t in metrics.tables.values():
                     if t.status not in ("loaded", "skipped"):
                         t.status = "failed" if status == "failed" else status if status != "succeeded" else t.status
-                        ledger.finish_table(cur, plan.ledger_schema, plan.run_id, t.name, self._outcome(t, text))
+                        Ledger(plan.ledger_schema).finish_table(cur, plan.run_id, t.name, self._outcome(t, text))
                     elif t.status == "skipped":  # a no-op table's row is closed too, never left 'loading'
-                        ledger.finish_table(cur, plan.ledger_schema, plan.run_id, t.name, self._outcome(t))
-                ledger.finish_run(cur, plan.ledger_schema, plan.run_id, status, metrics.totals(), category, text,
+                        Ledger(plan.ledger_schema).finish_table(cur, plan.run_id, t.name, self._outcome(t))
+                Ledger(plan.ledger_schema).finish_run(cur, plan.run_id, status, metrics.totals(), category, text,
                                   tracker.run_id)
 
         try:  # the run's end must reach the ledger even if the server is restarting right now
@@ -790,14 +774,14 @@ class Runner:
         if tracker.enabled:
             try:
                 with db.transaction(self.dsn) as cur:
-                    tracker.artifact_table("rejects_sample.parquet", ledger.reject_sample(cur, plan.ledger_schema,
+                    tracker.artifact_table("rejects_sample.parquet", Ledger(plan.ledger_schema).reject_sample(cur,
                                                                                           plan.run_id))
             except LoadkitError as exc:
                 log.warning("could not read the reject sample of run %s: %s", plan.run_id, exc)
         tracker.end(status)
 
-    def _outcome(self, t: Any, error: Optional[str] = None) -> ledger.TableOutcome:
-        return ledger.TableOutcome(t.status, t.rows_read, t.rows_loaded, t.rows_rejected, t.inserted, t.updated,
+    def _outcome(self, t: Any, error: Optional[str] = None) -> TableOutcome:
+        return TableOutcome(t.status, t.rows_read, t.rows_loaded, t.rows_rejected, t.inserted, t.updated,
                                    t.seconds, error)
 
     def _params(self) -> Dict[str, Any]:
@@ -870,7 +854,7 @@ def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunRes
             with db.transaction(db.resolve_dsn(cfg.sink.dsn, cfg.sink.embedded_dir)) as cur:
                 from loadkit.source import fetch
 
-                ledger.ensure(cur, cfg.sink.ledger_schema)
+                Ledger(cfg.sink.ledger_schema).ensure(cur)
                 fetch.record(cur, cfg.sink.ledger_schema, None, period, fetched)
         except Exception as exc:  # the files are in place; the ledger row is the only thing missing
             log.warning("fetched, but could not record it in the ledger: %s", mask_text(str(exc)))

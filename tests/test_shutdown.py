@@ -117,7 +117,7 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
                                                    record_property: Callable[[str, Any], None]) -> None:
     target, led = schemas
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     conn.close()
     overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=20",
                               *THREE)
@@ -170,7 +170,7 @@ def test_stall_abort_stops_a_blocked_run_on_both_executors(executor: str, month:
     """A lock holds every writer's ledger insert; the 2 s stall alert aborts and the run ends right after."""
     _, led = schemas
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     conn.close()
     locker = in_background(lambda: (wait_for(lambda: running(pg_dsn, led), 120, "the run"),
                                     blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")))
@@ -191,7 +191,7 @@ def test_run_deadline_stops_a_blocked_run(month: SampleManifest, pg_dsn: str, sc
                                           blocker: Blocker, record_property: Callable[[str, Any], None]) -> None:
     _, led = schemas
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     conn.close()
     locker = in_background(lambda: (wait_for(lambda: running(pg_dsn, led), 120, "the run"),
                                     blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")))
