@@ -80,7 +80,7 @@ def plan_task(cfg: DictConfig) -> Optional[int]:
 
     try:
         typed = _typed(cfg)
-        sys.stdout.write(explain.describe(build_plan(typed), typed) + "\n")
+        sys.stdout.write(explain.describe(build_plan(typed)) + "\n")
     except LoadkitError as exc:
         raise SystemExit(fail(exc)) from None
     return 0

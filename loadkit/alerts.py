@@ -16,12 +16,11 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from loadkit.config import AlertRule, AlertsConfig
+from loadkit.plan import AlertRuleSpec, AlertsPlan
 from loadkit.errors import AlertAbort
 
 log = logging.getLogger("loadkit.alerts")
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.CRITICAL}
-RULES = ("reject_rate", "memory_fraction", "pool_utilisation", "stall_seconds")
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Alert:
 class AlertEngine:
     """Evaluates rules; thread-safe, since the watchdog thread checks the stall rule."""
 
-    def __init__(self, cfg: AlertsConfig, run_id: str, on_alert: Optional[Callable[[Alert], None]] = None) -> None:
+    def __init__(self, cfg: AlertsPlan, run_id: str, on_alert: Optional[Callable[[Alert], None]] = None) -> None:
         self._cfg = cfg
         self._run_id = run_id
         self._on_alert = on_alert
@@ -50,7 +49,7 @@ class AlertEngine:
         self._lock = threading.Lock()
         self.fired: List[Alert] = []
 
-    def rule(self, name: str) -> AlertRule:
+    def rule(self, name: str) -> AlertRuleSpec:
         return getattr(self._cfg, name)
 
     def evaluate(self, rule_name: str, subject: str, value: float, min_samples_ok: bool = True) -> Optional[Alert]:

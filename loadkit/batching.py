@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,3 @@ class BatchSizer:
         decision = Decision(new, reason, rate)
         self.decisions.append(decision)
         return decision
-
-    def history(self) -> List[Tuple[int, str, float]]:
-        return [(d.size, d.reason, d.rate) for d in self.decisions]

@@ -144,7 +144,10 @@ def resolve_latest(argv: List[str]) -> List[str]:
     cfg = precheck(rest + ["year=2000", "month=1"])
     if cfg is None or cfg.job is None:
         raise ConfigError("month=latest needs a job with job.remote (and no -m/--cfg)", key="month")
-    year, month = fetch.latest_month(fetch.settings_from(cfg), cfg.job.remote.root_url)
+    from loadkit.plan import fetch_plan
+
+    settings = fetch_plan(cfg)
+    year, month = fetch.latest_month(fetch.settings_from(settings), settings.root_url)
     sys.stderr.write(f"loadkit: month=latest is {year:04d}-{month:02d}\n")
     return rest + [f"year={year}", f"month={month}"]
 

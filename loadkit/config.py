@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from loadkit.errors import ConfigError
+from loadkit.literals import bound_value
+from loadkit.security import IDENTIFIER
 
 WRITE_MODES = ("append", "replace", "merge", "snapshot")
 FORMATS = ("csv", "gzip", "zip", "parquet")
@@ -24,7 +26,6 @@ TYPE_PATTERN = re.compile(
     r"^(text|char\(\d+\)|varchar\(\d+\)|smallint|integer|bigint|double|"
     r"numeric\(\d+,\d+\)|date|timestamp|boolean)$"
 )
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 @dataclass
@@ -404,6 +405,26 @@ def to_config(cfg: DictConfig | LoadkitConfig) -> LoadkitConfig:
     return obj
 
 
+def compose_groups(conf_dir: str, overrides: List[str], year: Optional[int],
+                   month: Optional[int]) -> Tuple[AlertsConfig, BatchConfig]:
+    """(alerts, batch) as the config files in ``conf_dir`` and the overrides say now (the hot reload);
+    raises ConfigError when they do not compose or are invalid."""
+    from hydra import compose, initialize_config_dir
+
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("year", "month")]
+    register()
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            composed = compose("config", overrides=[*keep, f"year={year}", f"month={month}"])
+        cfg = OmegaConf.to_object(composed)
+    except Exception as exc:  # Hydra / OmegaConf errors: a typo in the edited file
+        raise ConfigError(f"cannot compose the config: {str(exc).splitlines()[0]}") from None
+    assert isinstance(cfg, LoadkitConfig)
+    _validate_alerts(cfg.alerts)
+    _validate_batch(cfg.batch)
+    return cfg.alerts, cfg.batch
+
+
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(message, key=key)
@@ -581,37 +602,6 @@ def _validate_table(tname: str, t: TableConfig) -> None:
     _validate_sync(k, t, names)
     _require(0.0 <= t.max_reject_rate <= 1.0, f"{k}.max_reject_rate", "max_reject_rate must be within 0..1")
     _require(t.max_rejects is None or t.max_rejects >= 0, f"{k}.max_rejects", "max_rejects must be >= 0")
-
-
-ORDERABLE = ("smallint", "integer", "bigint", "numeric", "double", "date", "timestamp")
-
-
-def bound_value(kind: str, text: str) -> Any:
-    """A column's min/max as a Python value of its kind (int, Decimal, float, date, naive datetime).
-
-    Raises ValueError when the text is not a literal of that kind or the kind is not orderable."""
-    import datetime as dt
-    from decimal import Decimal, InvalidOperation
-
-    text = str(text).strip()
-    if kind in ("smallint", "integer", "bigint"):
-        return int(text)
-    if kind in ("numeric", "double"):
-        try:
-            value = Decimal(text)
-        except InvalidOperation:
-            raise ValueError(f"not a number: {text!r}") from None
-        if not value.is_finite():
-            raise ValueError(f"not a finite number: {text!r}")
-        return value if kind == "numeric" else float(value)
-    if kind == "date":
-        return dt.date.fromisoformat(text)
-    if kind == "timestamp":
-        moment = dt.datetime.fromisoformat(text)
-        if moment.tzinfo is not None:
-            raise ValueError("timestamp columns are without time zone: give a bound without an offset")
-        return moment
-    raise ValueError(f"min/max do not apply to {kind} columns (allowed: {', '.join(ORDERABLE)})")
 
 
 def _validate_column_rules(ck: str, col: ColumnConfig) -> None:

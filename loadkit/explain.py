@@ -15,9 +15,8 @@ from loadkit.postgres import db
 from loadkit.postgres import identity
 from loadkit.postgres.ledger import Ledger
 from loadkit.postgres import modes
-from loadkit.config import LoadkitConfig
 from loadkit.errors import LoadkitError
-from loadkit.plan import LoadPlan, TableSpec
+from loadkit.plan import LoadPlan, SinkPlan, TableSpec
 from loadkit.security import mask_dsn
 
 _DDL = ("CREATE", "ALTER", "DROP", "TRUNCATE")
@@ -58,33 +57,32 @@ class _Recorder:
         return self._cur.fetchone() if self._cur is not None else None
 
 
-def _dsn(cfg: LoadkitConfig) -> Optional[str]:
+def _dsn(sink: SinkPlan) -> Optional[str]:
     """The sink's DSN, or None when only an embedded server that was never started would do."""
-    if cfg.sink.dsn or os.environ.get("LOADKIT_DSN"):
-        return cfg.sink.dsn or os.environ["LOADKIT_DSN"]
-    if (Path(cfg.sink.embedded_dir).expanduser() / "PG_VERSION").is_file():
-        return db.resolve_dsn(None, cfg.sink.embedded_dir)
+    if sink.dsn or os.environ.get("LOADKIT_DSN"):
+        return sink.dsn or os.environ["LOADKIT_DSN"]
+    if (Path(sink.embedded_dir).expanduser() / "PG_VERSION").is_file():
+        return db.resolve_dsn(None, sink.embedded_dir)
     return None
 
 
-def inspect(plan: LoadPlan, cfg: LoadkitConfig) -> Tuple[str, Dict[str, Dict[str, Any]]]:
+def inspect(plan: LoadPlan) -> Tuple[str, Dict[str, Dict[str, Any]]]:
     """(database note, table -> {"ddl": [...], "ledger": {sha: status}, "drift": str|None, "error": str|None})."""
-    assert cfg.job is not None
     out: Dict[str, Dict[str, Any]] = {t.name: {"ddl": [], "ledger": None, "drift": None, "error": None}
                                       for t in plan.tables}
-    dsn = _dsn(cfg)
+    dsn = _dsn(plan.sink)
     if dsn is None:
         for t in plan.tables:
             rec = _Recorder()
-            modes.prepare(rec, t, cfg.job.migrate)
+            modes.prepare(rec, t, plan.migrate)
             out[t.name]["ddl"] = rec.statements
         return "no database yet (embedded server never started): DDL of fresh targets, nothing loaded", out
     try:
-        conn = db.connect(dsn, cfg.sink.connect_timeout)
+        conn = db.connect(dsn, plan.sink.connect_timeout)
     except LoadkitError as exc:
         for t in plan.tables:
             rec = _Recorder()
-            modes.prepare(rec, t, cfg.job.migrate)
+            modes.prepare(rec, t, plan.migrate)
             out[t.name]["ddl"] = rec.statements
         return f"database unreachable ({exc}): DDL of fresh targets, ledger unknown", out
     try:
@@ -95,9 +93,9 @@ def inspect(plan: LoadPlan, cfg: LoadkitConfig) -> Tuple[str, Dict[str, Dict[str
                 led.ensure(cur)
                 rec = _Recorder(cur)
                 try:
-                    modes.prepare(rec, t, cfg.job.migrate)
+                    modes.prepare(rec, t, plan.migrate)
                     out[t.name]["ledger"] = led.loaded_files(cur, t.name, plan.period)
-                    out[t.name]["drift"] = identity.drift(cur, t, led, plan.period, cfg.job.verify)
+                    out[t.name]["drift"] = identity.drift(cur, t, led, plan.period, plan.verify)
                 except LoadkitError as exc:
                     out[t.name]["error"] = str(exc)
                 except Exception as exc:  # e.g. lock_timeout behind a running load: say so, keep going
@@ -137,9 +135,9 @@ def _table_text(t: TableSpec, info: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def describe(plan: LoadPlan, cfg: LoadkitConfig) -> str:
+def describe(plan: LoadPlan) -> str:
     """The plan as text: one block per table, then the knobs. Writes nothing."""
-    note, info = inspect(plan, cfg)
+    note, info = inspect(plan)
     params = ", ".join(f"{k}={v}" for k, v in plan.params) or "none"
     lines = [f"job {plan.job}  period {plan.period}  params: {params}  force={plan.force}",
              f"data root {plan.data_root}", note, ""]

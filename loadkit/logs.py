@@ -1,8 +1,8 @@
 """Structured logging: readable text by default, JSON lines with logging.format=json.
 
 Every record carries ``run_id``, ``table`` and ``file`` (null when they do not apply):
-the run id is set once per run with ``set_context``, table/file come from ``extra=`` or
-a ``log_context`` block. Secrets are masked on the way out, whatever the format.
+the run id is set once per run with ``set_context``, table/file come from ``extra=``.
+Secrets are masked on the way out, whatever the format.
 """
 from __future__ import annotations
 
@@ -23,17 +23,6 @@ _OPTIONAL = ("alert",)
 
 def set_context(**values: Any) -> None:
     _context.update(values)
-
-
-@contextlib.contextmanager
-def log_context(**values: Any) -> Iterator[None]:
-    """Records logged inside the block carry these fields (e.g. table=..., file=...)."""
-    previous = {k: _context.get(k) for k in values}
-    _context.update(values)
-    try:
-        yield
-    finally:
-        _context.update(previous)
 
 
 class _ContextFilter(logging.Filter):

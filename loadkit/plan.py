@@ -6,16 +6,27 @@ cheaply into Ray workers and can be logged as an artifact.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from loadkit.source import files
-from loadkit.config import ColumnConfig, JobConfig, LoadkitConfig, TableConfig, job_params
+from loadkit.config import (
+    AlertRule,
+    AlertsConfig,
+    BatchConfig,
+    ColumnConfig,
+    JobConfig,
+    LoadkitConfig,
+    TableConfig,
+    as_plain_dict,
+    job_params,
+)
 from loadkit.errors import ConfigError
-from loadkit.security import confine, render_path_template
+from loadkit.security import confine, mask_dsn, render_path_template
 
 # Reserved bookkeeping columns. _lk_batch traces every row to the batch that wrote it.
 BATCH_COL = "_lk_batch"
@@ -142,6 +153,111 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class SinkPlan:
+    """Where and how to connect (SinkConfig, resolved; the DSN is still the configured one or None)."""
+
+    dsn: Optional[str] = field(repr=False)  # may hold a password: never in a repr or log line
+    embedded_dir: str
+    ledger_schema: str
+    connect_timeout: int  # seconds, 0 = forever
+    statement_timeout_ms: int  # 0 = none
+    lock_timeout_ms: int  # 0 = none
+
+
+@dataclass(frozen=True)
+class EnvPlan:
+    """Where the run executes (EnvConfig)."""
+
+    name: str
+    address: Optional[str]
+    num_cpus: Optional[int]
+    object_store_memory: Optional[int]
+    ship_code: bool
+    progress_bars: bool
+    executor: str  # auto | ray | inprocess
+    inprocess_max_bytes: int
+    inprocess_max_cpus: int
+    max_run_seconds: float  # 0 = no deadline
+
+
+@dataclass(frozen=True)
+class AlertRuleSpec:
+    """One alert rule (AlertRule): fires once per subject when a value exceeds threshold."""
+
+    threshold: float
+    level: str  # info | warning | critical
+    action: str  # warn | abort
+
+
+@dataclass(frozen=True)
+class AlertsPlan:
+    """The alert rules and where alerts go (AlertsConfig)."""
+
+    reject_rate: AlertRuleSpec
+    memory_fraction: AlertRuleSpec
+    pool_utilisation: AlertRuleSpec
+    stall_seconds: AlertRuleSpec
+    sinks: Tuple[str, ...]
+    jsonl_path: Optional[str]
+    webhook_url: Optional[str]
+
+
+@dataclass(frozen=True)
+class TrackingPlan:
+    """MLflow tracking (TrackingConfig)."""
+
+    enabled: bool
+    uri: Optional[str]
+    experiment: str
+    flush: str  # auto | sync | background
+    live_after_s: float
+    report: bool
+
+
+@dataclass(frozen=True)
+class TelemetryPlan:
+    """Live observability (TelemetryConfig)."""
+
+    metrics_port: Optional[int]
+    metrics_host: str
+    tracing: str  # off | console | otlp
+    otlp_endpoint: Optional[str]
+
+
+@dataclass(frozen=True)
+class MigratePolicy:
+    """What a run may change on an existing table (MigrateConfig)."""
+
+    add_columns: bool
+    alter_types: bool
+    allow_extra_columns: bool
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """The fetch stage (job.remote, fetch, pool.downloads), resolved without touching the file system,
+    so it can run before ``build_plan`` lists the files it downloads."""
+
+    mode: str  # auto | always | only | never
+    url: Optional[str]  # None: no fetch stage
+    discovery: str
+    files: Tuple[str, ...]
+    include: Tuple[str, ...]
+    attempts: int
+    initial_wait_s: float
+    max_wait_s: float
+    timeout_s: float
+    verify_zip: bool
+    root_url: Optional[str]
+    storage_options: Tuple[Tuple[str, Any], ...]
+    downloads: int
+    progress_bars: bool
+    data_root: str  # expanded, not resolved (as the fetch stage always used it)
+    year: Optional[int]
+    month: Optional[int]
+
+
+@dataclass(frozen=True)
 class LoadPlan:
     run_id: str
     job: str
@@ -156,9 +272,19 @@ class LoadPlan:
     connections_per_writer: int
     pre_ping: bool
     parse_concurrency: int
+    sink: SinkPlan
+    env: EnvPlan
+    alerts: AlertsPlan
+    tracking: TrackingPlan
+    telemetry: TelemetryPlan
+    migrate: MigratePolicy
+    fetch: FetchPlan
+    verify: str  # job.verify: exists | count | off
+    on_drift: str  # job.on_drift: reload | stop
+    # The whole validated config as JSON (sink.dsn masked): the run's parameters for the ledger and MLflow.
+    settings: str
     data_root: str = ""
     read_splits: int = 1
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
     # The ledger's period key of this run (see period_key); "" means year-month.
     period_key: str = ""
     params: Tuple[Tuple[str, Any], ...] = ()  # the run parameters the job uses, (name, value)
@@ -169,6 +295,11 @@ class LoadPlan:
         if self.period_key:
             return self.period_key
         return f"{self.year:04d}-{self.month:02d}"
+
+    def settings_dict(self) -> Dict[str, Any]:
+        """The run's configuration as a fresh plain nested dict (sink.dsn masked)."""
+        data: Dict[str, Any] = json.loads(self.settings)
+        return data
 
     def table(self, name: str) -> TableSpec:
         for t in self.tables:
@@ -218,6 +349,11 @@ def column_spec(col: ColumnConfig) -> ColumnSpec:
         min=col.min,
         max=col.max,
     )
+
+
+def column_from(values: Mapping[str, Any]) -> ColumnSpec:
+    """The ColumnSpec of a column declared as a mapping of ColumnConfig keys (loadkit init's guesses)."""
+    return column_spec(ColumnConfig(**values))
 
 
 def run_params(cfg: LoadkitConfig) -> Dict[str, Any]:
@@ -305,6 +441,58 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
     )
 
 
+def sink_plan(cfg: LoadkitConfig) -> SinkPlan:
+    s = cfg.sink
+    return SinkPlan(s.dsn, s.embedded_dir, s.ledger_schema, s.connect_timeout, s.statement_timeout_ms,
+                    s.lock_timeout_ms)
+
+
+def _rule(r: AlertRule) -> AlertRuleSpec:
+    return AlertRuleSpec(float(r.threshold), r.level, r.action)
+
+
+def alerts_plan(a: AlertsConfig) -> AlertsPlan:
+    """The frozen alert rules of an AlertsConfig (also used by loadkit.reload for a hot reload)."""
+    return AlertsPlan(_rule(a.reject_rate), _rule(a.memory_fraction), _rule(a.pool_utilisation),
+                      _rule(a.stall_seconds), tuple(a.sinks), a.jsonl_path, a.webhook_url)
+
+
+def batch_policy(b: BatchConfig) -> BatchPolicy:
+    """The frozen batch policy of a BatchConfig (also used by loadkit.reload for a hot reload)."""
+    return BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes, b.window_s, b.memory_ceiling)
+
+
+def reloaded_policies(conf_dir: str, overrides: List[str], year: Optional[int],
+                      month: Optional[int]) -> Tuple[AlertsPlan, BatchPolicy]:
+    """The alert rules and batch policy the config files say now (loadkit.reload); ConfigError if invalid."""
+    from loadkit.config import compose_groups
+
+    alerts, batch = compose_groups(conf_dir, overrides, year, month)
+    return alerts_plan(alerts), batch_policy(batch)
+
+
+def fetch_plan(cfg: LoadkitConfig) -> FetchPlan:
+    """The fetch stage's settings; lists nothing, so it runs before the files exist."""
+    from loadkit.config import RemoteConfig
+
+    remote = cfg.job.remote if cfg.job is not None else RemoteConfig()
+    return FetchPlan(
+        mode=cfg.fetch, url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
+        include=tuple(remote.include), attempts=remote.attempts, initial_wait_s=remote.initial_wait_s,
+        max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s, verify_zip=remote.verify_zip,
+        root_url=remote.root_url, storage_options=tuple(dict(remote.storage_options).items()),
+        downloads=cfg.pool.downloads, progress_bars=cfg.env.progress_bars,
+        data_root=str(Path(cfg.data_root).expanduser()), year=cfg.year, month=cfg.month,
+    )
+
+
+def settings_json(cfg: LoadkitConfig) -> str:
+    """The validated config as JSON with the DSN masked (the run's parameters)."""
+    data = as_plain_dict(cfg)
+    data["sink"]["dsn"] = mask_dsn(data["sink"]["dsn"])
+    return json.dumps(data, default=str, sort_keys=True)
+
+
 def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
     """Resolve files, schemas and knobs. Raises ConfigError/SourceDataError before any load starts."""
     assert cfg.job is not None
@@ -324,7 +512,7 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         for name, t in cfg.job.tables.items()
         if t.enabled
     )
-    b, r, p = cfg.batch, cfg.retry, cfg.pool
+    r, p, e, tr, tel, m = cfg.retry, cfg.pool, cfg.env, cfg.tracking, cfg.telemetry, cfg.job.migrate
     return LoadPlan(
         run_id=run_id or uuid.uuid4().hex[:16],
         job=cfg.job.name,
@@ -333,14 +521,24 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         force=cfg.force,
         ledger_schema=cfg.sink.ledger_schema,
         tables=tables,
-        batch=BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes, b.window_s,
-                          b.memory_ceiling),
+        batch=batch_policy(cfg.batch),
         retry=RetryPolicy(r.attempts, r.initial_wait_s, r.max_wait_s, r.multiplier, r.jitter_s,
                           r.breaker_failures, r.breaker_cooldown_s),
         writers=p.writers,
         connections_per_writer=p.connections_per_writer,
         pre_ping=p.pre_ping,
         parse_concurrency=p.parse_concurrency,
+        sink=sink_plan(cfg),
+        env=EnvPlan(e.name, e.address, e.num_cpus, e.object_store_memory, e.ship_code, e.progress_bars,
+                    e.executor, e.inprocess_max_bytes, e.inprocess_max_cpus, e.max_run_seconds),
+        alerts=alerts_plan(cfg.alerts),
+        tracking=TrackingPlan(tr.enabled, tr.uri, tr.experiment, tr.flush, tr.live_after_s, tr.report),
+        telemetry=TelemetryPlan(tel.metrics_port, tel.metrics_host, tel.tracing, tel.otlp_endpoint),
+        migrate=MigratePolicy(m.add_columns, m.alter_types, m.allow_extra_columns),
+        fetch=fetch_plan(cfg),
+        verify=cfg.job.verify,
+        on_drift=cfg.job.on_drift,
+        settings=settings_json(cfg),
         read_splits=p.read_splits,
         data_root=str(root.resolve()),
         period_key=period,

@@ -3,8 +3,8 @@
 The run's config is composed again from the same config folder (``LOADKIT_CONF`` or the
 packaged ``conf/``) and the same command-line overrides (so the command line still wins over
 the edited files); only ``alerts`` and ``batch`` are taken from the result. Each is validated
-with the rules ``loadkit.config`` applies at start; if either is invalid nothing is applied and
-the reason is logged. Applied:
+with the rules ``loadkit.config`` applies at start (through ``loadkit.plan``); if either is invalid
+nothing is applied and the reason is logged. Applied:
 
 - ``alerts``: thresholds, levels and actions of every rule, for alerts evaluated from now on
   (an alert already fired stays fired; the stall watchdog keeps the interval it started with);
@@ -23,7 +23,9 @@ import signal
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
+
+from loadkit.plan import AlertsPlan, BatchPolicy, LoadPlan, reloaded_policies
 
 log = logging.getLogger("loadkit.reload")
 
@@ -35,38 +37,20 @@ def _conf_dir() -> str:
     raise FileNotFoundError("cannot find conf/config.yaml (set LOADKIT_CONF)")
 
 
-def compose_groups(overrides: List[str], year: int, month: int) -> tuple:
+def compose_groups(overrides: List[str], year: Optional[int], month: Optional[int]) -> Tuple[AlertsPlan, BatchPolicy]:
     """(alerts, batch) as the config files and overrides say now; raises ConfigError when invalid."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from loadkit.config import (
-        LoadkitConfig,
-        _validate_alerts,
-        _validate_batch,
-        register,
-    )
-    from loadkit.errors import ConfigError
-
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("year", "month")]
-    register()
-    try:
-        with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
-            composed = compose("config", overrides=[*keep, f"year={year}", f"month={month}"])
-        cfg = OmegaConf.to_object(composed)
-    except Exception as exc:  # Hydra / OmegaConf errors: a typo in the edited file
-        raise ConfigError(f"cannot compose the config: {str(exc).splitlines()[0]}") from None
-    assert isinstance(cfg, LoadkitConfig)
-    _validate_alerts(cfg.alerts)
-    _validate_batch(cfg.batch)
-    return cfg.alerts, cfg.batch
+    return reloaded_policies(_conf_dir(), overrides, year, month)
 
 
 class HotReload:
-    """SIGHUP -> re-read, validate, apply (see the module doc). ``done`` is set after each attempt."""
+    """SIGHUP -> re-read, validate, apply (see the module doc). ``done`` is set after each attempt.
 
-    def __init__(self, cfg: Any, overrides: str, alerts: Any, sizer: Any, channel: Any, metrics: Any) -> None:
-        self.cfg, self.alerts, self.sizer, self.channel, self.metrics = cfg, alerts, sizer, channel, metrics
+    ``current_alerts`` and ``current_batch`` start as the plan's and follow every applied reload."""
+
+    def __init__(self, plan: LoadPlan, overrides: str, alerts: Any, sizer: Any, channel: Any, metrics: Any) -> None:
+        self.plan, self.alerts, self.sizer, self.channel, self.metrics = plan, alerts, sizer, channel, metrics
+        self.current_alerts: AlertsPlan = plan.alerts
+        self.current_batch: BatchPolicy = plan.batch
         self.overrides = overrides.split() if overrides else []  # as Hydra recorded them (escapes kept)
         self.done = threading.Event()
         self.applied = 0
@@ -91,7 +75,7 @@ class HotReload:
     def reload(self) -> bool:
         """Re-read and apply; True if applied. Never raises: a bad edit must not stop the load."""
         try:
-            alerts, batch = compose_groups(self.overrides, self.cfg.year, self.cfg.month)
+            alerts, batch = compose_groups(self.overrides, self.plan.year, self.plan.month)
             self._apply(alerts, batch)
             self.applied += 1
             return True
@@ -101,30 +85,31 @@ class HotReload:
         finally:
             self.done.set()
 
-    def _apply(self, alerts: Any, batch: Any) -> None:
-        old_alerts, old_batch = asdict(self.cfg.alerts), asdict(self.cfg.batch)
+    def _apply(self, alerts: AlertsPlan, batch: BatchPolicy) -> None:
+        old_alerts, old_batch = asdict(self.current_alerts), asdict(self.current_batch)
         self.alerts._cfg = alerts  # AlertEngine reads its rules from this config at every evaluation
-        self.cfg.alerts = alerts
+        self.current_alerts = alerts
         skipped = []
-        if batch.read_block_bytes != self.cfg.batch.read_block_bytes:
+        if batch.read_block_bytes != self.current_batch.read_block_bytes:
             skipped.append("batch.read_block_bytes (next run)")
-            batch = replace(batch, read_block_bytes=self.cfg.batch.read_block_bytes)
+            batch = replace(batch, read_block_bytes=self.current_batch.read_block_bytes)
         s = self.sizer.settings
         self.sizer.settings = replace(s, policy=batch.policy, size=batch.size, min_size=batch.min_size,
                                       max_size=batch.max_size, window_s=batch.window_s,
                                       memory_ceiling=batch.memory_ceiling)
-        if batch.size != self.cfg.batch.size:
+        if batch.size != self.current_batch.size:
             self.sizer.size = self.sizer._clamp(batch.size)
             self.sizer.restart_window()
             self.channel.publish(self.sizer.size)
             self.metrics.size_changed(self.sizer.size, "reload")
-        self.cfg.batch = batch
+        self.current_batch = batch
         changed = [f"alerts.{k}" for k in old_alerts if old_alerts[k] != asdict(alerts)[k]]
         changed += [f"batch.{k}" for k in old_batch if old_batch[k] != asdict(batch)[k]]
         log.info("SIGHUP: configuration reloaded; changed: %s%s", ", ".join(changed) or "nothing",
                  f"; not applied: {', '.join(skipped)}" if skipped else "")
 
 
-def install(cfg: Any, overrides: Optional[str], alerts: Any, sizer: Any, channel: Any, metrics: Any) -> HotReload:
+def install(plan: LoadPlan, overrides: Optional[str], alerts: Any, sizer: Any, channel: Any,
+            metrics: Any) -> HotReload:
     """Catch SIGHUP for the rest of the stream (the caller uninstalls)."""
-    return HotReload(cfg, overrides or "", alerts, sizer, channel, metrics).install()
+    return HotReload(plan, overrides or "", alerts, sizer, channel, metrics).install()

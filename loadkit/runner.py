@@ -34,7 +34,7 @@ from loadkit.logs import heartbeat, set_context
 from loadkit.metrics import ProgressBar, RunMetrics, memory_table, progress_line, progress_text, summary_table
 from loadkit.monitor import MemoryMonitor
 from loadkit.execute.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
-from loadkit.plan import LoadPlan, TableSpec, build_plan
+from loadkit.plan import LoadPlan, TableSpec, build_plan, fetch_plan
 from loadkit.resilience import retrying
 from loadkit.security import mask_dsn, mask_text, qualified
 from loadkit.tracking import RunTracker
@@ -320,7 +320,7 @@ class Runner:
 
     def _run_tracked(self, plan: LoadPlan, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
                      started: float) -> RunResult:
-        alerts = AlertEngine(self.cfg.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
+        alerts = AlertEngine(plan.alerts, plan.run_id, on_alert=lambda a: tracker.alert(a.rule, a.subject, a.value))
         self._watchdog = None
         endpoint = prom.serve(self.cfg, metrics, monitor, alerts, plan.run_id)
         deadline = self._start_deadline(started)
@@ -412,7 +412,7 @@ class Runner:
                 # Concurrent runs on one database: their DDL (CREATE ... IF NOT EXISTS races on the
                 # catalog) is serialised per target schema until this transaction ends.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{table.schema}",))
-                mode_for(table).prepare(cur, self.cfg.job.migrate)
+                mode_for(table).prepare(cur, plan.migrate)
                 if plan.force:
                     mode_for(table).reset(cur, Ledger(plan.ledger_schema), plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
@@ -495,7 +495,7 @@ class Runner:
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
         run = execute if executor == "ray" else execute_inprocess
         results_iter = iter(run(plan, units, self.dsn, channel.actor))
-        self.reloader = reload.install(self.cfg, self.tags.get("overrides"), alerts, sizer, channel, metrics)
+        self.reloader = reload.install(plan, self.tags.get("overrides"), alerts, sizer, channel, metrics)
         self._bar = ProgressBar() if env.progress_bars and _stderr_is_tty() else None
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
@@ -877,7 +877,7 @@ def _fetch_stage(cfg: LoadkitConfig) -> List[Any]:
     if cfg.fetch == "auto" and not fetch.needs_fetch(folder):
         log.info("fetch: %s is already here (fetch=always re-checks the remote)", folder)
         return []
-    return fetch.fetch_month(fetch.settings_from(cfg), root, cfg.year, cfg.month)
+    return fetch.fetch_month(fetch.settings_from(fetch_plan(cfg)), root, cfg.year, cfg.month)
 
 
 def exit_code(result: RunResult) -> int:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Set, Tuple
 from urllib.parse import quote, quote_plus, unquote
 
-from loadkit.config import IDENTIFIER
 from loadkit.errors import ConfigError
+
+# A plain SQL identifier: what loadkit accepts for schema, table and column names (at most 63 bytes).
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 _MASK = "***"
 # libpq's conninfo value rules: single-quoted with backslash escapes (an unterminated quote runs to

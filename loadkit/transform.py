@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from loadkit.source import scanner
-from loadkit.config import bound_value
+from loadkit.literals import bound_value
 from loadkit.errors import LoadkitError, SourceDataError
 from loadkit.plan import ROW_COL, ColumnSpec, Dialect, TableSpec
 
@@ -302,7 +302,7 @@ def _check_bounds(col: ColumnSpec, out: pa.Array, chk: _Checker, raw: pa.Array) 
     """min/max, compared on the typed value (inclusive): a value outside is flagged per on_invalid.
 
     Config validation allows min/max only on orderable kinds (integers, numeric, double,
-    date, timestamp) and checks that they parse as that kind (see config.bound_value)."""
+    date, timestamp) and checks that they parse as that kind (see literals.bound_value)."""
     if col.min is None and col.max is None:
         return out
     for bound, cmp, why in ((col.min, pc.less, "less than min"), (col.max, pc.greater, "greater than max")):

@@ -18,6 +18,7 @@ from loadkit import tracking
 from loadkit.postgres import ledger
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.config import AlertRule, AlertsConfig
+from loadkit.plan import alerts_plan
 from loadkit.errors import AlertAbort
 from loadkit.runner import run_job
 from tests.conftest import compose
@@ -88,7 +89,7 @@ def test_engine_fires_once_per_subject_at_its_level_to_every_sink(tmp_path: Path
     url, received = webhook
     cfg = AlertsConfig(sinks=["log", "jsonl", "webhook"], jsonl_path=str(tmp_path / "alerts.jsonl"), webhook_url=url)
     seen: List[str] = []
-    engine = AlertEngine(cfg, "run-1", on_alert=lambda a: seen.append(a.rule))
+    engine = AlertEngine(alerts_plan(cfg), "run-1", on_alert=lambda a: seen.append(a.rule))
     engine.check("reject_rate", "t1", 0.01)  # under the threshold: nothing
     engine.check("reject_rate", "t1", 0.2)
     engine.check("reject_rate", "t1", 0.3)  # same rule and subject: once
@@ -103,14 +104,14 @@ def test_engine_fires_once_per_subject_at_its_level_to_every_sink(tmp_path: Path
 
 
 def test_abort_rule_raises_after_emitting(alert_log: _Capture) -> None:
-    engine = AlertEngine(AlertsConfig(pool_utilisation=AlertRule(0.9, "warning", "abort")), "run-2")
+    engine = AlertEngine(alerts_plan(AlertsConfig(pool_utilisation=AlertRule(0.9, "warning", "abort"))), "run-2")
     with pytest.raises(AlertAbort, match="pool_utilisation"):
         engine.check("pool_utilisation", "writer-1", 0.99)
     assert len(alert_log.records) == 1 and engine.summary()[0]["action"] == "abort"
 
 
 def test_watchdog_flags_no_progress_without_any_result_arriving() -> None:
-    engine = AlertEngine(AlertsConfig(stall_seconds=AlertRule(0.2, "critical", "abort")), "run-3")
+    engine = AlertEngine(alerts_plan(AlertsConfig(stall_seconds=AlertRule(0.2, "critical", "abort"))), "run-3")
     started = time.monotonic()
     interrupted = threading.Event()
     with Watchdog(engine, lambda: time.monotonic() - started, interrupted.set) as dog:

@@ -339,6 +339,7 @@ def test_progress_reports_bytes_rate_and_eta() -> None:
 
 def test_remote_config_is_validated() -> None:
     from loadkit.errors import ConfigError
+    from loadkit.plan import fetch_plan
 
     base = ["+job=monthly", "year=2024", "month=5"]
     with pytest.raises(ConfigError, match="fetch=only needs job.remote.url"):
@@ -350,7 +351,7 @@ def test_remote_config_is_validated() -> None:
     assert fetch.month_url(cfg.job.remote.url or "", 2024, 5) == "http://127.0.0.1:8000/2024-05/"
     s3 = compose(base + ['job.remote.url="s3://rfb/{year:04d}-{month:02d}/"',
                          "+job.remote.storage_options.endpoint_url=http://127.0.0.1:9000"])
-    assert fetch.settings_from(s3).storage_options == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert fetch.settings_from(fetch_plan(s3)).storage_options == {"endpoint_url": "http://127.0.0.1:9000"}
     with pytest.raises(ConfigError, match="URL template"):
         compose(base + ["job.remote.url=rfb"])
 

@@ -17,7 +17,7 @@ import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit import tracking
-from loadkit.logs import JsonFormatter, TextFormatter, log_context, set_context
+from loadkit.logs import JsonFormatter, TextFormatter, set_context
 from loadkit.runner import run_job
 from tests.conftest import compose, query
 
@@ -128,9 +128,8 @@ def test_log_records_carry_run_table_and_file_and_never_a_password() -> None:
     from loadkit.logs import _ContextFilter
 
     set_context(run_id="r-123")
-    with log_context(table="empresas", file="Empresas0.zip"):
-        record = _record()
-        _ContextFilter().filter(record)
+    record = _record(table="empresas", file="Empresas0.zip")  # the engine's way: extra={"table": ..., "file": ...}
+    _ContextFilter().filter(record)
     data = json.loads(JsonFormatter().format(record))
     assert (data["run_id"], data["table"], data["file"], data["level"]) == ("r-123", "empresas", "Empresas0.zip",
                                                                             "WARNING")

@@ -354,18 +354,6 @@ def _close_quietly(conn: Any) -> None:
         log.info("closing a broken connection raised %s (ignored: it is being discarded)", type(exc).__name__)
 
 
-def wait_for_server(dsn: str, timeout_s: float = 30.0) -> None:
-    """Block until the server accepts connections or the timeout passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            connect(dsn, connect_timeout=3).close()
-            return
-        except TransientDBError:
-            if time.monotonic() > deadline:
-                raise
-
-
 def server_check(dsn: str) -> str:
     """The server version; a ConfigError for a malformed DSN, an OperatorError for a refusal (missing
     database or role, bad password), a TransientDBError for a server that is down."""

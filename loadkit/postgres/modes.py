@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
 
 from loadkit.postgres.ledger import REJECTS_KEPT_PER_FILE, Ledger, StagedBatch
 from loadkit.errors import ConfigError
-from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, TableSpec
+from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, MigratePolicy, TableSpec
 from loadkit.security import qualified, quote_ident
 
 log = logging.getLogger("loadkit.postgres.modes")
@@ -236,7 +236,7 @@ class WriteMode:
 
     # ------------------------------------------------------------ before the load
 
-    def prepare(self, cur: Any, migrate: Any) -> None:
+    def prepare(self, cur: Any, migrate: MigratePolicy) -> None:
         """Create the target (and staging) if missing; reconcile an existing target with the declaration.
 
         A target that differs stops the run with the full diff unless ``migrate`` (add_columns,
@@ -269,7 +269,7 @@ class WriteMode:
                               f"{PERIOD_COL}, but mode is {t.mode}: changing to or from snapshot needs a new table "
                               "(rename or drop it)", key=f"job.tables.{t.name}.mode")
 
-    def _migrate(self, cur: Any, diff: SchemaDiff, migrate: Any) -> None:
+    def _migrate(self, cur: Any, diff: SchemaDiff, migrate: MigratePolicy) -> None:
         table = self.table
         refused = SchemaDiff(
             missing=diff.missing if not migrate.add_columns else {},
@@ -672,7 +672,7 @@ def mode_for(table: TableSpec) -> WriteMode:
 # ---------------------------------------------------------------- shortcuts for callers without a mode at hand
 
 
-def prepare(cur: Any, table: TableSpec, migrate: Any) -> None:
+def prepare(cur: Any, table: TableSpec, migrate: MigratePolicy) -> None:
     """``mode_for(table).prepare(cur, migrate)``."""
     mode_for(table).prepare(cur, migrate)
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote, unquote, urljoin, urlsplit
 from xml.etree import ElementTree
 
@@ -39,6 +39,9 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from loadkit.errors import Category, ConfigError, LoadkitError, SourceDataError
 from loadkit.security import mask_dsn, qualified
+
+if TYPE_CHECKING:
+    from loadkit.plan import FetchPlan
 
 log = logging.getLogger("loadkit.source.fetch")
 
@@ -108,16 +111,14 @@ class Settings:
     storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
-def settings_from(cfg: Any) -> Settings:
-    """The fetch knobs of a LoadkitConfig (job.remote, pool.downloads)."""
-    remote = cfg.job.remote
-    if not remote.url:
+def settings_from(plan: FetchPlan) -> Settings:
+    """The fetch knobs of a run's FetchPlan (job.remote, pool.downloads; see loadkit.plan.fetch_plan)."""
+    if not plan.url:
         raise ConfigError("no job.remote.url: the job declares no remote to fetch from", key="job.remote.url")
-    return Settings(url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
-                    include=tuple(remote.include), downloads=cfg.pool.downloads, attempts=remote.attempts,
-                    initial_wait_s=remote.initial_wait_s, max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s,
-                    verify_zip=remote.verify_zip, storage_options=dict(remote.storage_options),
-                    bar=bool(cfg.env.progress_bars) and sys.stderr.isatty())
+    return Settings(url=plan.url, discovery=plan.discovery, files=plan.files, include=plan.include,
+                    downloads=plan.downloads, attempts=plan.attempts, initial_wait_s=plan.initial_wait_s,
+                    max_wait_s=plan.max_wait_s, timeout_s=plan.timeout_s, verify_zip=plan.verify_zip,
+                    storage_options=dict(plan.storage_options), bar=plan.progress_bars and sys.stderr.isatty())
 
 
 def month_url(template: str, year: int, month: int) -> str:

@@ -410,14 +410,13 @@ def _infer_parquet(path: Path, name: str) -> TableGuess:
 
 def _check_with_engine(guess: TableGuess, data: bytes) -> None:
     """Parse the sample with loadkit's own parser; a column with rejects falls back to text."""
-    from loadkit.config import ColumnConfig
-    from loadkit.plan import Dialect, TableSpec, column_spec
+    from loadkit.plan import Dialect, TableSpec, column_from
     from loadkit.transform import parse_chunk
 
     for _ in range(len(guess.columns) + 1):
         spec = TableSpec(
             name=guess.table, schema="public", mode="append",
-            columns=tuple(column_spec(ColumnConfig(**c.as_config())) for c in guess.columns),
+            columns=tuple(column_from(c.as_config()) for c in guess.columns),
             key=(), derived_key=None, indexes=(), format="csv", member=None,
             dialect=Dialect(guess.delimiter, guess.quote, None, guess.header, False, guess.encoding, ("",),
                             guess.newlines_in_values, True, False),
