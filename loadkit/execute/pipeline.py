@@ -32,7 +32,8 @@ from loadkit.errors import SourceDataError
 from loadkit.monitor import release_memory
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, batch_id
 from loadkit.transform import parse_chunk, parse_parquet_batch
-from loadkit.postgres.writer import BATCH_COUNT_FIELDS, BatchWriter, TableTarget, WriterSettings, ipc_bytes
+from loadkit.postgres.sink import writer_settings
+from loadkit.postgres.writer import BATCH_COUNT_FIELDS, BatchWriter, WriterSettings, ipc_bytes
 
 log = logging.getLogger("loadkit.execute.pipeline")
 
@@ -442,13 +443,6 @@ def _parse_record(rec: Dict[str, Any], tables: Dict[str, TableSpec], period: str
 
 
 # ---------------------------------------------------------------- build and run
-
-
-def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
-    targets = {t.name: TableTarget(t.load_schema, t.load_table, t.mode != "append") for t in plan.tables}
-    return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
-                          tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
-                          retry=plan.retry)
 
 
 def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = None) -> Any:
