@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from loadkit.examples.cnpj.sample import generate_month  # noqa: E402
 from loadkit import db  # noqa: E402
 from loadkit.config import register, to_config  # noqa: E402
-from loadkit.execute.pipeline import ensure_ray  # noqa: E402
+from loadkit.execute.ray import ensure_ray  # noqa: E402
 from loadkit.runner import RunResult, run_job  # noqa: E402
 
 

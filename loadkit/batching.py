@@ -1,7 +1,7 @@
 """Batch sizing policy: a fixed size, or one that adapts to measured throughput and memory.
 
 Pure and Ray-free: the driver feeds it every committed batch and publishes the size it
-returns (pipeline.SizeBoard); read tasks pick the new size up between chunks. A batch
+returns (execute.channel.SizeBoard); read tasks pick the new size up between chunks. A batch
 is identified by its byte range, not its row count, so changing sizes mid-run keeps
 exactly-once intact: a resume skips whatever ranges were committed, whatever their size.
 

@@ -11,10 +11,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 import pyarrow as pa
+
+from loadkit.records import BatchResult
 
 
 @dataclass
@@ -82,7 +84,7 @@ class RunMetrics:
 
     def __init__(self, tables: Dict[str, str]) -> None:
         self.tables = {name: TableMetrics(name, mode) for name, mode in tables.items()}
-        self.batches: List[Dict[str, Any]] = []
+        self.batches: List[BatchResult] = []  # data results (committed or skipped), as received
         self.file_events: Dict[tuple, Dict[str, Any]] = {}
         self.started = time.time()
         self.last_progress = time.time()
@@ -99,48 +101,47 @@ class RunMetrics:
         self.finalise_s = 0.0  # after the stream: file accounting checks and every table's finalisation
         self._lock = threading.Lock()
 
-    def add(self, results: pa.Table) -> List[Dict[str, Any]]:
-        rows = results.to_pylist()
-        received = time.time()
+    def add(self, result: BatchResult) -> BatchResult:
+        """Fold one writer result in; returns it stamped with the time it was received."""
+        result = replace(result, received_at=time.time())
         with self._lock:
-            for r in rows:
-                self._add_one(r, received)
-        return rows
+            self._add_one(result)
+        return result
 
-    def _add_one(self, r: Dict[str, Any], received: float) -> None:
-        t = self.tables[r["table_name"]]
-        key = (r["table_name"], r["file_sha"])
+    def _add_one(self, r: BatchResult) -> None:
+        t = self.tables[r.table_name]
+        key = (r.table_name, r.file_sha)
         ev = self.file_events.setdefault(key, {})
-        ev["last_at"] = r.get("finished_at") or received
-        if r["kind"] == "error":
-            ev["error"] = r["message"]
+        ev["last_at"] = r.finished_at or r.received_at
+        if r.kind == "error":
+            ev["error"] = r.message
             self.errors["source_data"] += 1
             return
-        if r["kind"] == "eof":
-            ev.setdefault("members", {})[r["member"]] = int(r["message"] or 0)
+        if r.kind == "eof":
+            ev.setdefault("members", {})[r.member] = r.chunks
             members = self.members.get(key)
             if members is not None and len(ev["members"]) >= members:
                 ev["ended"] = True
             return
-        self.last_progress = received
-        t.last_batch_at = r["finished_at"]
-        self.batches.append({**r, "received_at": received})
-        if r["status"] == "skipped":
+        self.last_progress = r.received_at
+        t.last_batch_at = r.finished_at
+        self.batches.append(r)
+        if r.status == "skipped":
             t.batches_skipped += 1
             return
         t.batches += 1
-        t.rows_read += r["rows_in"] or 0
-        t.rows_loaded += r["rows_loaded"] or 0
-        t.rows_rejected += r["rows_rejected"] or 0
-        t.rows_coerced += r["rows_coerced"] or 0
-        t.blank_lines += r.get("blank_lines") or 0
-        t.bytes += r["bytes"] or 0
-        self.parsed[key] = self.parsed.get(key, 0) + (r["bytes"] or 0)
-        retries = max(0, (r["attempts"] or 1) - 1)
+        t.rows_read += r.rows_in
+        t.rows_loaded += r.rows_loaded
+        t.rows_rejected += r.rows_rejected
+        t.rows_coerced += r.rows_coerced
+        t.blank_lines += r.blank_lines
+        t.bytes += r.bytes
+        self.parsed[key] = self.parsed.get(key, 0) + r.bytes
+        retries = max(0, (r.attempts or 1) - 1)
         t.retries += retries
         if retries:
             self.errors["transient_infrastructure"] += retries  # each retry answered a transient failure
-        t.stream_s = max(t.stream_s, (r["finished_at"] or time.time()) - t.started)
+        t.stream_s = max(t.stream_s, (r.finished_at or time.time()) - t.started)
 
     def expect(self, files: Iterable[Tuple[str, str, str, str, int]]) -> None:
         """Plan the progress figure: (table, sha, path, format, size) of every file this run reads."""
@@ -194,15 +195,15 @@ class RunMetrics:
         return (sum(t.rows_read for t in self.tables.values()), sum(t.rows_loaded for t in self.tables.values()),
                 sum(t.rows_rejected for t in self.tables.values()))
 
-    def _committed(self) -> List[Dict[str, Any]]:
-        return [b for b in self.batches if b.get("status") == "committed"]
+    def _committed(self) -> List[BatchResult]:
+        return [b for b in self.batches if b.status == "committed"]
 
     def latencies(self) -> Dict[str, float]:
         """Per-stage batch latency: parse (read task), write (writer), end to end at the driver."""
         done = self._committed()
-        out = quantiles((b["write_s"] or 0.0 for b in done), "batch_write_s")
-        out.update(quantiles((b["parse_s"] or 0.0 for b in done), "batch_parse_s"))
-        out.update(quantiles((b["received_at"] - b["finished_at"] for b in done if b["finished_at"]),
+        out = quantiles((b.write_s for b in done), "batch_write_s")
+        out.update(quantiles((b.parse_s for b in done), "batch_parse_s"))
+        out.update(quantiles((b.received_at - b.finished_at for b in done if b.finished_at),
                              "batch_delivery_s"))
         return out
 
@@ -210,13 +211,13 @@ class RunMetrics:
         """Writer pool use: the writers' own utilisation figure and the busy fraction seen from here."""
         done = self._committed()
         out: Dict[str, float] = {}
-        reported = [b["pool_utilisation"] for b in done if b.get("pool_utilisation") is not None]
+        reported = [b.pool_utilisation for b in done]
         if reported:
             out.update(pool_utilisation_mean=sum(reported) / len(reported), pool_utilisation_max=max(reported))
         busy = self.writer_busy()
         if busy:
             out.update(writer_busy_mean=sum(busy.values()) / len(busy), writer_busy_max=max(busy.values()))
-        rss = [b["rss_bytes"] for b in done if b.get("rss_bytes")]
+        rss = [b.rss_bytes for b in done if b.rss_bytes]
         out.update(quantiles(rss, "writer_rss_bytes"))
         return out
 
@@ -225,7 +226,7 @@ class RunMetrics:
         span = max(1e-9, time.time() - self.started)
         busy: Dict[str, float] = {}
         for b in self._committed():
-            busy[b["writer"] or ""] = busy.get(b["writer"] or "", 0.0) + (b["write_s"] or 0.0)
+            busy[b.writer] = busy.get(b.writer, 0.0) + b.write_s
         return {w: min(1.0, s / span) for w, s in busy.items()}
 
     def file_table(self) -> pa.Table:
@@ -269,7 +270,7 @@ class RunMetrics:
             "alerts": alerts,
             "retries": sum(t.retries for t in self.tables.values()),
             "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,
-            "backpressure_s": max(0.0, self.read_wait_s - sum(b["parse_s"] or 0.0 for b in self._committed())),
+            "backpressure_s": max(0.0, self.read_wait_s - sum(b.parse_s for b in self._committed())),
             "batch_size_changes": len(self.batch_sizes),
             "stream_s": self.stream_s, "finalise_s": self.finalise_s,
             "blank_lines": sum(t.blank_lines for t in self.tables.values()),
@@ -292,7 +293,7 @@ class RunMetrics:
         return out
 
     def batch_table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.batches) if self.batches else pa.table({})
+        return BatchResult.to_table(self.batches) if self.batches else pa.table({})
 
     def size_table(self) -> pa.Table:
         rows = [{"at_s": at - self.started, "rows": rows, "reason": why} for at, rows, why in self.batch_sizes]

@@ -78,7 +78,7 @@ class RunCollector:
             errors = dict(m.errors)
             files = [ev["last_at"] - m.started for ev in m.file_events.values() if "last_at" in ev]
             since = time.time() - m.last_progress
-        done = [b for b in batches if b.get("status") == "committed"]
+        done = [b for b in batches if b.status == "committed"]
         fam = CounterMetricFamily("loadkit_batches", "Batch results by table and status", labels=["table", "status"])
         rows = CounterMetricFamily("loadkit_rows", "Rows by table and kind", labels=["table", "kind"])
         size = CounterMetricFamily("loadkit_bytes", "Source bytes parsed, by table", labels=["table"])
@@ -91,9 +91,9 @@ class RunCollector:
         yield fam
         yield rows
         yield size
-        stages = {"parse": [b["parse_s"] or 0.0 for b in done], "write": [b["write_s"] or 0.0 for b in done]}
+        stages = {"parse": [b.parse_s for b in done], "write": [b.write_s for b in done]}
         yield _histogram("loadkit_batch_seconds", "Per-batch stage latency", stages, "stage", _LATENCY_BUCKETS)
-        per_k = {s: [v / max(1e-9, (b["rows_in"] or 0) / 1000) for v, b in zip(vals, done) if b["rows_in"]]
+        per_k = {s: [v / max(1e-9, b.rows_in / 1000) for v, b in zip(vals, done) if b.rows_in]
                  for s, vals in stages.items()}
         yield _histogram("loadkit_batch_seconds_per_1k_rows", "Per-batch stage latency per 1,000 rows", per_k,
                          "stage", _LATENCY_BUCKETS)
@@ -111,14 +111,10 @@ class RunCollector:
             yield GaugeMetricFamily("loadkit_memory_host_fraction", "Host memory in use (0..1)", value=fraction)
         writer_rss = GaugeMetricFamily("loadkit_writer_rss_bytes", "Writer RSS after its last batch", labels=["writer"])
         pool = GaugeMetricFamily("loadkit_pool_utilisation", "Writer connection busy fraction", labels=["writer"])
-        last: Dict[str, Dict[str, Any]] = {}
-        for b in done:
-            last[b.get("writer") or ""] = b
+        last = {b.writer: b for b in done}  # each writer's latest committed batch
         for writer, b in last.items():
-            if b.get("rss_bytes") is not None:
-                writer_rss.add_metric([writer], b["rss_bytes"])
-            if b.get("pool_utilisation") is not None:
-                pool.add_metric([writer], b["pool_utilisation"])
+            writer_rss.add_metric([writer], b.rss_bytes)
+            pool.add_metric([writer], b.pool_utilisation)
         yield writer_rss
         yield pool
         yield GaugeMetricFamily("loadkit_queue_depth", "Chunks read but not yet written",

@@ -15,17 +15,20 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from loadkit import reload
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.errors import InterruptedRun, LoadkitError, RunDeadlineExceeded
-from loadkit.execute.pipeline import LocalSizeChannel, ReadUnit, SizeChannel, ensure_ray, execute, execute_inprocess
+from loadkit.execute import choose_executor, make_executor
+from loadkit.execute.channel import SizeChannel
 from loadkit.metrics import ProgressBar, RunMetrics, progress_line, progress_text
 from loadkit.monitor import MemoryMonitor
 from loadkit.plan import EnvPlan, LoadPlan, TableSpec
-from loadkit.postgres.sink import Todo
+from loadkit.postgres.sink import Todo, writer_settings
+from loadkit.records import BatchResult
+from loadkit.source.read import ReadUnit
 from loadkit.tracking import RunTracker
 
 log = logging.getLogger("loadkit.run")
@@ -113,16 +116,11 @@ class Signals:
             signal.signal(sig, handler)
 
 
-def choose_executor(env: EnvPlan, units: Sequence[ReadUnit]) -> str:
-    """Ray Data, or the same stages in this process where Ray's start-up or its processes would
-    cost more than they give: a small input, or a small local machine (see README, Benchmark)."""
-    if env.executor != "auto":
-        return env.executor
-    if env.address is not None:
-        return "ray"
-    small_input = sum(u.file.size for u in units) <= env.inprocess_max_bytes
-    small_machine = (env.num_cpus or os.cpu_count() or 1) <= env.inprocess_max_cpus
-    return "inprocess" if small_input or small_machine else "ray"
+def executor_for(env: EnvPlan, units: Sequence[ReadUnit]) -> str:
+    """``env.executor`` resolved for these units (execute.choose_executor: ``auto`` picks in-process for a
+    small input or a small machine, Ray on a cluster or otherwise)."""
+    return choose_executor(env.executor, env.address, sum(u.file.size for u in units),
+                           env.num_cpus or os.cpu_count() or 1, env.inprocess_max_bytes, env.inprocess_max_cpus)
 
 
 def _runtime_env(ship_code: bool) -> Optional[Dict[str, Any]]:
@@ -208,14 +206,14 @@ class Supervisor:
             return
         units = [ReadUnit(t.table, t.file, t.committed, plan.batch.size) for t in todo]
         env = plan.env
-        executor = metrics.executor = choose_executor(env, units)
-        log.info("executor: %s (%d file(s), %.1f MB to read)", executor, len(units),
+        executor = make_executor(executor_for(env, units), env.address, env.num_cpus, env.object_store_memory,
+                                 _runtime_env(env.ship_code), env.progress_bars)
+        metrics.executor = executor.name
+        log.info("executor: %s (%d file(s), %.1f MB to read)", executor.name, len(units),
                  sum(u.file.size for u in units) / 1e6)
-        if executor == "ray":
-            ensure_ray(env.address, env.num_cpus, env.object_store_memory, _runtime_env(env.ship_code),
-                       env.progress_bars)
+        executor.start()
         tracker.ready()  # opened while Ray started; a broken store stops the run before any data moves
-        tracker.tag("executor", executor)
+        tracker.tag("executor", executor.name)
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
@@ -223,32 +221,33 @@ class Supervisor:
         metrics.touch()  # the stall clock starts with the pipeline
         stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())
-        channel = SizeChannel(plan.batch.size) if executor == "ray" else LocalSizeChannel(plan.batch.size)
+        channel = executor.size_channel(plan.batch.size)
         # Only the main thread can be interrupted; elsewhere the loop polls the watchdog between results.
         interrupt = _thread.interrupt_main if threading.current_thread() is threading.main_thread() else None
-        run = execute if executor == "ray" else execute_inprocess
-        results_iter = iter(run(plan, units, self._dsn, channel.actor))
+        results_iter = executor.run(plan, units, writer_settings(plan, self._dsn), channel.board)
         self.reloader = reload.install(plan, self._overrides, alerts, sizer, channel, metrics)
         self._bar = ProgressBar() if env.progress_bars and _stderr_is_tty() else None
         try:
             with Watchdog(alerts, metrics.seconds_since_progress, interrupt) as self._watchdog:
                 while True:
                     waited = time.perf_counter()
-                    results = next(results_iter, None)
+                    result = next(results_iter, None)
                     metrics.driver_wait_s += time.perf_counter() - waited
-                    if results is None:
+                    if result is None:
                         break
                     self._watchdog.raise_if_tripped()
                     if self._stop_error is not None:
                         raise self._stop_error
-                    for row in metrics.add(results):
-                        if row["kind"] == "data":
-                            self._check_batch(row)
-                            self._resize(sizer, channel, row)
-                        elif row["kind"] in ("eof", "error"):
-                            log.log(logging.DEBUG if row["kind"] == "eof" else logging.WARNING, "read %s: %s",
-                                    "done" if row["kind"] == "eof" else "failed", row["message"],
-                                    extra={"table": row["table_name"], "file": row["member"] or row["file_sha"][:12]})
+                    result = metrics.add(result)
+                    if result.kind == "data":
+                        self._check_batch(result)
+                        self._resize(sizer, channel, result)
+                    elif result.kind == "eof":
+                        log.debug("read done: %d chunk(s)", result.chunks,
+                                  extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
+                    else:
+                        log.warning("read failed: %s", result.message,
+                                    extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
                     if time.time() - last_report >= _PROGRESS_EVERY_S:
                         step += 1
                         self._progress(step, channel)
@@ -272,23 +271,23 @@ class Supervisor:
         return SizingSettings(b.policy, b.size, b.min_size, b.max_size, window_s=b.window_s,
                               memory_ceiling=b.memory_ceiling)
 
-    def _resize(self, sizer: BatchSizer, channel: Union[SizeChannel, LocalSizeChannel], row: Dict[str, Any]) -> None:
+    def _resize(self, sizer: BatchSizer, channel: SizeChannel, result: BatchResult) -> None:
         """Feed the sizing policy a committed batch; publish the new size to the read tasks if it moved."""
-        if row["status"] != "committed":
+        if result.status != "committed":
             return
-        decision = sizer.observe(row["rows_in"] or 0, self.monitor.latest()[2])
+        decision = sizer.observe(result.rows_in, self.monitor.latest()[2])
         if decision is not None:
             channel.publish(decision.size)
             self.metrics.size_changed(decision.size, decision.reason)
             log.info("batch size -> %s rows (%s, %.0f rows/s)", f"{decision.size:,}", decision.reason, decision.rate)
 
-    def _check_batch(self, row: Dict[str, Any]) -> None:
-        table = self.plan.table(row["table_name"])
+    def _check_batch(self, result: BatchResult) -> None:
+        table = self.plan.table(result.table_name)
         tm = self.metrics.tables[table.name]
         # Mid-stream the rate needs a base to mean anything: judge it after the first full batch.
         self._check_threshold(table, tm, judge_rate=tm.rows_read >= min(self.plan.batch.size, 1000))
         self.alerts.check("reject_rate", table.name, tm.reject_rate, tm.rows_read >= 1000)
-        self.alerts.check("pool_utilisation", row["writer"] or "", row["pool_utilisation"] or 0.0)
+        self.alerts.check("pool_utilisation", result.writer, result.pool_utilisation)
 
     def _check_threshold(self, table: TableSpec, tm: Any, judge_rate: bool) -> None:
         """Mark the table aborted once it rejects too much.
@@ -316,7 +315,7 @@ class Supervisor:
         for table in self.plan.tables:
             self._check_threshold(table, self.metrics.tables[table.name], judge_rate=True)
 
-    def _progress(self, step: int, channel: Union[SizeChannel, LocalSizeChannel]) -> None:
+    def _progress(self, step: int, channel: SizeChannel) -> None:
         metrics = self.metrics
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(self.monitor.latest())

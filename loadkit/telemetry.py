@@ -21,6 +21,8 @@ import logging
 import sys
 from typing import Any, Dict, Optional
 
+from loadkit.records import BatchResult
+
 log = logging.getLogger("loadkit.telemetry")
 
 _provider: Any = None  # the process's TracerProvider once built (or one a test installed)
@@ -98,7 +100,7 @@ def _emit(provider: Any, plan: Any, metrics: Any, status: str, started: float, w
     run_ctx = trace.set_span_in_context(run)
     batches_by_file: Dict[tuple, list] = {}
     for b in metrics.batches:
-        batches_by_file.setdefault((b["table_name"], b["file_sha"]), []).append(b)
+        batches_by_file.setdefault((b.table_name, b.file_sha), []).append(b)
     for tm in metrics.tables.values():
         end = tm.started + tm.stream_s
         if tm.finalised_at is not None:
@@ -113,7 +115,7 @@ def _emit(provider: Any, plan: Any, metrics: Any, status: str, started: float, w
                 continue
             ev = metrics.file_events.get((tname, sha), {})
             first = min(_batch_start(b) for b in batches)
-            last = max([b["finished_at"] or first for b in batches] + [ev.get("last_at", first)])
+            last = max([b.finished_at or first for b in batches] + [ev.get("last_at", first)])
             file_span = tracer.start_span("file", context=table_ctx, start_time=_ns(first), attributes={
                 "loadkit.table": tname, "loadkit.file": paths.get((tname, sha), sha),
                 "loadkit.file_sha": sha, "loadkit.batches": len(batches)})
@@ -133,21 +135,21 @@ def _emit(provider: Any, plan: Any, metrics: Any, status: str, started: float, w
     run.end(end_time=_ns(started + wall_s))
 
 
-def _batch_start(b: Dict[str, Any]) -> float:
-    return (b["finished_at"] or b["received_at"]) - (b["write_s"] or 0.0) - (b["parse_s"] or 0.0)
+def _batch_start(b: BatchResult) -> float:
+    return (b.finished_at or b.received_at) - b.write_s - b.parse_s
 
 
-def _batch_spans(tracer: Any, parent: Any, b: Dict[str, Any]) -> None:
+def _batch_spans(tracer: Any, parent: Any, b: BatchResult) -> None:
     from opentelemetry import trace
 
-    finished = b["finished_at"] or b["received_at"]
-    write_start = finished - (b["write_s"] or 0.0)
-    parse_start = write_start - (b["parse_s"] or 0.0)
-    attrs = {"loadkit.table": b["table_name"], "loadkit.batch_id": int(b["batch_id"] or 0),
-             "loadkit.rows_in": int(b["rows_in"] or 0), "loadkit.rows_loaded": int(b["rows_loaded"] or 0),
-             "loadkit.rows_rejected": int(b["rows_rejected"] or 0), "loadkit.bytes": int(b["bytes"] or 0),
-             "loadkit.postgres.writer": b["writer"] or "", "loadkit.attempts": int(b["attempts"] or 0),
-             "loadkit.status": b["status"] or ""}
+    finished = b.finished_at or b.received_at
+    write_start = finished - b.write_s
+    parse_start = write_start - b.parse_s
+    attrs = {"loadkit.table": b.table_name, "loadkit.batch_id": b.batch_id,
+             "loadkit.rows_in": b.rows_in, "loadkit.rows_loaded": b.rows_loaded,
+             "loadkit.rows_rejected": b.rows_rejected, "loadkit.bytes": b.bytes,
+             "loadkit.postgres.writer": b.writer, "loadkit.attempts": b.attempts,
+             "loadkit.status": b.status}
     span = tracer.start_span("batch", context=parent, start_time=_ns(parse_start), attributes=attrs)
     ctx = trace.set_span_in_context(span)
     tracer.start_span("parse", context=ctx, start_time=_ns(parse_start),

@@ -602,7 +602,7 @@ def parse_parquet_batch(table: TableSpec, data: bytes, first_row: int = 1) -> Pa
     """
     src = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     missing = [c.name for c in table.columns if c.name not in src.column_names]
-    if missing:  # pipeline._read_parquet refuses such a file before any row; keep this total
+    if missing:  # source.read._read_parquet refuses such a file before any row; keep this total
         raise SourceDataError(f"parquet file lacks declared columns {missing}")
     chk = _Checker(src.num_rows)
     typed: Dict[str, pa.Array] = {}

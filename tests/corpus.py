@@ -1,7 +1,7 @@
 """Helpers for the bad-input corpus: table specs built in Python and a DB-free read+parse path.
 
-``read_local`` drives the same functions the Ray pipeline runs (pipeline.read_unit and
-pipeline.parse_block's per-record parse) in-process, so edge cases are tested exactly as
+``read_local`` drives the same functions both executors run (read_unit and the parse
+stage) in-process, so edge cases are tested exactly as
 they load, without a cluster or a database.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 
 from loadkit.config import ColumnConfig, DialectConfig
-from loadkit.execute.pipeline import ReadUnit, _parse_record, read_unit
+from loadkit.execute.parse import parse as parse_batch
+from loadkit.source.read import ReadUnit, read_unit
 from loadkit.plan import ROW_COL, Dialect, FileSpec, TableSpec, column_spec
 from loadkit.source.files import fingerprint
 from loadkit.transform import ParsedChunk, parse_chunk
-from loadkit.postgres.writer import ipc_table
 
 Col = Union[ColumnConfig, Tuple[str, str]]
 
@@ -64,21 +64,21 @@ def read_local(table: TableSpec, path: Path, batch_rows: int = 50_000) -> LocalL
     f = FileSpec(path=str(path), rel=path.name, ordinal=0, size=path.stat().st_size, sha256=fingerprint(path))
     out = LocalLoad()
     tables = {table.name: table}
-    for block in read_unit(ReadUnit(table, f, (), batch_rows)):
-        for rec in block.to_pylist():
-            if rec["kind"] == "error":
-                out.errors.append(rec["message"])
-                continue
-            if rec["kind"] == "eof":
-                out.members.append(rec["member"])
-                continue
-            parsed = _parse_record(rec, tables, "2024-05")
-            if parsed["kind"] == "error":
-                out.errors.append(parsed["message"])
-                continue
-            out.rows_in += parsed["rows_in"]
-            out.rows += ipc_table(parsed["rows"]).drop_columns([ROW_COL]).to_pylist()
-            out.rejects += [dict(r, member=rec["member"]) for r in ipc_table(parsed["rejects"]).to_pylist()]
+    for chunk in read_unit(ReadUnit(table, f, (), batch_rows)):
+        if chunk.kind == "error":
+            out.errors.append(chunk.message or "")
+            continue
+        if chunk.kind == "eof":
+            out.members.append(chunk.member)
+            continue
+        parsed = parse_batch(chunk, tables, "2024-05")
+        if parsed.kind == "error":
+            out.errors.append(parsed.message or "")
+            continue
+        assert parsed.rows is not None and parsed.rejects is not None
+        out.rows_in += parsed.rows_in
+        out.rows += parsed.rows.drop_columns([ROW_COL]).to_pylist()
+        out.rejects += [dict(r, member=chunk.member) for r in parsed.rejects.to_pylist()]
     assert out.rows_in == len(out.rows) + len(out.rejects)
     return out
 

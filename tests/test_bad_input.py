@@ -116,7 +116,7 @@ def test_reject_threshold_discards_the_tables_committed_batches(tmp_path: Path, 
     assert result.status == "failed"
     assert isinstance(result.error, RejectThresholdError)
     assert "table people rejected" in str(result.error) and "max_rejects=3" in str(result.error)
-    committed = [b for b in result.metrics.batches if b["table_name"] == "people" and b["status"] == "committed"]
+    committed = [b for b in result.metrics.batches if b.table_name == "people" and b.status == "committed"]
     assert len(committed) >= 3, "batches were committed before the threshold was known"
     assert rows(pg_dsn, target, "people") == []
     assert query(pg_dsn, f"SELECT count(*) FROM \"{led}\".batch WHERE table_name='people'") == [(0,)]
@@ -172,7 +172,7 @@ def test_a_corrupt_file_commits_nothing_and_the_others_load(tmp_path: Path, pg_d
                              "nothing": table(["2024-05/empty.zip"], fmt="zip")}))
     target, led = schemas
     assert result.status == "failed" and isinstance(result.error, SourceDataError)
-    good_batches = [b for b in result.metrics.batches if b["member"] == "part1.csv" and b["status"] == "committed"]
+    good_batches = [b for b in result.metrics.batches if b.member == "part1.csv" and b.status == "committed"]
     assert good_batches, "the good member's batches were committed before the corrupt member was read"
     assert len(rows(pg_dsn, target, "people")) == 7, "only b.zip's rows remain"
     files = dict(query(pg_dsn, f'SELECT path, status FROM "{led}".file WHERE table_name=%s', ("people",)))

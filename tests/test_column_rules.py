@@ -17,7 +17,7 @@ import pytest
 from loadkit.config import ColumnConfig, JobConfig, LoadkitConfig, SourceConfig, TableConfig, validate
 from loadkit.errors import ConfigError
 from loadkit.transform import parse_parquet_batch
-from loadkit.postgres.writer import ipc_bytes
+from loadkit.records import ipc_bytes
 from tests.corpus import parse, read_local, rejects_of, rows_of, spec
 
 

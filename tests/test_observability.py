@@ -145,9 +145,8 @@ def test_the_notebook_finds_the_store_the_cli_used(tmp_path: Path, monkeypatch: 
 def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
     import zipfile
 
-    import pyarrow as pa
-
     from loadkit.metrics import RunMetrics, format_eta, progress_text, uncompressed_size
+    from loadkit.records import BatchResult, Kind
 
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -158,12 +157,10 @@ def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
     m.expect([("t", "sha", str(path), "zip", path.stat().st_size)])
     assert m.done_fraction() == 0.0 and m.eta_s() is None
 
-    def result(kind: str, member: str, nbytes: int) -> pa.Table:
-        return pa.Table.from_pylist([{
-            "kind": kind, "table_name": "t", "file_sha": "sha", "member": member, "status": "committed",
-            "rows_in": 10, "rows_loaded": 10, "rows_rejected": 0, "rows_coerced": 0, "bytes": nbytes, "attempts": 1,
-            "write_s": 0.1, "parse_s": 0.1, "writer": "w", "pool_utilisation": 0.1, "rss_bytes": 1,
-            "finished_at": time.time(), "message": "1" if kind == "eof" else None}])
+    def result(kind: Kind, member: str, nbytes: int) -> BatchResult:
+        return BatchResult(kind=kind, table_name="t", file_sha="sha", member=member, status="committed",
+                           rows_in=10, rows_loaded=10, bytes=nbytes, attempts=1, write_s=0.1, parse_s=0.1, writer="w",
+                           pool_utilisation=0.1, rss_bytes=1, finished_at=time.time(), chunks=int(kind == "eof"))
 
     m.add(result("data", "one.csv", 6000))
     assert m.done_fraction() == pytest.approx(0.6) and m.eta_s() is not None

@@ -215,7 +215,7 @@ def test_files_with_header_bom_and_banner_lines_through_the_reader(tmp_path_fact
                                                                   d: Dict[str, Any], ncols: int, data: Any, eol: str,
                                                                   bom: bool, banner: int) -> None:
     """The pipeline's reader (head, header, skip_lines, BOM, chunks) on whole files, random chunk sizes."""
-    from loadkit.execute import pipeline
+    from loadkit.source import read as pipeline
     from tests.corpus import read_local
 
     rows = data.draw(st.lists(st.lists(VALUE, min_size=ncols, max_size=ncols), max_size=8))

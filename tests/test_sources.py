@@ -1,4 +1,4 @@
-"""files.ChunkReader and the file-level read path (pipeline.read_unit), without Ray or a database."""
+"""files.ChunkReader and the file-level read path (source.read.read_unit), without Ray or a database."""
 from __future__ import annotations
 
 import datetime as dt

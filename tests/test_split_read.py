@@ -9,7 +9,8 @@ from typing import List
 import pytest
 
 from loadkit.examples.cnpj.sample import generate_month
-from loadkit.execute.pipeline import ReadUnit, read_unit, split_units
+from loadkit.source.read import ReadUnit, read_unit, split_units
+from loadkit.records import Chunk
 from loadkit.plan import build_plan
 from tests.conftest import compose, query
 
@@ -32,11 +33,8 @@ def raw_month(tmp_path_factory: pytest.TempPathFactory):
     return generate_month(tmp_path_factory.mktemp("raw"), 2024, 5, rows=3000, shards=1, seed=11, compress=False)
 
 
-def _chunks(unit: ReadUnit) -> List[dict]:
-    rows: List[dict] = []
-    for block in read_unit(unit):
-        rows += [r for r in block.to_pylist() if r["kind"] == "data"]
-    return rows
+def _chunks(unit: ReadUnit) -> List[Chunk]:
+    return [c for c in read_unit(unit) if c.kind == "data"]
 
 
 def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -> None:
@@ -49,11 +47,11 @@ def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -
     assert [u.span is not None for u in spans] == [True, True, True]
     chunks = [c for u in spans for c in _chunks(u)]
     data = Path(table.files[0].path).read_bytes()
-    assert b"".join(c["data"] for c in chunks) == data, "spans must tile the file record by record"
-    assert [c["start"] for c in chunks[1:]] == [c["end"] for c in chunks[:-1]]
+    assert b"".join(c.data for c in chunks) == data, "spans must tile the file record by record"
+    assert [c.start for c in chunks[1:]] == [c.end for c in chunks[:-1]]
     for c in chunks:  # every chunk starts on a record and knows its physical line
-        assert c["start"] == 0 or data[c["start"] - 1:c["start"]] == b"\n"
-        assert c["first_line"] == data.count(b"\n", 0, c["start"]) + 1
+        assert c.start == 0 or data[c.start - 1:c.start] == b"\n"
+        assert c.first_line == data.count(b"\n", 0, c.start) + 1
 
 
 def test_committed_ranges_are_clipped_to_each_span(raw_month) -> None:
@@ -68,7 +66,7 @@ def test_committed_ranges_are_clipped_to_each_span(raw_month) -> None:
     hi = data.index(b"\n", 2 * f.size // 3) + 1  # straddles the middle, where the two spans meet
     unit = ReadUnit(table, f, ((Path(f.path).name, ((lo, hi),)),), plan.batch.size)
     chunks = [c for u in split_units([unit], plan.read_splits, plan.batch.read_block_bytes) for c in _chunks(u)]
-    assert b"".join(c["data"] for c in chunks) == data[:lo] + data[hi:]
+    assert b"".join(c.data for c in chunks) == data[:lo] + data[hi:]
 
 
 @pytest.mark.e2e

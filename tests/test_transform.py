@@ -9,7 +9,7 @@ import pytest
 
 from loadkit.config import ColumnConfig
 from loadkit.transform import parse_parquet_batch
-from loadkit.postgres.writer import ipc_bytes
+from loadkit.records import ipc_bytes
 from tests.corpus import parse, rejects_of, rows_of, spec
 
 ABC = [("a", "integer"), ("b", "text"), ("c", "text")]

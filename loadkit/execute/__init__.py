@@ -1,0 +1,78 @@
+"""Executors: how a plan's read units become committed batches.
+
+    source.read.read_unit -> execute.parse.parse -> postgres.writer.BatchWriter.write
+       Chunk                  ParsedBatch             BatchResult (streamed back to the driver)
+
+Both executors run those same three functions, so batch ids and ledger rows never depend on the
+executor (a run or a resume may switch freely):
+
+- :mod:`loadkit.execute.inprocess`: threads of the driver (never imports Ray);
+- :mod:`loadkit.execute.ray`: Ray Data (read tasks, fused parse, a writer actor pool); imported
+  only when chosen, so an in-process run never pays for importing Ray.
+
+``env.executor=auto`` chooses with :func:`choose_executor`, a pure function of the input size and
+the machine.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Optional, Protocol, Sequence
+
+from loadkit.execute.channel import SizeChannel
+from loadkit.execute.inprocess import InProcessExecutor
+from loadkit.plan import LoadPlan
+from loadkit.postgres.sink import writer_settings  # what every writer needs: the sink decides
+from loadkit.postgres.writer import WriterSettings
+from loadkit.records import BatchResult
+from loadkit.source.read import ReadUnit
+
+__all__ = ["Executor", "choose_executor", "make_executor", "writer_settings"]
+
+
+class Executor(Protocol):
+    """Runs read -> parse -> write for a plan's units and streams each batch's result back."""
+
+    name: str  # ray | inprocess (recorded in the run's metrics and MLflow tags)
+
+    def start(self) -> None:
+        """Acquire what the executor needs before any data moves (Ray: start or join a cluster)."""
+        ...
+
+    def size_channel(self, rows: int) -> SizeChannel:
+        """The batch-size board between the driver and this executor's read tasks."""
+        ...
+
+    def run(self, plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
+            board: Any) -> Iterator[BatchResult]:
+        """Yield one BatchResult per batch (and per eof/error record) as writers finish them.
+
+        ``board`` is ``size_channel(...).board``. Raises the writer's classified LoadkitError if a
+        batch fails for good; closing the iterator early stops the stages."""
+        ...
+
+
+def choose_executor(requested: str, address: Optional[str], input_bytes: int, cpus: int,
+                    inprocess_max_bytes: int, inprocess_max_cpus: int) -> str:
+    """``ray`` or ``inprocess`` for ``env.executor=requested`` (``auto``, ``ray`` or ``inprocess``).
+
+    ``auto``: Ray Data on a cluster (``address`` set); otherwise in-process where Ray's start-up
+    or its processes would cost more than they give: a small input (``input_bytes`` to read at
+    most ``inprocess_max_bytes``) or a small machine (``cpus`` at most ``inprocess_max_cpus``);
+    see README, Benchmark, for the measurements behind the defaults."""
+    if requested != "auto":
+        return requested
+    if address is not None:
+        return "ray"
+    small_input = input_bytes <= inprocess_max_bytes
+    small_machine = cpus <= inprocess_max_cpus
+    return "inprocess" if small_input or small_machine else "ray"
+
+
+def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                  object_store_memory: Optional[int] = None, runtime_env: Optional[Dict[str, Any]] = None,
+                  progress_bars: bool = False) -> Executor:
+    """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``)."""
+    if name == "inprocess":
+        return InProcessExecutor()
+    from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
+
+    return RayExecutor(address, num_cpus, object_store_memory, runtime_env, progress_bars)

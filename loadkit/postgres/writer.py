@@ -1,9 +1,9 @@
 """The batch writer: one COPY stream per connection, data + rejects + ledger in one transaction.
 
-A plain callable class with no Ray import: Ray Data runs it as a pooled actor
-(``map_batches(BatchWriter, compute=ActorPoolStrategy(...))``), and tests can call it
-directly. The pool is opened in ``__init__`` (actor start), health-checked on every
-borrow, and closed by ``close()``.
+A plain class with no Ray import: ``write(ParsedBatch) -> BatchResult``. Ray Data runs it
+in a pooled actor (``loadkit.execute``'s map_batches UDF converts the Arrow blocks), the
+in-process executor on threads, and tests call it directly. The pool is opened in
+``__init__`` (actor start), health-checked on every borrow, and closed by ``close()``.
 
 Exactly-once: a batch's identity is deterministic (plan.batch_id). The ledger row has
 that id as its primary key and is written in the same transaction as the rows, so a
@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from loadkit.postgres import ledger
 from loadkit.postgres.ledger import Ledger
+from loadkit.records import BatchResult, ParsedBatch, carry
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
 from loadkit.errors import as_loadkit_error
 from loadkit.monitor import process_rss, release_memory
@@ -29,36 +30,6 @@ from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
 
 log = logging.getLogger("loadkit.postgres.writer")
-
-# Per-batch counts the parser produces and the writer passes on to the driver.
-BATCH_COUNT_FIELDS = [
-    ("rows_loaded", pa.int64()),
-    ("rows_rejected", pa.int64()),
-    ("rows_coerced", pa.int64()),
-    ("bytes", pa.int64()),
-    ("parse_s", pa.float64()),
-    # Blank lines the parser skipped (a table of two or more columns; in a one-column table a blank
-    # line is a NULL row). Not records: a batch's source lines = rows_in + blank_lines (+ header).
-    ("blank_lines", pa.int64()),
-]
-
-RESULT_SCHEMA = pa.schema([
-    ("kind", pa.string()),
-    ("table_name", pa.string()),
-    ("file_sha", pa.string()),
-    ("member", pa.string()),
-    ("batch_id", pa.int64()),
-    ("status", pa.string()),  # committed|skipped|eof|error
-    ("rows_in", pa.int64()),
-] + BATCH_COUNT_FIELDS + [
-    ("write_s", pa.float64()),
-    ("attempts", pa.int32()),
-    ("writer", pa.string()),
-    ("pool_utilisation", pa.float64()),
-    ("rss_bytes", pa.int64()),
-    ("finished_at", pa.float64()),
-    ("message", pa.string()),
-])
 
 
 @dataclass(frozen=True)
@@ -80,17 +51,6 @@ class WriterSettings:
     retry: RetryPolicy
 
 
-def ipc_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def ipc_table(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
 class BatchWriter:
     def __init__(self, settings: WriterSettings) -> None:
         self._s = settings
@@ -104,46 +64,37 @@ class BatchWriter:
         dsn = with_application_name(self._s.dsn, application_name(self._s.run_id, "writer"))
         return retrying(self._s.retry)(lambda: ConnectionPool(dsn, self._s.connections, self._s.pre_ping))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        results = [self._handle(rec) for rec in batch.to_pylist()]
-        release_memory()
-        return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+    def write(self, batch: ParsedBatch) -> BatchResult:
+        """Commit one parsed batch (or pass an eof/error record on) and report it.
 
-    def _handle(self, rec: Dict[str, Any]) -> Dict[str, Any]:
-        out = {k: rec.get(k) for k in ("kind", "table_name", "file_sha", "member", "batch_id", "rows_in",
-                                        "rows_loaded", "rows_rejected", "rows_coerced", "bytes", "parse_s",
-                                        "blank_lines", "message")}
-        out["writer"] = self._name
-        if rec["kind"] != "data":
-            out.update(status=rec["kind"], write_s=0.0, attempts=0)
-            return self._finish(out)
+        Raises the classified LoadkitError once retries are exhausted or the failure is permanent."""
+        if batch.kind != "data":
+            return self._finish(batch, status=batch.kind, write_s=0.0, attempts=0)
         started = time.perf_counter()
         self._attempts = 0
         try:
-            status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(rec)))
+            status = retrying(self._s.retry)(lambda: self._breaker.call(lambda: self._commit(batch)))
         except Exception as exc:  # retries exhausted or permanent: fail with the classified cause
-            raise as_loadkit_error(exc, table=rec["table_name"], batch_id=rec["batch_id"], writer=self._name,
+            raise as_loadkit_error(exc, table=batch.table_name, batch_id=batch.batch_id, writer=self._name,
                                    attempts=self._attempts) from exc
-        out.update(status=status, write_s=time.perf_counter() - started, attempts=self._attempts)
-        return self._finish(out)
+        return self._finish(batch, status=status, write_s=time.perf_counter() - started, attempts=self._attempts)
 
-    def _finish(self, out: Dict[str, Any]) -> Dict[str, Any]:
-        out["pool_utilisation"] = self._pool.stats().utilisation
-        out["rss_bytes"] = process_rss()
-        out["finished_at"] = time.time()
-        return out
+    def _finish(self, batch: ParsedBatch, **outcome: Any) -> BatchResult:
+        release_memory()
+        return carry(batch, BatchResult, writer=self._name, pool_utilisation=self._pool.stats().utilisation,
+                     rss_bytes=process_rss(), finished_at=time.time(), **outcome)
 
-    def _commit(self, rec: Dict[str, Any]) -> str:
+    def _commit(self, batch: ParsedBatch) -> str:
         """One transaction: skip if the ledger has the batch, else COPY rows + rejects + ledger row."""
         self._attempts += 1
-        target = self._s.tables[rec["table_name"]]
+        target = self._s.tables[batch.table_name]
         with self._pool.connection() as conn:
             with conn.cursor() as cur:
-                if self._ledger.has_batch(cur, rec["batch_id"]):
+                if self._ledger.has_batch(cur, batch.batch_id):
                     conn.rollback()
                     return "skipped"
                 try:
-                    self._copy_all(cur, rec, target)
+                    self._copy_all(cur, batch, target)
                     conn.commit()
                 except Exception as exc:
                     _rollback_after(conn, exc)
@@ -152,33 +103,34 @@ class BatchWriter:
                     raise
         return "committed"
 
-    def _copy_all(self, cur: Any, rec: Dict[str, Any], target: TableTarget) -> None:
-        rows = ipc_table(rec["rows"])
-        if rows.num_rows:
-            rows = rows.append_column(BATCH_COL, pa.array([rec["batch_id"]] * rows.num_rows, pa.int64()))
+    def _copy_all(self, cur: Any, batch: ParsedBatch, target: TableTarget) -> None:
+        rows = batch.rows
+        if rows is not None and rows.num_rows:
+            rows = rows.append_column(BATCH_COL, pa.array([batch.batch_id] * rows.num_rows, pa.int64()))
             if not target.keep_row_ordinal:
                 rows = rows.drop_columns([ROW_COL])
             cur.adbc_ingest(target.load_table, rows, mode="append", db_schema_name=target.schema)
-        rejects = ipc_table(rec["rejects"])
-        if rejects.num_rows:
-            self._ledger.append_rejects(cur, self._reject_rows(rec, rejects))
-        self._ledger.append_batch(cur, self._ledger_row(rec))
+        rejects = batch.rejects
+        if rejects is not None and rejects.num_rows:
+            self._ledger.append_rejects(cur, self._reject_rows(batch, rejects))
+        self._ledger.append_batch(cur, self._ledger_row(batch))
 
-    def _reject_rows(self, rec: Dict[str, Any], rejects: pa.Table) -> pa.Table:
+    def _reject_rows(self, batch: ParsedBatch, rejects: pa.Table) -> pa.Table:
         n = rejects.num_rows
-        meta = [rec["batch_id"], self._s.run_id, rec["table_name"], self._s.period, rec["file_path"], rec["member"]]
+        meta = [batch.batch_id, self._s.run_id, batch.table_name, self._s.period, batch.file_path, batch.member]
         cols = [pa.array([v] * n, t) for v, (_, t) in zip(meta, ledger.REJECT_META)]
         names = [name for name, _ in ledger.REJECT_META]
         return pa.Table.from_arrays(cols + rejects.columns, names=names + rejects.column_names)
 
-    def _ledger_row(self, rec: Dict[str, Any]) -> pa.Table:
+    def _ledger_row(self, batch: ParsedBatch) -> pa.Table:
+        b = batch
         values = {
-            "batch_id": rec["batch_id"], "run_id": self._s.run_id, "table_name": rec["table_name"],
-            "period": self._s.period, "file_sha": rec["file_sha"], "file_ordinal": rec["file_ordinal"],
-            "member": rec["member"], "start_offset": rec["start"], "end_offset": rec["end"],
-            "first_line": rec["first_line"], "rows_in": rec["rows_in"], "rows_loaded": rec["rows_loaded"],
-            "rows_rejected": rec["rows_rejected"], "rows_coerced": rec["rows_coerced"], "writer": self._name,
-            "attempts": self._attempts, "blank_lines": rec.get("blank_lines") or 0,
+            "batch_id": b.batch_id, "run_id": self._s.run_id, "table_name": b.table_name,
+            "period": self._s.period, "file_sha": b.file_sha, "file_ordinal": b.file_ordinal,
+            "member": b.member, "start_offset": b.start, "end_offset": b.end,
+            "first_line": b.first_line, "rows_in": b.rows_in, "rows_loaded": b.rows_loaded,
+            "rows_rejected": b.rows_rejected, "rows_coerced": b.rows_coerced, "writer": self._name,
+            "attempts": self._attempts, "blank_lines": b.blank_lines,
         }
         return pa.Table.from_pylist([values], schema=ledger.BATCH_SCHEMA)
 
