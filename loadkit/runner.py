@@ -219,7 +219,10 @@ def run_job(cfg: LoadkitConfig, tags: Optional[Dict[str, str]] = None) -> RunRes
     if cfg.fetch == "only":
         period = f"{cfg.year:04d}-{cfg.month:02d}"
         try:
-            with db.transaction(db.resolve_dsn(cfg.sink.dsn, cfg.sink.embedded_dir)) as cur:
+            s = cfg.sink  # the same session limits as a run's (connect, statement and lock timeouts)
+            dsn = db.session_dsn(db.resolve_dsn(s.dsn, s.embedded_dir), s.connect_timeout, s.statement_timeout_ms,
+                                 s.lock_timeout_ms, "loadkit-fetch")
+            with db.transaction(dsn) as cur:
                 from loadkit.source import fetch
 
                 Ledger(cfg.sink.ledger_schema).ensure(cur)
