@@ -30,7 +30,7 @@ from loadkit.postgres import db
 from loadkit.postgres.ledger import Ledger
 from loadkit.postgres.modes import mode_for
 from loadkit.postgres.sink import PostgresSink
-from loadkit.security import mask_text
+from loadkit.security import mask_dsn, mask_text
 from loadkit.supervise import Signals, Supervisor
 from loadkit.tracking import RunTracker
 
@@ -84,9 +84,11 @@ class Runner:
         supervisor = Supervisor(plan, sink.dsn, metrics, alerts, tracker, monitor, self.tags.get("overrides"))
         sink.check_server()
         signals = Signals(supervisor.pending_error, sink.cancel)
+        params = plan.settings_dict()  # the run's parameters, with the DSN it connects to (masked)
+        params["sink"]["dsn"] = mask_dsn(sink.dsn)
         with signals:  # from the first ledger statement: a stop while waiting on a lock there is prompt too
-            with sink.open(plan.settings_dict()):
-                tracker.start(f"{plan.job}-{plan.period}", plan.settings_dict(), self._tags())
+            with sink.open(params):
+                tracker.start(f"{plan.job}-{plan.period}", params, self._tags())
                 endpoint = prom.serve(plan, metrics, monitor, alerts, plan.run_id)
                 supervisor.start_deadline(started)
                 status, error, failed = self._load(sink, supervisor, metrics)
@@ -94,7 +96,7 @@ class Runner:
                 signals.defer = True  # a second stop must not cut the recording of the first short
                 wall = time.time() - started
                 try:
-                    self._record_end(sink, metrics, tracker, monitor, alerts, status, error, wall)
+                    self._record_end(sink, metrics, tracker, monitor, alerts, status, error, wall, params)
                 finally:
                     if endpoint is not None:
                         endpoint.stop()
@@ -143,7 +145,8 @@ class Runner:
             return "failed", error, failed
 
     def _record_end(self, sink: PostgresSink, metrics: RunMetrics, tracker: RunTracker, monitor: MemoryMonitor,
-                    alerts: AlertEngine, status: str, error: Optional[BaseException], wall: float) -> None:
+                    alerts: AlertEngine, status: str, error: Optional[BaseException], wall: float,
+                    params: Dict[str, Any]) -> None:
         """The end in the ledger (sink.end), then in MLflow: metrics, tags and the run's artifacts."""
         plan = self.plan
         category = classify(error).value if error is not None else None
@@ -158,7 +161,7 @@ class Runner:
         if text:
             tracker.tag("error", text[:5000])
         tracker.artifact_text("summary.txt", summary_table(metrics, plan.run_id, wall, run_label(self.tags)))
-        tracker.artifact_yaml("config.yaml", plan.settings_dict())
+        tracker.artifact_yaml("config.yaml", params)
         tracker.artifact_json("alerts.json", alerts.summary())
         tracker.artifact_table("batches.parquet", metrics.batch_table())
         tracker.artifact_table("files.parquet", metrics.file_table())
