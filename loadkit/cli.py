@@ -95,7 +95,7 @@ def precheck(argv: List[str]) -> Any:
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from loadkit.config import register, to_config
+    from loadkit.config import compose_error, register, to_config
 
     args = _hydra_args(argv)
     if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
@@ -125,10 +125,7 @@ def precheck(argv: List[str]) -> Any:
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        cause = exc.__cause__ or exc
-        key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-        message = str(cause).strip() or type(cause).__name__
-        raise ConfigError(message, key=key) from None
+        raise compose_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, is_dataclass
+from enum import Enum
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -17,10 +18,134 @@ from loadkit.errors import ConfigError
 from loadkit.literals import bound_value
 from loadkit.security import IDENTIFIER
 
-WRITE_MODES = ("append", "replace", "merge", "snapshot")
-FORMATS = ("csv", "gzip", "zip", "parquet")
-ON_INVALID = ("reject", "null")
-QUOTING = ("strict", "lenient")
+class Choice(str, Enum):
+    """A closed set of config values. Hydra/OmegaConf refuse any other value at compose time, naming the key.
+
+    A member is its value: it compares, hashes, formats and serialises as the plain string
+    (``WriteMode.merge == "merge"``, ``f"{WriteMode.merge}" == "merge"``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class WriteMode(Choice):
+    # The member names are the YAML values (OmegaConf matches by name); ``replace`` and ``count`` (Verify) shadow
+    # str methods on the member, so the plan stores choices as plain str (loadkit.plan).
+    append = "append"
+    replace = "replace"  # type: ignore[assignment]
+    merge = "merge"
+    snapshot = "snapshot"
+
+
+class SourceFormat(Choice):
+    csv = "csv"
+    gzip = "gzip"
+    zip = "zip"
+    parquet = "parquet"
+
+
+class OnInvalid(Choice):
+    reject = "reject"
+    null = "null"
+
+
+class Quoting(Choice):
+    strict = "strict"
+    lenient = "lenient"
+
+
+class Discovery(Choice):
+    webdav = "webdav"
+    html = "html"
+    list = "list"
+
+
+class Verify(Choice):
+    exists = "exists"
+    count = "count"  # type: ignore[assignment]
+    off = "off"
+
+
+class OnDrift(Choice):
+    reload = "reload"
+    stop = "stop"
+
+
+class BatchPolicyName(Choice):
+    fixed = "fixed"
+    adaptive = "adaptive"
+
+
+class AlertLevel(Choice):
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+
+class AlertAction(Choice):
+    warn = "warn"
+    abort = "abort"
+
+
+class AlertSink(Choice):
+    log = "log"
+    jsonl = "jsonl"
+    webhook = "webhook"
+
+
+class EnvName(Choice):
+    local = "local"
+    cluster = "cluster"
+    prod = "prod"
+
+
+class Executor(Choice):
+    auto = "auto"
+    ray = "ray"
+    inprocess = "inprocess"
+
+
+class Flush(Choice):
+    auto = "auto"
+    sync = "sync"
+    background = "background"
+
+
+class Tracing(Choice):
+    off = "off"
+    console = "console"
+    otlp = "otlp"
+
+
+class LogFormat(Choice):
+    text = "text"
+    json = "json"
+
+
+class LogLevel(Choice):
+    """The level names Python's logging accepts."""
+
+    CRITICAL = "CRITICAL"
+    FATAL = "FATAL"
+    ERROR = "ERROR"
+    WARNING = "WARNING"
+    WARN = "WARN"
+    INFO = "INFO"
+    DEBUG = "DEBUG"
+    NOTSET = "NOTSET"
+
+
+class FetchMode(Choice):
+    auto = "auto"
+    always = "always"
+    only = "only"
+    never = "never"
+
+
+WRITE_MODES = tuple(m.value for m in WriteMode)
 # Column types the transform and DDL understand; lengths/precisions in parentheses.
 TYPE_PATTERN = re.compile(
     r"^(text|char\(\d+\)|varchar\(\d+\)|smallint|integer|bigint|double|"
@@ -33,78 +158,95 @@ class DialectConfig:
     """How a delimited text file is written."""
 
     delimiter: str = ","
+    """The field separator: any single byte in the encoding (tab, `;`, `\\x1f`, ...)."""
     quote: Optional[str] = '"'
-    # None: a quote inside a quoted field is doubled (""); otherwise the escape char (e.g. "\\").
+    """The quote character, or null for none."""
     escape: Optional[str] = None
+    """null: a quote inside a quoted field is doubled (`""`); else the escape character (e.g. `\\\\`)."""
     header: bool = False
-    # With header=true, match columns by name instead of by position.
+    """The first record (after skip_lines) is a header."""
     match_by_name: bool = False
+    """With a header, match columns by name instead of by position."""
     encoding: str = "utf-8"
+    """Any ASCII-compatible Python encoding (UTF-16/32 are refused: transcode first)."""
     null_values: List[str] = field(default_factory=lambda: [""])
-    # A speed hint only (records are the same either way): false says no value holds a newline,
-    # which lets a large plain file be read in parallel byte ranges (pool.read_splits).
+    """Null markers, matched on the field as written (before escapes are resolved, after trim)."""
+    # false says no value holds a newline, which lets a large plain file be read in parallel byte
+    # ranges (pool.read_splits); records are the same either way.
     newlines_in_values: bool = True
-    # Remove NUL bytes from values (after null detection; values altered are counted as coerced).
-    # false: a record with a NUL byte is rejected.
+    """A speed hint only: false lets a big plain file be read as parallel byte ranges."""
     strip_nul: bool = True
+    """Remove NUL bytes from values after null detection (counted as coerced); false rejects the record."""
     trim: bool = False
+    """Strip surrounding whitespace from every value (before null markers)."""
     # strict: a closing quote must be followed by the delimiter or the line end, else the record is
     # rejected (malformed quoting). lenient: a quote closes a quoted field only when followed by the
     # delimiter or the line end; any other quote is literal text (sources with unescaped inner quotes).
-    quoting: str = "strict"
-    # The longest record in bytes; a longer one (or an unterminated quote) is rejected and reading
-    # goes on at the next line. Bounds memory whatever the input (zip bombs, a stray quote).
+    quoting: Quoting = Quoting.strict
+    """strict (a stray quote rejects the record) or lenient (a quote not before a delimiter is text)."""
+    # Bounds memory whatever the input (zip bombs, a stray quote); reading goes on at the next line.
     max_record_bytes: int = 16 * 1024 * 1024
-    # Physical lines to skip at the start of every member before the header / first record
-    # (export banners); they still count in line numbers.
+    """The longest record in bytes; a longer one (or an unterminated quote) is rejected. At least 1024."""
     skip_lines: int = 0
-    # false: PostgreSQL COPY's rule, a quoted value is never NULL ("" is an empty string, unquoted
-    # empty is NULL with the default null_values). true: null markers apply to quoted values too.
+    """Physical lines skipped at the start of every member, before the header (banners); counted in line numbers."""
     quoted_can_be_null: bool = True
+    """false is PostgreSQL COPY's rule: a quoted value is never NULL (`""` is an empty string)."""
 
 
 @dataclass
 class SourceConfig:
-    """Where a table's rows come from. Paths are templates over year/month."""
+    """Where a table's rows come from. Paths are templates over the run parameters."""
 
     paths: List[str] = MISSING
-    format: str = "csv"
-    # zip members to read (fnmatch pattern); None reads every member.
+    """Glob templates under data_root (a table may list alternatives)."""
+    format: SourceFormat = SourceFormat.csv
+    """csv, gzip, zip or parquet."""
     member: Optional[str] = None
+    """zip members to read (fnmatch pattern); null reads every member."""
     dialect: DialectConfig = field(default_factory=DialectConfig)
-    # An empty file (or header-only) is an error only if this is false.
+    """How the text is written (see the dialect table)."""
     allow_empty: bool = True
-    # Decompression guards for gzip/zip members (zip bombs): a member that decompresses past this
-    # many bytes, or past max_compression_ratio x its compressed size (zip: the member's; gzip: the
-    # file's; never below 64 MiB), fails its file as source data. None: no guard.
+    """An empty or header-only file loads zero rows; false makes it an error."""
+    # Decompression guards for gzip/zip members (zip bombs), detected while streaming; the file fails
+    # as source data. The ratio is over the member's compressed size (zip) or the file's (gzip),
+    # never below 64 MiB.
     max_member_bytes: Optional[int] = None
+    """A gzip/zip member that decompresses past this many bytes fails its file; null: no guard."""
     max_compression_ratio: Optional[float] = None
+    """The same past this ratio x its compressed size (never below 64 MiB); null: no guard."""
 
 
 @dataclass
 class ColumnConfig:
+    """One target column: its type and the rules a value must pass."""
+
     name: str = MISSING
+    """The column name (a plain SQL identifier; `_lk_` is reserved)."""
     type: str = "text"
+    """text, char(n), varchar(n), smallint, integer, bigint, double, numeric(p,s), date, timestamp or boolean."""
     nullable: bool = True
-    # Extra null markers for this column (e.g. "0", "00000000" for dates some sources leave blank).
+    """false: a NULL rejects the row ("required value is missing")."""
     # Matched on the raw value (after dialect.trim, before zfill and the length check), so a
     # placeholder such as "0" or "       0" becomes NULL instead of being padded to "00000000".
     # For typed Parquet columns they are matched on Arrow's text of the value (int 0 -> "0").
     null_values: List[str] = field(default_factory=list)
-    # strptime format for date/timestamp columns.
+    """Extra null markers for this column (e.g. "0", "00000000" for dates some sources leave blank)."""
     format: Optional[str] = None
-    # Numbers written as 1.234,56 (dot thousands, decimal comma).
+    """strptime format of a date / timestamp column; null: %Y%m%d / %Y-%m-%d %H:%M:%S (%z/%Z refused)."""
     decimal_comma: bool = False
-    # Left-pad with zeros to this width (codes whose leading zero was lost upstream).
+    """Numbers written 1.234,56 (dot thousands, decimal comma)."""
     zfill: Optional[int] = None
-    # What to do with a value that does not parse: reject the row, or store NULL (counted).
-    on_invalid: str = "reject"
-    # Inclusive bounds on the typed value, written as that type's literal: an integer, a decimal
-    # (numeric, double), an ISO date (2000-01-31) or date-time (2000-01-31 08:00:00). Allowed on
-    # smallint/integer/bigint/numeric/double/date/timestamp only (config error elsewhere); a
-    # value outside is handled like an invalid one (on_invalid), reason "greater than max 10".
+    """Left-pad with zeros to this width (codes whose leading zero was lost upstream)."""
+    on_invalid: OnInvalid = OnInvalid.reject
+    """A value that does not parse: reject the row, or store NULL (counted as coerced)."""
+    # Written as that type's literal: an integer, a decimal (numeric, double), an ISO date
+    # (2000-01-31) or date-time (2000-01-31 08:00:00). Allowed on smallint/integer/bigint/numeric/
+    # double/date/timestamp only (config error elsewhere); a value outside is handled like an invalid
+    # one (on_invalid), reason "greater than max 10".
     min: Optional[str] = None
+    """Inclusive lower bound on the typed value, written as the type's literal."""
     max: Optional[str] = None
+    """Inclusive upper bound on the typed value, written as the type's literal."""
 
 
 @dataclass
@@ -112,29 +254,44 @@ class DerivedKeyConfig:
     """A deterministic surrogate key (md5 of the named columns) for tables with no natural key."""
 
     name: str = MISSING
+    """The key column's name."""
     columns: List[str] = MISSING
+    """The declared columns it is computed from."""
 
 
 @dataclass
 class TableConfig:
+    """One target table: its source, columns and write mode."""
+
     source: SourceConfig = MISSING
+    """Where its rows come from."""
     columns: List[ColumnConfig] = MISSING
-    mode: str = "append"
+    """The target columns, in source order."""
+    mode: WriteMode = WriteMode.append
+    """append, merge (upsert by key), replace (shadow + swap) or snapshot (one partition per period)."""
     key: List[str] = field(default_factory=list)
+    """Primary key columns (merge needs one)."""
     derived_key: Optional[DerivedKeyConfig] = None
+    """{name, columns}: an md5 surrogate key for keyless tables."""
     indexes: List[List[str]] = field(default_factory=list)
+    """Secondary indexes built after the load, each a list of columns."""
     max_reject_rate: float = 0.05
+    """Rejected / read above this aborts the table (judged on final counts too), 0..1."""
     max_rejects: Optional[int] = None
+    """More rejects than this aborts the table; null: no count limit."""
     enabled: bool = True
-    # mode merge only (ignored by the other modes). Each month is a full snapshot: once every file of
-    # the table's month has loaded and no file of the run failed, delete the target rows whose key the
-    # month no longer has (a key last written by an older month). Counted as `deleted` in the summary
-    # and ledger (table_load.deleted). Not done for a month with fewer files than the month before.
+    """false skips the table."""
+    # Each month is a full snapshot: once every file of the table's month has loaded and no file of the
+    # run failed, delete the target rows whose key the month no longer has (a key last written by an
+    # older month). Counted as `deleted` in the summary and ledger (table_load.deleted). Not done for a
+    # month with fewer files than the month before. Ignored by the other modes.
     delete_missing: bool = False
-    # with delete_missing: keep those rows and close them instead. The target gets date columns valid_from
-    # (first day of the month the key was last (re)opened) and valid_to (first day of the month it went
-    # missing; NULL while present); a key that comes back is reopened with a new valid_from.
+    """merge only: delete the rows whose key the month no longer has (makes year and month required)."""
+    # The target gets date columns valid_from (first day of the month the key was last (re)opened) and
+    # valid_to (first day of the month it went missing; NULL while present); a key that comes back is
+    # reopened with a new valid_from.
     history: bool = False
+    """With delete_missing: close those rows (valid_from / valid_to) instead of deleting them."""
 
 
 @dataclass
@@ -143,12 +300,12 @@ class MigrateConfig:
 
     Everything off: the run stops before loading with the full column diff."""
 
-    # ALTER TABLE ... ADD COLUMN for declared columns the table lacks (new columns are NULL in old rows).
     add_columns: bool = False
-    # ALTER COLUMN ... TYPE <declared> USING col::<declared> (fails, and changes nothing, if a value does not cast).
+    """ALTER TABLE ... ADD COLUMN for declared columns the table lacks (NULL in old rows)."""
     alter_types: bool = False
-    # Keep columns the declaration does not have; loads leave them NULL (or their default).
+    """ALTER COLUMN ... TYPE <declared> USING col::<declared> (fails, changing nothing, if a value does not cast)."""
     allow_extra_columns: bool = False
+    """Keep columns the declaration does not have; loads leave them NULL (or their default)."""
 
 
 @dataclass
@@ -157,216 +314,294 @@ class RemoteConfig:
 
     A local mirror is one override away: ``job.remote.url=http://127.0.0.1:8000/{year:04d}-{month:02d}/``."""
 
-    # The month folder's URL, a template over year/month (str.format); None: no fetch stage.
     url: Optional[str] = None
-    # How to list the month: webdav (PROPFIND, e.g. a Nextcloud public share), html (a plain HTTP
-    # directory listing), list (the names in `files`, sized with HEAD).
-    discovery: str = "html"
-    # discovery=list: file names (templates over year/month) under url.
+    """The month folder's URL, a str.format template over year/month (http(s)://, s3://, gs://); null: no fetch."""
+    discovery: Discovery = Discovery.html
+    """webdav (PROPFIND), html (a directory listing's links, sized by HEAD) or list (files, sized by HEAD)."""
     files: List[str] = field(default_factory=list)
-    # fnmatch patterns of the listed names to download.
+    """discovery=list: file names (templates over year/month) under url."""
     include: List[str] = field(default_factory=lambda: ["*.zip"])
-    # Transfers per file (1 + retries); each retry resumes with an HTTP Range request. Waits grow
-    # exponentially from initial_wait_s up to max_wait_s.
+    """fnmatch patterns of the listed names to download."""
     attempts: int = 5
+    """Transfers per file (1 + retries); each retry resumes with an HTTP Range request."""
     initial_wait_s: float = 0.5
+    """The first wait between attempts; waits grow exponentially up to max_wait_s."""
     max_wait_s: float = 30.0
-    # Seconds without a byte (and for connecting) before a transfer counts as failed.
+    """The longest wait between attempts."""
     timeout_s: float = 60.0
-    # CRC-test every member of a downloaded zip before it is renamed into place.
+    """Seconds without a byte (and for connecting) before a transfer counts as failed."""
     verify_zip: bool = True
-    # Where month folders are listed for month=latest; None: the part of url before "{year".
+    """CRC-test every member of a downloaded zip before it is renamed into place."""
     root_url: Optional[str] = None
-    # An object-store url (s3://bucket/{year:04d}-{month:02d}/, gs://...) is listed and read through
-    # fsspec with these options (e.g. {endpoint_url: http://127.0.0.1:9000}); credentials come from the
-    # environment, never from the config. discovery does not apply to object stores.
+    """Where month folders are listed for month=latest; null: the part of url before "{year"."""
+    # Credentials come from the environment, never from the config. discovery does not apply to object stores.
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for object-store urls (e.g. {endpoint_url: http://127.0.0.1:9000})."""
 
 
 @dataclass
 class JobConfig:
+    """A job: named tables loaded together into one schema, per run parameters."""
+
     name: str = MISSING
+    """Names ledger runs, the job lock and MLflow runs."""
     schema: str = "public"
+    """The target schema."""
     tables: Dict[str, TableConfig] = field(default_factory=dict)
+    """One entry per target table."""
     migrate: MigrateConfig = field(default_factory=MigrateConfig)
-    # The fetch stage's source (remote.url None: files must already be under data_root).
+    """What a run may change on an existing table."""
     remote: RemoteConfig = field(default_factory=RemoteConfig)
-    # Run parameters this job needs (subset of year, month, day, partition). None: the
-    # placeholders its source path templates use ({year}, {month}, {day}, {partition}),
-    # plus year and month for a snapshot table (its partition is YYYYMM). Only these are
-    # required on the command line; a job with none is a one-off load.
+    """The fetch stage's source (url null: files must already be under data_root)."""
+    # None: the placeholders its source path templates (and job.period, job.remote.url) use, plus year
+    # and month for snapshot tables and merge tables with delete_missing. Only these are required on
+    # the command line; a job with none is a one-off load.
     params: Optional[List[str]] = None
-    # The ledger's period key for one run of this job, a template over its params
-    # (e.g. "{year:04d}-{month:02d}"). None: year-month[-day] and /partition from the
-    # params the job uses, or "all" for a job without params.
+    """Run parameters this job needs (subset of year, month, day, partition); null: inferred from its templates."""
+    # None: year-month[-day] and /partition from the params the job uses, or "all" for a job without params.
     period: Optional[str] = None
-    # Before skipping a file the ledger says is loaded, check the target still holds its
-    # rows: "exists" (the target table exists and holds rows of this period's batches, or
-    # of later ones for merge/replace: one indexed-free EXISTS, stops at the first row),
-    # "count" (append: the exact row count of those batches), "off" (trust the ledger).
-    verify: str = "exists"
-    # What to do when the target does not hold what the ledger says (dropped table,
-    # changed job.schema, deleted rows): "reload" (warn naming the table, forget the
-    # ledger's claim, remove this period's rows and load again) or "stop" (refuse the run).
-    on_drift: str = "reload"
+    """The ledger's period key, a template over its params (e.g. "{year:04d}-{month:02d}"); null: inferred."""
+    # exists: the target table exists and holds rows of this period's batches (or of later ones for
+    # merge/replace): one EXISTS, stops at the first row. count: append, the exact row count of those
+    # batches. off: trust the ledger.
+    verify: Verify = Verify.exists
+    """Before skipping a file the ledger says is loaded, check the target: exists, count or off."""
+    # reload: warn naming the table, forget the ledger's claim, remove this period's rows and load
+    # again. stop: refuse the run (config error, exit 2, nothing changed).
+    on_drift: OnDrift = OnDrift.reload
+    """The target does not hold what the ledger says (dropped table, changed schema): reload or stop."""
 
 
 @dataclass
 class SinkConfig:
-    # None: use LOADKIT_DSN, else an embedded PostgreSQL under embedded_dir.
-    dsn: Optional[str] = None
-    # The embedded server's data folder: <loadkit home>/pgdata (LOADKIT_HOME, else the per-user
-    # data folder; see loadkit.home), the same whatever the current folder.
-    embedded_dir: str = field(default_factory=lambda: str(_home_path("pgdata")))
+    """The PostgreSQL server and how every loadkit session is set up."""
+
+    dsn: Optional[str] = "${oc.env:LOADKIT_DSN,null}"
+    """libpq DSN or URI; null: an embedded PostgreSQL under embedded_dir. Never put a password here."""
+    embedded_dir: str = "${loadkit_home:pgdata}"
+    """The embedded server's data folder: <loadkit home>/pgdata (LOADKIT_HOME, else the per-user data folder)."""
     ledger_schema: str = "loadkit"
-    # Seconds libpq waits for a connection (every driver and writer connection); 0 waits forever.
+    """The schema of loadkit's ledger (runs, batches, rejects)."""
     connect_timeout: int = 10
-    # Server-side statement_timeout of every loadkit session, ms (0 = none). A statement over it
-    # fails with 57014 and is retried as transient (a COPY batch, a ledger query, a finalize step).
+    """Seconds libpq waits for a connection (every driver and writer connection); 0 waits forever."""
+    # A statement over it fails with 57014 and is retried as transient (a COPY batch, a ledger query, a
+    # finalize step).
     statement_timeout_ms: int = 0
-    # Server-side lock_timeout of every loadkit session, ms (0 = none): a statement waiting longer
-    # for a lock (a reader holding the table a finalize swaps) fails with 55P03 and is retried.
+    """Server-side statement_timeout of every loadkit session, ms (0 = none)."""
+    # A statement waiting longer for a lock (a reader holding the table a finalize swaps) fails with 55P03
+    # and is retried.
     lock_timeout_ms: int = 0
+    """Server-side lock_timeout of every loadkit session, ms (0 = none)."""
 
 
 @dataclass
 class BatchConfig:
-    policy: str = "fixed"
-    # Approximate rows per COPY transaction (converted to bytes from a sample of the file).
+    """How many rows go into one COPY transaction (one ledger batch)."""
+
+    policy: BatchPolicyName = BatchPolicyName.fixed
+    """fixed (one size for the run) or adaptive (moves within [min_size, max_size] from throughput and memory)."""
     size: int = 50_000
+    """Approximate rows per COPY transaction (converted to bytes from a sample of the file)."""
     min_size: int = 5_000
+    """adaptive: the smallest size."""
     max_size: int = 500_000
-    # Ray Data block target while reading (bytes).
+    """adaptive: the largest size."""
     read_block_bytes: int = 64 * 1024 * 1024
-    # adaptive: seconds of evidence per sizing decision, and the host memory use that halves the size.
+    """Ray Data block target while reading, bytes (at least 65536)."""
     window_s: float = 2.0
+    """adaptive: seconds of evidence per sizing decision."""
     memory_ceiling: float = 0.80
+    """adaptive: the host memory fraction in use above which the size halves."""
 
 
 @dataclass
 class PoolConfig:
-    # Writer actors, each holding its own connections (one COPY stream each).
+    """Parallelism: writers, parse tasks, read splits, downloads."""
+
     writers: int = 2
+    """Writer actors (threads in-process), each with its own connection(s): one binary COPY stream each."""
     connections_per_writer: int = 1
+    """Connections each writer holds."""
     pre_ping: bool = True
-    # Parse tasks allowed at once (0 = as many as Ray schedules).
+    """Check a pooled connection before using it."""
     parse_concurrency: int = 0
-    # Byte-range read tasks per large uncompressed file (no newlines in values), so one big
-    # file still parses on every core; files under 2 x batch.read_block_bytes stay whole.
+    """Parse tasks allowed at once (0 = as many as Ray schedules)."""
+    # Files under 2 x batch.read_block_bytes stay whole; zip/gzip members always stream in one task.
     read_splits: int = 2
-    # Files the fetch stage downloads at once.
+    """Byte-range read tasks per large uncompressed file (no newlines in values)."""
     downloads: int = 4
+    """Files the fetch stage downloads at once."""
 
 
 @dataclass
 class RetryConfig:
+    """Retries of transient database errors (exponential backoff with jitter) and the circuit breaker."""
+
     attempts: int = 6
+    """Tries per operation (1 + retries)."""
     initial_wait_s: float = 0.5
+    """The first wait between tries."""
     max_wait_s: float = 20.0
+    """The longest wait between tries."""
     multiplier: float = 2.0
+    """The factor each wait grows by."""
     jitter_s: float = 0.5
+    """Random seconds added to each wait."""
     breaker_failures: int = 5
+    """Consecutive failures that open the circuit breaker."""
     breaker_cooldown_s: float = 10.0
+    """Seconds the open breaker waits before trying again."""
 
 
 @dataclass
 class AlertRule:
+    """A value above threshold fires once per rule and subject (table, writer, host, run)."""
+
     threshold: float = MISSING
-    level: str = "warning"
-    action: str = "warn"
+    """The value above which the alert fires."""
+    level: AlertLevel = AlertLevel.warning
+    """info, warning or critical: the log level of the alert's record."""
+    action: AlertAction = AlertAction.warn
+    """warn, or abort (fails the run, exit 6)."""
 
 
 @dataclass
 class AlertsConfig:
-    reject_rate: AlertRule = field(default_factory=lambda: AlertRule(0.05, "critical", "warn"))
-    memory_fraction: AlertRule = field(default_factory=lambda: AlertRule(0.80, "warning", "warn"))
-    pool_utilisation: AlertRule = field(default_factory=lambda: AlertRule(0.90, "warning", "warn"))
-    stall_seconds: AlertRule = field(default_factory=lambda: AlertRule(300.0, "critical", "warn"))
-    sinks: List[str] = field(default_factory=lambda: ["log"])
+    """Alert rules, evaluated as results stream in, and where alerts go besides the log."""
+
+    reject_rate: AlertRule = field(default_factory=lambda: AlertRule(0.05, AlertLevel.critical))
+    """Rejected / read, per table."""
+    memory_fraction: AlertRule = field(default_factory=lambda: AlertRule(0.80))
+    """Host memory in use."""
+    pool_utilisation: AlertRule = field(default_factory=lambda: AlertRule(0.90))
+    """Writer connection busy-time fraction."""
+    stall_seconds: AlertRule = field(default_factory=lambda: AlertRule(300.0, AlertLevel.critical))
+    """Seconds without a batch result (checked by the watchdog)."""
+    sinks: List[AlertSink] = field(default_factory=lambda: [AlertSink.log])
+    """Where alerts go: log, jsonl (one JSON object per line) and/or webhook (HTTP POST of the same JSON)."""
     jsonl_path: Optional[str] = None
+    """The JSON-lines file of the jsonl sink."""
     webhook_url: Optional[str] = None
+    """The URL the webhook sink posts to."""
 
 
 @dataclass
 class EnvConfig:
-    name: str = "local"
-    # None starts a local Ray; "auto" or ray://host:port joins an existing cluster.
+    """Where the run executes: a local or joined Ray, or in-process."""
+
+    name: EnvName = EnvName.local
+    """local, cluster or prod (the env group chosen)."""
     address: Optional[str] = None
+    """null starts a local Ray; "auto" or ray://host:port joins an existing cluster."""
     num_cpus: Optional[int] = None
+    """CPUs of a local Ray; null: all."""
     object_store_memory: Optional[int] = 1_000_000_000
+    """Bytes of a local Ray's object store; null: Ray's default."""
     ship_code: bool = False
+    """Ship loadkit/ (with its conf/ and examples/) to cluster workers as runtime-env py_modules."""
     progress_bars: bool = True
-    # ray: always the Ray Data pipeline. inprocess: the same read/parse/write stages in the
-    # driver (a parse thread, pool.writers writer threads). auto: inprocess for a local run
-    # whose files to load total at most inprocess_max_bytes (Ray's start-up would be most of
-    # the run) or whose machine has at most inprocess_max_cpus cores (Ray's processes cost
-    # more CPU than they add there), else ray.
-    executor: str = "auto"
+    """Draw progress lines on a terminal."""
+    # auto: inprocess for a local run whose files to load total at most inprocess_max_bytes (Ray's
+    # start-up would be most of the run) or whose machine has at most inprocess_max_cpus cores (Ray's
+    # processes cost more CPU than they add there), else ray. A cluster address always means ray.
+    executor: Executor = Executor.auto
+    """ray (the Ray Data pipeline), inprocess (the same stages in this process) or auto."""
     inprocess_max_bytes: int = 32 * 1024 * 1024
+    """auto: a local run with at most this many bytes to read runs in-process."""
     inprocess_max_cpus: int = 2
-    # The run's deadline in seconds (0 = none): past it the run stops like an interrupt (committed
-    # batches stay for the resume) and fails transient (exit 4) with "run deadline exceeded".
+    """auto: a machine with at most this many cores runs in-process."""
+    # Past it the run stops like an interrupt (committed batches stay for the resume) and fails
+    # transient (exit 4) with "run deadline exceeded".
     max_run_seconds: float = 0
+    """The run's deadline in seconds (0 = none)."""
 
 
 @dataclass
 class TrackingConfig:
+    """MLflow: one run per load (the ledger records every run either way)."""
+
     enabled: bool = True
-    uri: Optional[str] = None
+    """false: no MLflow run."""
+    uri: Optional[str] = "${oc.env:MLFLOW_TRACKING_URI,null}"
+    """The tracking store; null: sqlite:///<loadkit home>/mlflow.db."""
     experiment: str = "loadkit"
-    # When MLflow is written (see loadkit.tracking.RunTracker): sync (the run id is known when the
-    # run returns), background (a short run's record is written by a detached process, so the
-    # shell is not held), auto (background for a single run from the command line, else sync).
-    flush: str = "auto"
-    # background: a run still going after this many seconds opens the store and logs live.
+    """The MLflow experiment."""
+    # sync: the run id is known when the run returns. background: a short run's record is written by a
+    # detached `python -m loadkit.tracking flush`, so the shell is not held. auto: background for a
+    # single run from the command line, else sync (see loadkit.tracking.RunTracker).
+    flush: Flush = Flush.auto
+    """When MLflow is written: sync, background or auto."""
     live_after_s: float = 20.0
-    # Log report.html (plots, summary, rejects sample: loadkit.report) with the run's artifacts.
+    """background: a run still going after this many seconds opens the store and logs live."""
     report: bool = True
+    """Log report.html (plots, summary, rejects sample: loadkit.report) with the run's artifacts."""
 
 
 @dataclass
 class TelemetryConfig:
     """Live observability of a run (see loadkit.prom and loadkit.telemetry)."""
 
-    # Serve Prometheus /metrics and /healthz on metrics_host:metrics_port while a run streams;
-    # None: off, 0: any free port (logged at start).
     metrics_port: Optional[int] = None
+    """Serve Prometheus /metrics and /healthz on this port while a run streams; null: off, 0: any free port."""
     metrics_host: str = "127.0.0.1"
-    # OpenTelemetry spans run -> table -> file -> batch: off, console (stderr) or otlp (to otlp_endpoint).
-    tracing: str = "off"
+    """The address the metrics endpoint binds."""
+    tracing: Tracing = Tracing.off
+    """OpenTelemetry spans run -> table -> file -> batch: off, console (stderr) or otlp."""
     otlp_endpoint: Optional[str] = None
+    """Where tracing=otlp sends spans."""
 
 
 @dataclass
 class LoggingConfig:
-    format: str = "text"
-    level: str = "INFO"
+    """The log records on stderr."""
+
+    format: LogFormat = LogFormat.text
+    """text or json (one object per line)."""
+    level: LogLevel = LogLevel.INFO
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
 
 
 @dataclass
 class LoadkitConfig:
-    # Run parameters; each is required only by jobs that use it (JobConfig.params).
+    """The whole run: parameters, the job and one choice per config group."""
+
     year: Optional[int] = None
+    """Run parameter; required only by jobs that use it (job.params)."""
     month: Optional[int] = None
+    """Run parameter, 1..12; `month=latest` asks the job's remote for the newest complete month."""
     day: Optional[int] = None
-    # An arbitrary partition key ({partition} in path templates), e.g. a region or batch label.
+    """Run parameter of daily jobs ({day:02d}), 1..31."""
     partition: Optional[str] = None
+    """An arbitrary partition key ({partition} in path templates), e.g. a region or batch label."""
     data_root: str = "data"
+    """The folder source path templates resolve under; paths and symlinks may not escape it."""
     force: bool = False
-    # The fetch stage (job.remote): auto downloads the month when its folder under data_root is missing,
-    # empty or half-fetched, then loads; always lists the remote and downloads whatever is missing or
-    # incomplete, then loads; only downloads (no load); never loads what is on disk.
-    fetch: str = "auto"
+    """Reload the files the ledger already marks as loaded for this table and period."""
+    # auto downloads the month when its folder under data_root is missing, empty or half-fetched, then
+    # loads; always lists the remote and downloads whatever is missing or incomplete, then loads; only
+    # downloads (no load); never loads what is on disk.
+    fetch: FetchMode = FetchMode.auto
+    """The fetch stage (job.remote): auto, always, only or never."""
     job: Optional[JobConfig] = None
+    """The job (+job=<name>)."""
     sink: SinkConfig = field(default_factory=SinkConfig)
+    """The PostgreSQL server."""
     batch: BatchConfig = field(default_factory=BatchConfig)
+    """Rows per COPY transaction."""
     pool: PoolConfig = field(default_factory=PoolConfig)
+    """Parallelism."""
     retry: RetryConfig = field(default_factory=RetryConfig)
+    """Retries of transient errors."""
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    """Alert rules."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    """Where the run executes."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Log records."""
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    """Metrics endpoint and tracing."""
 
 
 def register() -> None:
@@ -390,17 +625,15 @@ def register_resolvers() -> None:
 
 def to_config(cfg: DictConfig | LoadkitConfig) -> LoadkitConfig:
     """Turn a composed DictConfig into the typed object and validate it."""
-    if isinstance(cfg, LoadkitConfig):
-        obj = cfg
-    else:
-        try:
-            composed = OmegaConf.to_object(cfg)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None)
-            raise ConfigError(f"invalid configuration: {exc.msg if hasattr(exc, 'msg') else exc}", key=key) from None
-        if not isinstance(composed, LoadkitConfig):
-            raise ConfigError("configuration does not follow the loadkit schema")
-        obj = composed
+    register_resolvers()
+    try:  # a config built in Python goes through the schema too: choices become their Enum, ${...} resolve
+        composed = OmegaConf.to_object(OmegaConf.structured(cfg) if isinstance(cfg, LoadkitConfig) else cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"invalid configuration: {exc.msg if hasattr(exc, 'msg') else exc}", key=key) from None
+    if not isinstance(composed, LoadkitConfig):
+        raise ConfigError("configuration does not follow the loadkit schema")
+    obj = composed
     validate(obj)
     return obj
 
@@ -425,6 +658,14 @@ def compose_groups(conf_dir: str, overrides: List[str], year: Optional[int],
     return cfg.alerts, cfg.batch
 
 
+def compose_error(exc: BaseException) -> ConfigError:
+    """A Hydra/OmegaConf composition error (unknown key, wrong type, a value outside a Choice) as a
+    ConfigError naming the key (the ``full_key`` of the cause), with Hydra's full message."""
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
+    return ConfigError(str(cause).strip() or type(cause).__name__, key=key)
+
+
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(message, key=key)
@@ -443,21 +684,13 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.pool.read_splits >= 1, "pool.read_splits", "pool.read_splits must be >= 1")
     _validate_retry(cfg.retry)
     _validate_alerts(cfg.alerts)
-    _require(cfg.env.name in ("local", "cluster", "prod"), "env.name", "env.name must be local, cluster or prod")
-    _require(cfg.env.executor in ("auto", "ray", "inprocess"), "env.executor",
-             f"env.executor must be auto, ray or inprocess, got {cfg.env.executor!r}")
     _require(cfg.env.inprocess_max_bytes >= 0, "env.inprocess_max_bytes", "env.inprocess_max_bytes must be >= 0")
     _require(cfg.env.inprocess_max_cpus >= 0, "env.inprocess_max_cpus", "env.inprocess_max_cpus must be >= 0")
-    _require(cfg.tracking.flush in ("auto", "sync", "background"), "tracking.flush",
-             f"tracking.flush must be auto, sync or background, got {cfg.tracking.flush!r}")
     _require(cfg.telemetry.metrics_port is None or 0 <= cfg.telemetry.metrics_port <= 65535,
              "telemetry.metrics_port", "telemetry.metrics_port must be null or 0..65535")
-    _require(cfg.telemetry.tracing in ("off", "console", "otlp"), "telemetry.tracing",
-             f"telemetry.tracing must be off, console or otlp, got {cfg.telemetry.tracing!r}")
     _require(cfg.telemetry.tracing != "otlp" or bool(cfg.telemetry.otlp_endpoint), "telemetry.otlp_endpoint",
              "telemetry.tracing=otlp needs telemetry.otlp_endpoint")
     _require(cfg.tracking.live_after_s >= 0, "tracking.live_after_s", "tracking.live_after_s must be >= 0")
-    _require(cfg.logging.format in ("text", "json"), "logging.format", "logging.format must be text or json")
     for key in ("connect_timeout", "statement_timeout_ms", "lock_timeout_ms"):
         _require(getattr(cfg.sink, key) >= 0, f"sink.{key}", f"sink.{key} must be >= 0 (0 = no limit)")
     _require(cfg.env.max_run_seconds >= 0, "env.max_run_seconds", "env.max_run_seconds must be >= 0 (0 = none)")
@@ -469,13 +702,9 @@ def validate(cfg: LoadkitConfig) -> None:
 
 
 def _validate_fetch(cfg: LoadkitConfig) -> None:
-    _require(cfg.fetch in ("auto", "always", "only", "never"), "fetch",
-             f"fetch must be auto, always, only or never, got {cfg.fetch!r}")
     _require(cfg.pool.downloads >= 1, "pool.downloads", "pool.downloads must be >= 1")
     remote = cfg.job.remote if cfg.job is not None else RemoteConfig()
     _require(cfg.fetch != "only" or bool(remote.url), "job.remote.url", "fetch=only needs job.remote.url")
-    _require(remote.discovery in ("webdav", "html", "list"), "job.remote.discovery",
-             f"job.remote.discovery must be webdav, html or list, got {remote.discovery!r}")
     _require(remote.discovery != "list" or bool(remote.files), "job.remote.files", "discovery=list needs files")
     _require(remote.attempts >= 1, "job.remote.attempts", "job.remote.attempts must be >= 1")
     _require(remote.timeout_s > 0, "job.remote.timeout_s", "job.remote.timeout_s must be > 0")
@@ -520,7 +749,6 @@ def _validate_params(cfg: LoadkitConfig, params: List[str]) -> None:
 
 
 def _validate_batch(b: BatchConfig) -> None:
-    _require(b.policy in ("fixed", "adaptive"), "batch.policy", "batch.policy must be fixed or adaptive")
     _require(b.size >= 1, "batch.size", f"batch.size must be >= 1, got {b.size}")
     _require(1 <= b.min_size <= b.max_size, "batch.min_size", "need 1 <= batch.min_size <= batch.max_size")
     _require(b.read_block_bytes >= 64 * 1024, "batch.read_block_bytes", "batch.read_block_bytes must be >= 65536")
@@ -541,12 +769,7 @@ def _validate_retry(r: RetryConfig) -> None:
 def _validate_alerts(a: AlertsConfig) -> None:
     for name in ("reject_rate", "memory_fraction", "pool_utilisation", "stall_seconds"):
         rule: AlertRule = getattr(a, name)
-        _require(rule.level in ("info", "warning", "critical"), f"alerts.{name}.level",
-                 "alert level must be info, warning or critical")
-        _require(rule.action in ("warn", "abort"), f"alerts.{name}.action", "alert action must be warn or abort")
         _require(rule.threshold >= 0, f"alerts.{name}.threshold", "alert threshold must be >= 0")
-    for sink in a.sinks:
-        _require(sink in ("log", "jsonl", "webhook"), "alerts.sinks", f"unknown alert sink {sink!r}")
     _require("jsonl" not in a.sinks or bool(a.jsonl_path), "alerts.jsonl_path",
              "alerts.sinks has jsonl but no jsonl_path")
     _require("webhook" not in a.sinks or bool(a.webhook_url), "alerts.webhook_url",
@@ -556,8 +779,6 @@ def _validate_alerts(a: AlertsConfig) -> None:
 def _validate_job(job: JobConfig) -> None:
     _require(IDENTIFIER.match(job.schema) is not None, "job.schema", f"not a valid SQL identifier: {job.schema!r}")
     _require(bool(job.tables), "job.tables", "the job declares no tables")
-    _require(job.verify in ("exists", "count", "off"), "job.verify", "job.verify must be exists, count or off")
-    _require(job.on_drift in ("reload", "stop"), "job.on_drift", "job.on_drift must be reload or stop")
     for tname, table in job.tables.items():
         _validate_table(tname, table)
 
@@ -565,9 +786,6 @@ def _validate_job(job: JobConfig) -> None:
 def _validate_table(tname: str, t: TableConfig) -> None:
     k = f"job.tables.{tname}"
     _require(IDENTIFIER.match(tname) is not None, k, f"table name is not a valid SQL identifier: {tname!r}")
-    _require(t.mode in WRITE_MODES, f"{k}.mode", f"mode must be one of {WRITE_MODES}, got {t.mode!r}")
-    _require(t.source.format in FORMATS, f"{k}.source.format",
-             f"format must be one of {FORMATS}, got {t.source.format!r}")
     _require(bool(t.source.paths), f"{k}.source.paths", "no source paths declared")
     _validate_dialect(f"{k}.source.dialect", t.source.dialect)
     _require(t.source.max_member_bytes is None or t.source.max_member_bytes > 0, f"{k}.source.max_member_bytes",
@@ -581,7 +799,6 @@ def _validate_table(tname: str, t: TableConfig) -> None:
         _require(IDENTIFIER.match(col.name) is not None, f"{ck}.name", f"not a valid SQL identifier: {col.name!r}")
         _require(not col.name.startswith("_lk_"), f"{ck}.name", "column names starting with _lk_ are reserved")
         _require(TYPE_PATTERN.match(col.type) is not None, f"{ck}.type", f"unknown column type {col.type!r}")
-        _require(col.on_invalid in ON_INVALID, f"{ck}.on_invalid", f"on_invalid must be one of {ON_INVALID}")
         _require(col.format is None or col.type in ("date", "timestamp"), f"{ck}.format",
                  "format applies to date/timestamp columns only")
         _require(col.name not in names, f"{ck}.name", f"duplicate column {col.name!r}")
@@ -643,7 +860,6 @@ def _validate_dialect(k: str, d: DialectConfig) -> None:
     _require(not d.match_by_name or d.header, f"{k}.match_by_name", "match_by_name needs header=true")
     _require(d.escape is None or d.escape not in (d.quote, d.delimiter), f"{k}.escape",
              "escape must differ from quote and delimiter (escape: null means doubled quotes)")
-    _require(d.quoting in QUOTING, f"{k}.quoting", f"quoting must be one of {QUOTING}, got {d.quoting!r}")
     _require(d.max_record_bytes >= 1024, f"{k}.max_record_bytes", "max_record_bytes must be >= 1024")
     _require(d.skip_lines >= 0, f"{k}.skip_lines", "skip_lines must be >= 0")
     try:

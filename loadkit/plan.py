@@ -345,7 +345,7 @@ def column_spec(col: ColumnConfig) -> ColumnSpec:
         format=col.format or ("%Y%m%d" if kind == "date" else "%Y-%m-%d %H:%M:%S" if kind == "timestamp" else None),
         decimal_comma=col.decimal_comma,
         zfill=col.zfill,
-        on_invalid=col.on_invalid,
+        on_invalid=str(col.on_invalid),
         min=col.min,
         max=col.max,
     )
@@ -415,18 +415,18 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
     return TableSpec(
         name=name,
         schema=schema,
-        mode=t.mode,
+        mode=str(t.mode),
         columns=tuple(column_spec(c) for c in t.columns),
         key=tuple(t.key),
         derived_key=(t.derived_key.name, tuple(t.derived_key.columns)) if t.derived_key else None,
         indexes=tuple(tuple(i) for i in t.indexes),
-        format=t.source.format,
+        format=str(t.source.format),
         member=t.source.member,
         dialect=Dialect(
             delimiter=d.delimiter, quote=d.quote, escape=d.escape, header=d.header,
             match_by_name=d.match_by_name, encoding=d.encoding, null_values=tuple(d.null_values),
             newlines_in_values=d.newlines_in_values, strip_nul=d.strip_nul, trim=d.trim,
-            quoting=d.quoting, max_record_bytes=d.max_record_bytes, skip_lines=d.skip_lines,
+            quoting=str(d.quoting), max_record_bytes=d.max_record_bytes, skip_lines=d.skip_lines,
             quoted_can_be_null=d.quoted_can_be_null,
         ),
         allow_empty=t.source.allow_empty,
@@ -448,18 +448,18 @@ def sink_plan(cfg: LoadkitConfig) -> SinkPlan:
 
 
 def _rule(r: AlertRule) -> AlertRuleSpec:
-    return AlertRuleSpec(float(r.threshold), r.level, r.action)
+    return AlertRuleSpec(float(r.threshold), str(r.level), str(r.action))
 
 
 def alerts_plan(a: AlertsConfig) -> AlertsPlan:
     """The frozen alert rules of an AlertsConfig (also used by loadkit.reload for a hot reload)."""
     return AlertsPlan(_rule(a.reject_rate), _rule(a.memory_fraction), _rule(a.pool_utilisation),
-                      _rule(a.stall_seconds), tuple(a.sinks), a.jsonl_path, a.webhook_url)
+                      _rule(a.stall_seconds), tuple(str(s) for s in a.sinks), a.jsonl_path, a.webhook_url)
 
 
 def batch_policy(b: BatchConfig) -> BatchPolicy:
     """The frozen batch policy of a BatchConfig (also used by loadkit.reload for a hot reload)."""
-    return BatchPolicy(b.policy, b.size, b.min_size, b.max_size, b.read_block_bytes, b.window_s, b.memory_ceiling)
+    return BatchPolicy(str(b.policy), b.size, b.min_size, b.max_size, b.read_block_bytes, b.window_s, b.memory_ceiling)
 
 
 def reloaded_policies(conf_dir: str, overrides: List[str], year: Optional[int],
@@ -477,7 +477,7 @@ def fetch_plan(cfg: LoadkitConfig) -> FetchPlan:
 
     remote = cfg.job.remote if cfg.job is not None else RemoteConfig()
     return FetchPlan(
-        mode=cfg.fetch, url=remote.url, discovery=remote.discovery, files=tuple(remote.files),
+        mode=str(cfg.fetch), url=remote.url, discovery=str(remote.discovery), files=tuple(remote.files),
         include=tuple(remote.include), attempts=remote.attempts, initial_wait_s=remote.initial_wait_s,
         max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s, verify_zip=remote.verify_zip,
         root_url=remote.root_url, storage_options=tuple(dict(remote.storage_options).items()),
@@ -529,15 +529,15 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         pre_ping=p.pre_ping,
         parse_concurrency=p.parse_concurrency,
         sink=sink_plan(cfg),
-        env=EnvPlan(e.name, e.address, e.num_cpus, e.object_store_memory, e.ship_code, e.progress_bars,
-                    e.executor, e.inprocess_max_bytes, e.inprocess_max_cpus, e.max_run_seconds),
+        env=EnvPlan(str(e.name), e.address, e.num_cpus, e.object_store_memory, e.ship_code, e.progress_bars,
+                    str(e.executor), e.inprocess_max_bytes, e.inprocess_max_cpus, e.max_run_seconds),
         alerts=alerts_plan(cfg.alerts),
-        tracking=TrackingPlan(tr.enabled, tr.uri, tr.experiment, tr.flush, tr.live_after_s, tr.report),
-        telemetry=TelemetryPlan(tel.metrics_port, tel.metrics_host, tel.tracing, tel.otlp_endpoint),
+        tracking=TrackingPlan(tr.enabled, tr.uri, tr.experiment, str(tr.flush), tr.live_after_s, tr.report),
+        telemetry=TelemetryPlan(tel.metrics_port, tel.metrics_host, str(tel.tracing), tel.otlp_endpoint),
         migrate=MigratePolicy(m.add_columns, m.alter_types, m.allow_extra_columns),
         fetch=fetch_plan(cfg),
-        verify=cfg.job.verify,
-        on_drift=cfg.job.on_drift,
+        verify=str(cfg.job.verify),
+        on_drift=str(cfg.job.on_drift),
         settings=settings_json(cfg),
         read_splits=p.read_splits,
         data_root=str(root.resolve()),

@@ -7,6 +7,7 @@ Under CI=true a missing database fails the session instead of skipping.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator, List
@@ -14,9 +15,7 @@ from typing import Iterator, List
 import psycopg2
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "loadkit" / "conf"
-LOCAL_DSN = "postgresql://root@127.0.0.1:5432/test"
+from tests.helpers import CONF, LOCAL_DSN, ROOT, compose, query  # noqa: F401 -- re-exported: import tests.helpers
 
 
 def _reachable(dsn: str) -> bool:
@@ -25,6 +24,29 @@ def _reachable(dsn: str) -> bool:
         return True
     except psycopg2.OperationalError:
         return False
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Whole-job runs (e2e, fault) and every test on the shared Ray instance are slow: ``-m "not slow"``
+    (the fast selection, README "Run the tests") leaves them out; CI runs everything."""
+    for item in items:
+        if (item.get_closest_marker("e2e") or item.get_closest_marker("fault")
+                or "ray_session" in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never imports Ray: a test that did not import it did not start it
+    return ray is not None and bool(ray.is_initialized())
+
+
+@pytest.fixture(autouse=True)
+def ray_needs_a_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that starts Ray must be marked (e2e, fault or slow), or the fast selection would start it."""
+    before = _ray_running()
+    yield
+    if not before and _ray_running() and request.node.get_closest_marker("slow") is None:
+        pytest.fail("this test starts Ray: mark it e2e, fault or slow (pyproject [tool.pytest.ini_options] markers)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -96,17 +118,6 @@ def schemas(pg_dsn: str) -> Iterator[tuple]:
     conn.close()
 
 
-def compose(overrides: List[str]):
-    """The typed config for these overrides, exactly as the CLI would compose it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from loadkit.config import register, to_config
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=overrides))
-
-
 @pytest.fixture()
 def job_overrides(pg_dsn: str, schemas: tuple, mlflow_uri: str, tmp_path: Path):
     """Overrides that point a job at this test's schemas, database and MLflow store.
@@ -124,11 +135,13 @@ def job_overrides(pg_dsn: str, schemas: tuple, mlflow_uri: str, tmp_path: Path):
     return make
 
 
-def query(dsn: str, sql: str, args: tuple = ()) -> list:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
+@pytest.fixture(scope="module")
+def month(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A generated CNPJ month, 2024-05 (loadkit.examples.cnpj.sample), one per test module.
+
+    A module sizes it with ``MONTH = {"rows": ..., "shards": ..., "seed": ...}`` (default: 200 rows,
+    one shard, seed 5); a module that alters the files overrides this fixture and requests it."""
+    from loadkit.examples.cnpj.sample import generate_month
+
+    size = {"rows": 200, "shards": 1, "seed": 5, **getattr(request.module, "MONTH", {})}
+    return generate_month(tmp_path_factory.mktemp("month"), 2024, 5, **size)

@@ -13,7 +13,7 @@ from typing import Iterator, List
 import psycopg2
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit import tracking
 from loadkit.postgres import ledger
 from loadkit.alerts import AlertEngine, Watchdog
@@ -21,7 +21,7 @@ from loadkit.config import AlertRule, AlertsConfig
 from loadkit.plan import alerts_plan
 from loadkit.errors import AlertAbort
 from loadkit.runner import run_job
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.test_tracking import inject_rejects
 
 
@@ -65,9 +65,12 @@ def webhook() -> Iterator[tuple]:
     server.server_close()
 
 
+MONTH = {"rows": 200, "shards": 1, "seed": 5}  # the size of conftest's `month`
+
+
 @pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    manifest = generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=200, shards=1, seed=5)
+def month(month: SampleManifest) -> SampleManifest:
+    manifest = month
     inject_rejects(manifest, "cnaes", [b'"";"SEM CODIGO"\n'])  # 1 of 33 cnaes rows: under the 5% table limit
     return manifest
 
@@ -124,6 +127,7 @@ def test_watchdog_flags_no_progress_without_any_result_arriving() -> None:
 # ---------------------------------------------------------------- real runs
 
 
+@pytest.mark.e2e
 def test_every_rule_fires_on_a_forced_breach_in_a_run(month: SampleManifest, ray_session: None, job_overrides,
                                                       mlflow_uri: str, tmp_path: Path, alert_log: _Capture,
                                                       webhook: tuple) -> None:
@@ -146,12 +150,14 @@ def test_every_rule_fires_on_a_forced_breach_in_a_run(month: SampleManifest, ray
     assert run.data.metrics["alerts"] >= 3
 
 
+@pytest.mark.e2e
 def test_abort_action_stops_the_run_mid_stream(month: SampleManifest, ray_session: None, job_overrides) -> None:
     result = run_job(compose(job_overrides(month.root, *rules(pool_utilisation="0:abort"))))
     assert result.status == "failed"
     assert isinstance(result.error, AlertAbort) and "pool_utilisation" in str(result.error)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_no_progress_aborts_while_the_pipeline_is_blocked(month: SampleManifest, pg_dsn: str, schemas: tuple,
                                                           ray_session: None, job_overrides) -> None:

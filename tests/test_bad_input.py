@@ -18,7 +18,7 @@ from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig,
 from loadkit.errors import ConfigError, RejectThresholdError, SourceDataError
 from loadkit.plan import build_plan
 from loadkit.runner import run_job
-from tests.conftest import query
+from tests.helpers import query
 from tests.corpus import corrupt_zip_member, write_zip
 
 SECRET = "Sup3rSecretPw"

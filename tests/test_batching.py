@@ -6,10 +6,10 @@ from typing import Callable, List
 
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.batching import BatchSizer, SizingSettings
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 ADAPTIVE = SizingSettings(policy="adaptive", size=10_000, min_size=1_000, max_size=80_000, window_s=1.0,
                           window_batches=2, step=2.0, tolerance=0.05, memory_ceiling=0.8)
@@ -56,9 +56,7 @@ def test_memory_pressure_halves_at_once_within_bounds() -> None:
     assert sizer.size == ADAPTIVE.min_size
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=3000, shards=1, seed=23)
+MONTH = {"rows": 3000, "shards": 1, "seed": 23}  # the size of conftest's `month`
 
 
 @pytest.mark.e2e

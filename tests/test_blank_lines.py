@@ -15,7 +15,7 @@ from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig,
                             SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.metrics import RunMetrics, skipped_lines_note, summary_table
 from loadkit.runner import run_job
-from tests.conftest import query
+from tests.helpers import autocommit_cursor, query
 
 PAIRS_CSV = b"id,name\n1,a\n\n2,b\n\n"  # header, 2 records, 2 blank lines
 SINGLE_CSV = b"a\n\nb\n\nc\n"  # one column: 5 records, 2 of them NULL
@@ -84,26 +84,19 @@ def test_summary_has_no_skipped_lines_footnote_when_none_were_skipped() -> None:
 
 
 def test_an_older_ledger_gains_the_blank_lines_column_once(pg_dsn: str, schemas: tuple) -> None:
-    import psycopg2
-
     from loadkit.postgres import ledger
 
     led = schemas[1]
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            ledger.Ledger(led).ensure(cur)
-            cur.execute(f'ALTER TABLE "{led}".batch DROP COLUMN blank_lines')  # a ledger from before the column
-            cur.execute(f"INSERT INTO \"{led}\".batch (batch_id, run_id, table_name, period, file_sha, file_ordinal, "
-                        "member, start_offset, end_offset, rows_in, rows_loaded, rows_rejected) "
-                        "VALUES (1, 'r', 't', '2024-05', 's', 0, 'm', 0, 10, 3, 2, 1)")
-            ledger.Ledger(led).ensure(cur)
-            ledger.Ledger(led).ensure(cur)  # idempotent
-            cur.execute(f'SELECT rows_in, blank_lines FROM "{led}".batch')
-            assert cur.fetchall() == [(3, 0)]
-    finally:
-        conn.close()
+    with autocommit_cursor(pg_dsn) as cur:
+        ledger.Ledger(led).ensure(cur)
+        cur.execute(f'ALTER TABLE "{led}".batch DROP COLUMN blank_lines')  # a ledger from before the column
+        cur.execute(f"INSERT INTO \"{led}\".batch (batch_id, run_id, table_name, period, file_sha, file_ordinal, "
+                    "member, start_offset, end_offset, rows_in, rows_loaded, rows_rejected) "
+                    "VALUES (1, 'r', 't', '2024-05', 's', 0, 'm', 0, 10, 3, 2, 1)")
+        ledger.Ledger(led).ensure(cur)
+        ledger.Ledger(led).ensure(cur)  # idempotent
+        cur.execute(f'SELECT rows_in, blank_lines FROM "{led}".batch')
+        assert cur.fetchall() == [(3, 0)]
 
 
 def test_a_blank_line_of_a_required_one_column_is_a_reject_with_its_line() -> None:

@@ -9,7 +9,7 @@ from typing import List
 
 import pytest
 
-from tests.conftest import ROOT, query
+from tests.helpers import ROOT, query
 
 pytestmark = pytest.mark.e2e
 
@@ -139,7 +139,7 @@ def test_plan_prints_files_ddl_and_ledger_and_writes_nothing(user_project: Path,
     assert sha[:16] in before.stdout
 
     from loadkit.runner import run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     run_job(compose([f"hydra.searchpath=[file://{user_project / 'conf'}]", "+job=weather",
                      f"data_root={user_project / 'data'}", f"sink.dsn={pg_dsn}", f"job.schema={target}",

@@ -23,7 +23,7 @@ from typing import IO, Dict, Iterator, List
 import pytest
 
 from loadkit.examples.cnpj.sample import generate_month
-from tests.conftest import ROOT, query
+from tests.helpers import ROOT, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -13,7 +13,7 @@ from loadkit.source import files
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.plan import build_plan
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 
 def _rezip_like_a_mac(path: Path) -> None:

@@ -26,7 +26,7 @@ from loadkit.errors import ConfigError
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.plan import build_plan
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose, query
+from tests.helpers import ROOT, compose, query
 
 SMALL = [f"~job.tables.{t}" for t in ("estabelecimentos", "socios", "simples")]
 

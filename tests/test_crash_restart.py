@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import psycopg2
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 from tests.private_pg import PrivatePostgres
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
@@ -48,9 +48,7 @@ def server() -> Iterator[PrivatePostgres]:
         pg.close()
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("crash"), 2024, 5, rows=400, shards=2, seed=5)
+MONTH = {"rows": 400, "shards": 2, "seed": 5}  # the size of conftest's `month`
 
 
 def _count(dsn: str, sql: str) -> int:

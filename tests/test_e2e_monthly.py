@@ -10,7 +10,7 @@ import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 pytestmark = pytest.mark.e2e
 
@@ -20,9 +20,7 @@ KEYS = {"empresas": ("cnpj_basico",), "estabelecimentos": ("cnpj_basico", "cnpj_
 SOCIO_IDENTITY = ("cnpj_basico", "identificador_de_socio", "cnpj_cpf_do_socio", "nome_socio", "data_entrada_sociedade")
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=600, shards=2, seed=7)
+MONTH = {"rows": 600, "shards": 2, "seed": 7}  # the size of conftest's `month`
 
 
 def last_wins(rows: List[Dict[str, Any]], key: tuple) -> List[Dict[str, Any]]:

@@ -15,7 +15,7 @@ import pytest
 from loadkit.errors import (EXIT_CODES, AlertAbort, Category, InterruptedRun, LoadkitError, OperatorError,
                             classify)
 from loadkit.runner import RunResult, exit_code, run_job
-from tests.conftest import compose
+from tests.helpers import compose
 
 DROP_ALL_BUT_CNAES = [f"~job.tables.{t}" for t in ("empresas", "estabelecimentos", "socios", "simples", "motivos",
                                                     "municipios", "naturezas", "paises", "qualificacoes")]

@@ -28,12 +28,12 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.errors import Category, classify
 from loadkit.plan import RetryPolicy
 from loadkit.resilience import retrying
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose, query
+from tests.helpers import ROOT, compose, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -46,9 +46,7 @@ FAST_RETRY = ["retry.initial_wait_s=0.2", "retry.max_wait_s=2.0", "retry.jitter_
               "retry.breaker_cooldown_s=2.0"]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("faults"), 2024, 5, rows=1500, shards=2, seed=11)
+MONTH = {"rows": 1500, "shards": 2, "seed": 11}  # the size of conftest's `month`
 
 
 @pytest.fixture()

@@ -23,7 +23,7 @@ from loadkit.source import fetch
 from loadkit.errors import EXIT_CODES, Category, SourceDataError
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 
 class Faults:

@@ -8,7 +8,7 @@ import pytest
 from loadkit.postgres import db
 from loadkit.postgres import ledger
 from loadkit.health import main
-from tests.conftest import LOCAL_DSN, ROOT
+from tests.helpers import LOCAL_DSN, ROOT
 
 
 def checks_of(out: str) -> dict:

@@ -7,17 +7,15 @@ import sys
 
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.history import main
 from loadkit.runner import RunResult, run_job
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=100, shards=1, seed=17)
+MONTH = {"rows": 100, "shards": 1, "seed": 17}  # the size of conftest's `month`
 
 
 def test_list_show_and_compare_two_runs(month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None,

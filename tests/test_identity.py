@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from loadkit.errors import ConfigError
 from loadkit.runner import RunResult, run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ import pytest
 
 from loadkit.source import infer
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 pytestmark = pytest.mark.e2e
 

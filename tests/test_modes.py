@@ -20,7 +20,7 @@ from loadkit.config import MigrateConfig
 from loadkit.errors import Category, ConfigError, classify
 from loadkit.plan import build_plan
 from loadkit.runner import RunResult, run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = pytest.mark.e2e
@@ -30,9 +30,7 @@ TABLES = ("empresas", "estabelecimentos", "socios", "simples", "cnaes", "motivos
 REFERENCE = TABLES[4:]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=300, shards=2, seed=11)
+MONTH = {"rows": 300, "shards": 2, "seed": 11}  # the size of conftest's `month`
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,16 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FIGURES = ("throughput_vs_batch_size.png", "stage_latency.png", "memory_over_time.png", "before_after.png")
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=100, shards=1, seed=19)
+MONTH = {"rows": 100, "shards": 1, "seed": 19}  # the size of conftest's `month`
 
 
 @pytest.mark.timeout(600)

@@ -13,16 +13,14 @@ from typing import Dict, List, Optional
 import pytest
 
 from loadkit import tracking
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.history import main as history_main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=150, shards=1, seed=23)
+MONTH = {"rows": 150, "shards": 1, "seed": 23}  # the size of conftest's `month`
 
 
 def cli(month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, *extra: str,
@@ -108,7 +106,7 @@ def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest
                                                           capsys: pytest.CaptureFixture) -> None:
     from loadkit.postgres import modes
     from loadkit.runner import run_job
-    from tests.conftest import compose, query
+    from tests.helpers import compose, query
 
     def broken(*args: object, **kwargs: object) -> None:
         raise TypeError("finalize got a bad argument")  # stands for any programming error
@@ -196,7 +194,7 @@ def test_a_long_background_run_opens_the_store_and_logs_live(month: SampleManife
     """Background mode on a run longer than live_after_s (0 here): the store opens mid-run, the record is
     written before the run returns and the ledger gets its MLflow id, as in sync mode."""
     from loadkit.runner import run_job
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.flush=background",
                                            "tracking.live_after_s=0")))

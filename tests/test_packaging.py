@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, query
+from tests.helpers import ROOT, query
 from tests.test_identity import WEATHER_PRECIPITATION, WEATHER_ROWS, weather_csv, write_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

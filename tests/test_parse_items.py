@@ -15,7 +15,7 @@ from loadkit.source import scanner
 from loadkit.source import files
 from loadkit.config import ColumnConfig, DialectConfig, _validate_dialect
 from loadkit.errors import ConfigError
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 from tests.corpus import parse, read_local, rejects_of, rows_of, spec, write_zip
 
 TWO = [("a", "text"), ("b", "text")]

@@ -17,7 +17,7 @@ import pytest
 
 from loadkit.postgres import modes
 from loadkit.metrics import ProgressBar, RunMetrics, progress_line
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose
 
 TABLES = ("empresas", "estabelecimentos", "socios", "simples", "cnaes", "motivos", "municipios", "naturezas",
           "paises", "qualificacoes")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 
 from loadkit.runner import run_job
-from tests.conftest import ROOT, compose, query
+from tests.helpers import ROOT, compose, query
 
 pytestmark = pytest.mark.e2e
 

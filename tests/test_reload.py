@@ -9,15 +9,13 @@ from typing import Dict, List
 
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
-from tests.conftest import CONF, compose
+from loadkit.examples.cnpj.sample import SampleManifest
+from tests.helpers import CONF, compose
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signal")]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=300, shards=1, seed=31)
+MONTH = {"rows": 300, "shards": 1, "seed": 31}  # the size of conftest's `month`
 
 
 def edit(conf: Path, group: str, name: str, old: str, new: str) -> None:
@@ -25,6 +23,15 @@ def edit(conf: Path, group: str, name: str, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new))
+
+
+def add(conf: Path, group: str, name: str, line: str) -> None:
+    from omegaconf import OmegaConf
+
+    path = conf / group / f"{name}.yaml"
+    assert line.split(":")[0] not in (OmegaConf.load(path) or {}), "the packaged file sets no default"
+    with path.open("a") as fh:
+        fh.write(line + "\n")
 
 
 @pytest.mark.parametrize("valid", [True, False])
@@ -45,9 +52,9 @@ def test_sighup_reloads_alerts_and_batch_mid_run(valid: bool, month: SampleManif
         check(self, row)
         seen["sizes"].append(self.reloader.sizer.size)
         if len(seen["sizes"]) == 2:  # mid-run: edit the files, send SIGHUP, wait for the reload to finish
-            edit(conf, "alerts", "default", "reject_rate: {threshold: 0.05", "reject_rate: {threshold: 0.5"
-                 if valid else "reject_rate: {threshold: -1")
-            edit(conf, "batch", "fixed", "size: 50000", "size: 400")
+            # the packaged group files hold no defaults (config.py does): the edit adds the keys
+            add(conf, "alerts", "default", "reject_rate: {threshold: 0.5}" if valid else "reject_rate: {threshold: -1}")
+            add(conf, "batch", "fixed", "size: 400")
             os.kill(os.getpid(), signal.SIGHUP)
             assert self.reloader.done.wait(60)
             seen["threshold"] = self.alerts.rule("reject_rate").threshold

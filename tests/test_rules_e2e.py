@@ -19,7 +19,7 @@ from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig,
                             SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.errors import RejectThresholdError
 from loadkit.runner import run_job
-from tests.conftest import query
+from tests.helpers import autocommit_cursor, query
 
 CODES = [ColumnConfig(name="id", type="integer", nullable=False),
          ColumnConfig(name="code", type="char(6)", zfill=6, null_values=["0"]),
@@ -103,27 +103,20 @@ def test_column_rules_and_kept_rejects_on_both_executors(executor: str, tmp_path
 
 
 def test_an_older_ledger_gains_the_discarded_column_once(pg_dsn: str, schemas: tuple) -> None:
-    import psycopg2
-
     from loadkit.postgres import ledger
 
     led = schemas[1]
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE SCHEMA "{led}"')
-            cur.execute(f'CREATE TABLE "{led}".reject (batch_id bigint NOT NULL, run_id text NOT NULL, table_name text '
-                        'NOT NULL, period text NOT NULL, file_path text, member text, line_number bigint, '
-                        'column_name text, reason text NOT NULL, raw text)')
-            cur.execute(f"INSERT INTO \"{led}\".reject VALUES (1, 'r', 't', '2024-05', 'f', 'm', 3, 'c', 'why', 'x')")
-            ledger.Ledger(led).ensure(cur)
-            ledger.Ledger(led).ensure(cur)  # idempotent
-            cur.execute(f'SELECT line_number, discarded FROM "{led}".reject')
-            assert cur.fetchall() == [(3, False)]
-            ledger.Ledger(led).forget_batches(cur, [1], keep_rejects=1)
-            ledger.Ledger(led).forget_batches(cur, [1])  # a kept reject is never forgotten again
-            cur.execute(f'SELECT line_number, discarded FROM "{led}".reject')
-            assert cur.fetchall() == [(3, True)]
-    finally:
-        conn.close()
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f'CREATE SCHEMA "{led}"')
+        cur.execute(f'CREATE TABLE "{led}".reject (batch_id bigint NOT NULL, run_id text NOT NULL, table_name text '
+                    'NOT NULL, period text NOT NULL, file_path text, member text, line_number bigint, '
+                    'column_name text, reason text NOT NULL, raw text)')
+        cur.execute(f"INSERT INTO \"{led}\".reject VALUES (1, 'r', 't', '2024-05', 'f', 'm', 3, 'c', 'why', 'x')")
+        ledger.Ledger(led).ensure(cur)
+        ledger.Ledger(led).ensure(cur)  # idempotent
+        cur.execute(f'SELECT line_number, discarded FROM "{led}".reject')
+        assert cur.fetchall() == [(3, False)]
+        ledger.Ledger(led).forget_batches(cur, [1], keep_rejects=1)
+        ledger.Ledger(led).forget_batches(cur, [1])  # a kept reject is never forgotten again
+        cur.execute(f'SELECT line_number, discarded FROM "{led}".reject')
+        assert cur.fetchall() == [(3, True)]

@@ -18,9 +18,7 @@ SEP = '";"'
 Record = list[str]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("sample"), 2024, 5, rows=200, shards=2, seed=0)
+MONTH = {"rows": 200, "shards": 2, "seed": 0}  # the size of conftest's `month`
 
 
 def member_bytes(path: Path) -> bytes:

@@ -27,7 +27,7 @@ from loadkit.postgres import db
 from loadkit.errors import Category, ConfigError, LoadkitError, classify
 from loadkit.logs import TextFormatter
 from loadkit.security import MIN_FREE_TEXT_SECRET, mask_dsn, mask_mapping, mask_text
-from tests.conftest import ROOT, compose, query
+from tests.helpers import ROOT, compose, query
 
 PRINTABLE = string.ascii_letters + string.digits + string.punctuation + " "
 passwords = st.text(alphabet=PRINTABLE, min_size=MIN_FREE_TEXT_SECRET, max_size=24).filter(lambda p: p.strip())

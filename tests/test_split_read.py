@@ -12,7 +12,7 @@ from loadkit.examples.cnpj.sample import generate_month
 from loadkit.source.read import ReadUnit, read_unit, split_units
 from loadkit.records import Chunk
 from loadkit.plan import build_plan
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 TABLES = ("estabelecimentos", "empresas")
 PATTERNS = {"estabelecimentos": "*ESTABELE", "empresas": "*EMPRECSV"}

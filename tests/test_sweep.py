@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit import tracking
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_tracking import SECRET, with_password
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    return generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=100, shards=1, seed=13)
+MONTH = {"rows": 100, "shards": 1, "seed": 13}  # the size of conftest's `month`
 
 
 def ray_address() -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import exit_code, run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 pytestmark = pytest.mark.e2e
 

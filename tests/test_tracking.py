@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.parquet as pq
 import pytest
 
-from loadkit.examples.cnpj.sample import SampleManifest, generate_month
+from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit import tracking
 from loadkit.logs import JsonFormatter, TextFormatter, set_context
 from loadkit.runner import run_job
-from tests.conftest import compose, query
+from tests.helpers import compose, query
 
 pytestmark = pytest.mark.e2e
 
@@ -44,9 +44,12 @@ def inject_rejects(manifest: SampleManifest, table: str, lines: List[bytes]) -> 
             zf.writestr(name, data)
 
 
+MONTH = {"rows": 300, "shards": 1, "seed": 11}  # the size of conftest's `month`
+
+
 @pytest.fixture(scope="module")
-def month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
-    manifest = generate_month(tmp_path_factory.mktemp("data"), 2024, 5, rows=300, shards=1, seed=11)
+def month(month: SampleManifest) -> SampleManifest:
+    manifest = month
     inject_rejects(manifest, "empresas", [b'"";"NO KEY";"2062";"49";"0,00";"01";""\n'])
     return manifest
 

@@ -1,0 +1,56 @@
+"""Plain helpers shared by the test modules (fixtures live in conftest.py; pytest imports that itself).
+
+Importable as ``tests.helpers`` because pyproject's ``[tool.pytest.ini_options] pythonpath`` puts the
+repository root on sys.path, so ``pytest tests/test_config.py`` collects on its own.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, List
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "loadkit" / "conf"
+LOCAL_DSN = "postgresql://root@127.0.0.1:5432/test"
+
+
+def compose(overrides: List[str]):
+    """The typed config for these overrides, exactly as the CLI would compose it: a composition error
+    (unknown key, wrong type, a value outside a choice) is the CLI's ConfigError naming the key."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from loadkit.config import compose_error, register, to_config
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        try:
+            composed = hydra_compose("config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException, ValueError) as exc:
+            raise compose_error(exc) from None
+        return to_config(composed)
+
+
+@contextlib.contextmanager
+def autocommit_cursor(dsn: str) -> Iterator[Any]:
+    """A psycopg2 cursor in autocommit mode; its connection is closed when the block ends."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+
+
+def query(dsn: str, sql: str, args: tuple = ()) -> list:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
