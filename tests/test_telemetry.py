@@ -5,15 +5,15 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List
+from typing import Any, Dict, List
 
-import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadkit import prom
 from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.metrics import RunMetrics
+from loadkit.records import BatchResult
 
 
 def get(url: str) -> tuple:
@@ -32,19 +32,19 @@ def samples(text: str) -> Dict[str, List[tuple]]:
     return out
 
 
-def batch(table: str, rows: int, write_s: float, **extra: object) -> Dict[str, object]:
-    now = time.time()
-    row = {"kind": "data", "table_name": table, "file_sha": "f" * 64, "member": "m", "status": "committed",
-           "rows_in": rows, "rows_loaded": rows - 1, "rows_rejected": 1, "rows_coerced": 0, "bytes": rows * 10,
-           "attempts": 1, "write_s": write_s, "parse_s": 0.01, "writer": "w1", "pool_utilisation": 0.5,
-           "rss_bytes": 123_000_000, "finished_at": now, "message": None}
-    row.update(extra)
-    return row
+def batch(table: str, rows: int, write_s: float, **extra: Any) -> BatchResult:
+    fields: Dict[str, Any] = dict(
+        kind="data", table_name=table, file_sha="f" * 64, member="m", status="committed", rows_in=rows,
+        rows_loaded=rows - 1, rows_rejected=1, rows_coerced=0, bytes=rows * 10, attempts=1, write_s=write_s,
+        parse_s=0.01, writer="w1", pool_utilisation=0.5, rss_bytes=123_000_000, finished_at=time.time())
+    fields.update(extra)
+    return BatchResult(**fields)
 
 
 def test_metrics_and_healthz_reflect_the_run_state() -> None:
     metrics = RunMetrics({"people": "append"})
-    metrics.add(pa.Table.from_pylist([batch("people", 1000, 0.2), batch("people", 2000, 3.0, attempts=3)]))
+    metrics.add(batch("people", 1000, 0.2))
+    metrics.add(batch("people", 2000, 3.0, attempts=3))
     endpoint = prom.MetricsEndpoint(prom.RunCollector(metrics), port=0, run_id="r1", stall_seconds=60).start()
     try:
         host, port = prom.current_address()
