@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from loadkit.postgres import db
 from loadkit.postgres import identity
-from loadkit.postgres import ledger
+from loadkit.postgres.ledger import Ledger
 from loadkit.postgres import modes
 from loadkit.errors import LoadkitError
 from loadkit.plan import LoadPlan, SinkPlan, TableSpec
@@ -89,12 +89,13 @@ def inspect(plan: LoadPlan) -> Tuple[str, Dict[str, Dict[str, Any]]]:
         for t in plan.tables:
             with conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '2s'")
-                ledger.ensure(cur, plan.ledger_schema)
+                led = Ledger(plan.ledger_schema)
+                led.ensure(cur)
                 rec = _Recorder(cur)
                 try:
                     modes.prepare(rec, t, plan.migrate)
-                    out[t.name]["ledger"] = ledger.loaded_files(cur, plan.ledger_schema, t.name, plan.period)
-                    out[t.name]["drift"] = identity.drift(cur, t, plan.ledger_schema, plan.period, plan.verify)
+                    out[t.name]["ledger"] = led.loaded_files(cur, t.name, plan.period)
+                    out[t.name]["drift"] = identity.drift(cur, t, led, plan.period, plan.verify)
                 except LoadkitError as exc:
                     out[t.name]["error"] = str(exc)
                 except Exception as exc:  # e.g. lock_timeout behind a running load: say so, keep going

@@ -165,7 +165,7 @@ def test_no_progress_aborts_while_the_pipeline_is_blocked(month: SampleManifest,
     _, led = schemas
     blocker = psycopg2.connect(pg_dsn)
     with blocker.cursor() as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     blocker.commit()
     with blocker.cursor() as cur:
         cur.execute(f'LOCK TABLE "{led}".reject IN SHARE MODE')  # reads pass, the writer's COPY waits

@@ -88,13 +88,13 @@ def test_an_older_ledger_gains_the_blank_lines_column_once(pg_dsn: str, schemas:
 
     led = schemas[1]
     with autocommit_cursor(pg_dsn) as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
         cur.execute(f'ALTER TABLE "{led}".batch DROP COLUMN blank_lines')  # a ledger from before the column
         cur.execute(f"INSERT INTO \"{led}\".batch (batch_id, run_id, table_name, period, file_sha, file_ordinal, "
                     "member, start_offset, end_offset, rows_in, rows_loaded, rows_rejected) "
                     "VALUES (1, 'r', 't', '2024-05', 's', 0, 'm', 0, 10, 3, 2, 1)")
-        ledger.ensure(cur, led)
-        ledger.ensure(cur, led)  # idempotent
+        ledger.Ledger(led).ensure(cur)
+        ledger.Ledger(led).ensure(cur)  # idempotent
         cur.execute(f'SELECT rows_in, blank_lines FROM "{led}".batch')
         assert cur.fetchall() == [(3, 0)]
 

@@ -154,11 +154,11 @@ def test_auto_executor_rule(month: SampleManifest, max_bytes: int, max_cpus: int
                             expected: str) -> None:
     from loadkit.source.read import ReadUnit
     from loadkit.plan import build_plan
-    from loadkit.runner import Runner
+    from loadkit.supervise import executor_for
 
     extra = [f"env.inprocess_max_bytes={max_bytes}", f"env.inprocess_max_cpus={max_cpus}", f"env.num_cpus={cpus}"]
     cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={month.root}", *extra,
                    f"env.address={address}" if address else "env.address=null"])
     plan = build_plan(cfg)
     units = [ReadUnit(t, f, (), plan.batch.size) for t in plan.tables for f in t.files]
-    assert Runner(cfg)._executor(units) == expected
+    assert executor_for(plan.env, units) == expected

@@ -443,7 +443,7 @@ def test_serialization_failures_on_ledger_updates_are_retried(pg_dsn: str, schem
 
     _, led = schemas
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     conn.close()
     policy = RetryPolicy(attempts=5, initial_wait_s=0.05, max_wait_s=0.5, multiplier=2.0, jitter_s=0.05,
                          breaker_failures=5, breaker_cooldown_s=1.0)
@@ -462,7 +462,7 @@ def test_serialization_failures_on_ledger_updates_are_retried(pg_dsn: str, schem
                     ordinal = cur.fetchone()[0]
                     if attempts[sha] == 1:
                         barrier.wait(10)  # both have read before either writes: a write skew
-                    ledger.mark_file(cur, led, "run", "t", "2024-05", sha, f"{sha}.zip", ordinal, 1, "loaded")
+                    ledger.Ledger(led).mark_file(cur, "run", "t", "2024-05", sha, f"{sha}.zip", ordinal, 1, "loaded")
             finally:
                 conn.close()
 

@@ -32,8 +32,8 @@ def test_failures_are_named_and_exit_non_zero(pg_dsn: str, schemas: tuple, tmp_p
                                               capsys: pytest.CaptureFixture) -> None:
     _, led = schemas
     with db.transaction(pg_dsn) as cur:  # a run whose driver died: 'running', and nobody holds its lock
-        ledger.ensure(cur, led)
-        ledger.start_run(cur, led, "deadbeef", "somejob", "2024-05", {})
+        ledger.Ledger(led).ensure(cur)
+        ledger.Ledger(led).start_run(cur, "deadbeef", "somejob", "2024-05", {})
     assert main([f"sink.dsn={pg_dsn}", f"sink.ledger_schema={led}", "tracking=off", f"data_root={tmp_path}",
                  "--min-free-mb", "1"]) == 4
     out = capsys.readouterr()

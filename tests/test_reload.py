@@ -38,17 +38,18 @@ def add(conf: Path, group: str, name: str, line: str) -> None:
 def test_sighup_reloads_alerts_and_batch_mid_run(valid: bool, month: SampleManifest, job_overrides, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from loadkit.runner import Runner
+    from loadkit.runner import run_job
+    from loadkit.supervise import Supervisor
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     monkeypatch.setenv("LOADKIT_CONF", str(conf))
     overrides = job_overrides(month.root, "env.executor=inprocess", "tracking=off", "batch.size=100")
     seen: Dict[str, List] = {"sizes": []}
-    check = Runner._check_batch
+    check = Supervisor._check_batch
 
-    def check_then_signal(self: Runner, plan, metrics, alerts, row) -> None:
-        check(self, plan, metrics, alerts, row)
+    def check_then_signal(self: Supervisor, row) -> None:
+        check(self, row)
         seen["sizes"].append(self.reloader.sizer.size)
         if len(seen["sizes"]) == 2:  # mid-run: edit the files, send SIGHUP, wait for the reload to finish
             # the packaged group files hold no defaults (config.py does): the edit adds the keys
@@ -56,11 +57,11 @@ def test_sighup_reloads_alerts_and_batch_mid_run(valid: bool, month: SampleManif
             add(conf, "batch", "fixed", "size: 400")
             os.kill(os.getpid(), signal.SIGHUP)
             assert self.reloader.done.wait(60)
-            seen["threshold"] = alerts.rule("reject_rate").threshold
+            seen["threshold"] = self.alerts.rule("reject_rate").threshold
 
-    monkeypatch.setattr(Runner, "_check_batch", check_then_signal)
+    monkeypatch.setattr(Supervisor, "_check_batch", check_then_signal)
     caplog.set_level("INFO", logger="loadkit")
-    result = Runner(compose(overrides), tags={"overrides": " ".join(overrides)}).run()
+    result = run_job(compose(overrides), tags={"overrides": " ".join(overrides)})
     assert result.status == "succeeded", result.error
     if valid:
         # batch.size=100 on the command line still wins over the edited file: only the threshold moves.
@@ -74,7 +75,8 @@ def test_sighup_reloads_alerts_and_batch_mid_run(valid: bool, month: SampleManif
 
 def test_a_new_batch_size_reaches_the_read_tasks(month: SampleManifest, job_overrides, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from loadkit.runner import Runner
+    from loadkit.runner import run_job
+    from loadkit.supervise import Supervisor
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
@@ -82,17 +84,17 @@ def test_a_new_batch_size_reaches_the_read_tasks(month: SampleManifest, job_over
     overrides = job_overrides(month.root, "env.executor=inprocess", "tracking=off", "batch=adaptive",
                               "batch.window_s=1000")
     calls: List[int] = []
-    check = Runner._check_batch
+    check = Supervisor._check_batch
 
-    def check_then_signal(self: Runner, plan, metrics, alerts, row) -> None:
-        check(self, plan, metrics, alerts, row)
+    def check_then_signal(self: Supervisor, row) -> None:
+        check(self, row)
         calls.append(1)
         if len(calls) == 1:
             edit(conf, "batch", "adaptive", "size: 20000", "size: 3000")
             os.kill(os.getpid(), signal.SIGHUP)
             assert self.reloader.done.wait(60) and self.reloader.applied == 1
 
-    monkeypatch.setattr(Runner, "_check_batch", check_then_signal)
-    result = Runner(compose(overrides), tags={"overrides": " ".join(overrides)}).run()
+    monkeypatch.setattr(Supervisor, "_check_batch", check_then_signal)
+    result = run_job(compose(overrides), tags={"overrides": " ".join(overrides)})
     assert result.status == "succeeded", result.error
     assert (3000, "reload") in [(rows, why) for _, rows, why in result.metrics.batch_sizes]

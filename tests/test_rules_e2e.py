@@ -112,11 +112,11 @@ def test_an_older_ledger_gains_the_discarded_column_once(pg_dsn: str, schemas: t
                     'NOT NULL, period text NOT NULL, file_path text, member text, line_number bigint, '
                     'column_name text, reason text NOT NULL, raw text)')
         cur.execute(f"INSERT INTO \"{led}\".reject VALUES (1, 'r', 't', '2024-05', 'f', 'm', 3, 'c', 'why', 'x')")
-        ledger.ensure(cur, led)
-        ledger.ensure(cur, led)  # idempotent
+        ledger.Ledger(led).ensure(cur)
+        ledger.Ledger(led).ensure(cur)  # idempotent
         cur.execute(f'SELECT line_number, discarded FROM "{led}".reject')
         assert cur.fetchall() == [(3, False)]
-        ledger.forget_batches(cur, led, [1], keep_rejects=1)
-        ledger.forget_batches(cur, led, [1])  # a kept reject is never forgotten again
+        ledger.Ledger(led).forget_batches(cur, [1], keep_rejects=1)
+        ledger.Ledger(led).forget_batches(cur, [1])  # a kept reject is never forgotten again
         cur.execute(f'SELECT line_number, discarded FROM "{led}".reject')
         assert cur.fetchall() == [(3, True)]

@@ -107,7 +107,7 @@ def waiting_on_lock(dsn: str, led: str) -> bool:
 def lock_the_ledger_once_running(dsn: str, led: str, blocker: Blocker) -> threading.Thread:
     """Create the ledger now; once the run is running, hold its batch table so every writer's ledger insert waits."""
     with autocommit_cursor(dsn) as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     return in_background(lambda: (wait_for(lambda: running(dsn, led), 120, "the run"),
                                   blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")))
 
@@ -123,7 +123,7 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
                                                    record_property: Callable[[str, Any], None]) -> None:
     target, led = schemas
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     conn.close()
     overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=20",
                               *THREE)

@@ -74,19 +74,20 @@ MONTH = {"rows": 100, "shards": 1, "seed": 29}  # the size of conftest's `month`
 @pytest.mark.e2e
 def test_the_endpoint_serves_during_a_run(month: SampleManifest, job_overrides,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from loadkit.runner import Runner, run_job
+    from loadkit.postgres.sink import PostgresSink
+    from loadkit.runner import run_job
     from tests.helpers import compose
 
     scraped: Dict[str, object] = {}
-    finalize = Runner._finalize_tables
+    finalize = PostgresSink.complete
 
-    def scrape_then_finalize(self: Runner, *args: object) -> None:  # the run has streamed, not yet finished
+    def scrape_then_finalize(self: PostgresSink, *args: object) -> object:  # the run has streamed, not yet finished
         host, port = prom.current_address()
         scraped["metrics"] = get(f"http://{host}:{port}/metrics")
         scraped["healthz"] = get(f"http://{host}:{port}/healthz")
-        finalize(self, *args)
+        return finalize(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Runner, "_finalize_tables", scrape_then_finalize)
+    monkeypatch.setattr(PostgresSink, "complete", scrape_then_finalize)
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking=off",
                                            "telemetry.metrics_port=0")))
     assert result.status == "succeeded", result.error

@@ -20,7 +20,8 @@ from typing import Any, Dict, Iterator, Optional, Protocol, Sequence
 from loadkit.execute.channel import SizeChannel
 from loadkit.execute.inprocess import InProcessExecutor
 from loadkit.plan import LoadPlan
-from loadkit.postgres.writer import TableTarget, WriterSettings
+from loadkit.postgres.sink import writer_settings  # what every writer needs: the sink decides
+from loadkit.postgres.writer import WriterSettings
 from loadkit.records import BatchResult
 from loadkit.source.read import ReadUnit
 
@@ -75,11 +76,3 @@ def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[i
     from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
 
     return RayExecutor(address, num_cpus, object_store_memory, runtime_env, progress_bars)
-
-
-def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
-    """What every writer (thread or actor) needs from the plan: targets, ledger, pool size, retries."""
-    targets = {t.name: TableTarget(t.load_schema, t.load_table, t.mode != "append") for t in plan.tables}
-    return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
-                          tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
-                          retry=plan.retry)

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import quote, unquote
 
 import psycopg2
@@ -174,6 +174,23 @@ def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2) -> int:
         return 0
     finally:
         conn.close()
+
+
+def diag_constraint(exc: BaseException) -> Optional[Tuple[Optional[str], str]]:
+    """(schema, constraint) a driver error names in its diagnostics -- psycopg2 ``e.diag.schema_name`` /
+    ``constraint_name``, ADBC ``e.details`` PG_DIAG_SCHEMA_NAME / PG_DIAG_CONSTRAINT_NAME -- or None.
+    Never parsed out of the message text (which a data value or a table name can imitate)."""
+    diag = getattr(exc, "diag", None)
+    name = getattr(diag, "constraint_name", None)
+    if isinstance(name, str) and name:
+        return getattr(diag, "schema_name", None), name
+    details: Dict[str, str] = {}
+    for key, value in getattr(exc, "details", None) or ():
+        k = key.decode("ascii", "replace") if isinstance(key, bytes) else str(key)
+        details[k] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if details.get("PG_DIAG_CONSTRAINT_NAME"):
+        return details.get("PG_DIAG_SCHEMA_NAME"), details["PG_DIAG_CONSTRAINT_NAME"]
+    return None
 
 
 def adbc_connect(dsn: str) -> Any:

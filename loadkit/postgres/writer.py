@@ -21,13 +21,13 @@ from typing import Any, Dict
 import pyarrow as pa
 
 from loadkit.postgres import ledger
+from loadkit.postgres.ledger import Ledger
 from loadkit.records import BatchResult, ParsedBatch, carry
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
-from loadkit.errors import as_loadkit_error, is_deadlock, sqlstate_of
+from loadkit.errors import as_loadkit_error, is_deadlock
 from loadkit.monitor import process_rss, release_memory
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
-from loadkit.security import qualified
 
 log = logging.getLogger("loadkit.postgres.writer")
 
@@ -57,6 +57,7 @@ class BatchWriter:
         self._name = f"writer-{os.getpid()}"
         self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
         self._attempts = 0
+        self._ledger = Ledger(settings.ledger_schema)
         self._pool = self._open_pool()
 
     def _open_pool(self) -> ConnectionPool:
@@ -96,9 +97,7 @@ class BatchWriter:
         target = self._s.tables[batch.table_name]
         with self._pool.connection() as conn:
             with conn.cursor() as cur:
-                cur.execute(f"SELECT 1 FROM {qualified(self._s.ledger_schema, 'batch')} WHERE batch_id = $1",
-                            parameters=(batch.batch_id,))
-                if cur.fetchall():
+                if self._ledger.has_batch(cur, batch.batch_id):
                     conn.rollback()
                     return "skipped"
                 try:
@@ -106,7 +105,7 @@ class BatchWriter:
                     conn.commit()
                 except Exception as exc:
                     _rollback_after(conn, exc)
-                    if sqlstate_of(exc) == "23505" and "batch_pkey" in str(exc):
+                    if self._ledger.is_duplicate_batch(exc):
                         return "skipped"  # another writer committed the same batch first
                     raise
         return "committed"
@@ -120,9 +119,8 @@ class BatchWriter:
             cur.adbc_ingest(target.load_table, rows, mode="append", db_schema_name=target.schema)
         rejects = batch.rejects
         if rejects is not None and rejects.num_rows:
-            cur.adbc_ingest("reject", self._reject_rows(batch, rejects), mode="append",
-                            db_schema_name=self._s.ledger_schema)
-        cur.adbc_ingest("batch", self._ledger_row(batch), mode="append", db_schema_name=self._s.ledger_schema)
+            self._ledger.append_rejects(cur, self._reject_rows(batch, rejects))
+        self._ledger.append_batch(cur, self._ledger_row(batch))
 
     def _reject_rows(self, batch: ParsedBatch, rejects: pa.Table) -> pa.Table:
         n = rejects.num_rows

@@ -1,0 +1,460 @@
+"""The PostgreSQL sink: the run-level half of exactly-once, with a Datasink-like lifecycle.
+
+Shaped after Ray Data's ``Datasink`` (on_write_start / write / on_write_complete /
+on_write_failed), with the run's resources owned in one place:
+
+- ``open(params)``  (a context manager): the job lock (a session advisory lock, watched), stale
+  runs marked crashed, the run's ledger row, what the fetch stage downloaded.
+- ``start(metrics) -> todo``: per table, the target/staging DDL, ``force`` resets, the resume
+  state (files not yet published, byte ranges already committed); returns what is left to read.
+- ``writer_settings()``: what every BatchWriter (the per-batch ``write``) needs.
+- ``complete(metrics, ...)``: settle every file (accounting checked, failed files discarded) and
+  publish every table (verify staging, finalise per write mode, sync) -- the tables whose staging
+  lost batches come back to be read again.
+- ``end(...)``: the run's and its tables' end rows, whatever happened (``on_write_failed`` too).
+
+Batch-level exactly-once lives in the writer (postgres/writer.py); every ledger statement in
+``Ledger``; every mode-specific step in the mode classes (postgres/modes.py).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from types import TracebackType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
+
+from loadkit.errors import JobLockLost, LoadkitError, TransientDBError, as_loadkit_error
+from loadkit.logs import heartbeat
+from loadkit.plan import FileSpec, LoadPlan, TableSpec
+from loadkit.postgres import db, identity
+from loadkit.postgres.ledger import Ledger, TableOutcome, ddl_lock
+from loadkit.postgres.modes import WriteMode, mode_for, record_steps
+from loadkit.postgres.writer import TableTarget, WriterSettings
+from loadkit.resilience import retrying
+from loadkit.security import mask_text
+
+log = logging.getLogger("loadkit.run")
+
+_LOCK_CHECK_S = 1.0
+
+
+@dataclass(frozen=True)
+class Todo:
+    """One file of one table still to read, with the byte ranges earlier runs committed (skipped)."""
+
+    table: TableSpec
+    file: FileSpec
+    committed: Tuple[Tuple[str, Tuple[Tuple[int, int], ...]], ...]
+
+
+@dataclass
+class Completion:
+    """What ``complete`` did: files that failed (table, path, why), tables whose staging lost batches."""
+
+    failed: List[Tuple[str, str, str]] = field(default_factory=list)
+    lost: List[str] = field(default_factory=list)
+
+
+def session_dsn(plan: LoadPlan, role: str = "driver") -> str:
+    """The DSN of this run's sessions: the configured (or LOADKIT_DSN, or embedded) server with the plan's
+    ``sink.connect_timeout`` (libpq, seconds) and server-side ``statement_timeout`` / ``lock_timeout``
+    (ms, 0 = none) in it, so every connection -- driver, writers, Ray workers -- gets them."""
+    s = plan.sink
+    return db.session_dsn(db.resolve_dsn(s.dsn, s.embedded_dir), s.connect_timeout, s.statement_timeout_ms,
+                          s.lock_timeout_ms, db.application_name(plan.run_id, role))
+
+
+def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
+    """What every BatchWriter needs: where each table's batches go (target or staging) and the ledger."""
+    targets = {t.name: TableTarget(t.load_schema, t.load_table, mode_for(t).staged) for t in plan.tables}
+    return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
+                          tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
+                          retry=plan.retry)
+
+
+class JobLock:
+    """The run's job lock (a session advisory lock) and its health check.
+
+    The lock lives as long as its session: a terminated session or a server restart drops
+    it, and a second run of the period would be admitted. A watcher thread pings the session
+    every ``_LOCK_CHECK_S``; when it is gone it reconnects and takes the lock again, and
+    keeps the run only if nobody else has it and the ledger still shows this run
+    'running' (another run marks it 'crashed' when it starts). Otherwise the run stops as
+    transient (``on_lost``), before it can publish. Publishing checks it synchronously too.
+    While the server is unreachable nobody else can run either, so the watcher keeps trying.
+    """
+
+    def __init__(self, dsn: str, plan: LoadPlan, on_lost: Callable[[LoadkitError], None]) -> None:
+        self._dsn = db.with_application_name(dsn, db.application_name(plan.run_id, "lock"))
+        self._plan = plan
+        self._ledger = Ledger(plan.ledger_schema)
+        self._on_lost = on_lost
+        self._conn: Any = None
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[LoadkitError] = None
+
+    def acquire(self) -> bool:
+        self._conn = db.connect(self._dsn, autocommit=True)
+        with self._conn.cursor() as cur:
+            return self._ledger.try_lock_job(cur, self._plan.job, self._plan.period)
+
+    def cursor(self) -> Any:
+        return self._conn.cursor()
+
+    def watch(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loadkit-job-lock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_LOCK_CHECK_S):
+            try:
+                self.check()
+            except LoadkitError as exc:
+                if self.error is not None and not self._stop.is_set():
+                    self._on_lost(exc)
+                    return
+
+    def check(self) -> None:
+        """Raise TransientDBError if the lock is lost for good; re-take it after a dropped session."""
+        if self.error is not None:
+            raise self.error
+        with self._mutex:
+            try:
+                with self._conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return
+            except Exception as exc:  # the session is gone (terminated, server restarted)
+                log.warning("the job lock's session is gone (%s); taking the lock again", mask_text(str(exc)))
+            try:
+                self._conn.close()
+            except Exception:  # already broken
+                pass
+            plan = self._plan
+            try:
+                took = self.acquire()
+                with self._conn.cursor() as cur:
+                    status = self._ledger.run_status(cur, plan.run_id)
+            except LoadkitError:
+                raise TransientDBError("cannot reach the server to check the job lock") from None  # retried
+            except Exception as exc:
+                raise TransientDBError(f"cannot check the job lock: {exc}") from None
+            if not took or status != "running":
+                self.error = JobLockLost(
+                    f"lost the job lock of {plan.job} {plan.period} (its session ended) and another run "
+                    f"{'holds it' if not took else 'took over meanwhile'}: stopping before anything is published; "
+                    "committed batches stay for the resume")
+                raise self.error
+            log.info("job lock of %s %s taken again", plan.job, plan.period)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._mutex:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception:  # already broken: the lock is gone with it
+                    pass
+
+
+class PostgresSink:
+    """One run's sink (see the module doc). ``dsn`` is the session DSN with the plan's timeouts."""
+
+    def __init__(self, plan: LoadPlan, fetched: Sequence[Any] = (),
+                 on_lock_lost: Callable[[LoadkitError], None] = lambda e: None) -> None:
+        self.plan = plan
+        self.ledger = Ledger(plan.ledger_schema)
+        self.dsn = session_dsn(plan)
+        self._fetched = list(fetched)
+        self._lock = JobLock(self.dsn, plan, on_lock_lost)
+        self._reading: Dict[str, Set[str]] = {}  # table -> shas of the files this run reads
+
+    # ------------------------------------------------------------ open / close: the job lock and the run row
+
+    def check_server(self) -> str:
+        """The server version; ConfigError / OperatorError / TransientDBError before any work (db.server_check)."""
+        return db.server_check(self.dsn)
+
+    def cancel(self) -> int:
+        """Cancel the statements of this run's sessions now (a stop): they roll back, committed batches stay."""
+        return db.cancel_backends(self.dsn, self.plan.run_id)
+
+    def open(self, params: Dict[str, Any]) -> "PostgresSink":
+        """The ledger, the job lock, the run row (with ``params``, the run's masked settings)."""
+        plan = self.plan
+        try:
+            retrying(plan.retry)(self._ensure_ledger)
+            if not self._lock.acquire():
+                raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
+                                       f"(ledger {plan.ledger_schema}); retry when it ends")
+            with self._lock.cursor() as cur:
+                self.ledger.mark_stale_runs(cur, plan.job, plan.period)
+                self.ledger.start_run(cur, plan.run_id, plan.job, plan.period, params)
+                if self._fetched:
+                    from loadkit.source import fetch
+
+                    fetch.record(cur, plan.ledger_schema, plan.run_id, plan.period, self._fetched)
+        except LoadkitError:
+            self.close()
+            raise
+        except Exception as exc:  # a driver error before the run row exists: its category, not a traceback
+            self.close()
+            raise as_loadkit_error(exc, ledger=plan.ledger_schema) from exc
+        self._lock.watch()
+        return self
+
+    def __enter__(self) -> "PostgresSink":
+        return self
+
+    def __exit__(self, et: Optional[Type[BaseException]], e: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the job lock (its session ends)."""
+        self._lock.close()
+
+    def _ensure_ledger(self) -> None:
+        """The ledger's tables, in one transaction (its DDL lock is transaction-level); retried on deadlock."""
+        with db.transaction(self.dsn) as cur:
+            self.ledger.ensure(cur)
+
+    # ------------------------------------------------------------ start: DDL, force, resume
+
+    def start(self, metrics: Any) -> List[Todo]:
+        """DDL, force resets and the resume state of every table; returns the files still to read."""
+        plan = self.plan
+        todo: List[Todo] = []
+        for table in plan.tables:
+            mode = mode_for(table)
+            with db.transaction(self.dsn) as cur:
+                # Concurrent runs on one database: their DDL (CREATE ... IF NOT EXISTS races on the
+                # catalog) is serialised per target schema until this transaction ends.
+                ddl_lock(cur, table.schema)
+                mode.prepare(cur, plan.migrate)
+                if plan.force:
+                    mode.reset(cur, self.ledger, plan.period)
+                else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
+                    mode.forget_lost_batches(cur, self.ledger, plan.period)
+                files, ranges = self._verified_todo(cur, table)
+                if mode.whole_period and 0 < len(files) < len(table.files):
+                    # These modes publish a whole period at once: a new file in a published period
+                    # means rebuilding it from every file, or the swap would drop the others' rows.
+                    log.info("table %s: %d new file(s) in a published month; reloading all %d", table.name,
+                             len(files), len(table.files))
+                    mode.reset(cur, self.ledger, plan.period)
+                    ranges, files = {}, list(table.files)
+                self.ledger.start_table(cur, plan.run_id, table.name, plan.period, table.mode, len(table.files),
+                                        len(table.files) - len(files))
+            tm = metrics.tables[table.name]
+            tm.files, tm.files_skipped = len(table.files), len(table.files) - len(files)
+            todo += self._todo(table, files, ranges)
+            if not files:
+                tm.status = "skipped"
+                with db.transaction(self.dsn) as cur:  # nothing staged for a published period: no litter
+                    mode.drop_staging(cur)
+        return todo
+
+    def _verified_todo(self, cur: Any, table: TableSpec) -> Tuple[List[FileSpec], Dict[Any, Any]]:
+        """The table's files not yet published, after checking the ledger's claims against the target
+        (dropped table, changed job.schema: loadkit.postgres.identity), as a run does before it skips."""
+        plan = self.plan
+        done = identity.verified_files(cur, table, self.ledger, plan.period, plan.verify, plan.on_drift)
+        return self._unpublished(cur, table, done)
+
+    def _ledger_todo(self, cur: Any, table: TableSpec) -> Tuple[List[FileSpec], Dict[Any, Any]]:
+        """The table's files not yet published, as the ledger says (a re-read within this run)."""
+        return self._unpublished(cur, table, self.ledger.loaded_files(cur, table.name, self.plan.period))
+
+    def _unpublished(self, cur: Any, table: TableSpec, done: Dict[str, str]) -> Tuple[List[FileSpec], Dict[Any, Any]]:
+        ranges = self.ledger.committed_ranges(cur, table.name, self.plan.period)
+        return [f for f in table.files if done.get(f.sha256) != "loaded"], ranges
+
+    def _todo(self, table: TableSpec, files: List[FileSpec], ranges: Dict[Any, Any]) -> List[Todo]:
+        out = []
+        for f in files:
+            self._reading.setdefault(table.name, set()).add(f.sha256)
+            committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == f.sha256)
+            out.append(Todo(table, f, committed))
+        return out
+
+    def reread(self, metrics: Any, tables: List[str]) -> List[Todo]:
+        """What to read again for the byte ranges staging lost (the committed rest is skipped by its ranges)."""
+        todo: List[Todo] = []
+        for name in tables:
+            table = self.plan.table(name)
+            with db.transaction(self.dsn) as cur:
+                files, ranges = self._ledger_todo(cur, table)
+            todo += self._todo(table, files, ranges)
+            metrics.tables[name].status = "pending"
+        return todo
+
+    # ------------------------------------------------------------ the writers' side
+
+    def writer_settings(self) -> WriterSettings:
+        return writer_settings(self.plan, self.dsn)
+
+    # ------------------------------------------------------------ complete: settle and publish
+
+    def complete(self, metrics: Any, aborted: Dict[str, str], failed: List[Tuple[str, str, str]],
+                 tables: List[str]) -> Completion:
+        """Settle the files of ``tables`` (a table in ``aborted`` has its files of this run discarded),
+        then publish every table whose files all settled. ``failed`` holds the files that failed in
+        earlier rounds of this run (their tables are not published; a sync waits)."""
+        done = Completion()
+        done.failed = self._settle_files(metrics, aborted, tables)
+        done.lost = self._finalize_tables(metrics, failed + done.failed, tables)
+        return done
+
+    def _settle_files(self, metrics: Any, aborted: Dict[str, str], tables: List[str]) -> List[Tuple[str, str, str]]:
+        """Per file: verify accounting, mark it, or discard everything a failed file committed."""
+        failed: List[Tuple[str, str, str]] = []
+        for table in self.plan.tables:
+            if table.name not in tables:
+                continue
+            for f in table.files:
+                if metrics.tables[table.name].status == "skipped":
+                    continue
+                error = metrics.file_error(table.name, f.sha256)
+                if error is None and f.sha256 in self._reading.get(table.name, ()):
+                    error = aborted.get(table.name)
+                retrying(self.plan.retry)(self._settle_file, table, f, error, failed)
+        return failed
+
+    def _settle_file(self, table: TableSpec, f: FileSpec, error: Optional[str],
+                     failed: List[Tuple[str, str, str]]) -> None:
+        """One file's settlement, one transaction (retried whole on a transient failure)."""
+        plan, led = self.plan, self.ledger
+        mode = mode_for(table)
+        with db.transaction(self.dsn) as cur:
+            if error:
+                mode.discard_file(cur, led, plan.period, f.sha256)
+                led.mark_file(cur, plan.run_id, table.name, plan.period, f.sha256, f.rel, f.ordinal, f.size,
+                              "failed", error=error)
+            else:
+                totals = led.file_totals(cur, table.name, plan.period, f.sha256)
+                if totals[0] != totals[1] + totals[2]:
+                    raise LoadkitError("rows_read != rows_loaded + rows_rejected", table=table.name, file=f.rel,
+                                       totals=totals)
+                led.mark_file(cur, plan.run_id, table.name, plan.period, f.sha256, f.rel, f.ordinal, f.size,
+                              mode.settled_status, totals)
+        if error:
+            failed.append((table.name, f.rel, error))
+
+    def _finalize_tables(self, metrics: Any, failed: List[Tuple[str, str, str]], tables: List[str]) -> List[str]:
+        """Publish each table whose files all settled; returns the tables whose staging lost batches.
+
+        Each table publishes in one transaction that first re-verifies staging against the
+        ledger per batch (the mode's ``verify_staging``): a crash restart empties UNLOGGED staging,
+        and publishing from it would lose rows while the ledger says they loaded. Lost batches
+        are forgotten (committed, without publishing) and the caller reads them again. A
+        transient failure (the server restarting mid-finalise) retries the whole transaction;
+        a table whose files are already all published (a commit whose reply was lost) is not
+        published twice.
+        """
+        failed_tables = {t for t, _, _ in failed}
+        lost_tables: List[str] = []
+        for table in self.plan.tables:
+            tm = metrics.tables[table.name]
+            if table.name not in tables:
+                continue
+            if tm.status == "skipped":
+                if table.delete_missing and not failed:  # a sync an earlier run had to defer
+                    with db.transaction(self.dsn) as cur:
+                        if not self.ledger.sync_done(cur, table.name, self.plan.period):
+                            tm.deleted = self._sync(cur, mode_for(table), failed)
+                            self.ledger.record_collapse(cur, self.plan.run_id, table.name, None, tm.deleted)
+                continue
+            if table.name in failed_tables:
+                tm.status = "failed"
+                continue
+            if retrying(self.plan.retry)(self._finalize_table, table, tm, failed):
+                lost_tables.append(table.name)
+        return lost_tables
+
+    def _finalize_table(self, table: TableSpec, tm: Any, failed: List[Tuple[str, str, str]]) -> bool:
+        """One table's verify-then-publish transaction; True if staging lost batches (nothing published).
+
+        In the same transaction: the duplicates count, the full-snapshot sync (Sync mode) and the
+        ledger's table row, so a published period is always a synced, accounted period."""
+        plan, led = self.plan, self.ledger
+        mode = mode_for(table)
+        self._lock.check()  # never publish without the job lock (raises TransientDBError if lost)
+        finalising = time.perf_counter()
+        with db.transaction(self.dsn) as cur:
+            # Publishing is DDL too (indexes, swaps, partitions): serialised with other runs' per target
+            # schema, so concurrent runs never deadlock here (a deadlock with anyone else is retried).
+            ddl_lock(cur, table.schema)
+            if mode.staged and not led.staged_files(cur, table.name, plan.period):
+                log.info("%s: already published (the previous attempt committed)", table.name)
+                tm.status = "loaded"
+                led.finish_table(cur, plan.run_id, table.name, outcome(tm))
+                return False
+            lost = mode.verify_staging(cur, led, plan.period)
+            if lost:
+                ours = [b for b in lost if b.run_id == plan.run_id]  # counted by this run: read again
+                tm.rows_read -= sum(b.rows_in for b in ours)
+                tm.rows_loaded -= sum(b.rows_loaded for b in ours)
+                tm.rows_rejected -= sum(b.rows_rejected for b in ours)
+                tm.batches -= len(ours)
+                return True
+            staged = sum(led.unpublished_batches(cur, table.name, plan.period).values())
+            with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
+                inserted, updated = mode.finalize(cur, led)
+            led.mark_files_loaded(cur, table.name, plan.period)
+            tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+            if mode.staged:  # rows staged but collapsed onto a later row with the same key
+                tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
+            with record_steps() as synced:
+                tm.deleted = self._sync(cur, mode, failed)
+            tm.finalise_steps = {**steps, **synced}  # seconds per step (upsert, swap, indexes, sync_missing...)
+            tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
+            tm.finalised_at = time.time()
+            led.finish_table(cur, plan.run_id, table.name, outcome(tm))
+            led.record_collapse(cur, plan.run_id, table.name, tm.duplicates, tm.deleted)
+        return False
+
+    def _sync(self, cur: Any, mode: WriteMode, failed: List[Tuple[str, str, str]]) -> Optional[int]:
+        """The mode's full-snapshot sync (modes.Sync), in the finalisation's transaction; None: none ran."""
+        plan = self.plan
+        month_start = date(plan.year, plan.month, 1) if plan.year is not None and plan.month is not None else None
+        return mode.sync(cur, self.ledger, plan.period, month_start, bool(failed))
+
+    # ------------------------------------------------------------ end
+
+    def end(self, metrics: Any, status: str, category: Optional[str], text: Optional[str],
+            mlflow_run_id: Optional[str]) -> None:
+        """The run's end in the ledger (its tables' rows closed too), retried through a server restart;
+        a failure to record is logged, never raised instead of the run's own outcome."""
+        plan = self.plan
+
+        def record() -> None:
+            # Not a loadkit:<run>:* session: a stop's cancel_backends (possibly still in flight) spares it.
+            with db.transaction(self.dsn, application_name=f"loadkit-end:{plan.run_id}"[:63]) as cur:
+                for t in metrics.tables.values():
+                    if t.status not in ("loaded", "skipped"):
+                        t.status = "failed" if status == "failed" else status if status != "succeeded" else t.status
+                        self.ledger.finish_table(cur, plan.run_id, t.name, outcome(t, text))
+                    elif t.status == "skipped":  # a no-op table's row is closed too, never left 'loading'
+                        self.ledger.finish_table(cur, plan.run_id, t.name, outcome(t))
+                self.ledger.finish_run(cur, plan.run_id, status, metrics.totals(), category, text, mlflow_run_id)
+
+        try:  # the run's end must reach the ledger even if the server is restarting right now
+            retrying(plan.retry)(record)
+        except Exception as exc:  # reported, never a traceback instead of the run's own outcome
+            log.error("could not record the end of run %s in the ledger: %s", plan.run_id, mask_text(str(exc)))
+
+    def reject_sample(self) -> Any:
+        """A few of this run's rejects (an Arrow table) for its MLflow record."""
+        with db.transaction(self.dsn) as cur:
+            return self.ledger.reject_sample(cur, self.plan.run_id)
+
+
+def outcome(t: Any, error: Optional[str] = None) -> TableOutcome:
+    """A table's ledger row from its TableMetrics."""
+    return TableOutcome(t.status, t.rows_read, t.rows_loaded, t.rows_rejected, t.inserted, t.updated, t.seconds,
+                        error)
