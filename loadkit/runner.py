@@ -257,6 +257,7 @@ class Runner:
         self._job_lock: Optional[_JobLock] = None
         self._bar: Optional[ProgressBar] = None  # the in-place progress line (env.progress_bars on a terminal)
         self._interrupt_main = threading.current_thread() is threading.main_thread()
+        self._trace: Optional[telemetry.RunTrace] = None  # span ids of this run (telemetry.tracing on)
 
     # ------------------------------------------------------------ entry
 
@@ -329,6 +330,7 @@ class Runner:
         status, error = "succeeded", cast(Optional[BaseException], None)
         failed: List[Tuple[str, str, str]] = []
         try:
+            self._trace = telemetry.start_run(self.cfg, plan)
             units = self._prepare(plan, metrics)
             tables = [t.name for t in plan.tables]
             for round_ in range(_MAX_REREADS + 1):
@@ -374,7 +376,7 @@ class Runner:
         finally:
             if endpoint is not None:
                 endpoint.stop()
-        telemetry.record_run(self.cfg, plan, metrics, status, started, wall)
+        telemetry.record_run(self.cfg, plan, metrics, status, started, wall, self._trace)
         return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, self.fetched,
                          run_label(self.tags))
 
@@ -457,7 +459,8 @@ class Runner:
         out = []
         for f in todo:
             committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == f.sha256)
-            out.append(ReadUnit(table, f, committed, plan.batch.size))
+            parent = self._trace.traceparent(table.name, f.sha256) if self._trace is not None else ""
+            out.append(ReadUnit(table, f, committed, plan.batch.size, traceparent=parent))
         return out
 
     def _reread(self, plan: LoadPlan, metrics: RunMetrics, tables: List[str]) -> List[ReadUnit]:
