@@ -72,6 +72,9 @@ class Origin:
     first_line: int = 0  # the member's line number of the chunk's first byte (1-based)
     chunks: int = 0  # eof only: data chunks the member gave this run
     message: Optional[str] = None  # error only: why the file failed
+    # data only, tracing on: the batch's span and its finished stage spans (loadkit.tracing.BatchTrace,
+    # compact JSON), added to by each stage; "" with tracing off (the default)
+    trace: str = ""
 
     @classmethod
     def schema(cls) -> pa.Schema:

@@ -83,6 +83,7 @@ class Runner:
         sink = PostgresSink(plan, self.fetched, on_lock_lost=lambda e: supervisor.stop(e))
         supervisor = Supervisor(plan, sink.dsn, metrics, alerts, tracker, monitor, self.tags.get("overrides"))
         sink.check_server()
+        trace = supervisor.trace = telemetry.start_run(plan, plan)
         signals = Signals(supervisor.pending_error, sink.cancel)
         params = plan.settings_dict()  # the run's parameters, with the DSN it connects to (masked)
         params["sink"]["dsn"] = mask_dsn(sink.dsn)
@@ -100,7 +101,7 @@ class Runner:
                 finally:
                     if endpoint is not None:
                         endpoint.stop()
-        telemetry.record_run(plan, plan, metrics, status, started, wall)
+        telemetry.record_run(plan, plan, metrics, status, started, wall, trace)
         return RunResult(plan.run_id, status, metrics, wall, error, tracker.run_id, failed, self.fetched,
                          run_label(self.tags))
 

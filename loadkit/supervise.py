@@ -161,6 +161,7 @@ class Supervisor:
         self._deadline: Optional[threading.Timer] = None
         self._bar: Optional[ProgressBar] = None  # the in-place progress line (env.progress_bars on a terminal)
         self._interrupt_main = threading.current_thread() is threading.main_thread()
+        self.trace: Optional[Any] = None  # telemetry.RunTrace of this run (telemetry.tracing on)
         self.reloader: Any = None
 
     # ------------------------------------------------------------ stops from other threads
@@ -204,7 +205,10 @@ class Supervisor:
         if not todo:
             log.info("nothing to load: every file of %s is already loaded (force=true reloads)", plan.period)
             return
-        units = [ReadUnit(t.table, t.file, t.committed, plan.batch.size) for t in todo]
+        trace = self.trace  # each unit carries its file span's W3C traceparent (empty with tracing off)
+        units = [ReadUnit(t.table, t.file, t.committed, plan.batch.size,
+                          traceparent=trace.traceparent(t.table.name, t.file.sha256) if trace is not None else "")
+                 for t in todo]
         env = plan.env
         executor = make_executor(executor_for(env, units), env.address, env.num_cpus, env.object_store_memory,
                                  _runtime_env(env.ship_code), env.progress_bars)

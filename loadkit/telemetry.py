@@ -1,26 +1,36 @@
-"""OpenTelemetry tracing of a run: spans run -> table -> file -> batch -> (parse, write).
+"""OpenTelemetry tracing of a run: spans run -> table -> file -> batch -> (read, parse, copy, commit).
 
-Off by default (``telemetry.tracing=off``: the OpenTelemetry SDK is not even imported);
-``console`` prints finished spans to stderr, ``otlp`` sends them to ``telemetry.otlp_endpoint``
-(needs ``opentelemetry-exporter-otlp-proto-http``).
+Off by default (``telemetry.tracing=off``: the OpenTelemetry SDK is not even imported, read units
+carry no ``traceparent`` and no stage records anything); ``console`` prints finished spans to
+stderr, ``otlp`` sends them to ``telemetry.otlp_endpoint`` (needs ``opentelemetry-exporter-otlp-proto-http``).
 
-The spans are built by the driver when the run ends, from what the run already measured: every
-batch result carries its parse and write (COPY + ledger + commit) durations and its finish time,
-whether a Ray worker or an in-process thread produced it, so both executors give the same tree
-with no tracing code in the workers' hot path. Span times are those measurements: a batch's
-``write`` span ends at its commit; its ``parse`` span is placed just before the write (the time
-the batch waited in a queue between the two is not part of either).
+Propagation (see :mod:`loadkit.tracing`): when a run starts, :func:`start_run` fixes the run's
+trace id and the span ids of its run, table and file spans; each read unit carries its file
+span's W3C ``traceparent`` into the read task (a Ray task or the in-process parse thread); the
+read stage opens the batch span there and records ``read``, the parser ``parse``, the writer (a
+Ray actor or a writer thread) ``copy`` and ``commit``, all as data in the batch record. The
+driver emits, when the run ends (:func:`record_run`), the run/table/file spans with their fixed
+ids and times from the run's metrics, and each received batch result's spans with the ids and
+timestamps its stages recorded: every span exactly once, whichever process did the work.
+
+Spans are emitted as finished ``ReadableSpan`` objects handed to the provider's span processor
+(``TracerProvider._active_span_processor``: the SDK has no public call that ends a span whose ids
+were chosen elsewhere), so the configured processors and exporters (console, OTLP, a test's
+in-memory exporter) see them as they see any span.
 
 Attributes: ``loadkit.run_id``, ``loadkit.table``, ``loadkit.file`` (path), ``loadkit.batch_id``,
 ``loadkit.rows_in`` / ``rows_loaded`` / ``rows_rejected``, ``loadkit.bytes``, ``loadkit.postgres.writer``,
-``loadkit.attempts``, ``loadkit.status``.
+``loadkit.attempts``, ``loadkit.status``; stage spans: ``loadkit.bytes``/``loadkit.member`` (read),
+``loadkit.rows_in``/``loadkit.bytes`` (parse), ``loadkit.rows``/``loadkit.rejects``/``loadkit.attempt`` (copy).
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
+from loadkit import tracing
 from loadkit.records import BatchResult
 
 log = logging.getLogger("loadkit.telemetry")
@@ -76,86 +86,126 @@ def _ns(t: float) -> int:
     return int(t * 1e9)
 
 
-def record_run(cfg: Any, plan: Any, metrics: Any, status: str, started: float, wall_s: float) -> None:
-    """Emit the run's span tree (see the module doc). Never fails the run: problems are logged."""
+@dataclass
+class RunTrace:
+    """The ids of a run's driver-side spans, fixed before any data moves so that read units can
+    carry their file span's ``traceparent`` (see the module doc)."""
+
+    trace_id: int
+    run_id: int
+    tables: Dict[str, int] = field(default_factory=dict)  # table name -> its span id
+    files: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (table, sha256) -> the file span id
+
+    def traceparent(self, table: str, sha: str) -> str:
+        """The W3C traceparent of a file's span (the parent of its batches' spans)."""
+        span_id = self.files.setdefault((table, sha), tracing.new_span_id())
+        self.tables.setdefault(table, tracing.new_span_id())
+        return tracing.traceparent(self.trace_id, span_id)
+
+
+def start_run(cfg: Any, plan: Any) -> Optional[RunTrace]:
+    """The run's trace ids, or None with tracing off (then nothing is traced and OpenTelemetry is not imported)."""
+    if provider_for(cfg) is None:
+        return None
+    return RunTrace(tracing.new_trace_id(), tracing.new_span_id(),
+                    {t.name: tracing.new_span_id() for t in plan.tables})
+
+
+def record_run(cfg: Any, plan: Any, metrics: Any, status: str, started: float, wall_s: float,
+               trace: Optional[RunTrace] = None) -> None:
+    """Emit the run's spans (see the module doc). Never fails the run: problems are logged."""
     provider = provider_for(cfg)
-    if provider is None:
+    if provider is None or trace is None:
         return
     try:
-        _emit(provider, plan, metrics, status, started, wall_s)
+        _export(provider, _spans(trace, plan, metrics, status, started, wall_s))
         provider.force_flush()
     except Exception as exc:  # tracing is diagnostics: the run's outcome stands without it
         log.warning("could not record the run's trace: %s: %s", type(exc).__name__, exc)
 
 
-def _emit(provider: Any, plan: Any, metrics: Any, status: str, started: float, wall_s: float) -> None:
-    from opentelemetry import trace
-    from opentelemetry.trace import Status, StatusCode
+@dataclass(frozen=True)
+class _Span:
+    trace_id: int
+    name: str
+    span_id: int
+    parent_id: Optional[int]
+    start_ns: int
+    end_ns: int
+    attributes: Dict[str, Any]
+    error: Optional[str] = None
 
-    tracer = provider.get_tracer("loadkit")
+
+def _spans(trace: RunTrace, plan: Any, metrics: Any, status: str, started: float, wall_s: float) -> List[_Span]:
     paths: Dict[tuple, str] = {(t.name, f.sha256): f.rel for t in plan.tables for f in t.files}
-    run = tracer.start_span("run", start_time=_ns(started), attributes={
+    out = [_Span(trace.trace_id, "run", trace.run_id, None, _ns(started), _ns(started + wall_s), {
         "loadkit.run_id": plan.run_id, "loadkit.job": plan.job, "loadkit.period": plan.period,
-        "loadkit.status": status, "loadkit.rows_read": metrics.totals()[0]})
-    run_ctx = trace.set_span_in_context(run)
-    batches_by_file: Dict[tuple, list] = {}
+        "loadkit.status": status, "loadkit.rows_read": metrics.totals()[0]},
+        None if status == "succeeded" else status)]
+    batches: Dict[Tuple[str, str], List[Tuple[BatchResult, tracing.BatchTrace]]] = {}
     for b in metrics.batches:
-        batches_by_file.setdefault((b.table_name, b.file_sha), []).append(b)
+        if b.kind == "data" and b.trace:
+            batches.setdefault((b.table_name, b.file_sha), []).append((b, tracing.BatchTrace.decode(b.trace)))
     for tm in metrics.tables.values():
+        table_id = trace.tables.get(tm.name)
+        if table_id is None:
+            continue
         end = tm.started + tm.stream_s
         if tm.finalised_at is not None:
             end = max(end, tm.finalised_at)
-        table = tracer.start_span("table", context=run_ctx, start_time=_ns(tm.started), attributes={
+            out.append(_Span(trace.trace_id, "finalise", tracing.new_span_id(), table_id,
+                             _ns(tm.finalised_at - tm.finalise_s), _ns(tm.finalised_at),
+                             {"loadkit.table": tm.name, "loadkit.mode": tm.mode}))
+        out.append(_Span(trace.trace_id, "table", table_id, trace.run_id, _ns(tm.started), _ns(end), {
             "loadkit.table": tm.name, "loadkit.mode": tm.mode, "loadkit.status": tm.status,
             "loadkit.rows_read": tm.rows_read, "loadkit.rows_loaded": tm.rows_loaded,
-            "loadkit.rows_rejected": tm.rows_rejected, "loadkit.bytes": tm.bytes})
-        table_ctx = trace.set_span_in_context(table)
-        for (tname, sha), batches in batches_by_file.items():
-            if tname != tm.name:
-                continue
-            ev = metrics.file_events.get((tname, sha), {})
-            first = min(_batch_start(b) for b in batches)
-            last = max([b.finished_at or first for b in batches] + [ev.get("last_at", first)])
-            file_span = tracer.start_span("file", context=table_ctx, start_time=_ns(first), attributes={
-                "loadkit.table": tname, "loadkit.file": paths.get((tname, sha), sha),
-                "loadkit.file_sha": sha, "loadkit.batches": len(batches)})
-            if ev.get("error"):
-                file_span.set_status(Status(StatusCode.ERROR, ev["error"][:500]))
-            file_ctx = trace.set_span_in_context(file_span)
-            for b in batches:
-                _batch_spans(tracer, file_ctx, b)
-            file_span.end(end_time=_ns(last))
-        if tm.finalised_at is not None:
-            tracer.start_span("finalise", context=table_ctx, start_time=_ns(tm.finalised_at - tm.finalise_s),
-                              attributes={"loadkit.table": tm.name, "loadkit.mode": tm.mode}
-                              ).end(end_time=_ns(tm.finalised_at))
-        table.end(end_time=_ns(end))
-    if status != "succeeded":
-        run.set_status(Status(StatusCode.ERROR, status))
-    run.end(end_time=_ns(started + wall_s))
+            "loadkit.rows_rejected": tm.rows_rejected, "loadkit.bytes": tm.bytes}))
+    for (tname, sha), file_id in trace.files.items():
+        ev = metrics.file_events.get((tname, sha), {})
+        mine = batches.get((tname, sha), [])
+        if not mine and not ev:
+            continue  # never reached the stream (nothing left to load)
+        for b, bt in mine:
+            out += _batch_spans(b, bt, file_id)
+        first = min([bt.start_ns for _, bt in mine] or [_ns(ev.get("last_at", started))])
+        last = max([_ns(b.finished_at or b.received_at) for b, _ in mine] + [_ns(ev.get("last_at", 0.0)), first])
+        out.append(_Span(trace.trace_id, "file", file_id, trace.tables[tname], first, last, {
+            "loadkit.table": tname, "loadkit.file": paths.get((tname, sha), sha), "loadkit.file_sha": sha,
+            "loadkit.batches": len(mine)}, (ev.get("error") or "")[:500] or None))
+    return out
 
 
-def _batch_start(b: BatchResult) -> float:
-    return (b.finished_at or b.received_at) - b.write_s - b.parse_s
-
-
-def _batch_spans(tracer: Any, parent: Any, b: BatchResult) -> None:
-    from opentelemetry import trace
-
-    finished = b.finished_at or b.received_at
-    write_start = finished - b.write_s
-    parse_start = write_start - b.parse_s
+def _batch_spans(b: BatchResult, bt: tracing.BatchTrace, file_id: int) -> List[_Span]:
+    end = max([_ns(b.finished_at or b.received_at)] + [s.end_ns for s in bt.stages])
     attrs = {"loadkit.table": b.table_name, "loadkit.batch_id": b.batch_id,
              "loadkit.rows_in": b.rows_in, "loadkit.rows_loaded": b.rows_loaded,
              "loadkit.rows_rejected": b.rows_rejected, "loadkit.bytes": b.bytes,
              "loadkit.postgres.writer": b.writer, "loadkit.attempts": b.attempts,
              "loadkit.status": b.status}
-    span = tracer.start_span("batch", context=parent, start_time=_ns(parse_start), attributes=attrs)
-    ctx = trace.set_span_in_context(span)
-    tracer.start_span("parse", context=ctx, start_time=_ns(parse_start),
-                      attributes={"loadkit.rows_in": attrs["loadkit.rows_in"], "loadkit.bytes": attrs["loadkit.bytes"]}
-                      ).end(end_time=_ns(write_start))
-    tracer.start_span("write", context=ctx, start_time=_ns(write_start),
-                      attributes={"loadkit.rows_loaded": attrs["loadkit.rows_loaded"],
-                                  "loadkit.attempts": attrs["loadkit.attempts"]}).end(end_time=_ns(finished))
-    span.end(end_time=_ns(finished))
+    out = [_Span(bt.trace_id, "batch", bt.span_id, file_id, bt.start_ns, end, attrs)]
+    for s in bt.stages:
+        out.append(_Span(bt.trace_id, s.name, s.span_id, bt.span_id, s.start_ns, s.end_ns,
+                         {"loadkit.batch_id": b.batch_id, **{f"loadkit.{k}": v for k, v in s.attributes.items()}}))
+    return out
+
+
+def _export(provider: Any, spans: List[_Span]) -> None:
+    """Hand finished spans with pre-chosen ids to the provider's processors (see the module doc)."""
+    from opentelemetry import trace as api
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import Status, StatusCode
+
+    processor = getattr(provider, "_active_span_processor", None)
+    if processor is None:
+        raise RuntimeError(f"{type(provider).__name__} has no span processor to hand spans to")
+    scope = InstrumentationScope("loadkit")
+    sampled = api.TraceFlags(api.TraceFlags.SAMPLED)
+    for s in spans:
+        ctx = api.SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=sampled)
+        parent = (None if s.parent_id is None
+                  else api.SpanContext(s.trace_id, s.parent_id, is_remote=False, trace_flags=sampled))
+        status = Status(StatusCode.ERROR, s.error) if s.error else Status(StatusCode.UNSET)
+        processor.on_end(ReadableSpan(s.name, context=ctx, parent=parent, resource=provider.resource,
+                                      attributes=s.attributes, status=status, start_time=s.start_ns,
+                                      end_time=max(s.start_ns, s.end_ns), instrumentation_scope=scope))

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadkit import prom
-from loadkit.examples.cnpj.sample import SampleManifest
+from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.metrics import RunMetrics
 from loadkit.records import BatchResult
 
@@ -101,51 +101,145 @@ def test_the_endpoint_serves_during_a_run(month: SampleManifest, job_overrides,
     assert prom.current_address() is None, "the endpoint stops with the run"
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("executor", ["inprocess", pytest.param("ray", marks=pytest.mark.slow)])
-def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, month: SampleManifest, job_overrides,
-                                                               request: pytest.FixtureRequest) -> None:
+def _in_memory_provider() -> tuple:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
         InMemorySpanExporter,
     )
 
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+@pytest.fixture(scope="module")
+def chunky_month(tmp_path_factory: pytest.TempPathFactory) -> SampleManifest:
+    """Files of several 64 KiB chunks (the reader's smallest), so files hold several batches."""
+    return generate_month(tmp_path_factory.mktemp("chunky"), 2024, 5, rows=2000, shards=1, seed=31)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("executor", ["inprocess", pytest.param("ray", marks=pytest.mark.slow)])
+def test_tracing_spans_run_table_file_batch_on_both_executors(executor: str, chunky_month: SampleManifest,
+                                                               job_overrides,
+                                                               request: pytest.FixtureRequest) -> None:
+    """The stage spans are recorded where the work ran (a Ray read task / parse / writer actor, or
+    the in-process threads) under the file span whose traceparent the read unit carried, and reach
+    the driver's exporter exactly once, in one trace."""
+    month = chunky_month
     from loadkit import telemetry
     from loadkit.runner import run_job
     from tests.helpers import compose
 
     if executor == "ray":
         request.getfixturevalue("ray_session")
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = _in_memory_provider()
     telemetry.use_provider(provider)
     try:
         result = run_job(compose(job_overrides(month.root, f"env.executor={executor}", "tracking=off",
-                                               "telemetry.tracing=console", "batch.size=100")))
+                                               "telemetry.tracing=console", "batch.size=200",
+                                               "batch.policy=fixed")))
     finally:
         telemetry.use_provider(None)
     assert result.status == "succeeded", result.error
+    assert result.metrics.executor == executor
     spans = exporter.get_finished_spans()
+    assert len({s.context.span_id for s in spans}) == len(spans), "a span was emitted twice"
     by_id = {s.context.span_id: s for s in spans}
-    names = [s.name for s in spans]
     [run] = [s for s in spans if s.name == "run"]
     assert run.attributes["loadkit.run_id"] == result.run_id and run.parent is None
+    assert {s.context.trace_id for s in spans} == {run.context.trace_id}, "one trace per run"
+
+    def parent(s: Any) -> Any:
+        return by_id[s.parent.span_id]
+
     tables = [s for s in spans if s.name == "table"]
     assert {s.attributes["loadkit.table"] for s in tables} == set(month.rows)
-    assert all(by_id[s.parent.span_id].name == "run" for s in tables)
+    assert all(parent(s) is run for s in tables)
     files = [s for s in spans if s.name == "file"]
-    assert all(by_id[s.parent.span_id].name == "table" for s in files)
+    assert all(parent(s).name == "table" and parent(s).attributes["loadkit.table"] == s.attributes["loadkit.table"]
+               for s in files)
     assert len(files) == sum(len(v) for v in month.files.values())
     batches = [s for s in spans if s.name == "batch"]
-    assert all(by_id[s.parent.span_id].name == "file" for s in batches)
+    assert all(parent(s).name == "file" for s in batches)
+    data = [b for b in result.metrics.batches if b.kind == "data"]
+    assert len(batches) == len(data) and len(batches) > len(files), "files of several chunks"
+    assert sorted(s.attributes["loadkit.batch_id"] for s in batches) == sorted(b.batch_id for b in data)
     assert sum(s.attributes["loadkit.rows_in"] for s in batches) == sum(month.rows.values())
     assert all(s.attributes["loadkit.bytes"] > 0 and s.attributes["loadkit.batch_id"] for s in batches)
-    assert names.count("parse") == names.count("write") == len(batches)
-    assert len({s.context.trace_id for s in spans}) == 1, "one trace per run"
+    children: Dict[int, List[Any]] = {}
+    for s in spans:
+        if s.name in ("read", "parse", "copy", "commit"):
+            children.setdefault(s.parent.span_id, []).append(s)
+    assert set(children) == {b.context.span_id for b in batches}, "every stage span hangs under a batch span"
+    for b in batches:
+        stages = sorted(children[b.context.span_id], key=lambda s: s.start_time)
+        assert [s.name for s in stages] == ["read", "parse", "copy", "commit"]  # a fresh load: one attempt each
+        read, parse_, copy, commit = stages
+        assert b.start_time == read.start_time and commit.end_time <= b.end_time
+        assert read.end_time <= parse_.start_time and parse_.end_time <= copy.start_time
+        assert read.attributes["loadkit.bytes"] == parse_.attributes["loadkit.bytes"] == b.attributes["loadkit.bytes"]
+        assert parse_.attributes["loadkit.rows_in"] == b.attributes["loadkit.rows_in"]
+        assert copy.attributes["loadkit.rows"] == b.attributes["loadkit.rows_loaded"]
+        assert all(s.attributes["loadkit.batch_id"] == b.attributes["loadkit.batch_id"] for s in stages)
     for s in spans:
         assert s.start_time <= s.end_time
+    assert [s.name for s in spans].count("finalise") == len(tables)
+
+
+@pytest.mark.e2e
+def test_tracing_is_off_by_default(month: SampleManifest, job_overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default config: no provider is built, no read unit carries a traceparent and no stage
+    records a span (the tracing module's recorders would raise if any stage called them)."""
+    from loadkit import telemetry, tracing
+    from loadkit.config import TelemetryConfig
+    from loadkit.runner import run_job
+    from tests.conftest import compose
+
+    assert TelemetryConfig().tracing == "off"
+
+    def never(*args: object, **kwargs: object) -> str:
+        raise AssertionError("a stage recorded a span with tracing off")
+
+    monkeypatch.setattr(tracing, "open_batch", never)
+    monkeypatch.setattr(tracing, "add_stage", never)
+    provider, exporter = _in_memory_provider()
+    telemetry.use_provider(None)
+    cfg = compose(job_overrides(month.root, "env.executor=inprocess", "tracking=off", "batch.size=100"))
+    result = run_job(cfg)
+    assert result.status == "succeeded", result.error
+    assert telemetry._provider is None, "tracing off builds no TracerProvider"
+    assert telemetry.start_run(cfg, None) is None
+    data = [b for b in result.metrics.batches if b.kind == "data"]
+    assert data and all(b.trace == "" for b in data)
+    assert exporter.get_finished_spans() == ()
+
+
+def test_batch_trace_round_trips_through_the_records_and_w3c_headers() -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from loadkit import tracing
+    from loadkit.records import Chunk, ParsedBatch, carry
+
+    header = tracing.traceparent(0xABC, 0x123)
+    assert header == f"00-{0xABC:032x}-{0x123:016x}-01"
+    extracted = TraceContextTextMapPropagator().extract({"traceparent": header})
+    assert extracted and tracing.parse_traceparent(header) == (0xABC, 0x123)
+    assert tracing.parse_traceparent("garbage") is None and tracing.open_batch("garbage", 1) == ""
+    assert tracing.open_batch("", 1) == "" and tracing.add_stage("", "read", 1, 2) == ""
+    trace = tracing.add_stage(tracing.open_batch(header, 10), "read", 10, 20, bytes=5, member="m")
+    chunk = Chunk(kind="data", table_name="t", file_sha="s", data=b"abcde", trace=trace)
+    [back] = Chunk.from_table(Chunk.to_table([chunk]))  # a Ray block boundary
+    parsed = carry(back, ParsedBatch, trace=tracing.add_stage(back.trace, "parse", 21, 30, rows_in=1))
+    bt = tracing.BatchTrace.decode(parsed.trace)
+    assert (bt.trace_id, bt.parent_id, bt.start_ns) == (0xABC, 0x123, 10) and bt.span_id not in (0, 0x123)
+    assert [(s.name, s.start_ns, s.end_ns, s.attributes) for s in bt.stages] == [
+        ("read", 10, 20, {"bytes": 5, "member": "m"}), ("parse", 21, 30, {"rows_in": 1})]
+    assert len({bt.span_id, *(s.span_id for s in bt.stages)}) == 3
+    with pytest.raises(ValueError):
+        tracing.BatchTrace.decode('{"v": 99}')
 
 
 def _deadlocks_total(collector: prom.RunCollector) -> float:

@@ -16,10 +16,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import pyarrow as pa
 
+from loadkit import tracing
 from loadkit.postgres import ledger
 from loadkit.postgres.ledger import Ledger
 from loadkit.records import BatchResult, ParsedBatch, carry
@@ -55,6 +56,7 @@ class BatchWriter:
     def __init__(self, settings: WriterSettings) -> None:
         self._s = settings
         self._name = f"writer-{os.getpid()}"
+        self._trace = ""  # the batch in hand's trace (loadkit.tracing), "" with tracing off
         self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
         self._attempts = 0
         self._ledger = Ledger(settings.ledger_schema)
@@ -72,6 +74,7 @@ class BatchWriter:
             return self._finish(batch, status=batch.kind, write_s=0.0, attempts=0)
         started = time.perf_counter()
         self._attempts, deadlocks = 0, [0]
+        self._trace = batch.trace  # tracing on: _commit adds its copy/commit spans (loadkit.tracing)
 
         def lost(state: Any) -> None:  # reported in the result: this writer may run in a Ray worker
             exc = state.outcome.exception() if state.outcome else None
@@ -84,7 +87,7 @@ class BatchWriter:
             raise as_loadkit_error(exc, table=batch.table_name, batch_id=batch.batch_id, writer=self._name,
                                    attempts=self._attempts) from exc
         return self._finish(batch, status=status, write_s=time.perf_counter() - started, attempts=self._attempts,
-                            deadlocks=deadlocks[0])
+                            deadlocks=deadlocks[0], trace=self._trace)
 
     def _finish(self, batch: ParsedBatch, **outcome: Any) -> BatchResult:
         release_memory()
@@ -101,14 +104,26 @@ class BatchWriter:
                     conn.rollback()
                     return "skipped"
                 try:
-                    self._copy_all(cur, batch, target)
-                    conn.commit()
+                    if not self._trace:
+                        self._copy_all(cur, batch, target)
+                        conn.commit()
+                    else:
+                        self._traced(lambda: self._copy_all(cur, batch, target), "copy", rows=batch.rows_loaded,
+                                     rejects=batch.rows_rejected, attempt=self._attempts)
+                        self._traced(conn.commit, "commit", attempt=self._attempts)
                 except Exception as exc:
                     _rollback_after(conn, exc)
                     if self._ledger.is_duplicate_batch(exc):
                         return "skipped"  # another writer committed the same batch first
                     raise
         return "committed"
+
+    def _traced(self, step: Callable[[], Any], name: str, **attributes: Any) -> None:
+        """Run ``step`` and add its span to the batch's trace (only when it succeeds: a failed
+        attempt is visible as the next attempt's ``attempt`` attribute and the result's ``attempts``)."""
+        begun = time.time_ns()
+        step()
+        self._trace = tracing.add_stage(self._trace, name, begun, time.time_ns(), **attributes)
 
     def _copy_all(self, cur: Any, batch: ParsedBatch, target: TableTarget) -> None:
         rows = batch.rows

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Iterator, List, Optional, Protocol, Sequence, 
 
 import pyarrow as pa
 
+from loadkit import tracing
 from loadkit.errors import SourceDataError
 from loadkit.plan import FileSpec, TableSpec
 from loadkit.records import Chunk, Kind, ipc_bytes
@@ -38,6 +39,8 @@ class ReadUnit:
     committed: Tuple[Tuple[str, Tuple[Tuple[int, int], ...]], ...]
     batch_rows: int
     span: Optional[Tuple[int, int]] = None  # [lo, hi) bytes of a split file, widened to record boundaries
+    # W3C traceparent of the file's span (telemetry.tracing on), "" when off: see loadkit.tracing
+    traceparent: str = ""
 
     def ranges(self, member: str) -> Tuple[Tuple[int, int], ...]:
         for m, r in self.committed:
@@ -144,7 +147,30 @@ def read_unit(unit: ReadUnit, board: Optional[Board] = None) -> Iterator[Chunk]:
 
     ``board``: where the rows per batch come from mid-run (None: ``unit.batch_rows`` throughout).
     Never raises for bad source data: a SourceDataError or an unreadable container becomes the
-    file's error record (after any chunks already yielded)."""
+    file's error record (after any chunks already yielded). With ``unit.traceparent`` set (tracing
+    on), each data chunk opens its batch span and carries its ``read`` span (``loadkit.tracing``)."""
+    if not unit.traceparent:
+        return _read_unit(unit, board)
+    return _traced(unit, _read_unit(unit, board))
+
+
+def _traced(unit: ReadUnit, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The chunks, each data chunk with its batch span opened and its ``read`` span: the time
+    spent producing it (reading, decompressing, cutting), not the time its consumer held it."""
+    while True:
+        started = time.time_ns()
+        chunk = next(chunks, None)
+        if chunk is None:
+            return
+        if chunk.kind == "data":
+            ended = time.time_ns()
+            trace = tracing.open_batch(unit.traceparent, started)
+            chunk = replace(chunk, trace=tracing.add_stage(trace, "read", started, ended, bytes=len(chunk.data),
+                                                           member=chunk.member, start=chunk.start))
+        yield chunk
+
+
+def _read_unit(unit: ReadUnit, board: Optional[Board]) -> Iterator[Chunk]:
     table, path = unit.table, unit.file.path  # a local path or an fsspec URL this task opens itself
     feed = SizeFeed(board, unit.batch_rows)
     try:
