@@ -250,6 +250,8 @@ class PoolConfig:
     pre_ping: bool = True
     # Parse tasks allowed at once (0 = as many as Ray schedules).
     parse_concurrency: int = 0
+    # Parse threads of the in-process executor (0 = one per core, at most 4: see README, Benchmark).
+    parse_threads: int = 0
     # Byte-range read tasks per large uncompressed file (no newlines in values), so one big
     # file still parses on every core; files under 2 x batch.read_block_bytes stay whole.
     read_splits: int = 2
@@ -296,7 +298,8 @@ class EnvConfig:
     ship_code: bool = False
     progress_bars: bool = True
     # ray: always the Ray Data pipeline. inprocess: the same read/parse/write stages in the
-    # driver (a parse thread, pool.writers writer threads). auto: inprocess for a local run
+    # driver (a read thread, pool.parse_threads parse threads, pool.writers writer threads).
+    # auto: inprocess for a local run
     # whose files to load total at most inprocess_max_bytes (Ray's start-up would be most of
     # the run) or whose machine has at most inprocess_max_cpus cores (Ray's processes cost
     # more CPU than they add there), else ray.

@@ -158,6 +158,7 @@ class LoadPlan:
     parse_concurrency: int
     data_root: str = ""
     read_splits: int = 1
+    parse_threads: int = 0  # in-process parse threads (0: one per core, execute.inprocess.parse_threads)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
     # The ledger's period key of this run (see period_key); "" means year-month.
     period_key: str = ""
@@ -349,6 +350,7 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         pre_ping=p.pre_ping,
         parse_concurrency=p.parse_concurrency,
         read_splits=p.read_splits,
+        parse_threads=p.parse_threads,
         data_root=url_root or str(root.resolve()),
         period_key=period,
         params=tuple(values.items()),
