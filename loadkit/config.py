@@ -250,7 +250,7 @@ class PoolConfig:
     pre_ping: bool = True
     # Parse tasks allowed at once (0 = as many as Ray schedules).
     parse_concurrency: int = 0
-    # Parse threads of the in-process executor (0 = one per core, at most 4: see README, Benchmark).
+    # Parse threads of the in-process executor (0 = one per two cores, 1 to 4: see README, Benchmark).
     parse_threads: int = 0
     # Byte-range read tasks per large uncompressed file (no newlines in values), so one big
     # file still parses on every core; files under 2 x batch.read_block_bytes stay whole.

@@ -158,7 +158,7 @@ class LoadPlan:
     parse_concurrency: int
     data_root: str = ""
     read_splits: int = 1
-    parse_threads: int = 0  # in-process parse threads (0: one per core, execute.inprocess.parse_threads)
+    parse_threads: int = 0  # in-process parse threads (0: one per two cores, execute.inprocess.parse_threads)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
     # The ledger's period key of this run (see period_key); "" means year-month.
     period_key: str = ""

@@ -93,8 +93,8 @@ def test_a_writer_failure_reaches_the_caller() -> None:
         next(stream)
 
 
-@pytest.mark.parametrize("configured,cpus,expected", [(3, 64, 3), (0, 1, 1), (0, 2, 2), (0, 64, 4)])
-def test_parse_threads_default_to_one_per_core_up_to_four(configured: int, cpus: int, expected: int) -> None:
+@pytest.mark.parametrize("configured,cpus,expected", [(3, 64, 3), (0, 1, 1), (0, 2, 1), (0, 4, 2), (0, 64, 4)])
+def test_parse_threads_default_to_one_per_two_cores_up_to_four(configured: int, cpus: int, expected: int) -> None:
     assert parse_threads(configured, cpus) == expected
 
 

@@ -44,7 +44,8 @@ class InProcessExecutor:
 
         One thread reads the units in order (decompression, record cutting: ``read_unit``);
         ``pool.parse_threads`` threads parse its chunks (pyarrow's CSV parser and compute release
-        the GIL, so they run on several cores at once); ``pool.writers`` threads commit them (a
+        the GIL, so they run on several cores at once; with one, the read thread parses its
+        chunks itself); ``pool.writers`` threads commit them (a
         writer encodes a batch and then waits for the server, so two keep both busy). Bounded
         memory: one chunk waits per parse thread and one parsed batch per writer, besides the one
         each thread holds. Batches finish out of order (each is its own transaction and its id
@@ -60,39 +61,52 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
          board: Board) -> Iterator[BatchResult]:
     tables = {t.name: replace(t, files=()) for t in plan.tables}
     parsers = parse_threads(plan.parse_threads)
+    # One parse thread: the read thread parses its own chunks (a hand-off to a second thread cost
+    # ~0.4 µs/row and gained nothing, see parse_threads); more: that many threads behind it.
+    spawned = 0 if parsers == 1 else parsers
     # Bounded memory: one chunk waiting per parse thread, one parsed batch waiting per writer,
     # besides the one each thread holds.
-    chunks: "queue.Queue[Any]" = queue.Queue(maxsize=parsers)
+    chunks: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, spawned))
     parsed: "queue.Queue[Any]" = queue.Queue(maxsize=plan.writers)
     results: "queue.Queue[Any]" = queue.Queue()
     stop = threading.Event()
     writers = _open_writers(settings, plan.writers)  # connect up front, in this thread
-    parsers_left = [parsers]
+    parsers_left = [spawned]
     parsers_lock = threading.Lock()
+
+    def parse_one(item: _Item) -> bool:
+        """Parse a chunk and queue it for the writers; False once the consumer has stopped."""
+        batch = parse(item.record, tables, plan.period)
+        release_memory()
+        return _offer(parsed, replace(item, record=batch), stop)
+
+    def end_writers() -> None:
+        for _ in writers:  # one end marker per writer
+            _offer(parsed, None, stop)
 
     def read() -> None:
         for index, unit in enumerate(units):
-            issued = 0  # data chunks of this unit handed to the parse threads so far
+            issued = 0  # data chunks of this unit handed to the parse stage so far
             for chunk in read_unit(unit, board):
                 if chunk.kind == "data":
                     issued += 1
-                if not _offer(chunks, _Item(index, chunk.kind != "data", issued, chunk), stop):
+                item = _Item(index, chunk.kind != "data", issued, chunk)
+                if not (_offer(chunks, item, stop) if spawned else parse_one(item)):
                     return
-        for _ in range(parsers):  # one end marker per parse thread
+        if not spawned:
+            end_writers()
+        for _ in range(spawned):  # one end marker per parse thread
             _offer(chunks, None, stop)
 
     def parse_loop() -> None:
         while (item := _take(chunks, stop)) is not None:
-            batch = parse(item.record, tables, plan.period)
-            release_memory()
-            if not _offer(parsed, replace(item, record=batch), stop):
+            if not parse_one(item):
                 return
         with parsers_lock:  # the last parse thread out ends the writers' queue
             parsers_left[0] -= 1
             last = parsers_left[0] == 0
         if last and not stop.is_set():
-            for _ in writers:  # one end marker per writer
-                _offer(parsed, None, stop)
+            end_writers()
 
     def write(writer: BatchWriter) -> None:
         while (item := _take(parsed, stop)) is not None:
@@ -101,7 +115,7 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
 
     threads = [threading.Thread(target=_reporting(read, results), name="loadkit-read", daemon=True)]
     threads += [threading.Thread(target=_reporting(parse_loop, results), name=f"loadkit-parse-{i}", daemon=True)
-                for i in range(parsers)]
+                for i in range(spawned)]
     writer_threads = [threading.Thread(target=_reporting(write, results, w), name=f"loadkit-write-{i}", daemon=True)
                       for i, w in enumerate(writers)]
     threads += writer_threads
@@ -125,16 +139,21 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
 
 
 def parse_threads(configured: int, cpus: Optional[int] = None) -> int:
-    """Parse threads for ``pool.parse_threads``: the configured count, or for 0 one per core
-    (``os.sched_getaffinity``), at most _AUTO_PARSE_THREADS_MAX (see README, Benchmark)."""
+    """Parse threads for ``pool.parse_threads``: the configured count, or for 0 one per two cores
+    (``os.sched_getaffinity``), at least 1 and at most _AUTO_PARSE_THREADS_MAX.
+
+    Why one per two cores: parsing is about a third of a row's CPU (client CPU µs/row on the benchmark
+    month: read 0.9, parse 2.3, write 2.1; the server's COPY ~2), so half the cores for parsing
+    leaves the rest to the read thread, the writers and the server. On 2 cores a second parse thread
+    cost +0.4 µs/row and gained no wall time (every core already busy); see notes/README, Benchmark."""
     if configured > 0:
         return configured
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, _AUTO_PARSE_THREADS_MAX))
+    return max(1, min(cpus // 2, _AUTO_PARSE_THREADS_MAX))
 
 
-_AUTO_PARSE_THREADS_MAX = 4  # one read thread feeds them; past ~4 the read stage is the bottleneck
+_AUTO_PARSE_THREADS_MAX = 4  # one read thread (~0.9 µs/row) feeds them: past ~4 it is the bottleneck
 
 
 @dataclass(frozen=True)
