@@ -426,6 +426,8 @@ class PoolConfig:
     """Check a pooled connection before using it."""
     parse_concurrency: int = 0
     """Parse tasks allowed at once (0 = as many as Ray schedules)."""
+    parse_threads: int = 0
+    """Parse threads of the in-process executor (0 = one per two cores, 1 to 4)."""
     # Files under 2 x batch.read_block_bytes stay whole; zip/gzip members always stream in one task.
     read_splits: int = 2
     """Byte-range read tasks per large uncompressed file (no newlines in values)."""
@@ -681,6 +683,7 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.pool.connections_per_writer >= 1, "pool.connections_per_writer",
              "pool.connections_per_writer must be >= 1")
     _require(cfg.pool.parse_concurrency >= 0, "pool.parse_concurrency", "pool.parse_concurrency must be >= 0")
+    _require(cfg.pool.parse_threads >= 0, "pool.parse_threads", "pool.parse_threads must be >= 0")
     _require(cfg.pool.read_splits >= 1, "pool.read_splits", "pool.read_splits must be >= 1")
     _validate_retry(cfg.retry)
     _validate_alerts(cfg.alerts)

@@ -285,6 +285,7 @@ class LoadPlan:
     settings: str
     data_root: str = ""
     read_splits: int = 1
+    parse_threads: int = 0  # in-process parse threads (0: one per two cores, execute.inprocess.parse_threads)
     # The ledger's period key of this run (see period_key); "" means year-month.
     period_key: str = ""
     params: Tuple[Tuple[str, Any], ...] = ()  # the run parameters the job uses, (name, value)
@@ -547,6 +548,7 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         on_drift=str(cfg.job.on_drift),
         settings=settings_json(cfg),
         read_splits=p.read_splits,
+        parse_threads=p.parse_threads,
         data_root=url_root or str(root.resolve()),
         period_key=period,
         params=tuple(values.items()),

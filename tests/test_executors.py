@@ -1,14 +1,22 @@
-"""loadkit.execute: the executor choice as a pure function, and the in-process path free of Ray."""
+"""loadkit.execute: the executor choice as a pure function, the in-process path free of Ray, and its
+parse threads (result order, thread count, the same batches as one thread)."""
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+import psycopg2
 import pytest
 
+from loadkit.examples.cnpj.sample import generate_month
 from loadkit.execute import choose_executor, make_executor
-from loadkit.execute.inprocess import InProcessExecutor
-from tests.conftest import ROOT
+from loadkit.execute.inprocess import InProcessExecutor, _Failed, _in_file_order, _Item, parse_threads
+from loadkit.records import BatchResult
+from loadkit.runner import run_job
+from tests.conftest import ROOT, compose, query
 
 GB = 1 << 30
 
@@ -45,3 +53,74 @@ def test_local_size_channel_is_what_read_tasks_poll() -> None:
     assert channel.board.poll(3, 0.5) == 100
     channel.publish(250)
     assert channel.board.poll(2, 0.25) == 250 and channel.counters() == (5, 0.75)
+
+
+def _item(unit: int, kind: Any, issued: int, start: int = 0) -> _Item:
+    """A result as a writer thread hands it back (see inprocess._Item)."""
+    record = BatchResult(kind=kind, table_name="t", file_sha=f"sha{unit}", member="m", start=start,
+                         status="committed" if kind == "data" else kind)
+    return _Item(unit, kind != "data", issued, record)
+
+
+def test_eof_and_error_records_come_after_their_units_batches() -> None:
+    """Parse threads and writers finish out of order; a member's eof (and a file's error) is held
+    until every batch its read unit issued before it has been yielded (RunMetrics' ``ended``)."""
+    results: "queue.Queue[object]" = queue.Queue()
+    arrivals = [
+        _item(0, "eof", 3),  # unit 0's eof overtakes its 3 batches
+        _item(0, "data", 2, start=200), _item(1, "data", 1, start=0),
+        _item(1, "error", 1),  # unit 1 failed after its one batch: released at once
+        _item(0, "data", 1, start=0),
+        _item(2, "eof", 0),  # an empty member: nothing to wait for
+        _item(0, "data", 3, start=400),
+    ]
+    for item in arrivals:
+        results.put(item)
+    results.put(None)
+    results.put(None)  # two writers ended
+    got = [(r.file_sha, r.kind, r.start) for r in _in_file_order(results, writers=2)]
+    assert got == [("sha0", "data", 200), ("sha1", "data", 0), ("sha1", "error", 0), ("sha0", "data", 0),
+                   ("sha2", "eof", 0), ("sha0", "data", 400), ("sha0", "eof", 0)]
+
+
+def test_a_writer_failure_reaches_the_caller() -> None:
+    results: "queue.Queue[object]" = queue.Queue()
+    results.put(_item(0, "data", 1))
+    results.put(_Failed(RuntimeError("copy failed")))
+    stream = _in_file_order(results, writers=1)
+    assert next(stream).kind == "data"
+    with pytest.raises(RuntimeError, match="copy failed"):
+        next(stream)
+
+
+@pytest.mark.parametrize("configured,cpus,expected", [(3, 64, 3), (0, 1, 1), (0, 2, 1), (0, 4, 2), (0, 64, 4)])
+def test_parse_threads_default_to_one_per_two_cores_up_to_four(configured: int, cpus: int, expected: int) -> None:
+    assert parse_threads(configured, cpus) == expected
+
+
+def test_parse_threads_load_the_same_batches_as_one(pg_dsn: str, schemas: tuple, job_overrides,
+                                                     tmp_path: Path) -> None:
+    """Three parse threads and small batches: every batch id, byte range and count in the ledger is
+    the one-thread run's (ids come from byte ranges, never from the order batches finish in)."""
+    month = generate_month(tmp_path / "data", 2024, 5, rows=3000, shards=2, seed=11)
+    target, led = schemas
+    columns = "batch_id, table_name, file_sha, member, start_offset, end_offset, first_line, rows_in, rows_loaded"
+    ledgers = []
+    try:
+        for threads, (schema, ledger_schema) in ((1, (target, led)), (3, (f"{target}_p", f"{led}_p"))):
+            overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=25",
+                                      f"pool.parse_threads={threads}", f"job.schema={schema}",
+                                      f"sink.ledger_schema={ledger_schema}")
+            result = run_job(compose(overrides))
+            assert result.status == "succeeded", result.error
+            assert {t: m.rows_read for t, m in result.metrics.tables.items()} == month.rows
+            ledgers.append(sorted(query(pg_dsn, f'SELECT {columns} FROM "{ledger_schema}".batch')))
+    finally:
+        conn = psycopg2.connect(pg_dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for schema in (f"{target}_p", f"{led}_p", f"{target}_p__lk_stage"):
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.close()
+    assert len(ledgers[0]) >= 20  # several 64 KB chunks per large file: room for reordering
+    assert ledgers[0] == ledgers[1]

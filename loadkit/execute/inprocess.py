@@ -8,11 +8,12 @@ or a resume may switch executors freely. This module never imports Ray (import-l
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from loadkit.execute.channel import LocalSizeChannel
 from loadkit.execute.parse import parse
@@ -27,7 +28,7 @@ log = logging.getLogger("loadkit.execute.inprocess")
 
 
 class InProcessExecutor:
-    """One parse thread feeding ``pool.writers`` writer threads (see :meth:`run`)."""
+    """A read thread feeding ``pool.parse_threads`` parse threads feeding ``pool.writers`` writer threads."""
 
     name = "inprocess"
 
@@ -41,11 +42,17 @@ class InProcessExecutor:
             board: Board) -> Iterator[BatchResult]:
         """Yield each batch's result as a writer thread finishes it.
 
-        pyarrow's parser and ADBC's COPY release the GIL, so parsing, encoding and the server's
-        work overlap. A writer encodes a batch and then waits for the server, so two writer
-        threads keep both busy. Parsed batches wait in a queue of one per writer (bounded
-        memory); results come back to the caller's thread. Closing the iterator stops the
-        threads (the batch in hand commits or rolls back, both safe; a stuck statement is cancelled).
+        One thread reads the units in order (decompression, record cutting: ``read_unit``);
+        ``pool.parse_threads`` threads parse its chunks (pyarrow's CSV parser and compute release
+        the GIL, so they run on several cores at once; with one, the read thread parses its
+        chunks itself); ``pool.writers`` threads commit them (a
+        writer encodes a batch and then waits for the server, so two keep both busy). Bounded
+        memory: one chunk waits per parse thread and one parsed batch per writer, besides the one
+        each thread holds. Batches finish out of order (each is its own transaction and its id
+        comes from its byte range, not its position), but a member's eof (or a file's error)
+        comes back only after every batch its read unit issued before it. Results come back to
+        the caller's thread. Closing the iterator stops the threads (the batch in hand commits or
+        rolls back, both safe; a stuck statement is cancelled).
         """
         return _run(plan, units, settings, board)
 
@@ -53,54 +60,142 @@ class InProcessExecutor:
 def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
          board: Board) -> Iterator[BatchResult]:
     tables = {t.name: replace(t, files=()) for t in plan.tables}
+    parsers = parse_threads(plan.parse_threads)
+    # One parse thread: the read thread parses its own chunks (a hand-off to a second thread cost
+    # ~0.4 µs/row and gained nothing, see parse_threads); more: that many threads behind it.
+    spawned = 0 if parsers == 1 else parsers
+    # Bounded memory: one chunk waiting per parse thread, one parsed batch waiting per writer,
+    # besides the one each thread holds.
+    chunks: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, spawned))
     parsed: "queue.Queue[Any]" = queue.Queue(maxsize=plan.writers)
     results: "queue.Queue[Any]" = queue.Queue()
     stop = threading.Event()
     writers = _open_writers(settings, plan.writers)  # connect up front, in this thread
+    parsers_left = [spawned]
+    parsers_lock = threading.Lock()
 
-    def produce() -> None:
-        for unit in units:
-            for chunk in read_unit(unit, board):
-                batch = parse(chunk, tables, plan.period)
-                release_memory()
-                if not _offer(parsed, batch, stop):
-                    return
+    def parse_one(item: _Item) -> bool:
+        """Parse a chunk and queue it for the writers; False once the consumer has stopped."""
+        batch = parse(item.record, tables, plan.period)
+        release_memory()
+        return _offer(parsed, replace(item, record=batch), stop)
+
+    def end_writers() -> None:
         for _ in writers:  # one end marker per writer
             _offer(parsed, None, stop)
 
+    def read() -> None:
+        for index, unit in enumerate(units):
+            issued = 0  # data chunks of this unit handed to the parse stage so far
+            for chunk in read_unit(unit, board):
+                if chunk.kind == "data":
+                    issued += 1
+                item = _Item(index, chunk.kind != "data", issued, chunk)
+                if not (_offer(chunks, item, stop) if spawned else parse_one(item)):
+                    return
+        if not spawned:
+            end_writers()
+        for _ in range(spawned):  # one end marker per parse thread
+            _offer(chunks, None, stop)
+
+    def parse_loop() -> None:
+        while (item := _take(chunks, stop)) is not None:
+            if not parse_one(item):
+                return
+        with parsers_lock:  # the last parse thread out ends the writers' queue
+            parsers_left[0] -= 1
+            last = parsers_left[0] == 0
+        if last and not stop.is_set():
+            end_writers()
+
     def write(writer: BatchWriter) -> None:
         while (item := _take(parsed, stop)) is not None:
-            results.put(writer.write(item))
+            results.put(replace(item, record=writer.write(item.record)))
         results.put(None)
 
-    threads = [threading.Thread(target=_reporting(produce, results), name="loadkit-parse", daemon=True)]
-    threads += [threading.Thread(target=_reporting(write, results, w), name=f"loadkit-write-{i}", daemon=True)
-                for i, w in enumerate(writers)]
+    threads = [threading.Thread(target=_reporting(read, results), name="loadkit-read", daemon=True)]
+    threads += [threading.Thread(target=_reporting(parse_loop, results), name=f"loadkit-parse-{i}", daemon=True)
+                for i in range(spawned)]
+    writer_threads = [threading.Thread(target=_reporting(write, results, w), name=f"loadkit-write-{i}", daemon=True)
+                      for i, w in enumerate(writers)]
+    threads += writer_threads
     for t in threads:
         t.start()
     try:
-        done = 0
-        while done < len(writers):
-            item = results.get()
-            if isinstance(item, _Failed):
-                raise item.error
-            if item is None:
-                done += 1
-                continue
-            yield item
+        yield from _in_file_order(results, len(writers))
     finally:
         stop.set()  # threads finish the batch in hand (committed or rolled back, both safe) and leave
         _join(threads, _STOP_GRACE_S)
-        if any(t.is_alive() for t in threads[1:]):
+        if any(t.is_alive() for t in writer_threads):
             # A writer is inside a statement (a COPY waiting on a lock, a slow server): cancel this
             # run's statements so it rolls back and leaves now, not when the lock is released.
             cancel_backends(settings.dsn, plan.run_id)
             _join(threads, _STOP_GRACE_S)
-        for t, w in zip(threads[1:], writers, strict=True):
+        for t, w in zip(writer_threads, writers, strict=True):
             if t.is_alive():  # still stuck (server unreachable): a daemon thread; its pool closes with it
                 log.warning("writer thread %s did not stop in time; leaving it behind", t.name)
             else:
                 w.close()
+
+
+def parse_threads(configured: int, cpus: Optional[int] = None) -> int:
+    """Parse threads for ``pool.parse_threads``: the configured count, or for 0 one per two cores
+    (``os.sched_getaffinity``), at least 1 and at most _AUTO_PARSE_THREADS_MAX.
+
+    Why one per two cores: parsing is about a third of a row's CPU (client CPU µs/row on the benchmark
+    month: read 0.9, parse 2.3, write 2.1; the server's COPY ~2), so half the cores for parsing
+    leaves the rest to the read thread, the writers and the server. On 2 cores a second parse thread
+    cost +0.4 µs/row and gained no wall time (every core already busy); see notes/README, Benchmark."""
+    if configured > 0:
+        return configured
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus // 2, _AUTO_PARSE_THREADS_MAX))
+
+
+_AUTO_PARSE_THREADS_MAX = 4  # one read thread (~0.9 µs/row) feeds them: past ~4 it is the bottleneck
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A record on its way through the stages, tagged with its read unit (see _in_file_order)."""
+
+    unit: int  # index of its read unit
+    mark: bool  # an eof/error record (it closes the data chunks its unit issued before it)
+    issued: int  # data chunks its unit had issued up to and including this record
+    record: Any  # Chunk, then ParsedBatch, then BatchResult
+
+
+def _in_file_order(results: "queue.Queue[Any]", writers: int) -> Iterator[BatchResult]:
+    """The writers' results, each eof/error record held back until every data batch its read
+    unit issued before it has been yielded.
+
+    Parse threads and writers finish batches out of order; the driver counts a member as read
+    (RunMetrics ``ended``) on its eof, so the eof must come after that member's batches."""
+    done = 0
+    delivered: Dict[int, int] = {}  # unit -> data results yielded
+    held: Dict[int, List[_Item]] = {}  # unit -> eof/error records waiting for their batches
+    while done < writers:
+        item = results.get()
+        if isinstance(item, _Failed):
+            raise item.error
+        if item is None:
+            done += 1
+            continue
+        if item.mark:
+            held.setdefault(item.unit, []).append(item)
+        else:
+            delivered[item.unit] = delivered.get(item.unit, 0) + 1
+            yield item.record
+        waiting = held.get(item.unit)
+        if waiting:
+            ready = sorted((m for m in waiting if m.issued <= delivered.get(item.unit, 0)), key=lambda m: m.issued)
+            for mark in ready:
+                waiting.remove(mark)
+                yield mark.record
+    for waiting in held.values():  # every batch came back (the writers ended), so none can be left
+        for mark in waiting:
+            yield mark.record
 
 
 _STOP_GRACE_S = 0.25  # per stage of a stop: threads leaving by themselves, then after a cancel

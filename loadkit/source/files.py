@@ -17,7 +17,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
@@ -28,6 +28,7 @@ _READ_SIZE = 4 * 1024 * 1024
 _FINGERPRINT_BLOCK = 8 * 1024 * 1024
 _MIN_TARGET = 1024  # smallest chunk target in bytes (tests lower it to cut tiny inputs into many chunks)
 _HEAD_BYTES = 4096  # raw text kept of a record too long to hold
+_MIN_READ = 64 * 1024  # ChunkReader's smallest read: what it holds past a chunk's window is at most this
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,11 @@ class ChunkReader:
     ``newlines_in_values`` says (a speed hint only). A record longer than
     ``syntax.max_record_bytes`` is skipped without being held in memory and yielded as a
     chunk of its own with ``reject`` set.
+
+    One buffer, filled in place: a bytearray the stream's reads are appended to, scanned as
+    it is (the bytes past the scan window are set aside for the scan, not the window copied)
+    and consumed from the front (O(1) in CPython), so a chunk's bytes are copied once, into
+    its ``data``. Lines are counted from the scan where every record ends at its own LF.
     """
 
     def __init__(
@@ -405,7 +411,7 @@ class ChunkReader:
         self._syntax = syntax or scanner.Syntax(quote=quote, escape=escape)
         self._target = self._bounded(target_bytes)
         self._committed = sorted(committed)
-        self._buf = prefix  # bytes already read from the stream (e.g. a sample)
+        self._buf = bytearray(prefix)  # bytes read from the stream, not yet taken (starts with a sample)
         self._pos = origin  # member offset of _buf[0] (a span of a split file starts past 0)
         self._line = origin_line  # line number at _buf[0]
         self._eof = False
@@ -429,16 +435,19 @@ class ChunkReader:
             if cut < 0:
                 yield self._skip_long_record()
                 continue
-            chunk = self._take(cut)
+            chunk = self._take(cut, summary)
             yield replace(chunk, summary=summary) if summary is not None else chunk
 
     def _fill(self, size: int) -> None:
-        while not self._eof and len(self._buf) < size:
-            block = self._stream.read(max(_READ_SIZE, size - len(self._buf)))
+        """Read until the buffer holds ``size`` bytes or the stream ends (reads of what is missing,
+        at least _MIN_READ: the window is cut by the scanner, never by a read's size)."""
+        buf = self._buf
+        while not self._eof and len(buf) < size:
+            block = self._stream.read(max(_MIN_READ, size - len(buf)))
             if not block:
                 self._eof = True
                 break
-            self._buf += block
+            buf += block
 
     def _next_committed(self) -> Optional[Tuple[int, int]]:
         for start, end in self._committed:
@@ -463,15 +472,19 @@ class ChunkReader:
                 to_skip -= step
             rng = self._next_committed()
 
-    def _advance(self, n: int) -> bytes:
-        head, self._buf = self._buf[:n], self._buf[n:]
+    def _advance(self, n: int, lines: Optional[int] = None) -> None:
+        """Drop the first ``n`` bytes (``lines``: the LFs among them, when the caller knows)."""
+        self._line += self._buf.count(b"\n", 0, n) if lines is None else lines
+        del self._buf[:n]
         self._pos += n
-        self._line += head.count(b"\n")
-        return head
 
-    def _take(self, cut: int) -> Chunk:
+    def _take(self, cut: int, summary: Optional["scanner.Summary"]) -> Chunk:
         start, line = self._pos, self._line
-        data = self._advance(cut)
+        with memoryview(self._buf) as view:
+            data = view[:cut].tobytes()
+        # A clean scan without quoted newlines: every record ends at its own LF, and only there.
+        lines = summary.records if summary is not None and summary.clean and not summary.quoted_newlines else None
+        self._advance(cut, lines)
         return Chunk(self._member, start, self._pos, line, data)
 
     def _cut_point(self) -> Tuple[int, Optional["scanner.Summary"]]:
@@ -486,14 +499,20 @@ class ChunkReader:
             return rng[0] - self._pos, None
         cap = self._syntax.max_record_bytes
         while True:
-            if self._eof and len(self._buf) <= limit:
-                sc = scanner.scan(self._buf, self._syntax, final=True)
-                return len(self._buf), scanner.summarize(self._buf, sc)
-            window = self._buf if limit >= len(self._buf) else self._buf[:limit]
-            sc = scanner.scan(window, self._syntax, final=False)
+            # The scanner reads only what bytes and bytearray share (len, find, slices, buffer).
+            buf = cast(bytes, self._buf)
+            if self._eof and len(buf) <= limit:
+                sc = scanner.scan(buf, self._syntax, final=True)
+                return len(buf), scanner.summarize(buf, sc)
+            # The scan window is the buffer's first ``limit`` bytes: set the rest (one byte, or up
+            # to a read's overshoot) aside for the scan instead of copying the window.
+            rest = self._buf[limit:]
+            del self._buf[limit:]
+            sc = scanner.scan(buf, self._syntax, final=False)
+            self._buf += rest
             cut = sc.consumed
             if cut > 0:
-                return cut, scanner.summarize(self._buf, sc)
+                return cut, scanner.summarize(buf, sc)
             if limit > cap + _READ_SIZE:
                 return -1, None
             # A record longer than the window: widen it (geometrically, so scanning stays linear).
@@ -505,7 +524,7 @@ class ChunkReader:
     def _skip_long_record(self) -> Chunk:
         """Consume a record longer than max_record_bytes: up to the first LF at or after that length."""
         start, line = self._pos, self._line
-        head = self._buf[:_HEAD_BYTES]
+        head = bytes(self._buf[:_HEAD_BYTES])
         self._advance(self._syntax.max_record_bytes - 1)
         while True:
             found = self._buf.find(b"\n")

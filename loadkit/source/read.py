@@ -6,7 +6,7 @@
       -> files.ChunkReader: chunks of ~batch.size records, cut by THE record scanner
       -> Chunk records; an eof per member, or one error record for the file
 
-Both executors run this same code (a Ray read task, or the in-process parse thread), so a
+Both executors run this same code (a Ray read task, or the in-process read thread), so a
 chunk's byte range and first line, hence its batch id, never depend on the executor. A
 source error becomes an error record for its file instead of an exception, so the other
 files keep loading. No Ray and no database here (import-linter contract): the batch size is
