@@ -162,6 +162,7 @@ class LoadPlan:
     # The ledger's period key of this run (see period_key); "" means year-month.
     period_key: str = ""
     params: Tuple[Tuple[str, Any], ...] = ()  # the run parameters the job uses, (name, value)
+    copy_encoder: str = "pgpq"  # sink.copy_encoder: the writers' binary COPY encoder (postgres/copy.py)
 
     @property
     def period(self) -> str:
@@ -345,4 +346,5 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         data_root=str(root.resolve()),
         period_key=period,
         params=tuple(values.items()),
+        copy_encoder=cfg.sink.copy_encoder,
     )

@@ -448,7 +448,7 @@ def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
     targets = {t.name: TableTarget(t.load_schema, t.load_table, t.mode != "append") for t in plan.tables}
     return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
                           tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
-                          retry=plan.retry)
+                          retry=plan.retry, copy_encoder=plan.copy_encoder)
 
 
 def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], dsn: str, board: Any = None) -> Any:

@@ -1,5 +1,8 @@
 """The batch writer: one COPY stream per connection, data + rejects + ledger in one transaction.
 
+The binary COPY itself is postgres/copy.py's (``sink.copy_encoder``: pgpq over psycopg 3, or ADBC);
+every statement of a batch runs on one connection of that encoder's driver.
+
 A plain callable class with no Ray import: Ray Data runs it as a pooled actor
 (``map_batches(BatchWriter, compute=ActorPoolStrategy(...))``), and tests can call it
 directly. The pool is opened in ``__init__`` (actor start), health-checked on every
@@ -21,6 +24,7 @@ from typing import Any, Dict
 import pyarrow as pa
 
 from loadkit.postgres import ledger
+from loadkit.postgres.copy import DEFAULT_ENCODER, encoder
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
 from loadkit.errors import as_loadkit_error, sqlstate_of
 from loadkit.monitor import process_rss, release_memory
@@ -78,6 +82,7 @@ class WriterSettings:
     connections: int
     pre_ping: bool
     retry: RetryPolicy
+    copy_encoder: str = DEFAULT_ENCODER  # sink.copy_encoder: pgpq (psycopg 3) or adbc; see postgres/copy.py
 
 
 def ipc_bytes(table: pa.Table) -> bytes:
@@ -97,11 +102,13 @@ class BatchWriter:
         self._name = f"writer-{os.getpid()}"
         self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
         self._attempts = 0
+        self._copy = encoder(settings.copy_encoder)
         self._pool = self._open_pool()
 
     def _open_pool(self) -> ConnectionPool:
         dsn = with_application_name(self._s.dsn, application_name(self._s.run_id, "writer"))
-        return retrying(self._s.retry)(lambda: ConnectionPool(dsn, self._s.connections, self._s.pre_ping))
+        return retrying(self._s.retry)(lambda: ConnectionPool(dsn, self._s.connections, self._s.pre_ping,
+                                                                 connect=self._copy.connect))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [self._handle(rec) for rec in batch.to_pylist()]
@@ -133,18 +140,19 @@ class BatchWriter:
         return out
 
     def _commit(self, rec: Dict[str, Any]) -> str:
-        """One transaction: skip if the ledger has the batch, else COPY rows + rejects + ledger row."""
+        """One transaction on one connection of the COPY encoder's driver: skip if the ledger has the
+        batch, else COPY rows + rejects + ledger row, then commit."""
         self._attempts += 1
         target = self._s.tables[rec["table_name"]]
         with self._pool.connection() as conn:
             with conn.cursor() as cur:
-                cur.execute(f"SELECT 1 FROM {qualified(self._s.ledger_schema, 'batch')} WHERE batch_id = $1",
-                            parameters=(rec["batch_id"],))
+                cur.execute(f"SELECT 1 FROM {qualified(self._s.ledger_schema, 'batch')} "
+                            f"WHERE batch_id = {self._copy.placeholder}", (rec["batch_id"],))
                 if cur.fetchall():
                     conn.rollback()
                     return "skipped"
                 try:
-                    self._copy_all(cur, rec, target)
+                    self._copy_all(conn, rec, target)
                     conn.commit()
                 except Exception as exc:
                     _rollback_after(conn, exc)
@@ -153,18 +161,18 @@ class BatchWriter:
                     raise
         return "committed"
 
-    def _copy_all(self, cur: Any, rec: Dict[str, Any], target: TableTarget) -> None:
+    def _copy_all(self, conn: Any, rec: Dict[str, Any], target: TableTarget) -> None:
+        copy_arrow = self._copy.copy_arrow
         rows = ipc_table(rec["rows"])
         if rows.num_rows:
             rows = rows.append_column(BATCH_COL, pa.array([rec["batch_id"]] * rows.num_rows, pa.int64()))
             if not target.keep_row_ordinal:
                 rows = rows.drop_columns([ROW_COL])
-            cur.adbc_ingest(target.load_table, rows, mode="append", db_schema_name=target.schema)
+            copy_arrow(conn, target.schema, target.load_table, rows)
         rejects = ipc_table(rec["rejects"])
         if rejects.num_rows:
-            cur.adbc_ingest("reject", self._reject_rows(rec, rejects), mode="append",
-                            db_schema_name=self._s.ledger_schema)
-        cur.adbc_ingest("batch", self._ledger_row(rec), mode="append", db_schema_name=self._s.ledger_schema)
+            copy_arrow(conn, self._s.ledger_schema, "reject", self._reject_rows(rec, rejects))
+        copy_arrow(conn, self._s.ledger_schema, "batch", self._ledger_row(rec))
 
     def _reject_rows(self, rec: Dict[str, Any], rejects: pa.Table) -> pa.Table:
         n = rejects.num_rows
