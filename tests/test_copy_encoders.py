@@ -22,6 +22,7 @@ from loadkit.postgres.copy import ENCODERS, encoder
 from loadkit.postgres.db import application_name, cancel_backends, session_dsn, with_application_name
 from loadkit.postgres.writer import BatchWriter, TableTarget, WriterSettings, ipc_bytes
 from loadkit.transform import REJECT_SCHEMA
+from tests.conftest import compose
 
 # Every loadkit column type (config.py's type grammar) plus timestamptz and bytea, as the Arrow type
 # transform.py gives it. (name, PostgreSQL type, Arrow type)
@@ -161,6 +162,19 @@ def test_unknown_encoder_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         encoder("copy-by-hand")
     assert err.value.context["key"] == "sink.copy_encoder"
+    with pytest.raises(ConfigError) as err:
+        compose(["+job=monthly", "year=2024", "month=5", "sink.copy_encoder=copy-by-hand"])
+    assert err.value.context["key"] == "sink.copy_encoder"
+
+
+def test_the_plan_carries_the_encoder_to_the_writers() -> None:
+    from loadkit.execute.pipeline import writer_settings
+    from loadkit.plan import build_plan
+
+    for name in ENCODERS:
+        plan = build_plan(compose(["+job=monthly", "year=2024", "month=5", f"sink.copy_encoder={name}"]))
+        assert writer_settings(plan, "postgresql://x@127.0.0.1/db").copy_encoder == name
+    assert build_plan(compose(["+job=monthly", "year=2024", "month=5"])).copy_encoder == "pgpq"
 
 
 # ---------------------------------------------------------------- the writer on each encoder

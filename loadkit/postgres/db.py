@@ -1,8 +1,9 @@
 """Database access: DSN resolution (incl. the embedded server), connections and pools.
 
-Two drivers, each for what it does best: psycopg2 for DDL, ledger queries and
-finalisation in the driver process; ADBC (libpq, binary COPY from Arrow) for the data
-path in writer actors. Only this module imports either driver's connect function.
+Drivers, each for what it does best: psycopg2 for DDL, ledger queries and finalisation
+in the driver process; for the data path in writer actors, the COPY encoder's driver
+(postgres/copy.py: psycopg 3 for pgpq, the default, or ADBC). Only this module and
+copy.py import a driver's connect function.
 """
 from __future__ import annotations
 
