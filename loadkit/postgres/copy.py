@@ -1,9 +1,9 @@
 """Binary COPY of Arrow tables into PostgreSQL: one small interface, two encoders (``sink.copy_encoder``).
 
 - ``pgpq`` (default): pgpq (Rust) encodes the Arrow batches into PostgreSQL's binary COPY format and
-  psycopg 3 streams the bytes with ``COPY ... FROM STDIN (FORMAT BINARY)``. Measured 0.63 / 0.31 CPU
-  µs per row (estabelecimentos / empresas, client + server) against ADBC's 1.95 / 0.89 (issue 16,
-  ``benchmarks/encoder_bench.py``).
+  psycopg 3 streams the bytes with ``COPY ... FROM STDIN (FORMAT BINARY)``. Its client-side CPU per
+  row is 3.6-4.1x lower than ADBC's (a 30-column and a 7-column table; the server's share is the same;
+  issue 16, ``benchmarks/encoder_bench.py``).
 - ``adbc``: adbc_driver_postgresql's ``adbc_ingest`` (libpq, its own encoder). Kept as the fallback.
 
 Both write the same binary format, the target's column types decide how the server reads it, so
