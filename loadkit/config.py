@@ -102,6 +102,11 @@ class EnvName(Choice):
     prod = "prod"
 
 
+class CopyEncoder(Choice):
+    pgpq = "pgpq"
+    adbc = "adbc"
+
+
 class Executor(Choice):
     auto = "auto"
     ray = "ray"
@@ -392,6 +397,8 @@ class SinkConfig:
     # and is retried.
     lock_timeout_ms: int = 0
     """Server-side lock_timeout of every loadkit session, ms (0 = none)."""
+    copy_encoder: CopyEncoder = CopyEncoder.pgpq
+    """The writers' binary COPY encoder: pgpq (pgpq over psycopg 3) or adbc (adbc_driver_postgresql, the fallback)."""
 
 
 @dataclass

@@ -162,6 +162,7 @@ class SinkPlan:
     connect_timeout: int  # seconds, 0 = forever
     statement_timeout_ms: int  # 0 = none
     lock_timeout_ms: int  # 0 = none
+    copy_encoder: str = "pgpq"  # the writers' binary COPY encoder: pgpq | adbc (postgres/copy.py)
 
 
 @dataclass(frozen=True)
@@ -451,7 +452,7 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
 def sink_plan(cfg: LoadkitConfig) -> SinkPlan:
     s = cfg.sink
     return SinkPlan(s.dsn, s.embedded_dir, s.ledger_schema, s.connect_timeout, s.statement_timeout_ms,
-                    s.lock_timeout_ms)
+                    s.lock_timeout_ms, str(s.copy_encoder))
 
 
 def _rule(r: AlertRule) -> AlertRuleSpec:

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from loadkit.postgres import db
+from loadkit.postgres.copy import adbc_copy_arrow
 from loadkit.postgres.ledger import BATCH_PKEY, BATCH_SCHEMA, FILE_PKEY, RUN_PKEY, TABLE_LOAD_PKEY, Ledger
 from tests.conftest import query
 
@@ -75,11 +76,11 @@ def test_a_duplicate_batch_is_told_by_its_constraint_name_on_both_drivers(pg_dsn
     try:
         with conn.cursor() as cur:
             assert not led.has_batch(cur, 7)
-            led.append_batch(cur, _batch_row(7))
+            led.append_batch(adbc_copy_arrow, conn, _batch_row(7))
             conn.commit()
             assert led.has_batch(cur, 7)
             with pytest.raises(Exception) as dup:
-                led.append_batch(cur, _batch_row(7))
+                led.append_batch(adbc_copy_arrow, conn, _batch_row(7))
             conn.rollback()
         assert led.is_duplicate_batch(dup.value)
     finally:

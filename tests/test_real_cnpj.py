@@ -175,11 +175,14 @@ def test_oracle_counts_match_the_folder_readme(expected: Dict[str, Tuple[int, in
     assert sum(ROWS.values()) == 15_451
 
 
-@pytest.mark.parametrize("executor", ["ray", "inprocess"])
+# Both COPY encoders (sink.copy_encoder) against the same oracle hash: identical content, 0 rejects.
+@pytest.mark.parametrize("executor,copy_encoder", [("ray", "pgpq"), ("inprocess", "pgpq"), ("inprocess", "adbc")])
 def test_real_month_loads_exactly(real_root: Path, expected: Dict[str, Tuple[int, int, str]], pg_dsn: str,
-                                  schemas: tuple, ray_session: None, job_overrides, executor: str) -> None:
+                                  schemas: tuple, ray_session: None, job_overrides, executor: str,
+                                  copy_encoder: str) -> None:
     target, led = schemas
-    result = run_job(compose(job_overrides(real_root, f"env.executor={executor}", year=2025, month=12)))
+    result = run_job(compose(job_overrides(real_root, f"env.executor={executor}", f"sink.copy_encoder={copy_encoder}",
+                                           year=2025, month=12)))
     assert result.status == "succeeded", result.error
     assert result.metrics.executor == executor
     for table, (read, distinct, digest) in expected.items():

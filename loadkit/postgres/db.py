@@ -1,8 +1,9 @@
 """Database access: DSN resolution (incl. the embedded server), connections and pools.
 
-Two drivers, each for what it does best: psycopg2 for DDL, ledger queries and
-finalisation in the driver process; ADBC (libpq, binary COPY from Arrow) for the data
-path in writer actors. Only this module imports either driver's connect function.
+Drivers, each for what it does best: psycopg2 for DDL, ledger queries and finalisation
+in the driver process; for the data path in writer actors, the COPY encoder's driver
+(postgres/copy.py: psycopg 3 for pgpq, the default, or ADBC). Only this module and
+copy.py import a driver's connect function.
 """
 from __future__ import annotations
 
@@ -223,15 +224,19 @@ class PoolStats:
 
 
 class ConnectionPool:
-    """A fixed-size pool of ADBC connections, opened eagerly, pinged before use, replaced when broken.
+    """A fixed-size pool of writer connections, opened eagerly, pinged before use, replaced when broken.
+
+    ``connect(dsn)`` opens one (non-autocommit) connection: ADBC by default, psycopg 3 for the
+    pgpq COPY encoder (``postgres.copy.encoder(name).connect``).
 
     One owner (a writer actor) and one lifetime: opened in the owner's __init__,
     closed by ``close()`` on every exit path.
     """
 
     def __init__(self, dsn: str, size: int, pre_ping: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, connect: Callable[[str], Any] = adbc_connect) -> None:
         self._dsn = dsn
+        self._connect = connect
         self._clock = clock
         self._busy_s = 0.0
         self._busy_since: dict = {}  # id(borrow) -> clock at borrow, for borrows still open
@@ -257,7 +262,7 @@ class ConnectionPool:
         self._opened_at = clock()
 
     def _open(self) -> Any:
-        conn = adbc_connect(self._dsn)
+        conn = self._connect(self._dsn)
         self._opened += 1
         return conn
 

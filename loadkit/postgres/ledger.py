@@ -22,7 +22,7 @@ import json
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Any, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
@@ -396,13 +396,14 @@ class Ledger:
         cur.execute(f"SELECT 1 FROM {self.batch} WHERE batch_id = {int(batch_id)}")
         return bool(cur.fetchall())
 
-    def append_batch(self, cur: Any, row: pa.Table) -> None:
-        """COPY one batch's ledger row (BATCH_SCHEMA) on an ADBC cursor, in the batch's transaction."""
-        cur.adbc_ingest("batch", row, mode="append", db_schema_name=self.schema)
+    def append_batch(self, copy: Callable[[Any, str, str, pa.Table], None], conn: Any, row: pa.Table) -> None:
+        """COPY one batch's ledger row (BATCH_SCHEMA) with the writer's encoder (``copy.CopyEncoder.copy_arrow``)
+        on ``conn``, inside the batch's open transaction."""
+        copy(conn, self.schema, "batch", row)
 
-    def append_rejects(self, cur: Any, rows: pa.Table) -> None:
-        """COPY a batch's rejects (REJECT_META columns + the parser's) on an ADBC cursor."""
-        cur.adbc_ingest("reject", rows, mode="append", db_schema_name=self.schema)
+    def append_rejects(self, copy: Callable[[Any, str, str, pa.Table], None], conn: Any, rows: pa.Table) -> None:
+        """COPY a batch's rejects (REJECT_META columns + the parser's) with the writer's encoder on ``conn``."""
+        copy(conn, self.schema, "reject", rows)
 
     def is_duplicate_batch(self, exc: BaseException) -> bool:
         """True if ``exc`` is this ledger's batch primary key refusing a second commit of one batch

@@ -72,7 +72,7 @@ def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
     targets = {t.name: TableTarget(t.load_schema, t.load_table, mode_for(t).staged) for t in plan.tables}
     return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
                           tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
-                          retry=plan.retry)
+                          retry=plan.retry, copy_encoder=plan.sink.copy_encoder)
 
 
 class JobLock:

@@ -1,5 +1,8 @@
 """The batch writer: one COPY stream per connection, data + rejects + ledger in one transaction.
 
+The binary COPY itself is postgres/copy.py's (``sink.copy_encoder``: pgpq over psycopg 3, or ADBC);
+every statement of a batch runs on one connection of that encoder's driver.
+
 A plain class with no Ray import: ``write(ParsedBatch) -> BatchResult``. Ray Data runs it
 in a pooled actor (``loadkit.execute``'s map_batches UDF converts the Arrow blocks), the
 in-process executor on threads, and tests call it directly. The pool is opened in
@@ -22,6 +25,7 @@ import pyarrow as pa
 
 from loadkit import tracing
 from loadkit.postgres import ledger
+from loadkit.postgres.copy import DEFAULT_ENCODER, encoder
 from loadkit.postgres.ledger import Ledger
 from loadkit.records import BatchResult, ParsedBatch, carry
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
@@ -50,6 +54,7 @@ class WriterSettings:
     connections: int
     pre_ping: bool
     retry: RetryPolicy
+    copy_encoder: str = DEFAULT_ENCODER  # sink.copy_encoder: pgpq (psycopg 3) or adbc; see postgres/copy.py
 
 
 class BatchWriter:
@@ -60,11 +65,13 @@ class BatchWriter:
         self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
         self._attempts = 0
         self._ledger = Ledger(settings.ledger_schema)
+        self._copy = encoder(settings.copy_encoder)
         self._pool = self._open_pool()
 
     def _open_pool(self) -> ConnectionPool:
         dsn = with_application_name(self._s.dsn, application_name(self._s.run_id, "writer"))
-        return retrying(self._s.retry)(lambda: ConnectionPool(dsn, self._s.connections, self._s.pre_ping))
+        return retrying(self._s.retry)(lambda: ConnectionPool(dsn, self._s.connections, self._s.pre_ping,
+                                                                 connect=self._copy.connect))
 
     def write(self, batch: ParsedBatch) -> BatchResult:
         """Commit one parsed batch (or pass an eof/error record on) and report it.
@@ -95,7 +102,8 @@ class BatchWriter:
                      rss_bytes=process_rss(), finished_at=time.time(), **outcome)
 
     def _commit(self, batch: ParsedBatch) -> str:
-        """One transaction: skip if the ledger has the batch, else COPY rows + rejects + ledger row."""
+        """One transaction on one connection of the COPY encoder's driver: skip if the ledger has the
+        batch, else COPY rows + rejects + ledger row, then commit."""
         self._attempts += 1
         target = self._s.tables[batch.table_name]
         with self._pool.connection() as conn:
@@ -105,10 +113,10 @@ class BatchWriter:
                     return "skipped"
                 try:
                     if not self._trace:
-                        self._copy_all(cur, batch, target)
+                        self._copy_all(conn, batch, target)
                         conn.commit()
                     else:
-                        self._traced(lambda: self._copy_all(cur, batch, target), "copy", rows=batch.rows_loaded,
+                        self._traced(lambda: self._copy_all(conn, batch, target), "copy", rows=batch.rows_loaded,
                                      rejects=batch.rows_rejected, attempt=self._attempts)
                         self._traced(conn.commit, "commit", attempt=self._attempts)
                 except Exception as exc:
@@ -125,17 +133,18 @@ class BatchWriter:
         step()
         self._trace = tracing.add_stage(self._trace, name, begun, time.time_ns(), **attributes)
 
-    def _copy_all(self, cur: Any, batch: ParsedBatch, target: TableTarget) -> None:
+    def _copy_all(self, conn: Any, batch: ParsedBatch, target: TableTarget) -> None:
+        copy_arrow = self._copy.copy_arrow
         rows = batch.rows
         if rows is not None and rows.num_rows:
             rows = rows.append_column(BATCH_COL, pa.array([batch.batch_id] * rows.num_rows, pa.int64()))
             if not target.keep_row_ordinal:
                 rows = rows.drop_columns([ROW_COL])
-            cur.adbc_ingest(target.load_table, rows, mode="append", db_schema_name=target.schema)
+            copy_arrow(conn, target.schema, target.load_table, rows)
         rejects = batch.rejects
         if rejects is not None and rejects.num_rows:
-            self._ledger.append_rejects(cur, self._reject_rows(batch, rejects))
-        self._ledger.append_batch(cur, self._ledger_row(batch))
+            self._ledger.append_rejects(copy_arrow, conn, self._reject_rows(batch, rejects))
+        self._ledger.append_batch(copy_arrow, conn, self._ledger_row(batch))
 
     def _reject_rows(self, batch: ParsedBatch, rejects: pa.Table) -> pa.Table:
         n = rejects.num_rows
