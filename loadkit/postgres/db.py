@@ -21,7 +21,8 @@ from urllib.parse import quote, unquote
 import psycopg2
 import psycopg2.extensions
 
-from loadkit.errors import Category, ConfigError, LoadkitError, OperatorError, TransientDBError, classify
+from loadkit.errors import (Category, ConfigError, InterruptedRun, LoadkitError, OperatorError, TransientDBError,
+                            classify)
 from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password
 
 log = logging.getLogger("loadkit.postgres.db")
@@ -273,6 +274,8 @@ class ConnectionPool:
                 cur.fetchall()
             conn.rollback()
             return True
+        except InterruptedRun:  # a stop that landed during the check is the run's, not the connection's
+            raise
         except Exception as exc:
             log.warning("pooled connection failed its health check, replacing it: %s", exc)
             return False
@@ -310,6 +313,9 @@ class ConnectionPool:
         if conn is not None and broken:
             try:
                 conn.rollback()
+            except InterruptedRun:
+                _close_quietly(conn)
+                raise
             except Exception:
                 _close_quietly(conn)
                 conn = None
@@ -355,6 +361,8 @@ def _close_quietly(conn: Any) -> None:
     """Close a connection that may already be broken; a failure here has nothing left to protect."""
     try:
         conn.close()
+    except InterruptedRun:  # a stop (SIGTERM/SIGINT) that landed during the close: the run must still stop
+        raise
     except Exception as exc:
         log.info("closing a broken connection raised %s (ignored: it is being discarded)", type(exc).__name__)
 
