@@ -490,7 +490,8 @@ def fetch_plan(cfg: LoadkitConfig) -> FetchPlan:
         max_wait_s=remote.max_wait_s, timeout_s=remote.timeout_s, verify_zip=remote.verify_zip,
         root_url=remote.root_url, storage_options=tuple(dict(remote.storage_options).items()),
         downloads=cfg.pool.downloads, progress_bars=cfg.env.progress_bars,
-        data_root=str(Path(cfg.data_root).expanduser()), year=cfg.year, month=cfg.month,
+        data_root=cfg.data_root if files.is_url(cfg.data_root) else str(Path(cfg.data_root).expanduser()),
+        year=cfg.year, month=cfg.month,
     )
 
 

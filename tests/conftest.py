@@ -41,6 +41,20 @@ def _ray_running() -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _secrets_of_this_test_only() -> Iterator[None]:
+    """The masking registry is process-wide (a real process runs one job): a password one test registers
+    (test_secrets draws random ones) must not mask another test's text, e.g. a status that contains it."""
+    from loadkit import security
+
+    with security._SECRETS_LOCK:
+        saved = set(security._SECRETS)
+    yield
+    with security._SECRETS_LOCK:
+        security._SECRETS.clear()
+        security._SECRETS.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def ray_needs_a_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test that starts Ray must be marked (e2e, fault or slow), or the fast selection would start it."""
     before = _ray_running()

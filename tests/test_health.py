@@ -69,13 +69,14 @@ def test_stale_loading_table_rows_are_listed(pg_dsn: str, schemas: tuple, tmp_pa
 
     _, led = schemas
     with db.transaction(pg_dsn) as cur:
-        ledger.ensure(cur, led)
-        ledger.start_run(cur, led, "failedrun", "jobA", "2024-05", {})
-        ledger.start_table(cur, led, "failedrun", "empresas", "2024-05", "merge", 2, 0)
+        book = ledger.Ledger(led)
+        book.ensure(cur)
+        book.start_run(cur, "failedrun", "jobA", "2024-05", {})
+        book.start_table(cur, "failedrun", "empresas", "2024-05", "merge", 2, 0)
         cur.execute(f'UPDATE "{led}".run SET status = %s WHERE run_id = %s', ("failed", "failedrun"))
-        ledger.start_run(cur, led, "liverun", "jobB", "2024-06", {})
-        ledger.start_table(cur, led, "liverun", "socios", "2024-06", "append", 1, 0)
-        ledger.start_table(cur, led, "liverun", "cnaes", "2024-06", "replace", 1, 0)
+        book.start_run(cur, "liverun", "jobB", "2024-06", {})
+        book.start_table(cur, "liverun", "socios", "2024-06", "append", 1, 0)
+        book.start_table(cur, "liverun", "cnaes", "2024-06", "replace", 1, 0)
         cur.execute(f'UPDATE "{led}".table_load SET status = %s WHERE table_name = %s', ("loaded", "cnaes"))
     args = [f"sink.dsn={pg_dsn}", f"sink.ledger_schema={led}", "tracking=off", f"data_root={tmp_path}",
             "--min-free-mb", "1"]

@@ -111,7 +111,8 @@ def test_a_bug_shows_its_traceback_and_the_ledger_keeps_it(month: SampleManifest
     def broken(*args: object, **kwargs: object) -> None:
         raise TypeError("finalize got a bad argument")  # stands for any programming error
 
-    monkeypatch.setattr(modes, "finalize", broken)
+    for mode in {modes.WriteMode, *modes.MODES.values(), modes.Sync}:  # every write mode's publish step
+        monkeypatch.setattr(mode, "finalize", broken)
     monkeypatch.setenv("LOADKIT_FULL_ERROR", "1")
     caplog.set_level("INFO", logger="loadkit")
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking=off")))

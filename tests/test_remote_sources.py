@@ -232,7 +232,7 @@ def test_a_large_remote_plain_file_is_read_whole_not_split(s3: Dict[str, str],
         units = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
                             plan.batch.read_block_bytes)
         assert [u.span is None for u in units] == ([False] * 3 if where == "local" else [True])
-        chunks[where] = sorted((r["start"], r["end"], r["first_line"], r["data"]) for u in units
-                               for block in read_unit(u) for r in block.to_pylist() if r["kind"] == "data")
+        chunks[where] = sorted((c.start, c.end, c.first_line, c.data) for u in units
+                               for c in read_unit(u) if c.kind == "data")
     assert chunks["s3"] and b"".join(c[3] for c in chunks["s3"]) == b"".join(c[3] for c in chunks["local"])
     assert [c[:3] for c in chunks["s3"]][0] == (0, chunks["s3"][0][1], 1)

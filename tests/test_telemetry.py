@@ -324,7 +324,7 @@ def test_ledger_up_is_a_real_ledger_check(pg_dsn: str, schemas: tuple) -> None:
     probe = prom.LedgerProbe(pg_dsn, led, clock=lambda: now[0])
     assert probe() is False, "no ledger in that schema yet"
     with db.transaction(pg_dsn) as cur:
-        ledger.ensure(cur, led)
+        ledger.Ledger(led).ensure(cur)
     assert probe() is False, "the answer is kept ttl_s seconds"
     now[0] += prom.LedgerProbe.ttl_s
     assert probe() is True
