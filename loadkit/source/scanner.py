@@ -417,6 +417,15 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
 # ---------------------------------------------------------------- fields
 
 
+def _take_escaped(text: str, i: int, buf: List[str]) -> int:
+    """The escape character at ``text[i]`` makes the next character literal (Python csv's
+    ``escapechar``; an escape as the last character is dropped). Appends that character to ``buf``
+    and returns the index after it."""
+    if i + 1 < len(text):
+        buf.append(text[i + 1])
+    return i + 2
+
+
 def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool, str]], Optional[str]]:
     """The fields of one record (decoded text, line end included or not) as (value, was_quoted, as_written).
 
@@ -443,9 +452,7 @@ def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool, str]], Optiona
                     return out, UNTERMINATED
                 c = text[i]
                 if ec is not None and c == ec:
-                    if i + 1 < n:
-                        buf.append(text[i + 1])
-                    i += 2
+                    i = _take_escaped(text, i, buf)
                     continue
                 if c == qc:
                     nxt = text[i + 1] if i + 1 < n else ""
@@ -473,9 +480,7 @@ def fields(text: str, syn: Syntax) -> Tuple[List[Tuple[str, bool, str]], Optiona
         while i < n:
             c = text[i]
             if ec is not None and c == ec:
-                if i + 1 < n:
-                    buf.append(text[i + 1])
-                i += 2
+                i = _take_escaped(text, i, buf)
                 continue
             if c == d:
                 break
