@@ -3,8 +3,10 @@
 A stop cancels the run's own statements (``pg_cancel_backend`` on the sessions whose
 application_name is ``loadkit:<run id>:*``), so a writer waiting on a lock or a driver statement
 waiting on one does not hold the exit. The in-process path never imports Ray.
-The measured seconds are recorded (junit properties); the bounds asserted are loose on purpose
-(a loaded 2-core CI box), an order of magnitude under the lock holder's patience.
+What is asserted is the order of events, not seconds: the run ends while the lock holder still
+holds its lock (its safety timer, 90 s, has not released it), so the stop did not wait for the lock.
+The measured seconds are recorded as junit properties (the issue's target is <= 1 s); a wall-time
+bound would only measure how loaded the CI box is.
 """
 from __future__ import annotations
 
@@ -32,18 +34,28 @@ ONLY_CNAES = [f"~job.tables.{t}" for t in ("empresas", "estabelecimentos", "soci
                                             "municipios", "naturezas", "paises", "qualificacoes")]
 THREE = [f"~job.tables.{t}" for t in ("simples", "cnaes", "motivos", "municipios", "naturezas", "paises",
                                        "qualificacoes")]
-STOP_BOUND_S = 5.0  # asserted; the issue's target (<= 1 s) is what the recorded numbers show
 
 
 MONTH = {"rows": 200, "shards": 1, "seed": 5}  # the size of conftest's `month`
 
 
 class Blocker:
-    """A session holding a table lock, released on exit (and by a safety timer, so nothing hangs)."""
+    """A session holding a table lock, released on exit (and by a safety timer, so nothing hangs).
+
+    ``expired`` is set when the safety timer released the lock: a run that ended only then waited for
+    the lock holder instead of stopping by itself."""
 
     def __init__(self, dsn: str) -> None:
         self.conn = psycopg2.connect(dsn, application_name="loadkit-test-blocker")
-        self._safety = threading.Timer(90, self.release)
+        self.expired = threading.Event()
+        self._safety = threading.Timer(90, self._expire)
+
+    def _expire(self) -> None:
+        self.expired.set()
+        self.release()
+
+    def assert_still_held(self, what: str) -> None:
+        assert not self.expired.is_set(), f"{what} only after the lock holder's safety timer released the lock"
 
     def lock(self, table: str, mode: str) -> None:
         with self.conn.cursor() as cur:
@@ -151,7 +163,8 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
             proc.wait(10)
     record_property("sigterm_to_exit_s", round(took, 3))
     assert code == 130, (tmp_path / "cli.log").read_text()[-3000:]
-    assert took < STOP_BOUND_S, f"{phase}: {took:.2f}s from SIGTERM to exit"
+    if phase != "streaming":
+        blocker.assert_still_held(f"{phase}: the run exited ({took:.2f}s after SIGTERM)")
     blocker.release()
     assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
 
@@ -185,7 +198,7 @@ def test_stall_abort_stops_a_blocked_run_on_both_executors(executor: str, month:
     assert result.status == "failed" and isinstance(result.error, AlertAbort), result.error
     assert classify(result.error) is Category.ALERT
     # Before: the in-process run ended only when the lock was released (the safety timer, 90 s).
-    assert took < 2 + 0.5 + STOP_BOUND_S + (20 if executor == "ray" else 0), f"{took:.1f}s"
+    blocker.assert_still_held(f"the run ended ({took:.1f}s)")
 
 
 def test_run_deadline_stops_a_blocked_run(month: SampleManifest, pg_dsn: str, schemas: tuple, job_overrides,
@@ -199,7 +212,7 @@ def test_run_deadline_stops_a_blocked_run(month: SampleManifest, pg_dsn: str, sc
     record_property("run_s", round(took, 2))
     assert result.status == "failed" and isinstance(result.error, RunDeadlineExceeded), result.error
     assert classify(result.error) is Category.TRANSIENT
-    assert took < 3 + STOP_BOUND_S
+    blocker.assert_still_held(f"the run ended ({took:.1f}s)")
     blocker.release()
     assert query(pg_dsn, f'SELECT status, error_category FROM "{schemas[1]}".run') == [
         ("failed", "transient_infrastructure")]
@@ -229,12 +242,22 @@ def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, 
         run_id, job, period = query(pg_dsn, f'SELECT run_id, job, period FROM "{led}".run')[0]
         first = lock_pids(run_id)
         query(pg_dsn, "SELECT pg_terminate_backend(%s)", (first[0],))
-        wait_for(lambda: bool(lock_pids(run_id)) and lock_pids(run_id) != first, 15, "the lock taken again")
+        wait_for(lambda: bool(lock_pids(run_id)) and lock_pids(run_id) != first, 60, "the lock taken again")
         events.append("retaken")
+
+        def take_it() -> None:  # a second run of the month, queued on the lock, is admitted in the gap
+            with other.cursor() as cur:
+                cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"loadkit-run:{led}:{job}:{period}",))
+            events.append("taken by another")
+
+        # Queue the other session first, then end the run's lock session: the waiter is granted the
+        # lock before the run's watcher can ask again (terminating first raced with the watcher).
+        taker = in_background(take_it)
+        wait_for(lambda: count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                       "'loadkit-test-other-run' AND wait_event_type = 'Lock'") > 0,
+                 60, "the other run waiting on the lock")
         query(pg_dsn, "SELECT pg_terminate_backend(%s)", (lock_pids(run_id)[0],))
-        with other.cursor() as cur:  # a second run of the month is admitted in the gap
-            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"loadkit-run:{led}:{job}:{period}",))
-        events.append("taken by another")
+        taker.join(60)
 
     thread = in_background(interfere)
     started = time.monotonic()
@@ -247,6 +270,6 @@ def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, 
     assert events == ["retaken", "taken by another"], events
     assert result.status == "failed" and isinstance(result.error, JobLockLost), result.error
     assert classify(result.error) is Category.TRANSIENT
-    assert time.monotonic() - started < 60
+    blocker.assert_still_held(f"the run ended ({time.monotonic() - started:.1f}s)")
     blocker.release()
     assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file WHERE status = %s', ("loaded",)) == [(0,)]
