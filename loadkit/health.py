@@ -31,7 +31,7 @@ from typing import Any, List, Optional, Sequence
 from urllib.parse import urlsplit
 
 from loadkit.errors import EXIT_CODES, Category
-from loadkit.security import mask_text, qualified
+from loadkit.security import mask_text
 
 DEFAULT_MIN_FREE_MB = 512
 _LISTED = 10  # stale ledger rows named in the ledger check's detail (the rest are counted)
@@ -92,31 +92,23 @@ def check_ledger(dsn: str, schema: str) -> tuple:
     missing, or one of those dead 'running' runs. Both are listed (run id, table, period); the next
     run of that job and month marks them crashed."""
     from loadkit.postgres import db
+    from loadkit.postgres.ledger import Ledger
 
     conn = db.connect(dsn, connect_timeout=5, autocommit=True)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s)", (qualified(schema, "run"),))
-            if cur.fetchone()[0] is None:
+            led = Ledger(schema)
+            if not led.exists(cur):
                 return "ok", f"no ledger in schema {schema} yet (the first run creates it)"
-            cur.execute(f"SELECT job, period, count(*) FROM {qualified(schema, 'run')} WHERE status='running' "
-                        "GROUP BY job, period")
             stuck, dead = [], set()
-            for job, period, count in cur.fetchall():
-                key = f"loadkit-run:{schema}:{job}:{period}"
-                cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
-                if cur.fetchone()[0]:  # nobody runs this job now: its 'running' rows are stuck
-                    cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+            for job, period, count in led.running_periods(cur):
+                if led.job_is_free(cur, job, period):  # nobody runs this job now: its 'running' rows are stuck
                     stuck.append(f"{job} {period} ({count})")
                     dead.add((job, period))
-            cur.execute(f"SELECT t.run_id, t.table_name, t.period, r.job, r.status "
-                        f"FROM {qualified(schema, 'table_load')} t LEFT JOIN {qualified(schema, 'run')} r "
-                        "ON r.run_id = t.run_id WHERE t.status = 'loading' ORDER BY t.started_at, t.table_name")
             loading = [f"{run_id} {table} {period} (run {status or 'missing'})"
-                       for run_id, table, period, job, status in cur.fetchall()
+                       for run_id, table, period, job, status in led.loading_tables(cur)
                        if status != "running" or (job, period) in dead]
-            cur.execute(f"SELECT count(*) FROM {qualified(schema, 'run')}")
-            runs = cur.fetchone()[0]
+            runs = led.run_count(cur)
     finally:
         conn.close()
     problems = []

@@ -16,12 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from loadkit import home
 from loadkit.postgres import db
+from loadkit.postgres.ledger import Ledger
 from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError, sqlstate_of
 from loadkit.metrics import format_table, rate
-from loadkit.security import mask_text, qualified
+from loadkit.security import mask_text
 
-_RUN_COLS = ("run_id", "job", "period", "status", "started_at", "finished_at", "rows_read", "rows_loaded",
-             "rows_rejected", "error_category", "error_text", "mlflow_run_id")
 # MLflow metrics worth comparing, in display order (others are listed after them).
 _KEY_METRICS = ("wall_s", "stream_s", "finalise_s", "rows_per_s", "batches_per_s", "batches", "batch_write_s_p50",
                 "batch_write_s_p95",
@@ -36,33 +35,19 @@ class History:
         self.tracking_uri = tracking_uri
 
     def runs(self, limit: int = 20, job: Optional[str] = None) -> List[Dict[str, Any]]:
-        sql = f"SELECT {', '.join(_RUN_COLS)} FROM {qualified(self.schema, 'run')}"
-        args: List[Any] = []
-        if job:
-            sql += " WHERE job = %s"
-            args.append(job)
-        sql += " ORDER BY started_at DESC LIMIT %s"
-        args.append(limit)
         with db.transaction(self.dsn) as cur:
-            cur.execute(sql, args)
-            return [dict(zip(_RUN_COLS, r)) for r in cur.fetchall()]
+            return Ledger(self.schema).recent_runs(cur, limit, job)
 
     def run(self, ref: str) -> Dict[str, Any]:
         with db.transaction(self.dsn) as cur:
-            cur.execute(f"SELECT {', '.join(_RUN_COLS)} FROM {qualified(self.schema, 'run')} "
-                        "WHERE run_id LIKE %s ORDER BY started_at DESC LIMIT 2", (ref.replace("%", "") + "%",))
-            found = cur.fetchall()
+            found = Ledger(self.schema).runs_by_prefix(cur, ref)
         if len(found) != 1:
             raise ConfigError(f"{'no' if not found else 'more than one'} run matches {ref!r}", key="run")
-        return dict(zip(_RUN_COLS, found[0]))
+        return found[0]
 
     def tables(self, run_id: str) -> List[Dict[str, Any]]:
-        cols = ("table_name", "mode", "status", "files", "files_skipped", "rows_read", "rows_loaded",
-                "rows_rejected", "seconds")
         with db.transaction(self.dsn) as cur:
-            cur.execute(f"SELECT {', '.join(cols)} FROM {qualified(self.schema, 'table_load')} WHERE run_id=%s "
-                        "ORDER BY table_name", (run_id,))
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+            return Ledger(self.schema).table_loads(cur, run_id)
 
     def metrics(self, run: Dict[str, Any]) -> Dict[str, float]:
         """The run's final MLflow metrics (``progress.*`` samples left out), empty if it was not tracked.

@@ -388,6 +388,61 @@ class Ledger:
         rows = cur.fetchall()
         return pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)}) if rows else pa.table({})
 
+    # ------------------------------------------------------------ the operator's side (history, health)
+
+    RUN_COLUMNS = ("run_id", "job", "period", "status", "started_at", "finished_at", "rows_read", "rows_loaded",
+                   "rows_rejected", "error_category", "error_text", "mlflow_run_id")
+    TABLE_COLUMNS = ("table_name", "mode", "status", "files", "files_skipped", "rows_read", "rows_loaded",
+                     "rows_rejected", "seconds")
+
+    def exists(self, cur: Any) -> bool:
+        """True once a run created the ledger tables in this schema."""
+        cur.execute("SELECT to_regclass(%s)", (self.run,))
+        return cur.fetchone()[0] is not None
+
+    def recent_runs(self, cur: Any, limit: int, job: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The newest ``limit`` runs (of ``job`` when given), newest first, as {RUN_COLUMNS: value}."""
+        where, args = ("WHERE job = %s ", [job]) if job else ("", [])
+        cur.execute(f"SELECT {', '.join(self.RUN_COLUMNS)} FROM {self.run} {where}ORDER BY started_at DESC LIMIT %s",
+                    (*args, limit))
+        return [dict(zip(self.RUN_COLUMNS, r)) for r in cur.fetchall()]
+
+    def runs_by_prefix(self, cur: Any, prefix: str, limit: int = 2) -> List[Dict[str, Any]]:
+        """Runs whose id starts with ``prefix`` (``%`` in it is ignored), newest first, at most ``limit``."""
+        cur.execute(f"SELECT {', '.join(self.RUN_COLUMNS)} FROM {self.run} WHERE run_id LIKE %s "
+                    "ORDER BY started_at DESC LIMIT %s", (prefix.replace("%", "") + "%", limit))
+        return [dict(zip(self.RUN_COLUMNS, r)) for r in cur.fetchall()]
+
+    def table_loads(self, cur: Any, run_id: str) -> List[Dict[str, Any]]:
+        """One {TABLE_COLUMNS: value} per table the run loaded, by table name."""
+        cur.execute(f"SELECT {', '.join(self.TABLE_COLUMNS)} FROM {self.table_load} WHERE run_id=%s "
+                    "ORDER BY table_name", (run_id,))
+        return [dict(zip(self.TABLE_COLUMNS, r)) for r in cur.fetchall()]
+
+    def running_periods(self, cur: Any) -> List[Tuple[str, str, int]]:
+        """(job, period, number of runs) with runs still marked 'running'."""
+        cur.execute(f"SELECT job, period, count(*) FROM {self.run} WHERE status='running' GROUP BY job, period")
+        return [(job, period, int(n)) for job, period, n in cur.fetchall()]
+
+    def job_is_free(self, cur: Any, job: str, period: str) -> bool:
+        """True if no live run holds the job lock of ``job`` and ``period`` (taken and given back at once)."""
+        if not self.try_lock_job(cur, job, period):
+            return False
+        cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (self.job_lock_key(job, period),))
+        return True
+
+    def loading_tables(self, cur: Any) -> List[Tuple[str, str, str, Optional[str], Optional[str]]]:
+        """(run id, table, period, job, run status — None when the run row is missing) of every
+        ``table_load`` row still 'loading', oldest first."""
+        cur.execute(f"SELECT t.run_id, t.table_name, t.period, r.job, r.status FROM {self.table_load} t "
+                    f"LEFT JOIN {self.run} r ON r.run_id = t.run_id WHERE t.status = 'loading' "
+                    "ORDER BY t.started_at, t.table_name")
+        return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
+
+    def run_count(self, cur: Any) -> int:
+        cur.execute(f"SELECT count(*) FROM {self.run}")
+        return int(cur.fetchone()[0])
+
     # ------------------------------------------------------------ the writer's side (an ADBC cursor)
 
     def has_batch(self, cur: Any, batch_id: int) -> bool:
