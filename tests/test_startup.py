@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from loadkit import tracking
 from loadkit.examples.cnpj.sample import SampleManifest
 from tests.helpers import ROOT
-
-pytestmark = pytest.mark.e2e
 
 # Modules a sample month (local files already in place, telemetry and metrics export off, the
 # in-process executor, MLflow flushed in the background) has no use for in the driver.
@@ -63,6 +64,7 @@ def _summary_rows(stdout: str) -> Dict[str, List[str]]:
     return {line.split()[0]: line.split() for line in lines[2:] if line.strip() and not line.startswith("run id")}
 
 
+@pytest.mark.e2e
 def test_a_tracked_sample_month_imports_no_mlflow_ray_pandas_or_fetch_client_before_publishing(
         month: SampleManifest, pg_dsn: str, schemas: tuple, mlflow_uri: str, tmp_path: Path) -> None:
     tracking.find_runs(mlflow_uri)  # the store exists: a CLI run then flushes in the background (tracking=auto)
@@ -93,3 +95,21 @@ def test_a_tracked_sample_month_imports_no_mlflow_ray_pandas_or_fetch_client_bef
     assert f"{m['rows_loaded']:,.0f}" == total[4] and f"{m['rows_rejected']:,.0f}" == total[5]
     assert f"{m['wall_s']:.1f}" == total[12] and f"{m['rows_per_s']:,.0f}" == total[13]
     assert run.data.tags["status"] == "succeeded" and run.data.tags["loadkit_run_id"] == run_id
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_keys = st.text(min_size=1).filter(lambda k: not k.startswith("_"))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) |
+                       st.dictionaries(_keys, inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=6))
+def test_config_artifact_yaml_is_omegaconfs_text(data: dict) -> None:
+    """tracking.to_yaml (PyYAML's C dumper: the run's config.yaml, written at every run end) gives the
+    text the reference, OmegaConf.to_yaml(OmegaConf.create(...)), gave before it."""
+    try:
+        reference = OmegaConf.to_yaml(OmegaConf.create(data))
+    except Exception:  # noqa: BLE001 - e.g. a string OmegaConf reads as a malformed ${...}: not a config
+        return
+    assert tracking.to_yaml(data) == reference
