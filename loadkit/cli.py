@@ -22,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from loadkit.errors import EXIT_CODES, ConfigError, LoadkitError
 
@@ -163,12 +163,6 @@ def run_hydra(argv: List[str], task: Callable[[Any], Optional[int]]) -> int:
 
     register()
     argv = hydra_argv(argv)
-    try:
-        argv = resolve_latest(argv)
-        checked, mode = _precheck(argv)
-        config_path = conf_dir()
-    except LoadkitError as exc:  # a config error, or month=latest could not reach/read the remote
-        return fail(exc)
     codes: List[int] = []
 
     def app(cfg: Any) -> Optional[int]:
@@ -177,7 +171,16 @@ def run_hydra(argv: List[str], task: Callable[[Any], Optional[int]]) -> int:
         return code
 
     app.__module__ = task.__module__  # Hydra names the job after the task's module
-    if checked is not None and _run_single(argv, app, config_path, mode):
+    try:
+        argv = resolve_latest(argv)
+        config_path = conf_dir()
+        single = _compose_single(argv, app, config_path)
+        if single is None:  # not a plain single run: check the config here, hydra.main runs it below
+            _precheck(argv)
+    except LoadkitError as exc:  # a config error, or month=latest could not reach/read the remote
+        return fail(exc)
+    if single is not None:
+        _run_single(*single, app)
         failed = [c for c in codes if c]
         return failed[0] if failed else 0
     saved = sys.argv
@@ -190,42 +193,111 @@ def run_hydra(argv: List[str], task: Callable[[Any], Optional[int]]) -> int:
     return failed[0] if failed else 0
 
 
-def _run_single(argv: List[str], app: Callable[[Any], Optional[int]], config_path: str, mode: Any) -> bool:
-    """A single run, as ``hydra.main`` does it (same task name, search path, overrides and error
-    reporting) minus its ``get_mode`` step: that step composes the whole config once more only to
-    read ``hydra.mode``, which ``precheck`` has just composed (~0.4 CPU-s of a ~3 s sample run).
-    Returns False, having done nothing, when the composed mode is not a single run (a config
-    that sets ``hydra.mode=MULTIRUN``): ``hydra.main`` handles that."""
+_Single = Tuple[Any, str, Any, List[str], List[str]]  # (hydra, config name, composed config, overrides, argv)
+
+
+def _compose_single(argv: List[str], app: Callable[[Any], Optional[int]], config_path: str) -> Optional[_Single]:
+    """A single run's config, composed once (issue 16: each compose is ~0.25 CPU-s of a ~1.7 CPU-s
+    sample run) and checked as ``precheck`` checks it: the Hydra that will run the job, as
+    ``hydra.main`` builds it (same task name, search path, overrides), composes it; a compose or
+    validation error is a ConfigError (exit 2, Hydra's message), raised before any output folder.
+
+    Returns (hydra, config name, composed config, overrides, argv), or None, having composed nothing, for what
+    ``hydra.main`` must handle: informational flags, ``-m``, ``--config-path``, and (composed, then
+    dropped) a config whose ``hydra.mode`` is not a single run."""
+    import copy
+
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import (create_automatic_config_search_path,
                                        detect_calling_file_or_module_from_task_function, detect_task_name,
                                        run_and_report)
     from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from hydra.types import RunMode
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
-    if mode not in (None, RunMode.RUN):
-        return False
+    from loadkit.config import compose_error, to_config
+
     args = _hydra_args(argv)
-    if args.config_path is not None:
-        return False  # hydra.main resolves it against the caller; leave that to it
+    if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.multirun
+            or getattr(args, "experimental_rerun", None) or args.config_path is not None):
+        return None
+    search_dir = config_path
+    if args.config_dir is not None:
+        extra = os.path.abspath(args.config_dir)
+        if not os.path.isdir(extra):
+            raise ConfigError(f"config directory {extra} not found", key="--config-dir")
     calling_file, calling_module = detect_calling_file_or_module_from_task_function(app)
     task_name = detect_task_name(calling_file, calling_module)
-    search_path = create_automatic_config_search_path(calling_file, calling_module, config_path)
-    if args.config_dir is not None:  # precheck checked that the folder exists
+    search_path = create_automatic_config_search_path(calling_file, calling_module, search_dir)
+    if args.config_dir is not None:
         search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}",
                             anchor=SearchPathQuery(provider="schema"))
-    overrides = list(args.overrides) + (["hydra.mode=RUN"] if mode is None else [])
+    GlobalHydra.instance().clear()
+    hydra = run_and_report(lambda: Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path))
+    config_name = args.config_name or "config"
+    keep = False
+    try:
+        cfg = hydra.compose_config(config_name, args.overrides, run_mode=RunMode.RUN, with_log_configuration=False)
+        if cfg.hydra.get("mode") not in (None, RunMode.RUN):
+            return None
+        task_cfg = copy.deepcopy(cfg)  # what the task gets (Hydra's run_job drops the hydra node the same way)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        to_config(task_cfg)
+        keep = True
+        return hydra, config_name, cfg, list(args.overrides), argv
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise compose_error(exc) from None
+    finally:
+        if not keep:
+            GlobalHydra.instance().clear()
+
+
+def _run_single(hydra: Any, config_name: str, cfg: Any, overrides: List[str], argv: List[str],
+                app: Callable[[Any], Optional[int]]) -> None:
+    """Run the job on the config ``_compose_single`` composed, as ``Hydra.run`` does (hydra.mode RUN,
+    Hydra's logging configured, callbacks, run_job with its output folder and error reporting) minus
+    its compose: Hydra would compose the same config again, and before this ``hydra.main`` composed
+    it a third time only to read ``hydra.mode``."""
+    import logging
+
+    from hydra._internal import hydra as hydra_module
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.utils import run_and_report
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import configure_log, run_job
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import read_write
+
+    def run() -> Any:
+        if cfg.hydra.mode is None:  # hydra.main passes the override hydra.mode=RUN: the config records it
+            with read_write(cfg.hydra):
+                cfg.hydra.mode = RunMode.RUN
+                cfg.hydra.overrides.hydra.append("hydra.mode=RUN")
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+        hydra_module.log = logging.getLogger(hydra_module.__name__)  # as compose_config sets it
+        hydra._print_debug_info(config_name, [*overrides, "hydra.mode=RUN"], RunMode.RUN)
+        callbacks = Callbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name=config_name)
+        ret = run_job(hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+                      task_function=app, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                      configure_logging=True)
+        callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
+        _ = ret.return_value  # raises the job's exception, as Hydra.run does
+        return ret
+
     saved = sys.argv
     sys.argv = [saved[0] if saved else "loadkit", *argv]
     try:
-        hydra = run_and_report(lambda: Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path))
-        run_and_report(lambda: hydra.run(config_name=args.config_name or "config", task_function=app,
-                                         overrides=overrides))
+        run_and_report(run)
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
-    return True
 
 
 # ---------------------------------------------------------------- subcommands

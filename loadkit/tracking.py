@@ -285,9 +285,8 @@ class RunTracker:
         self.artifact_text(name, json.dumps(mask_mapping(data), indent=2, default=str))
 
     def artifact_yaml(self, name: str, data: Mapping[str, Any]) -> None:
-        from omegaconf import OmegaConf
-
-        self.artifact_text(name, OmegaConf.to_yaml(OmegaConf.create(mask_mapping(dict(data)))))
+        if self.enabled:
+            self.artifact_text(name, to_yaml(mask_mapping(dict(data))))
 
     def artifact_table(self, name: str, table: Any) -> None:
         """Stage an Arrow table as Parquet (string cells masked first)."""
@@ -420,6 +419,34 @@ def write_report(folder: Path) -> None:
         write_html(folder)
     except Exception as exc:  # the report is a convenience: never lose the run's record over it
         log.warning("could not write the HTML report: %s: %s", type(exc).__name__, exc)
+
+
+def to_yaml(data: Mapping[str, Any]) -> str:
+    """``data`` as YAML: the text ``OmegaConf.to_yaml(OmegaConf.create(data))`` gives (OmegaConf's own
+    dumper: block style, keys in order, strings that read as other types quoted), without building
+    the OmegaConf tree first, ~3x less CPU (~0.06 CPU-s for a run's config, at every run end).
+    Data that is not plain (keys not str, an Enum, a tuple, a Path...) goes through OmegaConf."""
+    from omegaconf import OmegaConf
+
+    if _plain(data):
+        try:
+            import yaml
+            from omegaconf._utils import get_omega_conf_dumper
+        except ImportError:  # a future omegaconf without it: the public path below
+            pass
+        else:
+            return str(yaml.dump(dict(data), Dumper=get_omega_conf_dumper(), default_flow_style=False,
+                                 allow_unicode=True, sort_keys=False))
+    return OmegaConf.to_yaml(OmegaConf.create(dict(data)))
+
+
+def _plain(value: Any) -> bool:
+    """Only dicts with str keys, lists, str, int, float, bool and None (what YAML shows as OmegaConf does)."""
+    if isinstance(value, Mapping):
+        return type(value) is dict and all(type(k) is str and _plain(v) for k, v in value.items())
+    if type(value) is list:
+        return all(_plain(v) for v in value)
+    return value is None or type(value) in (str, int, float, bool)
 
 
 def _metric_key(key: str) -> str:

@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote, unquote, urljoin, urlsplit
 from xml.etree import ElementTree
 
-import httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
 from loadkit.errors import Category, ConfigError, LoadkitError, SourceDataError
 from loadkit.security import mask_dsn, qualified
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # httpx and tenacity (~0.1 CPU-s) are imported by the functions that fetch: a run
+    import httpx    # whose month is already here (fetch=auto) or has no remote never pays for them
+
     from loadkit.plan import FetchPlan
 
 log = logging.getLogger("loadkit.source.fetch")
@@ -293,6 +292,8 @@ def _as_listing(s: Settings) -> Settings:
 
 
 def _is_retryable(exc: BaseException) -> bool:  # Stopped is not: an interrupt ends the fetch at once
+    import httpx
+
     return isinstance(exc, (_Retryable, httpx.TransportError))
 
 
@@ -302,6 +303,9 @@ def _log_retry(state: Any) -> None:
 
 def _retrying(s: Settings, sleep: Callable[[float], None] = time.sleep) -> Callable[[Callable[[], Any]], Any]:
     """Call a function under the fetch retry policy; the last failure becomes a DownloadError (transient)."""
+    import httpx
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
     def call(fn: Callable[[], Any]) -> Any:
         try:
             for attempt in Retrying(stop=stop_after_attempt(s.attempts), reraise=True, sleep=sleep,
@@ -442,6 +446,8 @@ def _transfer(client: httpx.Client, f: RemoteFile, part: Path, s: Settings, prog
 def fetch_file(client: Any, f: RemoteFile, folder: Path, s: Settings, progress: Progress,
                sleep: Callable[[float], None] = time.sleep) -> Fetched:
     """Download one file into folder (resuming a ``.part`` left by an earlier attempt), verify, rename."""
+    import httpx
+
     dest, part = folder / f.name, folder / (f.name + ".part")
     started = time.monotonic()
     resumed = part.stat().st_size if part.exists() else 0
@@ -558,6 +564,8 @@ def _transfer_fs(client: _FsClient, f: RemoteFile, part: Path, s: Settings, prog
 
 def _client(s: Settings) -> httpx.Client:
     """One pooled HTTP client for the whole month (keep-alive across files), redirects followed."""
+    import httpx
+
     return httpx.Client(timeout=httpx.Timeout(s.timeout_s, connect=min(s.timeout_s, 30.0)), follow_redirects=True,
                         headers={"User-Agent": "loadkit-fetch"})
 
