@@ -304,7 +304,9 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
 
 
 def _raw_text(raw: bytes, encoding: str) -> str:
-    return raw.decode(encoding, errors="backslashreplace").rstrip("\r\n")
+    """A reject's raw text: bytes the encoding lacks and NUL (which PostgreSQL's text cannot hold: the
+    ledger's COPY of the rejects would fail the whole batch) as backslash escapes (\\x00)."""
+    return raw.decode(encoding, errors="backslashreplace").rstrip("\r\n").replace("\x00", "\\x00")
 
 
 # ---------------------------------------------------------------- typing
