@@ -864,7 +864,8 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
     names = list(header) if (header and d.match_by_name) else declared
     if reject is not None:
         rej = pa.table([pa.array([first_line], pa.int64()), pa.array([None], pa.string()),
-                        pa.array([reject], pa.string()), pa.array([_raw_text(data, d.encoding)], pa.string())],
+                        pa.array([reject], pa.string()),
+                        pa.array([_raw_text(data, d.encoding)[:len(data)]], pa.string())],  # escapes stay bounded
                        schema=REJECT_SCHEMA)
         return ParsedChunk(arrow_schema(table).empty_table(), rej, 1)
     bom = first_line == 1 and data.startswith(_BOM)
