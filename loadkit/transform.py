@@ -130,6 +130,16 @@ def decode_column(arr: pa.Array, encoding: str) -> pa.Array:
                                  arr.null_count)
 
 
+def _is_ascii(arr: pa.Array) -> bool:
+    """No byte >= 0x80 among a binary array's values."""
+    if len(arr) == 0 or arr.null_count == len(arr):
+        return True
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if bufs[2] is not None else ()
+    return not len(data) or int(np.max(data)) < 0x80
+
+
 @functools.lru_cache(maxsize=8)
 def _utf8_widths(encoding: str) -> np.ndarray:
     """UTF-8 bytes of each byte value's character in a single-byte ``encoding`` (0: undefined)."""
@@ -371,8 +381,12 @@ def _convert_bytes(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         if markers:
             arr = _null_out(arr, pc.is_in(arr, value_set=pa.array(markers, pa.binary())))
     if col.zfill:
-        short = pc.max_element_wise(pc.subtract(col.zfill, pc.binary_length(arr)), 0)
-        arr = pc.binary_join_element_wise(pc.binary_repeat(pa.scalar(b"0"), short), arr, b"")
+        text = decode_column(arr, "ascii") if _is_ascii(arr) else None  # codes are: Arrow's lpad, a view
+        if text is not None:
+            arr = pc.utf8_lpad(text, width=col.zfill, padding="0").view(pa.binary())
+        else:
+            missing = pc.max_element_wise(pc.subtract(col.zfill, pc.binary_length(arr)), 0)
+            arr = pc.binary_join_element_wise(pc.binary_repeat(pa.scalar(b"0"), missing), arr, b"")
     out = arr
     if col.kind in ("char", "varchar"):
         too_long = pc.greater(pc.binary_length(arr), col.length)
