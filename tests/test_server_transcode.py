@@ -310,3 +310,27 @@ def test_server_and_python_transcode_load_identical_tables_and_rejects(pg_dsn: s
     if chunks and not any(b"\x00" in c for c, _ in chunks):
         # a chunk pyarrow could read takes the byte path: the comparison is not between two Python paths
         assert fast_chunks or got[True][1]
+
+
+def test_a_database_not_in_utf8_gets_the_python_transcode(pg_dsn: str) -> None:
+    """SQL_ASCII converts nothing: LATIN1 bytes would be stored as they are, unlike the Python path's UTF-8.
+    copy.py sees the server encoding and decodes in Python; the stored bytes are the old path's."""
+    import psycopg
+
+    name = f"latin1_sqlascii_{uuid.uuid4().hex[:6]}"
+    _exec(pg_dsn, f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, dbname=name)
+        _exec(dsn, "CREATE TABLE t (id integer, t text)")
+        data = pa.table({"id": pa.array([1], pa.int32()), "t": pa.array(["São".encode("latin-1")], pa.binary())}
+                        ).replace_schema_metadata(LATIN1)
+        conn = encoder("pgpq").connect(dsn)
+        try:
+            encoder("pgpq").copy_arrow(conn, "public", "t", data)
+            conn.commit()
+        finally:
+            conn.close()
+        stored = bytes(_query(dsn, "SELECT t::bytea FROM t")[0][0])
+        assert stored == "São".encode("utf-8")  # not b"S\xe3o", which LATIN1 would have left in SQL_ASCII
+    finally:
+        _exec(pg_dsn, f"DROP DATABASE IF EXISTS {name}")
