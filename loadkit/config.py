@@ -196,6 +196,12 @@ class DialectConfig:
     """Physical lines skipped at the start of every member, before the header (banners); counted in line numbers."""
     quoted_can_be_null: bool = True
     """false is PostgreSQL COPY's rule: a quoted value is never NULL (`""` is an empty string)."""
+    # Where transform.server_encoding allows it (latin-1, no trim, ASCII delimiter/quote/escape/null
+    # markers): text columns are sent as the source's bytes with client_encoding LATIN1 for the data
+    # COPY only, and PostgreSQL converts them. Same rows and rejects either way; false restores the
+    # Python transcode.
+    server_transcode: bool = True
+    """latin-1 sources: PostgreSQL transcodes the text columns (false: Python does, as before)."""
 
 
 @dataclass

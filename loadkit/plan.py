@@ -79,6 +79,7 @@ class Dialect:
     max_record_bytes: int = 16 * 1024 * 1024
     skip_lines: int = 0
     quoted_can_be_null: bool = True
+    server_transcode: bool = True  # PostgreSQL transcodes latin-1 text columns (transform.server_encoding)
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,7 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
             match_by_name=d.match_by_name, encoding=d.encoding, null_values=tuple(d.null_values),
             newlines_in_values=d.newlines_in_values, strip_nul=d.strip_nul, trim=d.trim,
             quoting=str(d.quoting), max_record_bytes=d.max_record_bytes, skip_lines=d.skip_lines,
-            quoted_can_be_null=d.quoted_can_be_null,
+            quoted_can_be_null=d.quoted_can_be_null, server_transcode=d.server_transcode,
         ),
         allow_empty=t.source.allow_empty,
         files=_resolve_files(name, t, root, values, url_root),

@@ -9,6 +9,7 @@ reject, never the batch. Every input record ends up either in ``rows`` or in
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import functools
@@ -53,12 +54,110 @@ class ParsedChunk:
     blank_lines: int = 0  # blank lines skipped (not rows: rows_in excludes them)
 
 
-def arrow_schema(table: TableSpec) -> pa.Schema:
-    """The Arrow types that binary COPY maps onto the declared SQL types."""
-    fields = [pa.field(c.name, _arrow_type(c)) for c in table.columns]
+def arrow_schema(table: TableSpec, client_encoding: Optional[str] = None) -> pa.Schema:
+    """The Arrow types that binary COPY maps onto the declared SQL types.
+
+    ``client_encoding`` (a PostgreSQL encoding name, from :func:`server_encoding`): text, char and
+    varchar columns are ``binary`` holding the source's bytes, which the server transcodes; the
+    schema's metadata names the encoding (:data:`CLIENT_ENCODING_KEY`, read by postgres/copy.py)."""
+    text = pa.binary() if client_encoding else pa.string()
+    fields = [pa.field(c.name, text if c.kind in _TEXT_KINDS else _arrow_type(c)) for c in table.columns]
     if table.derived_key:
         fields.append(pa.field(table.derived_key[0], pa.string()))
-    return pa.schema(fields + [pa.field(ROW_COL, pa.int32())])
+    meta = {CLIENT_ENCODING_KEY: client_encoding.encode()} if client_encoding else None
+    return pa.schema(fields + [pa.field(ROW_COL, pa.int32())], metadata=meta)
+
+
+# ---------------------------------------------------------------- server-side transcoding
+# A latin-1 source can skip Python's latin-1 -> UTF-8 transcode: text columns are read as bytes and
+# sent as they are, with client_encoding set to the matching PostgreSQL encoding for that COPY
+# (postgres/copy.py), so the server's textrecv/varcharrecv convert them. Allowed only where the
+# server's conversion equals Python's codec for every byte a value can hold (0x01-0xFF; NUL never
+# reaches a COPY) -- tests/test_copy_encoders.py checks all 256 bytes against the server. WIN1252
+# equals cp1252 on its defined bytes, but its 5 undefined bytes (0x81 0x8D 0x8F 0x90 0x9D) would
+# fail the whole COPY instead of rejecting a record: not enabled.
+
+CLIENT_ENCODING_KEY = b"loadkit.client_encoding"
+# Python codec name (codecs.lookup(..).name) -> PostgreSQL encoding whose conversion equals it.
+SERVER_ENCODINGS: Dict[str, str] = {"iso8859-1": "LATIN1"}
+
+
+def server_encoding(d: Dialect) -> Optional[str]:
+    """The PostgreSQL client_encoding a chunk's text columns can be sent in as source bytes, or None.
+
+    None (Python transcodes, as before) unless ``dialect.server_transcode`` is on, the encoding is
+    in :data:`SERVER_ENCODINGS`, ``dialect.trim`` is off (Arrow trims Unicode whitespace, U+0085 and
+    U+00A0 included) and the delimiter, quote, escape and dialect null markers are ASCII (pyarrow
+    matches those on the raw bytes). Column rules of text/char/varchar columns (null_values, zfill,
+    length) work on bytes with the same result for a single-byte encoding; typed columns and derived
+    key sources are decoded per column (:func:`decode_column`)."""
+    if not d.server_transcode or d.trim:
+        return None
+    try:
+        pg = SERVER_ENCODINGS.get(codecs.lookup(d.encoding).name)
+    except LookupError:
+        return None
+    specials = [d.delimiter, d.quote or "", d.escape or "", *d.null_values]
+    return pg if pg and all(s.isascii() for s in specials) else None
+
+
+def decode_column(arr: pa.Array, encoding: str) -> pa.Array:
+    """A binary array of single-byte-encoded text (``encoding``, a Python codec) as a UTF-8 string array.
+
+    ASCII-only data is a zero-copy view; otherwise one codec call over the values' bytes and new
+    offsets from a per-byte UTF-8 width table (exact for single-byte codecs, which are stateless).
+    Raises UnicodeDecodeError on a byte the codec does not define."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not pa.types.is_binary(arr.type):
+        return arr
+    n = len(arr)
+    if n == 0 or arr.null_count == n:
+        return pa.nulls(n, pa.string()) if n else pa.array([], pa.string())
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+    start, end = int(offsets[0]), int(offsets[-1])
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None else np.zeros(0, np.uint8)
+    if not len(data) or int(data.max()) < 0x80:
+        return arr.view(pa.string())
+    text = data.tobytes().decode(encoding).encode("utf-8")
+    width = _utf8_widths(encoding)[data]
+    before = np.zeros(len(data) + 1, np.int64)
+    np.cumsum(width, out=before[1:])
+    new_offsets = before[offsets - start].astype(np.int32)
+    validity = pc.is_valid(arr).buffers()[1] if arr.null_count else None
+    return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(new_offsets), pa.py_buffer(text)],
+                                 arr.null_count)
+
+
+def _is_ascii(arr: pa.Array) -> bool:
+    """No byte >= 0x80 among a binary array's values."""
+    if len(arr) == 0 or arr.null_count == len(arr):
+        return True
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if bufs[2] is not None else ()
+    return not len(data) or int(np.max(data)) < 0x80
+
+
+@functools.lru_cache(maxsize=8)
+def _utf8_widths(encoding: str) -> np.ndarray:
+    """UTF-8 bytes of each byte value's character in a single-byte ``encoding`` (0: undefined)."""
+    return np.array([len(bytes([b]).decode(encoding, errors="ignore").encode("utf-8")) for b in range(256)],
+                    np.int64)
+
+
+def decode_text_columns(data: pa.Table) -> pa.Table:
+    """``data`` with its source-byte (binary) columns decoded to UTF-8 strings and the client-encoding
+    mark removed: for a COPY that cannot set client_encoding (ADBC, a server that is not UTF8)."""
+    meta = data.schema.metadata or {}
+    pg = meta.get(CLIENT_ENCODING_KEY)
+    if pg is None:
+        return data
+    py = {v: k for k, v in SERVER_ENCODINGS.items()}[pg.decode()]
+    cols = [decode_column(c, py) if pa.types.is_binary(c.type) else c for c in data.columns]
+    rest = {k: v for k, v in meta.items() if k != CLIENT_ENCODING_KEY}
+    return pa.Table.from_arrays(cols, names=data.column_names, metadata=rest or None)
 
 
 def _arrow_type(col: ColumnSpec) -> pa.DataType:
@@ -86,11 +185,12 @@ def _transcode(data: bytes, encoding: str) -> bytes:
 
 
 def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines: bool,
-                 keep_blank: bool = False) -> pa.Table:
+                 keep_blank: bool = False, kind: pa.DataType = pa.string()) -> pa.Table:
     """pyarrow's reader on a chunk the scanner found clean (its records are exactly pyarrow's rows).
 
     ``quoted_newlines`` comes from the scanner, never from the dialect: ``newlines_in_values``
-    is only a hint. No invalid_row_handler: it slows pyarrow's parse by ~30%, and a bad row sends
+    is only a hint. ``kind`` binary reads the values as the source's bytes (server transcoding,
+    :func:`server_encoding`). No invalid_row_handler: it slows pyarrow's parse by ~30%, and a bad row sends
     the chunk to the record-by-record reparse anyway, which finds the exact lines.
     """
     return pacsv.read_csv(
@@ -103,7 +203,7 @@ def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines:
             ignore_empty_lines=not keep_blank,
         ),
         convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, null_values=list(d.null_values),
+            column_types={n: kind for n in names}, null_values=list(d.null_values),
             strings_can_be_null=True, quoted_strings_can_be_null=d.quoted_can_be_null,
         ),
     )
@@ -214,7 +314,9 @@ def _slow_parse(lay: _Layout, names: Sequence[str], d: Dialect) -> Tuple[pa.Tabl
 
 
 def _raw_text(raw: bytes, encoding: str) -> str:
-    return raw.decode(encoding, errors="backslashreplace").rstrip("\r\n")
+    """A reject's raw text: bytes the encoding lacks and NUL (which PostgreSQL's text cannot hold: the
+    ledger's COPY of the rejects would fail the whole batch) as backslash escapes (\\x00)."""
+    return raw.decode(encoding, errors="backslashreplace").rstrip("\r\n").replace("\x00", "\\x00")
 
 
 # ---------------------------------------------------------------- typing
@@ -223,7 +325,8 @@ def _raw_text(raw: bytes, encoding: str) -> str:
 class _Checker:
     """Collects, per row, the first reason it must be rejected."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, encoding: str = "utf-8") -> None:
+        self.encoding = encoding  # the source's codec: binary values (source bytes) are shown decoded
         self.reason: List[Optional[Tuple[str, str]]] = [None] * n
         self.coerced: Dict[str, int] = {}
         self.rejected = 0  # rows with a reason: lets the clean path skip per-row Python loops
@@ -239,13 +342,17 @@ class _Checker:
             return bad
         for i in pc.indices_nonzero(bad).to_pylist():
             if self.reason[i] is None:
-                self.reason[i] = (column, f"{why}: {_shown(values, i)!r}")
+                self.reason[i] = (column, f"{why}: {_shown(values, i, self.encoding)!r}")
                 self.rejected += 1
         return bad
 
 
-def _shown(values: pa.Array, i: int) -> object:
-    """The value at i as Python shows it; Arrow's text where Python has no such value (year 0, -4713)."""
+def _shown(values: pa.Array, i: int, encoding: str = "utf-8") -> object:
+    """The value at i as Python shows it (source bytes decoded with ``encoding``); Arrow's text where
+    Python has no such value (year 0, -4713)."""
+    if pa.types.is_binary(values.type):
+        raw = values[i].as_py()
+        return raw if raw is None else raw.decode(encoding)
     try:
         return values[i].as_py()
     except (OverflowError, ValueError):
@@ -257,6 +364,36 @@ def _shown(values: pa.Array, i: int) -> object:
 
 def _null_out(arr: pa.Array, mask: pa.Array) -> pa.Array:
     return pc.if_else(mask, pa.scalar(None, arr.type), arr)
+
+
+def _convert_bytes(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
+    """A text/char/varchar column kept as the source's bytes (server transcoding): the same rules as
+    :func:`_convert_column` on text, exact for a single-byte encoding (one byte is one character).
+    Null markers are compared as their bytes in the encoding (a marker the encoding cannot write
+    matches no value, as on text); zfill pads with b"0" to ``zfill`` bytes; length is bytes."""
+    if col.null_values:
+        markers = []
+        for v in col.null_values:
+            try:
+                markers.append(v.encode(chk.encoding))
+            except UnicodeEncodeError:
+                continue
+        if markers:
+            arr = _null_out(arr, pc.is_in(arr, value_set=pa.array(markers, pa.binary())))
+    if col.zfill:
+        text = decode_column(arr, "ascii") if _is_ascii(arr) else None  # codes are: Arrow's lpad, a view
+        if text is not None:
+            arr = pc.utf8_lpad(text, width=col.zfill, padding="0").view(pa.binary())
+        else:
+            missing = pc.max_element_wise(pc.subtract(col.zfill, pc.binary_length(arr)), 0)
+            arr = pc.binary_join_element_wise(pc.binary_repeat(pa.scalar(b"0"), missing), arr, b"")
+    out = arr
+    if col.kind in ("char", "varchar"):
+        too_long = pc.greater(pc.binary_length(arr), col.length)
+        out = _null_out(arr, chk.flag(too_long, col.name, f"longer than {col.sql_type}", arr, col.on_invalid))
+    if not col.nullable:
+        chk.flag(pc.is_null(out), col.name, "required value is missing", arr, "reject")
+    return out
 
 
 def _convert_column(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
@@ -741,7 +878,8 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
     names = list(header) if (header and d.match_by_name) else declared
     if reject is not None:
         rej = pa.table([pa.array([first_line], pa.int64()), pa.array([None], pa.string()),
-                        pa.array([reject], pa.string()), pa.array([_raw_text(data, d.encoding)], pa.string())],
+                        pa.array([reject], pa.string()),
+                        pa.array([_raw_text(data, d.encoding)[:len(data)]], pa.string())],  # escapes stay bounded
                        schema=REJECT_SCHEMA)
         return ParsedChunk(arrow_schema(table).empty_table(), rej, 1)
     bom = first_line == 1 and data.startswith(_BOM)
@@ -757,10 +895,13 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
     has_nul = b"\x00" in data
     raw: Optional[pa.Table] = None
     invalid: List[Tuple[int, str, str]] = []
+    pg_encoding = server_encoding(d)  # not None: text columns stay source bytes, the server transcodes
     if summary.clean and not (has_nul and not d.strip_nul):
         try:
-            raw = _arrow_parse(_transcode(data[lay.header_end if lay else 0:], d.encoding), names, d,
-                               summary.quoted_newlines, keep_blank=keep_blank)
+            body = data[lay.header_end if lay else 0:]
+            raw = _arrow_parse(body if pg_encoding else _transcode(body, d.encoding), names, d,
+                               summary.quoted_newlines, keep_blank=keep_blank,
+                               kind=pa.binary() if pg_encoding else pa.string())
             if raw.num_rows != want_rows:  # a defence: the scanner and pyarrow must agree
                 raw = None
         except (UnicodeDecodeError, pa.ArrowInvalid):
@@ -771,8 +912,9 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
     if raw is None:
         # pyarrow does not say where a bad row was: reparse record by record for exact lines.
         lay = lay or _Layout(data, d, first_line, skip_header, len(names))
-        raw, invalid = _slow_parse(lay, names, d)
+        raw, invalid = _slow_parse(lay, names, d)  # text (UTF-8): this chunk is sent as before
         records = lay.records()
+        pg_encoding = None
     coerced: Dict[str, int] = {}
     if has_nul and d.strip_nul:
         raw = _strip_nul(raw, coerced)
@@ -780,10 +922,10 @@ def parse_chunk(table: TableSpec, data: bytes, first_line: int, header: Optional
     bad_ordinals = {o for o, _, _ in invalid}
     ordinals: Sequence[int] = ([o for o in range(1, rows_in + 1) if o not in bad_ordinals] if bad_ordinals
                                else range(1, rows_in + 1))
-    typed, chk = _type_columns(table, raw)
+    typed, chk = _type_columns(table, raw, as_bytes=pg_encoding is not None)
     if records is None and chk.rejected:
         records = (lay or _Layout(data, d, first_line, skip_header, len(names))).records()
-    out = _split(table, typed, chk, invalid, ordinals, rows_in, records or {})
+    out = _split(table, typed, chk, invalid, ordinals, rows_in, records or {}, pg_encoding)
     for k, v in coerced.items():
         out.coerced[k] = out.coerced.get(k, 0) + v
     out.blank_lines = lay.blank if lay is not None else (0 if keep_blank else summary.blank)
@@ -795,7 +937,7 @@ def _strip_nul(raw: pa.Table, coerced: Dict[str, int]) -> pa.Table:
     cols = {}
     for n in raw.column_names:
         arr = raw[n]
-        has = pc.fill_null(pc.match_substring(arr, "\x00"), False)
+        has = pc.fill_null(pc.match_substring(arr, "\x00"), False)  # string or binary (source bytes)
         count = pc.sum(has).as_py() or 0
         if count:
             coerced[n] = coerced.get(n, 0) + count
@@ -814,22 +956,32 @@ def _trimmed(raw: pa.Table, d: Dialect) -> pa.Table:
     return pa.table(cols)
 
 
-def _type_columns(table: TableSpec, raw: pa.Table) -> Tuple[Dict[str, pa.Array], _Checker]:
-    chk = _Checker(raw.num_rows)
+def _type_columns(table: TableSpec, raw: pa.Table, as_bytes: bool = False) -> Tuple[Dict[str, pa.Array], _Checker]:
+    """Typed columns and the rejects' reasons. ``as_bytes``: ``raw`` holds the source's bytes (binary
+    columns, server transcoding): text kinds stay bytes, the others are decoded per column."""
+    enc = table.dialect.encoding
+    chk = _Checker(raw.num_rows, enc)
     typed: Dict[str, pa.Array] = {}
     for col in table.columns:
-        arr = raw[col.name].combine_chunks() if col.name in raw.column_names else pa.nulls(raw.num_rows, pa.string())
-        typed[col.name] = _convert_column(col, arr, chk)
+        arr = (raw[col.name].combine_chunks() if col.name in raw.column_names
+               else pa.nulls(raw.num_rows, pa.binary() if as_bytes else pa.string()))
+        if not as_bytes:
+            typed[col.name] = _convert_column(col, arr, chk)
+        elif col.kind in _TEXT_KINDS:
+            typed[col.name] = _convert_bytes(col, arr, chk)
+        else:
+            typed[col.name] = _convert_column(col, decode_column(arr, enc), chk)
     if table.derived_key:
         name, cols = table.derived_key
-        source = [raw[c].combine_chunks() for c in cols]
+        source = [decode_column(raw[c].combine_chunks(), enc) for c in cols]
         typed[name] = derived_key(source) if raw.num_rows else pa.array([], pa.string())
     return typed, chk
 
 
 def _split(table: TableSpec, typed: Dict[str, pa.Array], chk: _Checker, invalid: List[Tuple[int, str, str]],
-           ordinals: Sequence[int], rows_in: int, records: Dict[int, _Record]) -> ParsedChunk:
-    schema = arrow_schema(table)
+           ordinals: Sequence[int], rows_in: int, records: Dict[int, _Record],
+           client_encoding: Optional[str] = None) -> ParsedChunk:
+    schema = arrow_schema(table, client_encoding)
     typed[ROW_COL] = (pa.array(np.arange(ordinals.start, ordinals.stop, dtype=np.int32)) if isinstance(ordinals, range)
                       else pa.array(ordinals, pa.int32()))
     good = pa.table([typed[f.name] for f in schema], schema=schema)

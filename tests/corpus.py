@@ -19,7 +19,7 @@ from loadkit.execute.parse import parse as parse_batch
 from loadkit.source.read import ReadUnit, read_unit
 from loadkit.plan import ROW_COL, Dialect, FileSpec, TableSpec, column_spec
 from loadkit.source.files import fingerprint
-from loadkit.transform import ParsedChunk, parse_chunk
+from loadkit.transform import ParsedChunk, decode_text_columns, parse_chunk
 
 Col = Union[ColumnConfig, Tuple[str, str]]
 
@@ -36,7 +36,9 @@ def spec(columns: Sequence[Col], fmt: str = "csv", member: Optional[str] = None,
 
 
 def rows_of(parsed: ParsedChunk) -> List[Dict[str, Any]]:
-    return parsed.rows.drop_columns([ROW_COL]).to_pylist()
+    """The good rows as Python values; latin-1 text kept as source bytes (server transcoding) is decoded,
+    i.e. the text PostgreSQL stores."""
+    return decode_text_columns(parsed.rows).drop_columns([ROW_COL]).to_pylist()
 
 
 def rejects_of(parsed: ParsedChunk) -> List[Tuple[Optional[int], Optional[str], str]]:
@@ -77,7 +79,7 @@ def read_local(table: TableSpec, path: Path, batch_rows: int = 50_000) -> LocalL
             continue
         assert parsed.rows is not None and parsed.rejects is not None
         out.rows_in += parsed.rows_in
-        out.rows += parsed.rows.drop_columns([ROW_COL]).to_pylist()
+        out.rows += decode_text_columns(parsed.rows).drop_columns([ROW_COL]).to_pylist()
         out.rejects += [dict(r, member=chunk.member) for r in parsed.rejects.to_pylist()]
     assert out.rows_in == len(out.rows) + len(out.rejects)
     return out

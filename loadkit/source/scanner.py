@@ -313,7 +313,8 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
     esc = syn.escape.encode("latin-1") if syn.escape else None
     esc_byte = esc[0] if esc else -1
     unquoted = re.compile(b"[" + re.escape(delim + b"\n" + (esc or b"")) + b"]")
-    quoted = re.compile(b"[" + re.escape((quote or b"") + (esc or b"")) + b"]")
+    # no quote and no escape: nothing ends a quoted field ("[]" is no valid pattern; "(?!)" never matches)
+    quoted = re.compile(b"[" + re.escape((quote or b"") + (esc or b"")) + b"]" if (quote or esc) else b"(?!)")
     i = s
 
     def line_end(p: int) -> int:
