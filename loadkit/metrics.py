@@ -42,6 +42,7 @@ class TableMetrics:
     status: str = "pending"
     inserted: Optional[int] = None
     updated: Optional[int] = None
+    unchanged: Optional[int] = None  # merge: keys whose row already held the staged values (not rewritten)
     duplicates: Optional[int] = None  # loaded rows collapsed onto another row with the same key
     deleted: Optional[int] = None  # rows a full-snapshot sync deleted or closed (None: no sync ran)
     # Seconds per finalisation step (upsert, swap, indexes, ...; see modes.step), in the order run;
@@ -290,6 +291,7 @@ class RunMetrics:
                         f"{t.name}.finalise_s": t.finalise_s, f"{t.name}.blank_lines": t.blank_lines})
             out.update({f"{t.name}.finalise.{step}_s": v for step, v in t.finalise_steps.items()})
             out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
+                                                         ("unchanged", t.unchanged),
                                                          ("duplicates", t.duplicates), ("deleted", t.deleted))
                         if v is not None})
         return out
