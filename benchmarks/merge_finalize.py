@@ -34,7 +34,7 @@ import psycopg2
 import benchmarks.copy_bench as cb
 from loadkit.plan import build_plan
 from loadkit.postgres.ledger import Ledger
-from loadkit.postgres.modes import Merge, Published, _cols, mode_for
+from loadkit.postgres.modes import Merge, Published, _cols, mode_for, record_steps
 from loadkit.security import qualified, quote_ident
 
 TABLE = "estabelecimentos"
@@ -122,12 +122,14 @@ def timed(dsn: str, mode: Merge, ledger: Ledger, variant: str) -> Dict[str, floa
         cur.execute("SELECT pg_backend_pid()")
         pid = cur.fetchone()[0]
         cpu0, wall0 = backend_cpu(pid), time.perf_counter()
-        published = VARIANTS[variant](mode, cur, ledger)
+        with record_steps() as steps:
+            published = VARIANTS[variant](mode, cur, ledger)
         wall, cpu = time.perf_counter() - wall0, backend_cpu(pid) - cpu0
         conn.rollback()
     finally:
         conn.close()
-    return {"cpu_s": cpu, "wall_s": wall, "published": list(published)}  # type: ignore[dict-item]
+    return {"cpu_s": cpu, "wall_s": wall, "published": list(published),  # type: ignore[dict-item]
+            "steps": {k: round(v, 2) for k, v in steps.items()}}
 
 
 def vacuum(dsn: str, *tables: str) -> None:
@@ -193,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     wall[f"{scenario}/{v}"].append(r["wall_s"])
                     counts[f"{scenario}/{v}"] = r["published"]
                     cb.log(f"rep {rep + 1} {scenario}/{v}: cpu {r['cpu_s']:.2f} s, wall {r['wall_s']:.2f} s, "
-                           f"published {r['published']}")
+                           f"published {r['published']}, steps (wall s) {r['steps']}")
         print(json.dumps({
             "rows_staged": staged, "distinct_keys": distinct, "reps": args.reps,
             "cpu_us_per_row_median": {k: round(statistics.median(v) / staged * 1e6, 2) for k, v in cpu.items()},
