@@ -113,17 +113,21 @@ def backend_cpu(pid: int) -> float:
     return t.user + t.system
 
 
-def timed(dsn: str, mode: Merge, ledger: Ledger, variant: str) -> Dict[str, float]:
+def timed(dsn: str, mode: Merge, ledger: Ledger, variant: str, settings: Sequence[str] = ()) -> Dict[str, Any]:
     """One finalisation in a transaction that is rolled back: backend CPU seconds and wall seconds."""
     conn = psycopg2.connect(dsn)
     try:
         cur = conn.cursor()
         cur.execute("SET max_parallel_workers_per_gather = 0; SET max_parallel_maintenance_workers = 0")
+        base, *own = variant.split("@")  # "after@work_mem=64MB": that variant with a setting of its own
+        for setting in [*settings, *own]:  # e.g. work_mem=64MB
+            name, _, value = setting.partition("=")
+            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
         cur.execute("SELECT pg_backend_pid()")
         pid = cur.fetchone()[0]
         cpu0, wall0 = backend_cpu(pid), time.perf_counter()
         with record_steps() as steps:
-            published = VARIANTS[variant](mode, cur, ledger)
+            published = VARIANTS[base](mode, cur, ledger)
         wall, cpu = time.perf_counter() - wall0, backend_cpu(pid) - cpu0
         conn.rollback()
     finally:
@@ -146,8 +150,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.merge_finalize", description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="estabelecimentos rows of the generated month")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--variants", default="before,after,merge")
+    p.add_argument("--variants", default="before,after,merge",
+                   help="before, after, merge; NAME@setting=value runs NAME with a session setting of its own")
     p.add_argument("--scenarios", default="first,reload")
+    p.add_argument("--pg-set", action="append", default=[], help="a setting of the timed session, e.g. work_mem=64MB")
     p.add_argument("--dsn", default=os.environ.get("LOADKIT_DSN", "postgresql://root@127.0.0.1:5432/test"))
     p.add_argument("--data", type=Path, default=Path("/tmp/loadkit-bench"))
     args = p.parse_args(argv)
@@ -189,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for scenario in scenarios:
                 for v in order:
                     m = modes[scenario]
-                    r = timed(args.dsn, m, ledger, v)  # type: ignore[arg-type]
+                    r = timed(args.dsn, m, ledger, v, args.pg_set)  # type: ignore[arg-type]
                     vacuum(args.dsn, qualified(m.table.schema, m.table.name))
                     cpu[f"{scenario}/{v}"].append(r["cpu_s"])
                     wall[f"{scenario}/{v}"].append(r["wall_s"])
@@ -200,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "rows_staged": staged, "distinct_keys": distinct, "reps": args.reps,
             "cpu_us_per_row_median": {k: round(statistics.median(v) / staged * 1e6, 2) for k, v in cpu.items()},
             "wall_s_median": {k: round(statistics.median(v), 2) for k, v in wall.items()},
-            "cpu_s": cpu, "published": counts, "load_averages": loads}, indent=1))
+            "cpu_s": cpu, "published": counts, "pg_settings": args.pg_set, "load_averages": loads}, indent=1))
     finally:
         cb._psql(args.dsn, "; ".join(f'DROP SCHEMA IF EXISTS "{s}" CASCADE' for s in (
             first_schema, f"{first_schema}__lk_stage", reload_schema, f"{reload_schema}__lk_stage", led)))

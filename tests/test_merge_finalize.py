@@ -130,6 +130,8 @@ def test_first_load_unchanged_reload_and_changes(tmp_path: Path, pg_dsn: str, sc
     assert dict(query(pg_dsn, f'SELECT k, xmin::text FROM "{target}".items')) == xmins
     tm = again.metrics.tables["items"]
     assert tm.rows_read == tm.rows_loaded + tm.rows_rejected == sum(counts(again))
+    assert list(first.metrics.tables["items"].finalise_steps)[:2] == ["insert", "primary_key"]
+    assert "upsert" in tm.finalise_steps and "analyze" not in tm.finalise_steps  # nothing written: no ANALYZE
 
     # Rows edited behind loadkit's back (value -> NULL, NULL -> value) are restored by a reload of the
     # same files: IS DISTINCT FROM sees NULLs as values.
