@@ -2,8 +2,10 @@
 finalisation after it. ``mode_for(table)`` picks the class from the config's mode name (MODES).
 
 - Append:   batches COPY straight into the target; secondary indexes are built after the load.
-- Merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key and
-            upserts it (INSERT ... ON CONFLICT DO UPDATE), reporting inserted vs updated.
+- Merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key. Into an
+            empty target it inserts with no primary key/indexes and adds them after; otherwise it
+            inserts new keys and rewrites only rows that differ (IS DISTINCT FROM), reporting
+            inserted / updated / unchanged.
 - Sync:     merge with ``delete_missing`` (each period is a full snapshot): after the upsert,
             keys the period no longer has are deleted (or closed, with ``history``).
 - Replace:  batches COPY into staging; finalize builds a shadow table from it, adds PK and
