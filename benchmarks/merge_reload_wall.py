@@ -37,8 +37,8 @@ def main() -> int:
                 overrides += [f'job.tables.{table}.source.paths=["{{year:04d}}-{{month:02d}}/{pattern}"]',
                               f"job.tables.{table}.source.format=csv", f"job.tables.{table}.source.member=null",
                               f"job.tables.{table}.mode=merge", f"job.tables.{table}.indexes=[]"]
-            base = ["+job=monthly", f"year={cb.YEAR}", f"month={cb.MONTH}", f"data_root={month.root}", f"sink.dsn={dsn}",
-                    f"job.schema={target}", f"sink.ledger_schema={led}", "tracking.enabled=false",
+            base = ["+job=monthly", f"year={cb.YEAR}", f"month={cb.MONTH}", f"data_root={month.root}",
+                    f"sink.dsn={dsn}", f"job.schema={target}", f"sink.ledger_schema={led}", "tracking.enabled=false",
                     "env.progress_bars=false", *overrides]
             try:
                 for kind, extra in (("first", []), ("reload", ["force=true"])):
@@ -50,7 +50,8 @@ def main() -> int:
                     cb.log(f"rep {rep + 1} {side}/{kind}: {walls[f'{side}/{kind}'][-1]:.1f} s")
             finally:
                 cb._psql(dsn, f'DROP SCHEMA IF EXISTS "{target}" CASCADE; '
-                              f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE; DROP SCHEMA IF EXISTS "{led}" CASCADE')
+                              f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE; '
+                              f'DROP SCHEMA IF EXISTS "{led}" CASCADE')
     med = {k: statistics.median(v) for k, v in walls.items()}
     print(json.dumps({"walls_s": walls, "median_s": med, "x_psql": {k: med["psql"] / v for k, v in med.items()},
                       "load_averages": loads}, indent=1))
