@@ -168,7 +168,8 @@ def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) ->
                       extra={k: metrics[k] for k in ("rows_read", "rows_rejected", "backpressure_s", "driver_wait_s")
                              if k in metrics} | {"writers": _writers(mlflow_uri, run_id.group(1) if run_id else None)})
     finally:
-        _psql(dsn, f'DROP SCHEMA IF EXISTS "{target}" CASCADE; DROP SCHEMA IF EXISTS "{led}" CASCADE')
+        _psql(dsn, f'DROP SCHEMA IF EXISTS "{target}" CASCADE; DROP SCHEMA IF EXISTS "{led}" CASCADE; '
+                   f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE')  # staged modes' schema beside the target
 
 
 def pandas_to_sql(month: Month, dsn: str, subset_rows: int) -> Sample:

@@ -156,6 +156,8 @@ TYPE_PATTERN = re.compile(
     r"^(text|char\(\d+\)|varchar\(\d+\)|smallint|integer|bigint|double|"
     r"numeric\(\d+,\d+\)|date|timestamp|boolean)$"
 )
+# A collation name as pg_collation spells it (C, POSIX, C.UTF-8, pt-BR-x-icu, en_US.utf8): emitted double-quoted.
+COLLATION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,62}$")
 
 
 @dataclass
@@ -258,6 +260,8 @@ class ColumnConfig:
     """Inclusive lower bound on the typed value, written as the type's literal."""
     max: Optional[str] = None
     """Inclusive upper bound on the typed value, written as the type's literal."""
+    collation: Optional[str] = None
+    """Collation of a text/char/varchar column (e.g. C: bytewise, about 2x faster key sorts); null: the database's."""
 
 
 @dataclass
@@ -818,6 +822,10 @@ def _validate_table(tname: str, t: TableConfig) -> None:
         _require(col.format is None or col.type in ("date", "timestamp"), f"{ck}.format",
                  "format applies to date/timestamp columns only")
         _require(col.name not in names, f"{ck}.name", f"duplicate column {col.name!r}")
+        _require(col.collation is None or COLLATION_NAME.match(col.collation) is not None, f"{ck}.collation",
+                 f"not a plain collation name: {col.collation!r} (letters, digits, _ . - @)")
+        _require(col.collation is None or col.type.split("(")[0] in ("text", "char", "varchar"), f"{ck}.collation",
+                 "collation applies to text/char/varchar columns only")
         _validate_column_rules(ck, col)
         names.append(col.name)
     for kc in t.key:

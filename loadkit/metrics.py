@@ -42,6 +42,7 @@ class TableMetrics:
     status: str = "pending"
     inserted: Optional[int] = None
     updated: Optional[int] = None
+    unchanged: Optional[int] = None  # merge: keys whose row already held the staged values (not rewritten)
     duplicates: Optional[int] = None  # loaded rows collapsed onto another row with the same key
     deleted: Optional[int] = None  # rows a full-snapshot sync deleted or closed (None: no sync ran)
     # Seconds per finalisation step (upsert, swap, indexes, ...; see modes.step), in the order run;
@@ -290,6 +291,7 @@ class RunMetrics:
                         f"{t.name}.finalise_s": t.finalise_s, f"{t.name}.blank_lines": t.blank_lines})
             out.update({f"{t.name}.finalise.{step}_s": v for step, v in t.finalise_steps.items()})
             out.update({f"{t.name}.{k}": v for k, v in (("inserted", t.inserted), ("updated", t.updated),
+                                                         ("unchanged", t.unchanged),
                                                          ("duplicates", t.duplicates), ("deleted", t.deleted))
                         if v is not None})
         return out
@@ -411,24 +413,28 @@ def summary_table(metrics: RunMetrics, run_id: str, wall_s: float, label: str = 
     Per table, ``seconds`` is streaming plus finalisation (``stream s`` + ``final s``) and
     ``rows/s`` is rows read over that whole time; the TOTAL row uses the run's wall time, the
     same figures MLflow records as ``wall_s`` and ``rows_per_s`` (and ``history show`` prints).
-    ``inserted``/``updated``/``duplicates``/``deleted`` come from finalisation (``-``: not applicable).
+    ``inserted``/``updated``/``unchanged``/``duplicates``/``deleted`` come from finalisation (``-``: not
+    applicable); for merge, loaded = inserted + updated + unchanged + duplicates (``unchanged``: keys whose
+    row already held exactly the staged values, ``_lk_batch`` included, so it was not rewritten).
     Blank lines skipped (never records: ``rows read = loaded + rejected``) are a footnote, printed
     only when some table skipped any (see ``skipped_lines_note``).
     ``label`` (e.g. a sweep point's overrides) heads the table."""
     head = ("table", "mode", "files", "skipped", "rows read", "loaded", "rejected", "inserted", "updated",
-            "duplicates", "deleted", "stream s", "final s", "seconds", "rows/s", "status")
+            "unchanged", "duplicates", "deleted", "stream s", "final s", "seconds", "rows/s", "status")
     lines = [head]
     n = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
     total = lambda name: n(sum(getattr(t, name) or 0 for t in metrics.tables.values()))  # noqa: E731
     for t in metrics.tables.values():
         lines.append((t.name, t.mode, str(t.files), str(t.files_skipped), f"{t.rows_read:,}", f"{t.rows_loaded:,}",
-                      f"{t.rows_rejected:,}", n(t.inserted), n(t.updated), n(t.duplicates), n(t.deleted),
+                      f"{t.rows_rejected:,}", n(t.inserted), n(t.updated), n(t.unchanged), n(t.duplicates),
+                      n(t.deleted),
                       f"{t.stream_s:.1f}", f"{t.finalise_s:.1f}", f"{t.seconds:.1f}", f"{t.rows_per_s:,.0f}",
                       t.status))
     read, loaded, rejected = metrics.totals()
     lines.append(("TOTAL", "", str(sum(t.files for t in metrics.tables.values())),
                   str(sum(t.files_skipped for t in metrics.tables.values())), f"{read:,}", f"{loaded:,}",
-                  f"{rejected:,}", total("inserted"), total("updated"), total("duplicates"), total("deleted"),
+                  f"{rejected:,}", total("inserted"), total("updated"), total("unchanged"), total("duplicates"),
+                  total("deleted"),
                   f"{metrics.stream_s:.1f}", f"{metrics.finalise_s:.1f}", f"{wall_s:.1f}",
                   f"{rate(read, wall_s):,.0f}", ""))
     note = skipped_lines_note(metrics)

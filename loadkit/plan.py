@@ -51,6 +51,12 @@ class ColumnSpec:
     on_invalid: str = "reject"
     min: Optional[str] = None
     max: Optional[str] = None
+    collation: Optional[str] = None  # ColumnConfig.collation: emitted as COLLATE "<name>" in table DDL
+
+    @property
+    def collate(self) -> str:
+        """' COLLATE "<name>"' for a column with a declared collation, else ''."""
+        return f' COLLATE "{self.collation}"' if self.collation else ""
 
     @property
     def sql_type(self) -> str:
@@ -351,6 +357,7 @@ def column_spec(col: ColumnConfig) -> ColumnSpec:
         on_invalid=str(col.on_invalid),
         min=col.min,
         max=col.max,
+        collation=col.collation,
     )
 
 

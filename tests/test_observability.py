@@ -73,15 +73,16 @@ def test_summary_history_and_mlflow_show_the_same_numbers(month: SampleManifest,
 
     run = wait_for_run(mlflow_uri, run_id)
     m = run.data.metrics
-    # TOTAL files skipped read loaded rejected inserted updated duplicates deleted stream final seconds rows/s
+    # TOTAL files skipped read loaded rejected inserted updated unchanged duplicates deleted stream final seconds
+    # rows/s
     total = summary["TOTAL"]
-    assert f"{m['rows_read']:,.0f}" == total[3] and f"{m['rows_per_s']:,.0f}" == total[13]
-    assert f"{m['wall_s']:.1f}" == total[12] and f"{m['stream_s']:.1f}" == total[10]
-    assert f"{m['finalise_s']:.1f}" == total[11]
-    for name in month.rows:  # name mode files skipped read loaded rejected ins upd dup del stream final seconds rows/s
+    assert f"{m['rows_read']:,.0f}" == total[3] and f"{m['rows_per_s']:,.0f}" == total[14]
+    assert f"{m['wall_s']:.1f}" == total[13] and f"{m['stream_s']:.1f}" == total[11]
+    assert f"{m['finalise_s']:.1f}" == total[12]
+    for name in month.rows:  # name mode files skipped read loaded rejected ins upd unch dup del stream final s rows/s
         row = summary[name]
-        assert f"{m[f'{name}.rows_per_s']:,.0f}" == row[14] and f"{m[f'{name}.seconds']:.1f}" == row[13]
-        assert float(row[13]) == pytest.approx(float(row[11]) + float(row[12]), abs=0.11)  # finalisation included
+        assert f"{m[f'{name}.rows_per_s']:,.0f}" == row[15] and f"{m[f'{name}.seconds']:.1f}" == row[14]
+        assert float(row[14]) == pytest.approx(float(row[12]) + float(row[13]), abs=0.11)  # finalisation included
     # Progress samples live under their own names: the final value is the only one under the plain name.
     assert [p.step for p in tracking.metric_history(mlflow_uri, run.info.run_id, "rows_per_s")] == [0]
     assert tracking.metric_history(mlflow_uri, run.info.run_id, "progress.rows_per_s")
@@ -91,11 +92,11 @@ def test_summary_history_and_mlflow_show_the_same_numbers(month: SampleManifest,
     shown = capsys.readouterr().out
     assert run.info.run_id in shown, "history found the background-flushed run by its tag"
     shown_metrics = {line.split()[0]: line.split()[1] for line in shown.splitlines() if len(line.split()) == 2}
-    assert shown_metrics["rows_per_s"] == total[13] and f"rows read {total[3]}," in shown
+    assert shown_metrics["rows_per_s"] == total[14] and f"rows read {total[3]}," in shown
     tables = {line.split()[0]: line.split() for line in shown.splitlines() if line.split()[:1] and
               line.split()[0] in month.rows}
     for name in month.rows:  # table mode status files skipped read loaded rejected seconds rows/s
-        assert tables[name][-1] == summary[name][14] and tables[name][-2] == summary[name][13]
+        assert tables[name][-1] == summary[name][15] and tables[name][-2] == summary[name][14]
     artifacts = [a.path for a in tracking._client(mlflow_uri).list_artifacts(run.info.run_id)]
     assert {"report.html", "summary.txt", "memory.parquet"} <= set(artifacts)
 

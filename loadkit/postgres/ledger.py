@@ -167,6 +167,9 @@ class Ledger:
             # closed (NULL: no sync ran).
             add("table_load", "duplicates", "bigint"),
             add("table_load", "deleted", "bigint"),
+            # Merge keys whose row was already as staged (not rewritten): inserted + updated + unchanged
+            # + duplicates = rows_loaded. NULL in rows older ledgers wrote (their updated counted them).
+            add("table_load", "unchanged", "bigint"),
             # Blank lines a batch skipped (not records: rows_in = rows_loaded + rows_rejected still holds,
             # and the batch's source lines = rows_in + blank_lines); 0 in older ledgers.
             add("batch", "blank_lines",
@@ -254,11 +257,12 @@ class Ledger:
                      o.error, run_id, table))
 
     def record_collapse(self, cur: Any, run_id: str, table: str, duplicates: Optional[int],
-                        deleted: Optional[int]) -> None:
-        """Duplicates collapsed by the finalisation and rows deleted/closed by a sync (None: no sync ran)."""
+                        deleted: Optional[int], unchanged: Optional[int] = None) -> None:
+        """Duplicates collapsed by the finalisation, rows deleted/closed by a sync (None: no sync ran) and
+        merge rows found equal to the target's and left as they were (None: not a merge)."""
         cur.execute(f"UPDATE {self.table_load} SET duplicates=coalesce(%s, duplicates), "
-                    "deleted=coalesce(%s, deleted) WHERE run_id=%s AND table_name=%s",
-                    (duplicates, deleted, run_id, table))
+                    "deleted=coalesce(%s, deleted), unchanged=coalesce(%s, unchanged) "
+                    "WHERE run_id=%s AND table_name=%s", (duplicates, deleted, unchanged, run_id, table))
 
     def sync_done(self, cur: Any, table: str, period: str) -> bool:
         """True if a run already synced this table's period (table_load.deleted is set only by a sync)."""

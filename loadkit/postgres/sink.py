@@ -404,18 +404,19 @@ class PostgresSink:
                 return True
             staged = sum(led.unpublished_batches(cur, table.name, plan.period).values())
             with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
-                inserted, updated = mode.finalize(cur, led)
+                published = mode.finalize(cur, led)
             led.mark_files_loaded(cur, table.name, plan.period)
-            tm.inserted, tm.updated, tm.status = inserted, updated, "loaded"
+            tm.inserted, tm.updated, tm.unchanged, tm.status = (published.inserted, published.updated,
+                                                                published.unchanged, "loaded")
             if mode.staged:  # rows staged but collapsed onto a later row with the same key
-                tm.duplicates = max(0, staged - (inserted or 0) - (updated or 0))
+                tm.duplicates = max(0, staged - sum(n or 0 for n in published))
             with record_steps() as synced:
                 tm.deleted = self._sync(cur, mode, failed)
             tm.finalise_steps = {**steps, **synced}  # seconds per step (upsert, swap, indexes, sync_missing...)
             tm.finalise_s = time.perf_counter() - finalising  # the commit below is not counted
             tm.finalised_at = time.time()
             led.finish_table(cur, plan.run_id, table.name, outcome(tm))
-            led.record_collapse(cur, plan.run_id, table.name, tm.duplicates, tm.deleted)
+            led.record_collapse(cur, plan.run_id, table.name, tm.duplicates, tm.deleted, tm.unchanged)
         return False
 
     def _sync(self, cur: Any, mode: WriteMode, failed: List[Tuple[str, str, str]]) -> Optional[int]:
