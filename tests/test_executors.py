@@ -55,6 +55,27 @@ def test_local_size_channel_is_what_read_tasks_poll() -> None:
     assert channel.board.poll(2, 0.25) == 250 and channel.counters() == (5, 0.75)
 
 
+@pytest.mark.slow
+def test_ray_size_channel_sums_what_remote_read_tasks_report(ray_session: None) -> None:
+    """The Ray board (no actor: Ray's key-value store) as a read task in another process sees it."""
+    import ray
+
+    from loadkit.execute.ray import RaySizeChannel
+
+    channel = RaySizeChannel(100)
+
+    @ray.remote(num_cpus=0)
+    def read_task(board: Any, polls: int) -> list:
+        return [board.poll(1, 0.5) for _ in range(polls)]
+
+    assert ray.get([read_task.remote(channel.board, 2), read_task.remote(channel.board, 3)]) == [[100] * 2, [100] * 3]
+    assert channel.counters() == (5, 2.5)  # each task's running totals, summed
+    channel.publish(250)
+    assert ray.get(read_task.remote(channel.board, 1)) == [250]
+    channel.close()
+    assert channel.counters() == (0, 0.0)  # its keys are gone from the store
+
+
 def _item(unit: int, kind: Any, issued: int, start: int = 0) -> _Item:
     """A result as a writer thread hands it back (see inprocess._Item)."""
     record = BatchResult(kind=kind, table_name="t", file_sha=f"sha{unit}", member="m", start=start,

@@ -25,7 +25,7 @@ from loadkit.postgres.writer import WriterSettings
 from loadkit.records import BatchResult
 from loadkit.source.read import ReadUnit
 
-__all__ = ["Executor", "choose_executor", "make_executor", "writer_settings"]
+__all__ = ["Executor", "choose_executor", "make_executor", "store_bytes", "writer_settings"]
 
 
 class Executor(Protocol):
@@ -67,12 +67,30 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     return "inprocess" if small_input or small_machine else "ray"
 
 
+_MIN_STORE_BYTES = 128 * 1024 * 1024  # Ray's own floor is 75 MB; a few blocks of a few MB each in flight
+_STORE_PER_INPUT = 1.0  # object store bytes per input byte, below the configured cap
+
+
+def store_bytes(configured: Optional[int], input_bytes: Optional[int]) -> Optional[int]:
+    """Object store size (bytes) of a local Ray for ``input_bytes`` of input: proportional to the
+    work, at least _MIN_STORE_BYTES, at most ``configured`` (``env.object_store_memory``; None =
+    Ray's default, 30% of RAM, is then the cap). ``input_bytes`` None: ``configured`` as it is.
+    Ray Data budgets its in-flight blocks from the store (backpressure), so a store sized to the
+    work also bounds what a small run maps into memory."""
+    if input_bytes is None:
+        return configured
+    want = max(_MIN_STORE_BYTES, int(input_bytes * _STORE_PER_INPUT))
+    return want if configured is None else min(configured, want)
+
+
 def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
                   object_store_memory: Optional[int] = None, runtime_env: Optional[Dict[str, Any]] = None,
-                  progress_bars: bool = False) -> Executor:
-    """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``)."""
+                  progress_bars: bool = False, input_bytes: Optional[int] = None) -> Executor:
+    """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``), the
+    object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``."""
     if name == "inprocess":
         return InProcessExecutor()
     from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
 
-    return RayExecutor(address, num_cpus, object_store_memory, runtime_env, progress_bars)
+    store = object_store_memory if address else store_bytes(object_store_memory, input_bytes)
+    return RayExecutor(address, num_cpus, store, runtime_env, progress_bars)
