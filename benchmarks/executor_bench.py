@@ -40,6 +40,7 @@ def one(month: Any, dsn: str, executor: str, cpus: int, extra: Sequence[str], en
             "load": load, "us_per_row": us, "loadkit_us_per_row": sum(v for g, v in us.items() if g != "postgres"),
             "peak_pss_mb": p["peak_pss"] / 2**20, "peak_rss_mb": p["peak_rss"] / 2**20,
             "peak_pss_driver_mb": p["peak_pss_driver"] / 2**20,
+            "peak_pss_by_mb": {k: round(v / 2**20) for k, v in sorted(p["peak_pss_by"].items(), key=lambda kv: -kv[1])},
             "processes": {f"{k} x{p['counts'][k]}": round(v, 2)
                           for k, v in sorted(p["processes"].items(), key=lambda kv: -kv[1])[:12]}}
 
@@ -91,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raw.append(r)
                     log(f"{rows} rows, {cpus} cpus, {ex} rep {rep + 1}: {r['wall_s']:.1f} s, "
                         f"{r['loadkit_us_per_row']:.2f} µs/row loadkit (+{r['us_per_row']['postgres']:.2f} postgres), "
-                        f"PSS {r['peak_pss_mb']:.0f} MB, load {r['load']:.2f}; top {list(r['processes'].items())[:9]}")
+                        f"PSS {r['peak_pss_mb']:.0f} MB, load {r['load']:.2f}; top {list(r['processes'].items())[:9]}; "
+                        f"PSS MB by process {r['peak_pss_by_mb']}")
             results += [summary(v) for v in got.values()]
     OUT.mkdir(parents=True, exist_ok=True)
     path = args.out or OUT / f"executor_bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

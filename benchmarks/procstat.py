@@ -31,6 +31,7 @@ class ProcStats:
     peak_pss_driver: int = 0
     processes: Dict[str, float] = field(default_factory=dict)  # "<group>:<name>" -> CPU s (summed per name)
     counts: Dict[str, int] = field(default_factory=dict)  # "<group>:<name>" -> processes seen
+    peak_pss_by: Dict[str, int] = field(default_factory=dict)  # "<group>:<name>" -> summed per-process PSS peaks
 
     @property
     def loadkit_cpu_s(self) -> float:
@@ -66,6 +67,7 @@ class ProcSampler:
         self.pss_every = pss_every
         self._cpu: Dict[int, Tuple[str, str, float]] = {}  # pid -> (group, name, cpu s)
         self._procs: Dict[int, psutil.Process] = {}
+        self._pss: Dict[int, int] = {}  # pid -> its peak PSS
         self._stats = ProcStats()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="procstat", daemon=True)
@@ -82,6 +84,9 @@ class ProcSampler:
             key = f"{group}:{name}"
             self._stats.processes[key] = self._stats.processes.get(key, 0.0) + cpu
             self._stats.counts[key] = self._stats.counts.get(key, 0) + 1
+        for pid, peak in self._pss.items():
+            key = f"{self._cpu[pid][0]}:{self._cpu[pid][1]}" if pid in self._cpu else "other:?"
+            self._stats.peak_pss_by[key] = self._stats.peak_pss_by.get(key, 0) + peak
         return self._stats
 
     def _proc(self, pid: int) -> Optional[psutil.Process]:
@@ -122,6 +127,7 @@ class ProcSampler:
                     m = p.memory_full_info()
                     rss += m.rss
                     pss += m.pss
+                    self._pss[p.pid] = max(self._pss.get(p.pid, 0), m.pss)
                     if p.pid == self.root:
                         self._stats.peak_pss_driver = max(self._stats.peak_pss_driver, m.pss)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

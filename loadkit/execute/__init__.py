@@ -67,19 +67,22 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     return "inprocess" if small_input or small_machine else "ray"
 
 
-_MIN_STORE_BYTES = 128 * 1024 * 1024  # Ray's own floor is 75 MB; a few blocks of a few MB each in flight
-_STORE_PER_INPUT = 1.0  # object store bytes per input byte, below the configured cap
+_MIN_STORE_BYTES = 128 * 1024 * 1024  # Ray's own floor is 75 MB
+# What a run has in flight is a few blocks (one chunk of batch.size rows each, ~8 MB at 50k rows)
+# per parse task and writer, whatever the input size; a store past that only adds pages the workers
+# touch and keep mapped (their PSS: 1 GB store 653 MB for two parse workers, 150 MB store 486 MB,
+# notes/ray.md). Ray spills to disk if a run ever needs more.
+_MAX_STORE_BYTES = 256 * 1024 * 1024
 
 
 def store_bytes(configured: Optional[int], input_bytes: Optional[int]) -> Optional[int]:
-    """Object store size (bytes) of a local Ray for ``input_bytes`` of input: proportional to the
-    work, at least _MIN_STORE_BYTES, at most ``configured`` (``env.object_store_memory``; None =
-    Ray's default, 30% of RAM, is then the cap). ``input_bytes`` None: ``configured`` as it is.
-    Ray Data budgets its in-flight blocks from the store (backpressure), so a store sized to the
-    work also bounds what a small run maps into memory."""
+    """Object store size (bytes) of a local Ray for ``input_bytes`` of input: the input size within
+    [_MIN_STORE_BYTES, _MAX_STORE_BYTES] (the in-flight work, not the file, sets the ceiling, so
+    memory stays flat as inputs grow), and never above ``configured`` (``env.object_store_memory``;
+    None = no cap of the user's). ``input_bytes`` None: ``configured`` as it is."""
     if input_bytes is None:
         return configured
-    want = max(_MIN_STORE_BYTES, int(input_bytes * _STORE_PER_INPUT))
+    want = min(max(_MIN_STORE_BYTES, input_bytes), _MAX_STORE_BYTES)
     return want if configured is None else min(configured, want)
 
 
