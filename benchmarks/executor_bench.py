@@ -51,7 +51,8 @@ def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
             "input_mb": samples[0]["input_mb"], "reps": len(samples), "wall_s": med("wall_s"),
             "loadkit_us_per_row": med("loadkit_us_per_row"),
             "us_per_row": {g: statistics.median(x["us_per_row"][g] for x in samples) for g in GROUPS},
-            "peak_pss_mb": max(x["peak_pss_mb"] for x in samples), "peak_rss_mb": max(x["peak_rss_mb"] for x in samples),
+            "peak_pss_mb": max(x["peak_pss_mb"] for x in samples),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in samples),
             "loads": [round(x["load"], 2) for x in samples]}
 
 

@@ -434,7 +434,7 @@ class PoolConfig:
     parse_concurrency: int = 0
     """Parse tasks allowed at once (0 = as many as Ray schedules)."""
     parse_threads: int = 0
-    """Parse threads of the in-process executor (0 = one per two cores, 1 to 4)."""
+    """Parse threads of the in-process executor (0 = one per two cores of env.num_cpus or the machine, 1 to 4)."""
     # Files under 2 x batch.read_block_bytes stay whole; zip/gzip members always stream in one task.
     read_splits: int = 2
     """Byte-range read tasks per large uncompressed file (no newlines in values)."""
@@ -503,9 +503,9 @@ class EnvConfig:
     address: Optional[str] = None
     """null starts a local Ray; "auto" or ray://host:port joins an existing cluster."""
     num_cpus: Optional[int] = None
-    """CPUs of a local Ray; null: all."""
+    """CPUs of a local Ray, and the cores env.executor=auto and in-process parse threads count; null: all."""
     object_store_memory: Optional[int] = 1_000_000_000
-    """Bytes of a local Ray's object store; null: Ray's default."""
+    """Cap on a local Ray's object store, bytes (sized to the input within 128-256 MB below it); null: no cap."""
     ship_code: bool = False
     """Ship loadkit/ (with its conf/ and examples/) to cluster workers as runtime-env py_modules."""
     progress_bars: bool = True

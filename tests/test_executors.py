@@ -114,6 +114,54 @@ def test_a_writer_failure_reaches_the_caller() -> None:
         next(stream)
 
 
+@pytest.mark.parametrize("parsers,writers", [(1, 2), (3, 2), (2, 4)])
+def test_inprocess_memory_is_bounded_by_its_queues_not_the_input(monkeypatch: pytest.MonkeyPatch, parsers: int,
+                                                                   writers: int) -> None:
+    """Chunks read but not yet written never exceed what the bounded queues and threads can hold
+    (1 + 2 x parse threads + 2 x writers; 1 + 2 x writers when the read thread parses), however
+    many chunks the input has: the in-process executor's memory is flat in the input size."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import loadkit.execute.inprocess as inprocess
+
+    chunks = 300
+    lock = threading.Lock()
+    state = {"read": 0, "written": 0, "most": 0}
+
+    def read_unit(unit: Any, board: Any) -> Any:
+        for i in range(chunks):
+            with lock:
+                state["read"] += 1
+                state["most"] = max(state["most"], state["read"] - state["written"])
+            yield SimpleNamespace(kind="data", index=i)
+        yield SimpleNamespace(kind="eof", index=chunks)
+
+    class SlowWriter:
+        def __init__(self, settings: Any) -> None:
+            pass
+
+        def write(self, batch: Any) -> Any:
+            time.sleep(0.001)  # the server is the slow side: the read thread must wait, not read ahead
+            with lock:
+                state["written"] += batch.kind == "data"
+            return batch
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(inprocess, "read_unit", read_unit)
+    monkeypatch.setattr(inprocess, "parse", lambda chunk, tables, period: chunk)
+    monkeypatch.setattr(inprocess, "BatchWriter", SlowWriter)
+    plan = SimpleNamespace(tables=(), parse_threads=parsers, writers=writers, period="2024-05", run_id="r",
+                           env=SimpleNamespace(num_cpus=None))
+    out = list(InProcessExecutor().run(plan, ["unit"], SimpleNamespace(dsn=""), board=None))  # type: ignore[arg-type]
+    assert [r.kind for r in out].count("data") == chunks and out[-1].kind == "eof"
+    bound = 1 + 2 * writers + (2 * parsers if parsers > 1 else 0)
+    assert 1 <= state["most"] <= bound < chunks
+
+
 @pytest.mark.parametrize("configured,cpus,expected", [(3, 64, 3), (0, 1, 1), (0, 2, 1), (0, 4, 2), (0, 64, 4)])
 def test_parse_threads_default_to_one_per_two_cores_up_to_four(configured: int, cpus: int, expected: int) -> None:
     assert parse_threads(configured, cpus) == expected
