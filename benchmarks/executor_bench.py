@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import benchmarks.copy_bench as cb
 from benchmarks.copy_bench import OUT, generate, loadkit_cli, log
 
 GROUPS = ("driver", "ray_workers", "ray_daemons", "other", "postgres")
@@ -77,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", type=Path, default=Path("/tmp/loadkit-bench"), help="where generated months go")
     p.add_argument("--set", action="append", default=[], help="extra loadkit override, e.g. pool.writers=3")
     p.add_argument("--env", action="append", default=[], help="extra environment NAME=VALUE for the CLI")
+    p.add_argument("--before", type=Path, default=None,
+                   help="another checkout (git archive <rev> | tar -x -C DIR): each run alternates it with this one")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/out/executor_bench-<ts>.json)")
     args = p.parse_args(argv)
     env = dict(e.split("=", 1) for e in args.env)
@@ -87,11 +90,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for cpus in [int(c) for c in args.cpus.split(",") if c]:
             got: Dict[str, List[Dict[str, Any]]] = {}
             for rep in range(args.reps):
-                for ex in [e for e in args.executors.split(",") if e]:  # alternated within each repetition
+                sides = [("", cb.ROOT)] + ([("@before", args.before)] if args.before else [])
+                if rep % 2:
+                    sides.reverse()  # neither side always runs first
+                runs = [(ex, label, root) for ex in args.executors.split(",") if ex for label, root in sides]
+                for ex, label, root in runs:  # alternated within each repetition
+                    cb.ROOT = root  # run_cli starts `python -m loadkit` in that checkout
                     r = one(month, args.dsn, ex, cpus, args.set, env)
-                    got.setdefault(ex, []).append(r)
+                    r["executor"] = ex + label
+                    got.setdefault(ex + label, []).append(r)
                     raw.append(r)
-                    log(f"{rows} rows, {cpus} cpus, {ex} rep {rep + 1}: {r['wall_s']:.1f} s, "
+                    log(f"{rows} rows, {cpus} cpus, {ex}{label} rep {rep + 1}: {r['wall_s']:.1f} s, "
                         f"{r['loadkit_us_per_row']:.2f} µs/row loadkit (+{r['us_per_row']['postgres']:.2f} postgres), "
                         f"PSS {r['peak_pss_mb']:.0f} MB, load {r['load']:.2f}; top {list(r['processes'].items())[:9]}; "
                         f"PSS MB by process {r['peak_pss_by_mb']}")

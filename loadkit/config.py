@@ -511,13 +511,14 @@ class EnvConfig:
     progress_bars: bool = True
     """Draw progress lines on a terminal."""
     # auto: inprocess for a local run whose files to load total at most inprocess_max_bytes (Ray's
-    # start-up would be most of the run) or whose machine has at most inprocess_max_cpus cores (Ray's
-    # processes cost more CPU than they add there), else ray. A cluster address always means ray.
+    # ~15 s start-up and ~17 CPU-s of processes are not paid back below it) or whose machine has at
+    # most inprocess_max_cpus cores (Ray's 1.5-2x CPU per row is never paid back there), else ray.
+    # A cluster address always means ray. The measurement: execute.choose_executor's docstring.
     executor: Executor = Executor.auto
     """ray (the Ray Data pipeline), inprocess (the same stages in this process) or auto."""
-    inprocess_max_bytes: int = 32 * 1024 * 1024
+    inprocess_max_bytes: int = 2 * 1024 * 1024 * 1024
     """auto: a local run with at most this many bytes to read runs in-process."""
-    inprocess_max_cpus: int = 2
+    inprocess_max_cpus: int = 4
     """auto: a machine with at most this many cores runs in-process."""
     # Past it the run stops like an interrupt (committed batches stay for the resume) and fails
     # transient (exit 4) with "run deadline exceeded".

@@ -35,6 +35,19 @@ def test_auto_rule(requested: str, address: object, nbytes: int, cpus: int, expe
                            inprocess_max_cpus=2) == expected
 
 
+@pytest.mark.parametrize("nbytes,cpus,expected", [
+    (1 * GB, 64, "inprocess"),  # Ray's ~15 s start-up is not paid back below 2 GiB (choose_executor)
+    (3 * GB, 8, "ray"),
+    (100 * GB, 4, "inprocess"),  # on 4 cores Ray's CPU per row is never paid back
+    (3 * GB, 5, "ray"),
+])
+def test_auto_rule_with_the_configured_defaults(nbytes: int, cpus: int, expected: str) -> None:
+    from loadkit.config import EnvConfig
+
+    env = EnvConfig()
+    assert choose_executor("auto", None, nbytes, cpus, env.inprocess_max_bytes, env.inprocess_max_cpus) == expected
+
+
 def test_an_inprocess_run_never_imports_ray() -> None:
     """The runner, the executor package and the in-process executor load without Ray (seconds of import)."""
     code = ("import sys, loadkit.runner, loadkit.execute; from loadkit.execute import make_executor; "

@@ -259,10 +259,15 @@ def _keep_signal_handlers() -> Iterator[None]:
 # memory_monitor_refresh_ms=0: the raylet's OOM-kill poll, every 250 ms by default, is off; loadkit's
 # MemoryMonitor already samples the tree and the reject/alert path reacts to memory. Metrics
 # collection feeds Prometheus/dashboard exporters nobody reads in a local run (include_dashboard=False).
+# Task events (for the state API and dashboard timeline) and per-event stats are bookkeeping on
+# every task and RPC that nothing in a local run reads. An unknown key stops Ray's start (the GCS
+# checks them): these are long-standing Ray 2.x keys, checked against the pinned 2.60.
 _LOCAL_SYSTEM_CONFIG: Dict[str, Any] = {
     "memory_monitor_refresh_ms": 0,
     "enable_metrics_collection": False,
     "metrics_report_interval_ms": 60_000,
+    "task_events_report_interval_ms": 0,
+    "event_stats": False,
 }
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
