@@ -83,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/out/executor_bench-<ts>.json)")
     args = p.parse_args(argv)
     env = dict(e.split("=", 1) for e in args.env)
+    here = cb.ROOT  # this checkout (run_cli's cb.ROOT is switched per side below)
     results: List[Dict[str, Any]] = []
     raw: List[Dict[str, Any]] = []
     for rows in [int(r) for r in args.rows.split(",") if r]:
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for cpus in [int(c) for c in args.cpus.split(",") if c]:
             got: Dict[str, List[Dict[str, Any]]] = {}
             for rep in range(args.reps):
-                sides = [("", cb.ROOT)] + ([("@before", args.before)] if args.before else [])
+                sides = [("", here)] + ([("@before", args.before)] if args.before else [])
                 if rep % 2:
                     sides.reverse()  # neither side always runs first
                 runs = [(ex, label, root) for ex in args.executors.split(",") if ex for label, root in sides]
