@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import psutil
 
+from benchmarks.procstat import ProcSampler
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 YEAR, MONTH = 2024, 5
@@ -129,7 +131,7 @@ def psql_copy(month: Month, dsn: str) -> Sample:
         _psql(dsn, f'DROP SCHEMA "{schema}" CASCADE')
 
 
-def loadkit_cli(month: Month, dsn: str, mode: str, mlflow_uri: str, extra: Sequence[str]) -> Sample:
+def loadkit_cli(month: Month, dsn: str, mode: str, mlflow_uri: str, extra: Sequence[str], **kw: Any) -> Sample:
     """The monthly job through its CLI, restricted to the two raw tables, without secondary indexes.
 
     ``mode`` may name an executor too: ``append@ray`` is append mode with env.executor=ray."""
@@ -141,11 +143,15 @@ def loadkit_cli(month: Month, dsn: str, mode: str, mlflow_uri: str, extra: Seque
         overrides += [f'job.tables.{table}.source.paths=["{{year:04d}}-{{month:02d}}/{pattern}"]',
                       f"job.tables.{table}.source.format=csv", f"job.tables.{table}.source.member=null",
                       f"job.tables.{table}.mode={mode}", f"job.tables.{table}.indexes=[]"]
-    return run_cli(month.root, dsn, mlflow_uri, [*overrides, *extra])
+    return run_cli(month.root, dsn, mlflow_uri, [*overrides, *extra], **kw)
 
 
-def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) -> Sample:
-    """``python -m loadkit +job=monthly`` on fresh target and ledger schemas, dropped afterwards."""
+def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str], procs: bool = False,
+            prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> Sample:
+    """``python -m loadkit +job=monthly`` on fresh target and ledger schemas, dropped afterwards.
+
+    ``procs``: sample per-process CPU and memory (benchmarks.procstat) into ``extra["procs"]``;
+    ``prefix``: a command the CLI runs under (e.g. ``taskset -c 0``); ``env``: extra environment."""
     tag = uuid.uuid4().hex[:8]
     target, led = f"bench_t_{tag}", f"bench_l_{tag}"
     overrides = ["+job=monthly", f"year={YEAR}", f"month={MONTH}", f"data_root={data_root}", f"sink.dsn={dsn}",
@@ -153,12 +159,18 @@ def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) ->
                  "env.progress_bars=false", *extra]
     started_at = time.time()
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "loadkit", *overrides], capture_output=True, text=True, cwd=ROOT)
+    popen = subprocess.Popen([*prefix, sys.executable, "-m", "loadkit", *overrides], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    sampler = ProcSampler(popen.pid).start() if procs else None
+    stdout, stderr = popen.communicate()
     wall = time.perf_counter() - started
+    stats = sampler.stop() if sampler else None
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
     try:
         if proc.returncode != 0:
             raise RuntimeError(f"loadkit exited {proc.returncode}:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}")
-        run_id = re.search(r"run id: (\w+)", proc.stdout)
+        tracked = "tracking.enabled=false" not in extra
+        run_id = re.search(r"run id: (\w+)", proc.stdout) if tracked else None
         metrics = _run_metrics(mlflow_uri, run_id.group(1)) if run_id else {}
         pipe_start, pipe_end = _pipeline_span(proc.stderr)
         return Sample(wall, peak_rss=int(metrics.get("peak_rss_bytes", 0)) or None,
@@ -166,7 +178,8 @@ def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str]) ->
                       startup_s=pipe_start - started_at if pipe_start else None,
                       finish_s=started_at + wall - pipe_end if pipe_end else None,
                       extra={k: metrics[k] for k in ("rows_read", "rows_rejected", "backpressure_s", "driver_wait_s")
-                             if k in metrics} | {"writers": _writers(mlflow_uri, run_id.group(1) if run_id else None)})
+                             if k in metrics} | {"writers": _writers(mlflow_uri, run_id.group(1) if run_id else None)}
+                      | ({"procs": asdict(stats)} if stats else {}))
     finally:
         _psql(dsn, f'DROP SCHEMA IF EXISTS "{target}" CASCADE; DROP SCHEMA IF EXISTS "{led}" CASCADE; '
                    f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE')  # staged modes' schema beside the target

@@ -444,7 +444,7 @@ class PoolConfig:
     parse_concurrency: int = 0
     """Parse tasks allowed at once (0 = as many as Ray schedules)."""
     parse_threads: int = 0
-    """Parse threads of the in-process executor (0 = one per two cores, 1 to 4)."""
+    """Parse threads of the in-process executor (0 = one per two cores of env.num_cpus or the machine, 1 to 4)."""
     # Files under 2 x batch.read_block_bytes stay whole; zip/gzip members always stream in one task.
     read_splits: int = 2
     """Byte-range read tasks per large uncompressed file (no newlines in values)."""
@@ -513,21 +513,22 @@ class EnvConfig:
     address: Optional[str] = None
     """null starts a local Ray; "auto" or ray://host:port joins an existing cluster."""
     num_cpus: Optional[int] = None
-    """CPUs of a local Ray; null: all."""
+    """CPUs of a local Ray, and the cores env.executor=auto and in-process parse threads count; null: all."""
     object_store_memory: Optional[int] = 1_000_000_000
-    """Bytes of a local Ray's object store; null: Ray's default."""
+    """Cap on a local Ray's object store, bytes (sized to the input within 128-256 MB below it); null: no cap."""
     ship_code: bool = False
     """Ship loadkit/ (with its conf/ and examples/) to cluster workers as runtime-env py_modules."""
     progress_bars: bool = True
     """Draw progress lines on a terminal."""
     # auto: inprocess for a local run whose files to load total at most inprocess_max_bytes (Ray's
-    # start-up would be most of the run) or whose machine has at most inprocess_max_cpus cores (Ray's
-    # processes cost more CPU than they add there), else ray. A cluster address always means ray.
+    # ~15 s start-up and ~17 CPU-s of processes are not paid back below it) or whose machine has at
+    # most inprocess_max_cpus cores (Ray's 1.5-2x CPU per row is never paid back there), else ray.
+    # A cluster address always means ray. The measurement: execute.choose_executor's docstring.
     executor: Executor = Executor.auto
     """ray (the Ray Data pipeline), inprocess (the same stages in this process) or auto."""
-    inprocess_max_bytes: int = 32 * 1024 * 1024
+    inprocess_max_bytes: int = 2 * 1024 * 1024 * 1024
     """auto: a local run with at most this many bytes to read runs in-process."""
-    inprocess_max_cpus: int = 2
+    inprocess_max_cpus: int = 4
     """auto: a machine with at most this many cores runs in-process."""
     # Past it the run stops like an interrupt (committed batches stay for the resume) and fails
     # transient (exit 4) with "run deadline exceeded".

@@ -35,6 +35,19 @@ def test_auto_rule(requested: str, address: object, nbytes: int, cpus: int, expe
                            inprocess_max_cpus=2) == expected
 
 
+@pytest.mark.parametrize("nbytes,cpus,expected", [
+    (1 * GB, 64, "inprocess"),  # Ray's ~15 s start-up is not paid back below 2 GiB (choose_executor)
+    (3 * GB, 8, "ray"),
+    (100 * GB, 4, "inprocess"),  # on 4 cores Ray's CPU per row is never paid back
+    (3 * GB, 5, "ray"),
+])
+def test_auto_rule_with_the_configured_defaults(nbytes: int, cpus: int, expected: str) -> None:
+    from loadkit.config import EnvConfig
+
+    env = EnvConfig()
+    assert choose_executor("auto", None, nbytes, cpus, env.inprocess_max_bytes, env.inprocess_max_cpus) == expected
+
+
 def test_an_inprocess_run_never_imports_ray() -> None:
     """The runner, the executor package and the in-process executor load without Ray (seconds of import)."""
     code = ("import sys, loadkit.runner, loadkit.execute; from loadkit.execute import make_executor; "
@@ -53,6 +66,27 @@ def test_local_size_channel_is_what_read_tasks_poll() -> None:
     assert channel.board.poll(3, 0.5) == 100
     channel.publish(250)
     assert channel.board.poll(2, 0.25) == 250 and channel.counters() == (5, 0.75)
+
+
+@pytest.mark.slow
+def test_ray_size_channel_sums_what_remote_read_tasks_report(ray_session: None) -> None:
+    """The Ray board (no actor: Ray's key-value store) as a read task in another process sees it."""
+    import ray
+
+    from loadkit.execute.ray import RaySizeChannel
+
+    channel = RaySizeChannel(100)
+
+    @ray.remote(num_cpus=0)
+    def read_task(board: Any, polls: int) -> list:
+        return [board.poll(1, 0.5) for _ in range(polls)]
+
+    assert ray.get([read_task.remote(channel.board, 2), read_task.remote(channel.board, 3)]) == [[100] * 2, [100] * 3]
+    assert channel.counters() == (5, 2.5)  # each task's running totals, summed
+    channel.publish(250)
+    assert ray.get(read_task.remote(channel.board, 1)) == [250]
+    channel.close()
+    assert channel.counters() == (0, 0.0)  # its keys are gone from the store
 
 
 def _item(unit: int, kind: Any, issued: int, start: int = 0) -> _Item:
@@ -91,6 +125,54 @@ def test_a_writer_failure_reaches_the_caller() -> None:
     assert next(stream).kind == "data"
     with pytest.raises(RuntimeError, match="copy failed"):
         next(stream)
+
+
+@pytest.mark.parametrize("parsers,writers", [(1, 2), (3, 2), (2, 4)])
+def test_inprocess_memory_is_bounded_by_its_queues_not_the_input(monkeypatch: pytest.MonkeyPatch, parsers: int,
+                                                                   writers: int) -> None:
+    """Chunks read but not yet written never exceed what the bounded queues and threads can hold
+    (1 + 2 x parse threads + 2 x writers; 1 + 2 x writers when the read thread parses), however
+    many chunks the input has: the in-process executor's memory is flat in the input size."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import loadkit.execute.inprocess as inprocess
+
+    chunks = 300
+    lock = threading.Lock()
+    state = {"read": 0, "written": 0, "most": 0}
+
+    def read_unit(unit: Any, board: Any) -> Any:
+        for i in range(chunks):
+            with lock:
+                state["read"] += 1
+                state["most"] = max(state["most"], state["read"] - state["written"])
+            yield SimpleNamespace(kind="data", index=i)
+        yield SimpleNamespace(kind="eof", index=chunks)
+
+    class SlowWriter:
+        def __init__(self, settings: Any) -> None:
+            pass
+
+        def write(self, batch: Any) -> Any:
+            time.sleep(0.001)  # the server is the slow side: the read thread must wait, not read ahead
+            with lock:
+                state["written"] += batch.kind == "data"
+            return batch
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(inprocess, "read_unit", read_unit)
+    monkeypatch.setattr(inprocess, "parse", lambda chunk, tables, period: chunk)
+    monkeypatch.setattr(inprocess, "BatchWriter", SlowWriter)
+    plan = SimpleNamespace(tables=(), parse_threads=parsers, writers=writers, period="2024-05", run_id="r",
+                           env=SimpleNamespace(num_cpus=None))
+    out = list(InProcessExecutor().run(plan, ["unit"], SimpleNamespace(dsn=""), board=None))  # type: ignore[arg-type]
+    assert [r.kind for r in out].count("data") == chunks and out[-1].kind == "eof"
+    bound = 1 + 2 * writers + (2 * parsers if parsers > 1 else 0)
+    assert 1 <= state["most"] <= bound < chunks
 
 
 @pytest.mark.parametrize("configured,cpus,expected", [(3, 64, 3), (0, 1, 1), (0, 2, 1), (0, 4, 2), (0, 64, 4)])

@@ -25,7 +25,7 @@ from loadkit.postgres.writer import WriterSettings
 from loadkit.records import BatchResult
 from loadkit.source.read import ReadUnit
 
-__all__ = ["Executor", "choose_executor", "make_executor", "writer_settings"]
+__all__ = ["Executor", "choose_executor", "make_executor", "store_bytes", "writer_settings"]
 
 
 class Executor(Protocol):
@@ -55,9 +55,26 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     """``ray`` or ``inprocess`` for ``env.executor=requested`` (``auto``, ``ray`` or ``inprocess``).
 
     ``auto``: Ray Data on a cluster (``address`` set); otherwise in-process where Ray's start-up
-    or its processes would cost more than they give: a small input (``input_bytes`` to read at
-    most ``inprocess_max_bytes``) or a small machine (``cpus`` at most ``inprocess_max_cpus``);
-    see README, Benchmark, for the measurements behind the defaults."""
+    and its processes would cost more than they give: a small input (``input_bytes`` to read at
+    most ``inprocess_max_bytes``) or a small machine (``cpus`` at most ``inprocess_max_cpus``).
+
+    Where the defaults (2 GiB, 4 cores) come from: benchmarks/executor_bench.py, the same generated
+    month (Estabelecimentos + Empresas) at 0.45M and 1.8M rows, ``env.num_cpus`` pinned to 1 and 2
+    with taskset, per-process CPU of driver, Ray workers and daemons and PostgreSQL backends
+    (notes/ray.md has the table). Fitting CPU = fixed + rows x marginal per executor:
+
+    - in-process: ~1.8 CPU-s fixed, 2.5 µs/row (+1.5 µs/row PostgreSQL);
+    - Ray: ~16-18 CPU-s fixed (daemons, Ray Data's own actors, ~1 CPU-s of imports per worker
+      process), 4.6 µs/row on 2 cores, 6.2 on 1 (+1.5 PostgreSQL); its wall start-up ~15 s.
+
+    On 1 and 2 cores Ray lost at every size, in CPU and in wall. More cores could not be measured
+    here; the figures predict: in-process gets about two cores' worth (one read thread feeding the
+    parse threads and writers, much of it under the GIL), i.e. ~2 µs/row of wall for 4.0 µs/row of
+    CPU, while Ray spreads its 6.1 µs/row over all ``cpus``. Ray's ~15 s start-up pays back after
+    15 s / (2.0 - 6.1/cpus) µs rows: never on 3 cores or fewer, ~50M rows (~8 GB) on 4, ~13M
+    rows (~2 GB at ~160 bytes a row) on 8, ~9M (1.5 GB) on 16. Hence in-process up to 4 cores
+    whatever the size, and on bigger machines up to 2 GiB of input. A cluster is Ray regardless:
+    its point is cores that this process does not have."""
     if requested != "auto":
         return requested
     if address is not None:
@@ -67,12 +84,33 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     return "inprocess" if small_input or small_machine else "ray"
 
 
+_MIN_STORE_BYTES = 128 * 1024 * 1024  # Ray's own floor is 75 MB
+# What a run has in flight is a few blocks (one chunk of batch.size rows each, ~8 MB at 50k rows)
+# per parse task and writer, whatever the input size; a store past that only adds pages the workers
+# touch and keep mapped (their PSS: 1 GB store 653 MB for two parse workers, 150 MB store 486 MB,
+# notes/ray.md). Ray spills to disk if a run ever needs more.
+_MAX_STORE_BYTES = 256 * 1024 * 1024
+
+
+def store_bytes(configured: Optional[int], input_bytes: Optional[int]) -> Optional[int]:
+    """Object store size (bytes) of a local Ray for ``input_bytes`` of input: the input size within
+    [_MIN_STORE_BYTES, _MAX_STORE_BYTES] (the in-flight work, not the file, sets the ceiling, so
+    memory stays flat as inputs grow), and never above ``configured`` (``env.object_store_memory``;
+    None = no cap of the user's). ``input_bytes`` None: ``configured`` as it is."""
+    if input_bytes is None:
+        return configured
+    want = min(max(_MIN_STORE_BYTES, input_bytes), _MAX_STORE_BYTES)
+    return want if configured is None else min(configured, want)
+
+
 def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
                   object_store_memory: Optional[int] = None, runtime_env: Optional[Dict[str, Any]] = None,
-                  progress_bars: bool = False) -> Executor:
-    """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``)."""
+                  progress_bars: bool = False, input_bytes: Optional[int] = None) -> Executor:
+    """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``), the
+    object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``."""
     if name == "inprocess":
         return InProcessExecutor()
     from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
 
-    return RayExecutor(address, num_cpus, object_store_memory, runtime_env, progress_bars)
+    store = object_store_memory if address else store_bytes(object_store_memory, input_bytes)
+    return RayExecutor(address, num_cpus, store, runtime_env, progress_bars)

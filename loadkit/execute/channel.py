@@ -4,7 +4,7 @@ Driver -> read tasks: the rows per batch the sizing policy wants now (``publish`
 -> driver: chunks handed downstream and the seconds spent handing them (parse plus
 backpressure), so the driver sees queue depth and blocked time without executor internals
 (``counters``). The in-process executor uses a :class:`SizeBoard` directly; the Ray executor
-runs the same class as a tiny actor (``execute.ray.RaySizeChannel``).
+keeps the same figures in Ray's key-value store (``execute.ray.RaySizeChannel``: no actor process).
 """
 from __future__ import annotations
 

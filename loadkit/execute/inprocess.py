@@ -60,7 +60,7 @@ class InProcessExecutor:
 def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
          board: Board) -> Iterator[BatchResult]:
     tables = {t.name: replace(t, files=()) for t in plan.tables}
-    parsers = parse_threads(plan.parse_threads)
+    parsers = parse_threads(plan.parse_threads, plan.env.num_cpus)  # env.num_cpus pins in-process runs too
     # One parse thread: the read thread parses its own chunks (a hand-off to a second thread cost
     # ~0.4 µs/row and gained nothing, see parse_threads); more: that many threads behind it.
     spawned = 0 if parsers == 1 else parsers
@@ -140,7 +140,8 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
 
 def parse_threads(configured: int, cpus: Optional[int] = None) -> int:
     """Parse threads for ``pool.parse_threads``: the configured count, or for 0 one per two cores
-    (``os.sched_getaffinity``), at least 1 and at most _AUTO_PARSE_THREADS_MAX.
+    (``cpus``: ``env.num_cpus`` when set, else ``os.sched_getaffinity``), at least 1 and at most
+    _AUTO_PARSE_THREADS_MAX.
 
     Why one per two cores: parsing is about a third of a row's CPU (client CPU µs/row on the benchmark
     month: read 0.9, parse 2.3, write 2.1; the server's COPY ~2), so half the cores for parsing

@@ -8,8 +8,8 @@
 Blocks are one chunk each, so memory is bounded by chunk size times the number of blocks Ray
 keeps in flight (its streaming executor applies backpressure), never by file size. This is the
 only module that converts records to Arrow blocks and back (``loadkit.records``: read task ->
-parse -> writer -> driver), and with ``execute.channel``'s board as an actor, the only one that
-talks to Ray.
+parse -> writer -> driver), and with ``execute.channel``'s board kept in Ray's key-value store,
+the only one that talks to Ray.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import functools
 import logging
 import signal
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -25,7 +26,6 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from loadkit.execute.channel import SizeBoard
 from loadkit.execute.parse import parse
 from loadkit.monitor import release_memory
 from loadkit.plan import LoadPlan, TableSpec
@@ -78,40 +78,78 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
         getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
-# ---------------------------------------------------------------- the batch-size board as an actor
+# ---------------------------------------------------------------- the batch-size board in Ray's KV store
 
 
-class RemoteBoard:
-    """A read task's handle on the driver's SizeBoard actor (a ``source.read.Board``)."""
+class KVBoard:
+    """A read task's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
 
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
+    The driver writes the wanted rows per batch under ``<prefix>rows``; each read task writes its
+    own running totals (chunks handed downstream, seconds spent) under ``<prefix>task:<uuid>``,
+    which the driver sums. No actor: an actor is a worker process of its own (~1 CPU-s to start,
+    ~100 MB PSS measured, notes/ray.md), for a value that changes a few times a run."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._key: Optional[bytes] = None  # this task's totals (set on first poll, in the task)
+        self._chunks = 0
+        self._wait_s = 0.0
 
     def poll(self, chunks: int, wait_s: float) -> Optional[int]:
+        from ray.experimental import internal_kv as kv
+
+        self._chunks += chunks
+        self._wait_s += wait_s
+        if self._key is None:
+            self._key = f"{self.prefix}task:{uuid.uuid4().hex}".encode()
         try:
-            return int(ray.get(self.actor.poll.remote(chunks, wait_s), timeout=30))
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            # Sizing is an optimisation: without the board this task keeps its last size.
+            kv._internal_kv_put(self._key, f"{self._chunks} {self._wait_s!r}".encode(), overwrite=True,
+                                namespace=_KV_NAMESPACE)
+            rows = kv._internal_kv_get(f"{self.prefix}rows".encode(), namespace=_KV_NAMESPACE)
+        except Exception as exc:  # noqa: BLE001 -- sizing is an optimisation: keep the current size
             log.warning("batch size board unreachable, keeping the current rows per batch: %s", exc)
             return None
+        return int(rows) if rows is not None else None
+
+
+_KV_NAMESPACE = "loadkit"
 
 
 class RaySizeChannel:
-    """The driver's end of a SizeBoard run as a tiny actor (an ``execute.channel.SizeChannel``)."""
+    """The driver's end of the board in Ray's KV store (an ``execute.channel.SizeChannel``)."""
 
     def __init__(self, rows: int) -> None:
-        self.actor: Any = ray.remote(num_cpus=0, max_restarts=0)(SizeBoard).remote(rows)  # an ActorHandle
-        self.board = RemoteBoard(self.actor)
+        self.prefix = f"board:{uuid.uuid4().hex}:"
+        self.board = KVBoard(self.prefix)
+        self.publish(rows)
 
     def publish(self, rows: int) -> None:
-        self.actor.set.remote(rows)
+        from ray.experimental import internal_kv as kv
+
+        kv._internal_kv_put(f"{self.prefix}rows".encode(), str(int(rows)).encode(), overwrite=True,
+                            namespace=_KV_NAMESPACE)
+
+    def _task_keys(self) -> List[bytes]:
+        from ray.experimental import internal_kv as kv
+
+        return list(kv._internal_kv_list(f"{self.prefix}task:".encode(), namespace=_KV_NAMESPACE))
 
     def counters(self) -> Tuple[int, float]:
-        rows, seconds = ray.get(self.actor.counters.remote(), timeout=30)
-        return int(rows), float(seconds)
+        from ray.experimental import internal_kv as kv
+
+        chunks, seconds = 0, 0.0
+        for key in self._task_keys():
+            value = kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
+            if value:
+                c, s = value.split()
+                chunks, seconds = chunks + int(c), seconds + float(s)
+        return chunks, seconds
 
     def close(self) -> None:
-        ray.kill(self.actor)
+        from ray.experimental import internal_kv as kv
+
+        for key in [*self._task_keys(), f"{self.prefix}rows".encode()]:
+            kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
 
 
 # ---------------------------------------------------------------- the UDFs (records <-> Arrow blocks)
@@ -137,7 +175,9 @@ class WriterActor:
         self.writer = BatchWriter(settings)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return BatchResult.to_table([self.writer.write(b) for b in ParsedBatch.from_table(block)])
+        out = BatchResult.to_table([self.writer.write(b) for b in ParsedBatch.from_table(block)])
+        release_memory()  # the batch's rows and COPY buffers: a writer kept ~100 MB more without it
+        return out
 
 
 # ---------------------------------------------------------------- build and run
@@ -215,16 +255,34 @@ def _keep_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+# Raylet settings of a local Ray (ray.init's _system_config; a joined cluster keeps its own).
+# memory_monitor_refresh_ms=0: the raylet's OOM-kill poll, every 250 ms by default, is off; loadkit's
+# MemoryMonitor already samples the tree and the reject/alert path reacts to memory. Metrics
+# collection feeds Prometheus/dashboard exporters nobody reads in a local run (include_dashboard=False).
+# Task events (for the state API and dashboard timeline) and per-event stats are bookkeeping on
+# every task and RPC that nothing in a local run reads. An unknown key stops Ray's start (the GCS
+# checks them): these are long-standing Ray 2.x keys, checked against the pinned 2.60.
+_LOCAL_SYSTEM_CONFIG: Dict[str, Any] = {
+    "memory_monitor_refresh_ms": 0,
+    "enable_metrics_collection": False,
+    "metrics_report_interval_ms": 60_000,
+    "task_events_report_interval_ms": 0,
+    "event_stats": False,
+}
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
-    """Start or join Ray unless this process already did. Returns True if this call started it."""
+    """Start or join Ray unless this process already did. Returns True if this call started it.
+
+    A local Ray starts without dashboard, with the raylet's memory monitor and metrics off
+    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``)."""
     started = False
     if not ray.is_initialized():
         kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
         if address:
             kwargs["address"] = address
         else:
-            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
+            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                          _system_config=dict(_LOCAL_SYSTEM_CONFIG))
         if runtime_env:
             kwargs["runtime_env"] = runtime_env
         with _keep_signal_handlers():
@@ -232,6 +290,8 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
+    ctx.enable_auto_log_stats = False  # the run's own metrics say it; the stats dump costs a GCS walk
+    ctx.enable_get_object_locations_for_metrics = False
     ctx.execution_options.preserve_order = False
     ctx.max_errored_blocks = 0
     # Ray Data polls every task's USS on a thread of its own; loadkit's MemoryMonitor already

@@ -1,0 +1,166 @@
+"""Per-process CPU and memory of one loadkit run: the driver, its Ray processes and its PostgreSQL backends.
+
+``ProcSampler(pid).start()`` samples, every ``interval_s``, the process tree under ``pid`` (the CLI
+driver; a local Ray's gcs_server, raylet and workers are its descendants) and the PostgreSQL
+backends serving that tree's TCP connections (matched by client port: other sessions' backends on
+the same server are left out). CPU is each process's last seen user+system seconds (a process's
+final < interval_s is lost, ~1%); memory is the tree's summed RSS and PSS per sample, whose peak is
+reported. ``stop()`` returns a ``ProcStats`` with CPU per group (driver, ray workers, ray
+daemons, postgres) and the peaks.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Set, Tuple
+
+import psutil
+
+_PG_PORT = 5432
+_DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "agent", "runtime_env")
+
+
+@dataclass
+class ProcStats:
+    """CPU seconds per group and the tree's peak memory (bytes) over one run."""
+
+    cpu_s: Dict[str, float] = field(default_factory=dict)  # driver | ray_workers | ray_daemons | postgres | other
+    peak_rss: int = 0
+    peak_pss: int = 0  # the loadkit tree (driver + Ray), postgres excluded
+    peak_pss_driver: int = 0
+    processes: Dict[str, float] = field(default_factory=dict)  # "<group>:<name>" -> CPU s (summed per name)
+    counts: Dict[str, int] = field(default_factory=dict)  # "<group>:<name>" -> processes seen
+    peak_pss_by: Dict[str, int] = field(default_factory=dict)  # "<group>:<name>" -> summed per-process PSS peaks
+
+    @property
+    def loadkit_cpu_s(self) -> float:
+        return sum(v for k, v in self.cpu_s.items() if k != "postgres")
+
+    @property
+    def total_cpu_s(self) -> float:
+        return sum(self.cpu_s.values())
+
+
+def _group(proc: psutil.Process, root: int) -> Tuple[str, str]:
+    if proc.pid == root:
+        return "driver", "driver"
+    try:
+        cmd = " ".join(proc.cmdline())
+        name = proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "other", "?"
+    if "default_worker.py" in cmd or name.startswith("ray::") or cmd.startswith("ray::"):
+        return "ray_workers", re.sub(r"[\s(].*", "", cmd)[:60] if cmd.startswith("ray::") else "ray::?"
+    for d in _DAEMONS:
+        if d in cmd or d in name:
+            return "ray_daemons", d
+    return "other", name[:40]
+
+
+class ProcSampler:
+    """A background thread sampling a run's processes (see the module docstring)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2, pss_every: int = 2) -> None:
+        self.root = pid
+        self.interval_s = interval_s
+        self.pss_every = pss_every
+        self._cpu: Dict[int, Tuple[str, str, float]] = {}  # pid -> (group, name, cpu s)
+        self._procs: Dict[int, psutil.Process] = {}
+        self._pss: Dict[int, int] = {}  # pid -> its peak PSS
+        self._stats = ProcStats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="procstat", daemon=True)
+
+    def start(self) -> "ProcSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> ProcStats:
+        self._stop.set()
+        self._thread.join()
+        for group, name, cpu in self._cpu.values():
+            self._stats.cpu_s[group] = self._stats.cpu_s.get(group, 0.0) + cpu
+            key = f"{group}:{name}"
+            self._stats.processes[key] = self._stats.processes.get(key, 0.0) + cpu
+            self._stats.counts[key] = self._stats.counts.get(key, 0) + 1
+        for pid, peak in self._pss.items():
+            key = f"{self._cpu[pid][0]}:{self._cpu[pid][1]}" if pid in self._cpu else "other:?"
+            self._stats.peak_pss_by[key] = self._stats.peak_pss_by.get(key, 0) + peak
+        return self._stats
+
+    def _proc(self, pid: int) -> Optional[psutil.Process]:
+        p = self._procs.get(pid)
+        if p is None:
+            try:
+                p = self._procs[pid] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                return None
+        return p
+
+    def _loop(self) -> None:
+        tick = 0
+        while not self._stop.is_set():
+            self._sample(tick % self.pss_every == 0)
+            tick += 1
+            self._stop.wait(self.interval_s)
+
+    def _sample(self, with_pss: bool) -> None:
+        try:
+            root = self._proc(self.root)
+            tree = [root] + root.children(recursive=True) if root else []
+        except psutil.NoSuchProcess:
+            return
+        pids: Set[int] = {p.pid for p in tree}
+        rss = pss = 0
+        for p in tree:
+            try:
+                if p.pid not in self._cpu or self._cpu[p.pid][1] in ("ray::IDLE", "ray::?"):
+                    group, name = _group(p, self.root)  # a Ray worker's title names its task once it has one
+                else:
+                    group, name, _ = self._cpu[p.pid]
+                if group == "other" and name == "?":
+                    continue
+                t = p.cpu_times()
+                self._cpu[p.pid] = (group, name, t.user + t.system)
+                if with_pss:
+                    m = p.memory_full_info()
+                    rss += m.rss
+                    pss += m.pss
+                    self._pss[p.pid] = max(self._pss.get(p.pid, 0), m.pss)
+                    if p.pid == self.root:
+                        self._stats.peak_pss_driver = max(self._stats.peak_pss_driver, m.pss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if with_pss:
+            self._stats.peak_rss = max(self._stats.peak_rss, rss)
+            self._stats.peak_pss = max(self._stats.peak_pss, pss)
+        for pid in self._backends(pids):
+            p = self._proc(pid)
+            try:
+                t = p.cpu_times() if p else None
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if t is not None:
+                self._cpu[pid] = ("postgres", "backend", t.user + t.system)
+
+    def _backends(self, tree: Set[int]) -> Set[int]:
+        """PostgreSQL backends whose client is a process of the tree (by the client's TCP port)."""
+        ports = set()
+        try:
+            for c in psutil.net_connections(kind="tcp"):
+                if c.pid in tree and c.raddr and c.raddr.port == _PG_PORT:
+                    ports.add(c.laddr.port)
+        except psutil.AccessDenied:
+            return set()
+        if not ports:
+            return set()
+        found = set()
+        for p in psutil.process_iter(["name", "cmdline"]):
+            if p.info["name"] != "postgres" or not p.info["cmdline"]:
+                continue
+            m = re.search(r"\((\d+)\)", " ".join(p.info["cmdline"]))
+            if m and int(m.group(1)) in ports:
+                found.add(p.pid)
+        return found
+
