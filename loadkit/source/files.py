@@ -108,17 +108,21 @@ def remote_fingerprint(fs: Any, key: str, info: Mapping[str, Any]) -> str:
     sha256 over (protocol, content tag, size) when the listing carries a content tag (S3/HTTP ETag,
     GCS md5Hash/crc32c ...): a changed object gets a new tag, so a rerun skips exactly what it loaded,
     and no byte is downloaded twice. Without a tag (some HTTP servers, memory://): the sha256 of the
-    content, streamed. The same bytes on disk and in a bucket are therefore two files to the ledger
+    content, streamed (an HTTP object without a tag in its listing is asked for its ETag with a HEAD
+    first). The same bytes on disk and in a bucket are therefore two files to the ledger
     (load a month from one place)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     tags = {str(k).lower(): v for k, v in info.items()}
+    if proto in ("http", "https") and not any(tags.get(n) for n in _CONTENT_TAGS):
+        # An HTML listing carries no ETag, the object's HEAD does: one request instead of a download.
+        tags.update({str(k).lower(): v for k, v in fs.info(key).items()})
     for name in _CONTENT_TAGS:
         value = tags.get(name)
         if value:
-            proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
             text = f"{proto}|{name}|{str(value).strip(chr(34))}|{info.get('size')}"
             return hashlib.sha256(text.encode()).hexdigest()
     digest = hashlib.sha256()
-    with fs.open(key, "rb") as fh:
+    with open_source(fs.unstrip_protocol(key)) as fh:  # retried from the offset if the connection drops
         while block := fh.read(_FINGERPRINT_BLOCK):
             digest.update(block)
     return digest.hexdigest()
