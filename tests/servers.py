@@ -110,8 +110,8 @@ class CuttingServer:
             def _serve(self, body: bool) -> None:
                 path = server.root / self.path.split("?")[0].lstrip("/")
                 if path.is_dir():
-                    page = "".join(f"<a href='{html.escape(p.name + ('/' if p.is_dir() else ''))}'>{html.escape(p.name)}"
-                                   "</a><br>" for p in sorted(path.iterdir()))
+                    links = [(p.name + ("/" if p.is_dir() else ""), p.name) for p in sorted(path.iterdir())]
+                    page = "".join(f"<a href='{html.escape(h)}'>{html.escape(n)}</a><br>" for h, n in links)
                     data = f"<html><body>{page}</body></html>".encode()
                     self._send(200, {"Content-Type": "text/html", "Content-Length": str(len(data))},
                                data if body else b"")
