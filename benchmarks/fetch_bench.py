@@ -17,25 +17,17 @@ load average before and after: the machine is shared, read the numbers with it.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.source import fetch
-
-
-class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -57,23 +49,18 @@ SHARE = "public.php/dav/files/SHARE"  # the RFB's Nextcloud public-share layout,
 
 def serve_http(root: Path) -> Tuple[str, str, Callable[[], None]]:
     """(URL of the folder holding YYYY-MM/, discovery, stop) for a stock HTTP server with HTML listings."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/{SHARE}/", "html", server.shutdown
+    from tests.servers import serve_http as serve  # the tests' servers, one helper
+
+    url, stop = serve(root)
+    return f"{url}{SHARE}/", "html", stop
 
 
 def serve_webdav(root: Path) -> Tuple[str, str, Callable[[], None]]:
     """The same files as a WebDAV share (wsgidav on cheroot, anonymous read, PROPFIND listings)."""
-    from cheroot import wsgi
-    from wsgidav.wsgidav_app import WsgiDAVApp
+    from tests.servers import serve_webdav as serve
 
-    app = WsgiDAVApp({"provider_mapping": {"/": str(root)}, "simple_dc": {"user_mapping": {"*": True}},
-                      "verbose": 0, "logging": {"enable": False, "enable_loggers": []},
-                      "property_manager": True, "lock_storage": True})
-    server = wsgi.Server(("127.0.0.1", 0), app, numthreads=16)
-    server.prepare()
-    threading.Thread(target=server.serve, daemon=True).start()
-    return f"http://127.0.0.1:{server.bind_addr[1]}/{SHARE}/", "webdav", server.stop
+    url, stop = serve(root, threads=16)
+    return f"{url}{SHARE}/", "webdav", stop
 
 
 def drop(dsn: str, *schemas: str) -> None:

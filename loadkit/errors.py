@@ -102,6 +102,14 @@ class CircuitOpenError(TransientDBError):
     """The circuit breaker is open: the database failed repeatedly and is cooling down."""
 
 
+class TransientSourceError(LoadkitError):
+    """Reading a remote source object (s3://, gs://, http(s)://) kept failing on the network after every
+    retry of ``retry.*``: nothing is wrong with the data; the batches committed so far stay, and a rerun
+    resumes from the ledger's byte ranges. Exit code 4."""
+
+    category = Category.TRANSIENT
+
+
 class PermanentDBError(LoadkitError):
     """The database refused the work for a reason a retry will not fix."""
 
@@ -194,6 +202,47 @@ def _is_connection_failure(exc: BaseException) -> bool:
     return any(m in text for m in markers)
 
 
+# Network failures of the HTTP/object-store client libraries under fsspec (s3fs/aiobotocore, gcsfs and
+# HTTPFileSystem on aiohttp, httpx, requests/urllib3, http.client), by (top-level module, class name) so
+# this module imports none of them. Each means "the connection or the transfer broke": the bytes were
+# not delivered, and asking again (from the same offset) may succeed. Deliberately absent: HTTP status
+# errors (a 403/404 is not a network failure), protocol/URL misuse (httpx.UnsupportedProtocol,
+# LocalProtocolError) and certificate failures (``_CERT_FAILURES``), which no retry fixes.
+_NETWORK_FAILURES = {
+    "aiohttp": frozenset({"ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",
+                          "ServerDisconnectedError", "ClientOSError", "ConnectionTimeoutError",
+                          "SocketTimeoutError"}),
+    "botocore": frozenset({"ConnectionError", "ConnectionClosedError", "EndpointConnectionError",
+                           "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError",
+                           "IncompleteReadError"}),
+    "urllib3": frozenset({"ProtocolError", "ReadTimeoutError", "ConnectTimeoutError", "NewConnectionError",
+                          "IncompleteRead"}),
+    "http": frozenset({"IncompleteRead", "RemoteDisconnected"}),
+    "httpx": frozenset({"NetworkError", "TimeoutException", "RemoteProtocolError"}),
+    "httpcore": frozenset({"NetworkError", "TimeoutException", "RemoteProtocolError"}),
+    "requests": frozenset({"ConnectionError", "ChunkedEncodingError", "Timeout"}),
+    "google": frozenset({"TransportError"}),  # google.auth: the token endpoint unreachable
+    "fsspec": frozenset({"FSTimeoutError"}),
+}
+_CERT_FAILURES = frozenset({"SSLCertVerificationError", "ClientConnectorCertificateError", "CertificateError"})
+
+
+def is_network_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or an error it wraps) is a dropped connection, a truncated transfer or a
+    timeout of a network client: the builtin ConnectionError (reset, refused, aborted, broken pipe)
+    and TimeoutError, ``http.client.IncompleteRead``, and the clients' own classes in
+    ``_NETWORK_FAILURES``. A certificate failure, an HTTP status or any other error is not."""
+    for inner in _causes(exc):
+        mro = type(inner).__mro__
+        if any(cls.__name__ in _CERT_FAILURES for cls in mro):
+            return False
+        if isinstance(inner, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _NETWORK_FAILURES.get(cls.__module__.split(".")[0], ()) for cls in mro):
+            return True
+    return False
+
+
 # Ray's "a worker, actor or node died" errors, by name so this module stays Ray-free.
 _CLUSTER_FAILURES = frozenset({"RaySystemError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
                                "NodeDiedError", "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError"})
@@ -261,7 +310,7 @@ def classify(exc: BaseException) -> Category:
         return Category.BUG
     if _is_operator_failure(exc):
         return Category.OPERATOR
-    if isinstance(exc, (ConnectionError, TimeoutError)) or _is_connection_failure(exc) or _is_cluster_failure(exc):
+    if is_network_failure(exc) or _is_connection_failure(exc) or _is_cluster_failure(exc):
         return Category.TRANSIENT
     return Category.BUG
 

@@ -146,10 +146,11 @@ class RunMetrics:
             self.errors["transient_infrastructure"] += retries  # each retry answered a transient failure
         t.stream_s = max(t.stream_s, (r.finished_at or time.time()) - t.started)
 
-    def expect(self, files: Iterable[Tuple[str, str, str, str, int]]) -> None:
-        """Plan the progress figure: (table, sha, path, format, size) of every file this run reads."""
-        for table, sha, path, fmt, size in files:
-            self.expected[(table, sha)], members = uncompressed_size(path, fmt, size)
+    def expect(self, files: Iterable[Tuple[Any, ...]]) -> None:
+        """Plan the progress figure: (table, sha, path, format, size[, member glob]) of every file this
+        run reads (the member glob, as the table's ``source.member``, picks the zip members counted)."""
+        for table, sha, path, fmt, size, *member in files:
+            self.expected[(table, sha)], members = uncompressed_size(path, fmt, size, *member[:1])
             if members is not None:
                 self.members[(table, sha)] = members
 
@@ -304,20 +305,21 @@ class RunMetrics:
         return pa.Table.from_pylist(rows) if rows else pa.table({})
 
 
-def uncompressed_size(path: str, fmt: str, size: int) -> Tuple[int, Optional[int]]:
+def uncompressed_size(path: str, fmt: str, size: int, member: Optional[str] = None) -> Tuple[int, Optional[int]]:
     """(bytes a file decompresses to, its member count) from its headers; (size, None) when unknown.
 
-    zip: the central directory's member sizes; gzip: the trailer's ISIZE (modulo 4 GiB, so only
-    trusted when not smaller than the compressed size); csv: the file size; parquet: the file size
-    (its batches are counted whole when the file ends)."""
+    zip: the central directory's sizes of the members the reader reads (``files.data_members``:
+    ``__MACOSX``/AppleDouble entries and directories left out, ``member`` glob applied); gzip: the
+    trailer's ISIZE (modulo 4 GiB, so only trusted when not smaller than the compressed size); csv:
+    the file size; parquet: the file size (its batches are counted whole when the file ends)."""
     import zipfile
 
-    from loadkit.source.files import open_source  # a local path or an fsspec URL (a few ranged reads)
+    from loadkit.source.files import data_members, open_source  # a local path or an fsspec URL (ranged reads)
 
     try:
         if fmt == "zip":
             with open_source(path) as raw, zipfile.ZipFile(raw) as zf:
-                infos = [i for i in zf.infolist() if not i.is_dir()]
+                infos = data_members(zf, member)
                 return max(1, sum(i.file_size for i in infos)), len(infos)
         if fmt == "gzip":
             with open_source(path) as fh:

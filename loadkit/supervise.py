@@ -207,7 +207,8 @@ class Supervisor:
             return
         trace = self.trace  # each unit carries its file span's W3C traceparent (empty with tracing off)
         units = [ReadUnit(t.table, t.file, t.committed, plan.batch.size,
-                          traceparent=trace.traceparent(t.table.name, t.file.sha256) if trace is not None else "")
+                          traceparent=trace.traceparent(t.table.name, t.file.sha256) if trace is not None else "",
+                          retry=plan.retry)
                  for t in todo]
         env = plan.env
         executor = make_executor(executor_for(env, units), env.address, env.num_cpus, env.object_store_memory,
@@ -222,7 +223,8 @@ class Supervisor:
         last_report, step = time.time(), 0
         for tm in metrics.tables.values():
             tm.started = last_report
-        metrics.expect((u.table.name, u.file.sha256, u.file.path, u.table.format, u.file.size) for u in units)
+        metrics.expect((u.table.name, u.file.sha256, u.file.path, u.table.format, u.file.size, u.table.member)
+                       for u in units)
         metrics.touch()  # the stall clock starts with the pipeline
         stream_started = time.perf_counter()
         sizer = BatchSizer(self._sizing())

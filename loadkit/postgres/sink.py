@@ -155,6 +155,12 @@ class JobLock:
         self._stop.set()
         with self._mutex:
             if self._conn is not None:
+                try:  # released now, not when the server gets round to ending the session: a rerun
+                    # started right after this run ends (a scheduler retrying exit 4) must not find it held
+                    with self._conn.cursor() as cur:
+                        cur.execute("SELECT pg_advisory_unlock_all()")
+                except Exception:  # the session is already gone, and the lock with it
+                    pass
                 try:
                     self._conn.close()
                 except Exception:  # already broken: the lock is gone with it

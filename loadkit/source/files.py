@@ -17,12 +17,15 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
 from loadkit.source import scanner
 from loadkit.errors import SourceDataError
+
+if TYPE_CHECKING:
+    from loadkit.plan import RetryPolicy
 
 _READ_SIZE = 4 * 1024 * 1024
 _FINGERPRINT_BLOCK = 8 * 1024 * 1024
@@ -105,17 +108,21 @@ def remote_fingerprint(fs: Any, key: str, info: Mapping[str, Any]) -> str:
     sha256 over (protocol, content tag, size) when the listing carries a content tag (S3/HTTP ETag,
     GCS md5Hash/crc32c ...): a changed object gets a new tag, so a rerun skips exactly what it loaded,
     and no byte is downloaded twice. Without a tag (some HTTP servers, memory://): the sha256 of the
-    content, streamed. The same bytes on disk and in a bucket are therefore two files to the ledger
+    content, streamed (an HTTP object without a tag in its listing is asked for its ETag with a HEAD
+    first). The same bytes on disk and in a bucket are therefore two files to the ledger
     (load a month from one place)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     tags = {str(k).lower(): v for k, v in info.items()}
+    if proto in ("http", "https") and not any(tags.get(n) for n in _CONTENT_TAGS):
+        # An HTML listing carries no ETag, the object's HEAD does: one request instead of a download.
+        tags.update({str(k).lower(): v for k, v in fs.info(key).items()})
     for name in _CONTENT_TAGS:
         value = tags.get(name)
         if value:
-            proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
             text = f"{proto}|{name}|{str(value).strip(chr(34))}|{info.get('size')}"
             return hashlib.sha256(text.encode()).hexdigest()
     digest = hashlib.sha256()
-    with fs.open(key, "rb") as fh:
+    with open_source(fs.unstrip_protocol(key)) as fh:  # retried from the offset if the connection drops
         while block := fh.read(_FINGERPRINT_BLOCK):
             digest.update(block)
     return digest.hexdigest()
@@ -171,17 +178,178 @@ def discover_urls(patterns: Sequence[str]) -> List[Found]:
 
 
 @contextmanager
-def open_source(path: Union[str, Path]) -> Iterator[BinaryIO]:
+def open_source(path: Union[str, Path], retry: Optional["RetryPolicy"] = None) -> Iterator[BinaryIO]:
     """A seekable binary file for a local path or an fsspec URL (opened by whoever reads: a Ray read
     task opens the object itself, no shared mount). Zip members need random access: fsspec files
-    seek with ranged GETs over a read-ahead cache."""
+    seek with ranged GETs over a read-ahead cache.
+
+    A URL's file is a ``Resumable``: a dropped connection or a truncated transfer while opening or
+    reading it is retried under ``retry`` (the run's ``retry.*``; None: RetryConfig's defaults) from
+    the exact byte offset of the read that failed, so the bytes handed on are those of the object,
+    once each. Retries exhausted: TransientSourceError (exit 4; a rerun resumes from the ledger)."""
     if not is_url(path):
         with open(path, "rb") as fh:
             yield fh
         return
     fs, key = _url_fs(str(path))
-    with fs.open(key, "rb") as fh:
-        yield fh
+    remote = Resumable(fs, key, retry or default_retry(), label=str(path))
+    try:
+        yield cast(BinaryIO, remote)
+    finally:
+        remote.close()
+
+
+def default_retry() -> "RetryPolicy":
+    """RetryConfig's defaults as a policy, for readers without a plan (tests, tools)."""
+    from loadkit.plan import RetryPolicy
+
+    return RetryPolicy(attempts=6, initial_wait_s=0.5, max_wait_s=20.0, multiplier=2.0, jitter_s=0.5,
+                       breaker_failures=5, breaker_cooldown_s=10.0)
+
+
+class _ShortRead(ConnectionError):
+    """The transfer delivered fewer bytes than the object holds before its end (a silent cut)."""
+
+
+class Resumable:
+    """A read-only, seekable view of a remote object that survives network failures mid-read.
+
+    Every ``read`` starts at a known offset of the object (``tell``). When the transfer breaks (a
+    network failure by ``errors.is_network_failure``: a reset, a cut mid-body, a timeout, or a read
+    that returns short of the object's known size), the underlying fsspec file is dropped, reopened
+    and positioned at that same offset, and the read is tried again under ``policy`` (tenacity:
+    exponential backoff with jitter, ``policy.attempts`` tries per read). Callers above (zipfile, gzip,
+    the chunk reader) never see the failure, so no record is handed on twice or skipped: the retry
+    is exact at the byte. Any other error (404, permission, a bug) passes through untouched.
+
+    The object must not change under the reader: a reopened object whose size or ETag differs from
+    the first open fails the file (SourceDataError). Retries exhausted: TransientSourceError.
+    ``retries`` counts the reopens (for tests and logs)."""
+
+    def __init__(self, fs: Any, key: str, policy: "RetryPolicy", label: str = "",
+                 sleep: Optional[Any] = None) -> None:
+        self._fs, self._key, self._policy, self._sleep = fs, key, policy, sleep
+        self._label = label or key
+        self._pos = 0
+        self.retries = 0
+        self._size: Optional[int] = None
+        self._tag: Optional[str] = None
+        self._fh: Any = None
+        self._fh = self._call(lambda: self._fh, "open")  # ``attempt`` opens it
+        self._size = getattr(self._fh, "size", None)
+        self._tag = self._etag(self._fh)
+        self.closed = False
+
+    @staticmethod
+    def _etag(fh: Any) -> Optional[str]:
+        details = getattr(fh, "details", None) or {}
+        for name in ("ETag", "etag", "md5Hash", "crc32c"):
+            if details.get(name):
+                return str(details[name]).strip('"')
+        return None
+
+    def _open(self) -> Any:
+        fh = self._fs.open(self._key, "rb")
+        if self._fh is not None or self.retries:  # a reopen: the same object, or the file fails
+            size, tag = getattr(fh, "size", None), self._etag(fh)
+            if (self._size is not None and size is not None and size != self._size) or \
+                    (self._tag and tag and tag != self._tag):
+                fh.close()
+                raise SourceDataError("the object changed while it was read (size or ETag differs)",
+                                      file=self._label)
+        if self._pos:
+            fh.seek(self._pos)
+        return fh
+
+    def _call(self, fn: Any, what: str) -> Any:
+        from loadkit.errors import TransientSourceError, is_network_failure
+        from loadkit.resilience import retrying
+        from loadkit.security import mask_text
+
+        def attempt() -> Any:
+            if self._fh is None:
+                self._fh = self._open()
+            return fn()
+
+        def dropped(state: Any) -> None:  # before the backoff sleep: the broken transfer is discarded
+            self.retries += 1
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                try:
+                    fh.close()
+                except Exception:  # noqa: BLE001 - closing a broken transfer may fail again; it is gone
+                    pass
+
+        kw = {"sleep": self._sleep} if self._sleep is not None else {}
+        try:
+            return retrying(self._policy, on_retry=dropped, count_deadlocks=False, **kw)(attempt)
+        except Exception as exc:
+            if is_network_failure(exc):
+                raise TransientSourceError(
+                    f"reading the remote source failed on the network after {self._policy.attempts} attempts "
+                    f"({what} at byte {self._pos}): {type(exc).__name__}: {mask_text(str(exc))}",
+                    file=mask_text(self._label)) from exc
+            raise
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all the rest when negative) from the current offset; b"" at the end."""
+        def once() -> bytes:
+            block = self._fh.read(size)
+            if self._size is not None:
+                want = self._size - self._pos if size is None or size < 0 else min(size, self._size - self._pos)
+                if len(block) < want:
+                    raise _ShortRead(f"got {len(block)} of {want} bytes at offset {self._pos}")
+            return bytes(block)
+
+        block = self._call(once, "read")
+        self._pos += len(block)
+        return block
+
+    def readinto(self, buffer: Any) -> int:
+        block = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[:len(block)] = block
+        return len(block)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            pos = offset
+        elif whence == 1:
+            pos = self._pos + offset
+        elif self._size is not None:
+            pos = self._size + offset
+        else:  # size unknown: ask the file itself
+            pos = self._call(lambda: self._fh.seek(offset, whence), "seek")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        if self._fh is not None:
+            self._fh.seek(pos)
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def size(self) -> Optional[int]:
+        return self._size
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = None
+        self.closed = True
+
+    def __enter__(self) -> "Resumable":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _stream_size(fh: BinaryIO) -> int:
@@ -234,24 +402,26 @@ def _guard(stream: BinaryIO, path: Union[str, Path], member: str, compressed: in
 
 
 def open_members(path: Union[str, Path], fmt: str, member_pattern: Optional[str], max_bytes: Optional[int] = None,
-                 max_ratio: Optional[float] = None) -> Iterator[Tuple[str, BinaryIO]]:
+                 max_ratio: Optional[float] = None,
+                 retry: Optional["RetryPolicy"] = None) -> Iterator[Tuple[str, BinaryIO]]:
     """Yield (member name, binary stream) for each readable member of a source file.
 
     ``max_bytes`` / ``max_ratio`` guard compressed members: reading past the limit raises
     SourceDataError for the file (the ratio is taken against the member's compressed size for
-    zip, the file's for gzip, never below 64 MiB). ``path`` may be an fsspec URL (``open_source``).
+    zip, the file's for gzip, never below 64 MiB). ``path`` may be an fsspec URL (``open_source``,
+    whose network failures are retried under ``retry`` from the failed read's byte offset).
     """
     name = basename(path)
     if fmt == "csv":
-        with open_source(path) as fh:
+        with open_source(path, retry) as fh:
             yield name, fh
         return
     if fmt == "gzip":
-        with open_source(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+        with open_source(path, retry) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
             yield name, _guard(gz, path, name, _stream_size(raw), max_bytes, max_ratio)  # type: ignore
         return
     if fmt == "zip":
-        with open_source(path) as raw:
+        with open_source(path, retry) as raw:
             for member_name, member, compressed in _zip_members(raw, str(path), member_pattern):
                 yield member_name, _guard(member, path, member_name, compressed, max_bytes, max_ratio)
         return
@@ -273,15 +443,21 @@ def is_foreign_member(info: zipfile.ZipInfo) -> bool:
     return "__MACOSX" in parts[:-1] or base.startswith("._") or base in (".DS_Store", "Thumbs.db")
 
 
+def data_members(zf: zipfile.ZipFile, member_pattern: Optional[str]) -> List[zipfile.ZipInfo]:
+    """The entries of a zip that are read as data: not foreign (``is_foreign_member``: directories,
+    ``__MACOSX``/AppleDouble, .DS_Store), and matching ``member_pattern`` (fnmatch, case-sensitive)
+    when one is given. The one filter of both the reader and the progress figure's sizes."""
+    return [i for i in zf.infolist()
+            if not is_foreign_member(i) and (not member_pattern or fnmatch.fnmatchcase(i.filename, member_pattern))]
+
+
 def _zip_members(raw: BinaryIO, path: str, member_pattern: Optional[str]) -> Iterator[Tuple[str, BinaryIO, int]]:
     try:
         zf = zipfile.ZipFile(raw)
     except (zipfile.BadZipFile, OSError) as exc:
         raise SourceDataError(f"corrupt zip: {exc}", file=path) from None
     with zf:
-        names = sorted(i.filename for i in zf.infolist() if not is_foreign_member(i))
-        if member_pattern:
-            names = [n for n in names if fnmatch.fnmatchcase(n, member_pattern)]
+        names = sorted(i.filename for i in data_members(zf, member_pattern))
         if not names:
             raise SourceDataError(
                 f"zip has no member matching {member_pattern!r}", file=path, members=len(zf.infolist())

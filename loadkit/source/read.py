@@ -21,8 +21,8 @@ from typing import Any, BinaryIO, Iterator, List, Optional, Protocol, Sequence, 
 import pyarrow as pa
 
 from loadkit import tracing
-from loadkit.errors import SourceDataError
-from loadkit.plan import FileSpec, TableSpec
+from loadkit.errors import SourceDataError, TransientSourceError, is_network_failure
+from loadkit.plan import FileSpec, RetryPolicy, TableSpec
 from loadkit.records import Chunk, Kind, ipc_bytes
 from loadkit.source import files, scanner
 
@@ -41,6 +41,9 @@ class ReadUnit:
     span: Optional[Tuple[int, int]] = None  # [lo, hi) bytes of a split file, widened to record boundaries
     # W3C traceparent of the file's span (telemetry.tracing on), "" when off: see loadkit.tracing
     traceparent: str = ""
+    # retry.* of the run: a remote file's dropped connection is retried from the failed read's byte
+    # offset (files.Resumable); None: RetryConfig's defaults
+    retry: Optional[RetryPolicy] = None
 
     def ranges(self, member: str) -> Tuple[Tuple[int, int], ...]:
         for m, r in self.committed:
@@ -181,11 +184,14 @@ def _read_unit(unit: ReadUnit, board: Optional[Board]) -> Iterator[Chunk]:
             yield from _read_span(unit, feed)
             return
         for member, stream in files.open_members(path, table.format, table.member, table.max_member_bytes,
-                                                   table.max_compression_ratio):
+                                                   table.max_compression_ratio, unit.retry):
             yield from _read_member(unit, member, stream, feed)
     except SourceDataError as exc:
         yield _chunk(unit, "error", message=str(exc))
     except (*files.read_errors(), pa.ArrowInvalid) as exc:
+        if files.is_url(path) and is_network_failure(exc):  # the network, not the file: exit 4, rerun resumes
+            raise TransientSourceError(f"reading the remote source failed on the network: {type(exc).__name__}",
+                                       file=unit.file.rel) from exc
         yield _chunk(unit, "error", message=f"corrupt or unreadable source: {type(exc).__name__}: {exc}")
 
 
@@ -212,7 +218,7 @@ def _read_span(unit: ReadUnit, feed: "SizeFeed") -> Iterator[Chunk]:
     assert unit.span is not None
     table, member, size = unit.table, files.basename(unit.file.path), unit.file.size
     d = table.dialect
-    with files.open_source(unit.file.path) as fh:
+    with files.open_source(unit.file.path, unit.retry) as fh:
         sample = fh.read(_SAMPLE_BYTES)  # the file's head: layout and header, whichever span this is
         sample = _complete_head(sample, fh, table)
         skip = scanner.skip_lines(sample, d.skip_lines)
@@ -258,7 +264,7 @@ def _read_parquet(unit: ReadUnit) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     member = files.basename(unit.file.path)
-    with files.open_source(unit.file.path) as fh:
+    with files.open_source(unit.file.path, unit.retry) as fh:
         # INT96 (legacy Impala/Spark timestamps) at microseconds: at Arrow's default (ns) 9999-12-31 overflows.
         yield from _read_parquet_file(unit, member, pq.ParquetFile(fh, coerce_int96_timestamp_unit="us"))
 
