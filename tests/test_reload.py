@@ -61,6 +61,7 @@ def test_sighup_reloads_alerts_and_batch_mid_run(valid: bool, month: SampleManif
 
     monkeypatch.setattr(Supervisor, "_check_batch", check_then_signal)
     caplog.set_level("INFO", logger="loadkit")
+    before = signal.getsignal(signal.SIGHUP)  # SIG_IGN under nohup, SIG_DFL otherwise
     result = run_job(compose(overrides), tags={"overrides": " ".join(overrides)})
     assert result.status == "succeeded", result.error
     if valid:
@@ -70,7 +71,7 @@ def test_sighup_reloads_alerts_and_batch_mid_run(valid: bool, month: SampleManif
     else:
         assert seen["threshold"] == 0.05 and len(set(seen["sizes"])) == 1
         assert "SIGHUP: configuration not applied" in caplog.text and "threshold" in caplog.text
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL, "the run restores the SIGHUP handler"
+    assert signal.getsignal(signal.SIGHUP) is before, "the run restores the SIGHUP handler"
 
 
 def test_a_new_batch_size_reaches_the_read_tasks(month: SampleManifest, job_overrides, tmp_path: Path,

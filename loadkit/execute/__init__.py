@@ -59,9 +59,9 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     most ``inprocess_max_bytes``) or a small machine (``cpus`` at most ``inprocess_max_cpus``).
 
     Where the defaults (2 GiB, 4 cores) come from: benchmarks/executor_bench.py, the same generated
-    month (Estabelecimentos + Empresas) at 0.45M and 1.8M rows, ``env.num_cpus`` pinned to 1 and 2
+    month (its two largest tables) at 0.45M and 1.8M rows, ``env.num_cpus`` pinned to 1 and 2
     with taskset, per-process CPU of driver, Ray workers and daemons and PostgreSQL backends
-    (notes/ray.md has the table). Fitting CPU = fixed + rows x marginal per executor:
+    (README, design notes, has the figures). Fitting CPU = fixed + rows x marginal per executor:
 
     - in-process: ~1.8 CPU-s fixed, 2.5 µs/row (+1.5 µs/row PostgreSQL);
     - Ray: ~16-18 CPU-s fixed (daemons, Ray Data's own actors, ~1 CPU-s of imports per worker
