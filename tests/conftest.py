@@ -15,7 +15,7 @@ from typing import Iterator, List
 import psycopg2
 import pytest
 
-from tests.helpers import CONF, LOCAL_DSN, ROOT, compose, query  # noqa: F401 -- re-exported: import tests.helpers
+from tests.helpers import CONF, LOCAL_DSN, ROOT, compose, drop_load_schemas, query  # noqa: F401 -- re-exported: import tests.helpers
 
 
 def _reachable(dsn: str) -> bool:
@@ -123,13 +123,7 @@ def schemas(pg_dsn: str) -> Iterator[tuple]:
     tag = uuid.uuid4().hex[:8]
     target, led = f"t_{tag}", f"l_{tag}"
     yield target, led
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP SCHEMA IF EXISTS "{target}" CASCADE')
-        cur.execute(f'DROP SCHEMA IF EXISTS "{led}" CASCADE')
-        cur.execute(f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE')  # loadkit's staging beside the target
-    conn.close()
+    drop_load_schemas(pg_dsn, target, led)
 
 
 @pytest.fixture()

@@ -6,6 +6,7 @@ repository root on sys.path, so ``pytest tests/test_config.py`` collects on its 
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 from typing import Any, Iterator, List
 
@@ -14,6 +15,20 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "loadkit" / "conf"
 LOCAL_DSN = "postgresql://root@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bound once, released), for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def drop_load_schemas(dsn: str, target: str, ledger: str) -> None:
+    """Drop a run's target and ledger schemas and loadkit's staging schema beside the target."""
+    with autocommit_cursor(dsn) as cur:
+        for schema in (target, ledger, f"{target}__lk_stage"):
+            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def compose(overrides: List[str]):

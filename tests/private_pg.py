@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,13 +18,10 @@ from typing import List
 
 import pytest
 
+from tests.helpers import free_port
+
 PG_BIN = Path(os.environ.get("LOADKIT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _unavailable(why: str) -> None:

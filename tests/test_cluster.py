@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import IO, Dict, Iterator, List
 import pytest
 
 from loadkit.examples.cnpj.sample import generate_month
-from tests.helpers import ROOT, query
+from tests.helpers import ROOT, free_port, query
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,11 +38,6 @@ def ray_env() -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "LOADKIT_DSN"}
     return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_flags() -> List[str]:

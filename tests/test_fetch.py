@@ -23,7 +23,7 @@ from loadkit.source import fetch
 from loadkit.errors import EXIT_CODES, Category, SourceDataError
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.helpers import compose, query
+from tests.helpers import compose, free_port, query
 
 
 class Faults:
@@ -389,9 +389,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"moto[server]/boto3 missing: {exc}")
         pytest.skip(f"moto[server]/boto3 missing: {exc}")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                        ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(key, value)

@@ -21,7 +21,7 @@ from loadkit.config import (ColumnConfig, DialectConfig, EnvConfig, JobConfig, L
                             SinkConfig, SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.errors import ConfigError
 from loadkit.runner import RunResult, run_job
-from tests.helpers import autocommit_cursor, query
+from tests.helpers import autocommit_cursor, drop_load_schemas, query
 
 pytestmark = pytest.mark.e2e
 
@@ -187,9 +187,7 @@ def test_random_months_equal_last_row_per_key(data: st.DataObject, tmp_path_fact
             state = {k: (v, f) for k, (v, f) in merged.items()}
             shas = text
     finally:
-        with autocommit_cursor(pg_dsn) as cur:
-            for s in (schemas[0], f"{schemas[0]}__lk_stage", schemas[1]):
-                cur.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
+        drop_load_schemas(pg_dsn, *schemas)
 
 
 def test_sync_deletes_and_history_after_unchanged_reloads(tmp_path: Path, pg_dsn: str, schemas: tuple,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import http.client
-import socket
 import ssl
 import zipfile
 from collections import Counter
@@ -26,6 +25,7 @@ from loadkit.runner import exit_code, run_job
 from loadkit.source import files
 from loadkit.source.read import ReadUnit, read_unit
 from tests.conftest import compose, query
+from tests.helpers import drop_load_schemas, free_port
 from tests.servers import CuttingServer
 from tests.test_e2e_monthly import canon, table_rows
 
@@ -222,14 +222,7 @@ def _reference(pg_dsn: str, month: SampleManifest, schemas: tuple) -> Dict[str, 
         assert result.status == "succeeded", result.error
         return _contents(pg_dsn, ref[0], month)
     finally:
-        import psycopg2
-
-        conn = psycopg2.connect(pg_dsn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for s in (*ref, f"{ref[0]}__lk_stage"):
-                cur.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
-        conn.close()
+        drop_load_schemas(pg_dsn, *ref)
 
 
 @pytest.mark.e2e
@@ -296,9 +289,7 @@ def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"gcp-storage-emulator missing: {exc}")
         pytest.skip(f"gcp-storage-emulator / gcsfs missing (the test extra installs them): {exc}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="lk-gcs")
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import subprocess
 import sys
 import zipfile
@@ -26,6 +25,7 @@ from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
 from loadkit.source import files, scanner
 from tests.conftest import ROOT, compose, query
+from tests.helpers import drop_load_schemas, free_port
 from tests.test_e2e_monthly import canon, table_rows
 
 pytestmark = pytest.mark.e2e
@@ -35,11 +35,6 @@ BUCKET = "lk-months"
 SECRET = "S3cr3t-never-printed-7f3a9c"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Dict[str, str]]:
@@ -47,7 +42,7 @@ def s3() -> Iterator[Dict[str, str]]:
     from moto.server import ThreadedMotoServer
     import s3fs
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "lk-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
@@ -100,7 +95,6 @@ def on_disk(month: SampleManifest, pg_dsn: str, tmp_path_factory: pytest.TempPat
     """The month loaded from disk (in-process): the reference the object-store loads must equal."""
     import uuid
 
-    import psycopg2
 
     tag = uuid.uuid4().hex[:8]
     schemas = (f"t_{tag}", f"l_{tag}")
@@ -110,12 +104,7 @@ def on_disk(month: SampleManifest, pg_dsn: str, tmp_path_factory: pytest.TempPat
         assert result.status == "succeeded", result.error
         return _contents(pg_dsn, schemas[0], month)
     finally:
-        conn = psycopg2.connect(pg_dsn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for s in (*schemas, f"{schemas[0]}__lk_stage"):
-                cur.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
-        conn.close()
+        drop_load_schemas(pg_dsn, *schemas)
 
 
 def _ledger(pg_dsn: str, led: str) -> List[Any]:
