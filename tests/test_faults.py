@@ -379,61 +379,73 @@ def test_embedded_server_restarted_mid_load(month: SampleManifest, ray_session: 
 
 
 def test_ledger_deadlocks_are_retried(month: SampleManifest, pg_dsn: str, schemas: tuple, ray_session: None,
-                                      args,
-        record_property: Callable[[str, Any], None]) -> None:
-    """A session locking ledger.batch then the staging table, against writers that lock them the other
-    way round: PostgreSQL aborts a writer with 40P01, the writer retries, counts stay exact."""
+                                      args, record_property: Callable[[str, Any], None]) -> None:
+    """A session locking ledger.batch then the staging tables, against writers that lock them the other
+    way round: PostgreSQL aborts a writer with 40P01, the writer retries, counts stay exact.
+
+    Deterministic, not timed: the interferer holds ledger.batch before the run starts (so no batch can
+    commit before the collision), waits until a writer is blocked on it (that writer holds its staging
+    table from its COPY), then closes the cycle. The writers run with deadlock_timeout=3s (in the DSN)
+    and the interferer with 60 s, so the writer's own deadlock check -- due 3 s after it began waiting,
+    long after the cycle closed -- finds the cycle and the writer is the victim."""
+    from loadkit.postgres.ledger import Ledger
+
     target, led = schemas
     plan_table = compose(args(200)).job.tables["estabelecimentos"]
     assert plan_table.mode == "merge"  # so writers COPY into a staging table, then into ledger.batch
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        Ledger(led).ensure(cur)  # an existing ledger takes no DDL at run start: nothing the held lock blocks
+    conn.close()
+    slow_check = ("&" if "?" in pg_dsn else "?") + "options=-c%20deadlock_timeout%3D3s"
+    run_args = [f"sink.dsn='{pg_dsn}{slow_check}'" if a.startswith("sink.dsn=") else a for a in args(200)]
+    holder = psycopg2.connect(pg_dsn, application_name="loadkit-test-interferer")
+    watcher = psycopg2.connect(pg_dsn, application_name="loadkit-test-watcher")
+    watcher.autocommit = True
     deadlocks: List[str] = []
+    cycles = [0]
+
+    def writers_blocked_on_batch() -> bool:
+        with watcher.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                        "WHERE NOT l.granted AND l.relation = %s::regclass AND a.application_name LIKE %s",
+                        (f'"{led}".batch', "loadkit:%:writer"))
+            return bool(cur.fetchone()[0])
+
+    def staging_tables() -> List[str]:
+        with watcher.cursor() as cur:
+            cur.execute("SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
+                        (f"{target}__lk_stage",))
+            return [r[0] for r in cur.fetchall()]
 
     def interfere(stop: threading.Event) -> None:
-        def staging_tables() -> list:
-            return query(pg_dsn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                 "WHERE n.nspname = %s AND c.relname LIKE %s",
-                         (f"{target}__lk_stage", "%\\_\\_lk\\_stage\\_%"))
+        wait_until(lambda: writers_blocked_on_batch() or stop.is_set(), 120, "a writer blocked on ledger.batch")
+        if stop.is_set():
+            return
+        cycles[0] += 1
+        try:  # the blocked writer holds its staging table: this closes the cycle
+            held.execute(f"LOCK TABLE {', '.join(staging_tables())} IN SHARE ROW EXCLUSIVE MODE")
+        except psycopg2.errors.DeadlockDetected:
+            deadlocks.append("interferer")
+        holder.rollback()  # one collision (every writer blocked by then is in the cycle); the rest loads freely
 
-        # From the moment staging exists (the whole load), not from the first commit: more batches to collide with.
-        wait_until(lambda: bool(staging_tables()) or stop.is_set(), 120, "the staging table")
-        staging = staging_tables()
-        assert staging, "no staging table"
-        conn = psycopg2.connect(pg_dsn, application_name="loadkit-test-interferer")
-        collisions = 0
-        try:
-            while not stop.is_set() and collisions < 3:  # a few: retries must get through, not be exhausted
-                try:
-                    with conn, conn.cursor() as cur:
-                        cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
-                        # Hold it until a writer waits for it (it then holds its staging lock), up to 1.5 s.
-                        until, waiting = time.monotonic() + 1.5, False
-                        while time.monotonic() < until and not stop.is_set() and not waiting:
-                            waiting = bool(query(pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE application_name "
-                                                         "LIKE %s AND wait_event_type = 'Lock'",
-                                                 ("loadkit:%:writer",)))
-                            time.sleep(0.05)
-                        collisions += int(waiting)
-                        # Every staging table: whichever the waiting writer holds, the cycle closes.
-                        names = ", ".join(f'"{target}__lk_stage"."{r[0]}"' for r in staging_tables())
-                        if not names:  # all published: merge dropped its staging tables
-                            return
-                        cur.execute(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
-                except psycopg2.errors.DeadlockDetected:
-                    deadlocks.append("interferer")
-                except psycopg2.errors.UndefinedTable:  # published: merge drops its staging table
-                    return
-                time.sleep(0.2)
-        finally:
-            conn.close()
-
-    with Background(interfere):
-        result = run_job(compose(args(200)))
+    held = holder.cursor()  # before the run: no batch commits before the collision
+    held.execute("SET LOCAL deadlock_timeout = '60s'")
+    held.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
+    try:
+        with Background(interfere):
+            result = run_job(compose(run_args))
+    finally:
+        holder.close()
+        watcher.close()
     assert result.status == "succeeded", result.error
+    assert cycles[0] == 1, "the writers never blocked on ledger.batch: the scenario proved nothing"
     retried = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE attempts > 1")
     record_property("writer_deadlock_retries", retried)
     record_property("interferer_deadlocks", len(deadlocks))
-    assert retried + len(deadlocks) >= 1, "no deadlock happened: the scenario proved nothing"
-    assert retried >= 1, "every deadlock victim was the interferer; no writer retry was exercised"
+    assert deadlocks == [], "the interferer was the deadlock victim: no writer retry was exercised"
+    assert retried >= 1, "no writer retried after the deadlocks"
+    assert result.metrics.deadlocks >= 1, "the writers' deadlock count (summary, MLflow) missed the 40P01"
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, month))
 
 
