@@ -496,15 +496,37 @@ def _to_numeric(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         # (one canonical form: 000.500 -> 0.5, .0 -> 0, -2. -> -02)
         text = pc.replace_substring_regex(text, r"^([+-]?)0*([0-9]*)(?:\.0*|(\.[0-9]*[1-9])0*)?$", r"\10\2\3")
     precision, scale = col.precision or 38, col.scale or 0
-    int_digits = pc.utf8_length(pc.replace_substring_regex(text, r"^[+-]?0*(\d*)(\.\d*)?$", r"\1"))
-    # significant fraction digits: trailing zeros do not count
-    frac_digits = pc.utf8_length(pc.utf8_rtrim(pc.replace_substring_regex(text, r"^[^.]*\.?", ""), characters="0"))
-    fits = pc.and_(pc.less_equal(int_digits, precision - scale), pc.less_equal(frac_digits, scale))
+    target = pa.decimal128(precision, scale)
     bad = chk.flag(pc.invert(ok_shape), col.name, "not a number", arr, col.on_invalid)
-    bad2 = chk.flag(pc.and_(pc.invert(bad), pc.invert(fits)), col.name, f"does not fit {col.sql_type}", arr,
-                    col.on_invalid)
-    clean = _null_out(text, pc.or_(bad, bad2))
-    return pc.cast(clean, pa.decimal128(precision, scale))
+    shaped = _null_out(text, bad)
+    try:
+        # The common case, one kernel: Arrow's cast refuses the whole array when a value has more
+        # integer digits than precision - scale ("does not fit in precision") or a non-zero digit
+        # past the scale ("would cause data loss"): exactly the "does not fit" rule below, so a cast
+        # that succeeds means no value is flagged (tests/test_typing_props.py: both paths).
+        return pc.cast(shaped, target)
+    except pa.ArrowInvalid:
+        pass
+    return _cast_fitting(col, arr, shaped, chk, target)
+
+
+def _cast_fitting(col: ColumnSpec, arr: pa.Array, shaped: pa.Array, chk: _Checker, target: pa.DataType) -> pa.Array:
+    """Flag the shaped decimal texts that do not fit ``target`` (digits counted per value), cast the rest.
+
+    ``shaped``: ASCII ``[+-]?digits[.digits]`` or NULL (flagged "not a number" already), at most 38
+    digits unless its leading or trailing zeros make it longer."""
+    precision, scale = target.precision, target.scale
+    # Integer digits: after the sign and leading zeros, up to the point. Significant fraction digits:
+    # after the point, trailing zeros excluded. Plain string kernels, no regex replacement (~5x faster).
+    body = pc.utf8_ltrim(shaped, characters="+-0")
+    point = pc.find_substring(body, ".")
+    has_point = pc.greater_equal(point, 0)
+    int_digits = pc.if_else(has_point, point, pc.binary_length(body))
+    frac_digits = pc.if_else(has_point, pc.subtract(pc.binary_length(pc.utf8_rtrim(body, characters="0")),
+                                                    pc.add(point, 1)), 0)
+    fits = pc.and_(pc.less_equal(int_digits, precision - scale), pc.less_equal(frac_digits, scale))
+    bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
+    return pc.cast(_null_out(shaped, bad), target)
 
 
 def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:

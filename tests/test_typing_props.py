@@ -290,6 +290,66 @@ def test_decimals_equal_python_decimal_with_min(ps: Tuple[int, int], values: Lis
     assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
 
 
+def ref_numeric_comma(value: Optional[str], p: int, s: int) -> Tuple[Any, Optional[str]]:
+    """decimal_comma: groups of three with '.' and a ',' point (1.234,56), or plain digits (1234,56)."""
+    if value is None:
+        return None, None
+    t = value.strip(" \t")
+    if not re.fullmatch(r"[+-]?[0-9]{1,3}(\.[0-9]{3})*(,[0-9]+)?|[+-]?[0-9]+(,[0-9]+)?", t):
+        return None, "not a number"
+    return ref_numeric(t.replace(".", "").replace(",", "."), p, s, None, None)
+
+
+comma_text = st.one_of(
+    st.decimals(allow_nan=False, allow_infinity=False, places=3, min_value=-(10**12), max_value=10**12).map(
+        lambda d: str(d).replace(".", ",")),
+    st.tuples(st.sampled_from(["", "-", "+", " "]), st.text("0123456789", min_size=1, max_size=3),
+              st.lists(st.text("0123456789", min_size=3, max_size=3), max_size=5).map(
+                  lambda g: "".join("." + x for x in g)),
+              st.sampled_from(["", ",", ",5", ",50", ",500", ",05", ",123", ",1.2"])).map("".join),
+    st.text(alphabet="0123456789.,+- x", max_size=10), st.none())
+
+# Up to 60 digits: past 38 the converter canonicalises leading and trailing zeros first.
+long_text = st.tuples(st.sampled_from(["", "-", "+"]), st.text("0", max_size=30), st.text("0123456789", max_size=25),
+                      st.sampled_from(["", "."]), st.text("0123456789", max_size=8), st.text("0", max_size=30)
+                      ).map("".join)
+
+
+@PROFILE
+@given(st.tuples(st.integers(1, 38), st.integers(0, 10)).filter(lambda ps: ps[1] <= ps[0]),
+       st.lists(comma_text, max_size=12))
+def test_decimal_comma_equals_python_decimal(ps: Tuple[int, int], values: List[Optional[str]]) -> None:
+    """decimal_comma columns (capital_social of the monthly job) against Decimal; lists that all fit
+    take the one-cast path, the others the per-value digit count (transform._cast_fitting)."""
+    p, s = ps
+    col = ColumnConfig(name="v", type=f"numeric({p},{s})", decimal_comma=True)
+    got, reasons = convert(col, values)
+    expected = [ref_numeric_comma(v, p, s) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
+@PROFILE
+@given(st.tuples(st.integers(1, 38), st.integers(0, 12)).filter(lambda ps: ps[1] <= ps[0]),
+       st.lists(st.one_of(long_text, dec_text, comma_text), max_size=10), st.sampled_from(["cast", "count"]),
+       st.booleans())
+def test_both_decimal_paths_equal_python_decimal(ps: Tuple[int, int], values: List[Optional[str]], path: str,
+                                                 comma: bool) -> None:
+    """Each path on its own: "cast" keeps only the values that fit (the one-cast path); "count" adds a
+    value too long for the column (the per-value digit count of transform._cast_fitting for all)."""
+    p, s = ps
+    ref = (lambda v: ref_numeric_comma(v, p, s)) if comma else (lambda v: ref_numeric(v, p, s, None, None))
+    if path == "cast":
+        values = [v for v in values if ref(v)[1] is None]
+    else:
+        values = values + ["9" * (p - s + 1)]
+    col = ColumnConfig(name="v", type=f"numeric({p},{s})", decimal_comma=comma)
+    got, reasons = convert(col, values)
+    expected = [ref(v) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
 # ---------------------------------------------------------------- typed Parquet values into integer columns
 
 
