@@ -192,11 +192,27 @@ def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines:
     is only a hint. ``kind`` binary reads the values as the source's bytes (server transcoding,
     :func:`server_encoding`). No invalid_row_handler: it slows pyarrow's parse by ~30%, and a bad row sends
     the chunk to the record-by-record reparse anyway, which finds the exact lines.
+
+    Blocks of :data:`_ARROW_BLOCK` bytes: the parsed block stays in cache while pyarrow converts it
+    (~18% less CPU than one block for the whole chunk, a 30-column latin-1 chunk of 13 MB). A
+    record longer than a block makes pyarrow refuse the chunk; it is read again as one block.
     """
+    try:
+        return _read_csv(text, names, d, quoted_newlines, keep_blank, kind, _ARROW_BLOCK)
+    except pa.ArrowInvalid:
+        if len(text) < _ARROW_BLOCK:
+            raise
+    return _read_csv(text, names, d, quoted_newlines, keep_blank, kind, min(len(text) + 1, 1 << 30))
+
+
+_ARROW_BLOCK = 1 << 20
+
+
+def _read_csv(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines: bool, keep_blank: bool,
+              kind: pa.DataType, block_size: int) -> pa.Table:
     return pacsv.read_csv(
         pa.py_buffer(text),
-        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False,
-                                       block_size=max(1 << 20, min(len(text) + 1, 1 << 30))),
+        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False, block_size=block_size),
         parse_options=pacsv.ParseOptions(
             delimiter=d.delimiter, quote_char=d.quote or False, escape_char=d.escape or False,
             double_quote=d.escape is None, newlines_in_values=quoted_newlines,

@@ -16,7 +16,7 @@ import decimal
 import os
 import re
 from decimal import Decimal
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -363,3 +363,34 @@ def test_vectorised_fit_check_equals_the_safe_cast_of_each_value(target: pa.Data
     from loadkit.transform import _fits, _fitting
 
     assert _fitting(arr, target).to_pylist() == [_fits(v, target) if v.is_valid else True for v in arr]
+
+
+# ---------------------------------------------------------------- pyarrow's block size
+
+
+_cell = st.one_of(st.text(alphabet="ab;\"\n\r ,.0\u00e9\u00e3\x01", max_size=12), st.sampled_from(["", "NA", "0"]))
+
+
+@PROFILE
+@given(st.lists(st.lists(_cell, min_size=3, max_size=3), min_size=1, max_size=40), st.sampled_from([1, 7, 64]),
+       st.sampled_from(["latin-1", "utf-8"]))
+def test_parse_chunk_is_the_same_in_small_blocks(records: List[List[str]], block: int, encoding: str) -> None:
+    """transform._arrow_parse reads a chunk in blocks of _ARROW_BLOCK bytes (a record longer than a
+    block: the whole chunk in one): rows, rejects and counts equal those of one block per chunk."""
+    import loadkit.transform as tr
+    from tests.corpus import spec
+
+    table = spec([("a", "text"), ("b", "varchar(5)"), ("c", "char(2)")], encoding=encoding, delimiter=";",
+                 null_values=["NA"])
+    data = "".join(";".join('"' + v.replace('"', '""') + '"' for v in r) + "\n" for r in records).encode(encoding)
+
+    def run(size: int) -> Tuple[Any, Any, int, Dict[str, int], int]:
+        saved = tr._ARROW_BLOCK
+        tr._ARROW_BLOCK = size
+        try:
+            p = tr.parse_chunk(table, data, 1)
+        finally:
+            tr._ARROW_BLOCK = saved
+        return p.rows.to_pylist(), p.rejects.to_pylist(), p.rows_in, p.coerced, p.blank_lines
+
+    assert run(block) == run(1 << 30)
