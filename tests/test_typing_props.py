@@ -200,6 +200,36 @@ def test_every_day_number_of_every_month_number_equals_python_strptime() -> None
     assert got == [py_strptime(v, "%Y-%m-%dT%H:%M:%S") for v in stamps]
 
 
+DIGIT_FORMATS = ["%Y%m%d", "%Y%m%d%H%M%S", "%d%m%Y", "%m%d", "%Y%m", "%H%M%S", "%Y", "%S%d%M%m%H%Y"]
+
+
+@st.composite
+def digit_values(draw: Any) -> Tuple[str, List[str]]:
+    """An all-digit format and values of its full width (transform._digit_times) mixed with others."""
+    fmt = draw(st.sampled_from(DIGIT_FORMATS))
+    width = sum(4 if p == "%Y" else 2 for p in re.findall(r"%.", fmt))
+    full = st.text("0123456789", min_size=width, max_size=width)
+    near = st.one_of(st.text("0123456789", min_size=max(0, width - 2), max_size=width + 1),
+                     st.text("0123456789 +-\u0663\uff11", min_size=width, max_size=width))
+    return fmt, draw(st.lists(st.one_of(full, full, near), min_size=1, max_size=12))
+
+
+@PROFILE
+@given(digit_values())
+def test_all_digit_formats_equal_python_strptime(case: Tuple[str, List[str]]) -> None:
+    fmt, values = case
+    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
+    assert got == [py_strptime(v, fmt) for v in values], fmt
+
+
+def test_every_eight_digit_date_of_edge_years_equals_python_strptime() -> None:
+    """Every month 00-99 and day 00-99 of edge years, as %Y%m%d (the all-digit stage alone)."""
+    texts = [f"{y}{m:02d}{d:02d}" for y in ("0000", "0001", "1900", "2000", "2023", "2024", "9999")
+             for m in range(100) for d in range(100)]
+    got = parse_datetimes(pa.array(texts, pa.string()), "%Y%m%d").to_pylist()
+    assert got == [py_strptime(v, "%Y%m%d") for v in texts]
+
+
 # ---------------------------------------------------------------- integers and decimals
 
 def convert(col: ColumnConfig, values: List[Optional[str]]) -> Tuple[List[Any], List[Optional[Tuple[str, str]]]]:
