@@ -474,7 +474,12 @@ def _to_int(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
     PostgreSQL's int input): the value is Python's ``int()`` of it, or a reject "out of range"."""
     text = pc.utf8_trim_whitespace(arr)
     ok = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")  # the common case: Arrow casts it as it is
-    if pc.sum(ok).as_py() != len(text) - text.null_count:
+    if pc.sum(ok).as_py() == len(text) - text.null_count:
+        try:  # every value plain: one cast, which refuses the array when a value is out of the type's range
+            return pc.cast(text, _ARROW_INT[col.kind])
+        except pa.ArrowInvalid:
+            pass
+    else:
         ok = pc.match_substring_regex(text, r"^[+-]?[0-9]+$")
         # "+0042" -> "42", "-007" -> "-7": Arrow's cast takes neither a plus sign nor 19+ digits with zeros
         text = pc.replace_substring_regex(text, r"^(?:\+|(-))?0*([0-9])", r"\1\2")

@@ -280,6 +280,23 @@ def test_integers_equal_python_int_with_min_max(kind: str, values: List[Optional
     assert [r[1].split(":")[0] if r else None for r in reasons] == [e[1] for e in expected]
 
 
+@PROFILE
+@given(st.sampled_from(["smallint", "integer", "bigint"]), st.lists(int_text, max_size=12),
+       st.sampled_from(["cast", "general"]))
+def test_both_integer_paths_equal_python_int(kind: str, values: List[Optional[str]], path: str) -> None:
+    """"cast": only values of the plain shape -?digits (up to 18) that fit, the one-cast path of
+    transform._to_int; "general": a value out of the type's range added, the per-value checks for all."""
+    plain = [v for v in values if v is None or re.fullmatch(r"-?[0-9]{1,18}", v.strip(" \t"))]
+    if path == "cast":
+        values = [v for v in plain if ref_int(v, kind, None, None)[1] is None]
+    else:
+        values = plain + [str(_INT[kind])]
+    got, reasons = convert(ColumnConfig(name="v", type=kind), values)
+    expected = [ref_int(v, kind, None, None) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(":")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
 def ref_numeric(value: Optional[str], p: int, s: int, lo: Optional[Decimal],
                 hi: Optional[Decimal]) -> Tuple[Any, Optional[str]]:
     if value is None:
