@@ -379,6 +379,10 @@ def _shown(values: pa.Array, i: int, encoding: str = "utf-8") -> object:
 
 
 def _null_out(arr: pa.Array, mask: pa.Array) -> pa.Array:
+    """``arr`` with NULL where ``mask`` is true (and where it is NULL). A mask with no true and no NULL
+    (the common case: nothing flagged) returns ``arr`` itself: if_else would copy every value."""
+    if mask.null_count == 0 and not pc.any(mask).as_py():
+        return arr
     return pc.if_else(mask, pa.scalar(None, arr.type), arr)
 
 
