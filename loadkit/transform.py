@@ -121,10 +121,13 @@ def decode_column(arr: pa.Array, encoding: str) -> pa.Array:
     if not len(data) or int(data.max()) < 0x80:
         return arr.view(pa.string())
     text = data.tobytes().decode(encoding).encode("utf-8")
-    width = _utf8_widths(encoding)[data]
-    before = np.zeros(len(data) + 1, np.int64)
-    np.cumsum(width, out=before[1:])
-    new_offsets = before[offsets - start].astype(np.int32)
+    # New offsets: each value start moves by the extra UTF-8 bytes of the non-ASCII bytes before it,
+    # counted per non-ASCII byte (few) rather than per byte (a width lookup and a cumsum of every
+    # byte cost ~7 ns a byte; this ~1).
+    high = np.flatnonzero(data >= 0x80)
+    extra = np.zeros(len(high) + 1, np.int64)
+    np.cumsum(_utf8_widths(encoding)[data[high]] - 1, out=extra[1:])
+    new_offsets = (offsets + extra[np.searchsorted(high, offsets - start)]).astype(np.int32) - start
     validity = pc.is_valid(arr).buffers()[1] if arr.null_count else None
     return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(new_offsets), pa.py_buffer(text)],
                                  arr.null_count)
