@@ -441,3 +441,24 @@ def test_parse_chunk_is_the_same_in_small_blocks(records: List[List[str]], block
         return p.rows.to_pylist(), p.rejects.to_pylist(), p.rows_in, p.coerced, p.blank_lines
 
     assert run(block) == run(1 << 30)
+
+
+# ---------------------------------------------------------------- derived keys
+
+
+@PROFILE
+@given(st.lists(st.tuples(st.one_of(st.none(), st.text(max_size=8)), st.one_of(st.none(), st.text(max_size=8))),
+                max_size=20), st.integers(0, 3))
+def test_derived_key_is_the_md5_of_the_joined_utf8_text(rows: List[Tuple[Optional[str], Optional[str]]],
+                                                       offset: int) -> None:
+    """transform.derived_key (hashed from the joined array's buffer) against hashlib over Python strings,
+    NULL as empty, on sliced arrays too (a non-zero offset)."""
+    import hashlib
+
+    from loadkit.transform import derived_key
+
+    cols = [pa.array([r[i] for r in rows], pa.string()).slice(min(offset, len(rows))) for i in range(2)]
+    expected = [hashlib.md5(f"{a or ''}\x1f{b or ''}".encode("utf-8")).hexdigest() for a, b in rows[offset:]]
+    got = derived_key(cols)
+    got.validate(full=True)
+    assert got.to_pylist() == expected
