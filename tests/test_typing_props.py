@@ -427,9 +427,15 @@ def test_parse_chunk_is_the_same_in_small_blocks(records: List[List[str]], block
     import loadkit.transform as tr
     from tests.corpus import spec
 
-    table = spec([("a", "text"), ("b", "varchar(5)"), ("c", "char(2)")], encoding=encoding, delimiter=";",
-                 null_values=["NA"])
-    data = "".join(";".join('"' + v.replace('"', '""') + '"' for v in r) + "\n" for r in records).encode(encoding)
+    if records[0][0] == "":  # a one-column table: its blank lines are rows (NULL), not skipped
+        table = spec([("a", "text")], encoding=encoding, delimiter=";", null_values=["NA", ""])
+        data = "".join((r[1].replace("\n", "").replace("\r", "").replace('"', "").replace(";", "")
+                        if i % 3 else "") + "\n" for i, r in enumerate(records)).encode(encoding)
+    else:
+        table = spec([("a", "text"), ("b", "varchar(5)"), ("c", "char(2)")], encoding=encoding, delimiter=";",
+                     null_values=["NA"])
+        data = "".join(";".join('"' + v.replace('"', '""') + '"' for v in r) + "\n"
+                       for r in records).encode(encoding)
 
     def run(size: int) -> Tuple[Any, Any, int, Dict[str, int], int]:
         saved = tr._ARROW_BLOCK
