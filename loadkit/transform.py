@@ -589,7 +589,9 @@ def parse_datetimes(text: pa.Array, fmt: str) -> pa.Array:
     with the same result: unpadded fields (``1/5/2024``, ``5/19/2006 0:00:00``), ``%f``
     fractions of 1-6 digits, case-insensitive names and literals, runs of whitespace for a
     space. Impossible dates (Feb 30), years outside 1..9999 and leap seconds are NULL.
-    Three stages, each only for the values the previous one left: (1) for formats made of
+    Stages, each only for the values the previous one left: (0) for formats made only of
+    ``%Y %m %d %H %M %S`` with nothing between them, values of the full width in ASCII digits are
+    read as integers (:func:`_digit_times`); (1) for formats made of
     ``%Y %m %d %H %M %S`` and literals, Arrow's strptime with a round trip through the
     canonical text (the common zero-padded case: ~0.1 us a value for ``%Y%m%d``); (2) Python's own strptime
     regex (``_strptime.TimeRE``) run by Arrow's RE2 on ASCII values, the fields assembled with
@@ -656,8 +658,8 @@ def _digit_times(text: pa.Array, fields: Tuple[Tuple[str, int], ...]) -> Tuple[O
     so a value of the full width gives every field its full width. Python's regex then takes a
     month 01-12, a day 01-31, an hour 00-23, a minute 00-59 and a second 00-61, and datetime()
     refuses a day past the month's end, a second above 59 and year 0: the values those checks leave
-    are exactly the valid ones, computed here as integers (no strptime, no round trip; ~40 ns a
-    value less than stages 1-2 for %Y%m%d). Unset fields default as in Python (1900-01-01 00:00:00)."""
+    are exactly the valid ones, computed here as integers (no strptime, no round trip; 37 ns a
+    value against 88 in stages 1-2 for %Y%m%d). Unset fields default as in Python (1900-01-01 00:00:00)."""
     width = sum(w for _, w in fields)
     fast = pc.fill_null(pc.and_(pc.equal(pc.binary_length(text), width), pc.ascii_is_decimal(text)), False)
     count = pc.sum(fast).as_py() or 0
