@@ -121,10 +121,13 @@ def decode_column(arr: pa.Array, encoding: str) -> pa.Array:
     if not len(data) or int(data.max()) < 0x80:
         return arr.view(pa.string())
     text = data.tobytes().decode(encoding).encode("utf-8")
-    width = _utf8_widths(encoding)[data]
-    before = np.zeros(len(data) + 1, np.int64)
-    np.cumsum(width, out=before[1:])
-    new_offsets = before[offsets - start].astype(np.int32)
+    # New offsets: each value start moves by the extra UTF-8 bytes of the non-ASCII bytes before it,
+    # counted per non-ASCII byte (few) rather than per byte (a width lookup and a cumsum of every
+    # byte cost ~7 ns a byte; this ~1).
+    high = np.flatnonzero(data >= 0x80)
+    extra = np.zeros(len(high) + 1, np.int64)
+    np.cumsum(_utf8_widths(encoding)[data[high]] - 1, out=extra[1:])
+    new_offsets = (offsets + extra[np.searchsorted(high, offsets - start)]).astype(np.int32) - start
     validity = pc.is_valid(arr).buffers()[1] if arr.null_count else None
     return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(new_offsets), pa.py_buffer(text)],
                                  arr.null_count)
@@ -192,11 +195,27 @@ def _arrow_parse(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines:
     is only a hint. ``kind`` binary reads the values as the source's bytes (server transcoding,
     :func:`server_encoding`). No invalid_row_handler: it slows pyarrow's parse by ~30%, and a bad row sends
     the chunk to the record-by-record reparse anyway, which finds the exact lines.
+
+    Blocks of :data:`_ARROW_BLOCK` bytes: the parsed block stays in cache while pyarrow converts it
+    (~18% less CPU than one block for the whole chunk, a 30-column latin-1 chunk of 13 MB). A
+    record longer than a block makes pyarrow refuse the chunk; it is read again as one block.
     """
+    try:
+        return _read_csv(text, names, d, quoted_newlines, keep_blank, kind, _ARROW_BLOCK)
+    except pa.ArrowInvalid:
+        if len(text) < _ARROW_BLOCK:
+            raise
+    return _read_csv(text, names, d, quoted_newlines, keep_blank, kind, min(len(text) + 1, 1 << 30))
+
+
+_ARROW_BLOCK = 1 << 20
+
+
+def _read_csv(text: bytes, names: Sequence[str], d: Dialect, quoted_newlines: bool, keep_blank: bool,
+              kind: pa.DataType, block_size: int) -> pa.Table:
     return pacsv.read_csv(
         pa.py_buffer(text),
-        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False,
-                                       block_size=max(1 << 20, min(len(text) + 1, 1 << 30))),
+        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False, block_size=block_size),
         parse_options=pacsv.ParseOptions(
             delimiter=d.delimiter, quote_char=d.quote or False, escape_char=d.escape or False,
             double_quote=d.escape is None, newlines_in_values=quoted_newlines,
@@ -363,6 +382,10 @@ def _shown(values: pa.Array, i: int, encoding: str = "utf-8") -> object:
 
 
 def _null_out(arr: pa.Array, mask: pa.Array) -> pa.Array:
+    """``arr`` with NULL where ``mask`` is true (and where it is NULL). A mask with no true and no NULL
+    (the common case: nothing flagged) returns ``arr`` itself: if_else would copy every value."""
+    if mask.null_count == 0 and not pc.any(mask).as_py():
+        return arr
     return pc.if_else(mask, pa.scalar(None, arr.type), arr)
 
 
@@ -458,7 +481,12 @@ def _to_int(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
     PostgreSQL's int input): the value is Python's ``int()`` of it, or a reject "out of range"."""
     text = pc.utf8_trim_whitespace(arr)
     ok = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")  # the common case: Arrow casts it as it is
-    if pc.sum(ok).as_py() != len(text) - text.null_count:
+    if pc.sum(ok).as_py() == len(text) - text.null_count:
+        try:  # every value plain: one cast, which refuses the array when a value is out of the type's range
+            return pc.cast(text, _ARROW_INT[col.kind])
+        except pa.ArrowInvalid:
+            pass
+    else:
         ok = pc.match_substring_regex(text, r"^[+-]?[0-9]+$")
         # "+0042" -> "42", "-007" -> "-7": Arrow's cast takes neither a plus sign nor 19+ digits with zeros
         text = pc.replace_substring_regex(text, r"^(?:\+|(-))?0*([0-9])", r"\1\2")
@@ -496,15 +524,37 @@ def _to_numeric(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
         # (one canonical form: 000.500 -> 0.5, .0 -> 0, -2. -> -02)
         text = pc.replace_substring_regex(text, r"^([+-]?)0*([0-9]*)(?:\.0*|(\.[0-9]*[1-9])0*)?$", r"\10\2\3")
     precision, scale = col.precision or 38, col.scale or 0
-    int_digits = pc.utf8_length(pc.replace_substring_regex(text, r"^[+-]?0*(\d*)(\.\d*)?$", r"\1"))
-    # significant fraction digits: trailing zeros do not count
-    frac_digits = pc.utf8_length(pc.utf8_rtrim(pc.replace_substring_regex(text, r"^[^.]*\.?", ""), characters="0"))
-    fits = pc.and_(pc.less_equal(int_digits, precision - scale), pc.less_equal(frac_digits, scale))
+    target = pa.decimal128(precision, scale)
     bad = chk.flag(pc.invert(ok_shape), col.name, "not a number", arr, col.on_invalid)
-    bad2 = chk.flag(pc.and_(pc.invert(bad), pc.invert(fits)), col.name, f"does not fit {col.sql_type}", arr,
-                    col.on_invalid)
-    clean = _null_out(text, pc.or_(bad, bad2))
-    return pc.cast(clean, pa.decimal128(precision, scale))
+    shaped = _null_out(text, bad)
+    try:
+        # The common case, one kernel: Arrow's cast refuses the whole array when a value has more
+        # integer digits than precision - scale ("does not fit in precision") or a non-zero digit
+        # past the scale ("would cause data loss"): exactly the "does not fit" rule below, so a cast
+        # that succeeds means no value is flagged (tests/test_typing_props.py: both paths).
+        return pc.cast(shaped, target)
+    except pa.ArrowInvalid:
+        pass
+    return _cast_fitting(col, arr, shaped, chk, target)
+
+
+def _cast_fitting(col: ColumnSpec, arr: pa.Array, shaped: pa.Array, chk: _Checker, target: pa.DataType) -> pa.Array:
+    """Flag the shaped decimal texts that do not fit ``target`` (digits counted per value), cast the rest.
+
+    ``shaped``: ASCII ``[+-]?digits[.digits]`` or NULL (flagged "not a number" already), at most 38
+    digits unless its leading or trailing zeros make it longer."""
+    precision, scale = target.precision, target.scale
+    # Integer digits: after the sign and leading zeros, up to the point. Significant fraction digits:
+    # after the point, trailing zeros excluded. Plain string kernels, no regex replacement (~5x faster).
+    body = pc.utf8_ltrim(shaped, characters="+-0")
+    point = pc.find_substring(body, ".")
+    has_point = pc.greater_equal(point, 0)
+    int_digits = pc.if_else(has_point, point, pc.binary_length(body))
+    frac_digits = pc.if_else(has_point, pc.subtract(pc.binary_length(pc.utf8_rtrim(body, characters="0")),
+                                                    pc.add(point, 1)), 0)
+    fits = pc.and_(pc.less_equal(int_digits, precision - scale), pc.less_equal(frac_digits, scale))
+    bad = chk.flag(pc.invert(fits), col.name, f"does not fit {col.sql_type}", arr, col.on_invalid)
+    return pc.cast(_null_out(shaped, bad), target)
 
 
 def _to_time(col: ColumnSpec, arr: pa.Array, chk: _Checker) -> pa.Array:
@@ -539,7 +589,9 @@ def parse_datetimes(text: pa.Array, fmt: str) -> pa.Array:
     with the same result: unpadded fields (``1/5/2024``, ``5/19/2006 0:00:00``), ``%f``
     fractions of 1-6 digits, case-insensitive names and literals, runs of whitespace for a
     space. Impossible dates (Feb 30), years outside 1..9999 and leap seconds are NULL.
-    Three stages, each only for the values the previous one left: (1) for formats made of
+    Stages, each only for the values the previous one left: (0) for formats made only of
+    ``%Y %m %d %H %M %S`` with nothing between them, values of the full width in ASCII digits are
+    read as integers (:func:`_digit_times`); (1) for formats made of
     ``%Y %m %d %H %M %S`` and literals, Arrow's strptime with a round trip through the
     canonical text (the common zero-padded case: ~0.1 us a value for ``%Y%m%d``); (2) Python's own strptime
     regex (``_strptime.TimeRE``) run by Arrow's RE2 on ASCII values, the fields assembled with
@@ -550,6 +602,14 @@ def parse_datetimes(text: pa.Array, fmt: str) -> pa.Array:
     n = len(text)
     out = pa.nulls(n, pa.timestamp("us"))
     todo = pc.is_valid(text)
+    digits = _digit_fields(fmt)
+    if digits is not None:  # stage 0: all-digit formats (%Y%m%d), values of the full width
+        fast, got = _digit_times(text, digits)
+        if fast is not None:
+            out = got
+            todo = pc.and_(todo, pc.invert(fast))
+            if not pc.any(todo).as_py():
+                return out
     if _simple_format(fmt):
         parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
         # years 1..9999 only, as datetime (the round trip cannot see a 5-digit %Y)
@@ -577,6 +637,98 @@ def parse_datetimes(text: pa.Array, fmt: str) -> pa.Array:
         out = pc.replace_with_mask(out, pa.array(mask), pa.array([_py_strptime(v, fmt) for v in values],
                                                                  pa.timestamp("us")))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _digit_fields(fmt: str) -> Optional[Tuple[Tuple[str, int], ...]]:
+    """(directive, width) of each field of a format made only of %Y %m %d %H %M %S, each at most once
+    and nothing between them (``%Y%m%d``, ``%Y%m%d%H%M%S``); None for any other format."""
+    parts = [p for p in re.split(r"(%.)", fmt) if p]
+    if not parts or any(p not in _TIME_FIELDS for p in parts) or len(set(parts)) != len(parts):
+        return None
+    return tuple((p, _TIME_FIELDS[p][1]) for p in parts)
+
+
+def _digit_times(text: pa.Array, fields: Tuple[Tuple[str, int], ...]) -> Tuple[Optional[pa.Array], pa.Array]:
+    """Stage 0 of :func:`parse_datetimes` for an all-digit format: (mask of the values it decided,
+    timestamp[us] of the valid ones, NULL elsewhere); (None, _) when no value has the shape.
+
+    A value of exactly the format's width made only of ASCII digits is read by Python's strptime
+    field by field at fixed offsets: every field is at most two digits wide except %Y (exactly four),
+    so a value of the full width gives every field its full width. Python's regex then takes a
+    month 01-12, a day 01-31, an hour 00-23, a minute 00-59 and a second 00-61, and datetime()
+    refuses a day past the month's end, a second above 59 and year 0: the values those checks leave
+    are exactly the valid ones, computed here as integers (no strptime, no round trip; 37 ns a
+    value against 88 in stages 1-2 for %Y%m%d). Unset fields default as in Python (1900-01-01 00:00:00)."""
+    width = sum(w for _, w in fields)
+    fast = pc.fill_null(pc.and_(pc.equal(pc.binary_length(text), width), pc.ascii_is_decimal(text)), False)
+    count = pc.sum(fast).as_py() or 0
+    if not count:
+        return None, text
+    if count == len(text):
+        return fast, _digit_values(text, fields)
+    return fast, pc.replace_with_mask(pa.nulls(len(text), pa.timestamp("us")), fast,
+                                      _digit_values(pc.filter(text, fast), fields))
+
+
+def _digit_values(text: pa.Array, fields: Tuple[Tuple[str, int], ...]) -> pa.Array:
+    """timestamp[us] of ``text``, non-NULL values of the format's full width in ASCII digits (NULL where
+    the fields make no valid date-time). The values lie back to back in the data buffer: a matrix of
+    digits, each field a small sum of digit columns; days from per-year and per-month tables (no
+    integer division, which cost ~4 ns an element and most of the time here)."""
+    n = len(text)
+    width = sum(w for _, w in fields)
+    bufs = text.buffers()
+    first = int(np.frombuffer(bufs[1], np.int32, 1, text.offset * 4)[0])
+    digits = (np.frombuffer(bufs[2], np.uint8, n * width, first).reshape(n, width) - 48).astype(np.int32)
+    got: Dict[str, np.ndarray] = {}
+    starts: Dict[str, int] = {}
+    at = 0
+    for name, w in fields:
+        value = digits[:, at]
+        for k in range(at + 1, at + w):
+            value = value * 10 + digits[:, k]
+        got[name], starts[name] = value, at
+        at += w
+    one = np.ones(n, np.int32)
+    zero = np.zeros(n, np.int32)
+    month, day = got.get("%m", one), got.get("%d", one)
+    hour, minute, second = got.get("%H", zero), got.get("%M", zero), got.get("%S", zero)
+    if "%Y" in got:
+        year = got["%Y"]
+        # leap: divisible by 4 and not by 100, or by 400; from the year's two halves (no division)
+        at = starts["%Y"]
+        century, low = digits[:, at] * 10 + digits[:, at + 1], digits[:, at + 2] * 10 + digits[:, at + 3]
+        leap = ((low & 3) == 0) & ((low != 0) | ((century & 3) == 0))
+    else:
+        year, leap = np.full(n, 1900, np.int32), np.zeros(n, bool)  # Python's default year, not leap
+    safe_month = np.clip(month, 0, 12)
+    valid = ((year >= 1) & (month >= 1) & (month <= 12) & (day >= 1)
+             & (day <= _MONTH_DAYS[safe_month] + ((month == 2) & leap)) & (hour <= 23) & (minute <= 59)
+             & (second <= 59))
+    days = _YEAR_DAYS[year] + _MONTH_START[safe_month] + ((month > 2) & leap) + day - 1
+    seconds = ((days * 24 + hour) * 60 + minute) * 60 + second
+    return pa.array(seconds * _US, pa.timestamp("us"), mask=~valid)
+
+
+_MONTH_DAYS = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)
+_MONTH_START = np.concatenate([[0], np.cumsum(_MONTH_DAYS[:-1])]).astype(np.int64)  # days before month m (m=1..12)
+# days from 1970-01-01 to January 1st of each year 0..9999 (proleptic Gregorian; year 0 is never valid)
+_YEAR_DAYS = np.array([(dt.date(max(y, 1), 1, 1) - dt.date(1970, 1, 1)).days - (366 if y == 0 else 0)
+                       for y in range(10000)], np.int64)
+
+
+def _epoch_us(year: np.ndarray, month: np.ndarray, day: np.ndarray, hour: np.ndarray, minute: np.ndarray,
+              second: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """Microseconds since 1970-01-01 of proleptic Gregorian fields (days from the civil date by
+    H. Hinnant's algorithm); any int64 arrays of one length, not validated."""
+    yy = year - (month <= 2)
+    era = yy // 400
+    yoe = yy - era * 400
+    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+    us: np.ndarray = ((days * 24 + hour) * 60 + minute) * 60 + second
+    return us * _US + frac
 
 
 def _canonical(text: pa.Array, parsed: pa.Array, fmt: str, in_range: pa.Array) -> pa.Array:
@@ -708,19 +860,10 @@ def _regex_times(text: pa.Array, plan: _RegexPlan) -> pa.Array:
         f = pc.utf8_rpad(pc.fill_null(pc.struct_field(m, "f"), "0"), width=6, padding="0")
         frac = pc.cast(f, pa.int64()).to_numpy(zero_copy_only=False)
     leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    mdays = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)[np.clip(month, 0, 12)]
-    mdays = mdays + ((month == 2) & leap)
+    mdays = _MONTH_DAYS[np.clip(month, 0, 12)] + ((month == 2) & leap)
     valid = (ok.to_numpy(zero_copy_only=False) & (year >= 1) & (year <= 9999) & (month >= 1) & (month <= 12)
              & (day >= 1) & (day <= mdays) & (second <= 59))
-    # days from the civil date (H. Hinnant's algorithm), then microseconds since the epoch
-    yy = year - (month <= 2)
-    era = yy // 400
-    yoe = yy - era * 400
-    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
-    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-    us = ((days * 24 + hour) * 60 + minute) * 60 + second
-    us = us * _US + frac
-    return pa.array(us, pa.timestamp("us"), mask=~valid)
+    return pa.array(_epoch_us(year, month, day, hour, minute, second, frac), pa.timestamp("us"), mask=~valid)
 
 
 _TIME_FIELDS = {"%Y": (pc.year, 4), "%m": (pc.month, 2), "%d": (pc.day, 2), "%H": (pc.hour, 2),
@@ -754,10 +897,23 @@ def _format_time(parsed: pa.Array, fmt: str) -> pa.Array:
 
 
 def derived_key(values: Sequence[pa.Array]) -> pa.Array:
-    """md5 hex of the source values joined by U+001F, NULL as empty: stable across runs."""
+    """md5 hex of the source values joined by U+001F, NULL as empty: stable across runs.
+
+    ``values``: string arrays of one length; returns a string array of 32-character keys. The md5
+    of each joined value's UTF-8 bytes is taken straight from the joined array's buffer (no Python
+    str per row: ~40% less CPU than ``to_pylist`` + ``encode``)."""
     filled = [pc.fill_null(v, "") for v in values]
     joined = pc.binary_join_element_wise(*filled, "\x1f")
-    return pa.array([hashlib.md5(s.encode("utf-8")).hexdigest() for s in joined.to_pylist()], pa.string())
+    if isinstance(joined, pa.ChunkedArray):
+        joined = joined.combine_chunks()
+    n = len(joined)
+    bufs = joined.buffers()
+    offsets = np.frombuffer(bufs[1], np.int32, n + 1, joined.offset * 4).tolist()
+    data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+    md5 = hashlib.md5
+    hexes = "".join([md5(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]).encode("ascii")
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(np.arange(0, 32 * n + 1, 32, dtype=np.int32)),
+                                                  pa.py_buffer(hexes)])
 
 
 # ---------------------------------------------------------------- entry points

@@ -16,7 +16,7 @@ import decimal
 import os
 import re
 from decimal import Decimal
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -200,6 +200,36 @@ def test_every_day_number_of_every_month_number_equals_python_strptime() -> None
     assert got == [py_strptime(v, "%Y-%m-%dT%H:%M:%S") for v in stamps]
 
 
+DIGIT_FORMATS = ["%Y%m%d", "%Y%m%d%H%M%S", "%d%m%Y", "%m%d", "%Y%m", "%H%M%S", "%Y", "%S%d%M%m%H%Y"]
+
+
+@st.composite
+def digit_values(draw: Any) -> Tuple[str, List[str]]:
+    """An all-digit format and values of its full width (transform._digit_times) mixed with others."""
+    fmt = draw(st.sampled_from(DIGIT_FORMATS))
+    width = sum(4 if p == "%Y" else 2 for p in re.findall(r"%.", fmt))
+    full = st.text("0123456789", min_size=width, max_size=width)
+    near = st.one_of(st.text("0123456789", min_size=max(0, width - 2), max_size=width + 1),
+                     st.text("0123456789 +-\u0663\uff11", min_size=width, max_size=width))
+    return fmt, draw(st.lists(st.one_of(full, full, near), min_size=1, max_size=12))
+
+
+@PROFILE
+@given(digit_values())
+def test_all_digit_formats_equal_python_strptime(case: Tuple[str, List[str]]) -> None:
+    fmt, values = case
+    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
+    assert got == [py_strptime(v, fmt) for v in values], fmt
+
+
+def test_every_eight_digit_date_of_edge_years_equals_python_strptime() -> None:
+    """Every month 00-99 and day 00-99 of edge years, as %Y%m%d (the all-digit stage alone)."""
+    texts = [f"{y}{m:02d}{d:02d}" for y in ("0000", "0001", "1900", "2000", "2023", "2024", "9999")
+             for m in range(100) for d in range(100)]
+    got = parse_datetimes(pa.array(texts, pa.string()), "%Y%m%d").to_pylist()
+    assert got == [py_strptime(v, "%Y%m%d") for v in texts]
+
+
 # ---------------------------------------------------------------- integers and decimals
 
 def convert(col: ColumnConfig, values: List[Optional[str]]) -> Tuple[List[Any], List[Optional[Tuple[str, str]]]]:
@@ -250,6 +280,23 @@ def test_integers_equal_python_int_with_min_max(kind: str, values: List[Optional
     assert [r[1].split(":")[0] if r else None for r in reasons] == [e[1] for e in expected]
 
 
+@PROFILE
+@given(st.sampled_from(["smallint", "integer", "bigint"]), st.lists(int_text, max_size=12),
+       st.sampled_from(["cast", "general"]))
+def test_both_integer_paths_equal_python_int(kind: str, values: List[Optional[str]], path: str) -> None:
+    """"cast": only values of the plain shape -?digits (up to 18) that fit, the one-cast path of
+    transform._to_int; "general": a value out of the type's range added, the per-value checks for all."""
+    plain = [v for v in values if v is None or re.fullmatch(r"-?[0-9]{1,18}", v.strip(" \t"))]
+    if path == "cast":
+        values = [v for v in plain if ref_int(v, kind, None, None)[1] is None]
+    else:
+        values = plain + [str(_INT[kind])]
+    got, reasons = convert(ColumnConfig(name="v", type=kind), values)
+    expected = [ref_int(v, kind, None, None) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(":")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
 def ref_numeric(value: Optional[str], p: int, s: int, lo: Optional[Decimal],
                 hi: Optional[Decimal]) -> Tuple[Any, Optional[str]]:
     if value is None:
@@ -290,6 +337,66 @@ def test_decimals_equal_python_decimal_with_min(ps: Tuple[int, int], values: Lis
     assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
 
 
+def ref_numeric_comma(value: Optional[str], p: int, s: int) -> Tuple[Any, Optional[str]]:
+    """decimal_comma: groups of three with '.' and a ',' point (1.234,56), or plain digits (1234,56)."""
+    if value is None:
+        return None, None
+    t = value.strip(" \t")
+    if not re.fullmatch(r"[+-]?[0-9]{1,3}(\.[0-9]{3})*(,[0-9]+)?|[+-]?[0-9]+(,[0-9]+)?", t):
+        return None, "not a number"
+    return ref_numeric(t.replace(".", "").replace(",", "."), p, s, None, None)
+
+
+comma_text = st.one_of(
+    st.decimals(allow_nan=False, allow_infinity=False, places=3, min_value=-(10**12), max_value=10**12).map(
+        lambda d: str(d).replace(".", ",")),
+    st.tuples(st.sampled_from(["", "-", "+", " "]), st.text("0123456789", min_size=1, max_size=3),
+              st.lists(st.text("0123456789", min_size=3, max_size=3), max_size=5).map(
+                  lambda g: "".join("." + x for x in g)),
+              st.sampled_from(["", ",", ",5", ",50", ",500", ",05", ",123", ",1.2"])).map("".join),
+    st.text(alphabet="0123456789.,+- x", max_size=10), st.none())
+
+# Up to 60 digits: past 38 the converter canonicalises leading and trailing zeros first.
+long_text = st.tuples(st.sampled_from(["", "-", "+"]), st.text("0", max_size=30), st.text("0123456789", max_size=25),
+                      st.sampled_from(["", "."]), st.text("0123456789", max_size=8), st.text("0", max_size=30)
+                      ).map("".join)
+
+
+@PROFILE
+@given(st.tuples(st.integers(1, 38), st.integers(0, 10)).filter(lambda ps: ps[1] <= ps[0]),
+       st.lists(comma_text, max_size=12))
+def test_decimal_comma_equals_python_decimal(ps: Tuple[int, int], values: List[Optional[str]]) -> None:
+    """decimal_comma columns (capital_social of the monthly job) against Decimal; lists that all fit
+    take the one-cast path, the others the per-value digit count (transform._cast_fitting)."""
+    p, s = ps
+    col = ColumnConfig(name="v", type=f"numeric({p},{s})", decimal_comma=True)
+    got, reasons = convert(col, values)
+    expected = [ref_numeric_comma(v, p, s) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
+@PROFILE
+@given(st.tuples(st.integers(1, 38), st.integers(0, 12)).filter(lambda ps: ps[1] <= ps[0]),
+       st.lists(st.one_of(long_text, dec_text, comma_text), max_size=10), st.sampled_from(["cast", "count"]),
+       st.booleans())
+def test_both_decimal_paths_equal_python_decimal(ps: Tuple[int, int], values: List[Optional[str]], path: str,
+                                                 comma: bool) -> None:
+    """Each path on its own: "cast" keeps only the values that fit (the one-cast path); "count" adds a
+    value too long for the column (the per-value digit count of transform._cast_fitting for all)."""
+    p, s = ps
+    ref = (lambda v: ref_numeric_comma(v, p, s)) if comma else (lambda v: ref_numeric(v, p, s, None, None))
+    if path == "cast":
+        values = [v for v in values if ref(v)[1] is None]
+    else:
+        values = values + ["9" * (p - s + 1)]
+    col = ColumnConfig(name="v", type=f"numeric({p},{s})", decimal_comma=comma)
+    got, reasons = convert(col, values)
+    expected = [ref(v) for v in values]
+    assert got == [e[0] for e in expected]
+    assert [r[1].split(": ")[0] if r else None for r in reasons] == [e[1] for e in expected]
+
+
 # ---------------------------------------------------------------- typed Parquet values into integer columns
 
 
@@ -303,3 +410,61 @@ def test_vectorised_fit_check_equals_the_safe_cast_of_each_value(target: pa.Data
     from loadkit.transform import _fits, _fitting
 
     assert _fitting(arr, target).to_pylist() == [_fits(v, target) if v.is_valid else True for v in arr]
+
+
+# ---------------------------------------------------------------- pyarrow's block size
+
+
+_cell = st.one_of(st.text(alphabet="ab;\"\n\r ,.0\u00e9\u00e3\x01", max_size=12), st.sampled_from(["", "NA", "0"]))
+
+
+@PROFILE
+@given(st.lists(st.lists(_cell, min_size=3, max_size=3), min_size=1, max_size=40), st.sampled_from([1, 7, 64]),
+       st.sampled_from(["latin-1", "utf-8"]))
+def test_parse_chunk_is_the_same_in_small_blocks(records: List[List[str]], block: int, encoding: str) -> None:
+    """transform._arrow_parse reads a chunk in blocks of _ARROW_BLOCK bytes (a record longer than a
+    block: the whole chunk in one): rows, rejects and counts equal those of one block per chunk."""
+    import loadkit.transform as tr
+    from tests.corpus import spec
+
+    if records[0][0] == "":  # a one-column table: its blank lines are rows (NULL), not skipped
+        table = spec([("a", "text")], encoding=encoding, delimiter=";", null_values=["NA", ""])
+        data = "".join((r[1].replace("\n", "").replace("\r", "").replace('"', "").replace(";", "")
+                        if i % 3 else "") + "\n" for i, r in enumerate(records)).encode(encoding)
+    else:
+        table = spec([("a", "text"), ("b", "varchar(5)"), ("c", "char(2)")], encoding=encoding, delimiter=";",
+                     null_values=["NA"])
+        data = "".join(";".join('"' + v.replace('"', '""') + '"' for v in r) + "\n"
+                       for r in records).encode(encoding)
+
+    def run(size: int) -> Tuple[Any, Any, int, Dict[str, int], int]:
+        saved = tr._ARROW_BLOCK
+        tr._ARROW_BLOCK = size
+        try:
+            p = tr.parse_chunk(table, data, 1)
+        finally:
+            tr._ARROW_BLOCK = saved
+        return p.rows.to_pylist(), p.rejects.to_pylist(), p.rows_in, p.coerced, p.blank_lines
+
+    assert run(block) == run(1 << 30)
+
+
+# ---------------------------------------------------------------- derived keys
+
+
+@PROFILE
+@given(st.lists(st.tuples(st.one_of(st.none(), st.text(max_size=8)), st.one_of(st.none(), st.text(max_size=8))),
+                max_size=20), st.integers(0, 3))
+def test_derived_key_is_the_md5_of_the_joined_utf8_text(rows: List[Tuple[Optional[str], Optional[str]]],
+                                                       offset: int) -> None:
+    """transform.derived_key (hashed from the joined array's buffer) against hashlib over Python strings,
+    NULL as empty, on sliced arrays too (a non-zero offset)."""
+    import hashlib
+
+    from loadkit.transform import derived_key
+
+    cols = [pa.array([r[i] for r in rows], pa.string()).slice(min(offset, len(rows))) for i in range(2)]
+    expected = [hashlib.md5(f"{a or ''}\x1f{b or ''}".encode("utf-8")).hexdigest() for a, b in rows[offset:]]
+    got = derived_key(cols)
+    got.validate(full=True)
+    assert got.to_pylist() == expected

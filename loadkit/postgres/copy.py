@@ -92,11 +92,17 @@ def pgpq_copy_arrow(conn: Any, schema: str, table: str, data: pa.Table) -> None:
             cur.execute(f"SET LOCAL client_encoding TO '{client}'")
         with cur.copy(f"COPY {qualified(schema, table)} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.write(encoder.write_header())
-            for batch in data.to_batches():
+            for batch in data.to_batches(max_chunksize=_ENCODE_ROWS):
                 copy.write(encoder.write_batch(batch))
             copy.write(encoder.finish())
         if client:  # not in a finally: after a failed COPY the transaction is aborted (rollback restores it)
             cur.execute(f"SET LOCAL client_encoding TO '{before}'")
+
+
+# pgpq's write_batch holds the GIL while it encodes (~6 ms per 16k rows of a 30-column table, not
+# 15+ ms for a whole 50k-row batch): the read/parse thread waits for the GIL no longer than that.
+# Same CPU per row for 2k-row to whole-batch slices (benchmarks/typing_bench.py --encode).
+_ENCODE_ROWS = 16384
 
 
 def _client_encoding(data: pa.Table) -> Optional[str]:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
+import numpy as np
 import pyarrow as pa
 
 from loadkit import tracing
@@ -137,7 +138,7 @@ class BatchWriter:
         copy_arrow = self._copy.copy_arrow
         rows = batch.rows
         if rows is not None and rows.num_rows:
-            rows = rows.append_column(BATCH_COL, pa.array([batch.batch_id] * rows.num_rows, pa.int64()))
+            rows = rows.append_column(BATCH_COL, pa.array(np.full(rows.num_rows, batch.batch_id, np.int64)))
             if not target.keep_row_ordinal:
                 rows = rows.drop_columns([ROW_COL])
             copy_arrow(conn, target.schema, target.load_table, rows)
