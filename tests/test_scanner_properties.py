@@ -328,6 +328,62 @@ def test_c_scan_equals_numpy_scan_on_quote_heavy_bytes(data: bytes, syn: "scanne
 
 
 @MANY
+@given(pieces=st.lists(_PIECES, min_size=20, max_size=400), syn=_syntaxes(), final=st.booleans(),
+       lead=st.integers(0, 70))
+def test_c_scan_equals_numpy_scan_across_64_byte_blocks(pieces: List[bytes], syn: "scanner.Syntax", final: bool,
+                                                        lead: int) -> None:
+    """Longer inputs (the C path reads 64-byte blocks with bit masks, the last bytes one by one): every
+    special byte lands on every block offset and at block edges; ``lead`` plain bytes shift them."""
+    _same_scan(b"x" * lead + b"".join(pieces), syn, final)
+
+
+@st.composite
+def _csv_for(draw: Any, syn: "scanner.Syntax") -> bytes:
+    """Mostly well-formed CSV in ``syn``'s dialect, fields of every length (so delimiter-quote, quote-CR-LF
+    and the like fall on every 64-byte block edge), with the odd stray quote, escape or bare CR."""
+    d, q = syn.delimiter.encode(), (syn.quote or '"').encode()
+    text = st.text(st.sampled_from(list("abc xyz0" + syn.delimiter + "\n")), max_size=12).map(str.encode)
+    plain = st.text(st.sampled_from(list("abcdef 0123")), max_size=12).map(str.encode)
+    field = st.one_of(plain, text.map(lambda t: q + t.replace(q, q + q) + q),
+                      st.sampled_from([q, b"a" + q, q + b"b" + q + b"c", b"\\", b"\r", b"\\" + q]))
+    row = st.lists(field, min_size=1, max_size=8).map(d.join)
+    eol = st.sampled_from([b"\n", b"\r\n", b"\n", b"\r\n", b"\r"])
+    lines = draw(st.lists(st.tuples(row, eol), max_size=30))
+    return b"".join(r + e for r, e in lines)
+
+
+@MANY
+@given(syn=_syntaxes(), data=st.data(), final=st.booleans(), lead=st.integers(0, 63))
+def test_c_scan_equals_numpy_scan_on_dialect_csv(syn: "scanner.Syntax", data: Any, final: bool, lead: int) -> None:
+    _same_scan(b"x" * lead + data.draw(_csv_for(syn)), syn, final)
+
+
+@pytest.mark.parametrize("syn", [scanner.Syntax(";", '"', None), scanner.Syntax(",", "'", "\\"),
+                                 scanner.Syntax("|", '"', None, True), scanner.Syntax("\t", '"', None, False, 70)],
+                         ids=["doubled", "escaped", "lenient", "cap70"])
+def test_c_scan_equals_numpy_scan_for_every_short_motif_at_every_block_edge(syn: "scanner.Syntax") -> None:
+    """Exhaustive where random inputs are thin: every string of up to 3 special bytes (delimiter, quote,
+    LF, CR, escape, a letter) inserted into well-formed CSV at the offsets around the first two 64-byte
+    block edges (and the data start), for final and partial buffers."""
+    import itertools
+
+    d, q, e = syn.delimiter.encode(), (syn.quote or '"').encode(), (syn.escape or "\\").encode()
+    alphabet = [d, q, b"\n", b"\r", e, b"a"]
+    background = (q + b"ab" + q + d + b"cd" + d + q + b"e\nf" + q + b"\r\n") * 12
+    offsets = [0, 1, 2, *range(58, 71), *range(122, 135)]
+    checked = 0
+    for size in (1, 2, 3):
+        for motif in itertools.product(alphabet, repeat=size):
+            m = b"".join(motif)
+            for off in offsets:
+                data = background[:off] + m + background[off:]
+                for final in (True, False):
+                    _same_scan(data, syn, final)
+                    checked += 1
+    assert checked == 2 * len(offsets) * (6 + 36 + 216)
+
+
+@MANY
 @given(data=st.binary(max_size=200), syn=_syntaxes(), final=st.booleans())
 def test_c_scan_equals_numpy_scan_on_any_bytes(data: bytes, syn: "scanner.Syntax", final: bool) -> None:
     _same_scan(data, syn, final)

@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define LF 10
 #define CR 13
@@ -89,8 +92,80 @@ static PyObject *stretch(PyObject *self, PyObject *args) {
     int64_t lfs = (int64_t)lfs_in, rec_lfs = (int64_t)lfs_in;
     int par = 0, odd_seen = 0, qnl = 0, capped = 0, nomem = 0;
 
+    Py_ssize_t i = pos;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = pos; i < n; i++) {
+#ifdef __SSE2__
+    /* 64 bytes at a time while the two bytes past the block are data (so every neighbour the rules
+     * look at is a real byte; the rest goes through the scalar loop below, which also knows the end
+     * of data). Bit k of a mask is byte i+k. */
+    const __m128i vlf = _mm_set1_epi8((char)LF), vcr = _mm_set1_epi8((char)CR), vd = _mm_set1_epi8((char)db);
+    const __m128i vq = _mm_set1_epi8((char)(qb < 0 ? 0 : qb)), ve = _mm_set1_epi8((char)(eb < 0 ? 0 : eb));
+    int done = 0;
+    for (; !done && i + 66 <= n; i += 64) {
+        uint64_t L = 0, C = 0, D = 0, Q = 0, E = 0;
+        for (int k = 0; k < 4; k++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(d + i + 16 * k));
+            L |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, vlf)) << (16 * k);
+            C |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, vcr)) << (16 * k);
+            D |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, vd)) << (16 * k);
+            if (qb >= 0)
+                Q |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, vq)) << (16 * k);
+            if (eb >= 0)
+                E |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, ve)) << (16 * k);
+        }
+        const int p0 = i ? d[i - 1] : LF, n0 = d[i + 64], n1 = d[i + 65];
+        const uint64_t Lprev = (L << 1) | (uint64_t)(p0 == LF), Dprev = (D << 1) | (uint64_t)(p0 == db);
+        const uint64_t Qprev = (Q << 1) | (uint64_t)(qb >= 0 && p0 == qb);
+        const uint64_t Lnext = (L >> 1) | ((uint64_t)(n0 == LF) << 63), Dnext = (D >> 1) | ((uint64_t)(n0 == db) << 63);
+        const uint64_t Cnext = (C >> 1) | ((uint64_t)(n0 == CR) << 63);
+        const uint64_t Qnext = (Q >> 1) | ((uint64_t)(qb >= 0 && n0 == qb) << 63);
+        const uint64_t Lnext2 = (L >> 2) | ((uint64_t)(n0 == LF) << 62) | ((uint64_t)(n1 == LF) << 63);
+        /* inside: bit k set when an odd number of quotes since the record start precede byte k */
+        uint64_t x = Q;
+        x ^= x << 1; x ^= x << 2; x ^= x << 4; x ^= x << 8; x ^= x << 16; x ^= x << 32;
+        const uint64_t inside = (x ^ Q) ^ (par ? ~(uint64_t)0 : 0);
+        const uint64_t open_ok = Dprev | Lprev | (dq ? Qprev : 0);
+        const uint64_t close_ok = Dnext | Lnext | (Cnext & Lnext2) | (dq ? Qnext : 0);
+        const uint64_t S = E | (C & ~Lnext) | (Q & ~inside & ~open_ok) | (Q & inside & ~close_ok);
+        uint64_t valid = ~(uint64_t)0;
+        if (S) {
+            const int first = __builtin_ctzll(S);
+            valid = first ? (~(uint64_t)0 >> (64 - first)) : 0;
+            stop = i + first;
+            done = 1;
+        }
+        const uint64_t odd = L & inside & valid;
+        uint64_t ends = L & ~inside & valid;
+        while (ends) {
+            const int k = __builtin_ctzll(ends);
+            const uint64_t below = k ? (~(uint64_t)0 >> (64 - k)) : 0;
+            const Py_ssize_t end = i + k + 1;
+            if (end - rec > cap) {
+                capped = 1;
+                break;
+            }
+            if (vec_push2(&out, (int64_t)end, rec_lfs) < 0) {
+                nomem = 1;
+                break;
+            }
+            qnl |= odd_seen | ((odd & below) != 0);
+            rec = end;
+            rec_lfs = lfs + __builtin_popcountll(L & below) + 1;
+            ends &= ends - 1;
+        }
+        if (capped || nomem) {
+            stop = n;
+            done = 2;
+            break;
+        }
+        lfs += __builtin_popcountll(L & valid);
+        odd_seen |= odd != 0;
+        par ^= __builtin_popcountll(Q & valid) & 1;
+    }
+    if (done)
+        i = n;  /* stopped (stop set) or capped: nothing left for the scalar loop */
+#endif
+    for (; i < n; i++) {
         const uint8_t c = d[i];
         if (!special[c])
             continue;
