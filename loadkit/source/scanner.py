@@ -181,7 +181,8 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     hold whole is left out (``consumed`` says where the next scan must start). Time is linear in
     ``len(data)`` (a record past ``max_record_bytes`` is cut there), memory a few bytes per LF/quote.
 
-    ``data`` may be any bytes-like object with ``find``/``count`` (bytes, bytearray). Runs the C
+    ``data`` may be bytes, a bytearray or a memoryview of either (a reader's window of its buffer;
+    converted to bytes only when a record needs the per-token machine). Runs the C
     fast path when it is built and usable (``ACCELERATED``, ``_accelerable``), else ``scan_numpy``;
     both give the same Scan (tests/test_scanner_properties.py).
     """
@@ -224,6 +225,8 @@ def _scan_accel(data: bytes, syn: Syntax, final: bool = True, first_line: int = 
             break
         if not capped and stop == n and not final and n - pos <= cap:
             break  # the tail holds no complete record yet: wait for more data
+        if isinstance(data, memoryview):  # the state machine needs find/count/regex: bytes, once
+            data = data.tobytes()
         try:
             end, why = _one_record(data, pos, syn, final, None)
         except _Need:
@@ -260,6 +263,8 @@ def _absolute(errors: Dict[int, Tuple[str, int]], lines: np.ndarray) -> Dict[int
 def scan_numpy(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> Scan:
     """``scan`` with numpy: the fallback without the C extension, and the reference the C path is
     tested against. Same contract as ``scan``."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     n = len(data)
     arr = np.frombuffer(data, np.uint8)
     nl = np.flatnonzero(arr == LF)
