@@ -243,7 +243,7 @@ def _scan_accel(data: bytes, syn: Syntax, final: bool = True, first_line: int = 
     if not parts:
         empty = np.empty(0, np.int64)
         return Scan(empty, empty.copy(), {}, slow, quoted_nl)
-    both = np.frombuffer(b"".join(parts), np.int64).reshape(-1, 2)
+    both = np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), np.int64).reshape(-1, 2)
     all_ends = both[:, 0].copy()
     lines = both[:, 1] + first_line
     return Scan(all_ends, lines, _absolute(errors, lines), slow, quoted_nl)
