@@ -44,10 +44,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+_c: Optional[ModuleType]
 try:
     from loadkit.source import _scanner as _c  # the C fast path (setup.py; optional)
 except ImportError:  # built without a compiler: the numpy path
