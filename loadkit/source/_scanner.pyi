@@ -1,7 +1,7 @@
 """Types of the C extension built from _scanner.c (see that file and scanner._scan_accel)."""
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
-def stretch(data: Union[bytes, bytearray, memoryview], pos: int, final: bool, delimiter: int, quote: int,
-            escape: int, doublequote: bool, cap: int, lfs: int, /) -> Tuple[bytearray, int, int, int, int, int]:
-    """Records of the clean stretch from the record start ``pos``: (int64 pairs (end, LFs before the
-    record's start), pos, stop, LFs before pos, quoted newlines seen, capped)."""
+def scan(data: Union[bytes, bytearray, memoryview], final: bool, delimiter: int, quote: int, escape: int,
+         doublequote: bool, lenient: bool, cap: int, /) -> Tuple[bytearray, bytearray, List[Tuple[int, int, int]], int]:
+    """Every complete record of ``data``: (int64 pairs (end, LFs before the record's start), int64 indexes
+    of the slow records, errors as (record index, kind, aux), quoted newlines seen)."""

@@ -34,10 +34,11 @@ Rules (``Syntax`` carries them; ``Syntax.of(dialect)`` builds one from a plan di
 Speed: where every quote sits where well-formed CSV puts it, record ends come from the quote
 parity at each LF (exact for well-formed data). Only records with a quote out of place, an escape
 character or a bare CR go through the per-token Python state machine (``_one_record``), which then
-re-syncs the fast path. The fast path is a C extension (``_scanner.c``: one pass over the bytes,
-without the GIL) when it is built (``ACCELERATED``), else numpy (``scan_numpy``: finds the quotes,
-LFs and other special bytes as arrays); both yield the same Scan, record for record, and hand the
-same records to the state machine (``slow``).
+re-syncs the fast path. Two implementations of all this: a C extension (``_scanner.c``: the fast
+path over 64-byte blocks with bit masks, and a line-for-line port of ``_one_record``, without the
+GIL) when it is built (``ACCELERATED``), else numpy (``scan_numpy``: finds the quotes, LFs and other
+special bytes as arrays, then the Python ``_one_record``). Both yield the same Scan, record for
+record, with the same ``slow`` records and reasons (tests/test_scanner_properties.py).
 """
 from __future__ import annotations
 
@@ -184,7 +185,7 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     ``len(data)`` (a record past ``max_record_bytes`` is cut there), memory a few bytes per LF/quote.
 
     ``data`` may be bytes, a bytearray or a memoryview of either (a reader's window of its buffer;
-    converted to bytes only when a record needs the per-token machine). Runs the C
+    the numpy path copies it to bytes first). Runs the C
     fast path when it is built and usable (``ACCELERATED``, ``_accelerable``), else ``scan_numpy``;
     both give the same Scan (tests/test_scanner_properties.py).
     """
@@ -203,52 +204,27 @@ def _accelerable(syn: Syntax) -> bool:
 
 
 def _scan_accel(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> Scan:
-    """``scan`` with the clean stretches read by the C extension (``_scanner.stretch``: the numpy path's
-    parity rule, byte by byte, without the GIL) and the records it stops at read by ``_one_record``
-    exactly as ``scan_numpy`` reads them; lines counted as it goes (no array of every LF)."""
+    """``scan`` by the C extension (``_scanner.scan``): the numpy path's parity rule over clean
+    stretches, byte by byte, and a port of ``_one_record`` for the records that rule cannot read,
+    called exactly where ``scan_numpy`` calls ``_one_record``; all without the GIL. Lines are counted
+    as it goes (no array of every LF). The reasons are worded here, as ``_one_record`` words them."""
     assert _c is not None
-    n = len(data)
     qb, eb = syn._b(syn.quote), syn._b(syn.escape)
-    db = syn.delimiter.encode("latin-1")[0]
-    q, e, dq, cap = -1 if qb is None else qb, -1 if eb is None else eb, syn.doublequote, syn.max_record_bytes
-    parts: List[Any] = []
-    errors: Dict[int, Tuple[str, int]] = {}
-    slow: set = set()
-    count = 0
-    quoted_nl = False
-    pos, lfs = 0, 0  # the current record start; LFs in data[:pos]
-    while pos < n:
-        pairs, pos, stop, lfs, qnl, capped = _c.stretch(data, pos, final, db, q, e, dq, cap, lfs)
-        if pairs:
-            parts.append(pairs)
-            count += len(pairs) // 16
-            quoted_nl = quoted_nl or bool(qnl)
-        if pos >= n:
-            break
-        if not capped and stop == n and not final and n - pos <= cap:
-            break  # the tail holds no complete record yet: wait for more data
-        if isinstance(data, memoryview):  # the state machine needs find/count/regex: bytes, once
-            data = data.tobytes()
-        try:
-            end, why = _one_record(data, pos, syn, final, None)
-        except _Need:
-            break
-        parts.append(np.array([end, lfs], np.int64).tobytes())
-        if why is not None:
-            errors[count] = (why, pos)
-        elif not quoted_nl and data.find(b"\n", pos, end - 1) >= 0:
-            quoted_nl = True
-        slow.add(count)
-        count += 1
-        lfs += data.count(b"\n", pos, end)
-        pos = end
-    if not parts:
-        empty = np.empty(0, np.int64)
-        return Scan(empty, empty.copy(), {}, slow, quoted_nl)
-    both = np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), np.int64).reshape(-1, 2)
-    all_ends = both[:, 0].copy()
+    pairs, slow_idx, errs, qnl = _c.scan(data, final, syn.delimiter.encode("latin-1")[0],
+                                         -1 if qb is None else qb, -1 if eb is None else eb,
+                                         syn.doublequote, syn.lenient, syn.max_record_bytes)
+    both = np.frombuffer(pairs, np.int64).reshape(-1, 2)
+    ends = both[:, 0].copy()
     lines = both[:, 1] + first_line
-    return Scan(all_ends, lines, _absolute(errors, lines), slow, quoted_nl)
+    errors: Dict[int, Tuple[str, int]] = {}
+    for index, kind, aux in errs:
+        if kind == 1:
+            errors[index] = (f"{UNTERMINATED} opened on line +{aux}", 0)
+        elif kind == 2:
+            errors[index] = (TOO_LONG, 0)
+        else:
+            errors[index] = (f"malformed quoting: {chr(aux)!r} after a closing quote", 0)
+    return Scan(ends, lines, _absolute(errors, lines), set(np.frombuffer(slow_idx, np.int64).tolist()), bool(qnl))
 
 
 def _absolute(errors: Dict[int, Tuple[str, int]], lines: np.ndarray) -> Dict[int, str]:
