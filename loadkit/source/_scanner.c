@@ -211,7 +211,7 @@ static int stretch_core(const uint8_t *d, const Py_ssize_t n, const int final, c
     return nomem ? -1 : 0;
 }
 
-/* First offset in [p, stop) holding one of the bytes a, b, c (-1: none), or -1 when none. */
+/* The first offset in [p, stop) holding one of the bytes a, b, c; -1 when none does. */
 static inline Py_ssize_t find3(const uint8_t *d, Py_ssize_t p, Py_ssize_t stop, int a, int b, int c) {
     for (; p < stop; p++) {
         const int x = d[p];
