@@ -2,9 +2,11 @@
 
     python -m benchmarks.scanner_bench [--ref main] [--mb 8] [--reps 7]
 
-Runs ``scanner.scan`` over the same chunk with this tree's scanner and with the one at ``--ref``
-(loaded from ``git show <ref>:loadkit/source/scanner.py``), alternating the two for ``--reps``
-rounds, and prints the median µs per MB of each plus the load average. Two chunks: CNPJ-like
+Runs ``scanner.scan`` over the same chunk with this tree's scanner (its C fast path when built:
+``scanner.ACCELERATED``; build it with ``python setup.py build_ext --inplace``), this tree's numpy
+path (``scanner.scan_numpy``) and the scanner at ``--ref`` (loaded from ``git show
+<ref>:loadkit/source/scanner.py``, numpy only), alternating them for ``--reps`` rounds, and prints the
+median µs per MB of each plus the load average. Two chunks: CNPJ-like
 (every field quoted: the numpy fast path) and MySQL-dump-like (backslash escapes: every record
 goes through the per-token state machine, ``_one_record``).
 """
@@ -20,8 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Callable, Dict, List, Tuple
+from types import ModuleType, SimpleNamespace
+from typing import Any, Callable, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +62,7 @@ def escaped_chunk(size: int, rng: random.Random) -> bytes:
     return b"".join(out)
 
 
-def time_scan(mod: ModuleType, data: bytes, quote: str, escape: str | None) -> float:
+def time_scan(mod: Any, data: bytes, quote: str, escape: str | None) -> float:
     syn = mod.Syntax(delimiter=";", quote=quote, escape=escape)
     started = time.perf_counter()
     sc = mod.scan(data, syn, final=True)
@@ -85,7 +87,9 @@ def main(argv: List[str] | None = None) -> int:
         "cnpj (quoted, fast path)": (cnpj_chunk(size, rng), '"', None),
         "escaped (state machine)": (escaped_chunk(size, rng), '"', "\\"),
     }
-    scanners: List[Tuple[str, ModuleType]] = [(args.ref, ref), ("this tree", scanner)]
+    numpy_path = SimpleNamespace(scan=scanner.scan_numpy, Syntax=scanner.Syntax)
+    scanners: List[Tuple[str, Any]] = [(args.ref, ref), ("this tree numpy", numpy_path), ("this tree", scanner)]
+    print(f"scanner.ACCELERATED={scanner.ACCELERATED}")
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"{args.reps} alternated rounds, median µs/MB")
     for name, (data, quote, escape) in chunks.items():
@@ -94,7 +98,7 @@ def main(argv: List[str] | None = None) -> int:
         assert list(a.ends) == list(b.ends), "the two scanners disagree"
         times: Dict[str, List[float]] = {label: [] for label, _ in scanners}
         for rnd in range(args.reps):
-            order: List[Tuple[str, ModuleType]] = scanners if rnd % 2 == 0 else scanners[::-1]
+            order: List[Tuple[str, Any]] = scanners if rnd % 2 == 0 else scanners[::-1]
             for label, mod in order:
                 run: Callable[[], float] = lambda m=mod: time_scan(m, data, quote, escape)  # noqa: E731
                 times[label].append(run())

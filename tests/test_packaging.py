@@ -24,10 +24,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def build_wheel(out: Path) -> Path:
-    """The wheel of a clean copy of the sources (no build/ or egg-info left in the checkout)."""
+    """The wheel of a clean copy of the sources (no build/ or egg-info left in the checkout; no extension
+    built in place either: the wheel build compiles its own)."""
     src = out / "src"
-    shutil.copytree(ROOT / "loadkit", src / "loadkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
+    shutil.copytree(ROOT / "loadkit", src / "loadkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     dist = out / "dist"
     code = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
@@ -54,7 +55,9 @@ def test_wheel_installs_and_runs_a_user_job_outside_the_repo(tmp_path: Path, pg_
     wheel = build_wheel(tmp_path / "build")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-    assert {n.split("/")[0] for n in names} == {"loadkit", wheel.name.split("-py3")[0] + ".dist-info"}
+    # loadkit-0.1.0-cp311-cp311-linux_x86_64.whl: a platform wheel, it holds the scanner's C extension
+    assert {n.split("/")[0] for n in names} == {"loadkit", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
+    assert [n for n in names if n.startswith("loadkit/source/_scanner.") and n.endswith(".so")], names
     for group in ("config.yaml", "sink/default.yaml", "batch/fixed.yaml", "pool/default.yaml", "retry/default.yaml",
                   "alerts/default.yaml", "env/local.yaml", "tracking/local.yaml", "job/monthly.yaml"):
         assert f"loadkit/conf/{group}" in names, group
@@ -74,9 +77,11 @@ def test_wheel_installs_and_runs_a_user_job_outside_the_repo(tmp_path: Path, pg_
         return subprocess.run([str(bin_dir / "loadkit"), *args], cwd=cwd, capture_output=True, text=True,
                               timeout=300, env={**env, **extra})
 
-    where = subprocess.run([str(bin_dir / "python"), "-c", "import loadkit.__main__ as m; print(m.__file__)"],
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import loadkit.__main__ as m; print(m.__file__); "
+                            "import loadkit.source.scanner as s; print(s.ACCELERATED)"],
                            cwd=work, capture_output=True, text=True, env=env, timeout=120)
     assert where.returncode == 0 and where.stdout.startswith(str(tmp_path / "venv")), where.stdout + where.stderr
+    assert where.stdout.split()[-1] == str(os.environ.get("LOADKIT_SCANNER", "").lower() != "numpy"), where.stdout
 
     target, led = schemas
     common = ["+job=weather", f"data_root={data}", f"sink.dsn={pg_dsn}", f"sink.ledger_schema={led}",

@@ -21,6 +21,7 @@ import io
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -257,3 +258,176 @@ def test_fields_reads_escaped_lines_like_python_csv(delimiter: str, quote: str, 
         assert [v for v, _, _ in got] == (ref or [""])
     # csv may read what loadkit refuses: with doublequote off, csv takes a character after a closing
     # quote into the field (``"";`` -> ``;``) where loadkit reports malformed quoting.
+
+
+# ---------------------------------------------------------------- the C fast path against the numpy one
+
+def _syntaxes() -> Any:
+    """Random scanner syntaxes: every delimiter/quote/escape the config allows here, strict or lenient,
+    max_record_bytes from tiny (most records too long) to the default."""
+    return st.builds(scanner.Syntax, st.sampled_from([",", ";", "\t", "|"]), st.sampled_from(['"', "'", None]),
+                     st.sampled_from([None, "\\"]), st.booleans(),
+                     st.one_of(st.integers(1, 48), st.just(scanner.DEFAULT_MAX_RECORD_BYTES)))
+
+
+# Pieces that put quotes, escapes and line ends everywhere: well-formed quoted fields, doubled and
+# escaped quotes, stray quotes, CR/LF/CR LF and bare CRs, NUL, non-ASCII, long runs.
+_PIECES = st.sampled_from([b'"', b"'", b'""', b",", b";", b"\t", b"|", b"\n", b"\r\n", b"\r", b"\\", b"\\\"",
+                           b"\\\n", b"a", b"bc", b"\x00", "é".encode(), b'"x,y"', b"'p;q'", b'"a""b"', b'"l\nm"',
+                           b"z" * 30])
+CHUNKY = st.lists(_PIECES, max_size=60).map(b"".join)
+
+
+def _same_scan(data: bytes, syn: "scanner.Syntax", final: bool, first_line: int = 1) -> "scanner.Scan":
+    """Scan with both paths and assert every field of the Scan agrees; returns the C path's."""
+    ref = scanner.scan_numpy(data, syn, final, first_line)
+    got = scanner._scan_accel(data, syn, final, first_line)
+    assert got.ends.tolist() == ref.ends.tolist()
+    assert got.lines.tolist() == ref.lines.tolist()
+    assert got.errors == ref.errors
+    assert got.slow == ref.slow
+    assert got.quoted_newlines == ref.quoted_newlines
+    assert got.ends.dtype == ref.ends.dtype == got.lines.dtype == np.int64
+    assert scanner.summarize(data, got) == scanner.summarize(data, ref) if final else True
+    return got
+
+
+def test_the_c_scanner_is_built_and_used_in_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent fallback: the extension imports (``python setup.py build_ext --inplace`` or ``pip install -e .``),
+    ``scan`` runs it, and LOADKIT_SCANNER=numpy (read at import) is the only way to the numpy path."""
+    import subprocess
+    import sys
+
+    assert scanner._c is not None, "loadkit.source._scanner is not built (python setup.py build_ext --inplace)"
+    assert scanner.ACCELERATED is (os.environ.get("LOADKIT_SCANNER", "").lower() != "numpy")
+    monkeypatch.setattr(scanner, "ACCELERATED", True)
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("scan fell back to numpy")
+
+    monkeypatch.setattr(scanner, "scan_numpy", refuse)
+    sc = scanner.scan(b'"a";"b"\n"c\nd";e\nstray"quote;\\x\n', scanner.Syntax(";", '"', "\\"), final=True)
+    assert sc.ends.tolist() == [8, 16, 31] and sc.slow == {2} and sc.quoted_newlines
+    probe = "import loadkit.source.scanner as s; print(s.ACCELERATED, s._c is not None)"
+    for value, want in (("numpy", "False True"), ("", "True True")):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LOADKIT_SCANNER": value}, timeout=120)
+        assert out.stdout.split() == want.split(), (value, out.stdout, out.stderr)
+
+
+MANY = settings(PROFILE, max_examples=PROFILE.max_examples * 5)  # each example costs microseconds
+
+
+@MANY
+@given(data=CHUNKY, syn=_syntaxes(), final=st.booleans(), first_line=st.integers(1, 10**6))
+def test_c_scan_equals_numpy_scan_on_quote_heavy_bytes(data: bytes, syn: "scanner.Syntax", final: bool,
+                                                        first_line: int) -> None:
+    """Record ends, line numbers, errors (reasons with absolute line numbers), slow records and quoted
+    newlines: the same from both paths, for final and partial buffers."""
+    _same_scan(data, syn, final, first_line)
+
+
+@MANY
+@given(pieces=st.lists(_PIECES, min_size=20, max_size=400), syn=_syntaxes(), final=st.booleans(),
+       lead=st.integers(0, 70))
+def test_c_scan_equals_numpy_scan_across_64_byte_blocks(pieces: List[bytes], syn: "scanner.Syntax", final: bool,
+                                                        lead: int) -> None:
+    """Longer inputs (the C path reads 64-byte blocks with bit masks, the last bytes one by one): every
+    special byte lands on every block offset and at block edges; ``lead`` plain bytes shift them."""
+    _same_scan(b"x" * lead + b"".join(pieces), syn, final)
+
+
+@st.composite
+def _csv_for(draw: Any, syn: "scanner.Syntax") -> bytes:
+    """Mostly well-formed CSV in ``syn``'s dialect, fields of every length (so delimiter-quote, quote-CR-LF
+    and the like fall on every 64-byte block edge), with the odd stray quote, escape or bare CR."""
+    d, q = syn.delimiter.encode(), (syn.quote or '"').encode()
+    text = st.text(st.sampled_from(list("abc xyz0" + syn.delimiter + "\n")), max_size=12).map(str.encode)
+    plain = st.text(st.sampled_from(list("abcdef 0123")), max_size=12).map(str.encode)
+    field = st.one_of(plain, text.map(lambda t: q + t.replace(q, q + q) + q),
+                      st.sampled_from([q, b"a" + q, q + b"b" + q + b"c", b"\\", b"\r", b"\\" + q]))
+    row = st.lists(field, min_size=1, max_size=8).map(d.join)
+    eol = st.sampled_from([b"\n", b"\r\n", b"\n", b"\r\n", b"\r"])
+    lines = draw(st.lists(st.tuples(row, eol), max_size=30))
+    return b"".join(r + e for r, e in lines)
+
+
+@MANY
+@given(syn=_syntaxes(), data=st.data(), final=st.booleans(), lead=st.integers(0, 63))
+def test_c_scan_equals_numpy_scan_on_dialect_csv(syn: "scanner.Syntax", data: Any, final: bool, lead: int) -> None:
+    _same_scan(b"x" * lead + data.draw(_csv_for(syn)), syn, final)
+
+
+@pytest.mark.parametrize("syn", [scanner.Syntax(";", '"', None), scanner.Syntax(",", "'", "\\"),
+                                 scanner.Syntax("|", '"', None, True), scanner.Syntax("\t", '"', None, False, 70)],
+                         ids=["doubled", "escaped", "lenient", "cap70"])
+def test_c_scan_equals_numpy_scan_for_every_short_motif_at_every_block_edge(syn: "scanner.Syntax") -> None:
+    """Exhaustive where random inputs are thin: every string of up to 3 special bytes (delimiter, quote,
+    LF, CR, escape, a letter) inserted into well-formed CSV at the offsets around the first two 64-byte
+    block edges (and the data start), for final and partial buffers."""
+    import itertools
+
+    d, q, e = syn.delimiter.encode(), (syn.quote or '"').encode(), (syn.escape or "\\").encode()
+    alphabet = [d, q, b"\n", b"\r", e, b"a"]
+    background = (q + b"ab" + q + d + b"cd" + d + q + b"e\nf" + q + b"\r\n") * 12
+    offsets = [0, 1, 2, *range(58, 71), *range(122, 135)]
+    checked = 0
+    for size in (1, 2, 3):
+        for motif in itertools.product(alphabet, repeat=size):
+            m = b"".join(motif)
+            for off in offsets:
+                data = background[:off] + m + background[off:]
+                for final in (True, False):
+                    _same_scan(data, syn, final)
+                    checked += 1
+    assert checked == 2 * len(offsets) * (6 + 36 + 216)
+
+
+@MANY
+@given(data=st.binary(max_size=200), syn=_syntaxes(), final=st.booleans())
+def test_c_scan_equals_numpy_scan_on_any_bytes(data: bytes, syn: "scanner.Syntax", final: bool) -> None:
+    _same_scan(data, syn, final)
+
+
+@PROFILE
+@given(d=dialects(), ncols=st.integers(1, 4), rows=st.data(), eol=st.sampled_from(["\n", "\r\n"]),
+       cap=st.sampled_from([scanner.DEFAULT_MAX_RECORD_BYTES, 64]), cut=st.data())
+def test_c_scan_equals_numpy_scan_on_tables_and_every_prefix(d: Dict[str, Any], ncols: int, rows: Any, eol: str,
+                                                             cap: int, cut: Any) -> None:
+    """Serialised tables (clean, or with a stray quote inserted anywhere), whole and cut at a random
+    byte (a non-final buffer, as the chunk reader scans it)."""
+    table = rows.draw(st.lists(st.lists(VALUE, min_size=ncols, max_size=ncols), max_size=10))
+    raw = serialise(table, d, eol, rows.draw(st.booleans())).encode("utf-8")
+    if raw and cut.draw(st.booleans()):
+        at = cut.draw(st.integers(0, len(raw)))
+        raw = raw[:at] + d["quote"].encode() + raw[at:]
+    syn = scanner.Syntax(d["delimiter"], d["quote"], d["escape"], d["quoting"] == "lenient", cap)
+    _same_scan(raw, syn, True)
+    _same_scan(raw[:cut.draw(st.integers(0, len(raw)))], syn, False)
+
+
+def _chunks(data: bytes, syn: "scanner.Syntax", target: int, accelerated: bool) -> List[tuple]:
+    saved = scanner.ACCELERATED
+    scanner.ACCELERATED = accelerated
+    try:
+        reader = files.ChunkReader(io.BytesIO(data), "m", target, None, None, False, syntax=syn)
+        return [(c.start, c.end, c.first_line, c.data, c.reject, c.summary) for c in reader]
+    finally:
+        scanner.ACCELERATED = saved
+
+
+@PROFILE
+@given(data=CHUNKY, syn=_syntaxes(), target=st.integers(1, 300))
+def test_chunk_reader_cuts_the_same_chunks_with_either_scanner(data: bytes, syn: "scanner.Syntax",
+                                                               target: int) -> None:
+    """Random chunk sizes: the same chunks (bytes, offsets, first lines, rejects, summaries) with the C
+    path as with numpy, and every chunk edge is a record end of the whole buffer's scan."""
+    got = _chunks(data, syn, target, True)
+    assert got == _chunks(data, syn, target, False)
+    whole = set(_same_scan(data, syn, True).ends.tolist()) | {0}
+    assert b"".join(c[3] for c in got if c[4] is None) == b"".join(
+        data[c[0]:c[1]] for c in got if c[4] is None)
+    starts, ends = [c[0] for c in got], [c[1] for c in got]
+    assert (starts == [0] + ends[:-1] and ends[-1] == len(data)) if got else data == b""
+    for start, end, *_ in got:
+        assert start in whole and end in whole, (start, end, sorted(whole))

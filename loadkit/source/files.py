@@ -96,9 +96,10 @@ def fingerprint(path: Union[str, Path]) -> str:
         fs, key = _url_fs(str(path))
         return remote_fingerprint(fs, key, fs.info(key))
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_FINGERPRINT_BLOCK):
-            digest.update(block)
+    block = bytearray(_FINGERPRINT_BLOCK)  # one buffer read into: no fresh 8 MB object (page faults) per read
+    with open(path, "rb") as fh, memoryview(block) as view:
+        while got := fh.readinto(view):
+            digest.update(view[:got])
     return digest.hexdigest()
 
 
@@ -562,10 +563,12 @@ class ChunkReader:
     ``syntax.max_record_bytes`` is skipped without being held in memory and yielded as a
     chunk of its own with ``reject`` set.
 
-    One buffer, filled in place: a bytearray the stream's reads are appended to, scanned as
-    it is (the bytes past the scan window are set aside for the scan, not the window copied)
-    and consumed from the front (O(1) in CPython), so a chunk's bytes are copied once, into
-    its ``data``. Lines are counted from the scan where every record ends at its own LF.
+    One buffer, reused: a bytearray the stream reads into (``readinto``, where the stream has it:
+    no intermediate bytes object; it only grows, so no fresh pages are faulted in per chunk),
+    of which the first ``_n`` bytes are data. The scanner reads a window of it through a
+    memoryview, so a chunk's bytes are copied once, into its ``data``; what follows a taken chunk
+    (at most a read's overshoot) moves to the front. Lines are counted from the scan where every
+    record ends at its own LF.
     """
 
     def __init__(
@@ -587,7 +590,8 @@ class ChunkReader:
         self._syntax = syntax or scanner.Syntax(quote=quote, escape=escape)
         self._target = self._bounded(target_bytes)
         self._committed = sorted(committed)
-        self._buf = bytearray(prefix)  # bytes read from the stream, not yet taken (starts with a sample)
+        self._buf = bytearray(prefix)  # its first _n bytes: read from the stream, not yet taken (a sample first)
+        self._n = len(prefix)
         self._pos = origin  # member offset of _buf[0] (a span of a split file starts past 0)
         self._line = origin_line  # line number at _buf[0]
         self._eof = False
@@ -605,7 +609,7 @@ class ChunkReader:
         while True:
             self._skip_committed()
             self._fill(self._target + 1)
-            if not self._buf:
+            if not self._n:
                 return
             cut, summary = self._cut_point()
             if cut < 0:
@@ -617,13 +621,22 @@ class ChunkReader:
     def _fill(self, size: int) -> None:
         """Read until the buffer holds ``size`` bytes or the stream ends (reads of what is missing,
         at least _MIN_READ: the window is cut by the scanner, never by a read's size)."""
-        buf = self._buf
-        while not self._eof and len(buf) < size:
-            block = self._stream.read(max(_MIN_READ, size - len(buf)))
-            if not block:
+        readinto = getattr(self._stream, "readinto", None)
+        while not self._eof and self._n < size:
+            want = max(_MIN_READ, size - self._n)
+            if len(self._buf) < self._n + want:  # grow (no view of the buffer is alive here)
+                self._buf += bytes(max(self._n + want, 2 * len(self._buf)) - len(self._buf))
+            if readinto is not None:
+                with memoryview(self._buf)[self._n:self._n + want] as free:
+                    got = readinto(free) or 0
+            else:
+                block = self._stream.read(want)
+                got = len(block)
+                self._buf[self._n:self._n + got] = block
+            if not got:
                 self._eof = True
                 break
-            buf += block
+            self._n += got
 
     def _next_committed(self) -> Optional[Tuple[int, int]]:
         for start, end in self._committed:
@@ -638,20 +651,25 @@ class ChunkReader:
             to_skip = rng[1] - self._pos
             while to_skip > 0:
                 self._fill(min(to_skip, _READ_SIZE))
-                if not self._buf:
+                if not self._n:
                     raise SourceDataError(
                         "source is shorter than the ranges the ledger says were committed",
                         member=self._member, offset=self._pos,
                     )
-                step = min(to_skip, len(self._buf))
+                step = min(to_skip, self._n)
                 self._advance(step)
                 to_skip -= step
             rng = self._next_committed()
 
     def _advance(self, n: int, lines: Optional[int] = None) -> None:
-        """Drop the first ``n`` bytes (``lines``: the LFs among them, when the caller knows)."""
+        """Drop the first ``n`` bytes (``lines``: the LFs among them, when the caller knows); the bytes
+        after them move to the front of the buffer."""
         self._line += self._buf.count(b"\n", 0, n) if lines is None else lines
-        del self._buf[:n]
+        rest = self._n - n
+        if rest > 0:
+            with memoryview(self._buf) as view:
+                view[:rest] = view[n:self._n]  # memmove: the two ranges may overlap
+        self._n = max(rest, 0)
         self._pos += n
 
     def _take(self, cut: int, summary: Optional["scanner.Summary"]) -> Chunk:
@@ -675,20 +693,18 @@ class ChunkReader:
             return rng[0] - self._pos, None
         cap = self._syntax.max_record_bytes
         while True:
-            # The scanner reads only what bytes and bytearray share (len, find, slices, buffer).
-            buf = cast(bytes, self._buf)
-            if self._eof and len(buf) <= limit:
-                sc = scanner.scan(buf, self._syntax, final=True)
-                return len(buf), scanner.summarize(buf, sc)
-            # The scan window is the buffer's first ``limit`` bytes: set the rest (one byte, or up
-            # to a read's overshoot) aside for the scan instead of copying the window.
-            rest = self._buf[limit:]
-            del self._buf[limit:]
-            sc = scanner.scan(buf, self._syntax, final=False)
-            self._buf += rest
-            cut = sc.consumed
+            final = self._eof and self._n <= limit
+            # The scan window, as a view: the buffer's first ``limit`` bytes (all of them at the end).
+            # ``scan`` and ``summarize`` take any buffer (scanner.scan's docstring).
+            with memoryview(self._buf)[:self._n if final else min(limit, self._n)] as window:
+                buf = cast(bytes, window)
+                sc = scanner.scan(buf, self._syntax, final=final)
+                cut = sc.consumed
+                summary = scanner.summarize(buf, sc) if cut > 0 or final else None
+            if final:
+                return self._n, summary
             if cut > 0:
-                return cut, scanner.summarize(buf, sc)
+                return cut, summary
             if limit > cap + _READ_SIZE:
                 return -1, None
             # A record longer than the window: widen it (geometrically, so scanning stays linear).
@@ -700,15 +716,15 @@ class ChunkReader:
     def _skip_long_record(self) -> Chunk:
         """Consume a record longer than max_record_bytes: up to the first LF at or after that length."""
         start, line = self._pos, self._line
-        head = bytes(self._buf[:_HEAD_BYTES])
+        head = bytes(self._buf[:min(_HEAD_BYTES, self._n)])
         self._advance(self._syntax.max_record_bytes - 1)
         while True:
-            found = self._buf.find(b"\n")
+            found = self._buf.find(b"\n", 0, self._n)
             if found >= 0:
                 self._advance(found + 1)
                 break
-            self._advance(len(self._buf))
+            self._advance(self._n)
             self._fill(_READ_SIZE)
-            if not self._buf:
+            if not self._n:
                 break
         return Chunk(self._member, start, self._pos, line, head, reject=scanner.TOO_LONG)

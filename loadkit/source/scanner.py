@@ -31,20 +31,35 @@ Rules (``Syntax`` carries them; ``Syntax.of(dialect)`` builds one from a plan di
   at or after that length (or the end of data) and is rejected as too long. Memory stays bounded
   and time linear, whatever the input.
 
-Speed: ``scan`` finds the quotes, LFs and other special bytes with numpy and, where every quote
-sits where well-formed CSV puts it, takes record ends from the quote parity at each LF (exact for
-well-formed data). Only records with a quote out of place, an escape character or a bare CR go
-through the per-token Python state machine (``_one_record``), which then re-syncs the fast path.
+Speed: where every quote sits where well-formed CSV puts it, record ends come from the quote
+parity at each LF (exact for well-formed data). Only records with a quote out of place, an escape
+character or a bare CR go through the per-token Python state machine (``_one_record``), which then
+re-syncs the fast path. Two implementations of all this: a C extension (``_scanner.c``: the fast
+path over 64-byte blocks with bit masks, and a line-for-line port of ``_one_record``, without the
+GIL) when it is built (``ACCELERATED``), else numpy (``scan_numpy``: finds the quotes, LFs and other
+special bytes as arrays, then the Python ``_one_record``). Both yield the same Scan, record for
+record, with the same ``slow`` records and reasons (tests/test_scanner_properties.py).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+_c: Optional[ModuleType]
+try:
+    from loadkit.source import _scanner as _c  # the C fast path (setup.py; optional)
+except ImportError:  # built without a compiler: the numpy path
+    _c = None
+
 LF, CR = 10, 13
+# True when ``scan`` runs the C fast path: the extension is built and LOADKIT_SCANNER is not "numpy"
+# (which forces the numpy path, e.g. to compare the two).
+ACCELERATED = _c is not None and os.environ.get("LOADKIT_SCANNER", "").lower() != "numpy"
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
 UNTERMINATED = "unterminated quote"
 TOO_LONG = "record longer than max_record_bytes"
@@ -168,7 +183,66 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     With ``final`` the end of data ends the last record; otherwise a record the buffer does not
     hold whole is left out (``consumed`` says where the next scan must start). Time is linear in
     ``len(data)`` (a record past ``max_record_bytes`` is cut there), memory a few bytes per LF/quote.
+
+    ``data`` may be bytes, a bytearray or a memoryview of either (a reader's window of its buffer;
+    the numpy path copies it to bytes first). Runs the C
+    fast path when it is built and usable (``ACCELERATED``, ``_accelerable``), else ``scan_numpy``;
+    both give the same Scan (tests/test_scanner_properties.py).
     """
+    if ACCELERATED and _accelerable(syn):
+        return _scan_accel(data, syn, final, first_line)
+    return scan_numpy(data, syn, final, first_line)
+
+
+def _accelerable(syn: Syntax) -> bool:
+    """True when the C path's byte dispatch is unambiguous: delimiter, quote and escape are distinct
+    bytes and none is a line-end byte (config validation ensures the first; the second is only
+    unusual). Anything else goes to the numpy path."""
+    b = [syn._b(syn.delimiter), syn._b(syn.quote), syn._b(syn.escape)]
+    used = [x for x in b if x is not None]
+    return len(set(used)) == len(used) and not {LF, CR} & set(used)
+
+
+def _scan_accel(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> Scan:
+    """``scan`` by the C extension (``_scanner.scan``): the numpy path's parity rule over clean
+    stretches, byte by byte, and a port of ``_one_record`` for the records that rule cannot read,
+    called exactly where ``scan_numpy`` calls ``_one_record``; all without the GIL. Lines are counted
+    as it goes (no array of every LF). The reasons are worded here, as ``_one_record`` words them."""
+    assert _c is not None
+    qb, eb = syn._b(syn.quote), syn._b(syn.escape)
+    pairs, slow_idx, errs, qnl = _c.scan(data, final, syn.delimiter.encode("latin-1")[0],
+                                         -1 if qb is None else qb, -1 if eb is None else eb,
+                                         syn.doublequote, syn.lenient, syn.max_record_bytes)
+    both = np.frombuffer(pairs, np.int64).reshape(-1, 2)
+    ends = both[:, 0].copy()
+    lines = both[:, 1] + first_line
+    errors: Dict[int, Tuple[str, int]] = {}
+    for index, kind, aux in errs:
+        if kind == 1:
+            errors[index] = (f"{UNTERMINATED} opened on line +{aux}", 0)
+        elif kind == 2:
+            errors[index] = (TOO_LONG, 0)
+        else:
+            errors[index] = (f"malformed quoting: {chr(aux)!r} after a closing quote", 0)
+    return Scan(ends, lines, _absolute(errors, lines), set(np.frombuffer(slow_idx, np.int64).tolist()), bool(qnl))
+
+
+def _absolute(errors: Dict[int, Tuple[str, int]], lines: np.ndarray) -> Dict[int, str]:
+    """The reasons, with "opened on line +k" (relative to the record start) made absolute."""
+    reasons: Dict[int, str] = {}
+    for i, (why, _start) in errors.items():
+        if "opened on line +" in why:  # relative to the record start: make it absolute
+            head, rel = why.rsplit("+", 1)
+            why = f"{head}{int(lines[i]) + int(rel)}"
+        reasons[i] = why
+    return reasons
+
+
+def scan_numpy(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> Scan:
+    """``scan`` with numpy: the fallback without the C extension, and the reference the C path is
+    tested against. Same contract as ``scan``."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     n = len(data)
     arr = np.frombuffer(data, np.uint8)
     nl = np.flatnonzero(arr == LF)
@@ -242,13 +316,7 @@ def scan(data: bytes, syn: Syntax, final: bool = True, first_line: int = 1) -> S
     all_ends = np.concatenate(ends) if ends else np.empty(0, np.int64)
     starts = np.concatenate([[0], all_ends[:-1]]) if len(all_ends) else all_ends
     lines = first_line + np.searchsorted(nl, starts)
-    reasons: Dict[int, str] = {}
-    for i, (why, _start) in errors.items():
-        if "opened on line +" in why:  # relative to the record start: make it absolute
-            head, rel = why.rsplit("+", 1)
-            why = f"{head}{int(lines[i]) + int(rel)}"
-        reasons[i] = why
-    return Scan(all_ends.astype(np.int64), lines.astype(np.int64), reasons, slow, quoted_nl)
+    return Scan(all_ends.astype(np.int64), lines.astype(np.int64), _absolute(errors, lines), slow, quoted_nl)
 
 
 def _bad_quotes(arr: np.ndarray, q: np.ndarray, db: int, qb: int, syn: Syntax,
@@ -296,14 +364,19 @@ class _Bad:
         return self._idx[alignment]
 
 
-def _line_of(nl: np.ndarray, start: int, pos: int) -> int:
-    """How many LFs lie in [start, pos): the line offset of pos within a record starting at start."""
+def _line_of(data: bytes, nl: Optional[np.ndarray], start: int, pos: int) -> int:
+    """How many LFs lie in [start, pos): the line offset of pos within a record starting at start
+    (from ``nl``, the offsets of every LF, when the caller has it; else counted)."""
+    if nl is None:
+        return data.count(b"\n", start, pos)
     return int(np.searchsorted(nl, pos) - np.searchsorted(nl, start))
 
 
-def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -> Tuple[int, Optional[str]]:
+def _one_record(data: bytes, s: int, syn: Syntax, final: bool,
+                nl: Optional[np.ndarray]) -> Tuple[int, Optional[str]]:
     """The exact state machine for one record starting at ``s``: (end offset, error or None).
 
+    ``nl``: the offsets of every LF in data, or None (then counted where needed).
     Raises _Need when the buffer ends first and is not final.
     """
     n = len(data)
@@ -368,7 +441,7 @@ def _one_record(data: bytes, s: int, syn: Syntax, final: bool, nl: np.ndarray) -
                         end = line_end(open_at)
                         if end > cap_end:
                             return too_long()
-                        return end, f"{UNTERMINATED} opened on line +{_line_of(nl, s, open_at)}"
+                        return end, f"{UNTERMINATED} opened on line +{_line_of(data, nl, s, open_at)}"
                     raise _Need()
                 j = m.start()
                 if esc is not None and data[j:j + 1] == esc:
