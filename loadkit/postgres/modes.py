@@ -705,19 +705,21 @@ class Merge(WriteMode):
                         f"{quote_ident(table.name)}")
             cur.execute(f"ALTER TABLE {qualified(table.load_schema, table.name)} "
                         f"SET SCHEMA {quote_ident(table.schema)}")
-        deleted = 0
-        with step("primary_key", table.name):
+        deleted, duplicated = 0, False
+        with step("primary_key", table.name):  # optimistic: most months have no duplicate key
             cur.execute("SAVEPOINT lk_swap_key")
             try:
                 cur.execute(key_sql)
             except Exception as exc:
                 if getattr(exc, "pgcode", None) != "23505" and getattr(exc, "sqlstate", None) != "23505":
                     raise
-                cur.execute("ROLLBACK TO SAVEPOINT lk_swap_key")
-                with step("dedup", table.name):
-                    deleted = self._delete_losers(cur, ledger)
+                duplicated = True
+            cur.execute(("ROLLBACK TO" if duplicated else "RELEASE") + " SAVEPOINT lk_swap_key")
+        if duplicated:  # unique_violation: delete the losers, then build the key (steps: not nested, they add up)
+            with step("dedup", table.name):
+                deleted = self._delete_losers(cur, ledger)
+            with step("primary_key", table.name):
                 cur.execute(key_sql)
-            cur.execute("RELEASE SAVEPOINT lk_swap_key")
         cur.execute(f"ALTER TABLE {target} DROP COLUMN {quote_ident(ROW_COL)}")
         with step("indexes", table.name):
             for sql in rest:
