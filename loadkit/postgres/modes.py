@@ -52,6 +52,9 @@ SLOW_STEP_S = 1.0  # a finalisation step that takes longer is logged at INFO
 # published, autovacuum's default analyze threshold: an unchanged month skips a ~1 µs/row sample read.
 ANALYZE_WRITTEN_SHARE_INV = 10
 
+# A merge reload first probes this many staged rows' keys in the target (Merge._same_batches_likely).
+RELOAD_SAMPLE_ROWS = 1000
+
 PG_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names (silently, or fails later)
 
 
@@ -830,6 +833,46 @@ class Merge(WriteMode):
         return cond
 
     def _reload(self, cur: Any, ledger: Ledger) -> Published:
+        """Into a target that has rows: when a sample of the staged rows finds their target rows written by
+        the same batches (the same files reloaded), first a read-only comparison (_unchanged); if it finds
+        every staged key present and equal, nothing is written. Otherwise (or then) the upsert (_upsert)."""
+        if self._same_batches_likely(cur):
+            with step("compare", self.table.name):
+                distinct = self._unchanged(cur, ledger)
+            if distinct is not None:
+                return Published(0, 0, distinct)
+        return self._upsert(cur, ledger)
+
+    def _same_batches_likely(self, cur: Any) -> bool:
+        """True if at least half of (up to) RELOAD_SAMPLE_ROWS staged rows find their key in the target
+        written by the very batch that staged them (batch ids are deterministic: the same file bytes give
+        the same ids) -- a reload of files already published (a duplicate key's losers never match, hence
+        only half). A new month's files never do (other ids). Cost: that many primary-key probes."""
+        table = self.table
+        on = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in table.key)
+        batch = quote_ident(BATCH_COL)
+        cur.execute(f"SELECT count(*) FILTER (WHERE t.{batch} = s.{batch}), count(*) FROM (SELECT * FROM "
+                    f"{qualified(table.load_schema, table.load_table)} LIMIT {RELOAD_SAMPLE_ROWS}) s "
+                    f"LEFT JOIN {qualified(table.schema, table.name)} t ON {on}")
+        same, sampled = cur.fetchone()
+        return bool(sampled) and int(same) * 2 >= int(sampled)
+
+    def _unchanged(self, cur: Any, ledger: Ledger) -> Optional[int]:
+        """The number of distinct staged keys if every one of them is in the target with every published
+        column equal (NULL-safe, ``_lk_batch`` included: _changed_sql), else None. Read-only, one
+        deduplication and one join: the deduplication's output is in key order, so it can merge-join the
+        target's key index without another sort."""
+        table = self.table
+        names = self.published_names()
+        on = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in table.key)
+        k0 = quote_ident(table.key[0])
+        cur.execute(f"SELECT count(*), count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}) "
+                    f"FROM ({self._dedup_select(ledger)}) d LEFT JOIN {qualified(table.schema, table.name)} t "
+                    f"ON {on}")
+        distinct, differ = (int(v) for v in cur.fetchone())
+        return distinct if differ == 0 else None
+
+    def _upsert(self, cur: Any, ledger: Ledger) -> Published:
         """Into a target that has rows, in one statement over one deduplication: rewrite the rows whose
         key is present and some column differs, insert the keys that are new. Unchanged rows are not
         written at all (no dead tuple, no index entry, no WAL). Exact counts from the statement itself:
