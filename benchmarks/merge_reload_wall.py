@@ -6,7 +6,8 @@ and vs append (this checkout's append mode, first load only), all in one sitting
 
 The monthly job's estabelecimentos + empresas (1M + 0.8M generated rows) in mode merge without secondary indexes,
 each side's CLI in its own checkout (its own monthly.yaml), fresh schemas per repetition, side order rotating
-(before, after, append). Prints medians, the ratios to psql and to append, and the load averages as JSON.
+(before, after, append). Prints medians, the ratios to psql and to append, per-process CPU µs/row (driver,
+postgres backends: benchmarks.procstat; what a shared machine's load changes least) and the load averages as JSON.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import benchmarks.copy_bench as cb
+from benchmarks.procstat import ProcSampler
 
 
 def main() -> int:
@@ -27,6 +29,8 @@ def main() -> int:
     walls: dict = {f"{s}/{k}": [] for s in sides for k in ("first", "reload")}
     walls["append/first"] = []
     walls["psql"] = []
+    cpu: dict = {k: [] for k in walls}
+    rows = sum(month.rows.values())
     loads = []
     order = ["before", "after", "append"]
     for rep in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
@@ -47,12 +51,16 @@ def main() -> int:
             try:
                 for kind, extra in (("first", []), ("reload", ["force=true"]))[:1 if side == "append" else 2]:
                     t0 = time.perf_counter()
-                    p = subprocess.run([sys.executable, "-m", "loadkit", *base, *extra], capture_output=True, text=True,
-                                       cwd=sides.get(side, cb.ROOT))
-                    assert p.returncode == 0, p.stderr[-2000:]
+                    p = subprocess.Popen([sys.executable, "-m", "loadkit", *base, *extra], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, cwd=sides.get(side, cb.ROOT))
+                    sampler = ProcSampler(p.pid).start()
+                    _, err = p.communicate()
                     walls[f"{side}/{kind}"].append(time.perf_counter() - t0)
-                    cb.log(f"rep {rep + 1} {side}/{kind}: {walls[f'{side}/{kind}'][-1]:.1f} s "
-                           f"(load {os.getloadavg()[0]:.2f})")
+                    stats = sampler.stop()
+                    assert p.returncode == 0, err[-2000:]
+                    cpu[f"{side}/{kind}"].append({g: round(v / rows * 1e6, 3) for g, v in stats.cpu_s.items()})
+                    cb.log(f"rep {rep + 1} {side}/{kind}: {walls[f'{side}/{kind}'][-1]:.1f} s, CPU µs/row "
+                           f"{cpu[f'{side}/{kind}'][-1]} (load {os.getloadavg()[0]:.2f})")
             finally:
                 cb._psql(dsn, f'DROP SCHEMA IF EXISTS "{target}" CASCADE; '
                               f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE; '
@@ -61,6 +69,9 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in walls.items()}
     print(json.dumps({"walls_s": walls, "median_s": med, "x_psql": {k: med["psql"] / v for k, v in med.items()},
                       "x_append": {k: med["append/first"] / v for k, v in med.items()},
+                      "cpu_us_per_row_median": {k: {g: statistics.median(r.get(g, 0.0) for r in v) for g in v[0]}
+                                                for k, v in cpu.items() if v},
+                      "rows": rows,
                       "load_averages": loads}, indent=1))
     return 0
 

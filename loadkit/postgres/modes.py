@@ -736,12 +736,19 @@ class Merge(WriteMode):
         target = qualified(table.schema, table.name)
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
         order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
+        # Finding the duplicated keys hashes every key: give it the memory the key index's build gets
+        # (maintenance_work_mem) instead of spilling in work_mem, for this statement only.
+        cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
+                    "current_setting('maintenance_work_mem'), true)")
+        work_mem = cur.fetchone()[0]
         cur.execute(
             f"DELETE FROM {target} WHERE ctid = ANY(ARRAY(SELECT r.id FROM (SELECT s.ctid AS id, row_number() OVER "
             f"(PARTITION BY {key} ORDER BY {order_tail}) AS rn FROM {target} s JOIN {ledger.batch} b "
             f"ON b.batch_id = s.{quote_ident(BATCH_COL)} WHERE ({key}) IN (SELECT {_cols(table.key)} FROM {target} "
             f"GROUP BY {_cols(table.key)} HAVING count(*) > 1)) r WHERE r.rn > 1))")
-        return int(cur.rowcount)
+        deleted = int(cur.rowcount)
+        cur.execute("SELECT set_config('work_mem', %s, true)", (work_mem,))
+        return deleted
 
     def finalize(self, cur: Any, ledger: Ledger) -> Published:
         """Publish one row per staged key (the last wins): a first load into an empty target swaps the
