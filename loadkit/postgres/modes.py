@@ -3,8 +3,11 @@ finalisation after it. ``mode_for(table)`` picks the class from the config's mod
 
 - Append:   batches COPY straight into the target; secondary indexes are built after the load.
 - Merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key. Into an
-            empty target it inserts with no primary key/indexes and adds them after; otherwise it
-            inserts new keys and rewrites only rows that differ (IS DISTINCT FROM), reporting
+            empty target that nothing depends on, staging is instead a LOGGED table shaped like the
+            target, swapped in at the publish (the data is written once; see Merge's first-load
+            section); into any other empty target it inserts with no primary key/indexes and adds
+            them after; otherwise it inserts new keys and rewrites only rows that differ (IS
+            DISTINCT FROM; a reload of the same batches compares read-only first), reporting
             inserted / updated / unchanged.
 - Sync:     merge with ``delete_missing`` (each period is a full snapshot): after the upsert,
             keys the period no longer has are deleted (or closed, with ``history``).
@@ -16,7 +19,8 @@ Duplicate keys (merge, replace, snapshot) are resolved deterministically: the la
 table's sorted file list wins, then the last batch (byte offset) in it, then the last row in the
 batch -- i.e. "last shard wins, last record wins", the same in every run.
 
-Staging is UNLOGGED (no WAL: about half the write I/O). PostgreSQL empties UNLOGGED tables in
+Staging is UNLOGGED (no WAL: about half the write I/O), except a merge first load's direct staging,
+which becomes the target and is logged like it. PostgreSQL empties UNLOGGED tables in
 crash recovery while the ledger still says their batches committed, so ``verify_staging``
 compares staged rows per batch with the ledger before every resume and again inside every
 publishing transaction, and forgets what was lost so it is read again (never published short).
