@@ -10,8 +10,11 @@ returns to its state; VACUUM in between, not timed):
 - first:  finalize into the empty target (as created by the job: PK present);
 - reload: finalize into a second target already holding the same month (committed once, same batch ids:
           an unchanged month reloaded).
-Variants: ``before`` (the old upsert), ``after`` (Merge.finalize), ``merge`` (for reference: PG15 MERGE
-with the same IS DISTINCT FROM condition, no counts). Parallel query and parallel index builds are off
+Variants: ``before`` (the old upsert), ``after`` (Merge.finalize: a first load swaps the direct staging in),
+``insert`` (Merge.finalize with the swap refused: the insert path of aca0e3b), ``upsert`` (Merge.finalize
+without the reload's read-only comparison: the upsert of aca0e3b), ``verified`` (verify_staging,
+then Merge.finalize: the whole publishing transaction's work), ``merge`` (for reference: PG15 MERGE with the
+same IS DISTINCT FROM condition, no counts). Parallel query and parallel index builds are off
 in the timed session (max_parallel_*=0) so one process holds all the CPU; production may use them.
 Prints JSON: per variant and scenario the CPU µs/row and wall seconds (medians), the load averages.
 """
@@ -76,8 +79,37 @@ def merge_finalize(mode: Merge, cur: Any, ledger: Ledger) -> Published:
     return Published(None, written)
 
 
+def insert_finalize(mode: Merge, cur: Any, ledger: Ledger) -> Published:
+    """Merge.finalize with the swap refused: a first load inserts from staging (the path up to aca0e3b)."""
+    refused = type(mode)._swap_refusal
+    type(mode)._swap_refusal = lambda self, cur: "benchmark: the insert path"  # type: ignore[method-assign]
+    try:
+        return mode.finalize(cur, ledger)
+    finally:
+        type(mode)._swap_refusal = refused  # type: ignore[method-assign]
+
+
+def verified_finalize(mode: Merge, cur: Any, ledger: Ledger) -> Published:
+    """What the sink runs in the publishing transaction: verify_staging (per-batch counts), then finalize."""
+    lost = mode.verify_staging(cur, ledger, PERIOD)
+    assert not lost, lost
+    return mode.finalize(cur, ledger)
+
+
+def upsert_finalize(mode: Merge, cur: Any, ledger: Ledger) -> Published:
+    """Merge.finalize with the reload's read-only comparison skipped: a reload upserts at once (aca0e3b)."""
+    likely = type(mode)._same_batches_likely
+    type(mode)._same_batches_likely = lambda self, cur: False  # type: ignore[method-assign]
+    try:
+        return mode.finalize(cur, ledger)
+    finally:
+        type(mode)._same_batches_likely = likely  # type: ignore[method-assign]
+
+
 VARIANTS: Dict[str, Callable[[Merge, Any, Ledger], Published]] = {
-    "before": before_finalize, "after": lambda m, c, led: m.finalize(c, led), "merge": merge_finalize}
+    "before": before_finalize, "after": lambda m, c, led: m.finalize(c, led), "merge": merge_finalize,
+    "insert": insert_finalize, "verified": verified_finalize, "upsert": upsert_finalize}
+PERIOD = f"{cb.YEAR:04d}-{cb.MONTH:02d}"
 
 
 def stage(month: cb.Month, dsn: str, target: str, led: str) -> None:
@@ -154,6 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="before, after, merge; NAME@setting=value runs NAME with a session setting of its own")
     p.add_argument("--scenarios", default="first,reload")
     p.add_argument("--pg-set", action="append", default=[], help="a setting of the timed session, e.g. work_mem=64MB")
+    p.add_argument("--unique", action="store_true",
+                   help="delete the duplicate keys' losers from staging first (a month with no duplicate key)")
     p.add_argument("--dsn", default=os.environ.get("LOADKIT_DSN", "postgresql://root@127.0.0.1:5432/test"))
     p.add_argument("--data", type=Path, default=Path("/tmp/loadkit-bench"))
     args = p.parse_args(argv)
@@ -168,6 +202,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overrides(month, args.dsn, first_schema, led)))
         spec = plan.table(TABLE)
         ledger = Ledger(led)
+        if args.unique:  # staging without duplicate keys (the ledger's counts then differ: no verify variant)
+            conn = psycopg2.connect(args.dsn)
+            with conn, conn.cursor() as cur:
+                stage_t = qualified(spec.load_schema, spec.load_table)
+                key = _cols(spec.key)
+                cur.execute(f"DELETE FROM {stage_t} WHERE ctid IN (SELECT id FROM (SELECT s.ctid AS id, row_number() "
+                            f"OVER (PARTITION BY {key} ORDER BY b.file_ordinal DESC, b.start_offset DESC, "
+                            f"s._lk_row DESC) AS rn FROM {stage_t} s JOIN {ledger.batch} b "
+                            "ON b.batch_id = s._lk_batch) r WHERE r.rn > 1)")
+            conn.close()
         modes = {"first": mode_for(spec), "reload": mode_for(dataclasses.replace(spec, schema=reload_schema))}
         rb = modes["reload"].table
         conn = psycopg2.connect(args.dsn)

@@ -1,11 +1,13 @@
-"""Merge whole-run wall: a first load and a force=true reload of the same month, before vs after, vs psql \\copy.
+"""Merge whole-run wall: a first load and a force=true reload of the same month, before vs after, vs psql \\copy
+and vs append (this checkout's append mode, first load only), all in one sitting.
 
     git archive <rev> | tar -x -C /tmp/merge-before
     PYTHONPATH=$PWD python -m benchmarks.merge_reload_wall 3
 
 The monthly job's estabelecimentos + empresas (1M + 0.8M generated rows) in mode merge without secondary indexes,
-each side's CLI in its own checkout (its own monthly.yaml), fresh schemas per repetition, side order alternating.
-Prints medians, the ratios to psql and the load averages as JSON.
+each side's CLI in its own checkout (its own monthly.yaml), fresh schemas per repetition, side order rotating
+(before, after, append). Prints medians, the ratios to psql and to append, per-process CPU µs/row (driver,
+postgres backends: benchmarks.procstat; what a shared machine's load changes least) and the load averages as JSON.
 """
 import json
 import os
@@ -17,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import benchmarks.copy_bench as cb
+from benchmarks.procstat import ProcSampler
 
 
 def main() -> int:
@@ -24,36 +27,51 @@ def main() -> int:
     month = cb.generate(Path("/tmp/merge-bench-wr/rows1000000"), 1_000_000)
     sides = {"before": Path(os.environ.get("MERGE_BEFORE", "/tmp/merge-before")), "after": cb.ROOT}
     walls: dict = {f"{s}/{k}": [] for s in sides for k in ("first", "reload")}
+    walls["append/first"] = []
     walls["psql"] = []
+    cpu: dict = {k: [] for k in walls}
+    rows = sum(month.rows.values())
     loads = []
+    order = ["before", "after", "append"]
     for rep in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
         loads.append(round(os.getloadavg()[0], 2))
         walls["psql"].append(cb.psql_copy(month, dsn).wall_s)
-        for side in (("before", "after") if rep % 2 == 0 else ("after", "before")):
+        for side in order[rep % 3:] + order[:rep % 3]:
             tag = uuid.uuid4().hex[:8]
             target, led = f"mrw_t_{tag}", f"mrw_l_{tag}"
+            mode = "append" if side == "append" else "merge"
             overrides = [f"job.tables.{t}.enabled=false" for t in cb.OTHER_TABLES]
             for table, pattern in cb.MEMBERS.items():
                 overrides += [f'job.tables.{table}.source.paths=["{{year:04d}}-{{month:02d}}/{pattern}"]',
                               f"job.tables.{table}.source.format=csv", f"job.tables.{table}.source.member=null",
-                              f"job.tables.{table}.mode=merge", f"job.tables.{table}.indexes=[]"]
+                              f"job.tables.{table}.mode={mode}", f"job.tables.{table}.indexes=[]"]
             base = ["+job=monthly", f"year={cb.YEAR}", f"month={cb.MONTH}", f"data_root={month.root}",
                     f"sink.dsn={dsn}", f"job.schema={target}", f"sink.ledger_schema={led}", "tracking.enabled=false",
                     "env.progress_bars=false", *overrides]
             try:
-                for kind, extra in (("first", []), ("reload", ["force=true"])):
+                for kind, extra in (("first", []), ("reload", ["force=true"]))[:1 if side == "append" else 2]:
                     t0 = time.perf_counter()
-                    p = subprocess.run([sys.executable, "-m", "loadkit", *base, *extra], capture_output=True, text=True,
-                                       cwd=sides[side])
-                    assert p.returncode == 0, p.stderr[-2000:]
+                    p = subprocess.Popen([sys.executable, "-m", "loadkit", *base, *extra], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, cwd=sides.get(side, cb.ROOT))
+                    sampler = ProcSampler(p.pid).start()
+                    _, err = p.communicate()
                     walls[f"{side}/{kind}"].append(time.perf_counter() - t0)
-                    cb.log(f"rep {rep + 1} {side}/{kind}: {walls[f'{side}/{kind}'][-1]:.1f} s")
+                    stats = sampler.stop()
+                    assert p.returncode == 0, err[-2000:]
+                    cpu[f"{side}/{kind}"].append({g: round(v / rows * 1e6, 3) for g, v in stats.cpu_s.items()})
+                    cb.log(f"rep {rep + 1} {side}/{kind}: {walls[f'{side}/{kind}'][-1]:.1f} s, CPU µs/row "
+                           f"{cpu[f'{side}/{kind}'][-1]} (load {os.getloadavg()[0]:.2f})")
             finally:
                 cb._psql(dsn, f'DROP SCHEMA IF EXISTS "{target}" CASCADE; '
                               f'DROP SCHEMA IF EXISTS "{target}__lk_stage" CASCADE; '
                               f'DROP SCHEMA IF EXISTS "{led}" CASCADE')
+        loads.append(round(os.getloadavg()[0], 2))
     med = {k: statistics.median(v) for k, v in walls.items()}
     print(json.dumps({"walls_s": walls, "median_s": med, "x_psql": {k: med["psql"] / v for k, v in med.items()},
+                      "x_append": {k: med["append/first"] / v for k, v in med.items()},
+                      "cpu_us_per_row_median": {k: {g: statistics.median(r.get(g, 0.0) for r in v) for g in v[0]}
+                                                for k, v in cpu.items() if v},
+                      "rows": rows,
                       "load_averages": loads}, indent=1))
     return 0
 

@@ -8,17 +8,18 @@ of its file's content: a row whose winning file changed is rewritten (updated) e
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from datetime import date
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from loadkit.config import (ColumnConfig, DialectConfig, EnvConfig, JobConfig, LoadkitConfig, MigrateConfig,
-                            SinkConfig, SourceConfig, TableConfig, TrackingConfig, to_config)
+from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig, JobConfig, LoadkitConfig,
+                            MigrateConfig, SinkConfig, SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.errors import ConfigError
 from loadkit.runner import RunResult, run_job
 from tests.helpers import autocommit_cursor, drop_load_schemas, query
@@ -32,13 +33,16 @@ COLUMNS = [ColumnConfig(name="k", type="varchar(8)", nullable=False, collation="
 
 def config(root: Path, dsn: str, schemas: tuple, mlflow_uri: str, files: Sequence[str], *, month: int = 5,
            sync: bool = False, history: bool = False, force: bool = False, columns: Optional[list] = None,
-           migrate: Optional[MigrateConfig] = None):
+           migrate: Optional[MigrateConfig] = None, batch_rows: Optional[int] = None,
+           indexes: Optional[List[List[str]]] = None, max_rejects: Optional[int] = None):
     target, led = schemas
     table = TableConfig(source=SourceConfig(paths=[f"2024-{month:02d}/{f}" for f in files],
                                             dialect=DialectConfig(header=False)),
-                        columns=columns or COLUMNS, mode="merge", key=["k"], delete_missing=sync, history=history)
+                        columns=columns or COLUMNS, mode="merge", key=["k"], delete_missing=sync, history=history,
+                        indexes=indexes or [], max_rejects=max_rejects)
+    batch = BatchConfig(size=batch_rows, min_size=1) if batch_rows else BatchConfig()
     return to_config(LoadkitConfig(
-        year=2024, month=month, data_root=str(root), force=force,
+        year=2024, month=month, data_root=str(root), force=force, batch=batch,
         job=JobConfig(name="mergefin", schema=target, tables={"items": table}, migrate=migrate or MigrateConfig()),
         sink=SinkConfig(dsn=dsn, ledger_schema=led), tracking=TrackingConfig(uri=mlflow_uri, enabled=False),
         env=EnvConfig(progress_bars=False, executor="inprocess")))
@@ -131,7 +135,10 @@ def test_first_load_unchanged_reload_and_changes(tmp_path: Path, pg_dsn: str, sc
     tm = again.metrics.tables["items"]
     assert tm.rows_read == tm.rows_loaded + tm.rows_rejected == sum(counts(again))
     assert list(first.metrics.tables["items"].finalise_steps)[:2] == ["insert", "primary_key"]
-    assert "upsert" in tm.finalise_steps and "analyze" not in tm.finalise_steps  # nothing written: no ANALYZE
+    # The same batches again: a read-only comparison finds every key equal, so no upsert runs; nothing written,
+    # so no ANALYZE either.
+    assert "compare" in tm.finalise_steps and "upsert" not in tm.finalise_steps
+    assert "analyze" not in tm.finalise_steps
 
     # Rows edited behind loadkit's back (value -> NULL, NULL -> value) are restored by a reload of the
     # same files: IS DISTINCT FROM sees NULLs as values.
@@ -141,6 +148,7 @@ def test_first_load_unchanged_reload_and_changes(tmp_path: Path, pg_dsn: str, sc
         cur.execute(f"UPDATE \"{target}\".items SET a = 'q' WHERE k = 'k5'")  # NULL -> 'q'
     repaired = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, files, force=True)))
     assert counts(repaired) == (0, 3, 2, 2)
+    assert list(repaired.metrics.tables["items"].finalise_steps)[:2] == ["compare", "upsert"]  # compared, then written
     assert table_state(pg_dsn, target) == {k: v for k, (v, _) in want.items()}
 
     # Changes: b.csv edited (new key, value -> NULL, duplicate of an a.csv key), a.csv untouched, c.csv new.
@@ -287,3 +295,248 @@ def test_collation_config_is_validated(tmp_path: Path, pg_dsn: str, schemas: tup
                                        column: ColumnConfig, error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         config(tmp_path, pg_dsn, schemas, mlflow_uri, ["a.csv"], columns=[column])
+
+
+# ---------------------------------------------------------------- a first load written once (the swap)
+
+ITEMS_DDL = 'k varchar(8) COLLATE "C", a text, b integer, _lk_batch bigint, PRIMARY KEY (k)'
+
+
+def target_snapshot(dsn: str, schema: str) -> Dict[str, list]:
+    """Everything a reader can tell of ``schema``.items: rows (``_lk_batch`` too) and their checksum,
+    columns in order (type, collation, NOT NULL), constraints and indexes by name and definition (the
+    schema's name spelled S), persistence, kind, owner and grants."""
+    t = f'"{schema}".items'
+    norm = lambda rows: [tuple(str(v).replace(f'"{schema}"', "S").replace(schema, "S") for v in r)  # noqa: E731
+                         for r in rows]
+    return {
+        "rows": query(dsn, f"SELECT k, a, b, _lk_batch FROM {t} ORDER BY k COLLATE \"C\""),
+        "checksum": query(dsn, f"SELECT md5(string_agg(x::text, '|' ORDER BY x.k COLLATE \"C\")) FROM {t} x"),
+        "columns": query(dsn, "SELECT attname, format_type(atttypid, atttypmod), attcollation::regcollation::text, "
+                              "attnotnull FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                              "AND NOT attisdropped ORDER BY attnum", (t,)),
+        "constraints": query(dsn, "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                                  "WHERE conrelid = %s::regclass ORDER BY 1", (t,)),
+        "indexes": norm(query(dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s "
+                                   "AND tablename = 'items' ORDER BY 1", (schema,))),
+        "class": query(dsn, "SELECT relkind, relpersistence, relowner::regrole::text, relacl::text "
+                            "FROM pg_class WHERE oid = %s::regclass", (t,)),
+    }
+
+
+def no_staging_left(dsn: str, schema: str) -> bool:
+    return query(dsn, "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                      "WHERE n.nspname = %s", (f"{schema}__lk_stage",)) == [(0,)]
+
+
+def steps_of(result: RunResult) -> List[str]:
+    return list(result.metrics.tables["items"].finalise_steps)
+
+
+@pytest.fixture()
+def old_path(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A context manager that makes the runs inside it take the old first load: UNLOGGED staging, insert."""
+    from loadkit.postgres.modes import Merge
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        with monkeypatch.context() as m:
+            m.setattr(Merge, "_direct_wanted", lambda self, cur, created: False)
+            m.setattr(Merge, "_swap_refusal", lambda self, cur: "the old path (test)")
+            yield
+    return ctx
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_swapped_first_load_equals_the_insert_path(data: st.DataObject, tmp_path_factory: pytest.TempPathFactory,
+                                                   pg_dsn: str, mlflow_uri: str, old_path: Any) -> None:
+    """Random months of 1-3 files over a few keys (duplicates within batches, across batches of a file and
+    across files; batches of 1-4 rows): the first load through the swap gives the same table as the old
+    insert path -- rows and ``_lk_batch``, checksum, columns, PK, declared index -- and the same counts."""
+    import uuid
+
+    tmp = tmp_path_factory.mktemp("swap")
+    value = st.one_of(st.just(""), st.sampled_from(["p", "q", "r s"]))
+    number = st.one_of(st.just(""), st.integers(-3, 3).map(str))
+    row = st.tuples(st.sampled_from([f"k{i}" for i in range(6)] + ["K0", "k10", "f1"]), value, number)
+    placed = st.lists(st.tuples(st.floats(0, 1), row), min_size=1, max_size=12)
+    drawn = data.draw(st.dictionaries(st.sampled_from(["a.csv", "b.csv", "c.csv"]), placed, min_size=1, max_size=3))
+    files = {}
+    for name, rows in drawn.items():  # ~2000 filler rows a file (3+ batches: a chunk is >= 64 KiB), some shared
+        body: List[Row] = [(f"f{i}", f"{name}-{i}".ljust(70, "."), str(i)) for i in range(0, 2000)]
+        for at, r in sorted(rows, key=lambda p: p[0]):
+            body.insert(int(at * len(body)), r)
+        files[name] = body
+    batch_rows = data.draw(st.sampled_from([None, 1]))
+    names = write_month(tmp, 5, files)
+    snaps, results = [], []
+    for old in (False, True):
+        schemas = (f"t_{uuid.uuid4().hex[:8]}", f"l_{uuid.uuid4().hex[:8]}")
+        try:
+            with old_path() if old else contextlib.nullcontext():
+                result = ok(run_job(config(tmp, pg_dsn, schemas, mlflow_uri, names, batch_rows=batch_rows,
+                                           indexes=[["b", "a"]])))
+            snaps.append(target_snapshot(pg_dsn, schemas[0]))
+            results.append(result)
+            assert no_staging_left(pg_dsn, schemas[0])
+        finally:
+            drop_load_schemas(pg_dsn, *schemas)
+    new, old_ = results
+    assert "swap" in steps_of(new) and "insert" not in steps_of(new)
+    assert "insert" in steps_of(old_) and "swap" not in steps_of(old_)
+    assert snaps[0] == snaps[1]
+    want = last_wins(files)
+    assert [(k, a, b) for k, a, b, _ in snaps[0]["rows"]] == sorted(
+        ((k, v[0], v[1]) for k, (v, _) in want.items()), key=lambda r: r[0].encode())
+    assert counts(new) == counts(old_) == expected_counts({}, want, set(), sum(len(r) for r in files.values()))
+    assert ("dedup" in steps_of(new)) == (counts(new)[3] > 0)  # duplicates resolved in place only if any
+    if batch_rows:
+        assert new.metrics.tables["items"].batches >= 3 * len(files)
+
+
+@pytest.mark.parametrize("blocker", ["view", "grant", "referenced", "comment", "trigger"])
+def test_first_load_into_a_target_that_cannot_be_swapped_inserts(tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                                  mlflow_uri: str, blocker: str) -> None:
+    """Something a swap would lose or break: the first load takes the old path (insert into the table
+    itself), which keeps the table, its OID and the dependant, and loads exactly."""
+    target, _ = schemas
+    t = f'"{target}".items'
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f'CREATE SCHEMA "{target}"')
+        cur.execute(f"CREATE TABLE {t} ({ITEMS_DDL})")
+        cur.execute({
+            "view": f'CREATE VIEW "{target}".v AS SELECT k, b FROM {t}',
+            "grant": f"GRANT SELECT ON {t} TO PUBLIC",
+            "referenced": f'CREATE TABLE "{target}".child (k varchar(8) COLLATE "C" REFERENCES {t} (k))',
+            "comment": f"COMMENT ON COLUMN {t}.a IS 'kept'",
+            "trigger": f'CREATE FUNCTION "{target}".f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; '
+                       f'END $$; CREATE TRIGGER tr BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION "{target}".f()',
+        }[blocker])
+    oid = query(pg_dsn, "SELECT %s::regclass::oid", (t,))[0][0]
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, MAY))))
+    assert steps_of(result)[0] == "insert" and "swap" not in steps_of(result)  # (a referenced PK stays in place)
+    assert query(pg_dsn, "SELECT %s::regclass::oid", (t,))[0][0] == oid
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in last_wins(MAY).items()}
+    assert counts(result) == (5, 0, 0, 2)
+    if blocker == "view":
+        assert query(pg_dsn, f'SELECT count(*) FROM "{target}".v') == [(5,)]
+    assert no_staging_left(pg_dsn, target)
+
+
+def test_first_load_swaps_a_plain_existing_target_keeping_its_names(tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                                    mlflow_uri: str) -> None:
+    """An existing empty target with only what a swap rebuilds (a named PK, a CHECK, a user index, a NOT NULL
+    column): swapped, and every one of them is back under its own name and definition."""
+    target, _ = schemas
+    t = f'"{target}".items'
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f'CREATE SCHEMA "{target}"')
+        cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C", a text NOT NULL, b integer, _lk_batch bigint, '
+                    "CONSTRAINT my_key PRIMARY KEY (k), CONSTRAINT b_small CHECK (b < 100))")
+        cur.execute(f"CREATE INDEX my_idx ON {t} (a) WHERE b IS NOT NULL")
+    before = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+    rows = {"a.csv": [("k1", "x", "1"), ("k2", "y", ""), ("k1", "z", "3")]}
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, rows))))
+    assert "swap" in steps_of(result) and "dedup" in steps_of(result)
+    after = target_snapshot(pg_dsn, target)
+    assert {k: v for k, v in after.items() if k not in ("rows", "checksum")} == before
+    assert table_state(pg_dsn, target) == {"k1": ("z", 3), "k2": ("y", None)}
+    assert counts(result) == (2, 0, 0, 1)
+    # NOT NULL outside the key is checked like the old insert checked it: a NULL fails the publish.
+    bad = {"a.csv": [("k3", "", "1")]}
+    failed = run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 6, bad), month=6))
+    assert failed.status == "failed"  # (a reload: the target has rows; the insert refuses the NULL)
+
+
+def test_target_written_before_publish_takes_the_reload(tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct staging was prepared for an empty target, but someone wrote into the target before the
+    publish: the staged rows are upserted (the reload) from the same staging, counts exact."""
+    from loadkit.postgres.modes import Merge
+
+    target, _ = schemas
+    original = Merge.finalize
+
+    def write_then_finalize(self: Merge, cur: Any, ledger: Any) -> Any:
+        stage = query(pg_dsn, "SELECT relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                              "WHERE n.nspname = %s", (f"{target}__lk_stage",))
+        assert stage == [("p",)]  # the direct kind
+        with autocommit_cursor(pg_dsn) as other:
+            other.execute(f"INSERT INTO \"{target}\".items VALUES ('k1', 'old', 0, NULL), ('k9', 'n', 9, NULL)")
+        return original(self, cur, ledger)
+
+    monkeypatch.setattr(Merge, "finalize", write_then_finalize)
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, MAY))))
+    assert "upsert" in steps_of(result) and "swap" not in steps_of(result)
+    assert counts(result) == (4, 1, 0, 2)
+    assert table_state(pg_dsn, target) == {**{k: v for k, (v, _) in last_wins(MAY).items()}, "k9": ("n", 9)}
+    assert no_staging_left(pg_dsn, target)
+
+
+def test_target_gets_a_view_before_publish_inserts_from_direct_staging(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct staging was prepared, then a view on the target appeared: the publish refuses the swap and
+    inserts from the direct staging (the old path), the view keeps working."""
+    from loadkit.postgres.modes import Merge
+
+    target, _ = schemas
+    original = Merge.finalize
+
+    def view_then_finalize(self: Merge, cur: Any, ledger: Any) -> Any:
+        with autocommit_cursor(pg_dsn) as other:
+            other.execute(f'CREATE VIEW "{target}".v AS SELECT * FROM "{target}".items')
+        return original(self, cur, ledger)
+
+    monkeypatch.setattr(Merge, "finalize", view_then_finalize)
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, MAY),
+                               indexes=[["a"]])))
+    assert steps_of(result)[:2] == ["insert", "primary_key"]
+    assert counts(result) == (5, 0, 0, 2)
+    assert query(pg_dsn, f'SELECT count(*) FROM "{target}".v') == [(5,)]
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in last_wins(MAY).items()}
+    assert no_staging_left(pg_dsn, target)
+
+
+def test_stopped_before_publish_then_resume_publishes_through_the_swap(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped at its publish (every batch committed to the logged, direct staging, the files
+    settled 'staged'); staging then loses a batch behind loadkit's back (what crash recovery does to
+    UNLOGGED staging, or a hand-made DELETE); the resume reads only that batch again and publishes
+    through the swap, exactly. A force=true rerun over the published month is an unchanged reload."""
+    from loadkit.errors import LoadkitError
+    from loadkit.postgres.modes import Merge
+
+    target, led = schemas
+    month = {"a.csv": [(f"k{i}", "x" * 70, str(i)) for i in range(2000)] + [("k1", "dup", "")],
+             "b.csv": [("k2", "late", "2"), ("k20", "", "")]}
+    names = write_month(tmp_path, 5, month)
+
+    def crash(self: Merge, cur: Any, ledger: Any) -> Any:
+        raise LoadkitError("stopped at the publish (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(Merge, "finalize", crash)
+        stopped = run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, batch_rows=3))
+    assert stopped.status == "failed"
+    kinds = query(pg_dsn, "SELECT c.relname, c.relpersistence FROM pg_class c JOIN pg_namespace n "
+                          "ON n.oid = c.relnamespace WHERE n.nspname = %s", (f"{target}__lk_stage",))
+    assert len(kinds) == 1 and kinds[0][1] == "p"  # the direct kind: logged
+    stage = f'"{target}__lk_stage"."{kinds[0][0]}"'
+    batches = query(pg_dsn, f'SELECT count(*), sum(rows_loaded) FROM "{led}".batch WHERE table_name = %s',
+                    ("items",))[0]
+    assert batches[0] > 2 and batches[1] == 2003 == query(pg_dsn, f"SELECT count(*) FROM {stage}")[0][0]
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f"DELETE FROM {stage} WHERE _lk_batch = (SELECT min(_lk_batch) FROM {stage})")
+        lost = cur.rowcount
+    resumed = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, batch_rows=3)))
+    assert "swap" in steps_of(resumed)
+    want = last_wins(month)
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in want.items()}
+    assert counts(resumed) == expected_counts({}, want, set(), 2003) == (2000, 0, 0, 3)
+    assert 0 < lost == resumed.metrics.tables["items"].rows_read  # only the lost batch was read again
+    assert query(pg_dsn, f'SELECT sum(rows_loaded) FROM "{led}".batch WHERE table_name = %s', ("items",)) == [(2003,)]
+    assert no_staging_left(pg_dsn, target)
+    again = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, batch_rows=3, force=True)))
+    assert counts(again) == (0, 0, 2000, 3) and "compare" in steps_of(again) and "upsert" not in steps_of(again)

@@ -98,16 +98,16 @@ def test_merge_and_replace_finalisation_report_their_steps(tmp_path: Path, job_o
                                            "tracking.enabled=false")))
     assert result.status == "succeeded", result.error
     merge, replace = result.metrics.tables["empresas"], result.metrics.tables["cnaes"]
-    # a first load into the empty target: PK added after the insert, like replace (a reload: upsert, ...)
-    assert list(merge.finalise_steps) == ["insert", "primary_key", "drop_staging", "indexes", "analyze",
-                                          "sync_missing"]
+    # a first load into the empty target: staging swapped in, PK and indexes built after, the sample's duplicate
+    # keys deleted in place when the PK finds them (a reload: upsert, ...)
+    assert list(merge.finalise_steps) == ["swap", "primary_key", "dedup", "indexes", "analyze", "sync_missing"]
     assert list(replace.finalise_steps) == ["insert", "primary_key", "indexes", "analyze", "swap", "drop_staging",
                                             "count"]
     for tm in (merge, replace):
         assert all(s >= 0 for s in tm.finalise_steps.values())
         assert 0 < sum(tm.finalise_steps.values()) <= tm.finalise_s
     final = result.metrics.final(result.wall_s, 0, 0, 0)
-    assert final["empresas.finalise.insert_s"] == merge.finalise_steps["insert"]
+    assert final["empresas.finalise.primary_key_s"] == merge.finalise_steps["primary_key"]
     assert final["cnaes.finalise.swap_s"] == replace.finalise_steps["swap"]
 
 

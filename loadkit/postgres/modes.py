@@ -3,8 +3,11 @@ finalisation after it. ``mode_for(table)`` picks the class from the config's mod
 
 - Append:   batches COPY straight into the target; secondary indexes are built after the load.
 - Merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key. Into an
-            empty target it inserts with no primary key/indexes and adds them after; otherwise it
-            inserts new keys and rewrites only rows that differ (IS DISTINCT FROM), reporting
+            empty target that nothing depends on, staging is instead a LOGGED table shaped like the
+            target, swapped in at the publish (the data is written once; see Merge's first-load
+            section); into any other empty target it inserts with no primary key/indexes and adds
+            them after; otherwise it inserts new keys and rewrites only rows that differ (IS
+            DISTINCT FROM; a reload of the same batches compares read-only first), reporting
             inserted / updated / unchanged.
 - Sync:     merge with ``delete_missing`` (each period is a full snapshot): after the upsert,
             keys the period no longer has are deleted (or closed, with ``history``).
@@ -16,7 +19,8 @@ Duplicate keys (merge, replace, snapshot) are resolved deterministically: the la
 table's sorted file list wins, then the last batch (byte offset) in it, then the last row in the
 batch -- i.e. "last shard wins, last record wins", the same in every run.
 
-Staging is UNLOGGED (no WAL: about half the write I/O). PostgreSQL empties UNLOGGED tables in
+Staging is UNLOGGED (no WAL: about half the write I/O), except a merge first load's direct staging,
+which becomes the target and is logged like it. PostgreSQL empties UNLOGGED tables in
 crash recovery while the ledger still says their batches committed, so ``verify_staging``
 compares staged rows per batch with the ledger before every resume and again inside every
 publishing transaction, and forgets what was lost so it is read again (never published short).
@@ -51,6 +55,9 @@ SLOW_STEP_S = 1.0  # a finalisation step that takes longer is logged at INFO
 # A merge reload ANALYZEs the target only when it wrote (inserted + updated) at least 1/10 of the keys it
 # published, autovacuum's default analyze threshold: an unchanged month skips a ~1 µs/row sample read.
 ANALYZE_WRITTEN_SHARE_INV = 10
+
+# A merge reload first probes this many staged rows' keys in the target (Merge._same_batches_likely).
+RELOAD_SAMPLE_ROWS = 1000
 
 PG_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names (silently, or fails later)
 
@@ -201,6 +208,8 @@ class WriteMode:
 
     def __init__(self, table: TableSpec) -> None:
         self.table = table
+        # The rows staging holds, as the last verify_staging counted them (None: not verified, or lost rows).
+        self._verified_rows: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.table.name!r})"
@@ -276,7 +285,7 @@ class WriteMode:
             if diff:
                 self._migrate(cur, diff, migrate)
         if self.staged:
-            self._prepare_staging(cur)
+            self._prepare_staging(cur, created=actual is None)
 
     def create_target(self, cur: Any) -> None:
         """The target without constraints during the load (replace builds them at the swap)."""
@@ -317,9 +326,9 @@ class WriteMode:
             log.warning("keeping undeclared columns of %s.%s (loads leave them NULL or default): %s",
                         table.schema, table.name, ", ".join(diff.extra))
 
-    def _prepare_staging(self, cur: Any) -> None:
+    def _prepare_staging(self, cur: Any, created: bool = False) -> None:
         """UNLOGGED staging of the declared shape; one left by another declaration is dropped (its batches
-        reload)."""
+        reload). ``created``: prepare has just created the target (Merge uses it; see Merge)."""
         table = self.table
         stage = qualified(table.load_schema, table.load_table)
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.load_schema)}")
@@ -358,6 +367,7 @@ class WriteMode:
             cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
             staged = {int(b): int(n) for b, n in cur.fetchall()}
         lost = [b for b, sb in expected.items() if staged.get(b, 0) != sb.rows_loaded]
+        self._verified_rows = None if lost else sum(sb.rows_loaded for sb in expected.values())
         orphans = [b for b in staged if b not in expected]
         if (lost or orphans) and staged:
             cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost + orphans,))
@@ -504,16 +514,264 @@ class Merge(WriteMode):
                               "mode merge needs for its upsert: add one, or load it once with mode replace",
                               key=f"job.tables.{t.name}.mode")
 
+    # ------------------------------------------------------------ a first load written once (issue 16)
+    #
+    # Into an empty target nothing needs comparing, and copying every staged row into the target (the old
+    # first load: INSERT ... SELECT DISTINCT ON, ~4.4 µs/row of backend CPU) writes the data twice. So when
+    # prepare finds the target empty and swappable, the table's staging is made LOGGED and shaped like the
+    # target (its columns, in its order, types and collations, plus ROW_COL): the batches COPY into what
+    # becomes the target. The publishing transaction then (target locked, still empty, still swappable)
+    # drops the empty target, moves staging in under its name, resolves duplicate keys in place only if
+    # the key's unique index cannot be built, drops ROW_COL (O(1): a dropped column), and rebuilds the
+    # target's own constraints and indexes by their definitions and names. A target something could tell
+    # apart after the swap (dependants, grants, comments, triggers, ... see _swap_blockers) is never
+    # swapped: the first load then inserts from staging as before (both staging shapes serve every path).
+
+    def _prepare_staging(self, cur: Any, created: bool = False) -> None:
+        """Staging of the declared shape (UNLOGGED), or -- for a first load into an empty, swappable target
+        -- a LOGGED table shaped like the target plus ROW_COL (``_direct_columns``). An existing staging
+        table keeps its kind (its committed batches are the resume's); one whose columns no longer match
+        is dropped and its batches reload (verify_staging finds them missing)."""
+        table = self.table
+        stage = qualified(table.load_schema, table.load_table)
+        persistence = self._staging_persistence(cur)
+        if persistence == "p":
+            actual = existing_columns(cur, table.load_schema, table.load_table)
+            if actual is not None and list(actual.items()) == list(self._direct_columns(cur).items()):
+                return
+            log.warning("staging table %s.%s does not match the target; dropping it, its batches will reload",
+                        table.load_schema, table.load_table)
+            cur.execute(f"DROP TABLE {stage}")
+        if persistence == "u" or not self._direct_wanted(cur, created):
+            super()._prepare_staging(cur, created)
+            return
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(table.load_schema)}")
+        cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.load_table)}")  # see WriteMode's
+        cols = self._direct_columns(cur) if not created else {
+            **{n: ddl for n, (ddl, _) in self.target_columns().items()}, ROW_COL: "integer"}
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {stage} ("
+                    + ", ".join(f"{quote_ident(n)} {t}" for n, t in cols.items()) + ")")
+
+    def _staging_persistence(self, cur: Any) -> Optional[str]:
+        """pg_class.relpersistence of the staging table ('p' logged: the direct kind, 'u'), None if absent."""
+        cur.execute("SELECT c.relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = %s AND c.relname = %s", (self.table.load_schema, self.table.load_table))
+        row = cur.fetchone()
+        return str(row[0]) if row else None
+
+    def _direct_columns(self, cur: Any) -> Dict[str, str]:
+        """name -> DDL type of a direct staging table: the target's columns in its order (existing_columns'
+        spelling, collations included, no NOT NULL: those are checked at the swap like the old insert
+        checked them), then ROW_COL."""
+        target = existing_columns(cur, self.table.schema, self.table.name) or {}
+        return {**target, ROW_COL: "integer"}
+
+    def _direct_wanted(self, cur: Any, created: bool) -> bool:
+        """At prepare: the target is empty and nothing blocks a swap (a cheap look; publish checks again).
+        A target prepare has just created (``created``) is both, with nothing to look up."""
+        if created:
+            return True
+        target = qualified(self.table.schema, self.table.name)
+        cur.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {target})")
+        row = cur.fetchone()
+        return bool(row and row[0]) and not self._swap_blockers(cur)
+
+    def _swap_blockers(self, cur: Any) -> List[str]:
+        """What about the target a swap would lose or change, as short reasons; [] = it can be swapped.
+
+        Allowed: a plain, logged table owned by the current user, in the default tablespace, whose
+        columns carry nothing but name/type/collation/NOT NULL (no n_distinct: core PostgreSQL's column
+        options; others a server may set on every new table are its own), whose constraints are primary key /
+        unique / check / exclusion (validated, not inherited) and whose indexes are valid and in the
+        default tablespace -- all rebuilt by definition under their own names. Everything else blocks:
+        grants (table or column), comments, security labels, row security and policies, triggers (foreign
+        keys either way among them), rules, views or anything else depending on the table or its row type,
+        inheritance and partitions, publications naming it, extended statistics, storage/statistics/
+        column options, reloptions, replica identity, a clustered index."""
+        target = qualified(self.table.schema, self.table.name)
+        checks = {
+            "not a plain logged table": "c.relkind <> 'r' OR c.relpersistence <> 'p' OR c.relispartition",
+            "owned by another role": "c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)",
+            "has grants": "c.relacl IS NOT NULL OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid "
+                          "AND a.attacl IS NOT NULL)",
+            "has storage options or a tablespace": "c.reloptions IS NOT NULL OR c.reltablespace <> 0 "
+                                                   "OR c.relreplident <> 'd'",
+            "has row security": "c.relrowsecurity OR c.relforcerowsecurity "
+                                "OR EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid)",
+            "has triggers or foreign keys": "c.relhastriggers OR EXISTS (SELECT 1 FROM pg_constraint k "
+                                            "WHERE k.confrelid = c.oid OR (k.conrelid = c.oid AND (k.contype NOT IN "
+                                            "('p', 'u', 'c', 'x') OR NOT k.convalidated OR k.coninhcount > 0)))",
+            "has rules": "c.relhasrules",
+            "has inheritance": "c.relhassubclass OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)",
+            "has column defaults or options": (
+                "EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid WHERE a.attrelid = c.oid "
+                "AND a.attnum > 0 AND NOT a.attisdropped AND (a.atthasdef OR a.attidentity <> '' "
+                "OR a.attgenerated <> '' OR a.attfdwoptions IS NOT NULL OR EXISTS (SELECT 1 FROM "
+                "unnest(a.attoptions) o WHERE o LIKE 'n\\_distinct%%') "
+                "OR a.attstattarget <> -1 OR a.attstorage <> t.typstorage OR a.attcompression <> ''))"),
+            "has an index it cannot rebuild": (
+                "EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid "
+                "AND (NOT i.indisvalid OR i.indisclustered OR ic.reltablespace <> 0))"),
+            "has dependants": (
+                "EXISTS (SELECT 1 FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid "
+                "AND NOT ((d.classid = 'pg_type'::regclass AND d.deptype = 'i') "
+                "OR (d.classid = 'pg_class'::regclass AND (d.objid = c.reltoastrelid OR d.objid IN "
+                "(SELECT i.indexrelid FROM pg_index i WHERE i.indrelid = c.oid))) "
+                "OR (d.classid = 'pg_constraint'::regclass AND d.objid IN "
+                "(SELECT k.oid FROM pg_constraint k WHERE k.conrelid = c.oid)))) "
+                "OR EXISTS (SELECT 1 FROM pg_depend d JOIN pg_type t ON t.oid = c.reltype "
+                "WHERE d.refclassid = 'pg_type'::regclass AND d.refobjid IN (t.oid, t.typarray) "
+                "AND NOT (d.classid = 'pg_type'::regclass AND d.deptype = 'i'))"),
+            "is published or has extended statistics": (
+                "EXISTS (SELECT 1 FROM pg_publication_rel p WHERE p.prrelid = c.oid) "
+                "OR EXISTS (SELECT 1 FROM pg_statistic_ext x WHERE x.stxrelid = c.oid)"),
+            "has comments or security labels": (
+                "EXISTS (SELECT 1 FROM pg_description d WHERE d.objoid = c.oid OR d.objoid IN "
+                "(SELECT i.indexrelid FROM pg_index i WHERE i.indrelid = c.oid) OR d.objoid IN "
+                "(SELECT k.oid FROM pg_constraint k WHERE k.conrelid = c.oid)) "
+                "OR EXISTS (SELECT 1 FROM pg_seclabel l WHERE l.objoid = c.oid)"),
+        }
+        cur.execute("SELECT " + ", ".join(f"({sql})" for sql in checks.values())
+                    + " FROM pg_class c WHERE c.oid = to_regclass(%s)", (target,))
+        row = cur.fetchone()
+        if row is None:
+            return ["no such table"]
+        return [why for why, hit in zip(checks, row) if hit]
+
+    def _swap_refusal(self, cur: Any) -> Optional[str]:
+        """At publish, with the target empty and locked: why the staged rows cannot become the target by a
+        swap (None: they can). Direct staging, the same columns in the same order, the same owner and
+        grants as the target, no blocker, and a unique constraint or index on exactly the key."""
+        table = self.table
+        if self._staging_persistence(cur) != "p":
+            return "staging is not the direct kind"
+        staged = existing_columns(cur, table.load_schema, table.load_table)
+        if staged is None or list(staged.items()) != list(self._direct_columns(cur).items()):
+            return "staging is not shaped like the target"
+        cur.execute("SELECT s.relowner = t.relowner AND s.relacl IS NOT DISTINCT FROM t.relacl "
+                    "FROM pg_class s, pg_class t WHERE s.oid = to_regclass(%s) AND t.oid = to_regclass(%s)",
+                    (qualified(table.load_schema, table.load_table), qualified(table.schema, table.name)))
+        row = cur.fetchone()
+        if not (row and row[0]):
+            return "staging's owner or grants differ from the target's"
+        blockers = self._swap_blockers(cur)
+        if blockers:
+            return "the target " + ", ".join(blockers)
+        if self._rebuild_statements(cur)[0] is None:
+            return "no unique constraint or index on exactly the key"
+        return None
+
+    def _rebuild_statements(self, cur: Any) -> Tuple[Optional[str], List[str]]:
+        """(the statement that rebuilds the target's unique constraint/index on exactly the key, the
+        statements that rebuild everything else: its other constraints and indexes by definition and name,
+        NOT NULL of columns outside the key), read from the catalog before the target is dropped. The
+        definitions name the target, so they run as they are on the table swapped in under its name."""
+        t = self.table
+        target = qualified(t.schema, t.name)
+        cur.execute(
+            "SELECT k.contype IN ('p', 'u') AND NOT k.condeferrable AND ARRAY(SELECT a.attname::text "
+            "FROM pg_attribute a WHERE a.attrelid = k.conrelid AND a.attnum = ANY(k.conkey) "
+            "ORDER BY a.attname::text COLLATE \"C\") = %s::text[], "
+            "format('ALTER TABLE %%s ADD CONSTRAINT %%I %%s', %s, k.conname, pg_get_constraintdef(k.oid)) "
+            "FROM pg_constraint k WHERE k.conrelid = to_regclass(%s) ORDER BY k.contype <> 'p', k.conname",
+            (sorted(t.key), target, target))
+        constraints = [(bool(r[0]), str(r[1])) for r in cur.fetchall()]
+        cur.execute(
+            "SELECT i.indisunique AND i.indexprs IS NULL AND i.indpred IS NULL AND ARRAY(SELECT a.attname::text "
+            "FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "ORDER BY a.attname::text COLLATE \"C\") = %s::text[] "
+            "AND i.indnkeyatts = array_length(%s::text[], 1), pg_get_indexdef(i.indexrelid) "
+            "FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid "
+            "AND k.conrelid = i.indrelid) ORDER BY ic.relname",
+            (sorted(t.key), sorted(t.key), target))
+        indexes = [(bool(r[0]), str(r[1])) for r in cur.fetchall()]
+        cur.execute("SELECT a.attname FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 "
+                    "AND NOT a.attisdropped AND a.attnotnull AND NOT a.attname = ANY(%s::text[]) ORDER BY a.attnum",
+                    (target, list(t.key)))
+        notnull = [f"ALTER TABLE {target} ALTER COLUMN {quote_ident(r[0])} SET NOT NULL" for r in cur.fetchall()]
+        key = next((sql for on_key, sql in constraints + indexes if on_key), None)
+        rest = [sql for _, sql in constraints + indexes if sql != key]
+        return key, rest + notnull
+
+    def _swap_in(self, cur: Any, ledger: Ledger) -> Published:
+        """Publish a first load by making the direct staging the target (see the section comment): the
+        target is empty and ACCESS EXCLUSIVE locked by the caller, and _swap_refusal said yes. Exact count:
+        the rows staged (what verify_staging just counted) less the duplicate-key losers deleted."""
+        table = self.table
+        target = qualified(table.schema, table.name)
+        key_sql, rest = self._rebuild_statements(cur)
+        assert key_sql is not None  # _swap_refusal checked it
+        staged = self._verified_rows
+        if staged is None:
+            cur.execute(f"SELECT count(*) FROM {qualified(table.load_schema, table.load_table)}")
+            staged = int(cur.fetchone()[0])
+        with step("swap", table.name):  # RESTRICT: a dependant _swap_blockers missed stops it here
+            cur.execute(f"DROP TABLE {target}")
+            cur.execute(f"ALTER TABLE {qualified(table.load_schema, table.load_table)} RENAME TO "
+                        f"{quote_ident(table.name)}")
+            cur.execute(f"ALTER TABLE {qualified(table.load_schema, table.name)} "
+                        f"SET SCHEMA {quote_ident(table.schema)}")
+        deleted, duplicated = 0, False
+        with step("primary_key", table.name):  # optimistic: most months have no duplicate key
+            cur.execute("SAVEPOINT lk_swap_key")
+            try:
+                cur.execute(key_sql)
+            except Exception as exc:
+                if getattr(exc, "pgcode", None) != "23505" and getattr(exc, "sqlstate", None) != "23505":
+                    raise
+                duplicated = True
+            cur.execute(("ROLLBACK TO" if duplicated else "RELEASE") + " SAVEPOINT lk_swap_key")
+        if duplicated:  # unique_violation: delete the losers, then build the key (steps: not nested, they add up)
+            with step("dedup", table.name):
+                deleted = self._delete_losers(cur, ledger)
+            with step("primary_key", table.name):
+                cur.execute(key_sql)
+        cur.execute(f"ALTER TABLE {target} DROP COLUMN {quote_ident(ROW_COL)}")
+        with step("indexes", table.name):
+            for sql in rest:
+                cur.execute(sql)
+        return Published(staged - deleted, 0, 0)
+
+    def _delete_losers(self, cur: Any, ledger: Ledger) -> int:
+        """Delete, from the swapped-in table, every row of a duplicated key but the one _dedup_select keeps
+        (the last file, offset, row: the same ORDER BY). Only the duplicated keys are sorted."""
+        table = self.table
+        target = qualified(table.schema, table.name)
+        key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
+        order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
+        # Finding the duplicated keys hashes every key: give it the memory the key index's build gets
+        # (maintenance_work_mem) instead of spilling in work_mem, for this statement only.
+        cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
+                    "current_setting('maintenance_work_mem'), true)")
+        work_mem = cur.fetchone()[0]
+        cur.execute(
+            f"DELETE FROM {target} WHERE ctid = ANY(ARRAY(SELECT r.id FROM (SELECT s.ctid AS id, row_number() OVER "
+            f"(PARTITION BY {key} ORDER BY {order_tail}) AS rn FROM {target} s JOIN {ledger.batch} b "
+            f"ON b.batch_id = s.{quote_ident(BATCH_COL)} WHERE ({key}) IN (SELECT {_cols(table.key)} FROM {target} "
+            f"GROUP BY {_cols(table.key)} HAVING count(*) > 1)) r WHERE r.rn > 1))")
+        deleted = int(cur.rowcount)
+        cur.execute("SELECT set_config('work_mem', %s, true)", (work_mem,))
+        return deleted
+
     def finalize(self, cur: Any, ledger: Ledger) -> Published:
-        """Publish one row per staged key (the last wins): a first load into an empty target inserts
-        without the primary key and adds it after; otherwise only new keys are inserted and only rows
-        that differ are rewritten. Everything in the caller's (publishing) transaction."""
+        """Publish one row per staged key (the last wins): a first load into an empty target swaps the
+        direct staging in when nothing can tell (_swap_in), else inserts without the primary key and adds
+        it after; otherwise only new keys are inserted and only rows that differ are rewritten. Everything
+        in the caller's (publishing) transaction."""
         table = self.table
         target = qualified(table.schema, table.name)
         first = self._empty_and_locked(cur)
-        published = self._first_load(cur, ledger) if first else self._reload(cur, ledger)
-        with step("drop_staging", table.name):
-            cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")  # published: no litter left
+        refusal = self._swap_refusal(cur) if first else "the target has rows"
+        if refusal is None:
+            published = self._swap_in(cur, ledger)
+        else:
+            if self._staging_persistence(cur) == "p":
+                log.info("%s: first load inserts from staging instead of swapping it in: %s", table.name, refusal,
+                         extra={"table": table.name})
+            published = self._first_load(cur, ledger) if first else self._reload(cur, ledger)
+            with step("drop_staging", table.name):
+                cur.execute(f"DROP TABLE {qualified(table.load_schema, table.load_table)}")  # published: no litter
         with step("indexes", table.name):
             self._create_indexes(cur, table.name)
         written = (published.inserted or 0) + (published.updated or 0)
@@ -586,6 +844,46 @@ class Merge(WriteMode):
         return cond
 
     def _reload(self, cur: Any, ledger: Ledger) -> Published:
+        """Into a target that has rows: when a sample of the staged rows finds their target rows written by
+        the same batches (the same files reloaded), first a read-only comparison (_unchanged); if it finds
+        every staged key present and equal, nothing is written. Otherwise (or then) the upsert (_upsert)."""
+        if self._same_batches_likely(cur):
+            with step("compare", self.table.name):
+                distinct = self._unchanged(cur, ledger)
+            if distinct is not None:
+                return Published(0, 0, distinct)
+        return self._upsert(cur, ledger)
+
+    def _same_batches_likely(self, cur: Any) -> bool:
+        """True if at least half of (up to) RELOAD_SAMPLE_ROWS staged rows find their key in the target
+        written by the very batch that staged them (batch ids are deterministic: the same file bytes give
+        the same ids) -- a reload of files already published (a duplicate key's losers never match, hence
+        only half). A new month's files never do (other ids). Cost: that many primary-key probes."""
+        table = self.table
+        on = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in table.key)
+        batch = quote_ident(BATCH_COL)
+        cur.execute(f"SELECT count(*) FILTER (WHERE t.{batch} = s.{batch}), count(*) FROM (SELECT * FROM "
+                    f"{qualified(table.load_schema, table.load_table)} LIMIT {RELOAD_SAMPLE_ROWS}) s "
+                    f"LEFT JOIN {qualified(table.schema, table.name)} t ON {on}")
+        same, sampled = cur.fetchone()
+        return bool(sampled) and int(same) * 2 >= int(sampled)
+
+    def _unchanged(self, cur: Any, ledger: Ledger) -> Optional[int]:
+        """The number of distinct staged keys if every one of them is in the target with every published
+        column equal (NULL-safe, ``_lk_batch`` included: _changed_sql), else None. Read-only, one
+        deduplication and one join: the deduplication's output is in key order, so it can merge-join the
+        target's key index without another sort."""
+        table = self.table
+        names = self.published_names()
+        on = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in table.key)
+        k0 = quote_ident(table.key[0])
+        cur.execute(f"SELECT count(*), count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}) "
+                    f"FROM ({self._dedup_select(ledger)}) d LEFT JOIN {qualified(table.schema, table.name)} t "
+                    f"ON {on}")
+        distinct, differ = (int(v) for v in cur.fetchone())
+        return distinct if differ == 0 else None
+
+    def _upsert(self, cur: Any, ledger: Ledger) -> Published:
         """Into a target that has rows, in one statement over one deduplication: rewrite the rows whose
         key is present and some column differs, insert the keys that are new. Unchanged rows are not
         written at all (no dead tuple, no index entry, no WAL). Exact counts from the statement itself:
