@@ -7,25 +7,27 @@ Both executors run those same three functions, so batch ids and ledger rows neve
 executor (a run or a resume may switch freely):
 
 - :mod:`loadkit.execute.inprocess`: threads of the driver (never imports Ray);
-- :mod:`loadkit.execute.ray`: Ray Data (read tasks, fused parse, a writer actor pool); imported
-  only when chosen, so an in-process run never pays for importing Ray.
+- :mod:`loadkit.execute.ray`: Ray (a pool of loader actors, each reading, parsing and writing
+  whole read units); imported only when chosen, so an in-process run never pays for importing Ray.
 
 ``env.executor=auto`` chooses with :func:`choose_executor`, a pure function of the input size and
 the machine.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Protocol, Sequence
 
 from loadkit.execute.channel import SizeChannel
-from loadkit.execute.inprocess import InProcessExecutor
-from loadkit.plan import LoadPlan
-from loadkit.postgres.sink import writer_settings  # what every writer needs: the sink decides
-from loadkit.postgres.writer import WriterSettings
-from loadkit.records import BatchResult
-from loadkit.source.read import ReadUnit
 
-__all__ = ["Executor", "choose_executor", "make_executor", "store_bytes", "writer_settings"]
+if TYPE_CHECKING:  # the executors import the stages (transform, the writer) only when one is made:
+    # a Ray worker imports this package on its way to execute.ray, and must not import
+    # loadkit.transform before execute.ray has kept pyarrow from importing pandas there
+    from loadkit.plan import LoadPlan
+    from loadkit.postgres.writer import WriterSettings
+    from loadkit.records import BatchResult
+    from loadkit.source.read import ReadUnit
+
+__all__ = ["Executor", "choose_executor", "make_executor", "store_bytes"]
 
 
 class Executor(Protocol):
@@ -109,6 +111,8 @@ def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[i
     """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``), the
     object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``."""
     if name == "inprocess":
+        from loadkit.execute.inprocess import InProcessExecutor
+
         return InProcessExecutor()
     from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
 

@@ -1,48 +1,85 @@
-"""The Ray Data executor: a LoadPlan compiled into a Ray Data pipeline, its results streamed back.
+"""The Ray executor: a pool of loader actors, each reading, parsing and writing whole read units.
 
-    read (one task per source file or span: source.read.read_unit, chunks as they decompress)
-      -> parse (map_batches(parse_block), fused with the read by Ray)
-      -> write (map_batches(WriterActor): a pool of BatchWriter actors, COPY + ledger per batch)
-      -> per-batch BatchResults streamed to the driver
+    driver: read units, largest first -> the next free actor's ``load(unit)`` (a streaming generator)
+    actor:  read_unit -> parse (a thread of the actor) -> BatchWriter.write -> yield the BatchResult
+    driver: results as any actor yields them (``ray.wait`` over the running generators)
 
-Blocks are one chunk each, so memory is bounded by chunk size times the number of blocks Ray
-keeps in flight (its streaming executor applies backpressure), never by file size. This is the
-only module that converts records to Arrow blocks and back (``loadkit.records``: read task ->
-parse -> writer -> driver), and with ``execute.channel``'s board kept in Ray's key-value store,
-the only one that talks to Ray.
+A chunk is read, parsed and written in one process, so neither the raw chunk nor the parsed batch
+crosses the object store (a result is a few hundred bytes, inlined in Ray's reply); memory is
+bounded per actor by three batches (one being parsed, one waiting, one being written), never by
+file size. No Ray Data: its pipeline ran read/parse tasks and writer actors in separate processes
+(the parsed batch went through the object store between them) plus three actors of its own
+(stats, autoscaling coordinator, actor location tracker), ~0.3 GB PSS and ~2.5 CPU-s a run, and
+importing it pulls pandas into the driver and every worker (measured: notes/ray.md, issue #16).
+
+Batch ids and ledger rows are the in-process executor's: both run ``read_unit`` -> ``parse`` ->
+``BatchWriter.write``. A loader actor that dies (SIGKILL, OOM, node lost) restarts; the driver
+gives its unit to it again, with the byte ranges the ledger has committed since the run started
+added to the unit's committed ranges, so the retry skips exactly what committed and cuts its
+chunks at their edges (the batch size may have changed in between): never a row twice.
+With ``execute.channel``'s board kept in Ray's key-value store, this is the only module that
+talks to Ray.
 """
 from __future__ import annotations
 
-import functools
 import logging
+import os
+import queue
 import signal
+import sys
 import threading
+import time
 import uuid
+from collections import deque
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import pyarrow as pa
 import ray
-import ray.data
 
-from loadkit.execute.parse import parse
-from loadkit.monitor import release_memory
-from loadkit.plan import LoadPlan, TableSpec
-from loadkit.postgres.writer import BatchWriter, WriterSettings
-from loadkit.records import BatchResult, Chunk, ParsedBatch
-from loadkit.source.read import Board, ReadUnit, read_unit, split_units
+
+def _spare_pandas() -> None:
+    """In a Ray worker: keep pyarrow's first Python-value conversion from importing pandas
+    (~0.3 CPU-s and ~35 MB a worker; loadkit.transform makes Arrow scalars at import, and pyarrow
+    imports pandas then only to ask whether the values are pandas objects). The same trick as the
+    CLI's ``loadkit.__main__.pyarrow_without_pandas`` (an entry point this layer cannot import):
+    the first probe runs while ``import pandas`` fails, then the failing finder is removed, so
+    pandas stays importable. Only in a worker process: a library caller's driver keeps pyarrow's
+    pandas support as it is."""
+    if "pandas" in sys.modules or not sys.argv or not sys.argv[0].endswith("default_worker.py"):
+        return
+    import pyarrow as pa
+
+    sys.meta_path.insert(0, _NoPandas)  # type: ignore[arg-type]
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(_NoPandas)  # type: ignore[arg-type]
+
+
+class _NoPandas:
+    """A meta path finder that fails ``import pandas``."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"no module named {name!r} (loadkit.execute.ray._spare_pandas)", name=name)
+
+
+_spare_pandas()  # before the imports below: they reach loadkit.transform
+
+from loadkit.execute.parse import parse  # noqa: E402
+from loadkit.monitor import release_memory  # noqa: E402
+from loadkit.plan import LoadPlan, TableSpec  # noqa: E402
+from loadkit.postgres.writer import BatchWriter, WriterSettings  # noqa: E402
+from loadkit.records import BatchResult, ParsedBatch  # noqa: E402
+from loadkit.source.read import Board, ReadUnit, read_unit, split_units  # noqa: E402
 
 log = logging.getLogger("loadkit.execute.ray")
 
-# Writers wait on the server, not the CPU. Any CPU they reserve comes out of Ray Data's task
-# budget: at 0.25 each, 2 cores ran one parse task at a time (the rest 'backpressured').
-_WRITER_CPUS = 0.0
-_BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
-
 
 class RayExecutor:
-    """Ray Data: read/parse tasks on every core of the cluster, a pool of writer actors."""
+    """Ray: loader actors (read + parse + write, one unit at a time each) on the cluster's cores."""
 
     name = "ray"
 
@@ -59,39 +96,26 @@ class RayExecutor:
 
     def run(self, plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
             board: Optional[Board] = None) -> Iterator[BatchResult]:
-        """Run the pipeline; yield per-batch results as writers finish them. Closing the iterator
-        stops Ray Data's executor. ``board`` (RaySizeChannel.board) lets the read tasks follow the
-        driver's batch size."""
+        """Yield per-batch results as the loader actors commit them (see :func:`_run`). Closing the
+        iterator stops the actors. ``board`` (RaySizeChannel.board) lets the actors' reads follow
+        the driver's batch size."""
         return _run(plan, units, settings, board)
-
-
-def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
-         board: Optional[Board]) -> Iterator[BatchResult]:
-    if not units:
-        return
-    ds = build_dataset(plan, units, settings, board)
-    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
-    try:
-        for block in blocks:
-            yield from BatchResult.from_table(block)
-    finally:
-        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
 # ---------------------------------------------------------------- the batch-size board in Ray's KV store
 
 
 class KVBoard:
-    """A read task's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
+    """A read's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
 
-    The driver writes the wanted rows per batch under ``<prefix>rows``; each read task writes its
+    The driver writes the wanted rows per batch under ``<prefix>rows``; each read writes its
     own running totals (chunks handed downstream, seconds spent) under ``<prefix>task:<uuid>``,
     which the driver sums. No actor: an actor is a worker process of its own (~1 CPU-s to start,
     ~100 MB PSS measured, notes/ray.md), for a value that changes a few times a run."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._key: Optional[bytes] = None  # this task's totals (set on first poll, in the task)
+        self._key: Optional[bytes] = None  # this read's totals (set on first poll, in the actor)
         self._chunks = 0
         self._wait_s = 0.0
 
@@ -152,91 +176,198 @@ class RaySizeChannel:
             kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
 
 
-# ---------------------------------------------------------------- the UDFs (records <-> Arrow blocks)
+# ---------------------------------------------------------------- the loader actor
 
 
-def _read_blocks(unit: ReadUnit, board: Optional[Board]) -> Iterator[pa.Table]:
-    """The Ray read task: read_unit's chunks as one-chunk blocks."""
-    for chunk in read_unit(unit, board):
-        yield Chunk.to_table([chunk])
+class Loader:
+    """A Ray actor (see :func:`_run`): read units in, BatchResults out, one unit at a time.
+
+    Within a unit a thread reads and parses the next chunk while ``load`` writes the previous
+    one (a write waits on the server most of its time), through a queue of one batch."""
+
+    def __init__(self, settings: WriterSettings, tables: Dict[str, TableSpec], period: str) -> None:
+        self._settings, self._tables, self._period = settings, tables, period
+        self._writer: Optional[BatchWriter] = None  # connected by the first load: its error is that call's
+        self._raylet = os.getppid()  # a worker's parent is its node's raylet
+
+    def load(self, unit: ReadUnit, board: Optional[Board], again: bool) -> Iterator[BatchResult]:
+        """The unit's BatchResults, then its eof (or error) records, in read order.
+
+        ``again``: an earlier attempt at this unit died with its actor; the ranges the ledger has
+        committed for the file since are skipped (see :func:`_committed_now`)."""
+        if self._writer is None:
+            self._writer = BatchWriter(self._settings)
+        if again:
+            unit = _committed_now(unit, self._settings, self._period)
+        yield from _pipeline(read_unit(unit, board), self._tables, self._period, self._writer, self._orphaned)
+
+    def _orphaned(self) -> None:
+        """Exit at once if this worker's raylet is gone (the driver was killed with its local Ray).
+
+        Ray's own check runs every second and a loader has a whole file to go: measured, orphans
+        went on committing batches for ~2 s after a kill -9 of the driver, while the next run could
+        already have read the ledger's committed ranges (and cut its chunks elsewhere). Checked
+        before each batch, the orphan commits at most the batch in hand."""
+        if os.getppid() != self._raylet:
+            os._exit(1)
+
+    def close(self) -> None:
+        """Close the writer's connections (the actor is then killed)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
-def parse_block(block: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
-    """map_batches UDF: a block of Chunks -> a block of ParsedBatches (rows and rejects as IPC bytes)."""
-    out = ParsedBatch.to_table([parse(c, tables, period) for c in Chunk.from_table(block)])
-    release_memory()
-    return out
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
 
 
-class WriterActor:
-    """map_batches UDF (an actor): a block of ParsedBatches -> a block of BatchResults via a BatchWriter."""
-
-    def __init__(self, settings: WriterSettings) -> None:
-        self.writer = BatchWriter(settings)
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        out = BatchResult.to_table([self.writer.write(b) for b in ParsedBatch.from_table(block)])
-        release_memory()  # the batch's rows and COPY buffers: a writer kept ~100 MB more without it
-        return out
+_END = object()
 
 
-# ---------------------------------------------------------------- build and run
+def _pipeline(chunks: Iterator[Any], tables: Dict[str, TableSpec], period: str, writer: BatchWriter,
+              before_write: Callable[[], None] = lambda: None) -> Iterator[BatchResult]:
+    """Parse ``chunks`` on a thread, write them here: at most one parsed batch waits between the two.
+    ``before_write`` runs before each write (the loader's orphan check)."""
+    handoff: "queue.Queue[Any]" = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                batch = parse(chunk, tables, period)
+                release_memory()  # the chunk's bytes and the parser's buffers (see loadkit.monitor)
+                if not offer(batch):
+                    return
+            offer(_END)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the writing side, raised there
+            offer(_Failed(exc))
+
+    reader = threading.Thread(target=produce, name="loadkit-read-parse", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            batch: ParsedBatch = item
+            del item
+            before_write()
+            yield writer.write(batch)
+    finally:
+        stop.set()  # a closed generator (the driver stopped): the thread leaves at its next hand-off
+        reader.join(timeout=1.0)
 
 
-def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
-                  board: Optional[Board] = None) -> Any:
-    """The Ray Data dataset of a run: read -> parse -> write, one block per chunk."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
+def _committed_now(unit: ReadUnit, settings: WriterSettings, period: str) -> ReadUnit:
+    """``unit`` with the file's committed byte ranges as the ledger has them now (the retry of a unit
+    whose actor died: what the dead attempt committed is skipped, and chunks are cut at its edges,
+    so the batch ids of the retry never overlap them whatever the batch size is now).
 
-    class SourceDatasource(Datasource):
-        def __init__(self, units: Sequence[ReadUnit]) -> None:
-            super().__init__()
-            self._units = list(units)
+    The ranges of the run's start (``unit.committed``) are a subset: the ledger keeps them."""
+    from loadkit.postgres import db
+    from loadkit.postgres.ledger import Ledger
 
-        def estimate_inmemory_data_size(self) -> Optional[int]:
-            return sum(u.file.size for u in self._units)
+    with db.transaction(settings.dsn) as cur:
+        ranges = Ledger(settings.ledger_schema).committed_ranges(cur, unit.table.name, period)
+    committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == unit.file.sha256)
+    return replace(unit, committed=committed)
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                           data_context: Any = None) -> List[ReadTask]:
-            return [
-                ReadTask(functools.partial(_read_blocks, u, board),
-                         BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=(u.file.path,),
-                                       exec_stats=None),
-                         schema=Chunk.schema())
-                for u in self._units
-            ]
 
+# ---------------------------------------------------------------- the driver
+
+
+def loader_count(plan: LoadPlan, units: int, cluster_cpus: int) -> int:
+    """Loader actors of a run: ``pool.parse_concurrency`` when set, else one per CPU of the cluster
+    and at least ``pool.writers``; never more than ``units`` (an actor loads one unit at a time)
+    and at least 1. Each holds ``pool.connections_per_writer`` connections: one COPY stream each."""
+    wanted = plan.parse_concurrency if plan.parse_concurrency > 0 else max(plan.writers, cluster_cpus)
+    return max(1, min(wanted, units))
+
+
+def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
+         board: Optional[Board]) -> Iterator[BatchResult]:
+    """Give each loader actor a unit (largest first) and the next when it is done; yield every result.
+
+    A unit whose actor died is given again (its actor restarts: ``max_restarts=-1``) up to
+    ``retry.attempts`` times in all; any other error (the writer's classified LoadkitError) ends
+    the run. A closed iterator kills the actors: a batch in hand rolls back with its connection."""
+    if not units:
+        return
     tables = {t.name: replace(t, files=()) for t in plan.tables}
-    units = split_units(units, plan.read_splits, plan.batch.read_block_bytes)
-    # Ray buffers a task's yielded tables into blocks of up to target_max_block_size (128 MB):
-    # a whole small file became one block, parsed and written by one writer, results only at
-    # its end. A chunk is one batch of a few MB, so 1 MB makes every chunk its own block.
-    ray.data.DataContext.get_current().target_max_block_size = _BLOCK_BYTES
-    ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
-    # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
-    # parsed in the process that decompressed it and never crosses the object store raw.
-    # Ray Data retries a read/parse task lost with its worker (max_retries=-1 by default); batches
-    # it already handed to writers are skipped by their ledger ids, so a rerun never duplicates.
-    parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                                      fn_kwargs={"tables": tables, "period": plan.period})
-    if plan.parse_concurrency:
-        parse_args["compute"] = ray.data.TaskPoolStrategy(size=plan.parse_concurrency)
-    ds = ds.map_batches(parse_block, **parse_args)
-    # Writers hold connections, not CPU (see _WRITER_CPUS): the cores stay with read/parse.
-    return ds.map_batches(
-        WriterActor,
-        fn_constructor_args=(settings,),
-        batch_format="pyarrow",
-        batch_size=1,
-        # One batch in flight per writer: a batch is seconds of COPY, so queueing several on the
-        # first actor that is ready (Ray's default, 4) left the others idle on one-file loads.
-        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=1),
-        num_cpus=_WRITER_CPUS,
-        # A killed writer restarts and its in-flight batch is retried (same batch id, so the ledger
-        # decides committed-or-not): Ray Data's actor-pool defaults max_restarts=-1 and
-        # max_task_retries=-1 (passing them again is deprecated); tests/test_faults.py kills one.
-    )
+    todo: Deque[Tuple[ReadUnit, int]] = deque(
+        (u, 1) for u in sorted(split_units(units, plan.read_splits, plan.batch.read_block_bytes),
+                               key=lambda u: -(u.span[1] - u.span[0] if u.span else u.file.size)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = loader_count(plan, len(todo), cpus)
+    # A CPU each where the cluster has them (so actors spread over nodes), a share of them otherwise.
+    actor: Any = ray.remote(Loader).options(num_cpus=min(1.0, cpus / n), max_restarts=-1, max_task_retries=0,
+                                       scheduling_strategy="SPREAD")
+    actors: List[Any] = [actor.remote(settings, tables, plan.period) for _ in range(n)]
+    free = list(actors)
+    running: Dict[Any, Tuple[Any, ReadUnit, int]] = {}  # generator -> (actor, unit, attempt)
+    finished = False
+    try:
+        while todo or running:
+            while todo and free:
+                unit, attempt = todo.popleft()
+                a = free.pop()
+                running[a.load.remote(unit, board, attempt > 1)] = (a, unit, attempt)
+            # A bounded wait: the main thread must get back to the interpreter to run the runner's
+            # SIGINT/SIGTERM handler (InterruptedRun); ray.wait does not return for a signal.
+            ready: List[Any] = ray.wait(list(running), num_returns=1, timeout=_WAIT_S)[0]
+            for gen in ready:
+                a, unit, attempt = running[gen]
+                try:
+                    result: BatchResult = ray.get(next(gen))
+                except StopIteration:
+                    del running[gen]
+                    free.append(a)
+                    continue
+                except ray.exceptions.RayActorError as exc:
+                    del running[gen]
+                    if attempt >= plan.retry.attempts:
+                        raise
+                    log.warning("loader actor died reading %s (%s); giving the file to it again, attempt %d of %d",
+                                unit.file.rel, type(exc).__name__, attempt + 1, plan.retry.attempts)
+                    time.sleep(min(plan.retry.max_wait_s, plan.retry.initial_wait_s))
+                    todo.appendleft((unit, attempt + 1))
+                    free.append(a)  # restarting: Ray queues the call until it is back
+                    continue
+                yield result
+        finished = True
+    finally:
+        _stop(actors, graceful=finished)
+
+
+_WAIT_S = 0.05  # the longest a signal waits for the driver's loop (each loaded actor commits on meanwhile)
+
+
+def _stop(actors: List[Any], graceful: bool) -> None:
+    """End the actors: after a complete run, close their connections first; otherwise at once (a
+    batch in hand rolls back server-side with its connection; committed batches stay)."""
+    if graceful:
+        try:
+            ray.get([a.close.remote() for a in actors], timeout=10)
+        except Exception as exc:  # noqa: BLE001 -- the load is done; the kill below ends them anyway
+            log.debug("closing loader actors: %s", exc)
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 -- already gone
+            log.debug("killing a loader actor: %s", exc)
 
 
 @contextmanager
@@ -269,32 +400,25 @@ _LOCAL_SYSTEM_CONFIG: Dict[str, Any] = {
     "task_events_report_interval_ms": 0,
     "event_stats": False,
 }
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
     """Start or join Ray unless this process already did. Returns True if this call started it.
 
     A local Ray starts without dashboard, with the raylet's memory monitor and metrics off
-    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``)."""
-    started = False
-    if not ray.is_initialized():
-        kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-        if address:
-            kwargs["address"] = address
-        else:
-            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
-                          _system_config=dict(_LOCAL_SYSTEM_CONFIG))
-        if runtime_env:
-            kwargs["runtime_env"] = runtime_env
-        with _keep_signal_handlers():
-            ray.init(**kwargs)
-        started = True
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress_bars
-    ctx.enable_auto_log_stats = False  # the run's own metrics say it; the stats dump costs a GCS walk
-    ctx.enable_get_object_locations_for_metrics = False
-    ctx.execution_options.preserve_order = False
-    ctx.max_errored_blocks = 0
-    # Ray Data polls every task's USS on a thread of its own; loadkit's MemoryMonitor already
-    # samples the whole process tree (one memory monitor per process).
-    ctx.memory_usage_poll_interval_s = None
-    return started
+    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``).
+    ``progress_bars`` is accepted for the executor interface: the driver draws its own progress."""
+    if ray.is_initialized():
+        return False
+    kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                      _system_config=dict(_LOCAL_SYSTEM_CONFIG))
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    with _keep_signal_handlers():
+        ray.init(**kwargs)
+    return True
