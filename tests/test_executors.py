@@ -106,27 +106,6 @@ def test_loader_count(writers: int, parse_concurrency: int, units: int, cpus: in
     assert loader_count(plan, units, cpus) == expected  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
-def test_a_ray_worker_loading_batches_does_not_import_pandas(ray_session: None) -> None:
-    """A loader actor's process imports loadkit's stages (whose Arrow scalars would make pyarrow import
-    pandas) with pyarrow's pandas probe spared: ~0.3 CPU-s and ~35 MB a worker."""
-    import ray
-
-    @ray.remote(num_cpus=0, max_calls=1)
-    def imports() -> tuple:
-        import sys
-
-        import pyarrow as pa
-
-        import loadkit.execute.ray  # noqa: F401 -- what deserialising a Loader imports
-        import loadkit.transform  # noqa: F401
-
-        pa.array([1, 2])
-        return "loadkit.transform" in sys.modules, "pandas" in sys.modules
-
-    assert ray.get(imports.remote()) == (True, False)
-
-
 def _item(unit: int, kind: Any, issued: int, start: int = 0) -> _Item:
     """A result as a writer thread hands it back (see inprocess._Item)."""
     record = BatchResult(kind=kind, table_name="t", file_sha=f"sha{unit}", member="m", start=start,

@@ -61,20 +61,22 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     most ``inprocess_max_bytes``) or a small machine (``cpus`` at most ``inprocess_max_cpus``).
 
     Where the defaults (2 GiB, 4 cores) come from: benchmarks/executor_bench.py, the same generated
-    month (its two largest tables) at 0.45M, 1.8M and 3.6M rows, ``env.num_cpus`` pinned to 2 with
-    taskset, per-process CPU of driver, Ray workers and daemons and PostgreSQL backends (notes/ray.md
-    has the figures). Fitting CPU = fixed + rows x marginal per executor (issue #16, loader actors):
+    month (its two largest tables) at 0.45M and 1.8M rows (3.6M for the loader actors),
+    ``env.num_cpus`` pinned to 2 with taskset, per-process CPU of driver, Ray workers and daemons and
+    PostgreSQL backends (notes/ray.md has the figures). Fitting CPU = fixed + rows x marginal
+    per executor (issue #16, fused loader actors under Ray Data; load 1-2):
 
-    - in-process: ~1.0 CPU-s fixed, 2.3 µs/row (+1.3 µs/row PostgreSQL);
-    - Ray: ~4.7 CPU-s fixed (Ray's seven daemons ~2.4, two loader processes' imports ~1.3, the
-      driver's Ray import and start), 3.4 µs/row (+1.3 PostgreSQL); wall start-up ~7.5 s.
-      (Before the loader actors, with Ray Data: ~16-18 CPU-s fixed, 4.6-5.0 µs/row.)
+    - in-process: ~0.8-1.0 CPU-s fixed, 2.3-2.6 µs/row (+1.25 µs/row PostgreSQL);
+    - Ray: ~8.4 CPU-s fixed (Ray's seven daemons ~2.4, Ray Data's three actors ~2.1, two loader
+      processes' imports, the driver's Ray and Ray Data imports and start), 3.6 µs/row
+      (+1.25 PostgreSQL); wall start-up ~7.5 s. (Before the fused loaders: ~16-18 CPU-s fixed,
+      4.6-5.0 µs/row; the loaders as plain Ray actors: ~4.8 CPU-s fixed, 3.3-3.4 µs/row.)
 
     On 2 cores Ray lost at every size, in CPU and in wall. More cores could not be measured here;
     the figures predict: in-process gets about two cores' worth (one read thread feeding the parse
     threads and writers, much of it under the GIL), i.e. ~2 µs/row of wall for 3.6 µs/row of CPU,
-    while Ray spreads its 4.7 µs/row over all ``cpus``. Ray's ~7.5 s start-up pays back after
-    7.5 s / (2.0 - 4.7/cpus) µs rows: never on 2 cores, ~17M rows (~2.8 GB at ~160 bytes a row)
+    while Ray spreads its 4.8 µs/row over all ``cpus``. Ray's ~7.5 s start-up pays back after
+    7.5 s / (2.0 - 4.8/cpus) µs rows: never on 2 cores, ~19M rows (~3 GB at ~160 bytes a row)
     on 3, ~9M (~1.5 GB) on 4, ~5M (~0.9 GB) on 8. The defaults (in-process up to 4 cores whatever
     the size, on bigger machines up to 2 GiB of input) predate these figures, which would put the
     machine limit at 3 cores; they stay until a machine with more cores measures it. A cluster is
@@ -90,8 +92,8 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
 
 _MIN_STORE_BYTES = 128 * 1024 * 1024  # Ray's own floor is 75 MB
 # The loader actors (execute.ray) read, parse and write in one process: no batch goes through the
-# object store (a result is inlined in Ray's reply), so the store only has to exist; its pages are
-# never touched (raylet PSS 24 MB at 128 MB, measured). A cap still matters where something uses it.
+# object store (only one-row result blocks), so the store stays nearly empty (raylet PSS 24-25 MB
+# at 128 MB, measured). A cap still matters where something uses it.
 _MAX_STORE_BYTES = 256 * 1024 * 1024
 
 

@@ -1,78 +1,48 @@
-"""The Ray executor: a pool of loader actors, each reading, parsing and writing whole read units.
+"""The Ray Data executor: one row per read unit -> map_batches on a pool of loader actors.
 
-    driver: read units, largest first -> the next free actor's ``load(unit)`` (a streaming generator)
-    actor:  read_unit -> parse -> BatchWriter.write -> yield the BatchResult, chunk by chunk
-    driver: results as any actor yields them (``ray.wait`` over the running generators)
+    from_items(unit indices, largest unit first)
+      -> map_batches(LoaderUDF): an actor pool; each call loads one whole unit in its process,
+         read_unit -> parse -> BatchWriter.write chunk by chunk, yielding one result block per batch
+      -> per-batch BatchResults streamed to the driver (iter_batches)
 
-A chunk is read, parsed and written in one process, so neither the raw chunk nor the parsed batch
-crosses the object store (a result is a few hundred bytes, inlined in Ray's reply); memory is
-bounded per actor by the one batch in hand, never by file size. No Ray Data: its pipeline ran
-read/parse tasks and writer actors in separate processes (the parsed batch went through the
-object store between them), plus three actors of its own (stats, autoscaling coordinator, actor
-location tracker), and importing it pulls pandas into the driver and every worker. Measured on
-1.8M rows, 2 cores: 12.1 -> 6.8 CPU µs/row, peak PSS 1.7 -> 0.93 GB (notes/ray.md, issue #16).
+Read, parse and write of a chunk are fused in one process, so neither the raw chunk nor the parsed
+batch crosses the object store (a result block is a few hundred bytes); memory is bounded per
+actor by the one batch in hand, never by file size. Before (issue #16) read/parse tasks and a
+writer actor pool were separate processes with the parsed batch going through the object store
+between them. Measured (notes/ray.md): 1.8M rows, 2 cores, CPU µs/row and peak PSS: that
+pipeline 12.1 and 1.7 GB (load 5-7); this one 8.2 and 1.33 GB; the same loaders as plain Ray
+actors without Ray Data 5.9 and 0.87 GB (load 1-2, alternated) -- the difference is Ray Data's
+own actors (stats, autoscaling coordinator, actor location tracker: ~2.1 CPU-s, ~310 MB) and
+its pandas import in the driver and every worker.
 
 Batch ids and ledger rows are the in-process executor's: both run ``read_unit`` -> ``parse`` ->
-``BatchWriter.write``. A loader actor that dies (SIGKILL, OOM, node lost) restarts; the driver
-gives its unit to it again, with the byte ranges the ledger has committed since the run started
-added to the unit's committed ranges, so the retry skips exactly what committed and cuts its
-chunks at their edges (the batch size may have changed in between): never a row twice.
-With ``execute.channel``'s board kept in Ray's key-value store, this is the only module that
-talks to Ray.
+``BatchWriter.write``. Each unit load first reads the file's committed byte ranges from the
+ledger (one query), so the call Ray Data retries after a loader actor died skips what the dead
+attempt committed and cuts its chunks at their edges (the batch size may have changed in
+between): never a row twice. With ``execute.channel``'s board kept in Ray's key-value store,
+this is the only module that talks to Ray.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import sys
 import threading
-import time
 import uuid
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import pyarrow as pa
 import ray
+import ray.data
 
-
-def _spare_pandas() -> None:
-    """In a Ray worker: keep pyarrow's first Python-value conversion from importing pandas
-    (~0.3 CPU-s and ~35 MB a worker; loadkit.transform makes Arrow scalars at import, and pyarrow
-    imports pandas then only to ask whether the values are pandas objects). The same trick as the
-    CLI's ``loadkit.__main__.pyarrow_without_pandas`` (an entry point this layer cannot import):
-    the first probe runs while ``import pandas`` fails, then the failing finder is removed, so
-    pandas stays importable. Only in a worker process: a library caller's driver keeps pyarrow's
-    pandas support as it is."""
-    if "pandas" in sys.modules or not sys.argv or not sys.argv[0].endswith("default_worker.py"):
-        return
-    import pyarrow as pa
-
-    sys.meta_path.insert(0, _NoPandas)  # type: ignore[arg-type]
-    try:
-        pa.array([0])
-    finally:
-        sys.meta_path.remove(_NoPandas)  # type: ignore[arg-type]
-
-
-class _NoPandas:
-    """A meta path finder that fails ``import pandas``."""
-
-    @staticmethod
-    def find_spec(name: str, path: object = None, target: object = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(f"no module named {name!r} (loadkit.execute.ray._spare_pandas)", name=name)
-
-
-_spare_pandas()  # before the imports below: they reach loadkit.transform
-
-from loadkit.execute.parse import parse  # noqa: E402
-from loadkit.monitor import release_memory  # noqa: E402
-from loadkit.plan import LoadPlan, TableSpec  # noqa: E402
-from loadkit.postgres.writer import BatchWriter, WriterSettings  # noqa: E402
-from loadkit.records import BatchResult  # noqa: E402
-from loadkit.source.read import Board, ReadUnit, read_unit, split_units  # noqa: E402
+from loadkit.execute.parse import parse
+from loadkit.monitor import release_memory
+from loadkit.plan import LoadPlan, TableSpec
+from loadkit.postgres.writer import BatchWriter, WriterSettings
+from loadkit.records import BatchResult
+from loadkit.source.read import Board, ReadUnit, read_unit, split_units
 
 log = logging.getLogger("loadkit.execute.ray")
 
@@ -179,7 +149,7 @@ class RaySizeChannel:
 
 
 class Loader:
-    """A Ray actor (see :func:`_run`): read units in, BatchResults out, one unit at a time.
+    """A loader actor's work (held by :class:`LoaderUDF`): read units in, BatchResults out, one unit at a time.
 
     A chunk is read, parsed and written before the next is read (see :func:`_pipeline`)."""
 
@@ -188,15 +158,14 @@ class Loader:
         self._writer: Optional[BatchWriter] = None  # connected by the first load: its error is that call's
         self._raylet = os.getppid()  # a worker's parent is its node's raylet
 
-    def load(self, unit: ReadUnit, board: Optional[Board], again: bool) -> Iterator[BatchResult]:
+    def load(self, unit: ReadUnit, board: Optional[Board]) -> Iterator[BatchResult]:
         """The unit's BatchResults, then its eof (or error) records, in read order.
 
-        ``again``: an earlier attempt at this unit died with its actor; the ranges the ledger has
-        committed for the file since are skipped (see :func:`_committed_now`)."""
+        The ranges the ledger has committed for the file are skipped (see :func:`_committed_now`):
+        one query per unit, so a retry after this actor died skips what the dead attempt committed."""
         if self._writer is None:
             self._writer = BatchWriter(self._settings)
-        if again:
-            unit = _committed_now(unit, self._settings, self._period)
+        unit = _committed_now(unit, self._settings, self._period)
         yield from _pipeline(read_unit(unit, board), self._tables, self._period, self._writer, self._orphaned)
 
     def _orphaned(self) -> None:
@@ -208,12 +177,6 @@ class Loader:
         before each batch, the orphan commits at most the batch in hand."""
         if os.getppid() != self._raylet:
             os._exit(1)
-
-    def close(self) -> None:
-        """Close the writer's connections (the actor is then killed)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 def _pipeline(chunks: Iterator[Any], tables: Dict[str, TableSpec], period: str, writer: BatchWriter,
@@ -258,77 +221,53 @@ def loader_count(plan: LoadPlan, units: int, cluster_cpus: int) -> int:
     return max(1, min(wanted, units))
 
 
+class LoaderUDF:
+    """map_batches UDF (an actor): a block of unit indices -> one result block per batch of each unit."""
+
+    def __init__(self, settings: WriterSettings, tables: Dict[str, TableSpec], period: str,
+                 units: Sequence[ReadUnit], board: Optional[Board]) -> None:
+        self._loader = Loader(settings, tables, period)
+        self._units, self._board = list(units), board
+
+    def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
+        for index in block.column("unit").to_pylist():
+            for result in self._loader.load(self._units[index], self._board):
+                yield BatchResult.to_table([result])
+
+
+_RESULT_BLOCK_BYTES = 1  # every yielded result its own block: Ray Data buffers up to this before emitting
+
+
+def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
+                  board: Optional[Board] = None) -> Any:
+    """The Ray Data dataset of a run: one row per read unit (largest first) -> map_batches(LoaderUDF)
+    on a pool of loader actors, one unit per call, results streamed as one-row blocks."""
+    tables = {t.name: replace(t, files=()) for t in plan.tables}
+    ordered = sorted(split_units(units, plan.read_splits, plan.batch.read_block_bytes),
+                     key=lambda u: -(u.span[1] - u.span[0] if u.span else u.file.size))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = loader_count(plan, len(ordered), cpus)
+    ray.data.DataContext.get_current().target_max_block_size = _RESULT_BLOCK_BYTES
+    ds = ray.data.from_items([{"unit": i} for i in range(len(ordered))], override_num_blocks=len(ordered))
+    # Ray Data's actor pool restarts a dead actor and retries its call (max_restarts and
+    # max_task_retries -1): the retried load skips what the ledger committed (Loader.load).
+    return ds.map_batches(LoaderUDF, fn_constructor_args=(settings, tables, plan.period, ordered, board),
+                          batch_format="pyarrow", batch_size=1, zero_copy_batch=True,
+                          compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1),
+                          num_cpus=min(1.0, cpus / n))
+
+
 def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
          board: Optional[Board]) -> Iterator[BatchResult]:
-    """Give each loader actor a unit (largest first) and the next when it is done; yield every result.
-
-    A unit whose actor died is given again (its actor restarts: ``max_restarts=-1``) up to
-    ``retry.attempts`` times in all; any other error (the writer's classified LoadkitError) ends
-    the run. A closed iterator kills the actors: a batch in hand rolls back with its connection."""
     if not units:
         return
-    tables = {t.name: replace(t, files=()) for t in plan.tables}
-    todo: Deque[Tuple[ReadUnit, int]] = deque(
-        (u, 1) for u in sorted(split_units(units, plan.read_splits, plan.batch.read_block_bytes),
-                               key=lambda u: -(u.span[1] - u.span[0] if u.span else u.file.size)))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n = loader_count(plan, len(todo), cpus)
-    # A CPU each where the cluster has them (so actors spread over nodes), a share of them otherwise.
-    actor: Any = ray.remote(Loader).options(num_cpus=min(1.0, cpus / n), max_restarts=-1, max_task_retries=0,
-                                       scheduling_strategy="SPREAD")
-    actors: List[Any] = [actor.remote(settings, tables, plan.period) for _ in range(n)]
-    free = list(actors)
-    running: Dict[Any, Tuple[Any, ReadUnit, int]] = {}  # generator -> (actor, unit, attempt)
-    finished = False
+    blocks = build_dataset(plan, units, settings, board).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                      prefetch_batches=0)
     try:
-        while todo or running:
-            while todo and free:
-                unit, attempt = todo.popleft()
-                a = free.pop()
-                running[a.load.remote(unit, board, attempt > 1)] = (a, unit, attempt)
-            # A bounded wait: the main thread must get back to the interpreter to run the runner's
-            # SIGINT/SIGTERM handler (InterruptedRun); ray.wait does not return for a signal.
-            ready: List[Any] = ray.wait(list(running), num_returns=1, timeout=_WAIT_S)[0]
-            for gen in ready:
-                a, unit, attempt = running[gen]
-                try:
-                    result: BatchResult = ray.get(next(gen))
-                except StopIteration:
-                    del running[gen]
-                    free.append(a)
-                    continue
-                except ray.exceptions.RayActorError as exc:
-                    del running[gen]
-                    if attempt >= plan.retry.attempts:
-                        raise
-                    log.warning("loader actor died reading %s (%s); giving the file to it again, attempt %d of %d",
-                                unit.file.rel, type(exc).__name__, attempt + 1, plan.retry.attempts)
-                    time.sleep(min(plan.retry.max_wait_s, plan.retry.initial_wait_s))
-                    todo.appendleft((unit, attempt + 1))
-                    free.append(a)  # restarting: Ray queues the call until it is back
-                    continue
-                yield result
-        finished = True
+        for block in blocks:
+            yield from BatchResult.from_table(block)
     finally:
-        _stop(actors, graceful=finished)
-
-
-_WAIT_S = 0.05  # the longest a signal waits for the driver's loop (each loaded actor commits on meanwhile)
-
-
-def _stop(actors: List[Any], graceful: bool) -> None:
-    """End the actors: after a complete run, close their connections first; otherwise at once (a
-    batch in hand rolls back server-side with its connection; committed batches stay)."""
-    if graceful:
-        try:
-            ray.get([a.close.remote() for a in actors], timeout=10)
-        except Exception as exc:  # noqa: BLE001 -- the load is done; the kill below ends them anyway
-            log.debug("closing loader actors: %s", exc)
-    for a in actors:
-        try:
-            ray.kill(a, no_restart=True)
-        except Exception as exc:  # noqa: BLE001 -- already gone
-            log.debug("killing a loader actor: %s", exc)
+        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
 @contextmanager
@@ -370,8 +309,23 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
     A local Ray starts without dashboard, with the raylet's memory monitor and metrics off
     (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``).
     ``progress_bars`` is accepted for the executor interface: the driver draws its own progress."""
-    if ray.is_initialized():
-        return False
+    started = not ray.is_initialized()
+    if started:
+        _init(address, num_cpus, object_store_memory, runtime_env)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    ctx.enable_auto_log_stats = False  # the run's own metrics say it; the stats dump costs a GCS walk
+    ctx.enable_get_object_locations_for_metrics = False
+    ctx.execution_options.preserve_order = False
+    ctx.max_errored_blocks = 0
+    # Ray Data polls every task's USS on a thread of its own; loadkit's MemoryMonitor already
+    # samples the whole process tree (one memory monitor per process).
+    ctx.memory_usage_poll_interval_s = None
+    return started
+
+
+def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
+          runtime_env: Optional[Dict[str, Any]]) -> None:
     kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     if address:
         kwargs["address"] = address
@@ -382,4 +336,3 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
         kwargs["runtime_env"] = runtime_env
     with _keep_signal_handlers():
         ray.init(**kwargs)
-    return True
