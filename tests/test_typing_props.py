@@ -122,8 +122,7 @@ def _corrupt(draw: Any, text: str) -> str:
 @given(formatted())
 def test_parse_datetimes_equals_python_strptime(case: Tuple[str, List[str]]) -> None:
     fmt, values = case
-    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
-    assert got == [py_strptime(v, fmt) for v in values], fmt
+    assert_same_as_python(values, fmt)
 
 
 @PROFILE
@@ -174,12 +173,17 @@ def fixed_fields(draw: Any) -> Tuple[str, List[str]]:
     return fmt, values
 
 
+def assert_same_as_python(values: List[str], fmt: str) -> None:
+    """parse_datetimes of ``values`` equals Python's strptime of each (None where it refuses)."""
+    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
+    assert got == [py_strptime(v, fmt) for v in values], fmt
+
+
 @PROFILE
 @given(fixed_fields())
 def test_zero_padded_formats_equal_python_strptime(case: Tuple[str, List[str]]) -> None:
     fmt, values = case
-    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
-    assert got == [py_strptime(v, fmt) for v in values], fmt
+    assert_same_as_python(values, fmt)
 
 
 def test_every_day_number_of_every_month_number_equals_python_strptime() -> None:
@@ -218,8 +222,7 @@ def digit_values(draw: Any) -> Tuple[str, List[str]]:
 @given(digit_values())
 def test_all_digit_formats_equal_python_strptime(case: Tuple[str, List[str]]) -> None:
     fmt, values = case
-    got = parse_datetimes(pa.array(values, pa.string()), fmt).to_pylist()
-    assert got == [py_strptime(v, fmt) for v in values], fmt
+    assert_same_as_python(values, fmt)
 
 
 def test_every_eight_digit_date_of_edge_years_equals_python_strptime() -> None:

@@ -39,7 +39,7 @@ from datetime import date
 from typing import Any, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type
 
 from loadkit.postgres.ledger import REJECTS_KEPT_PER_FILE, Ledger, StagedBatch
-from loadkit.errors import ConfigError
+from loadkit.errors import ConfigError, sqlstate_of
 from loadkit.plan import BATCH_COL, PERIOD_COL, ROW_COL, ColumnSpec, MigratePolicy, TableSpec
 from loadkit.security import qualified, quote_ident
 
@@ -58,6 +58,8 @@ ANALYZE_WRITTEN_SHARE_INV = 10
 
 # A merge reload first probes this many staged rows' keys in the target (Merge._same_batches_likely).
 RELOAD_SAMPLE_ROWS = 1000
+
+UNIQUE_VIOLATION = "23505"  # SQLSTATE unique_violation: the swapped-in key index found a duplicate key
 
 PG_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names (silently, or fails later)
 
@@ -718,7 +720,7 @@ class Merge(WriteMode):
             try:
                 cur.execute(key_sql)
             except Exception as exc:
-                if getattr(exc, "pgcode", None) != "23505" and getattr(exc, "sqlstate", None) != "23505":
+                if sqlstate_of(exc) != UNIQUE_VIOLATION:
                     raise
                 duplicated = True
             cur.execute(("ROLLBACK TO" if duplicated else "RELEASE") + " SAVEPOINT lk_swap_key")
