@@ -116,12 +116,13 @@ def waiting_on_lock(dsn: str, led: str) -> bool:
 # ------------------------------------------------------------------ signals, through the CLI
 
 
-def lock_the_ledger_once_running(dsn: str, led: str, blocker: Blocker) -> threading.Thread:
-    """Create the ledger now; once the run is running, hold its batch table so every writer's ledger insert waits."""
+def lock_the_ledger(dsn: str, led: str, blocker: Blocker) -> None:
+    """Create the ledger now and hold its batch table before the run starts, so every writer's ledger insert
+    waits from the first batch on (an existing ledger takes no DDL at run start: nothing of the driver's
+    start waits for it). Taken once the run was seen running, a fast run could finish first."""
     with autocommit_cursor(dsn) as cur:
         ledger.Ledger(led).ensure(cur)
-    return in_background(lambda: (wait_for(lambda: running(dsn, led), 120, "the run"),
-                                  blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")))
+    blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")
 
 
 def cli(overrides: List[str], log: Path) -> subprocess.Popen:
@@ -187,13 +188,12 @@ def test_stall_abort_stops_a_blocked_run_on_both_executors(executor: str, month:
                                                            blocker: Blocker,
                                                            record_property: Callable[[str, Any], None]) -> None:
     """A lock holds every writer's ledger insert; the 2 s stall alert aborts and the run ends right after."""
-    locker = lock_the_ledger_once_running(pg_dsn, schemas[1], blocker)
+    lock_the_ledger(pg_dsn, schemas[1], blocker)
     started = time.monotonic()
     result = run_job(compose(job_overrides(month.root, f"env.executor={executor}", "tracking.enabled=false",
                                            "alerts.stall_seconds.threshold=2", "alerts.stall_seconds.action=abort",
                                            *ONLY_CNAES)))
     took = time.monotonic() - started
-    locker.join(5)
     record_property("run_s", round(took, 2))
     assert result.status == "failed" and isinstance(result.error, AlertAbort), result.error
     assert classify(result.error) is Category.ALERT
@@ -203,11 +203,10 @@ def test_stall_abort_stops_a_blocked_run_on_both_executors(executor: str, month:
 
 def test_run_deadline_stops_a_blocked_run(month: SampleManifest, pg_dsn: str, schemas: tuple, job_overrides,
                                           blocker: Blocker, record_property: Callable[[str, Any], None]) -> None:
-    locker = lock_the_ledger_once_running(pg_dsn, schemas[1], blocker)
+    lock_the_ledger(pg_dsn, schemas[1], blocker)
     started = time.monotonic()
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false",
                                            "env.max_run_seconds=3", *ONLY_CNAES)))
-    locker.join(5)
     took = time.monotonic() - started
     record_property("run_s", round(took, 2))
     assert result.status == "failed" and isinstance(result.error, RunDeadlineExceeded), result.error
