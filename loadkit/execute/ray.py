@@ -203,9 +203,15 @@ def _committed_now(unit: ReadUnit, settings: WriterSettings, period: str) -> Rea
     The ranges of the run's start (``unit.committed``) are a subset: the ledger keeps them."""
     from loadkit.postgres import db
     from loadkit.postgres.ledger import Ledger
+    from loadkit.resilience import retrying
 
-    with db.transaction(settings.dsn) as cur:
-        ranges = Ledger(settings.ledger_schema).committed_ranges(cur, unit.table.name, period)
+    def read() -> Dict[Any, Any]:
+        with db.transaction(settings.dsn) as cur:
+            return Ledger(settings.ledger_schema).committed_ranges(cur, unit.table.name, period)
+
+    # Under the writers' retry policy: a server restarting mid-load must not fail the unit (Ray Data
+    # would abort the whole dataset on the first error of a map task).
+    ranges = retrying(settings.retry)(read)
     committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == unit.file.sha256)
     return replace(unit, committed=committed)
 
