@@ -237,7 +237,6 @@ def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, 
 
     def interfere() -> None:
         wait_for(lambda: running(pg_dsn, led), 120, "the run")
-        blocker.lock(f'"{led}".batch', "SHARE ROW EXCLUSIVE")  # keep the run loading
         run_id, job, period = query(pg_dsn, f'SELECT run_id, job, period FROM "{led}".run')[0]
         first = lock_pids(run_id)
         query(pg_dsn, "SELECT pg_terminate_backend(%s)", (first[0],))
@@ -258,6 +257,7 @@ def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, 
         query(pg_dsn, "SELECT pg_terminate_backend(%s)", (lock_pids(run_id)[0],))
         taker.join(60)
 
+    lock_the_ledger(pg_dsn, led, blocker)  # keep the run loading
     thread = in_background(interfere)
     started = time.monotonic()
     try:
