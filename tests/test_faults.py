@@ -252,11 +252,23 @@ def test_inprocess_executor_kill9_and_sigterm_then_resume(
     wait_until(lambda: committed(pg_dsn, led) >= 3 or not run.alive(), 300, "3 commits")
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
-    after_kill = committed(pg_dsn, led)
-    run = cli_runs(args(80, "env.executor=inprocess"))
-    wait_until(lambda: committed(pg_dsn, led) >= after_kill + 3 or not run.alive(), 300, "3 more commits")
-    run.signal(signal.SIGTERM)
-    signalled = time.time()
+    # SIGTERM mid-load, deterministically: ledger.batch is held before the second run starts, so its writers
+    # block with a batch in hand (a timed wait for more commits raced a run that now finishes fast).
+    holder = psycopg2.connect(pg_dsn, application_name="loadkit-test-holder")
+    try:
+        with holder.cursor() as cur:
+            cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
+        run = cli_runs(args(80, "env.executor=inprocess"))
+        wait_until(lambda: ledger_count(pg_dsn, led, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+                                                     "ON a.pid = l.pid WHERE NOT l.granted AND l.relation = "
+                                                     "'{led}.batch'::regclass AND a.application_name LIKE "
+                                                     "'loadkit:%%:writer'") > 0 or not run.alive(),
+                   300, "a writer of the second run blocked on ledger.batch")
+        run.signal(signal.SIGTERM)
+        signalled = time.time()
+    finally:
+        holder.rollback()  # the blocked writers finish or roll back the batch in hand
+        holder.close()
     assert run.wait(60) == 130
     late = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE committed_at > to_timestamp(%s)",
                         (signalled + 1.0,))
