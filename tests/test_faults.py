@@ -174,6 +174,61 @@ class Cli:
         self._log.close()
 
 
+class LedgerGate:
+    """Holds a ledger's batch table (SHARE ROW EXCLUSIVE) so every writer blocks on its ledger insert with its
+    batch in hand; ``let_through`` lets exactly the writers blocked at that moment commit, then holds again
+    (a second session queues its lock behind them before the first lets go: PostgreSQL grants in queue
+    order, so later writers queue behind it)."""
+
+    WAITERS = ("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE NOT l.granted "
+               "AND l.relation = %s::regclass AND a.application_name LIKE %s AND NOT a.pid = ANY(%s)")
+
+    def __init__(self, dsn: str, led: str) -> None:
+        from loadkit.postgres.ledger import Ledger
+
+        self._dsn, self._table = dsn, f'"{led}".batch'
+        self._orphans: List[int] = []
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            Ledger(led).ensure(cur)  # an existing ledger takes no DDL at run start: the gate blocks no start
+        conn.close()
+        self._conn = self._hold()
+
+    def _hold(self) -> Any:
+        conn = psycopg2.connect(self._dsn, application_name="loadkit-test-gate")
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {self._table} IN SHARE ROW EXCLUSIVE MODE")
+        return conn
+
+    def _waiting(self, app: str) -> int:
+        return int(query(self._dsn, self.WAITERS, (self._table, app, self._orphans))[0][0])
+
+    def killed(self) -> None:
+        """The run was killed: its sessions live on in the server (blocked, they cannot see the client is gone)
+        and can never commit; later waits count only the next run's writers."""
+        self._orphans += [r[0] for r in query(self._dsn, "SELECT pid FROM pg_stat_activity "
+                                                         "WHERE application_name LIKE 'loadkit:%%'")]
+
+    def wait_blocked(self, run: "Cli") -> None:
+        wait_until(lambda: self._waiting("loadkit:%:writer") > 0 or not run.alive(), 300, "a writer blocked")
+        assert run.alive(), "the run ended before a writer blocked on the ledger"
+
+    def let_through(self, run: "Cli") -> None:
+        self.wait_blocked(run)
+        nxt: List[Any] = []
+        queued = threading.Thread(target=lambda: nxt.append(self._hold()), daemon=True)
+        queued.start()
+        wait_until(lambda: self._waiting("loadkit-test-gate") > 0, 60, "the gate's next lock queued")
+        self._conn.rollback()
+        self._conn.close()
+        queued.join(120)
+        assert nxt, "the gate could not take the lock again"
+        self._conn = nxt[0]
+
+    def release(self) -> None:
+        self._conn.rollback()
+        self._conn.close()
+
+
 @pytest.fixture()
 def cli_runs(tmp_path: Path) -> Iterator[Callable[[List[str]], Cli]]:
     started: List[Cli] = []
@@ -248,36 +303,37 @@ def test_inprocess_executor_kill9_and_sigterm_then_resume(
     SIGTERM mid-load (writer threads finish or roll back the batch in hand, exit 130), then a Ray
     run finishes the month exactly once."""
     _, led = schemas
-    run = cli_runs(args(50, "env.executor=inprocess"))
-    wait_until(lambda: committed(pg_dsn, led) >= 3 or not run.alive(), 300, "3 commits")
-    run.signal(signal.SIGKILL)
-    assert run.wait(30) == -signal.SIGKILL
-    # SIGTERM mid-load, deterministically: ledger.batch is held before the second run starts, so its writers
-    # block with a batch in hand (a timed wait for more commits raced a run that now finishes fast).
-    holder = psycopg2.connect(pg_dsn, application_name="loadkit-test-holder")
+    # Deterministic, not timed (a fast in-process run outran every timed wait): a gate holds ledger.batch, so
+    # writers block with a batch in hand; it lets exactly the writers blocked at that moment commit.
+    gate = LedgerGate(pg_dsn, led)
     try:
-        with holder.cursor() as cur:
-            cur.execute(f'LOCK TABLE "{led}".batch IN SHARE ROW EXCLUSIVE MODE')
+        run = cli_runs(args(50, "env.executor=inprocess"))
+        gate.let_through(run)
+        after_kill = committed(pg_dsn, led)
+        assert after_kill >= 1, "no batch committed before the kill -9"
+        gate.wait_blocked(run)
+        run.signal(signal.SIGKILL)  # mid-load: committed batches, and writers waiting with the next in hand
+        assert run.wait(30) == -signal.SIGKILL
+        gate.killed()
         run = cli_runs(args(80, "env.executor=inprocess"))
-        wait_until(lambda: ledger_count(pg_dsn, led, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
-                                                     "ON a.pid = l.pid WHERE NOT l.granted AND l.relation = "
-                                                     "'{led}.batch'::regclass AND a.application_name LIKE "
-                                                     "'loadkit:%%:writer'") > 0 or not run.alive(),
-                   300, "a writer of the second run blocked on ledger.batch")
+        gate.let_through(run)
+        assert committed(pg_dsn, led) > after_kill
+        gate.wait_blocked(run)
         run.signal(signal.SIGTERM)
         signalled = time.time()
     finally:
-        holder.rollback()  # the blocked writers finish or roll back the batch in hand
-        holder.close()
+        gate.release()  # the blocked writers finish or roll back the batch in hand
     assert run.wait(60) == 130
     late = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE committed_at > to_timestamp(%s)",
                         (signalled + 1.0,))
-    assert late == 0, "a batch started more than 1 s after SIGTERM"
+    assert late == 0, "a batch started more than 1 s after SIGTERM"  # committed_at is the transaction start
     statuses = Counter(r[0] for r in query(pg_dsn, f'SELECT status FROM "{led}".run'))
     assert statuses == {"crashed": 1, "interrupted": 1}
+    record_property("kill_points", f"kill -9 after {after_kill} commits, SIGTERM with writers blocked")
     result = run_job(compose(args(120)))  # conftest's default: the Ray executor
     assert result.status == "succeeded", result.error
     assert result.metrics.executor == "ray"
+    assert sum(t.rows_read for t in result.metrics.tables.values()) < sum(month.rows[t] for t in TABLES)
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, month))
 
 
