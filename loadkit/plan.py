@@ -318,7 +318,8 @@ class LoadPlan:
 
 
 def staging_schema(schema: str) -> str:
-    """``<target schema>__lk_stage``: loadkit's own schema for the UNLOGGED staging tables of that schema."""
+    """``<target schema>__lk_stage``: loadkit's own schema for the staging tables of that schema (UNLOGGED, except a
+    merge first load's direct staging, which is logged: it becomes the target, see postgres.modes)."""
     return f"{schema}__lk_stage"
 
 
