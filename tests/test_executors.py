@@ -89,6 +89,23 @@ def test_ray_size_channel_sums_what_remote_read_tasks_report(ray_session: None) 
     assert channel.counters() == (0, 0.0)  # its keys are gone from the store
 
 
+@pytest.mark.parametrize("writers, parse_concurrency, units, cpus, expected", [
+    (2, 0, 3, 2, 2),  # this machine: one loader per core, at least pool.writers
+    (2, 0, 40, 16, 16),  # a cluster: one per CPU
+    (4, 0, 40, 2, 4),  # pool.writers is the floor
+    (2, 0, 1, 16, 1),  # never more loaders than units (each loads one unit at a time)
+    (2, 3, 40, 16, 3),  # pool.parse_concurrency sets it
+    (2, 0, 0, 2, 1),  # at least one
+])
+def test_loader_count(writers: int, parse_concurrency: int, units: int, cpus: int, expected: int) -> None:
+    from types import SimpleNamespace
+
+    from loadkit.execute.ray import loader_count
+
+    plan = SimpleNamespace(writers=writers, parse_concurrency=parse_concurrency)
+    assert loader_count(plan, units, cpus) == expected  # type: ignore[arg-type]
+
+
 def _item(unit: int, kind: Any, issued: int, start: int = 0) -> _Item:
     """A result as a writer thread hands it back (see inprocess._Item)."""
     record = BatchResult(kind=kind, table_name="t", file_sha=f"sha{unit}", member="m", start=start,

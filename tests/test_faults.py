@@ -361,6 +361,51 @@ def test_writer_actor_killed_mid_load(month: SampleManifest, pg_dsn: str, schema
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, month))
 
 
+def test_loader_killed_mid_file_and_resized_retries_exactly_once(tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                                 ray_session: None, job_overrides,
+        record_property: Callable[[str, Any], None]) -> None:
+    """SIGKILL of the loader actor reading a file, and the batch size changed before its retry: the restarted
+    loader skips what the ledger committed (the dead attempt's batches included) and cuts its chunks at their
+    edges, so the new size never overlaps them: every byte range once, every row once."""
+    from ray.experimental import internal_kv
+
+    from loadkit.examples.cnpj.sample import generate_month
+
+    _, led = schemas
+    big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=1, seed=3)  # estabelecimentos: ~90 chunks of 300
+    killed: List[int] = []
+
+    def estab(sql: str) -> list:
+        return query(pg_dsn, sql.format(led=f'"{led}"'), ("estabelecimentos",))
+
+    def kill_the_reader(stop: threading.Event) -> None:
+        wait_until(lambda: stop.is_set() or ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch "
+                                                                        "WHERE table_name = 'estabelecimentos'") >= 4,
+                   120, "4 estabelecimentos commits")
+        if stop.is_set():
+            return
+        (writer,), = estab("SELECT writer FROM {led}.batch WHERE table_name = %s ORDER BY committed_at DESC LIMIT 1")
+        for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):  # the run's batch-size board
+            if key.endswith(b":rows"):
+                internal_kv._internal_kv_put(key, b"1000", overwrite=True, namespace="loadkit")
+        pid = int(writer.split("-")[1])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    with Background(kill_the_reader):
+        result = run_job(compose(job_overrides(big.root, "batch.size=300", "tracking.enabled=false", *DROP_REFERENCE,
+                                               *FAST_RETRY)))
+    assert result.status == "succeeded", result.error
+    assert killed, "the load ended before the loader could be killed"
+    writers = {r[0] for r in estab("SELECT DISTINCT writer FROM {led}.batch WHERE table_name = %s")}
+    # One loader reads a file at a time: a second writer on the file is the restarted loader's retry.
+    assert f"writer-{killed[0]}" in writers and len(writers) == 2, writers
+    sizes = [r[0] for r in estab("SELECT rows_in FROM {led}.batch WHERE table_name = %s ORDER BY start_offset")]
+    assert max(sizes) > 2 * min(sizes[:4]), f"the retry did not read with the new batch size: {sizes}"
+    record_property("killed_loader_pid", killed[0])
+    record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
+
+
 def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple,
                                                 ray_session: None, args,
         record_property: Callable[[str, Any], None]) -> None:

@@ -1,26 +1,37 @@
-"""The Ray Data executor: a LoadPlan compiled into a Ray Data pipeline, its results streamed back.
+"""The Ray Data executor: one row per read unit -> map_batches on a pool of loader actors.
 
-    read (one task per source file or span: source.read.read_unit, chunks as they decompress)
-      -> parse (map_batches(parse_block), fused with the read by Ray)
-      -> write (map_batches(WriterActor): a pool of BatchWriter actors, COPY + ledger per batch)
-      -> per-batch BatchResults streamed to the driver
+    from_items(unit indices, largest unit first)
+      -> map_batches(LoaderUDF): an actor pool; each call loads one whole unit in its process,
+         read_unit -> parse -> BatchWriter.write chunk by chunk, yielding one result block per batch
+      -> per-batch BatchResults streamed to the driver (iter_batches)
 
-Blocks are one chunk each, so memory is bounded by chunk size times the number of blocks Ray
-keeps in flight (its streaming executor applies backpressure), never by file size. This is the
-only module that converts records to Arrow blocks and back (``loadkit.records``: read task ->
-parse -> writer -> driver), and with ``execute.channel``'s board kept in Ray's key-value store,
-the only one that talks to Ray.
+Read, parse and write of a chunk are fused in one process, so neither the raw chunk nor the parsed
+batch crosses the object store (a result block is a few hundred bytes); memory is bounded per
+actor by the one batch in hand, never by file size. Before (issue #16) read/parse tasks and a
+writer actor pool were separate processes with the parsed batch going through the object store
+between them. Measured (notes/ray.md): 1.8M rows, 2 cores, CPU µs/row and peak PSS: that
+pipeline 12.1 and 1.7 GB (load 5-7); this one 8.2 and 1.33 GB; the same loaders as plain Ray
+actors without Ray Data 5.9 and 0.87 GB (load 1-2, alternated) -- the difference is Ray Data's
+own actors (stats, autoscaling coordinator, actor location tracker: ~2.1 CPU-s, ~310 MB) and
+its pandas import in the driver and every worker.
+
+Batch ids and ledger rows are the in-process executor's: both run ``read_unit`` -> ``parse`` ->
+``BatchWriter.write``. Each unit load first reads the file's committed byte ranges from the
+ledger (one query), so the call Ray Data retries after a loader actor died skips what the dead
+attempt committed and cuts its chunks at their edges (the batch size may have changed in
+between): never a row twice. With ``execute.channel``'s board kept in Ray's key-value store,
+this is the only module that talks to Ray.
 """
 from __future__ import annotations
 
-import functools
 import logging
+import os
 import signal
 import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import ray
@@ -30,19 +41,14 @@ from loadkit.execute.parse import parse
 from loadkit.monitor import release_memory
 from loadkit.plan import LoadPlan, TableSpec
 from loadkit.postgres.writer import BatchWriter, WriterSettings
-from loadkit.records import BatchResult, Chunk, ParsedBatch
+from loadkit.records import BatchResult
 from loadkit.source.read import Board, ReadUnit, read_unit, split_units
 
 log = logging.getLogger("loadkit.execute.ray")
 
-# Writers wait on the server, not the CPU. Any CPU they reserve comes out of Ray Data's task
-# budget: at 0.25 each, 2 cores ran one parse task at a time (the rest 'backpressured').
-_WRITER_CPUS = 0.0
-_BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
-
 
 class RayExecutor:
-    """Ray Data: read/parse tasks on every core of the cluster, a pool of writer actors."""
+    """Ray: loader actors (read + parse + write, one unit at a time each) on the cluster's cores."""
 
     name = "ray"
 
@@ -59,39 +65,26 @@ class RayExecutor:
 
     def run(self, plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
             board: Optional[Board] = None) -> Iterator[BatchResult]:
-        """Run the pipeline; yield per-batch results as writers finish them. Closing the iterator
-        stops Ray Data's executor. ``board`` (RaySizeChannel.board) lets the read tasks follow the
-        driver's batch size."""
+        """Yield per-batch results as the loader actors commit them (see :func:`_run`). Closing the
+        iterator stops the actors. ``board`` (RaySizeChannel.board) lets the actors' reads follow
+        the driver's batch size."""
         return _run(plan, units, settings, board)
-
-
-def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
-         board: Optional[Board]) -> Iterator[BatchResult]:
-    if not units:
-        return
-    ds = build_dataset(plan, units, settings, board)
-    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
-    try:
-        for block in blocks:
-            yield from BatchResult.from_table(block)
-    finally:
-        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
 # ---------------------------------------------------------------- the batch-size board in Ray's KV store
 
 
 class KVBoard:
-    """A read task's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
+    """A read's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
 
-    The driver writes the wanted rows per batch under ``<prefix>rows``; each read task writes its
+    The driver writes the wanted rows per batch under ``<prefix>rows``; each read writes its
     own running totals (chunks handed downstream, seconds spent) under ``<prefix>task:<uuid>``,
     which the driver sums. No actor: an actor is a worker process of its own (~1 CPU-s to start,
     ~100 MB PSS measured, notes/ray.md), for a value that changes a few times a run."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._key: Optional[bytes] = None  # this task's totals (set on first poll, in the task)
+        self._key: Optional[bytes] = None  # this read's totals (set on first poll, in the actor)
         self._chunks = 0
         self._wait_s = 0.0
 
@@ -152,91 +145,135 @@ class RaySizeChannel:
             kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
 
 
-# ---------------------------------------------------------------- the UDFs (records <-> Arrow blocks)
+# ---------------------------------------------------------------- the loader actor
 
 
-def _read_blocks(unit: ReadUnit, board: Optional[Board]) -> Iterator[pa.Table]:
-    """The Ray read task: read_unit's chunks as one-chunk blocks."""
-    for chunk in read_unit(unit, board):
-        yield Chunk.to_table([chunk])
+class Loader:
+    """A loader actor's work (held by :class:`LoaderUDF`): read units in, BatchResults out, one unit at a time.
+
+    A chunk is read, parsed and written before the next is read (see :func:`_pipeline`)."""
+
+    def __init__(self, settings: WriterSettings, tables: Dict[str, TableSpec], period: str) -> None:
+        self._settings, self._tables, self._period = settings, tables, period
+        self._writer: Optional[BatchWriter] = None  # connected by the first load: its error is that call's
+        self._raylet = os.getppid()  # a worker's parent is its node's raylet
+
+    def load(self, unit: ReadUnit, board: Optional[Board]) -> Iterator[BatchResult]:
+        """The unit's BatchResults, then its eof (or error) records, in read order.
+
+        The ranges the ledger has committed for the file are skipped (see :func:`_committed_now`):
+        one query per unit, so a retry after this actor died skips what the dead attempt committed."""
+        if self._writer is None:
+            self._writer = BatchWriter(self._settings)
+        unit = _committed_now(unit, self._settings, self._period)
+        yield from _pipeline(read_unit(unit, board), self._tables, self._period, self._writer, self._orphaned)
+
+    def _orphaned(self) -> None:
+        """Exit at once if this worker's raylet is gone (the driver was killed with its local Ray).
+
+        Ray's own check runs every second and a loader has a whole file to go: measured, orphans
+        went on committing batches for ~2 s after a kill -9 of the driver, while the next run could
+        already have read the ledger's committed ranges (and cut its chunks elsewhere). Checked
+        before each batch, the orphan commits at most the batch in hand."""
+        if os.getppid() != self._raylet:
+            os._exit(1)
 
 
-def parse_block(block: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
-    """map_batches UDF: a block of Chunks -> a block of ParsedBatches (rows and rejects as IPC bytes)."""
-    out = ParsedBatch.to_table([parse(c, tables, period) for c in Chunk.from_table(block)])
-    release_memory()
-    return out
+def _pipeline(chunks: Iterator[Any], tables: Dict[str, TableSpec], period: str, writer: BatchWriter,
+              before_write: Callable[[], None] = lambda: None) -> Iterator[BatchResult]:
+    """Parse and write each chunk in turn: one batch in hand at a time. ``before_write`` runs before
+    each write (the loader's orphan check).
+
+    Serial, not a parse thread feeding the write: measured on 1.8M rows, 2 cores, the same CPU per
+    row (6.75 µs both), ~85 MB less PSS (two loaders), ~10% more wall under a shared load of 8-10;
+    with one loader per core, another loader parses while this one waits on the server."""
+    for chunk in chunks:
+        batch = parse(chunk, tables, period)
+        release_memory()  # the chunk's bytes and the parser's buffers (see loadkit.monitor)
+        before_write()
+        yield writer.write(batch)
+        del batch
 
 
-class WriterActor:
-    """map_batches UDF (an actor): a block of ParsedBatches -> a block of BatchResults via a BatchWriter."""
+def _committed_now(unit: ReadUnit, settings: WriterSettings, period: str) -> ReadUnit:
+    """``unit`` with the file's committed byte ranges as the ledger has them now (the retry of a unit
+    whose actor died: what the dead attempt committed is skipped, and chunks are cut at its edges,
+    so the batch ids of the retry never overlap them whatever the batch size is now).
 
-    def __init__(self, settings: WriterSettings) -> None:
-        self.writer = BatchWriter(settings)
+    The ranges of the run's start (``unit.committed``) are a subset: the ledger keeps them."""
+    from loadkit.postgres import db
+    from loadkit.postgres.ledger import Ledger
+    from loadkit.resilience import retrying
 
-    def __call__(self, block: pa.Table) -> pa.Table:
-        out = BatchResult.to_table([self.writer.write(b) for b in ParsedBatch.from_table(block)])
-        release_memory()  # the batch's rows and COPY buffers: a writer kept ~100 MB more without it
-        return out
+    def read() -> Dict[Any, Any]:
+        with db.transaction(settings.dsn) as cur:
+            return Ledger(settings.ledger_schema).committed_ranges(cur, unit.table.name, period)
+
+    # Under the writers' retry policy: a server restarting mid-load must not fail the unit (Ray Data
+    # would abort the whole dataset on the first error of a map task).
+    ranges = retrying(settings.retry)(read)
+    committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == unit.file.sha256)
+    return replace(unit, committed=committed)
 
 
-# ---------------------------------------------------------------- build and run
+# ---------------------------------------------------------------- the driver
+
+
+def loader_count(plan: LoadPlan, units: int, cluster_cpus: int) -> int:
+    """Loader actors of a run: ``pool.parse_concurrency`` when set, else one per CPU of the cluster
+    and at least ``pool.writers``; never more than ``units`` (an actor loads one unit at a time)
+    and at least 1. Each holds ``pool.connections_per_writer`` connections: one COPY stream each."""
+    wanted = plan.parse_concurrency if plan.parse_concurrency > 0 else max(plan.writers, cluster_cpus)
+    return max(1, min(wanted, units))
+
+
+class LoaderUDF:
+    """map_batches UDF (an actor): a block of unit indices -> one result block per batch of each unit."""
+
+    def __init__(self, settings: WriterSettings, tables: Dict[str, TableSpec], period: str,
+                 units: Sequence[ReadUnit], board: Optional[Board]) -> None:
+        self._loader = Loader(settings, tables, period)
+        self._units, self._board = list(units), board
+
+    def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
+        for index in block.column("unit").to_pylist():
+            for result in self._loader.load(self._units[index], self._board):
+                yield BatchResult.to_table([result])
+
+
+_RESULT_BLOCK_BYTES = 1  # every yielded result its own block: Ray Data buffers up to this before emitting
 
 
 def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
                   board: Optional[Board] = None) -> Any:
-    """The Ray Data dataset of a run: read -> parse -> write, one block per chunk."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class SourceDatasource(Datasource):
-        def __init__(self, units: Sequence[ReadUnit]) -> None:
-            super().__init__()
-            self._units = list(units)
-
-        def estimate_inmemory_data_size(self) -> Optional[int]:
-            return sum(u.file.size for u in self._units)
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                           data_context: Any = None) -> List[ReadTask]:
-            return [
-                ReadTask(functools.partial(_read_blocks, u, board),
-                         BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=(u.file.path,),
-                                       exec_stats=None),
-                         schema=Chunk.schema())
-                for u in self._units
-            ]
-
+    """The Ray Data dataset of a run: one row per read unit (largest first) -> map_batches(LoaderUDF)
+    on a pool of loader actors, one unit per call, results streamed as one-row blocks."""
     tables = {t.name: replace(t, files=()) for t in plan.tables}
-    units = split_units(units, plan.read_splits, plan.batch.read_block_bytes)
-    # Ray buffers a task's yielded tables into blocks of up to target_max_block_size (128 MB):
-    # a whole small file became one block, parsed and written by one writer, results only at
-    # its end. A chunk is one batch of a few MB, so 1 MB makes every chunk its own block.
-    ray.data.DataContext.get_current().target_max_block_size = _BLOCK_BYTES
-    ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
-    # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
-    # parsed in the process that decompressed it and never crosses the object store raw.
-    # Ray Data retries a read/parse task lost with its worker (max_retries=-1 by default); batches
-    # it already handed to writers are skipped by their ledger ids, so a rerun never duplicates.
-    parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                                      fn_kwargs={"tables": tables, "period": plan.period})
-    if plan.parse_concurrency:
-        parse_args["compute"] = ray.data.TaskPoolStrategy(size=plan.parse_concurrency)
-    ds = ds.map_batches(parse_block, **parse_args)
-    # Writers hold connections, not CPU (see _WRITER_CPUS): the cores stay with read/parse.
-    return ds.map_batches(
-        WriterActor,
-        fn_constructor_args=(settings,),
-        batch_format="pyarrow",
-        batch_size=1,
-        # One batch in flight per writer: a batch is seconds of COPY, so queueing several on the
-        # first actor that is ready (Ray's default, 4) left the others idle on one-file loads.
-        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=1),
-        num_cpus=_WRITER_CPUS,
-        # A killed writer restarts and its in-flight batch is retried (same batch id, so the ledger
-        # decides committed-or-not): Ray Data's actor-pool defaults max_restarts=-1 and
-        # max_task_retries=-1 (passing them again is deprecated); tests/test_faults.py kills one.
-    )
+    ordered = sorted(split_units(units, plan.read_splits, plan.batch.read_block_bytes),
+                     key=lambda u: -(u.span[1] - u.span[0] if u.span else u.file.size))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = loader_count(plan, len(ordered), cpus)
+    ray.data.DataContext.get_current().target_max_block_size = _RESULT_BLOCK_BYTES
+    ds = ray.data.from_items([{"unit": i} for i in range(len(ordered))], override_num_blocks=len(ordered))
+    # Ray Data's actor pool restarts a dead actor and retries its call (max_restarts and
+    # max_task_retries -1): the retried load skips what the ledger committed (Loader.load).
+    return ds.map_batches(LoaderUDF, fn_constructor_args=(settings, tables, plan.period, ordered, board),
+                          batch_format="pyarrow", batch_size=1, zero_copy_batch=True,
+                          compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1),
+                          num_cpus=min(1.0, cpus / n))
+
+
+def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
+         board: Optional[Board]) -> Iterator[BatchResult]:
+    if not units:
+        return
+    blocks = build_dataset(plan, units, settings, board).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                      prefetch_batches=0)
+    try:
+        for block in blocks:
+            yield from BatchResult.from_table(block)
+    finally:
+        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
 @contextmanager
@@ -269,25 +306,18 @@ _LOCAL_SYSTEM_CONFIG: Dict[str, Any] = {
     "task_events_report_interval_ms": 0,
     "event_stats": False,
 }
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
     """Start or join Ray unless this process already did. Returns True if this call started it.
 
     A local Ray starts without dashboard, with the raylet's memory monitor and metrics off
-    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``)."""
-    started = False
-    if not ray.is_initialized():
-        kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-        if address:
-            kwargs["address"] = address
-        else:
-            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
-                          _system_config=dict(_LOCAL_SYSTEM_CONFIG))
-        if runtime_env:
-            kwargs["runtime_env"] = runtime_env
-        with _keep_signal_handlers():
-            ray.init(**kwargs)
-        started = True
+    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``).
+    ``progress_bars`` is accepted for the executor interface: the driver draws its own progress."""
+    started = not ray.is_initialized()
+    if started:
+        _init(address, num_cpus, object_store_memory, runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.enable_auto_log_stats = False  # the run's own metrics say it; the stats dump costs a GCS walk
@@ -298,3 +328,17 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
     # samples the whole process tree (one memory monitor per process).
     ctx.memory_usage_poll_interval_s = None
     return started
+
+
+def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
+          runtime_env: Optional[Dict[str, Any]]) -> None:
+    kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                      _system_config=dict(_LOCAL_SYSTEM_CONFIG))
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    with _keep_signal_handlers():
+        ray.init(**kwargs)
