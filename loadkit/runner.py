@@ -114,6 +114,7 @@ class Runner:
             tables = [t.name for t in self.plan.tables]
             for round_ in range(_MAX_REREADS + 1):
                 supervisor.stream(todo)
+                sink.check_accounting(metrics, tables)  # the summary is the ledger's, or the run stops here
                 finalising = time.perf_counter()
                 supervisor.check_final_thresholds()
                 done = sink.complete(metrics, supervisor.aborted, failed, tables)

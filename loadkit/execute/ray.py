@@ -16,11 +16,22 @@ own actors (stats, autoscaling coordinator, actor location tracker: ~2.1 CPU-s, 
 its pandas import in the driver and every worker.
 
 Batch ids and ledger rows are the in-process executor's: both run ``read_unit`` -> ``parse`` ->
-``BatchWriter.write``. Each unit load first reads the file's committed byte ranges from the
-ledger (one query), so the call Ray Data retries after a loader actor died skips what the dead
-attempt committed and cuts its chunks at their edges (the batch size may have changed in
-between): never a row twice. With ``execute.channel``'s board kept in Ray's key-value store,
-this is the only module that talks to Ray.
+``BatchWriter.write``. Each unit load first reads the file's committed batches from the ledger
+(one query), so the call Ray Data retries after a loader actor died skips what the dead attempt
+committed and cuts its chunks at their edges (the batch size may have changed in between): never
+a row twice.
+
+Never a result lost either. A map_batches call is a Ray streaming generator task; when its actor
+dies, Ray re-runs the call from its start on the restarted actor and drops, BY POSITION, the
+outputs the dead attempt already handed over (Ray expects a replay to repeat itself). A retry
+that only loads what is left yields fewer outputs, and its first ones -- new batches, maybe the
+eof -- were dropped as "already seen": the run's summary came out short of its ledger (CI: 840
+rows read, 1,160 in the ledger). So the retry first re-reports, from the ledger and in read order,
+the batches this run committed in the unit since it was planned (``_replayed``), and its output
+begins with the dead attempt's. The driver drops a result it already has (``Once``), and the
+runner checks the run's counts against its ledger rows after every stream
+(``PostgresSink.check_accounting``). With ``execute.channel``'s board kept in Ray's key-value
+store, this is the only module that talks to Ray.
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pyarrow as pa
 import ray
@@ -40,6 +51,7 @@ import ray.data
 from loadkit.execute.parse import parse
 from loadkit.monitor import release_memory
 from loadkit.plan import LoadPlan, TableSpec
+from loadkit.postgres.ledger import Ledger, LedgerBatch
 from loadkit.postgres.writer import BatchWriter, WriterSettings
 from loadkit.records import BatchResult
 from loadkit.source.read import Board, ReadUnit, read_unit, split_units
@@ -161,12 +173,22 @@ class Loader:
     def load(self, unit: ReadUnit, board: Optional[Board]) -> Iterator[BatchResult]:
         """The unit's BatchResults, then its eof (or error) records, in read order.
 
-        The ranges the ledger has committed for the file are skipped (see :func:`_committed_now`):
-        one query per unit, so a retry after this actor died skips what the dead attempt committed."""
+        First one ledger query for the file (:func:`_ledger_now`): its committed ranges are skipped,
+        so a retry after this actor died skips what the dead attempt committed. That retry also
+        re-reports, where the dead attempt reported them, the batches this run committed in the
+        unit since it was planned (:func:`_replayed`): Ray re-runs a retried generator task from
+        the start and keeps only the outputs past those the dead attempt already handed over, by
+        position, so the retry's outputs must begin with the dead attempt's (see :func:`_run`)."""
         if self._writer is None:
             self._writer = BatchWriter(self._settings)
-        unit = _committed_now(unit, self._settings, self._period)
-        yield from _pipeline(read_unit(unit, board), self._tables, self._period, self._writer, self._orphaned)
+        batches = _ledger_now(unit, self._settings, self._period)
+        replay = _replayed(unit, batches, self._settings.run_id)
+        if replay:
+            log.info("unit retried: re-reporting %d batch(es) an earlier attempt committed",
+                     sum(len(r) for r in replay.values()), extra={"table": unit.table.name, "file": unit.file.rel})
+        now = replace(unit, committed=_ranges(batches))
+        results = _pipeline(read_unit(now, board), self._tables, self._period, self._writer, self._orphaned)
+        yield from _with_replay(results, replay)
 
     def _orphaned(self) -> None:
         """Exit at once if this worker's raylet is gone (the driver was killed with its local Ray).
@@ -195,25 +217,81 @@ def _pipeline(chunks: Iterator[Any], tables: Dict[str, TableSpec], period: str, 
         del batch
 
 
-def _committed_now(unit: ReadUnit, settings: WriterSettings, period: str) -> ReadUnit:
-    """``unit`` with the file's committed byte ranges as the ledger has them now (the retry of a unit
-    whose actor died: what the dead attempt committed is skipped, and chunks are cut at its edges,
-    so the batch ids of the retry never overlap them whatever the batch size is now).
-
-    The ranges of the run's start (``unit.committed``) are a subset: the ledger keeps them."""
+def _ledger_now(unit: ReadUnit, settings: WriterSettings, period: str) -> List[LedgerBatch]:
+    """The file's committed batches as the ledger has them now (one query, retried under the run's
+    retry policy: a server restarting mid-load must not fail the unit, which would abort the whole
+    Ray Data dataset)."""
     from loadkit.postgres import db
-    from loadkit.postgres.ledger import Ledger
     from loadkit.resilience import retrying
 
-    def read() -> Dict[Any, Any]:
+    def read() -> List[LedgerBatch]:
         with db.transaction(settings.dsn) as cur:
-            return Ledger(settings.ledger_schema).committed_ranges(cur, unit.table.name, period)
+            return Ledger(settings.ledger_schema).file_batches(cur, unit.table.name, period, unit.file.sha256)
 
-    # Under the writers' retry policy: a server restarting mid-load must not fail the unit (Ray Data
-    # would abort the whole dataset on the first error of a map task).
-    ranges = retrying(settings.retry)(read)
-    committed = tuple((m, tuple(r)) for (sha, m), r in ranges.items() if sha == unit.file.sha256)
-    return replace(unit, committed=committed)
+    return retrying(settings.retry)(read)
+
+
+def _ranges(batches: Sequence[LedgerBatch]) -> Tuple[Tuple[str, Tuple[Tuple[int, int], ...]], ...]:
+    """``ReadUnit.committed`` from the file's batches: per member, the committed byte ranges in order.
+
+    The reader skips them and cuts its chunks at their edges, so a retry never overlaps what a dead
+    attempt committed, whatever the batch size is now. The ranges the unit was planned with (a
+    previous run's) are among them: the ledger keeps them."""
+    out: Dict[str, List[Tuple[int, int]]] = {}
+    for b in batches:
+        out.setdefault(b.member, []).append((b.start, b.end))
+    return tuple((m, tuple(sorted(r))) for m, r in out.items())
+
+
+def _replayed(unit: ReadUnit, batches: Sequence[LedgerBatch], run_id: str) -> Dict[str, List[BatchResult]]:
+    """member -> the results an earlier attempt of this unit load reported (or would have), in read order.
+
+    Those are the batches of ``run_id`` in the unit's span (a split file's other spans are other
+    units: their batches start outside ``unit.span``) that the ranges the unit was planned with do
+    not cover: only this unit writes its span in this run, and a first attempt finds none. Members
+    are keyed in the order their first batch committed (the order they were read); batches by offset.
+    A batch skipped by the dead attempt (another run committed it meanwhile) is not replayed: that
+    rare race shifts the retry's outputs and the run's accounting check reports it loudly."""
+    lo, hi = unit.span if unit.span is not None else (0, None)
+    out: Dict[str, List[BatchResult]] = {}
+    mine = sorted((b for b in batches if b.run_id == run_id and lo <= b.start and (hi is None or b.start < hi)
+                   and not any(s <= b.start and b.end <= e for s, e in unit.ranges(b.member))),
+                  key=lambda b: (b.committed_at, b.start))
+    for b in mine:
+        out.setdefault(b.member, [])
+    for b in sorted(mine, key=lambda b: b.start):
+        out[b.member].append(BatchResult(
+            kind="data", status="committed", table_name=unit.table.name, file_sha=unit.file.sha256,
+            file_ordinal=unit.file.ordinal, file_path=unit.file.rel, member=b.member, start=b.start, end=b.end,
+            first_line=b.first_line, batch_id=b.batch_id, rows_in=b.rows_in, rows_loaded=b.rows_loaded,
+            rows_rejected=b.rows_rejected, rows_coerced=b.rows_coerced, blank_lines=b.blank_lines,
+            bytes=0 if unit.table.format == "parquet" else b.end - b.start,  # parquet offsets are rows
+            writer=b.writer, attempts=b.attempts, finished_at=b.committed_at))
+    return out
+
+
+def _with_replay(results: Iterator[BatchResult], replay: Dict[str, List[BatchResult]]) -> Iterator[BatchResult]:
+    """``results`` with each member's replayed batches put where the first attempt reported them: before the
+    member's first record of this attempt (its chunks continue where the dead attempt's commits end); the
+    member's eof counts them among its chunks; an error record (the file failed) comes after every replayed
+    batch. The output is then the dead attempt's, extended: what :func:`_run` relies on."""
+    pending = dict(replay)
+    replayed: Dict[str, int] = {}
+    for result in results:
+        if result.kind == "error":
+            for member, rows in pending.items():
+                replayed[member] = len(rows)
+                yield from rows
+            pending.clear()
+        elif result.member in pending:
+            rows = pending.pop(result.member)
+            replayed[result.member] = len(rows)
+            yield from rows
+        if result.kind == "eof" and replayed.get(result.member):
+            result = replace(result, chunks=result.chunks + replayed[result.member])
+        yield result
+    for rows in pending.values():  # a member this attempt did not reach: reported all the same
+        yield from rows
 
 
 # ---------------------------------------------------------------- the driver
@@ -238,9 +316,12 @@ class LoaderUDF:
     def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
         for index in block.column("unit").to_pylist():
             for result in self._loader.load(self._units[index], self._board):
-                yield BatchResult.to_table([result])
+                # the unit's index rides along (BatchResult.from_table ignores it): the driver tells a
+                # unit's second eof/error record from another unit's (a split file's spans share a member)
+                yield BatchResult.to_table([result]).append_column(_UNIT, pa.array([index], pa.int32()))
 
 
+_UNIT = "unit"  # the column of a result block naming the unit it came from
 _RESULT_BLOCK_BYTES = 1  # every yielded result its own block: Ray Data buffers up to this before emitting
 
 
@@ -269,11 +350,41 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
         return
     blocks = build_dataset(plan, units, settings, board).iter_batches(batch_size=None, batch_format="pyarrow",
                                                                       prefetch_batches=0)
+    once = Once()
     try:
         for block in blocks:
-            yield from BatchResult.from_table(block)
+            for unit, result in zip(block.column(_UNIT).to_pylist(), BatchResult.from_table(block)):
+                if once.first(unit, result):
+                    yield result
     finally:
         getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
+        if once.dropped:
+            log.debug("dropped %d result(s) already received (a retried loader call delivered from its start)",
+                      once.dropped)
+
+
+class Once:
+    """The driver's guard against a result delivered twice: a batch by its id, a unit's eof or error
+    record by (unit index, kind, member).
+
+    A retried loader call (its actor died) is a Ray streaming generator re-run from its start: Ray
+    keeps only the outputs past those the dead attempt already delivered, by position, and the
+    retry replays the dead attempt's outputs first (``Loader.load``), so normally nothing arrives
+    twice. Should a retry ever be delivered whole (as a fresh call), its first outputs repeat
+    results already counted: dropped here, and counted in ``dropped``."""
+
+    def __init__(self) -> None:
+        self._seen: Set[Tuple[Any, ...]] = set()
+        self.dropped = 0
+
+    def first(self, unit: int, result: BatchResult) -> bool:
+        """True the first time this result is seen (count it), False for a repeat (drop it)."""
+        key = ("data", result.batch_id) if result.kind == "data" else (result.kind, unit, result.member)
+        if key in self._seen:
+            self.dropped += 1
+            return False
+        self._seen.add(key)
+        return True
 
 
 @contextmanager
