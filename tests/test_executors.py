@@ -359,3 +359,44 @@ def test_parse_threads_load_the_same_batches_as_one(pg_dsn: str, schemas: tuple,
         conn.close()
     assert len(ledgers[0]) >= 20  # several 64 KB chunks per large file: room for reordering
     assert ledgers[0] == ledgers[1]
+
+
+def test_a_summary_the_ledger_contradicts_stops_the_run_before_publishing(
+        pg_dsn: str, schemas: tuple, job_overrides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One committed batch's result never reaches the driver (injected between executor and driver): the run's
+    counts are short of its ledger rows, so it fails as a bug (exit 1) naming both figures, publishes nothing,
+    and a rerun publishes exactly what the ledger holds, reading nothing again."""
+    from loadkit.errors import Category, LedgerMismatch, classify
+    from loadkit.runner import exit_code
+    from tests.test_faults import DROP_REFERENCE, assert_exactly_once
+
+    month = generate_month(tmp_path / "data", 2024, 5, rows=600, shards=2, seed=3)
+    target, led = schemas
+    overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=50",
+                              *DROP_REFERENCE)
+    deliver = InProcessExecutor.run
+    lost: List[BatchResult] = []
+
+    def losing_one(self: InProcessExecutor, *args: Any, **kwargs: Any) -> Any:
+        for result in deliver(self, *args, **kwargs):
+            if not lost and result.kind == "data" and result.table_name == "estabelecimentos":
+                lost.append(result)
+                continue
+            yield result
+
+    monkeypatch.setattr(InProcessExecutor, "run", losing_one)
+    first = run_job(compose(overrides))
+    monkeypatch.undo()
+    assert lost and lost[0].status == "committed"
+    assert first.status == "failed" and isinstance(first.error, LedgerMismatch), first.error
+    assert classify(first.error) is Category.BUG and exit_code(first) == 1
+    counted, in_ledger = month.rows["estabelecimentos"] - lost[0].rows_in, month.rows["estabelecimentos"]
+    assert f"estabelecimentos: counted {first.metrics.tables['estabelecimentos'].batches} batches, {counted} read" \
+        in str(first.error) and f"{in_ledger} read" in str(first.error), first.error
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file')[0][0] == 0  # nothing settled, nothing published
+    run_row = query(pg_dsn, f'SELECT status, error_category FROM "{led}".run WHERE run_id = %s', (first.run_id,))
+    assert run_row == [("failed", "bug")]
+    again = run_job(compose(overrides))
+    assert again.status == "succeeded", again.error
+    assert sum(t.rows_read for t in again.metrics.tables.values()) == 0  # every batch was committed
+    assert_exactly_once(pg_dsn, schemas, month)
