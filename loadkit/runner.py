@@ -84,7 +84,7 @@ class Runner:
         supervisor = Supervisor(plan, sink.dsn, metrics, alerts, tracker, monitor, self.tags.get("overrides"))
         sink.check_server()
         trace = supervisor.trace = telemetry.start_run(plan, plan)
-        signals = Signals(supervisor.pending_error, sink.cancel)
+        signals = supervisor.signals = Signals(supervisor.pending_error, sink.cancel)
         params = plan.settings_dict()  # the run's parameters, with the DSN it connects to (masked)
         params["sink"]["dsn"] = mask_dsn(sink.dsn)
         with signals:  # from the first ledger statement: a stop while waiting on a lock there is prompt too

@@ -98,6 +98,19 @@ def committed(dsn: str, led: str) -> int:
     return ledger_count(dsn, led, "SELECT count(*) FROM {led}.batch")
 
 
+def runs_so_far(dsn: str, led: str) -> List[str]:
+    """Ids of the runs the ledger has recorded (none before the first run created it)."""
+    try:
+        return [r[0] for r in query(dsn, f'SELECT run_id FROM "{led}".run')]
+    except psycopg2.errors.UndefinedTable:
+        return []
+
+
+def commits_since(dsn: str, led: str, known: List[str]) -> int:
+    """Batches committed by runs other than ``known``: a run started after ``runs_so_far`` returned them."""
+    return ledger_count(dsn, led, "SELECT count(*) FROM {led}.batch WHERE NOT run_id = ANY(%s)", (known,))
+
+
 def current_run(dsn: str, led: str) -> Optional[str]:
     try:
         rows = query(dsn, f'SELECT run_id FROM "{led}".run WHERE status = %s ORDER BY started_at DESC LIMIT 1',
@@ -259,19 +272,22 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     assert committed(pg_dsn, led) == 0
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
-    # 2. kill -9 after a random number of commits.
+    # 2. kill -9 after a random number of its own commits (a killed run's orphaned loaders may still commit
+    # the batch in hand: counting every commit, a wait could end before the next run has done anything).
     kill_at = rng.randint(1, 4)
+    known = runs_so_far(pg_dsn, led)
     run = cli_runs(args(200))
-    wait_until(lambda: committed(pg_dsn, led) >= kill_at or not run.alive(), 300, f"{kill_at} commits")
+    wait_until(lambda: commits_since(pg_dsn, led, known) >= kill_at or not run.alive(), 300, f"{kill_at} commits")
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
     after_kill = committed(pg_dsn, led)
     assert after_kill >= kill_at
-    # 3. SIGTERM after a few more commits, with a smaller batch size (many batches left, so the signal lands
-    # mid-load however many commits the kill -9 above let through).
-    term_at = after_kill + rng.randint(1, 2)
+    # 3. SIGTERM after a few commits of its own, with a smaller batch size (many batches left, so the signal
+    # lands mid-load however many commits the kill -9 above let through).
+    term_at = rng.randint(1, 2)
+    known = runs_so_far(pg_dsn, led)
     run = cli_runs(args(120))
-    wait_until(lambda: committed(pg_dsn, led) >= term_at or not run.alive(), 300, f"{term_at} commits")
+    wait_until(lambda: commits_since(pg_dsn, led, known) >= term_at or not run.alive(), 300, f"{term_at} commits")
     assert run.alive(), "the run ended before SIGTERM could land mid-load"
     run.signal(signal.SIGTERM)
     signalled = time.time()
