@@ -9,10 +9,11 @@ Read, parse and write of a chunk are fused in one process, so neither the raw ch
 batch crosses the object store (a result block is a few hundred bytes); memory is bounded per
 actor by the one batch in hand, never by file size. Before (issue #16) read/parse tasks and a
 writer actor pool were separate processes with the parsed batch going through the object store
-between them. Measured (notes/ray.md): 1.8M rows, 2 cores, CPU µs/row and peak PSS: that
-pipeline 12.1 and 1.7 GB (load 5-7); this one 8.2 and 1.33 GB; the same loaders as plain Ray
-actors without Ray Data 5.9 and 0.87 GB (load 1-2, alternated) -- the difference is Ray Data's
-own actors (stats, autoscaling coordinator, actor location tracker: ~2.1 CPU-s, ~310 MB) and
+between them. Measured (README, session 6): 1.8M rows, 2 cores, CPU µs/row (all but PostgreSQL)
+and peak PSS, alternated in one sitting at load 5-9: that pipeline 10.1 and 1.71 GB, this one
+7.2 and 1.23 GB; an earlier sitting (load 1-2): 12.1 / 1.7 GB, 8.2 / 1.33 GB, and the same
+loaders as plain Ray actors without Ray Data 5.9 and 0.87 GB -- the difference is Ray Data's
+own actors (stats, autoscaling coordinator, actor location tracker: ~2.1 CPU-s, ~305 MB) and
 its pandas import in the driver and every worker.
 
 Batch ids and ledger rows are the in-process executor's: both run ``read_unit`` -> ``parse`` ->
