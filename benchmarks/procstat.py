@@ -18,7 +18,12 @@ from typing import Dict, Optional, Set, Tuple
 import psutil
 
 _PG_PORT = 5432
-_DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "agent", "runtime_env")
+# Ray's daemons by a piece of their command line (first match wins: log_monitor.py before monitor.py,
+# the agents before the dashboard whose folder holds agent.py); the agents retitle themselves ray::<Name>.
+_DAEMONS = (("gcs_server", "gcs_server"), ("raylet", "raylet"), ("ray::DashboardAgent", "dashboard_agent"),
+            ("dashboard/agent.py", "dashboard_agent"), ("ray::RuntimeEnvAgent", "runtime_env_agent"),
+            ("runtime_env/agent", "runtime_env_agent"), ("log_monitor.py", "log_monitor"),
+            ("monitor.py", "autoscaler_monitor"), ("dashboard", "dashboard"), ("ray_client_server", "client_server"))
 
 
 @dataclass
@@ -46,15 +51,18 @@ def _group(proc: psutil.Process, root: int) -> Tuple[str, str]:
     if proc.pid == root:
         return "driver", "driver"
     try:
-        cmd = " ".join(proc.cmdline())
+        argv = proc.cmdline()
         name = proc.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "other", "?"
+    cmd = " ".join(argv)
+    head = " ".join(argv[:3])  # the program and its script: a worker's arguments name the raylet too
+    for piece, daemon in _DAEMONS:
+        if piece in head or piece == name:
+            return "ray_daemons", daemon
     if "default_worker.py" in cmd or name.startswith("ray::") or cmd.startswith("ray::"):
-        return "ray_workers", re.sub(r"[\s(].*", "", cmd)[:60] if cmd.startswith("ray::") else "ray::?"
-    for d in _DAEMONS:
-        if d in cmd or d in name:
-            return "ray_daemons", d
+        # ray::<Actor>.<method> or ray::<task>: one name per actor class or task, whatever it runs now
+        return "ray_workers", re.sub(r"[\s(.].*", "", cmd)[:60] if cmd.startswith("ray::") else "ray::?"
     return "other", name[:40]
 
 

@@ -436,13 +436,13 @@ class PoolConfig:
     """Parallelism: writers, parse tasks, read splits, downloads."""
 
     writers: int = 2
-    """Writer actors (threads in-process), each with its own connection(s): one binary COPY stream each."""
+    """Writer threads in process (one COPY stream each); on Ray the least number of loader actors."""
     connections_per_writer: int = 1
     """Connections each writer holds."""
     pre_ping: bool = True
     """Check a pooled connection before using it."""
     parse_concurrency: int = 0
-    """Parse tasks allowed at once (0 = as many as Ray schedules)."""
+    """Ray loader actors, each reading, parsing and writing whole units (0 = one per cluster CPU, >= writers)."""
     parse_threads: int = 0
     """Parse threads of the in-process executor (0 = one per two cores of env.num_cpus or the machine, 1 to 4)."""
     # Files under 2 x batch.read_block_bytes stay whole; zip/gzip members always stream in one task.

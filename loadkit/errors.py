@@ -133,6 +133,12 @@ class RunDeadlineExceeded(TransientDBError):
     """The run passed env.max_run_seconds: stopped like an interrupt, committed batches kept; rerun to resume."""
 
 
+class LedgerMismatch(LoadkitError):
+    """The run's counts disagree with the batches it committed to the ledger: a result was lost or
+    counted twice between a writer and the driver. A bug (exit 1); the ledger, written in each
+    batch's own transaction, is right, and a rerun resumes from it."""
+
+
 class InterruptedRun(LoadkitError):
     """The run was stopped by a signal; committed batches stay valid for the resume. Exit code 130."""
 

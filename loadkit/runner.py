@@ -84,7 +84,7 @@ class Runner:
         supervisor = Supervisor(plan, sink.dsn, metrics, alerts, tracker, monitor, self.tags.get("overrides"))
         sink.check_server()
         trace = supervisor.trace = telemetry.start_run(plan, plan)
-        signals = Signals(supervisor.pending_error, sink.cancel)
+        signals = supervisor.signals = Signals(supervisor.pending_error, sink.cancel)
         params = plan.settings_dict()  # the run's parameters, with the DSN it connects to (masked)
         params["sink"]["dsn"] = mask_dsn(sink.dsn)
         with signals:  # from the first ledger statement: a stop while waiting on a lock there is prompt too
@@ -114,6 +114,7 @@ class Runner:
             tables = [t.name for t in self.plan.tables]
             for round_ in range(_MAX_REREADS + 1):
                 supervisor.stream(todo)
+                sink.check_accounting(metrics, tables)  # the summary is the ledger's, or the run stops here
                 finalising = time.perf_counter()
                 supervisor.check_final_thresholds()
                 done = sink.complete(metrics, supervisor.aborted, failed, tables)

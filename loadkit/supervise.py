@@ -105,6 +105,15 @@ class Signals:
             self.received = signum
             raise InterruptedRun(f"stopped by {signal.Signals(signum).name}", signal=signum)
 
+    def raise_if_received(self) -> None:
+        """Raise InterruptedRun if SIGINT/SIGTERM arrived: its handler raises wherever the main thread
+        happens to be, and library code that catches every exception can swallow it there (Ray Data's
+        iteration-stats call does: a SIGTERM landing in it was logged as a warning and the run went on
+        to succeed). The streaming loop calls this after every result, so a swallowed stop still stops
+        the run at the next one."""
+        if self.received is not None:
+            raise InterruptedRun(f"stopped by {signal.Signals(self.received).name}", signal=self.received)
+
     def __exit__(self, *exc: Any) -> None:
         if self._pipe is not None:
             signal.set_wakeup_fd(self._old_wakeup)
@@ -163,6 +172,7 @@ class Supervisor:
         self._interrupt_main = threading.current_thread() is threading.main_thread()
         self.trace: Optional[Any] = None  # telemetry.RunTrace of this run (telemetry.tracing on)
         self.reloader: Any = None
+        self.signals: Optional[Signals] = None  # the run's (see Signals.raise_if_received), set by the runner
 
     # ------------------------------------------------------------ stops from other threads
 
@@ -245,6 +255,8 @@ class Supervisor:
                     self._watchdog.raise_if_tripped()
                     if self._stop_error is not None:
                         raise self._stop_error
+                    if self.signals is not None:
+                        self.signals.raise_if_received()
                     result = metrics.add(result)
                     if result.kind == "data":
                         self._check_batch(result)
@@ -261,6 +273,8 @@ class Supervisor:
                         last_report = time.time()
                     elif self._bar is not None and time.time() - self._bar.drawn_at >= _BAR_EVERY_S:
                         self._bar.draw(progress_line(metrics.progress(monitor.latest())))
+            if self.signals is not None:  # a stop swallowed while the last results came in
+                self.signals.raise_if_received()
             metrics.stream_s = time.perf_counter() - stream_started
             self._progress(step + 1, channel)
             for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size

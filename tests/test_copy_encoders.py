@@ -233,11 +233,17 @@ def test_writer_commits_rows_rejects_and_ledger_row_once(pg_dsn: str, schemas: t
     _writer_setup(pg_dsn, schemas)
     target, led = schemas
     writer = BatchWriter(_settings(pg_dsn, schemas, copy_encoder))
+    other = BatchWriter(_settings(pg_dsn, schemas, copy_encoder, run_id="a later run"))
     try:
         assert _write(writer, _record(101)).status == "committed"
-        assert _write(writer, _record(101)).status == "skipped"  # the ledger has it: never twice
+        assert _write(other, _record(101)).status == "skipped"  # the ledger has it: never twice
+        # Its own run's batch is reported committed, never written again: the commit whose reply was lost
+        # (or a dead Ray loader's last one) is this run's, so its counts must be too (the driver drops a
+        # result it already has).
+        assert _write(writer, _record(101)).status == "committed"
     finally:
         writer.close()
+        other.close()
     conn = psycopg2.connect(pg_dsn)
     with conn.cursor() as cur:
         cur.execute(f'SELECT code, qty, price::text, seen::text, {BATCH_COL} FROM "{target}".items ORDER BY code')

@@ -6,7 +6,7 @@ import queue
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import psycopg2
 import pytest
@@ -87,6 +87,159 @@ def test_ray_size_channel_sums_what_remote_read_tasks_report(ray_session: None) 
     assert ray.get(read_task.remote(channel.board, 1)) == [250]
     channel.close()
     assert channel.counters() == (0, 0.0)  # its keys are gone from the store
+
+
+@pytest.mark.parametrize("writers, parse_concurrency, units, cpus, expected", [
+    (2, 0, 3, 2, 2),  # this machine: one loader per core, at least pool.writers
+    (2, 0, 40, 16, 16),  # a cluster: one per CPU
+    (4, 0, 40, 2, 4),  # pool.writers is the floor
+    (2, 0, 1, 16, 1),  # never more loaders than units (each loads one unit at a time)
+    (2, 3, 40, 16, 3),  # pool.parse_concurrency sets it
+    (2, 0, 0, 2, 1),  # at least one
+])
+def test_loader_count(writers: int, parse_concurrency: int, units: int, cpus: int, expected: int) -> None:
+    from types import SimpleNamespace
+
+    from loadkit.execute.ray import loader_count
+
+    plan = SimpleNamespace(writers=writers, parse_concurrency=parse_concurrency)
+    assert loader_count(plan, units, cpus) == expected  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ a retried Ray loader call replays its outputs
+
+
+def _as_results(chunks: Any, period: str) -> List[BatchResult]:
+    """What a loader call yields for these chunks when every data chunk commits (parse and write left out:
+    the order and identity of the outputs is what a retry must repeat)."""
+    from loadkit.plan import batch_id
+    from loadkit.records import carry
+
+    return [carry(c, BatchResult, status="committed" if c.kind == "data" else c.kind,
+                  batch_id=batch_id(c.table_name, period, c.file_sha, c.member, c.start) if c.kind == "data" else 0,
+                  rows_in=c.end - c.start, rows_loaded=c.end - c.start)
+            for c in chunks]
+
+
+def _ledger_rows(results: List[BatchResult], run_id: str) -> list:
+    """The ledger's rows (``Ledger.file_batches``) for these committed results, committed in this order."""
+    from loadkit.postgres.ledger import LedgerBatch
+
+    return [LedgerBatch(r.batch_id, run_id, r.member, r.start, r.end, r.first_line, r.rows_in, r.rows_loaded, 0, 0,
+                        0, "writer-1", 1, 1000.0 + i) for i, r in enumerate(results)]
+
+
+def _shape(results: List[BatchResult]) -> List[tuple]:
+    return [(r.kind, r.member, r.start, r.end, r.batch_id, r.rows_in, r.chunks) for r in results]
+
+
+@pytest.fixture(scope="module")
+def two_member_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A month whose estabelecimentos are one zip of two members (the generator writes one member a zip)."""
+    import zipfile
+
+    root = tmp_path_factory.mktemp("members")
+    month = generate_month(root, 2024, 5, rows=4000, shards=2, seed=7)
+    zips = [root / p for p in month.files["estabelecimentos"]]
+    members = []
+    for z in zips:
+        with zipfile.ZipFile(z) as zf:
+            members += [(name, zf.read(name)) for name in zf.namelist()]
+        z.unlink()
+    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["two members", "split file"])
+def test_a_retried_unit_load_begins_with_the_dead_attempts_outputs(layout: str, two_member_zip: Path,
+                                                                   tmp_path: Path) -> None:
+    """Ray re-runs a retried loader call from its start and drops, by position, the outputs the dead attempt
+    already delivered. Whatever number of batches the dead attempt committed (0 to all), the retry --
+    which skips those ranges in the file -- re-reports them where the dead attempt reported them: its
+    outputs equal a complete first attempt's, member eofs (and their chunk counts) included. A split
+    file's other span, loaded by another loader of the same run, is never replayed into this one."""
+    from dataclasses import replace
+
+    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+    from loadkit.plan import build_plan
+    from loadkit.source.read import ReadUnit, read_unit, split_units
+
+    if layout == "two members":
+        cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}", "batch.size=40"])
+    else:
+        raw = generate_month(tmp_path, 2024, 5, rows=3000, shards=1, seed=11, compress=False)
+        cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw.root}", "batch.size=200",
+                       "batch.read_block_bytes=65536", "pool.read_splits=2",
+                       'job.tables.estabelecimentos.source.paths=["{year:04d}-{month:02d}/*ESTABELE"]',
+                       "job.tables.estabelecimentos.source.format=csv",
+                       "job.tables.estabelecimentos.source.member=null",
+                       *[f"job.tables.{t}.enabled=false" for t in ("empresas", "socios", "simples", "cnaes", "motivos",
+                                                                   "municipios", "naturezas", "paises",
+                                                                   "qualificacoes")]])
+    plan = build_plan(cfg)
+    table = plan.table("estabelecimentos")
+    assert len(table.files) == 1
+    units = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
+                        plan.batch.read_block_bytes)
+    other: List[BatchResult] = []  # the file's other span, committed meanwhile by another loader of this run
+    if layout == "split file":
+        assert len(units) == 2
+        other = [r for r in _as_results(read_unit(units[0]), plan.period) if r.kind == "data"]
+    unit = units[-1]
+    first = _as_results(read_unit(unit), plan.period)
+    data = [r for r in first if r.kind == "data"]
+    assert len(data) >= 6 and len({r.member for r in data}) == (2 if layout == "two members" else 1)
+    for dead in range(len(data) + 1):  # the dead attempt committed its first `dead` batches
+        ledger = _ledger_rows(other + data[:dead], plan.run_id)
+        retry = _with_replay(iter(_as_results(read_unit(replace(unit, committed=_ranges(ledger))), plan.period)),
+                             _replayed(unit, ledger, plan.run_id))
+        assert _shape(list(retry)) == _shape(first), f"the dead attempt committed {dead} batch(es)"
+
+
+def test_ranges_planned_before_the_run_are_skipped_not_replayed(two_member_zip: Path) -> None:
+    """Batches the unit was planned with (an earlier run's, or this run's before a re-read round) are
+    skipped by the read and never re-reported: only what this call's earlier attempts committed is."""
+    from dataclasses import replace
+
+    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+    from loadkit.plan import build_plan
+    from loadkit.source.read import ReadUnit, read_unit
+
+    plan = build_plan(compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}",
+                               "batch.size=40"]))
+    table = plan.table("estabelecimentos")
+    whole = ReadUnit(table, table.files[0], (), plan.batch.size)
+    data = [r for r in _as_results(read_unit(whole), plan.period) if r.kind == "data"]
+    planned = _ledger_rows(data[2:5], "an earlier run") + _ledger_rows(data[-3:], plan.run_id)  # some per member
+    unit = replace(whole, committed=_ranges(planned))
+    first = _as_results(read_unit(unit), plan.period)  # the first attempt skips the planned ranges
+    assert not any(r.batch_id in {b.batch_id for b in planned} for r in first)
+    dead = [r for r in first if r.kind == "data"][:4]
+    ledger = planned + _ledger_rows(dead, plan.run_id)
+    assert sum(len(v) for v in _replayed(unit, ledger, plan.run_id).values()) == 4
+    retry = _with_replay(iter(_as_results(read_unit(replace(unit, committed=_ranges(ledger))), plan.period)),
+                         _replayed(unit, ledger, plan.run_id))
+    assert _shape(list(retry)) == _shape(first)
+
+
+def test_the_driver_drops_a_result_it_already_has() -> None:
+    """A retry delivered whole (a fresh call) repeats results: each batch, and each unit's eof, counts once."""
+    from loadkit.execute.ray import Once
+
+    def result(kind: Any, member: str = "m", batch_id: int = 0) -> BatchResult:
+        return BatchResult(kind=kind, table_name="t", file_sha="s", member=member, batch_id=batch_id,
+                           status="committed" if kind == "data" else kind)
+
+    once = Once()
+    stream = [(0, result("data", batch_id=1)), (0, result("data", batch_id=2)),  # the dead attempt
+              (0, result("data", batch_id=1)), (0, result("data", batch_id=2)), (0, result("data", batch_id=3)),
+              (0, result("eof")), (1, result("eof")),  # another unit (a span of the same file) has its own eof
+              (0, result("eof"))]
+    kept = [(u, r.kind, r.batch_id) for u, r in stream if once.first(u, r)]
+    assert kept == [(0, "data", 1), (0, "data", 2), (0, "data", 3), (0, "eof", 0), (1, "eof", 0)]
+    assert once.dropped == 3
 
 
 def _item(unit: int, kind: Any, issued: int, start: int = 0) -> _Item:
@@ -206,3 +359,44 @@ def test_parse_threads_load_the_same_batches_as_one(pg_dsn: str, schemas: tuple,
         conn.close()
     assert len(ledgers[0]) >= 20  # several 64 KB chunks per large file: room for reordering
     assert ledgers[0] == ledgers[1]
+
+
+def test_a_summary_the_ledger_contradicts_stops_the_run_before_publishing(
+        pg_dsn: str, schemas: tuple, job_overrides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One committed batch's result never reaches the driver (injected between executor and driver): the run's
+    counts are short of its ledger rows, so it fails as a bug (exit 1) naming both figures, publishes nothing,
+    and a rerun publishes exactly what the ledger holds, reading nothing again."""
+    from loadkit.errors import Category, LedgerMismatch, classify
+    from loadkit.runner import exit_code
+    from tests.test_faults import DROP_REFERENCE, assert_exactly_once
+
+    month = generate_month(tmp_path / "data", 2024, 5, rows=600, shards=2, seed=3)
+    target, led = schemas
+    overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=50",
+                              *DROP_REFERENCE)
+    deliver = InProcessExecutor.run
+    lost: List[BatchResult] = []
+
+    def losing_one(self: InProcessExecutor, *args: Any, **kwargs: Any) -> Any:
+        for result in deliver(self, *args, **kwargs):
+            if not lost and result.kind == "data" and result.table_name == "estabelecimentos":
+                lost.append(result)
+                continue
+            yield result
+
+    monkeypatch.setattr(InProcessExecutor, "run", losing_one)
+    first = run_job(compose(overrides))
+    monkeypatch.undo()
+    assert lost and lost[0].status == "committed"
+    assert first.status == "failed" and isinstance(first.error, LedgerMismatch), first.error
+    assert classify(first.error) is Category.BUG and exit_code(first) == 1
+    counted, in_ledger = month.rows["estabelecimentos"] - lost[0].rows_in, month.rows["estabelecimentos"]
+    assert f"estabelecimentos: counted {first.metrics.tables['estabelecimentos'].batches} batches, {counted} read" \
+        in str(first.error) and f"{in_ledger} read" in str(first.error), first.error
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file')[0][0] == 0  # nothing settled, nothing published
+    run_row = query(pg_dsn, f'SELECT status, error_category FROM "{led}".run WHERE run_id = %s', (first.run_id,))
+    assert run_row == [("failed", "bug")]
+    again = run_job(compose(overrides))
+    assert again.status == "succeeded", again.error
+    assert sum(t.rows_read for t in again.metrics.tables.values()) == 0  # every batch was committed
+    assert_exactly_once(pg_dsn, schemas, month)

@@ -98,6 +98,19 @@ def committed(dsn: str, led: str) -> int:
     return ledger_count(dsn, led, "SELECT count(*) FROM {led}.batch")
 
 
+def runs_so_far(dsn: str, led: str) -> List[str]:
+    """Ids of the runs the ledger has recorded (none before the first run created it)."""
+    try:
+        return [r[0] for r in query(dsn, f'SELECT run_id FROM "{led}".run')]
+    except psycopg2.errors.UndefinedTable:
+        return []
+
+
+def commits_since(dsn: str, led: str, known: List[str]) -> int:
+    """Batches committed by runs other than ``known``: a run started after ``runs_so_far`` returned them."""
+    return ledger_count(dsn, led, "SELECT count(*) FROM {led}.batch WHERE NOT run_id = ANY(%s)", (known,))
+
+
 def current_run(dsn: str, led: str) -> Optional[str]:
     try:
         rows = query(dsn, f'SELECT run_id FROM "{led}".run WHERE status = %s ORDER BY started_at DESC LIMIT 1',
@@ -259,19 +272,22 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     assert committed(pg_dsn, led) == 0
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
-    # 2. kill -9 after a random number of commits.
+    # 2. kill -9 after a random number of its own commits (a killed run's orphaned loaders may still commit
+    # the batch in hand: counting every commit, a wait could end before the next run has done anything).
     kill_at = rng.randint(1, 4)
+    known = runs_so_far(pg_dsn, led)
     run = cli_runs(args(200))
-    wait_until(lambda: committed(pg_dsn, led) >= kill_at or not run.alive(), 300, f"{kill_at} commits")
+    wait_until(lambda: commits_since(pg_dsn, led, known) >= kill_at or not run.alive(), 300, f"{kill_at} commits")
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
     after_kill = committed(pg_dsn, led)
     assert after_kill >= kill_at
-    # 3. SIGTERM after a few more commits, with a smaller batch size (many batches left, so the signal lands
-    # mid-load however many commits the kill -9 above let through).
-    term_at = after_kill + rng.randint(1, 2)
+    # 3. SIGTERM after a few commits of its own, with a smaller batch size (many batches left, so the signal
+    # lands mid-load however many commits the kill -9 above let through).
+    term_at = rng.randint(1, 2)
+    known = runs_so_far(pg_dsn, led)
     run = cli_runs(args(120))
-    wait_until(lambda: committed(pg_dsn, led) >= term_at or not run.alive(), 300, f"{term_at} commits")
+    wait_until(lambda: commits_since(pg_dsn, led, known) >= term_at or not run.alive(), 300, f"{term_at} commits")
     assert run.alive(), "the run ended before SIGTERM could land mid-load"
     run.signal(signal.SIGTERM)
     signalled = time.time()
@@ -359,6 +375,111 @@ def test_writer_actor_killed_mid_load(month: SampleManifest, pg_dsn: str, schema
     writers = {r[0] for r in query(pg_dsn, f'SELECT DISTINCT writer FROM "{led}".batch')}
     assert f"writer-{killed[0]}" in writers and len(writers) >= 2
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, month))
+
+
+class _Running:
+    """``alive()`` of an in-process run (what LedgerGate asks a CLI run)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def alive(self) -> bool:
+        return not self.done.is_set()
+
+
+def _blocked_ports(dsn: str, led: str) -> set:
+    """Client ports of the sessions waiting for a lock on the ledger's batch table (held by a LedgerGate)."""
+    return {r[0] for r in query(dsn, "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                                     "WHERE NOT l.granted AND l.relation = %s::regclass", (f'"{led}".batch',))}
+
+
+def _ports_of(pid: int, server_port: int) -> set:
+    """Local ports of ``pid``'s TCP connections to the database server."""
+    import psutil
+
+    return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == server_port}
+
+
+def run_totals(dsn: str, led: str, run_id: str) -> Dict[str, tuple]:
+    """table -> (batches, rows read, loaded, rejected) that ``run_id`` committed, from its ledger rows."""
+    return {r[0]: tuple(int(v) for v in r[1:]) for r in query(
+        dsn, f'SELECT table_name, count(*), sum(rows_in), sum(rows_loaded), sum(rows_rejected) FROM "{led}".batch '
+             "WHERE run_id = %s GROUP BY table_name", (run_id,))}
+
+
+def summary_totals(result: Any) -> Dict[str, tuple]:
+    """table -> (batches, rows read, loaded, rejected) as the run's summary counts them."""
+    return {t.name: (t.batches, t.rows_read, t.rows_loaded, t.rows_rejected)
+            for t in result.metrics.tables.values() if t.batches}
+
+
+def test_loader_killed_mid_unit_and_resized_counts_every_batch_once(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides,
+        record_property: Callable[[str, Any], None]) -> None:
+    """SIGKILL of the loader actor in the middle of a file (batches of it committed, ~90 left), and the batch
+    size changed before its retry. Deterministic, not timed: a LedgerGate holds ledger.batch, so loaders
+    block on their ledger row with a batch in hand; it lets exactly the blocked loaders commit until the
+    file's loader has committed 4 batches, and the kill lands while that loader waits with its 5th.
+
+    Ray restarts the actor and re-runs the call from its start, keeping only outputs past those the dead
+    attempt delivered (by position). The retry skips the committed ranges (cutting its chunks at their
+    edges with the new size: every byte range once) and first re-reports the dead attempt's batches, so
+    none of its own is dropped: the run's summary equals its ledger rows, table by table, and the target
+    holds every row once. (Before the replay: the summary missed as many batches as the dead attempt had
+    delivered.)"""
+    from ray.experimental import internal_kv
+
+    from loadkit.examples.cnpj.sample import generate_month
+
+    _, led = schemas
+    big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=1, seed=3)  # estabelecimentos: ~90 chunks of 300
+    server_port = int(query(pg_dsn, "SELECT inet_server_port()")[0][0] or 5432)
+    killed: List[int] = []
+    gate = LedgerGate(pg_dsn, led)
+    run = _Running()
+
+    def estab(sql: str) -> list:
+        return query(pg_dsn, sql.format(led=f'"{led}"'), ("estabelecimentos",))
+
+    def kill_the_loader(stop: threading.Event) -> None:
+        try:
+            while not estab("SELECT 1 FROM {led}.batch WHERE table_name = %s OFFSET 3"):  # < 4 committed
+                gate.let_through(run)
+            (writer,), = estab("SELECT DISTINCT writer FROM {led}.batch WHERE table_name = %s")
+            pid = int(writer.split("-")[1])  # writer-<pid>: the loader's worker process
+            wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led)) or not run.alive(),
+                       120, "the file's loader blocked with its next batch")
+            assert run.alive(), "the run ended before the loader could be killed"
+            for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):  # the run's batch-size board
+                if key.endswith(b":rows"):
+                    internal_kv._internal_kv_put(key, b"1000", overwrite=True, namespace="loadkit")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        finally:
+            gate.release()  # the killed loader's session never commits (its client is gone); the others go on
+
+    with Background(kill_the_loader):
+        try:
+            result = run_job(compose(job_overrides(big.root, "batch.size=300", "tracking.enabled=false",
+                                                   *DROP_REFERENCE, *FAST_RETRY)))
+        finally:
+            run.done.set()
+    assert result.status == "succeeded", result.error
+    assert result.metrics.executor == "ray"
+    assert killed, "the load ended before the loader could be killed"
+    by_writer = dict(estab("SELECT writer, count(*) FROM {led}.batch WHERE table_name = %s GROUP BY writer"))
+    # One loader reads a file at a time: a second writer on the file is the restarted loader's retry.
+    assert f"writer-{killed[0]}" in by_writer and len(by_writer) == 2, by_writer
+    assert by_writer[f"writer-{killed[0]}"] >= 4, by_writer  # committed (and delivered) before the kill
+    sizes = [r[0] for r in estab("SELECT rows_in FROM {led}.batch WHERE table_name = %s ORDER BY start_offset")]
+    assert max(sizes) > 2 * min(sizes[:4]), f"the retry did not read with the new batch size: {sizes}"
+    ledger = run_totals(pg_dsn, led, result.run_id)
+    assert summary_totals(result) == ledger, (summary_totals(result), ledger)
+    assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]  # the whole file, in this one run
+    record_property("killed_loader_pid", killed[0])
+    record_property("killed_loaders_batches", by_writer[f"writer-{killed[0]}"])
+    record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
 
 
 def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple,

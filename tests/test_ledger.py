@@ -75,10 +75,10 @@ def test_a_duplicate_batch_is_told_by_its_constraint_name_on_both_drivers(pg_dsn
     conn = db.adbc_connect(pg_dsn)
     try:
         with conn.cursor() as cur:
-            assert not led.has_batch(cur, 7)
+            assert led.batch_owner(cur, 7) is None
             led.append_batch(adbc_copy_arrow, conn, _batch_row(7))
             conn.commit()
-            assert led.has_batch(cur, 7)
+            assert led.batch_owner(cur, 7) == "r"
             with pytest.raises(Exception) as dup:
                 led.append_batch(adbc_copy_arrow, conn, _batch_row(7))
             conn.rollback()
@@ -89,7 +89,7 @@ def test_a_duplicate_batch_is_told_by_its_constraint_name_on_both_drivers(pg_dsn
     conn2.autocommit = True
     try:
         with conn2.cursor() as cur:
-            assert led.has_batch(cur, 7)  # the same statement on psycopg2
+            assert led.batch_owner(cur, 7) == "r"  # the same statement on psycopg2
             with pytest.raises(psycopg2.Error) as dup2:
                 cur.execute(f"INSERT INTO {led.batch} (batch_id, run_id, table_name, period, file_sha, file_ordinal, "
                             "member, start_offset, end_offset, rows_in, rows_loaded, rows_rejected) "
@@ -108,3 +108,37 @@ def test_a_duplicate_batch_is_told_by_its_constraint_name_on_both_drivers(pg_dsn
                 assert other.value.pgcode == "23505" and not led.is_duplicate_batch(other.value)
     finally:
         conn2.close()
+
+
+def test_file_batches_and_run_totals_read_what_the_writers_committed(pg_dsn: str, schemas: tuple) -> None:
+    """``file_batches``: one file's batches of every run, by member and offset, with their counts and owner (a
+    Ray unit load's skip list and replay); ``run_totals``: one run's batches summed per table (the end-of-stream
+    accounting check); other files, periods and runs stay out."""
+    from loadkit.postgres.ledger import LedgerBatch, RunTotals
+
+    led = Ledger(schemas[1])
+    with db.transaction(pg_dsn) as cur:
+        led.ensure(cur)
+    rows = [  # (id, run, file, member, start, end, rows_in, rejected, coerced, blank, period)
+        (1, "r1", "s", "m2", 0, 10, 4, 1, 2, 1, "2024-05"), (2, "r1", "s", "m1", 10, 20, 5, 0, 0, 0, "2024-05"),
+        (3, "r2", "s", "m1", 0, 10, 6, 2, 0, 3, "2024-05"), (4, "r1", "other", "m1", 0, 10, 7, 0, 0, 0, "2024-05"),
+        (5, "r1", "s", "m1", 20, 30, 8, 0, 0, 0, "2024-06")]
+    with db.transaction(pg_dsn) as cur:
+        for i, run, sha, member, start, end, n, rej, coerced, blank, period in rows:
+            cur.execute(f"INSERT INTO {led.batch} (batch_id, run_id, table_name, period, file_sha, file_ordinal, "
+                        "member, start_offset, end_offset, first_line, rows_in, rows_loaded, rows_rejected, "
+                        "rows_coerced, writer, attempts, blank_lines) VALUES "
+                        "(%s, %s, 't', %s, %s, 0, %s, %s, %s, 1, %s, %s, %s, %s, 'writer-9', 1, %s)",
+                        (i, run, period, sha, member, start, end, n, n - rej, rej, coerced, blank))
+    with db.transaction(pg_dsn) as cur:
+        batches = led.file_batches(cur, "t", "2024-05", "s")
+        totals = led.run_totals(cur, "r1", "2024-05", ["t", "u"])
+    assert [(b.batch_id, b.run_id, b.member, b.start, b.end) for b in batches] == [
+        (3, "r2", "m1", 0, 10), (2, "r1", "m1", 10, 20), (1, "r1", "m2", 0, 10)]
+    first = batches[2]
+    assert isinstance(first, LedgerBatch) and (first.rows_in, first.rows_loaded, first.rows_rejected,
+                                                first.rows_coerced, first.blank_lines, first.first_line,
+                                                first.writer, first.attempts) == (4, 3, 1, 2, 1, 1, "writer-9", 1)
+    assert first.committed_at > 1.7e9  # epoch seconds
+    assert totals == {"t": RunTotals(batches=3, rows_in=16, rows_loaded=15, rows_rejected=1, rows_coerced=2,
+                                     blank_lines=1)}

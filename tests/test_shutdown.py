@@ -170,6 +170,27 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
     assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
 
 
+def test_a_stop_swallowed_by_library_code_still_stops_the_run() -> None:
+    """The signal handler raises wherever the main thread is; code that catches every exception there (Ray
+    Data's iteration-stats call logs and drops it) swallows the stop. The streaming loop asks again after
+    every result (Signals.raise_if_received), so the run still stops, as interrupted."""
+    from loadkit.errors import InterruptedRun
+    from loadkit.supervise import Signals
+
+    signals = Signals()
+    with signals:
+        signals.raise_if_received()  # nothing received: nothing raised
+        try:  # a library's catch-all around a call the signal lands in
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here (the main thread is back in the interpreter)
+            raise AssertionError("the handler did not run")
+        except InterruptedRun:
+            pass  # swallowed, as Ray Data's stats call did
+        with pytest.raises(InterruptedRun) as stop:
+            signals.raise_if_received()
+    assert classify(stop.value) is Category.INTERRUPTED and stop.value.context == {"signal": signal.SIGTERM}
+
+
 def test_the_inprocess_path_never_imports_ray(month: SampleManifest, job_overrides) -> None:
     overrides = job_overrides(month.root, 'env.executor=inprocess', 'tracking.enabled=false', *ONLY_CNAES)
     code = ("import sys; from tests.helpers import compose; from loadkit.runner import run_job; "

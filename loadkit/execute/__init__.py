@@ -7,25 +7,27 @@ Both executors run those same three functions, so batch ids and ledger rows neve
 executor (a run or a resume may switch freely):
 
 - :mod:`loadkit.execute.inprocess`: threads of the driver (never imports Ray);
-- :mod:`loadkit.execute.ray`: Ray Data (read tasks, fused parse, a writer actor pool); imported
-  only when chosen, so an in-process run never pays for importing Ray.
+- :mod:`loadkit.execute.ray`: Ray (a pool of loader actors, each reading, parsing and writing
+  whole read units); imported only when chosen, so an in-process run never pays for importing Ray.
 
 ``env.executor=auto`` chooses with :func:`choose_executor`, a pure function of the input size and
 the machine.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Protocol, Sequence
 
 from loadkit.execute.channel import SizeChannel
-from loadkit.execute.inprocess import InProcessExecutor
-from loadkit.plan import LoadPlan
-from loadkit.postgres.sink import writer_settings  # what every writer needs: the sink decides
-from loadkit.postgres.writer import WriterSettings
-from loadkit.records import BatchResult
-from loadkit.source.read import ReadUnit
 
-__all__ = ["Executor", "choose_executor", "make_executor", "store_bytes", "writer_settings"]
+if TYPE_CHECKING:  # the executors import the stages (transform, the writer) only when one is made:
+    # a Ray worker imports this package on its way to execute.ray, and must not import
+    # loadkit.transform before execute.ray has kept pyarrow from importing pandas there
+    from loadkit.plan import LoadPlan
+    from loadkit.postgres.writer import WriterSettings
+    from loadkit.records import BatchResult
+    from loadkit.source.read import ReadUnit
+
+__all__ = ["Executor", "choose_executor", "make_executor", "store_bytes"]
 
 
 class Executor(Protocol):
@@ -54,27 +56,31 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
                     inprocess_max_bytes: int, inprocess_max_cpus: int) -> str:
     """``ray`` or ``inprocess`` for ``env.executor=requested`` (``auto``, ``ray`` or ``inprocess``).
 
-    ``auto``: Ray Data on a cluster (``address`` set); otherwise in-process where Ray's start-up
+    ``auto``: Ray on a cluster (``address`` set); otherwise in-process where Ray's start-up
     and its processes would cost more than they give: a small input (``input_bytes`` to read at
     most ``inprocess_max_bytes``) or a small machine (``cpus`` at most ``inprocess_max_cpus``).
 
     Where the defaults (2 GiB, 4 cores) come from: benchmarks/executor_bench.py, the same generated
-    month (its two largest tables) at 0.45M and 1.8M rows, ``env.num_cpus`` pinned to 1 and 2
-    with taskset, per-process CPU of driver, Ray workers and daemons and PostgreSQL backends
-    (README, design notes, has the figures). Fitting CPU = fixed + rows x marginal per executor:
+    month (its two largest tables) at 0.45M and 1.8M rows (3.6M for the loader actors),
+    ``env.num_cpus`` pinned to 2 with taskset, per-process CPU of driver, Ray workers and daemons and
+    PostgreSQL backends (notes/ray.md has the figures). Fitting CPU = fixed + rows x marginal
+    per executor (issue #16, fused loader actors under Ray Data; load 1-2):
 
-    - in-process: ~1.8 CPU-s fixed, 2.5 µs/row (+1.5 µs/row PostgreSQL);
-    - Ray: ~16-18 CPU-s fixed (daemons, Ray Data's own actors, ~1 CPU-s of imports per worker
-      process), 4.6 µs/row on 2 cores, 6.2 on 1 (+1.5 PostgreSQL); its wall start-up ~15 s.
+    - in-process: ~0.8-1.0 CPU-s fixed, 2.3-2.6 µs/row (+1.25 µs/row PostgreSQL);
+    - Ray: ~8.4 CPU-s fixed (Ray's seven daemons ~2.4, Ray Data's three actors ~2.1, two loader
+      processes' imports, the driver's Ray and Ray Data imports and start), 3.6 µs/row
+      (+1.25 PostgreSQL); wall start-up ~7.5 s. (Before the fused loaders: ~16-18 CPU-s fixed,
+      4.6-5.0 µs/row; the loaders as plain Ray actors: ~4.8 CPU-s fixed, 3.3-3.4 µs/row.)
 
-    On 1 and 2 cores Ray lost at every size, in CPU and in wall. More cores could not be measured
-    here; the figures predict: in-process gets about two cores' worth (one read thread feeding the
-    parse threads and writers, much of it under the GIL), i.e. ~2 µs/row of wall for 4.0 µs/row of
-    CPU, while Ray spreads its 6.1 µs/row over all ``cpus``. Ray's ~15 s start-up pays back after
-    15 s / (2.0 - 6.1/cpus) µs rows: never on 3 cores or fewer, ~50M rows (~8 GB) on 4, ~13M
-    rows (~2 GB at ~160 bytes a row) on 8, ~9M (1.5 GB) on 16. Hence in-process up to 4 cores
-    whatever the size, and on bigger machines up to 2 GiB of input. A cluster is Ray regardless:
-    its point is cores that this process does not have."""
+    On 2 cores Ray lost at every size, in CPU and in wall. More cores could not be measured here;
+    the figures predict: in-process gets about two cores' worth (one read thread feeding the parse
+    threads and writers, much of it under the GIL), i.e. ~2 µs/row of wall for 3.6 µs/row of CPU,
+    while Ray spreads its 4.8 µs/row over all ``cpus``. Ray's ~7.5 s start-up pays back after
+    7.5 s / (2.0 - 4.8/cpus) µs rows: never on 2 cores, ~19M rows (~3 GB at ~160 bytes a row)
+    on 3, ~9M (~1.5 GB) on 4, ~5M (~0.9 GB) on 8. The defaults (in-process up to 4 cores whatever
+    the size, on bigger machines up to 2 GiB of input) predate these figures, which would put the
+    machine limit at 3 cores; they stay until a machine with more cores measures it. A cluster is
+    Ray regardless: its point is cores that this process does not have."""
     if requested != "auto":
         return requested
     if address is not None:
@@ -85,10 +91,9 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
 
 
 _MIN_STORE_BYTES = 128 * 1024 * 1024  # Ray's own floor is 75 MB
-# What a run has in flight is a few blocks (one chunk of batch.size rows each, ~8 MB at 50k rows)
-# per parse task and writer, whatever the input size; a store past that only adds pages the workers
-# touch and keep mapped (their PSS: 1 GB store 653 MB for two parse workers, 150 MB store 486 MB,
-# notes/ray.md). Ray spills to disk if a run ever needs more.
+# The loader actors (execute.ray) read, parse and write in one process: no batch goes through the
+# object store (only one-row result blocks), so the store stays nearly empty (raylet PSS 24-25 MB
+# at 128 MB, measured). A cap still matters where something uses it.
 _MAX_STORE_BYTES = 256 * 1024 * 1024
 
 
@@ -109,6 +114,8 @@ def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[i
     """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``), the
     object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``."""
     if name == "inprocess":
+        from loadkit.execute.inprocess import InProcessExecutor
+
         return InProcessExecutor()
     from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
 

@@ -1,26 +1,49 @@
-"""The Ray Data executor: a LoadPlan compiled into a Ray Data pipeline, its results streamed back.
+"""The Ray Data executor: one row per read unit -> map_batches on a pool of loader actors.
 
-    read (one task per source file or span: source.read.read_unit, chunks as they decompress)
-      -> parse (map_batches(parse_block), fused with the read by Ray)
-      -> write (map_batches(WriterActor): a pool of BatchWriter actors, COPY + ledger per batch)
-      -> per-batch BatchResults streamed to the driver
+    from_items(unit indices, largest unit first)
+      -> map_batches(LoaderUDF): an actor pool; each call loads one whole unit in its process,
+         read_unit -> parse -> BatchWriter.write chunk by chunk, yielding one result block per batch
+      -> per-batch BatchResults streamed to the driver (iter_batches)
 
-Blocks are one chunk each, so memory is bounded by chunk size times the number of blocks Ray
-keeps in flight (its streaming executor applies backpressure), never by file size. This is the
-only module that converts records to Arrow blocks and back (``loadkit.records``: read task ->
-parse -> writer -> driver), and with ``execute.channel``'s board kept in Ray's key-value store,
-the only one that talks to Ray.
+Read, parse and write of a chunk are fused in one process, so neither the raw chunk nor the parsed
+batch crosses the object store (a result block is a few hundred bytes); memory is bounded per
+actor by the one batch in hand, never by file size. Before (issue #16) read/parse tasks and a
+writer actor pool were separate processes with the parsed batch going through the object store
+between them. Measured (README, session 6): 1.8M rows, 2 cores, CPU µs/row (all but PostgreSQL)
+and peak PSS, alternated in one sitting at load 5-9: that pipeline 10.1 and 1.71 GB, this one
+7.2 and 1.23 GB; an earlier sitting (load 1-2): 12.1 / 1.7 GB, 8.2 / 1.33 GB, and the same
+loaders as plain Ray actors without Ray Data 5.9 and 0.87 GB -- the difference is Ray Data's
+own actors (stats, autoscaling coordinator, actor location tracker: ~2.1 CPU-s, ~305 MB) and
+its pandas import in the driver and every worker.
+
+Batch ids and ledger rows are the in-process executor's: both run ``read_unit`` -> ``parse`` ->
+``BatchWriter.write``. Each unit load first reads the file's committed batches from the ledger
+(one query), so the call Ray Data retries after a loader actor died skips what the dead attempt
+committed and cuts its chunks at their edges (the batch size may have changed in between): never
+a row twice.
+
+Never a result lost either. A map_batches call is a Ray streaming generator task; when its actor
+dies, Ray re-runs the call from its start on the restarted actor and drops, BY POSITION, the
+outputs the dead attempt already handed over (Ray expects a replay to repeat itself). A retry
+that only loads what is left yields fewer outputs, and its first ones -- new batches, maybe the
+eof -- were dropped as "already seen": the run's summary came out short of its ledger (CI: 840
+rows read, 1,160 in the ledger). So the retry first re-reports, from the ledger and in read order,
+the batches this run committed in the unit since it was planned (``_replayed``), and its output
+begins with the dead attempt's. The driver drops a result it already has (``Once``), and the
+runner checks the run's counts against its ledger rows after every stream
+(``PostgresSink.check_accounting``). With ``execute.channel``'s board kept in Ray's key-value
+store, this is the only module that talks to Ray.
 """
 from __future__ import annotations
 
-import functools
 import logging
+import os
 import signal
 import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pyarrow as pa
 import ray
@@ -29,20 +52,16 @@ import ray.data
 from loadkit.execute.parse import parse
 from loadkit.monitor import release_memory
 from loadkit.plan import LoadPlan, TableSpec
+from loadkit.postgres.ledger import Ledger, LedgerBatch
 from loadkit.postgres.writer import BatchWriter, WriterSettings
-from loadkit.records import BatchResult, Chunk, ParsedBatch
+from loadkit.records import BatchResult
 from loadkit.source.read import Board, ReadUnit, read_unit, split_units
 
 log = logging.getLogger("loadkit.execute.ray")
 
-# Writers wait on the server, not the CPU. Any CPU they reserve comes out of Ray Data's task
-# budget: at 0.25 each, 2 cores ran one parse task at a time (the rest 'backpressured').
-_WRITER_CPUS = 0.0
-_BLOCK_BYTES = 1 << 20  # Ray Data block target: below one chunk, so blocks are single chunks
-
 
 class RayExecutor:
-    """Ray Data: read/parse tasks on every core of the cluster, a pool of writer actors."""
+    """Ray: loader actors (read + parse + write, one unit at a time each) on the cluster's cores."""
 
     name = "ray"
 
@@ -59,39 +78,26 @@ class RayExecutor:
 
     def run(self, plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
             board: Optional[Board] = None) -> Iterator[BatchResult]:
-        """Run the pipeline; yield per-batch results as writers finish them. Closing the iterator
-        stops Ray Data's executor. ``board`` (RaySizeChannel.board) lets the read tasks follow the
-        driver's batch size."""
+        """Yield per-batch results as the loader actors commit them (see :func:`_run`). Closing the
+        iterator stops the actors. ``board`` (RaySizeChannel.board) lets the actors' reads follow
+        the driver's batch size."""
         return _run(plan, units, settings, board)
-
-
-def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
-         board: Optional[Board]) -> Iterator[BatchResult]:
-    if not units:
-        return
-    ds = build_dataset(plan, units, settings, board)
-    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
-    try:
-        for block in blocks:
-            yield from BatchResult.from_table(block)
-    finally:
-        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
 
 
 # ---------------------------------------------------------------- the batch-size board in Ray's KV store
 
 
 class KVBoard:
-    """A read task's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
+    """A read's end of the board (a ``source.read.Board``), kept in the GCS key-value store.
 
-    The driver writes the wanted rows per batch under ``<prefix>rows``; each read task writes its
+    The driver writes the wanted rows per batch under ``<prefix>rows``; each read writes its
     own running totals (chunks handed downstream, seconds spent) under ``<prefix>task:<uuid>``,
     which the driver sums. No actor: an actor is a worker process of its own (~1 CPU-s to start,
     ~100 MB PSS measured, notes/ray.md), for a value that changes a few times a run."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._key: Optional[bytes] = None  # this task's totals (set on first poll, in the task)
+        self._key: Optional[bytes] = None  # this read's totals (set on first poll, in the actor)
         self._chunks = 0
         self._wait_s = 0.0
 
@@ -152,91 +158,234 @@ class RaySizeChannel:
             kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
 
 
-# ---------------------------------------------------------------- the UDFs (records <-> Arrow blocks)
+# ---------------------------------------------------------------- the loader actor
 
 
-def _read_blocks(unit: ReadUnit, board: Optional[Board]) -> Iterator[pa.Table]:
-    """The Ray read task: read_unit's chunks as one-chunk blocks."""
-    for chunk in read_unit(unit, board):
-        yield Chunk.to_table([chunk])
+class Loader:
+    """A loader actor's work (held by :class:`LoaderUDF`): read units in, BatchResults out, one unit at a time.
+
+    A chunk is read, parsed and written before the next is read (see :func:`_pipeline`)."""
+
+    def __init__(self, settings: WriterSettings, tables: Dict[str, TableSpec], period: str) -> None:
+        self._settings, self._tables, self._period = settings, tables, period
+        self._writer: Optional[BatchWriter] = None  # connected by the first load: its error is that call's
+        self._raylet = os.getppid()  # a worker's parent is its node's raylet
+
+    def load(self, unit: ReadUnit, board: Optional[Board]) -> Iterator[BatchResult]:
+        """The unit's BatchResults, then its eof (or error) records, in read order.
+
+        First one ledger query for the file (:func:`_ledger_now`): its committed ranges are skipped,
+        so a retry after this actor died skips what the dead attempt committed. That retry also
+        re-reports, where the dead attempt reported them, the batches this run committed in the
+        unit since it was planned (:func:`_replayed`): Ray re-runs a retried generator task from
+        the start and keeps only the outputs past those the dead attempt already handed over, by
+        position, so the retry's outputs must begin with the dead attempt's (see :func:`_run`)."""
+        if self._writer is None:
+            self._writer = BatchWriter(self._settings)
+        batches = _ledger_now(unit, self._settings, self._period)
+        replay = _replayed(unit, batches, self._settings.run_id)
+        if replay:
+            log.info("unit retried: re-reporting %d batch(es) an earlier attempt committed",
+                     sum(len(r) for r in replay.values()), extra={"table": unit.table.name, "file": unit.file.rel})
+        now = replace(unit, committed=_ranges(batches))
+        results = _pipeline(read_unit(now, board), self._tables, self._period, self._writer, self._orphaned)
+        yield from _with_replay(results, replay)
+
+    def _orphaned(self) -> None:
+        """Exit at once if this worker's raylet is gone (the driver was killed with its local Ray).
+
+        Ray's own check runs every second and a loader has a whole file to go: measured, orphans
+        went on committing batches for ~2 s after a kill -9 of the driver, while the next run could
+        already have read the ledger's committed ranges (and cut its chunks elsewhere). Checked
+        before each batch, the orphan commits at most the batch in hand."""
+        if os.getppid() != self._raylet:
+            os._exit(1)
 
 
-def parse_block(block: pa.Table, tables: Dict[str, TableSpec], period: str) -> pa.Table:
-    """map_batches UDF: a block of Chunks -> a block of ParsedBatches (rows and rejects as IPC bytes)."""
-    out = ParsedBatch.to_table([parse(c, tables, period) for c in Chunk.from_table(block)])
-    release_memory()
+def _pipeline(chunks: Iterator[Any], tables: Dict[str, TableSpec], period: str, writer: BatchWriter,
+              before_write: Callable[[], None] = lambda: None) -> Iterator[BatchResult]:
+    """Parse and write each chunk in turn: one batch in hand at a time. ``before_write`` runs before
+    each write (the loader's orphan check).
+
+    Serial, not a parse thread feeding the write: measured on 1.8M rows, 2 cores, the same CPU per
+    row (6.75 µs both), ~85 MB less PSS (two loaders), ~10% more wall under a shared load of 8-10;
+    with one loader per core, another loader parses while this one waits on the server."""
+    for chunk in chunks:
+        batch = parse(chunk, tables, period)
+        release_memory()  # the chunk's bytes and the parser's buffers (see loadkit.monitor)
+        before_write()
+        yield writer.write(batch)
+        del batch
+
+
+def _ledger_now(unit: ReadUnit, settings: WriterSettings, period: str) -> List[LedgerBatch]:
+    """The file's committed batches as the ledger has them now (one query, retried under the run's
+    retry policy: a server restarting mid-load must not fail the unit, which would abort the whole
+    Ray Data dataset)."""
+    from loadkit.postgres import db
+    from loadkit.resilience import retrying
+
+    def read() -> List[LedgerBatch]:
+        with db.transaction(settings.dsn) as cur:
+            return Ledger(settings.ledger_schema).file_batches(cur, unit.table.name, period, unit.file.sha256)
+
+    return retrying(settings.retry)(read)
+
+
+def _ranges(batches: Sequence[LedgerBatch]) -> Tuple[Tuple[str, Tuple[Tuple[int, int], ...]], ...]:
+    """``ReadUnit.committed`` from the file's batches: per member, the committed byte ranges in order.
+
+    The reader skips them and cuts its chunks at their edges, so a retry never overlaps what a dead
+    attempt committed, whatever the batch size is now. The ranges the unit was planned with (a
+    previous run's) are among them: the ledger keeps them."""
+    out: Dict[str, List[Tuple[int, int]]] = {}
+    for b in batches:
+        out.setdefault(b.member, []).append((b.start, b.end))
+    return tuple((m, tuple(sorted(r))) for m, r in out.items())
+
+
+def _replayed(unit: ReadUnit, batches: Sequence[LedgerBatch], run_id: str) -> Dict[str, List[BatchResult]]:
+    """member -> the results an earlier attempt of this unit load reported (or would have), in read order.
+
+    Those are the batches of ``run_id`` in the unit's span (a split file's other spans are other
+    units: their batches start outside ``unit.span``) that the ranges the unit was planned with do
+    not cover: only this unit writes its span in this run, and a first attempt finds none. Members
+    are keyed in the order their first batch committed (the order they were read); batches by offset.
+    A batch skipped by the dead attempt (another run committed it meanwhile) is not replayed: that
+    rare race shifts the retry's outputs and the run's accounting check reports it loudly."""
+    lo, hi = unit.span if unit.span is not None else (0, None)
+    out: Dict[str, List[BatchResult]] = {}
+    mine = sorted((b for b in batches if b.run_id == run_id and lo <= b.start and (hi is None or b.start < hi)
+                   and not any(s <= b.start and b.end <= e for s, e in unit.ranges(b.member))),
+                  key=lambda b: (b.committed_at, b.start))
+    for b in mine:
+        out.setdefault(b.member, [])
+    for b in sorted(mine, key=lambda b: b.start):
+        out[b.member].append(BatchResult(
+            kind="data", status="committed", table_name=unit.table.name, file_sha=unit.file.sha256,
+            file_ordinal=unit.file.ordinal, file_path=unit.file.rel, member=b.member, start=b.start, end=b.end,
+            first_line=b.first_line, batch_id=b.batch_id, rows_in=b.rows_in, rows_loaded=b.rows_loaded,
+            rows_rejected=b.rows_rejected, rows_coerced=b.rows_coerced, blank_lines=b.blank_lines,
+            bytes=0 if unit.table.format == "parquet" else b.end - b.start,  # parquet offsets are rows
+            writer=b.writer, attempts=b.attempts, finished_at=b.committed_at))
     return out
 
 
-class WriterActor:
-    """map_batches UDF (an actor): a block of ParsedBatches -> a block of BatchResults via a BatchWriter."""
+def _with_replay(results: Iterator[BatchResult], replay: Dict[str, List[BatchResult]]) -> Iterator[BatchResult]:
+    """``results`` with each member's replayed batches put where the first attempt reported them: before the
+    member's first record of this attempt (its chunks continue where the dead attempt's commits end); the
+    member's eof counts them among its chunks; an error record (the file failed) comes after every replayed
+    batch. The output is then the dead attempt's, extended: what :func:`_run` relies on."""
+    pending = dict(replay)
+    replayed: Dict[str, int] = {}
+    for result in results:
+        if result.kind == "error":
+            for member, rows in pending.items():
+                replayed[member] = len(rows)
+                yield from rows
+            pending.clear()
+        elif result.member in pending:
+            rows = pending.pop(result.member)
+            replayed[result.member] = len(rows)
+            yield from rows
+        if result.kind == "eof" and replayed.get(result.member):
+            result = replace(result, chunks=result.chunks + replayed[result.member])
+        yield result
+    for rows in pending.values():  # a member this attempt did not reach: reported all the same
+        yield from rows
 
-    def __init__(self, settings: WriterSettings) -> None:
-        self.writer = BatchWriter(settings)
 
-    def __call__(self, block: pa.Table) -> pa.Table:
-        out = BatchResult.to_table([self.writer.write(b) for b in ParsedBatch.from_table(block)])
-        release_memory()  # the batch's rows and COPY buffers: a writer kept ~100 MB more without it
-        return out
+# ---------------------------------------------------------------- the driver
 
 
-# ---------------------------------------------------------------- build and run
+def loader_count(plan: LoadPlan, units: int, cluster_cpus: int) -> int:
+    """Loader actors of a run: ``pool.parse_concurrency`` when set, else one per CPU of the cluster
+    and at least ``pool.writers``; never more than ``units`` (an actor loads one unit at a time)
+    and at least 1. Each holds ``pool.connections_per_writer`` connections: one COPY stream each."""
+    wanted = plan.parse_concurrency if plan.parse_concurrency > 0 else max(plan.writers, cluster_cpus)
+    return max(1, min(wanted, units))
+
+
+class LoaderUDF:
+    """map_batches UDF (an actor): a block of unit indices -> one result block per batch of each unit."""
+
+    def __init__(self, settings: WriterSettings, tables: Dict[str, TableSpec], period: str,
+                 units: Sequence[ReadUnit], board: Optional[Board]) -> None:
+        self._loader = Loader(settings, tables, period)
+        self._units, self._board = list(units), board
+
+    def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
+        for index in block.column("unit").to_pylist():
+            for result in self._loader.load(self._units[index], self._board):
+                # the unit's index rides along (BatchResult.from_table ignores it): the driver tells a
+                # unit's second eof/error record from another unit's (a split file's spans share a member)
+                yield BatchResult.to_table([result]).append_column(_UNIT, pa.array([index], pa.int32()))
+
+
+_UNIT = "unit"  # the column of a result block naming the unit it came from
+_RESULT_BLOCK_BYTES = 1  # every yielded result its own block: Ray Data buffers up to this before emitting
 
 
 def build_dataset(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
                   board: Optional[Board] = None) -> Any:
-    """The Ray Data dataset of a run: read -> parse -> write, one block per chunk."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class SourceDatasource(Datasource):
-        def __init__(self, units: Sequence[ReadUnit]) -> None:
-            super().__init__()
-            self._units = list(units)
-
-        def estimate_inmemory_data_size(self) -> Optional[int]:
-            return sum(u.file.size for u in self._units)
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                           data_context: Any = None) -> List[ReadTask]:
-            return [
-                ReadTask(functools.partial(_read_blocks, u, board),
-                         BlockMetadata(num_rows=None, size_bytes=u.file.size, input_files=(u.file.path,),
-                                       exec_stats=None),
-                         schema=Chunk.schema())
-                for u in self._units
-            ]
-
+    """The Ray Data dataset of a run: one row per read unit (largest first) -> map_batches(LoaderUDF)
+    on a pool of loader actors, one unit per call, results streamed as one-row blocks."""
     tables = {t.name: replace(t, files=()) for t in plan.tables}
-    units = split_units(units, plan.read_splits, plan.batch.read_block_bytes)
-    # Ray buffers a task's yielded tables into blocks of up to target_max_block_size (128 MB):
-    # a whole small file became one block, parsed and written by one writer, results only at
-    # its end. A chunk is one batch of a few MB, so 1 MB makes every chunk its own block.
-    ray.data.DataContext.get_current().target_max_block_size = _BLOCK_BYTES
-    ds = ray.data.read_datasource(SourceDatasource(units), override_num_blocks=max(1, len(units)))
-    # A plain function (tasks, not actors): Ray fuses it into the read task, so a chunk is
-    # parsed in the process that decompressed it and never crosses the object store raw.
-    # Ray Data retries a read/parse task lost with its worker (max_retries=-1 by default); batches
-    # it already handed to writers are skipped by their ledger ids, so a rerun never duplicates.
-    parse_args: Dict[str, Any] = dict(batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                                      fn_kwargs={"tables": tables, "period": plan.period})
-    if plan.parse_concurrency:
-        parse_args["compute"] = ray.data.TaskPoolStrategy(size=plan.parse_concurrency)
-    ds = ds.map_batches(parse_block, **parse_args)
-    # Writers hold connections, not CPU (see _WRITER_CPUS): the cores stay with read/parse.
-    return ds.map_batches(
-        WriterActor,
-        fn_constructor_args=(settings,),
-        batch_format="pyarrow",
-        batch_size=1,
-        # One batch in flight per writer: a batch is seconds of COPY, so queueing several on the
-        # first actor that is ready (Ray's default, 4) left the others idle on one-file loads.
-        compute=ray.data.ActorPoolStrategy(size=plan.writers, max_tasks_in_flight_per_actor=1),
-        num_cpus=_WRITER_CPUS,
-        # A killed writer restarts and its in-flight batch is retried (same batch id, so the ledger
-        # decides committed-or-not): Ray Data's actor-pool defaults max_restarts=-1 and
-        # max_task_retries=-1 (passing them again is deprecated); tests/test_faults.py kills one.
-    )
+    ordered = sorted(split_units(units, plan.read_splits, plan.batch.read_block_bytes),
+                     key=lambda u: -(u.span[1] - u.span[0] if u.span else u.file.size))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = loader_count(plan, len(ordered), cpus)
+    ray.data.DataContext.get_current().target_max_block_size = _RESULT_BLOCK_BYTES
+    ds = ray.data.from_items([{"unit": i} for i in range(len(ordered))], override_num_blocks=len(ordered))
+    # Ray Data's actor pool restarts a dead actor and retries its call (max_restarts and
+    # max_task_retries -1): the retried load skips what the ledger committed (Loader.load).
+    return ds.map_batches(LoaderUDF, fn_constructor_args=(settings, tables, plan.period, ordered, board),
+                          batch_format="pyarrow", batch_size=1, zero_copy_batch=True,
+                          compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1),
+                          num_cpus=min(1.0, cpus / n))
+
+
+def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
+         board: Optional[Board]) -> Iterator[BatchResult]:
+    if not units:
+        return
+    blocks = build_dataset(plan, units, settings, board).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                      prefetch_batches=0)
+    once = Once()
+    try:
+        for block in blocks:
+            for unit, result in zip(block.column(_UNIT).to_pylist(), BatchResult.from_table(block)):
+                if once.first(unit, result):
+                    yield result
+    finally:
+        getattr(blocks, "close", lambda: None)()  # stop Ray Data's executor on an early exit
+        if once.dropped:
+            log.debug("dropped %d result(s) already received (a retried loader call delivered from its start)",
+                      once.dropped)
+
+
+class Once:
+    """The driver's guard against a result delivered twice: a batch by its id, a unit's eof or error
+    record by (unit index, kind, member).
+
+    A retried loader call (its actor died) is a Ray streaming generator re-run from its start: Ray
+    keeps only the outputs past those the dead attempt already delivered, by position, and the
+    retry replays the dead attempt's outputs first (``Loader.load``), so normally nothing arrives
+    twice. Should a retry ever be delivered whole (as a fresh call), its first outputs repeat
+    results already counted: dropped here, and counted in ``dropped``."""
+
+    def __init__(self) -> None:
+        self._seen: Set[Tuple[Any, ...]] = set()
+        self.dropped = 0
+
+    def first(self, unit: int, result: BatchResult) -> bool:
+        """True the first time this result is seen (count it), False for a repeat (drop it)."""
+        key = ("data", result.batch_id) if result.kind == "data" else (result.kind, unit, result.member)
+        if key in self._seen:
+            self.dropped += 1
+            return False
+        self._seen.add(key)
+        return True
 
 
 @contextmanager
@@ -269,25 +418,18 @@ _LOCAL_SYSTEM_CONFIG: Dict[str, Any] = {
     "task_events_report_interval_ms": 0,
     "event_stats": False,
 }
+
+
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                runtime_env: Optional[Dict[str, Any]], progress_bars: bool) -> bool:
     """Start or join Ray unless this process already did. Returns True if this call started it.
 
     A local Ray starts without dashboard, with the raylet's memory monitor and metrics off
-    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``)."""
-    started = False
-    if not ray.is_initialized():
-        kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-        if address:
-            kwargs["address"] = address
-        else:
-            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
-                          _system_config=dict(_LOCAL_SYSTEM_CONFIG))
-        if runtime_env:
-            kwargs["runtime_env"] = runtime_env
-        with _keep_signal_handlers():
-            ray.init(**kwargs)
-        started = True
+    (``_LOCAL_SYSTEM_CONFIG``); worker output still reaches the driver's log (``log_to_driver``).
+    ``progress_bars`` is accepted for the executor interface: the driver draws its own progress."""
+    started = not ray.is_initialized()
+    if started:
+        _init(address, num_cpus, object_store_memory, runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.enable_auto_log_stats = False  # the run's own metrics say it; the stats dump costs a GCS walk
@@ -298,3 +440,17 @@ def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_mem
     # samples the whole process tree (one memory monitor per process).
     ctx.memory_usage_poll_interval_s = None
     return started
+
+
+def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
+          runtime_env: Optional[Dict[str, Any]]) -> None:
+    kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                      _system_config=dict(_LOCAL_SYSTEM_CONFIG))
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    with _keep_signal_handlers():
+        ray.init(**kwargs)

@@ -89,6 +89,41 @@ class StagedBatch:
     rows_in: int
     rows_loaded: int
     rows_rejected: int
+    rows_coerced: int = 0
+    blank_lines: int = 0
+
+
+@dataclass(frozen=True)
+class LedgerBatch:
+    """One committed batch as the ledger has it (``Ledger.file_batches``): who committed which byte
+    range of which member, with its counts. ``committed_at`` is epoch seconds (the transaction's start)."""
+
+    batch_id: int
+    run_id: str
+    member: str
+    start: int  # [start, end) bytes of the member (parquet: row offsets)
+    end: int
+    first_line: int
+    rows_in: int
+    rows_loaded: int
+    rows_rejected: int
+    rows_coerced: int
+    blank_lines: int
+    writer: str
+    attempts: int
+    committed_at: float
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """A table's batches committed by one run, summed (``Ledger.run_totals``): what its summary must say."""
+
+    batches: int = 0
+    rows_in: int = 0
+    rows_loaded: int = 0
+    rows_rejected: int = 0
+    rows_coerced: int = 0
+    blank_lines: int = 0
 
 
 _CREATE = re.compile(r'^\s*CREATE (?:TABLE|(?:UNIQUE )?INDEX) IF NOT EXISTS (?:"[^"]+"\.)?"?(\w+)"?', re.IGNORECASE)
@@ -333,6 +368,28 @@ class Ledger:
             out.setdefault((sha, member), []).append((int(start), int(end)))
         return out
 
+    def file_batches(self, cur: Any, table: str, period: str, file_sha: str) -> List[LedgerBatch]:
+        """Every committed batch of one file (any run), by member and start offset: the committed
+        ranges a unit load skips, and the batches its own run already committed (a retried Ray
+        loader call re-reports those, see ``execute.ray``). One query on ``batch_file_idx``."""
+        cur.execute(f"SELECT batch_id, run_id, member, start_offset, end_offset, coalesce(first_line, 0), rows_in, "
+                    "rows_loaded, rows_rejected, rows_coerced, blank_lines, coalesce(writer, ''), "
+                    "coalesce(attempts, 0), extract(epoch FROM committed_at)::float8 "
+                    f"FROM {self.batch} WHERE table_name=%s AND period=%s AND file_sha=%s "
+                    "ORDER BY member, start_offset", (table, period, file_sha))
+        return [LedgerBatch(int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), int(r[7]),
+                            int(r[8]), int(r[9]), int(r[10]), str(r[11]), int(r[12]), float(r[13]))
+                for r in cur.fetchall()]
+
+    def run_totals(self, cur: Any, run_id: str, period: str, tables: Sequence[str]) -> Dict[str, RunTotals]:
+        """table -> RunTotals of the batches ``run_id`` committed in ``period`` (tables without any are
+        absent). One query (``batch_file_idx`` narrows it to the tables and period)."""
+        cur.execute(f"SELECT table_name, count(*), coalesce(sum(rows_in), 0), coalesce(sum(rows_loaded), 0), "
+                    "coalesce(sum(rows_rejected), 0), coalesce(sum(rows_coerced), 0), coalesce(sum(blank_lines), 0) "
+                    f"FROM {self.batch} WHERE table_name = ANY(%s) AND period=%s AND run_id=%s GROUP BY table_name",
+                    (list(tables), period, run_id))
+        return {str(r[0]): RunTotals(*(int(v) for v in r[1:])) for r in cur.fetchall()}
+
     def batch_ids_of(self, cur: Any, table: str, period: str, file_sha: Optional[str] = None) -> List[int]:
         sql = f"SELECT batch_id FROM {self.batch} WHERE table_name=%s AND period=%s"
         args: Sequence[Any] = (table, period)
@@ -354,9 +411,9 @@ class Ledger:
 
     def unpublished_batch_rows(self, cur: Any, table: str, period: str) -> Dict[int, StagedBatch]:
         """batch id -> StagedBatch for committed batches of unpublished files: what staging must hold."""
-        cur.execute(self._unpublished("b.batch_id, b.run_id, b.rows_in, b.rows_loaded, b.rows_rejected"),
-                    (table, period))
-        return {int(r[0]): StagedBatch(int(r[0]), r[1], int(r[2]), int(r[3]), int(r[4])) for r in cur.fetchall()}
+        cur.execute(self._unpublished("b.batch_id, b.run_id, b.rows_in, b.rows_loaded, b.rows_rejected, "
+                                      "b.rows_coerced, b.blank_lines"), (table, period))
+        return {int(r[0]): StagedBatch(int(r[0]), r[1], *(int(v) for v in r[2:])) for r in cur.fetchall()}
 
     def forget_batches(self, cur: Any, ids: Sequence[int], keep_rejects: int = 0) -> None:
         """Drop these batches and their rejects from the ledger, so a resume reads their byte ranges again.
@@ -449,11 +506,12 @@ class Ledger:
 
     # ------------------------------------------------------------ the writer's side (an ADBC cursor)
 
-    def has_batch(self, cur: Any, batch_id: int) -> bool:
-        """True if the batch is committed. Binds no parameter (the id is an integer literal), so the same
-        statement runs on the writer's ADBC cursor and on psycopg2."""
-        cur.execute(f"SELECT 1 FROM {self.batch} WHERE batch_id = {int(batch_id)}")
-        return bool(cur.fetchall())
+    def batch_owner(self, cur: Any, batch_id: int) -> Optional[str]:
+        """The run id that committed the batch, None if it is not committed. Binds no parameter (the id is
+        an integer literal), so the same statement runs on the writer's driver and on psycopg2."""
+        cur.execute(f"SELECT run_id FROM {self.batch} WHERE batch_id = {int(batch_id)}")
+        rows = cur.fetchall()
+        return str(rows[0][0]) if rows else None
 
     def append_batch(self, copy: Callable[[Any, str, str, pa.Table], None], conn: Any, row: pa.Table) -> None:
         """COPY one batch's ledger row (BATCH_SCHEMA) with the writer's encoder (``copy.CopyEncoder.copy_arrow``)

@@ -8,6 +8,8 @@ on_write_failed), with the run's resources owned in one place:
 - ``start(metrics) -> todo``: per table, the target/staging DDL, ``force`` resets, the resume
   state (files not yet published, byte ranges already committed); returns what is left to read.
 - ``writer_settings()``: what every BatchWriter (the per-batch ``write``) needs.
+- ``check_accounting(metrics, tables)``: after each stream, the run's counts equal the batches it
+  committed (one query), else ``LedgerMismatch`` before anything is published.
 - ``complete(metrics, ...)``: settle every file (accounting checked, failed files discarded) and
   publish every table (verify staging, finalise per write mode, sync) -- the tables whose staging
   lost batches come back to be read again.
@@ -26,11 +28,11 @@ from datetime import date
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-from loadkit.errors import JobLockLost, LoadkitError, TransientDBError, as_loadkit_error
+from loadkit.errors import JobLockLost, LedgerMismatch, LoadkitError, TransientDBError, as_loadkit_error
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
 from loadkit.postgres import db, identity
-from loadkit.postgres.ledger import Ledger, TableOutcome, ddl_lock
+from loadkit.postgres.ledger import Ledger, RunTotals, TableOutcome, ddl_lock
 from loadkit.postgres.modes import WriteMode, mode_for, record_steps
 from loadkit.postgres.writer import TableTarget, WriterSettings
 from loadkit.resilience import retrying
@@ -304,6 +306,38 @@ class PostgresSink:
     def writer_settings(self) -> WriterSettings:
         return writer_settings(self.plan, self.dsn)
 
+    # ------------------------------------------------------------ after a stream: the counts against the ledger
+
+    def check_accounting(self, metrics: Any, tables: Sequence[str]) -> None:
+        """After a stream, before anything settles: each of ``tables`` counts, in ``metrics``, exactly the
+        batches this run committed to the ledger (batches, rows read / loaded / rejected / coerced, blank
+        lines). One query (retried through a server restart).
+
+        The summary is built from the batch results the executor delivered; the ledger rows are written in
+        each batch's own transaction. A difference means a result was lost or counted twice on its way to
+        the driver (a bug: the data itself is as the ledger says), so the run stops here, before it
+        publishes anything, with a ``LedgerMismatch`` naming each table's figures, rather than report a
+        summary its ledger contradicts; a rerun resumes from the ledger. ``tables`` are the tables this
+        round streamed: a later round (staging lost batches) re-reads only tables that settled cleanly,
+        whose counts lost the forgotten batches (``_finalize_table``)."""
+        plan = self.plan
+
+        def read() -> Dict[str, RunTotals]:
+            with db.transaction(self.dsn) as cur:
+                return self.ledger.run_totals(cur, plan.run_id, plan.period, tables)
+
+        ledger = retrying(plan.retry)(read)
+        wrong = []
+        for name in tables:
+            t, want = metrics.tables[name], ledger.get(name, RunTotals())
+            got = RunTotals(t.batches, t.rows_read, t.rows_loaded, t.rows_rejected, t.rows_coerced, t.blank_lines)
+            if got != want:
+                wrong.append(f"{name}: counted {_figures(got)}, ledger {_figures(want)}")
+        if wrong:
+            raise LedgerMismatch("the run's counts disagree with the batches it committed to the ledger "
+                                 f"(nothing published; the ledger is right, rerun to resume): {'; '.join(wrong)}",
+                                 run_id=plan.run_id, ledger=plan.ledger_schema)
+
     # ------------------------------------------------------------ complete: settle and publish
 
     def complete(self, metrics: Any, aborted: Dict[str, str], failed: List[Tuple[str, str, str]],
@@ -406,6 +440,8 @@ class PostgresSink:
                 tm.rows_read -= sum(b.rows_in for b in ours)
                 tm.rows_loaded -= sum(b.rows_loaded for b in ours)
                 tm.rows_rejected -= sum(b.rows_rejected for b in ours)
+                tm.rows_coerced -= sum(b.rows_coerced for b in ours)
+                tm.blank_lines -= sum(b.blank_lines for b in ours)
                 tm.batches -= len(ours)
                 return True
             staged = sum(led.unpublished_batches(cur, table.name, plan.period).values())
@@ -459,6 +495,11 @@ class PostgresSink:
         """A few of this run's rejects (an Arrow table) for its MLflow record."""
         with db.transaction(self.dsn) as cur:
             return self.ledger.reject_sample(cur, self.plan.run_id)
+
+
+def _figures(t: RunTotals) -> str:
+    return (f"{t.batches} batches, {t.rows_in} read, {t.rows_loaded} loaded, {t.rows_rejected} rejected, "
+            f"{t.rows_coerced} coerced, {t.blank_lines} blank lines")
 
 
 def outcome(t: Any, error: Optional[str] = None) -> TableOutcome:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ from loadkit import tracing
 from loadkit.postgres import ledger
 from loadkit.postgres.copy import DEFAULT_ENCODER, encoder
 from loadkit.postgres.ledger import Ledger
-from loadkit.records import BatchResult, ParsedBatch, carry
+from loadkit.records import BatchResult, ParsedBatch, Status, carry
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
 from loadkit.errors import as_loadkit_error, is_deadlock
 from loadkit.monitor import process_rss, release_memory
@@ -102,16 +102,23 @@ class BatchWriter:
         return carry(batch, BatchResult, writer=self._name, pool_utilisation=self._pool.stats().utilisation,
                      rss_bytes=process_rss(), finished_at=time.time(), **outcome)
 
-    def _commit(self, batch: ParsedBatch) -> str:
+    def _commit(self, batch: ParsedBatch) -> Status:
         """One transaction on one connection of the COPY encoder's driver: skip if the ledger has the
-        batch, else COPY rows + rejects + ledger row, then commit."""
+        batch, else COPY rows + rejects + ledger row, then commit.
+
+        A batch the ledger already holds is ``skipped`` when another run committed it, and
+        ``committed`` when this run did: an earlier attempt of this call whose commit reached the
+        server while its reply was lost (a server crash or a dropped connection at COMMIT), or the
+        unreported last commit of a dead Ray loader attempt. That commit is this run's and was never
+        reported, so reporting it here keeps the run's counts equal to its ledger rows."""
         self._attempts += 1
         target = self._s.tables[batch.table_name]
         with self._pool.connection() as conn:
             with conn.cursor() as cur:
-                if self._ledger.has_batch(cur, batch.batch_id):
+                owner = self._ledger.batch_owner(cur, batch.batch_id)
+                if owner is not None:
                     conn.rollback()
-                    return "skipped"
+                    return self._already(owner)
                 try:
                     if not self._trace:
                         self._copy_all(conn, batch, target)
@@ -122,10 +129,16 @@ class BatchWriter:
                         self._traced(conn.commit, "commit", attempt=self._attempts)
                 except Exception as exc:
                     _rollback_after(conn, exc)
-                    if self._ledger.is_duplicate_batch(exc):
-                        return "skipped"  # another writer committed the same batch first
+                    if self._ledger.is_duplicate_batch(exc):  # another session committed it first
+                        owner = self._ledger.batch_owner(cur, batch.batch_id)
+                        conn.rollback()
+                        return self._already(owner)
                     raise
         return "committed"
+
+    def _already(self, owner: Optional[str]) -> Status:
+        """The status of a batch the ledger already holds, committed by run ``owner`` (see ``_commit``)."""
+        return "committed" if owner == self._s.run_id else "skipped"
 
     def _traced(self, step: Callable[[], Any], name: str, **attributes: Any) -> None:
         """Run ``step`` and add its span to the batch's trace (only when it succeeds: a failed
