@@ -24,13 +24,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import psutil
 
 from benchmarks.procstat import ProcSampler
 
@@ -304,7 +302,7 @@ def report(r: Dict[str, Any], bucket: float) -> str:
                      + " ".join(f"{cpu[g][i] / bucket:>6.2f}" for g in machine) + " |       "
                      + " ".join(f"{runq[g][i] / bucket:>5.2f}" for g in groups) + f" | {demand[i]:>5.2f}")
     tot = sum(totals[g] for g in groups)
-    lines.append(f"CPU s: " + ", ".join(f"{g} {totals[g]:.2f}" for g in groups) + f", all {tot:.2f} over wall "
+    lines.append("CPU s: " + ", ".join(f"{g} {totals[g]:.2f}" for g in groups) + f", all {tot:.2f} over wall "
                  f"{r['wall']:.2f} s = {tot / r['wall']:.2f} cores")
     lines.append("demand (running + runnable, cores) by phase: " + _by_phase(demand, events, bucket))
     lines.append("runnable, not running (CPU taken by others) s: " + ", ".join(f"{g} {runq_tot[g]:.2f}" for g in groups))
