@@ -1,20 +1,25 @@
-"""Where the in-process pipeline's time goes: per-thread CPU of the driver, its backends' CPU, and the
-stage waits, as a timeline of one CLI run.
+"""Where the in-process pipeline's time goes: per-thread CPU of the driver and its backends, split into
+running / runnable-but-not-running / asleep, the stage waits and write()'s phases, over one CLI run.
 
     python -m benchmarks.pipeline_timeline --rows 4000000 [--set pool.parse_threads=2 ...] [--bucket 0.5]
+    python -m benchmarks.pipeline_timeline --variant base= --variant p2=pool.parse_threads=2 --reps 3
+    python -m benchmarks.pipeline_timeline --variant before@/tmp/lk-before= --variant after= --reps 3
 
-Runs the benchmark month (benchmarks.copy_bench.generate: Estabelecimentos + Empresas, raw CSV, append,
-MLflow off) through the CLI with an instrumented start-up (``_probe``, imported before ``loadkit``):
-each Python thread's OS name is set to its ``threading`` name (``prctl(PR_SET_NAME)``) so /proc shows
-it, and the executor's queue waits (``inprocess._take`` / ``_offer``), the writers' ``BatchWriter.write``
-and each read unit's first and last chunk are timed per thread into a JSON file at exit. Meanwhile this
-process samples /proc/<pid>/task/*/stat (user+system ticks per thread) and the run's PostgreSQL backends
-(benchmarks.procstat: matched by client port) every ``--interval`` seconds.
+Runs the benchmark month (Estabelecimentos + Empresas of benchmarks.copy_bench.generate, raw CSV, MLflow off,
+the overrides of notes/lkrun.sh) through the CLI with a probe imported before ``loadkit``: Python threads
+get their ``threading`` name as OS name (prctl), and the executor's queue waits (``inprocess._take`` /
+``_offer``), parse, ``BatchWriter.write`` and its phases (ledger check, pgpq encode, COPY send / end,
+commit, trim), each read unit's first and last chunk and the cyclic GC are timed per thread, written as JSON
+at exit. Meanwhile this process samples, every ``--interval`` s, /proc/<pid>/task/*/schedstat (CPU and
+run-queue wait per thread), the run's PostgreSQL backends the same way (benchmarks.procstat: matched by
+client port), the writer sessions' pg_stat_activity wait events and /proc/stat (machine idle).
 
-Prints, per ``--bucket`` seconds of wall time: cores used by each driver thread group and by the
-backends, and the seconds each stage spent waiting (writers for a batch, the reader for room in a
-queue); then totals and the phases (start-up, first chunk, last read, last commit, exit). CPU time is
-per thread and per process, so it does not depend on the machine's load; the waits and the wall do.
+Why schedstat: on a shared machine a thread is running, runnable but waiting for a core another
+process holds (the load), or asleep (waiting for another stage, the server, a lock, I/O: the pipeline's
+own idle). Only the last is the pipeline's shape; CPU per row and the asleep share do not depend on the
+load, the wall does. A single run prints the timeline per ``--bucket`` s; ``--variant`` alternates
+configurations (or checkouts, ``NAME@PATH``: a git worktree with its C extension built in place) for
+``--reps`` and prints median (min–max) of each figure.
 """
 from __future__ import annotations
 
@@ -47,6 +52,18 @@ def _named_run(self):
     _run(self)
 threading.Thread.run = _named_run
 _t0 = time.time()
+import gc
+_gc_start = {}
+def _gc_cb(phase, info):
+    key = threading.get_ident()
+    if phase == "start":
+        _gc_start[key] = (time.perf_counter(), time.thread_time())
+    else:
+        w, c = _gc_start.pop(key, (time.perf_counter(), time.thread_time()))
+        v = _cpu.setdefault(f"gc.gen{info['generation']}", [0.0, 0.0, 0])
+        v[0] += time.perf_counter() - w; v[1] += time.thread_time() - c; v[2] += 1
+gc.callbacks.append(_gc_cb)
+_cpu = {}  # phase -> [wall s, thread CPU s, calls]
 _events = []  # (thread, what, start, end)
 def _rec(what, a, b):
     _events.append((threading.current_thread().name, what, a - _t0, b - _t0))
@@ -63,7 +80,6 @@ def parse(chunk, tables, period):
 ip.parse = parse
 import loadkit.postgres.writer as wr
 import loadkit.postgres.copy as cp
-_cpu = {}  # phase -> [wall s, thread CPU s, calls]
 def _phase(name, fn):
     def wrapped(*a, **k):
         w, c = time.perf_counter(), time.thread_time()
@@ -174,14 +190,16 @@ def _group(name: str) -> str:
 
 
 def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interval: float, bucket: float,
-        python: str) -> Dict[str, Any]:
+        python: str, tree: Optional[Path] = None) -> Dict[str, Any]:
+    """One instrumented CLI run of the checkout ``tree`` (default: this one; its loadkit comes first on
+    sys.path, so a ``git worktree`` of an earlier commit with its C extension built in place runs as is)."""
     args, tag = cli_args(data, rows, dsn, mode, extra)
     probe_out = tempfile.mktemp(suffix=".json")
     env = dict(os.environ, LK_PROBE_OUT=probe_out)
     load = os.getloadavg()
     t_start = time.time()
     proc = subprocess.Popen([python, "-c", _PROBE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, cwd=tree or Path(__file__).resolve().parent.parent)
     backends = ProcSampler(proc.pid, interval_s=10.0)  # only its backend lookup is used
     samples: List[tuple] = []  # (t, {tid: (name, cpu)}, {backend pid: cpu}, machine (busy, idle, iowait) s)
     bpids: set = set()
@@ -222,7 +240,8 @@ def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interv
     shift = probe["t0"] - t_start
     events = [(th, w, a + shift, b + shift) for th, w, a, b in probe["events"]]
     conn.close()
-    return {"wall": wall, "samples": samples, "events": events, "phases": probe.get("phases", {}), "load": load, "end_load": os.getloadavg(), "pg_waits": dict(waits),
+    return {"wall": wall, "samples": samples, "events": events, "phases": probe.get("phases", {}), "load": load,
+            "end_load": os.getloadavg(), "pg_waits": dict(waits),
             "output": out, "rc": proc.returncode}
 
 
@@ -231,7 +250,9 @@ def report(r: Dict[str, Any], bucket: float) -> str:
     # CPU per group per bucket from consecutive samples
     n = int(r["wall"] / bucket) + 1
     cpu: Dict[str, List[float]] = defaultdict(lambda: [0.0] * n)
-    prev_t, prev_th, prev_b, prev_m = 0.0, {}, {}, None
+    prev_th: Dict[int, tuple] = {}
+    prev_b: Dict[int, tuple] = {}
+    prev_m: Optional[tuple] = None
     totals: Dict[str, float] = defaultdict(float)
     runq: Dict[str, List[float]] = defaultdict(lambda: [0.0] * n)  # runnable but not running (other processes)
     runq_tot: Dict[str, float] = defaultdict(float)
@@ -252,7 +273,7 @@ def report(r: Dict[str, Any], bucket: float) -> str:
             runq[g][i] += w - w0
             runq_tot[g] += w - w0
         for b, (c, w) in bc.items():
-            c0, w0 = prev_b.get(b, (0.0, 0.0))  # a backend first seen: counted from its start (it connects at the run's start)
+            c0, w0 = prev_b.get(b, (0.0, 0.0))  # first seen: counted from its start (it connects as the run starts)
             cpu["pg"][i] += c - c0
             totals["pg"] += c - c0
             runq["pg"][i] += w - w0
@@ -292,8 +313,10 @@ def report(r: Dict[str, Any], bucket: float) -> str:
     machine = [g for g in ("M.busy", "M.idle", "M.iow") if g in cpu]
     wk = [k for k in ("r.block", "p.wait", "p.block", "w.wait", "w.write", "parse") if k in waits]
     head = (f"{'t s':>5} " + " ".join(f"{g:>6}" for g in groups) + f" {'sum':>5} | " + " ".join(f"{k:>7}" for k in wk)
-            + " | " + " ".join(f"{g:>6}" for g in machine) + " | runq: " + " ".join(f"{g:>5}" for g in groups) + " | demand")
-    lines = [f"cores used per {bucket}s bucket (CPU s / bucket s) | seconds of stage time per bucket (summed over threads)",
+            + " | " + " ".join(f"{g:>6}" for g in machine) + " | runq: " + " ".join(f"{g:>5}" for g in groups)
+            + " | demand")
+    lines = [f"cores used per {bucket}s bucket (CPU s / bucket s) | seconds of stage time per bucket (summed over "
+             "threads) | machine | runnable-not-running cores | our threads running or runnable",
              head]
     for i in range(n):
         row = [cpu[g][i] / bucket for g in groups]
@@ -305,7 +328,8 @@ def report(r: Dict[str, Any], bucket: float) -> str:
     lines.append("CPU s: " + ", ".join(f"{g} {totals[g]:.2f}" for g in groups) + f", all {tot:.2f} over wall "
                  f"{r['wall']:.2f} s = {tot / r['wall']:.2f} cores")
     lines.append("demand (running + runnable, cores) by phase: " + _by_phase(demand, events, bucket))
-    lines.append("runnable, not running (CPU taken by others) s: " + ", ".join(f"{g} {runq_tot[g]:.2f}" for g in groups))
+    lines.append("runnable, not running (CPU taken by others) s: "
+                 + ", ".join(f"{g} {runq_tot[g]:.2f}" for g in groups))
     lines.append("stage s: " + ", ".join(f"{k} {wait_tot[k]:.2f}" for k in wk))
     ph = {}
     for th, w, a, b in events:
@@ -327,7 +351,8 @@ def report(r: Dict[str, Any], bucket: float) -> str:
     lines.append("machine (all processes, cores): " + ", ".join(f"{g} {totals[g] / r['wall']:.2f}" for g in machine))
     pw = r.get("pg_waits", {})
     nw = sum(pw.values()) or 1
-    lines.append("writer backends' state samples: " + ", ".join(f"{k} {v / nw:.0%}" for k, v in sorted(pw.items(), key=lambda kv: -kv[1])[:10]))
+    top = sorted(pw.items(), key=lambda kv: -kv[1])[:10]
+    lines.append("writer backends' state samples: " + ", ".join(f"{k} {v / nw:.0%}" for k, v in top))
     lines.append(f"load average at start {r['load'][0]:.2f}, at end {r['end_load'][0]:.2f}; rc {r['rc']}")
     return "\n".join(lines)
 
@@ -432,7 +457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--show-output", action="store_true")
     p.add_argument("--variant", action="append", default=[],
-                   help="NAME=override[,override...]: alternate these (with --reps) and print a comparison")
+                   help="NAME[@CHECKOUT]=override[,override...]: alternate these (with --reps) and print a "
+                        "comparison; @CHECKOUT runs another checkout (a git worktree with its extension built)")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--json", type=Path, help="write every run's figures here")
     a = p.parse_args(argv)
@@ -442,12 +468,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(r["output"][-3000:])
         print(report(r, a.bucket))
         return 0
-    variants = [(v.split("=", 1)[0], [x for x in v.split("=", 1)[1].split(",") if x]) for v in a.variant]
+    variants = []
+    for v in a.variant:
+        head, sets = v.split("=", 1)
+        name, _, tree = head.partition("@")
+        variants.append((name, [x for x in sets.split(",") if x], Path(tree) if tree else None))
     rows = _rows(a.data, a.rows)
     results: Dict[str, List[Dict[str, float]]] = defaultdict(list)
     for rep in range(a.reps):
-        for name, sets in variants:
-            r = run(a.rows, a.data, a.dsn, a.mode, [*a.set, *sets], a.interval, a.bucket, a.python)
+        for name, sets, tree in (variants if rep % 2 == 0 else variants[::-1]):  # order alternates
+            r = run(a.rows, a.data, a.dsn, a.mode, [*a.set, *sets], a.interval, a.bucket, a.python, tree)
             if r["rc"]:
                 print(r["output"][-3000:])
                 return 1
