@@ -94,6 +94,8 @@ def _phases(obj, names, prefix):
         if hasattr(obj, n):
             setattr(obj, n, _phase(prefix + n, getattr(obj, n)))
 _phases(wr.BatchWriter, ["_commit", "_copy_all", "_finish", "_ledger_row"], "writer.")
+if os.environ.get("LK_PROBE_NO_TRIM"):  # measurement only: what the per-batch trim costs and saves
+    wr.release_memory = lambda: None
 _phases(wr, ["release_memory", "process_rss"], "writer.")
 import loadkit.postgres.ledger as lg
 _phases(lg.Ledger, ["has_batch", "append_batch"], "ledger.")
@@ -169,6 +171,18 @@ def _threads(pid: int) -> Dict[int, tuple]:
     return out
 
 
+def _hwm_kb(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM), kB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def _machine() -> tuple:
     """Seconds of (busy, idle, iowait) of all cores since boot (/proc/stat)."""
     with open("/proc/stat") as fh:
@@ -196,6 +210,8 @@ def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interv
     args, tag = cli_args(data, rows, dsn, mode, extra)
     probe_out = tempfile.mktemp(suffix=".json")
     env = dict(os.environ, LK_PROBE_OUT=probe_out)
+    env.update(x[4:].split("=", 1) for x in extra if x.startswith("env:"))  # type: ignore[misc]
+    args = [x for x in args if not x.startswith("env:")]
     load = os.getloadavg()
     t_start = time.time()
     proc = subprocess.Popen([python, "-c", _PROBE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -205,6 +221,7 @@ def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interv
     bpids: set = set()
     last_lookup = 0.0
     waits: Dict[str, int] = defaultdict(int)  # "state/wait_event" of the run's backends, per sample
+    peak_kb = 0  # the driver's peak RSS (VmHWM)
     import psycopg
     conn = psycopg.connect(dsn, autocommit=True)
     while proc.poll() is None:
@@ -230,6 +247,7 @@ def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interv
             except (FileNotFoundError, ProcessLookupError):
                 pass
         samples.append((now - t_start, th, bc, _machine()))
+        peak_kb = max(peak_kb, _hwm_kb(proc.pid))
         time.sleep(interval)
     out = proc.stdout.read() if proc.stdout else ""
     wall = time.time() - t_start
@@ -241,7 +259,7 @@ def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interv
     events = [(th, w, a + shift, b + shift) for th, w, a, b in probe["events"]]
     conn.close()
     return {"wall": wall, "samples": samples, "events": events, "phases": probe.get("phases", {}), "load": load,
-            "end_load": os.getloadavg(), "pg_waits": dict(waits),
+            "end_load": os.getloadavg(), "pg_waits": dict(waits), "peak_rss_mb": peak_kb / 1024,
             "output": out, "rc": proc.returncode}
 
 
@@ -370,7 +388,8 @@ def metrics(r: Dict[str, Any], rows: int) -> Dict[str, float]:
         return min(samples, key=lambda x: abs(x[0] - t))
     a, b = at(s0 + 0.1), at(s1 - 0.15)  # samples inside the stream: the threads are alive in both
     span = b[0] - a[0]
-    out: Dict[str, float] = {"wall": r["wall"], "startup": s0, "stream": s1 - s0, "load": r["load"][0]}
+    out: Dict[str, float] = {"wall": r["wall"], "startup": s0, "stream": s1 - s0, "load": r["load"][0],
+                             "peak_rss_mb": r.get("peak_rss_mb", 0.0)}
     cpu: Dict[str, float] = defaultdict(float)
     last_t: Dict[int, tuple] = {}
     for _, th, _, _ in samples:
@@ -461,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "comparison; @CHECKOUT runs another checkout (a git worktree with its extension built)")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--json", type=Path, help="write every run's figures here")
-    a = p.parse_args(argv)
+    a = p.parse_args(argv)  # an override "env:NAME=VALUE" sets the CLI's environment instead
     if not a.variant:
         r = run(a.rows, a.data, a.dsn, a.mode, a.set, a.interval, a.bucket, a.python)
         if a.show_output or r["rc"]:
