@@ -11,7 +11,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from loadkit.source import files
 from loadkit.config import (
@@ -25,7 +25,7 @@ from loadkit.config import (
     as_plain_dict,
     job_params,
 )
-from loadkit.errors import ConfigError
+from loadkit.errors import ConfigError, SourceDataError
 from loadkit.security import confine, mask_dsn, render_path_template
 
 # Reserved bookkeeping columns. _lk_batch traces every row to the batch that wrote it.
@@ -402,8 +402,8 @@ def period_tag(period: str, values: Dict[str, Any]) -> str:
     return "p" + hashlib.blake2b(period.encode(), digest_size=6).hexdigest()
 
 
-def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any],
-                   url_root: Optional[str] = None) -> Tuple[FileSpec, ...]:
+def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any], url_root: Optional[str] = None,
+                   fingerprint: Callable[[Path], str] = files.fingerprint) -> Tuple[FileSpec, ...]:
     rendered = [render_path_template(template, values) for template in t.source.paths]
     if url_root is not None or any(files.is_url(p) for p in rendered):  # an object store: read via fsspec
         urls = [files.url_join(url_root, p) if url_root else p for p in rendered]
@@ -411,23 +411,44 @@ def _resolve_files(name: str, t: TableConfig, root: Path, values: Dict[str, Any]
             raise ConfigError("a table's source paths are all URLs or all local paths", key=f"job.tables.{name}")
         return tuple(FileSpec(path=f.path, rel=f.rel, ordinal=i, size=f.size, sha256=f.fingerprint)
                      for i, f in enumerate(files.discover_urls(urls)))
-    for pattern in rendered:
-        confine(root / pattern, root)
-    paths = files.discover(root, rendered)
+    paths = _local_paths(rendered, root)
     return tuple(
         FileSpec(
             path=str(confine(p, root)),
             rel=str(p.relative_to(root)),
             ordinal=i,
             size=p.stat().st_size,
-            sha256=files.fingerprint(p),
+            sha256=fingerprint(p),
         )
         for i, p in enumerate(paths)
     )
 
 
+def _local_paths(rendered: List[str], root: Path) -> List[Path]:
+    """A table's local source files: its rendered patterns, each confined to the data root, discovered."""
+    for pattern in rendered:
+        confine(root / pattern, root)
+    return files.discover(root, rendered)
+
+
+def _hash_ahead(fingerprints: "files.Fingerprints", enabled: List[Tuple[str, TableConfig]], root: Path,
+                values: Dict[str, Any]) -> None:
+    """Start hashing every local source file of the run before the table specs ask for them, so the
+    files of all tables hash at once (one thread per core) instead of one after the other. Patterns
+    that are URLs are left to _resolve_files; so are errors: this is the same discovery it repeats,
+    raising the same error there, in table order."""
+    for _, t in enabled:
+        rendered = [render_path_template(template, values) for template in t.source.paths]
+        if any(files.is_url(p) for p in rendered):
+            continue
+        try:
+            fingerprints.start(_local_paths(rendered, root))
+        except (ConfigError, SourceDataError):
+            return  # raised again, in order, by _resolve_files
+
+
 def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict[str, Any], tag: str,
-                url_root: Optional[str] = None) -> TableSpec:
+                url_root: Optional[str] = None, fingerprint: Callable[[Path], str] = files.fingerprint) -> TableSpec:
     d = t.source.dialect
     return TableSpec(
         name=name,
@@ -447,7 +468,7 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
             quoted_can_be_null=d.quoted_can_be_null, server_transcode=d.server_transcode,
         ),
         allow_empty=t.source.allow_empty,
-        files=_resolve_files(name, t, root, values, url_root),
+        files=_resolve_files(name, t, root, values, url_root, fingerprint),
         max_reject_rate=t.max_reject_rate,
         max_rejects=t.max_rejects,
         period_tag=tag,
@@ -526,11 +547,14 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
             raise ConfigError(f"mode snapshot keeps one integer {PERIOD_COL} partition per period (YYYYMM or "
                               f"YYYYMMDD), but this job's period is {period!r}: its params may be year, month, day",
                               key=f"job.tables.{name}.mode")
-    tables = tuple(
-        _table_spec(name, t, cfg.job.schema, root, values, tag, url_root)
-        for name, t in cfg.job.tables.items()
-        if t.enabled
-    )
+    enabled = [(name, t) for name, t in cfg.job.tables.items() if t.enabled]
+    # sha256 of every source file (the ledger's file identity): ~0.55 CPU-s/GB, most of a CLI run's
+    # start-up on a large month, hashed on one thread per core (hashlib and reads release the GIL).
+    with files.Fingerprints(files.usable_cpus(cfg.env.num_cpus)) as fingerprint:
+        if url_root is None:
+            _hash_ahead(fingerprint, enabled, root, values)
+        tables = tuple(_table_spec(name, t, cfg.job.schema, root, values, tag, url_root, fingerprint)
+                       for name, t in enabled)
     r, p, e, tr, tel, m = cfg.retry, cfg.pool, cfg.env, cfg.tracking, cfg.telemetry, cfg.job.migrate
     return LoadPlan(
         run_id=run_id or uuid.uuid4().hex[:16],

@@ -4,10 +4,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import enum
+import hashlib
 import inspect
 import re
 import textwrap
 import typing
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
@@ -298,6 +300,10 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     assert plan.alerts.stall_seconds == p.AlertRuleSpec(300.0, "critical", "abort")
     assert plan.migrate.add_columns and plan.verify == "count" and not plan.tracking.enabled
     assert plan.telemetry.tracing == "console" and plan.fetch.mode == "never"
+    # every table's files hashed ahead on threads: each FileSpec carries its own file's sha256, in file order
+    specs = [f for t in plan.tables for f in t.files]
+    assert len(specs) > 2 and all(f.sha256 == hashlib.sha256(Path(f.path).read_bytes()).hexdigest() for f in specs)
+    assert all([f.ordinal for f in t.files] == list(range(len(t.files))) for t in plan.tables)
     assert type(plan.table("empresas").mode) is str and plan.table("empresas").mode == "merge"
     settings = plan.settings_dict()
     assert settings["sink"]["dsn"] == "postgresql://u:***@h/db" and settings["job"]["verify"] == "count"

@@ -367,3 +367,28 @@ def test_psycopg2_and_psycopg3_coexist_in_one_process(pg_dsn: str) -> None:
     finally:
         old.close()
         new.close()
+
+
+def test_writer_trims_freed_memory_once_the_process_grew_not_after_every_batch(
+        pg_dsn: str, schemas: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer hands freed heap back (release_memory) when the process's RSS has grown by TRIM_GROWTH_BYTES
+    since the last trim, not after every batch (that faulted each batch's pages in again); the result's
+    rss_bytes is the RSS after any trim."""
+    from loadkit.postgres import writer as writer_mod
+
+    trims: List[int] = []
+    real = writer_mod.release_memory
+    monkeypatch.setattr(writer_mod, "release_memory", lambda: (trims.append(1), real())[1])  # spy: still trims
+    _writer_setup(pg_dsn, schemas)
+    writer = BatchWriter(_settings(pg_dsn, schemas, "pgpq"))
+    try:
+        assert _write(writer, _record(301)).status == "committed" and trims == []  # no growth since the start
+        grown = bytearray(b"\x01") * (writer_mod.TRIM_GROWTH_BYTES + 32 * 2**20)  # touched: resident
+        result = _write(writer, _record(302))
+        assert result.status == "committed" and trims == [1]
+        assert result.rss_bytes == writer._trimmed_rss > 0
+        assert _write(writer, _record(303)).status == "committed" and trims == [1]  # no growth since that trim
+        del grown
+    finally:
+        writer.close()
+    assert _count(pg_dsn, f'SELECT count(*) FROM "{schemas[1]}".batch') == 3

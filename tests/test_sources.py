@@ -157,3 +157,24 @@ def test_empty_parquet_is_zero_rows_or_an_error(tmp_path: Path) -> None:
     assert read_local(spec([("id", "integer")], fmt="parquet"), tmp_path / "e.parquet").errors == []
     strict = spec([("id", "integer")], fmt="parquet", allow_empty=False)
     assert "allow_empty is false" in read_local(strict, tmp_path / "e.parquet").errors[0]
+
+
+def test_fingerprints_on_threads_equal_sha256_of_the_bytes_and_raise_like_fingerprint(tmp_path: Path) -> None:
+    """Files hashed ahead on 1-3 threads (started out of order, some asked for without a start) give
+    each file's own sha256; a missing file raises what ``fingerprint`` raises, when asked for."""
+    import hashlib
+
+    rnd = random.Random(5)
+    paths = []
+    for i in range(7):
+        p = tmp_path / f"f{i}.csv"
+        p.write_bytes(rnd.randbytes(rnd.choice([0, 1, 4096, 3 * files._FINGERPRINT_BLOCK + 17])))
+        paths.append(p)
+    for threads in (1, 2, 3):
+        with files.Fingerprints(threads) as fp:
+            fp.start(paths[::-2])
+            got = {p: fp(p) for p in paths}
+            with pytest.raises(FileNotFoundError):
+                fp(tmp_path / "missing.csv")
+        assert got == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+        assert all(got[p] == files.fingerprint(p) for p in paths)

@@ -37,6 +37,10 @@ from loadkit.resilience import CircuitBreaker, retrying
 
 log = logging.getLogger("loadkit.postgres.writer")
 
+# A writer trims the process's freed heap once its RSS has grown this much since the last trim (bytes):
+# it bounds what freed-but-kept pages add to the peak, without faulting every batch's pages in anew.
+TRIM_GROWTH_BYTES = 64 * 2**20
+
 
 @dataclass(frozen=True)
 class TableTarget:
@@ -67,6 +71,7 @@ class BatchWriter:
         self._attempts = 0
         self._ledger = Ledger(settings.ledger_schema)
         self._copy = encoder(settings.copy_encoder)
+        self._trimmed_rss = process_rss()  # the process's RSS after the last trim (see _finish)
         self._pool = self._open_pool()
 
     def _open_pool(self) -> ConnectionPool:
@@ -98,9 +103,18 @@ class BatchWriter:
                             deadlocks=deadlocks[0], trace=self._trace)
 
     def _finish(self, batch: ParsedBatch, **outcome: Any) -> BatchResult:
-        release_memory()
+        rss = process_rss()
+        if rss - self._trimmed_rss >= TRIM_GROWTH_BYTES:
+            # Hand freed heap back to the OS (Arrow's pool + malloc_trim) once the process has grown by
+            # TRIM_GROWTH_BYTES since the last trim, not after every batch: the freed pages of one batch
+            # are the next batch's, and trimming them made the read and writer threads fault them in
+            # again (zeroed) each time. Measured on the benchmark month in process: driver 1.15 -> 1.06
+            # CPU µs/row without the per-batch trim, peak RSS 340 -> 352 MB (README, "Where the time goes").
+            release_memory()
+            rss = process_rss()
+            self._trimmed_rss = rss
         return carry(batch, BatchResult, writer=self._name, pool_utilisation=self._pool.stats().utilisation,
-                     rss_bytes=process_rss(), finished_at=time.time(), **outcome)
+                     rss_bytes=rss, finished_at=time.time(), **outcome)
 
     def _commit(self, batch: ParsedBatch) -> Status:
         """One transaction on one connection of the COPY encoder's driver: skip if the ledger has the

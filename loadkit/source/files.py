@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import gzip
 import hashlib
+import os
 import re
 import zipfile
 import zlib
@@ -101,6 +102,43 @@ def fingerprint(path: Union[str, Path]) -> str:
         while got := fh.readinto(view):
             digest.update(view[:got])
     return digest.hexdigest()
+
+
+def usable_cpus(configured: Optional[int] = None) -> int:
+    """Cores this process may use: ``configured`` (``env.num_cpus``) when set, else its CPU affinity."""
+    if configured:
+        return configured
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Fingerprints:
+    """``fingerprint`` of local files on up to ``threads`` threads, started ahead of use.
+
+    ``start(paths)`` queues files; calling the object with a path returns its sha256 (hashing it now if
+    it was not started), raising what ``fingerprint`` raises. sha256 is sequential within a file, so the
+    parallelism is across files: hashlib and file reads release the GIL, so N files hash on N cores.
+    Leaving the ``with`` block cancels hashes nobody asked for (a plan that failed part-way)."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="loadkit-hash")
+        self._futures: Dict[str, Any] = {}
+
+    def start(self, paths: Sequence[Union[str, Path]]) -> None:
+        for p in paths:
+            if str(p) not in self._futures:
+                self._futures[str(p)] = self._pool.submit(fingerprint, p)
+
+    def __call__(self, path: Union[str, Path]) -> str:
+        self.start([path])
+        return cast(str, self._futures[str(path)].result())
+
+    def __enter__(self) -> "Fingerprints":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def remote_fingerprint(fs: Any, key: str, info: Mapping[str, Any]) -> str:
