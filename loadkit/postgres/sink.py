@@ -29,9 +29,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 from loadkit.errors import JobLockLost, LoadkitError, TransientDBError, as_loadkit_error
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
-from loadkit.postgres import db, identity
+from loadkit.postgres import db, identity, keyhints
 from loadkit.postgres.ledger import Ledger, TableOutcome, ddl_lock
-from loadkit.postgres.modes import WriteMode, mode_for, record_steps
+from loadkit.postgres.modes import Merge, WriteMode, mode_for, record_steps
 from loadkit.postgres.writer import TableTarget, WriterSettings
 from loadkit.resilience import retrying
 from loadkit.security import mask_text
@@ -178,6 +178,8 @@ class PostgresSink:
         self._fetched = list(fetched)
         self._lock = JobLock(self.dsn, plan, on_lock_lost)
         self._reading: Dict[str, Set[str]] = {}  # table -> shas of the files this run reads
+        # Merge's duplicate-key hints: the in-process writers hash each committed batch's key (keyhints).
+        self._hints = keyhints.open_hints(plan.run_id, [t for t in plan.tables if isinstance(mode_for(t), Merge)])
 
     # ------------------------------------------------------------ open / close: the job lock and the run row
 
@@ -221,8 +223,9 @@ class PostgresSink:
         self.close()
 
     def close(self) -> None:
-        """Release the job lock (its session ends)."""
+        """Release the job lock (its session ends); free the run's key hints."""
         self._lock.close()
+        keyhints.close_hints(self.plan.run_id)
 
     def _ensure_ledger(self) -> None:
         """The ledger's tables, in one transaction (its DDL lock is transaction-level); retried on deadlock."""
@@ -408,7 +411,10 @@ class PostgresSink:
                 tm.rows_rejected -= sum(b.rows_rejected for b in ours)
                 tm.batches -= len(ours)
                 return True
-            staged = sum(led.unpublished_batches(cur, table.name, plan.period).values())
+            batches = led.unpublished_batches(cur, table.name, plan.period)
+            staged = sum(batches.values())
+            if isinstance(mode, Merge):
+                mode.key_candidates = self._hints.candidates(table.name, batches)
             with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
                 published = mode.finalize(cur, led)
             led.mark_files_loaded(cur, table.name, plan.period)
@@ -423,6 +429,7 @@ class PostgresSink:
             tm.finalised_at = time.time()
             led.finish_table(cur, plan.run_id, table.name, outcome(tm))
             led.record_collapse(cur, plan.run_id, table.name, tm.duplicates, tm.deleted, tm.unchanged)
+        self._hints.drop(table.name)  # published: its staging is gone
         return False
 
     def _sync(self, cur: Any, mode: WriteMode, failed: List[Tuple[str, str, str]]) -> Optional[int]:
