@@ -413,6 +413,49 @@ def test_a_duplicate_key_the_hashes_miss_falls_back_to_the_full_search(tmp_path:
     assert counts(result) == (3, 0, 0, 2)
 
 
+def test_the_tables_of_a_run_publish_side_by_side(tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str) -> None:
+    """Two tables publish on two connections at once: while another session holds the first table's publish
+    lock, the second table publishes anyway (one after the other, it would wait behind the first); once
+    released, the first publishes too and both are exact."""
+    import threading
+    import time
+
+    import psycopg2
+
+    target, led = schemas
+    files = write_month(tmp_path, 5, MAY)
+    table = TableConfig(source=SourceConfig(paths=[f"2024-05/{f}" for f in files], dialect=DialectConfig(header=False)),
+                        columns=COLUMNS, mode="merge", key=["k"])
+    cfg = to_config(LoadkitConfig(
+        year=2024, month=5, data_root=str(tmp_path),
+        job=JobConfig(name="sidebyside", schema=target, tables={"items": table, "zz": table}),
+        sink=SinkConfig(dsn=pg_dsn, ledger_schema=led), tracking=TrackingConfig(uri=mlflow_uri, enabled=False),
+        env=EnvConfig(progress_bars=False, executor="inprocess")))
+    holder = psycopg2.connect(pg_dsn)
+    results: List[RunResult] = []
+    try:
+        holder.cursor().execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-publish:{target}.items",))
+        runner = threading.Thread(target=lambda: results.append(run_job(cfg)))
+        runner.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and query(
+                pg_dsn, "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE n.nspname = %s AND c.relname = 'zz' AND c.reltuples > 0", (target,)) != [(1,)]:
+            time.sleep(0.1)
+        published_meanwhile = query(pg_dsn, f'SELECT count(*) FROM "{target}".zz')
+        assert query(pg_dsn, f'SELECT count(*) FROM "{target}".items') == [(0,)]  # still held
+    finally:
+        holder.rollback()
+        holder.close()
+    runner.join(60)
+    assert published_meanwhile == [(5,)]
+    ok(results[0])
+    for name in ("items", "zz"):
+        rows = {k: (a, b) for k, a, b in query(pg_dsn, f'SELECT k, a, b FROM "{target}".{name}')}
+        assert rows == {k: v for k, (v, _) in last_wins(MAY).items()}
+        assert results[0].metrics.tables[name].duplicates == 2
+
+
 @pytest.mark.parametrize("blocker", ["view", "grant", "referenced", "comment", "trigger"])
 def test_first_load_into_a_target_that_cannot_be_swapped_inserts(tmp_path: Path, pg_dsn: str, schemas: tuple,
                                                                   mlflow_uri: str, blocker: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date
 from types import TracebackType
@@ -30,7 +31,7 @@ from loadkit.errors import JobLockLost, LoadkitError, TransientDBError, as_loadk
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
 from loadkit.postgres import db, identity, keyhints
-from loadkit.postgres.ledger import Ledger, TableOutcome, ddl_lock
+from loadkit.postgres.ledger import Ledger, TableOutcome, ddl_lock, publish_lock
 from loadkit.postgres.modes import Merge, WriteMode, mode_for, record_steps
 from loadkit.postgres.writer import TableTarget, WriterSettings
 from loadkit.resilience import retrying
@@ -39,6 +40,9 @@ from loadkit.security import mask_text
 log = logging.getLogger("loadkit.run")
 
 _LOCK_CHECK_S = 1.0
+# Tables published at once, one connection each: a table's key and index builds are one server process's
+# CPU, so two tables use both cores of a 2-core machine (measured: see README, session 7).
+PUBLISH_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -357,6 +361,11 @@ class PostgresSink:
     def _finalize_tables(self, metrics: Any, failed: List[Tuple[str, str, str]], tables: List[str]) -> List[str]:
         """Publish each table whose files all settled; returns the tables whose staging lost batches.
 
+        Tables publish PUBLISH_CONCURRENCY at a time, each on its own connection (the key and index
+        builds are single-process CPU: two tables use two cores). Each table's publish stays one
+        transaction, so what a reader sees of a table is unchanged; across tables there was never one
+        transaction (they committed one after the other, in plan order -- now in whichever order they
+        finish). A failed table does not stop the others: they publish, and the resume skips them.
         Each table publishes in one transaction that first re-verifies staging against the
         ledger per batch (the mode's ``verify_staging``): a crash restart empties UNLOGGED staging,
         and publishing from it would lose rows while the ledger says they loaded. Lost batches
@@ -366,7 +375,7 @@ class PostgresSink:
         published twice.
         """
         failed_tables = {t for t, _, _ in failed}
-        lost_tables: List[str] = []
+        publish: List[TableSpec] = []
         for table in self.plan.tables:
             tm = metrics.tables[table.name]
             if table.name not in tables:
@@ -381,9 +390,19 @@ class PostgresSink:
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
-            if retrying(self.plan.retry)(self._finalize_table, table, tm, failed):
-                lost_tables.append(table.name)
-        return lost_tables
+            publish.append(table)
+
+        def one(table: TableSpec) -> bool:
+            return bool(retrying(self.plan.retry)(self._finalize_table, table, metrics.tables[table.name], failed))
+
+        if len(publish) < 2 or PUBLISH_CONCURRENCY < 2:
+            lost = [one(t) for t in publish]
+        else:  # each table in its own transaction on its own connection, PUBLISH_CONCURRENCY at a time
+            with ThreadPoolExecutor(PUBLISH_CONCURRENCY, thread_name_prefix="loadkit-publish") as pool:
+                futures = [pool.submit(one, t) for t in publish]
+                wait(futures)
+            lost = [f.result() for f in futures]  # the first table's error (plan order) if any failed
+        return [t.name for t, was_lost in zip(publish, lost) if was_lost]
 
     def _finalize_table(self, table: TableSpec, tm: Any, failed: List[Tuple[str, str, str]]) -> bool:
         """One table's verify-then-publish transaction; True if staging lost batches (nothing published).
@@ -395,9 +414,9 @@ class PostgresSink:
         self._lock.check()  # never publish without the job lock (raises TransientDBError if lost)
         finalising = time.perf_counter()
         with db.transaction(self.dsn) as cur:
-            # Publishing is DDL too (indexes, swaps, partitions): serialised with other runs' per target
-            # schema, so concurrent runs never deadlock here (a deadlock with anyone else is retried).
-            ddl_lock(cur, table.schema)
+            # Publishing is DDL too (indexes, swaps, partitions): never at the same time as another run's
+            # prepare on this schema, nor as another publish of this table (a deadlock is retried).
+            publish_lock(cur, table.schema, table.name)
             if mode.staged and not led.staged_files(cur, table.name, plan.period):
                 log.info("%s: already published (the previous attempt committed)", table.name)
                 tm.status = "loaded"
