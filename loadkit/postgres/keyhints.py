@@ -38,7 +38,7 @@ log = logging.getLogger("loadkit.postgres.keyhints")
 
 MAX_ROWS = 10_000_000  # rows hinted per run (8 bytes each); beyond, the table that overflowed goes without
 BITMAP_BITS = 1 << 27  # the run's seen-bitmap (16 MB): at 10M rows ~7% of its bits are set (false "maybe"s)
-MAX_KEY_BYTES = 256  # a longer key value: that table goes without hints (the hash loops per byte position)
+MAX_KEY_BYTES = 256  # a longer key value: that table goes without hints (values are padded to the longest)
 
 _P = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: the per-byte multiplier
 _NULL = np.uint64(0x9E3779B97F4A7C15)  # a NULL key value's hash (NULL keys fail the primary key anyway)

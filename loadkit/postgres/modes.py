@@ -2,7 +2,8 @@
 finalisation after it. ``mode_for(table)`` picks the class from the config's mode name (MODES).
 
 - Append:   batches COPY straight into the target; secondary indexes are built after the load.
-- Merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key. Into an
+- Merge:    batches COPY into an UNLOGGED staging table; finalize keeps one row per key (which keys
+            repeat, the in-process writers' key hashes tell it in advance: keyhints). Into an
             empty target that nothing depends on, staging is instead a LOGGED table shaped like the
             target, swapped in at the publish (the data is written once; see Merge's first-load
             section); into any other empty target it inserts with no primary key/indexes and adds
@@ -539,8 +540,10 @@ class Merge(WriteMode):
     # prepare finds the target empty and swappable, the table's staging is made LOGGED and shaped like the
     # target (its columns, in its order, types and collations, plus ROW_COL): the batches COPY into what
     # becomes the target. The publishing transaction then (target locked, still empty, still swappable)
-    # drops the empty target, moves staging in under its name, resolves duplicate keys in place only if
-    # the key's unique index cannot be built, drops ROW_COL (O(1): a dropped column), and rebuilds the
+    # drops the empty target, moves staging in under its name, resolves duplicate keys in place (with the
+    # client's duplicate-key hints -- postgres/keyhints.py -- only among the rows of the keys whose hash
+    # repeats, before the key is built once; without hints, or when the key's unique index still cannot be
+    # built, by grouping the whole table), drops ROW_COL (O(1): a dropped column), and rebuilds the
     # target's own constraints and indexes by their definitions and names. A target something could tell
     # apart after the swap (dependants, grants, comments, triggers, ... see _swap_blockers) is never
     # swapped: the first load then inserts from staging as before (both staging shapes serve every path).
@@ -774,15 +777,14 @@ class Merge(WriteMode):
             f"GROUP BY {_cols(table.key)} HAVING count(*) > 1)) r WHERE r.rn > 1))")
         return int(cur.rowcount)
 
-    def _delete_hinted_losers(self, cur: Any, ledger: Ledger, keys: pa.Table, on_staging: bool = False) -> int:
-        """Delete, from the swapped-in table (or staging), the losers among the rows holding one of ``keys``
-        (the key values whose hash repeats: keyhints.KeyHints.candidates), by _dedup_select's order. One
-        scan that keeps the rows whose key is in that small set (a hash semi-join on the key columns, which
-        lead the row), then a sort of those. A loser among them loses in its whole key group too (the
-        winner is the greatest of the group), so whatever a hint misses, nothing deleted here is a row the
-        full search would keep."""
+    def _delete_hinted_losers(self, cur: Any, ledger: Ledger, keys: pa.Table) -> int:
+        """Delete, from the swapped-in table, the losers among the rows holding one of ``keys`` (the key values
+        whose hash repeats: keyhints.KeyHints.candidates), by _dedup_select's order. One scan that keeps the
+        rows whose key is in that small set (a hash semi-join on the key columns, which lead the row), then
+        a sort of those. A loser among them loses in its whole key group too (the winner is the greatest of
+        the group), so whatever a hint misses, nothing deleted here is a row the full search would keep."""
         table = self.table
-        target = qualified(table.load_schema, table.load_table) if on_staging else qualified(table.schema, table.name)
+        target = qualified(table.schema, table.name)
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
         order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
         spec = {c.name: c for c in table.columns}
@@ -891,9 +893,6 @@ class Merge(WriteMode):
         the same batches (the same files reloaded), first a read-only comparison (_unchanged); if it finds
         every staged key present and equal, nothing is written. Otherwise (or then) the upsert (_upsert)."""
         if self._same_batches_likely(cur):
-            if self.key_candidates is not None and self.key_candidates.num_rows:
-                with step("dedup_hint", self.table.name):  # staging is ours: its losers can go (see _unchanged)
-                    self._delete_hinted_losers(cur, ledger, self.key_candidates, on_staging=True)
             with step("compare", self.table.name):
                 distinct = self._unchanged(cur, ledger)
             if distinct is not None:
@@ -916,28 +915,16 @@ class Merge(WriteMode):
 
     def _unchanged(self, cur: Any, ledger: Ledger) -> Optional[int]:
         """The number of distinct staged keys if every one of them is in the target with every published
-        column equal (NULL-safe, ``_lk_batch`` included: _changed_sql), else None. Read-only but for
-        staging: one deduplication and one join (the deduplication's output is in key order, so it can
-        merge-join the target's key index without another sort). With duplicate-key hints (keyhints)
-        the deduplication -- a sort of every staged row -- is replaced by deleting the losers among the
-        rows of the repeated keys from staging (UNLOGGED, dropped after the publish), and the rest joins
-        the target as it is (a hash join; backend CPU for 4M estabelecimentos: 9.4 s instead of 12.2, load ~4)."""
+        column equal (NULL-safe, ``_lk_batch`` included: _changed_sql), else None. Read-only, one
+        deduplication and one join: the deduplication's output is in key order, so it can merge-join the
+        target's key index without another sort."""
         table = self.table
         names = self.published_names()
         on = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in table.key)
         k0 = quote_ident(table.key[0])
-        differs = f"t.{k0} IS NULL OR {self._changed_sql(names)}"
-        if self.key_candidates is None:
-            source = f"({self._dedup_select(ledger)})"
-        else:  # hints: staging less the losers among the repeated keys (_reload deleted them), not deduplicated
-            source = qualified(table.load_schema, table.load_table)
-            keys = lambda side: ", ".join(f"{side}.{quote_ident(k)}" for k in table.key)  # noqa: E731
-            # A staged key equal to another one in PostgreSQL but not in bytes (missed by the hashes) must not
-            # pass as unchanged: both rows would match one target row. Requiring the key's text to equal the
-            # target's makes two such rows text-equal, hence byte-equal, hence seen by the hashes: never both.
-            differs += f" OR ROW({keys('t')})::text <> ROW({keys('d')})::text"
-        cur.execute(f"SELECT count(*), count(*) FILTER (WHERE {differs}) "
-                    f"FROM {source} d LEFT JOIN {qualified(table.schema, table.name)} t ON {on}")
+        cur.execute(f"SELECT count(*), count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}) "
+                    f"FROM ({self._dedup_select(ledger)}) d LEFT JOIN {qualified(table.schema, table.name)} t "
+                    f"ON {on}")
         distinct, differ = (int(v) for v in cur.fetchone())
         return distinct if differ == 0 else None
 
