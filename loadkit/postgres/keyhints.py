@@ -4,9 +4,10 @@ A merge first load swaps its staging in and needs the key's unique index; withou
 learn whether the month repeats a key is to try the index (a full sort, wasted when it fails) and then
 group the whole table on its key (a hash aggregate of every key: ~3 s of server CPU for 4M rows, and a
 second scan). Here the in-process writer threads hash each committed batch's key columns (64 bits a row,
-numpy over the Arrow buffers) into a per-run ``KeyHints``; at the publish, ``candidates`` returns the key
-values whose hash occurs more than once in the table -- none, for a month without duplicate keys -- and
-the server compares only the rows holding those keys (modes.Merge).
+numpy over the Arrow buffers; only for tables whose staging is the direct kind, the first loads the
+publish swaps in -- the sink ``ignore``s the others) into a per-run ``KeyHints``; at the publish,
+``candidates`` returns the key values whose hash occurs more than once in the table -- none, for a month
+without duplicate keys -- and the server compares only the rows holding those keys (modes.Merge).
 
 A hint only. Byte-equal is not always PostgreSQL-equal (a non-deterministic collation, ``-0.0`` and
 ``0.0``): a key equal in PostgreSQL but not in bytes is missed, and the unique index build, which stays
@@ -209,6 +210,12 @@ class KeyHints:
             maybe |= np.isin(hashes, repeated)
         np.bitwise_or.at(self._bitmap, word, mask)
         return maybe
+
+    def ignore(self, table: str) -> None:
+        """Hint nothing of ``table`` in this run (its publish would not use them: not a swapped first load)."""
+        with self._lock:
+            self._given_up[table] = "not a first load"
+            self._free_locked(table)
 
     def _give_up(self, table: str, why: str) -> None:
         with self._lock:

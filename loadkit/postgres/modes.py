@@ -573,6 +573,11 @@ class Merge(WriteMode):
         cur.execute(f"CREATE TABLE IF NOT EXISTS {stage} ("
                     + ", ".join(f"{quote_ident(n)} {t}" for n, t in cols.items()) + ")")
 
+    def direct_staging(self, cur: Any) -> bool:
+        """True if the table's staging is the direct kind (LOGGED, shaped like the target): a first load the
+        publish will try to swap in -- the one path that uses duplicate-key hints (keyhints)."""
+        return self._staging_persistence(cur) == "p"
+
     def _staging_persistence(self, cur: Any) -> Optional[str]:
         """pg_class.relpersistence of the staging table ('p' logged: the direct kind, 'u'), None if absent."""
         cur.execute("SELECT c.relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
