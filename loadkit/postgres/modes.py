@@ -722,8 +722,11 @@ class Merge(WriteMode):
 
     def _swap_in(self, cur: Any, ledger: Ledger) -> Published:
         """Publish a first load by making the direct staging the target (see the section comment): the
-        target is empty and ACCESS EXCLUSIVE locked by the caller, and _swap_refusal said yes. Exact count:
-        the rows staged (what verify_staging just counted) less the duplicate-key losers deleted."""
+        target is empty and ACCESS EXCLUSIVE locked by the caller, and _swap_refusal said yes. Duplicate keys:
+        with hints (``key_candidates``, keyhints) the losers among the repeated keys' rows go first and the key
+        is built once; without, the key build is tried and a unique_violation sends it to the whole-table
+        search (_delete_losers), as does a duplicate the hints missed. Exact count: the rows staged (what
+        verify_staging just counted) less the duplicate-key losers deleted."""
         table = self.table
         target = qualified(table.schema, table.name)
         key_sql, rest = self._rebuild_statements(cur)
@@ -1010,7 +1013,8 @@ class Sync(Merge):
     def sync_missing(self, cur: Any, ledger: Ledger, period: str, month_start: date) -> int:
         """Delete (history=false) or close (history=true: valid_to = month_start) the target rows whose key
         the period no longer has: rows last written by a batch of an older period (or by a batch the ledger
-        no longer knows). Rows a newer period wrote are never touched. Returns the rows deleted or closed."""
+        no longer knows). Rows a newer period wrote are never touched. Returns the rows deleted or closed.
+        After a publish into an empty target (a first load) there is nothing to find: 0, without the scan."""
         table = self.table
         target = qualified(table.schema, table.name)
         seen = ledger.written_since_sql(BATCH_COL)
