@@ -11,6 +11,7 @@ returns to its state; VACUUM in between, not timed):
 - reload: finalize into a second target already holding the same month (committed once, same batch ids:
           an unchanged month reloaded).
 Variants: ``before`` (the old upsert), ``after`` (Merge.finalize: a first load swaps the direct staging in),
+``hinted`` (Merge.finalize with the duplicate-key hints an in-process run passes: the repeated keys),
 ``insert`` (Merge.finalize with the swap refused: the insert path of aca0e3b), ``upsert`` (Merge.finalize
 without the reload's read-only comparison: the upsert of aca0e3b), ``verified`` (verify_staging,
 then Merge.finalize: the whole publishing transaction's work), ``merge`` (for reference: PG15 MERGE with the
@@ -106,7 +107,24 @@ def upsert_finalize(mode: Merge, cur: Any, ledger: Ledger) -> Published:
         type(mode)._same_batches_likely = likely  # type: ignore[method-assign]
 
 
+# The repeated keys of the staged month (pyarrow table), found before any timing: what a real run's in-process
+# writers hand the publish as duplicate-key hints (loadkit.postgres.keyhints), computed here on the server.
+REPEATED: Dict[str, Any] = {}
+
+
+def hinted_finalize(mode: Merge, cur: Any, ledger: Ledger) -> Published:
+    """Merge.finalize with the duplicate-key hints of an in-process run (the keys that repeat): a first load
+    deletes losers among their rows only and builds the key once; a reload compares staging without
+    deduplicating it. The client's hashing is not in this figure (benchmarks.merge_reload_wall has it)."""
+    mode.key_candidates = REPEATED[mode.table.name]
+    try:
+        return mode.finalize(cur, ledger)
+    finally:
+        mode.key_candidates = None
+
+
 VARIANTS: Dict[str, Callable[[Merge, Any, Ledger], Published]] = {
+    "hinted": hinted_finalize,
     "before": before_finalize, "after": lambda m, c, led: m.finalize(c, led), "merge": merge_finalize,
     "insert": insert_finalize, "verified": verified_finalize, "upsert": upsert_finalize}
 PERIOD = f"{cb.YEAR:04d}-{cb.MONTH:02d}"
@@ -183,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rows", type=int, default=1_000_000, help="estabelecimentos rows of the generated month")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--variants", default="before,after,merge",
-                   help="before, after, merge; NAME@setting=value runs NAME with a session setting of its own")
+                   help="before, after, hinted, merge, insert, verified, upsert; NAME@setting=value runs NAME with "
+                        "a session setting of its own")
     p.add_argument("--scenarios", default="first,reload")
     p.add_argument("--pg-set", action="append", default=[], help="a setting of the timed session, e.g. work_mem=64MB")
     p.add_argument("--unique", action="store_true",
@@ -212,6 +231,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             f"s._lk_row DESC) AS rn FROM {stage_t} s JOIN {ledger.batch} b "
                             "ON b.batch_id = s._lk_batch) r WHERE r.rn > 1)")
             conn.close()
+        conn = psycopg2.connect(args.dsn)
+        with conn, conn.cursor() as cur:
+            key = _cols(spec.key)
+            cur.execute(f"SELECT {key} FROM {qualified(spec.load_schema, spec.load_table)} GROUP BY {key} "
+                        "HAVING count(*) > 1")
+            found = cur.fetchall()
+        conn.close()
+        import pyarrow as pa
+
+        REPEATED[spec.name] = pa.table({k: pa.array([r[i] for r in found], pa.string())
+                                        for i, k in enumerate(spec.key)})
         modes = {"first": mode_for(spec), "reload": mode_for(dataclasses.replace(spec, schema=reload_schema))}
         rb = modes["reload"].table
         conn = psycopg2.connect(args.dsn)

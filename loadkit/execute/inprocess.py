@@ -19,6 +19,7 @@ from loadkit.execute.channel import LocalSizeChannel
 from loadkit.execute.parse import parse
 from loadkit.plan import LoadPlan
 from loadkit.postgres.db import cancel_backends
+from loadkit.postgres import keyhints
 from loadkit.postgres.writer import BatchWriter, WriterSettings
 from loadkit.records import BatchResult
 from loadkit.source.read import Board, ReadUnit, read_unit
@@ -110,9 +111,14 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
         if last and not stop.is_set():
             end_writers()
 
+    hints = keyhints.active(plan.run_id)  # merge's duplicate-key hints, kept for the publish
+
     def write(writer: BatchWriter) -> None:
         while (item := _take(parsed, stop)) is not None:
-            results.put(replace(item, record=writer.write(item.record)))
+            result = writer.write(item.record)
+            if hints is not None and result.kind == "data" and result.status in ("committed", "skipped"):
+                hints.add(item.record.table_name, item.record.batch_id, item.record.rows)  # in staging now
+            results.put(replace(item, record=result))
         results.put(None)
 
     threads = [threading.Thread(target=_reporting(read, results), name="loadkit-read", daemon=True)]

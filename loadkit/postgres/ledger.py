@@ -560,8 +560,17 @@ class Ledger:
 
 
 def ddl_lock(cur: Any, schema: str) -> None:
-    """Serialise DDL on one schema across runs until the caller's transaction ends."""
+    """Serialise DDL on one schema across runs until the caller's transaction ends (a prepare's: it
+    excludes every other prepare and every publish on the schema)."""
     cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-ddl:{schema}",))
+
+
+def publish_lock(cur: Any, schema: str, table: str) -> None:
+    """A publish's lock until the caller's transaction ends: ``ddl_lock``'s key shared (no prepare on the
+    schema meanwhile, other tables' publishes go on), then the table's own key exclusive (one publish of
+    a table at a time). Always in this order, so two publishes never wait on each other crosswise."""
+    cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (f"loadkit-ddl:{schema}",))
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"loadkit-publish:{schema}.{table}",))
 
 
 def _created_relations(statements: List[str]) -> Optional[List[str]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date
 from types import TracebackType
@@ -31,9 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 from loadkit.errors import JobLockLost, LedgerMismatch, LoadkitError, TransientDBError, as_loadkit_error
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
-from loadkit.postgres import db, identity
-from loadkit.postgres.ledger import Ledger, RunTotals, TableOutcome, ddl_lock
-from loadkit.postgres.modes import WriteMode, mode_for, record_steps
+from loadkit.postgres import db, identity, keyhints
+from loadkit.postgres.ledger import Ledger, RunTotals, TableOutcome, ddl_lock, publish_lock
+from loadkit.postgres.modes import Merge, WriteMode, mode_for, record_steps
 from loadkit.postgres.writer import TableTarget, WriterSettings
 from loadkit.resilience import retrying
 from loadkit.security import mask_text
@@ -41,6 +42,9 @@ from loadkit.security import mask_text
 log = logging.getLogger("loadkit.run")
 
 _LOCK_CHECK_S = 1.0
+# Tables published at once, one connection each: a table's key and index builds are one server process's
+# CPU, so two tables use both cores of a 2-core machine (measured: see README, session 7).
+PUBLISH_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ class PostgresSink:
         self._fetched = list(fetched)
         self._lock = JobLock(self.dsn, plan, on_lock_lost)
         self._reading: Dict[str, Set[str]] = {}  # table -> shas of the files this run reads
+        # Merge's duplicate-key hints: the in-process writers hash each committed batch's key (keyhints).
+        self._hints = keyhints.open_hints(plan.run_id, [t for t in plan.tables if isinstance(mode_for(t), Merge)])
 
     # ------------------------------------------------------------ open / close: the job lock and the run row
 
@@ -223,8 +229,9 @@ class PostgresSink:
         self.close()
 
     def close(self) -> None:
-        """Release the job lock (its session ends)."""
+        """Release the job lock (its session ends); free the run's key hints."""
         self._lock.close()
+        keyhints.close_hints(self.plan.run_id)
 
     def _ensure_ledger(self) -> None:
         """The ledger's tables, in one transaction (its DDL lock is transaction-level); retried on deadlock."""
@@ -244,6 +251,8 @@ class PostgresSink:
                 # catalog) is serialised per target schema until this transaction ends.
                 ddl_lock(cur, table.schema)
                 mode.prepare(cur, plan.migrate)
+                if isinstance(mode, Merge) and not mode.direct_staging(cur):
+                    self._hints.ignore(table.name)  # only a swapped first load uses them (modes.Merge._swap_in)
                 if plan.force:
                     mode.reset(cur, self.ledger, plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
@@ -388,6 +397,11 @@ class PostgresSink:
     def _finalize_tables(self, metrics: Any, failed: List[Tuple[str, str, str]], tables: List[str]) -> List[str]:
         """Publish each table whose files all settled; returns the tables whose staging lost batches.
 
+        Tables publish PUBLISH_CONCURRENCY at a time, each on its own connection (the key and index
+        builds are single-process CPU: two tables use two cores). Each table's publish stays one
+        transaction, so what a reader sees of a table is unchanged; across tables there was never one
+        transaction (they committed one after the other, in plan order -- now in whichever order they
+        finish). A failed table does not stop the others: they publish, and the resume skips them.
         Each table publishes in one transaction that first re-verifies staging against the
         ledger per batch (the mode's ``verify_staging``): a crash restart empties UNLOGGED staging,
         and publishing from it would lose rows while the ledger says they loaded. Lost batches
@@ -397,7 +411,7 @@ class PostgresSink:
         published twice.
         """
         failed_tables = {t for t, _, _ in failed}
-        lost_tables: List[str] = []
+        publish: List[TableSpec] = []
         for table in self.plan.tables:
             tm = metrics.tables[table.name]
             if table.name not in tables:
@@ -412,9 +426,19 @@ class PostgresSink:
             if table.name in failed_tables:
                 tm.status = "failed"
                 continue
-            if retrying(self.plan.retry)(self._finalize_table, table, tm, failed):
-                lost_tables.append(table.name)
-        return lost_tables
+            publish.append(table)
+
+        def one(table: TableSpec) -> bool:
+            return bool(retrying(self.plan.retry)(self._finalize_table, table, metrics.tables[table.name], failed))
+
+        if len(publish) < 2 or PUBLISH_CONCURRENCY < 2:
+            lost = [one(t) for t in publish]
+        else:  # each table in its own transaction on its own connection, PUBLISH_CONCURRENCY at a time
+            with ThreadPoolExecutor(PUBLISH_CONCURRENCY, thread_name_prefix="loadkit-publish") as pool:
+                futures = [pool.submit(one, t) for t in publish]
+                wait(futures)
+            lost = [f.result() for f in futures]  # the first table's error (plan order) if any failed
+        return [t.name for t, was_lost in zip(publish, lost) if was_lost]
 
     def _finalize_table(self, table: TableSpec, tm: Any, failed: List[Tuple[str, str, str]]) -> bool:
         """One table's verify-then-publish transaction; True if staging lost batches (nothing published).
@@ -426,9 +450,9 @@ class PostgresSink:
         self._lock.check()  # never publish without the job lock (raises TransientDBError if lost)
         finalising = time.perf_counter()
         with db.transaction(self.dsn) as cur:
-            # Publishing is DDL too (indexes, swaps, partitions): serialised with other runs' per target
-            # schema, so concurrent runs never deadlock here (a deadlock with anyone else is retried).
-            ddl_lock(cur, table.schema)
+            # Publishing is DDL too (indexes, swaps, partitions): never at the same time as another run's
+            # prepare on this schema, nor as another publish of this table (a deadlock is retried).
+            publish_lock(cur, table.schema, table.name)
             if mode.staged and not led.staged_files(cur, table.name, plan.period):
                 log.info("%s: already published (the previous attempt committed)", table.name)
                 tm.status = "loaded"
@@ -444,7 +468,10 @@ class PostgresSink:
                 tm.blank_lines -= sum(b.blank_lines for b in ours)
                 tm.batches -= len(ours)
                 return True
-            staged = sum(led.unpublished_batches(cur, table.name, plan.period).values())
+            batches = led.unpublished_batches(cur, table.name, plan.period)
+            staged = sum(batches.values())
+            if isinstance(mode, Merge):
+                mode.key_candidates = self._hints.candidates(table.name, batches)
             with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
                 published = mode.finalize(cur, led)
             led.mark_files_loaded(cur, table.name, plan.period)
@@ -459,6 +486,7 @@ class PostgresSink:
             tm.finalised_at = time.time()
             led.finish_table(cur, plan.run_id, table.name, outcome(tm))
             led.record_collapse(cur, plan.run_id, table.name, tm.duplicates, tm.deleted, tm.unchanged)
+        self._hints.drop(table.name)  # published: its staging is gone
         return False
 
     def _sync(self, cur: Any, mode: WriteMode, failed: List[Tuple[str, str, str]]) -> Optional[int]:

@@ -1,0 +1,142 @@
+"""Merge's duplicate-key hints (loadkit.postgres.keyhints): equal keys hash equal, and ``candidates`` holds
+every repeated key -- checked against collections.Counter over the very values, never against the
+module's own output."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from datetime import date
+from decimal import Decimal
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from loadkit.plan import ROW_COL, ColumnSpec, TableSpec
+from loadkit.postgres.keyhints import KeyHints, key_hashes
+from tests import corpus
+
+
+def spec(name: str = "t", key: Tuple[str, ...] = ("a", "b"), kinds: Tuple[str, ...] = ("char", "varchar")) -> TableSpec:
+    """A merge TableSpec keyed by ``key`` (one column of each kind)."""
+    base = corpus.spec([(k, "text") for k in key])
+    cols = tuple(ColumnSpec(name=k, kind=kind, length=8) for k, kind in zip(key, kinds))
+    return dataclasses.replace(base, name=name, mode="merge", columns=cols, key=key)
+
+
+def batch(rows: List[Tuple[Any, ...]], names: Tuple[str, ...] = ("a", "b"), first: int = 0) -> pa.Table:
+    cols = {n: pa.array([r[i] for r in rows]) for i, n in enumerate(names)}
+    cols[ROW_COL] = pa.array(np.arange(first, first + len(rows), dtype=np.int32))
+    return pa.table(cols)
+
+
+@pytest.mark.parametrize("values", [
+    ["x", "y", "x", "", "xy", None],
+    [b"\xe9t\xe9", b"ete", b"\xe9t\xe9"],
+    [1, 2, 1, None, -1],
+    [1.5, -2.25, 1.5],
+    [date(2024, 5, 1), date(2024, 5, 2), date(2024, 5, 1)],
+    [Decimal("1.20"), Decimal("1.30"), Decimal("1.20")],
+    [True, False, True],
+])
+def test_equal_values_hash_equal_and_different_ones_differ(values: List[Any]) -> None:
+    h = key_hashes(pa.table({"k": pa.array(values)}), ["k"])
+    assert h is not None
+    for i, vi in enumerate(values):
+        for j, vj in enumerate(values):
+            assert (h[i] == h[j]) == (vi == vj), (vi, vj)
+
+
+def test_char_keys_ignore_trailing_spaces_like_postgresql() -> None:
+    t = pa.table({"k": pa.array(["ab", "ab  ", "a b", "ab\t"])})
+    trimmed = key_hashes(t, ["k"], ["k"])
+    exact = key_hashes(t, ["k"])
+    assert trimmed is not None and exact is not None
+    assert trimmed[0] == trimmed[1] and len({trimmed[0], trimmed[2], trimmed[3]}) == 3
+    assert exact[0] != exact[1]
+
+
+def test_columns_do_not_run_into_each_other() -> None:
+    t = pa.table({"a": pa.array(["a", "ab", ""]), "b": pa.array(["bc", "c", "abc"])})
+    h = key_hashes(t, ["a", "b"])
+    assert h is not None and len(set(h.tolist())) == 3
+
+
+def test_an_unhashed_type_gives_no_hints() -> None:
+    t = pa.table({"k": pa.array([[1], [2]])})
+    assert key_hashes(t, ["k"]) is None
+    hints = KeyHints([spec(key=("k",), kinds=("text",))])
+    hints.add("t", 1, batch([([1],), ([2],)], ("k",)))
+    assert hints.candidates("t", {1: 2}) is None
+
+
+keys = st.tuples(st.sampled_from(["k1", "k2", "K1", "k10", "x"]), st.sampled_from(["", "1", "1 ", "22"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(st.lists(keys, max_size=30), min_size=1, max_size=6), bits=st.sampled_from([64, 1 << 12]))
+def test_candidates_are_exactly_the_repeated_keys(batches: List[List[Tuple[str, str]]], bits: int) -> None:
+    """Any batches (repeats within a batch and across batches; char column a with trailing spaces): the
+    candidates are exactly the repeated keys (trailing spaces of the char column ignored), whatever the
+    bitmap's size (a tiny one: nearly every row a false "maybe")."""
+    import loadkit.postgres.keyhints as kh
+
+    old = kh.BITMAP_BITS
+    kh.BITMAP_BITS = bits
+    try:
+        hints = KeyHints([spec(kinds=("varchar", "char"))])
+        staged = {}
+        for i, rows in enumerate(batches):
+            hints.add("t", 100 + i, batch(rows) if rows else None)
+            staged[100 + i] = len(rows)
+        found = hints.candidates("t", staged)
+    finally:
+        kh.BITMAP_BITS = old
+    assert found is not None
+    seen = Counter((a, b.rstrip(" ")) for rows in batches for a, b in rows)
+    want = {k for k, n in seen.items() if n > 1}
+    got = [(a, b.rstrip(" ")) for a, b in zip(found.column("a").to_pylist(), found.column("b").to_pylist())]
+    assert set(got) == want  # (one row per key value as a batch had it: "1" and "1 " may both be there)
+
+
+def test_hints_must_cover_every_staged_batch_with_its_rows() -> None:
+    hints = KeyHints([spec()])
+    hints.add("t", 1, batch([("a", "1"), ("b", "1")]))
+    hints.add("t", 2, batch([("a", "1")]))
+    assert hints.candidates("t", {1: 2, 2: 1}).num_rows == 1  # type: ignore[union-attr]
+    assert hints.candidates("t", {1: 2, 2: 1, 3: 5}) is None  # a batch written elsewhere (an earlier run)
+    assert hints.candidates("t", {1: 2, 2: 2}) is None  # counted differently
+    assert hints.candidates("t", {1: 2}).num_rows == 0  # type: ignore[union-attr]  # batch 2's file discarded
+    assert hints.candidates("other", {1: 2}) is None
+
+
+def test_the_row_cap_drops_the_overflowing_table_and_frees_it() -> None:
+    hints = KeyHints([spec("t"), spec("u")], max_rows=5)
+    hints.add("t", 1, batch([("a", "1"), ("b", "1"), ("c", "1")]))
+    hints.add("u", 2, batch([("a", "1"), ("a", "1")]))
+    assert hints.rows == 5
+    hints.add("u", 3, batch([("z", "1")]))  # over the cap: u goes without hints
+    assert hints.rows == 3
+    assert hints.candidates("u", {2: 2, 3: 1}) is None
+    assert hints.candidates("t", {1: 3}).num_rows == 0  # type: ignore[union-attr]
+    hints.drop("t")
+    assert hints.rows == 0
+
+
+def test_the_same_batch_twice_counts_once() -> None:
+    hints = KeyHints([spec()])
+    rows = batch([("a", "1"), ("b", "2")])
+    hints.add("t", 7, rows)
+    hints.add("t", 7, rows)  # a retry that found it committed
+    found: Optional[pa.Table] = hints.candidates("t", {7: 2})
+    assert found is not None and found.num_rows == 0 and hints.rows == 2
+
+
+def test_an_ignored_table_keeps_nothing() -> None:
+    hints = KeyHints([spec()])
+    hints.add("t", 1, batch([("a", "1")]))
+    hints.ignore("t")  # not a first load: its publish would not use hints
+    hints.add("t", 2, batch([("a", "1")]))
+    assert hints.rows == 0 and hints.candidates("t", {1: 1, 2: 1}) is None
