@@ -198,6 +198,52 @@ def test_a_retried_unit_load_begins_with_the_dead_attempts_outputs(layout: str, 
         assert _shape(list(retry)) == _shape(first), f"the dead attempt committed {dead} batch(es)"
 
 
+def test_a_batch_another_run_committed_after_planning_is_replayed_skipped(two_member_zip: Path) -> None:
+    """A killed run's orphaned loader commits the batch in hand after this run planned (README: at most one
+    per loader): the dead attempt of this run's loader reported that batch ``skipped`` where it reached it,
+    and the retry's read skips it (the ledger has it). Whatever the dead attempt delivered (before or past
+    that batch, between a commit and its yield), what the driver receives -- the delivered prefix, then the
+    retry's outputs past it, by position -- holds every batch this run committed exactly once. Before: the
+    retry left the other run's batch out, fell one output short and Ray's by-position drop lost one of this
+    run's batches (the accounting check stopped the run with LedgerMismatch, exit 1)."""
+    from dataclasses import replace
+
+    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+    from loadkit.plan import build_plan
+    from loadkit.source.read import ReadUnit, read_unit
+
+    plan = build_plan(compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}",
+                               "batch.size=40"]))
+    table = plan.table("estabelecimentos")
+    unit = ReadUnit(table, table.files[0], (), plan.batch.size)
+    clean = _as_results(read_unit(unit), plan.period)
+    at = [i for i, r in enumerate(clean) if r.kind == "data"]  # output positions of the batches
+    checked = 0
+    for x in (at[1], at[len(at) // 2], at[-1]):  # the orphan's batch: early, in the second member, last
+        orphan = _ledger_rows([clean[x]], "the killed run")
+        for dead in range(len(at) + 1):  # the dead attempt reached its first `dead` batches
+            reached_x = dead > at.index(x)
+            first = [replace(r, status="skipped") if i == x and reached_x else r for i, r in enumerate(clean)]
+            mine = [first[i] for i in at[:dead] if i != x]
+            ledger = orphan + _ledger_rows(mine, plan.run_id)
+            retry = list(_with_replay(iter(_as_results(read_unit(replace(unit, committed=_ranges(ledger))),
+                                                       plan.period)), _replayed(unit, ledger, plan.run_id)))
+            news = [r.batch_id for r in retry[len(mine):] if r.kind == "data" and r.status == "committed"
+                    and r.batch_id not in {b.batch_id for b in ledger}]
+            want = sorted([r.batch_id for r in mine] + news)
+            assert len(want) == len(at) - 1  # every batch but the orphan's, this run's
+            lo = at[dead - 1] + 1 if dead else 0  # delivered: everything before the next commit, and maybe
+            hi = at[dead] if dead < len(at) else len(first)  # not the last committed one (killed before its yield)
+            for delivered in range(max(0, lo - 1) if dead else 0, hi + 1):
+                got = first[:delivered] + retry[delivered:]
+                assert sorted(r.batch_id for r in got if r.kind == "data" and r.status == "committed") == want, \
+                    (x, dead, delivered)
+                assert sorted(r.member for r in got if r.kind == "eof") == sorted({r.member for r in clean
+                                                                                    if r.kind == "eof"})
+                checked += 1
+    assert checked > 3 * len(at)
+
+
 def test_ranges_planned_before_the_run_are_skipped_not_replayed(two_member_zip: Path) -> None:
     """Batches the unit was planned with (an earlier run's, or this run's before a re-read round) are
     skipped by the read and never re-reported: only what this call's earlier attempts committed is."""
