@@ -422,14 +422,14 @@ class WriteMode:
         return None
 
     def _dedup_select(self, ledger: Ledger, extra: str = "") -> str:
-        """Staged rows, one per key when a key is declared: the last file, offset and row win."""
+        """Staged rows, one per key when a key is declared: the last file, member, offset and row win."""
         table = self.table
         cols = ", ".join(f"s.{quote_ident(n)}" for n in self.published_names())
         stage = qualified(table.load_schema, table.load_table)
         if not table.key:
             return f"SELECT {cols}{extra} FROM {stage} s"
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
-        order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
+        order_tail = _last_wins_order()
         return (f"SELECT DISTINCT ON ({key}) {cols}{extra} FROM {stage} s "
                 f"JOIN {ledger.batch} b ON b.batch_id = s.{quote_ident(BATCH_COL)} ORDER BY {key}, {order_tail}")
 
@@ -737,11 +737,11 @@ class Merge(WriteMode):
 
     def _delete_losers(self, cur: Any, ledger: Ledger) -> int:
         """Delete, from the swapped-in table, every row of a duplicated key but the one _dedup_select keeps
-        (the last file, offset, row: the same ORDER BY). Only the duplicated keys are sorted."""
+        (the last file, member, offset, row: the same ORDER BY). Only the duplicated keys are sorted."""
         table = self.table
         target = qualified(table.schema, table.name)
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
-        order_tail = f"b.file_ordinal DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"
+        order_tail = _last_wins_order()
         # Finding the duplicated keys hashes every key: give it the memory the key index's build gets
         # (maintenance_work_mem) instead of spilling in work_mem, for this statement only.
         cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
@@ -1089,3 +1089,12 @@ def derived_identifiers(table: TableSpec) -> List[str]:
 
 def validate_identifiers(table: TableSpec) -> None:
     mode_for(table).validate_identifiers()
+
+
+def _last_wins_order() -> str:
+    """The ORDER BY tail that puts a key's winning staged row first (``s`` staged rows, ``b`` their ledger batch):
+    the last file, then the last member of it, then the last offset and row. Members are read in name order
+    (``source.files._zip_members`` sorts them; COLLATE "C" is that order for UTF-8 names) and each counts its
+    offsets from 0, so without the member a repeat in a zip's first member at a higher offset than in its
+    second won."""
+    return f'b.file_ordinal DESC, b.member COLLATE "C" DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC'
