@@ -482,6 +482,77 @@ def test_loader_killed_mid_unit_and_resized_counts_every_batch_once(
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
 
 
+def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides,
+        record_property: Callable[[str, Any], None]) -> None:
+    """The loader kill of the test above, in the second member of a two-member zip: the dead attempt
+    delivered the first member's batches and its eof, then some of the second member's; the batch size
+    shrinks before the retry. The retry's outputs must begin with all of that (member 1's replayed batches,
+    its eof carrying their count, member 2's replayed batches) or Ray's by-position drop eats the retry's
+    first new batches. Same gate, same kill point: the loader waits with a batch in hand."""
+    import zipfile
+
+    from ray.experimental import internal_kv
+
+    from loadkit.examples.cnpj.sample import generate_month
+
+    _, led = schemas
+    big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=2, seed=3)
+    zips = [big.root / p for p in big.files["estabelecimentos"]]
+    members = []
+    for z in zips:
+        with zipfile.ZipFile(z) as zf:
+            members += [(name, zf.read(name)) for name in zf.namelist()]
+        z.unlink()
+    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    assert len(members) == 2
+    second = members[1][0]
+    server_port = int(query(pg_dsn, "SELECT inet_server_port()")[0][0] or 5432)
+    killed: List[int] = []
+    gate = LedgerGate(pg_dsn, led)
+    run = _Running()
+
+    def estab(sql: str, *args: Any) -> list:
+        return query(pg_dsn, sql.format(led=f'"{led}"'), ("estabelecimentos", *args))
+
+    def kill_the_loader(stop: threading.Event) -> None:
+        try:  # 2 batches of the second member committed (the first member's ~15 and its eof before them)
+            while not estab("SELECT 1 FROM {led}.batch WHERE table_name = %s AND member = %s OFFSET 1", second):
+                gate.let_through(run)
+            (writer,), = estab("SELECT DISTINCT writer FROM {led}.batch WHERE table_name = %s")
+            pid = int(writer.split("-")[1])
+            wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led)) or not run.alive(),
+                       120, "the file's loader blocked with its next batch")
+            assert run.alive(), "the run ended before the loader could be killed"
+            for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
+                if key.endswith(b":rows"):
+                    internal_kv._internal_kv_put(key, b"300", overwrite=True, namespace="loadkit")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        finally:
+            gate.release()
+
+    with Background(kill_the_loader):
+        try:
+            result = run_job(compose(job_overrides(big.root, "batch.size=1000", "tracking.enabled=false",
+                                                   *DROP_REFERENCE, *FAST_RETRY)))
+        finally:
+            run.done.set()
+    assert result.status == "succeeded", result.error
+    assert killed, "the load ended before the loader could be killed"
+    by_member = query(pg_dsn, f'SELECT member, writer, count(*) FROM "{led}".batch WHERE table_name = %s '
+                              "GROUP BY 1, 2", ("estabelecimentos",))
+    dead = f"writer-{killed[0]}"
+    assert {m for m, w, _ in by_member if w == dead} == {members[0][0], second}, by_member
+    assert any(m == second and w != dead for m, w, _ in by_member), by_member  # the retry loaded the rest
+    ledger = run_totals(pg_dsn, led, result.run_id)
+    assert summary_totals(result) == ledger, (summary_totals(result), ledger)
+    assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]
+    record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
+
+
 def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple,
                                                 ray_session: None, args,
         record_property: Callable[[str, Any], None]) -> None:
