@@ -553,6 +553,71 @@ def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
 
 
+def test_loader_killed_in_a_split_files_second_span_counts_every_batch_once(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides,
+        record_property: Callable[[str, Any], None]) -> None:
+    """The loader kill in the second span of a split plain file (pool.read_splits=2): two loaders of this run
+    write the one file, so the retry's replay must take this span's batches only (the other span's are this
+    run's too) and its eof/error key must stay apart from the other span's (same member). Same gate, same kill
+    point; the batch size shrinks before the retry."""
+    from ray.experimental import internal_kv
+
+    from loadkit.examples.cnpj.sample import generate_month
+
+    target, led = schemas
+    big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=1, seed=3, compress=False)
+    (path,) = [big.root / p for p in big.files["estabelecimentos"]]
+    middle = path.stat().st_size // 2
+    server_port = int(query(pg_dsn, "SELECT inet_server_port()")[0][0] or 5432)
+    killed: List[int] = []
+    gate = LedgerGate(pg_dsn, led)
+    run = _Running()
+
+    def second_span(sql: str) -> list:
+        return query(pg_dsn, sql.format(led=f'"{led}"'), (middle,))
+
+    def kill_the_loader(stop: threading.Event) -> None:
+        try:  # 2 batches of the second span committed
+            while not second_span("SELECT 1 FROM {led}.batch WHERE start_offset > %s OFFSET 1"):
+                gate.let_through(run)
+            (writer,), = second_span("SELECT DISTINCT writer FROM {led}.batch WHERE start_offset > %s")
+            pid = int(writer.split("-")[1])
+            wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led)) or not run.alive(),
+                       120, "the span's loader blocked with its next batch")
+            assert run.alive(), "the run ended before the loader could be killed"
+            for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
+                if key.endswith(b":rows"):
+                    internal_kv._internal_kv_put(key, b"300", overwrite=True, namespace="loadkit")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        finally:
+            gate.release()
+
+    split = ["batch.size=1000", "batch.read_block_bytes=65536", "pool.read_splits=2",
+             'job.tables.estabelecimentos.source.paths=["{year:04d}-{month:02d}/*ESTABELE"]',
+             "job.tables.estabelecimentos.source.format=csv", "job.tables.estabelecimentos.source.member=null",
+             "job.tables.empresas.enabled=false", "job.tables.socios.enabled=false"]
+    with Background(kill_the_loader):
+        try:
+            result = run_job(compose(job_overrides(big.root, *split, "tracking.enabled=false", *DROP_REFERENCE,
+                                                   *FAST_RETRY)))
+        finally:
+            run.done.set()
+    assert result.status == "succeeded", result.error
+    assert killed, "the load ended before the loader could be killed"
+    writers = dict(query(pg_dsn, f'SELECT writer, min(start_offset) FROM "{led}".batch GROUP BY writer'))
+    assert len(writers) == 3 and writers[f"writer-{killed[0]}"] > middle / 2, writers  # 2 spans + the retry
+    ledger = run_totals(pg_dsn, led, result.run_id)
+    assert summary_totals(result) == ledger, (summary_totals(result), ledger)
+    assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]
+    ranges = query(pg_dsn, f'SELECT start_offset, end_offset FROM "{led}".batch ORDER BY 1')
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "ranges tile the file: no gap, no overlap"
+    expected = big.expected["estabelecimentos"]
+    got = table_rows(pg_dsn, target, "estabelecimentos", list(expected[0].keys()))
+    assert Counter(canon(r) for r in got) == Counter(canon(r) for r in last_wins(expected, KEYS["estabelecimentos"]))
+    record_property("killed_loaders_batches", len(ranges))
+
+
 def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple,
                                                 ray_session: None, args,
         record_property: Callable[[str, Any], None]) -> None:
