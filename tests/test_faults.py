@@ -553,13 +553,14 @@ def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
 
 
+@pytest.mark.parametrize("spans", ["second", "both"])
 def test_loader_killed_in_a_split_files_second_span_counts_every_batch_once(
-        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides,
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides, spans: str,
         record_property: Callable[[str, Any], None]) -> None:
-    """The loader kill in the second span of a split plain file (pool.read_splits=2): two loaders of this run
-    write the one file, so the retry's replay must take this span's batches only (the other span's are this
-    run's too) and its eof/error key must stay apart from the other span's (same member). Same gate, same kill
-    point; the batch size shrinks before the retry."""
+    """The loader kill in the second span of a split plain file (pool.read_splits=2), or both spans' loaders
+    at once: two loaders of this run write the one file, so a retry's replay must take its own span's
+    batches only (the other span's are this run's too) and its eof/error key must stay apart from the other
+    span's (same member). Same gate, same kill point; the batch size shrinks before the retries."""
     from ray.experimental import internal_kv
 
     from loadkit.examples.cnpj.sample import generate_month
@@ -577,19 +578,24 @@ def test_loader_killed_in_a_split_files_second_span_counts_every_batch_once(
         return query(pg_dsn, sql.format(led=f'"{led}"'), (middle,))
 
     def kill_the_loader(stop: threading.Event) -> None:
-        try:  # 2 batches of the second span committed
-            while not second_span("SELECT 1 FROM {led}.batch WHERE start_offset > %s OFFSET 1"):
+        try:  # 2 batches of the second span committed (and of the first: it started at the same time)
+            while not (second_span("SELECT 1 FROM {led}.batch WHERE start_offset > %s OFFSET 1")
+                       and second_span("SELECT 1 FROM {led}.batch WHERE start_offset < %s OFFSET 1")):
                 gate.let_through(run)
-            (writer,), = second_span("SELECT DISTINCT writer FROM {led}.batch WHERE start_offset > %s")
-            pid = int(writer.split("-")[1])
-            wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led)) or not run.alive(),
-                       120, "the span's loader blocked with its next batch")
+            where = "start_offset > %s" if spans == "second" else "%s > -1"
+            pids = [int(w.split("-")[1]) for w, in second_span("SELECT DISTINCT writer FROM {led}.batch WHERE "
+                                                                 + where)]
+            assert len(pids) == (1 if spans == "second" else 2), pids
+            for pid in pids:
+                wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led))
+                           or not run.alive(), 120, "the span's loader blocked with its next batch")
             assert run.alive(), "the run ended before the loader could be killed"
             for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
                 if key.endswith(b":rows"):
                     internal_kv._internal_kv_put(key, b"300", overwrite=True, namespace="loadkit")
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
         finally:
             gate.release()
 
@@ -606,7 +612,9 @@ def test_loader_killed_in_a_split_files_second_span_counts_every_batch_once(
     assert result.status == "succeeded", result.error
     assert killed, "the load ended before the loader could be killed"
     writers = dict(query(pg_dsn, f'SELECT writer, min(start_offset) FROM "{led}".batch GROUP BY writer'))
-    assert len(writers) == 3 and writers[f"writer-{killed[0]}"] > middle / 2, writers  # 2 spans + the retry
+    assert len(writers) == 2 + len(killed), writers  # 2 spans + a retry per kill
+    if spans == "second":
+        assert writers[f"writer-{killed[0]}"] > middle / 2, writers
     ledger = run_totals(pg_dsn, led, result.run_id)
     assert summary_totals(result) == ledger, (summary_totals(result), ledger)
     assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]
