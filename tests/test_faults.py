@@ -482,14 +482,17 @@ def test_loader_killed_mid_unit_and_resized_counts_every_batch_once(
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
 
 
+@pytest.mark.parametrize("kills", [1, 2])
 def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
-        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides,
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides, kills: int,
         record_property: Callable[[str, Any], None]) -> None:
     """The loader kill of the test above, in the second member of a two-member zip: the dead attempt
     delivered the first member's batches and its eof, then some of the second member's; the batch size
     shrinks before the retry. The retry's outputs must begin with all of that (member 1's replayed batches,
     its eof carrying their count, member 2's replayed batches) or Ray's by-position drop eats the retry's
-    first new batches. Same gate, same kill point: the loader waits with a batch in hand."""
+    first new batches. Same gate, same kill point: the loader waits with a batch in hand. ``kills=2``: the
+    retry itself is killed the same way after committing 2 batches of its own (its replay and new batches
+    delivered, a third attempt replays both dead attempts' commits)."""
     import zipfile
 
     from ray.experimental import internal_kv
@@ -521,16 +524,22 @@ def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
         try:  # 2 batches of the second member committed (the first member's ~15 and its eof before them)
             while not estab("SELECT 1 FROM {led}.batch WHERE table_name = %s AND member = %s OFFSET 1", second):
                 gate.let_through(run)
-            (writer,), = estab("SELECT DISTINCT writer FROM {led}.batch WHERE table_name = %s")
-            pid = int(writer.split("-")[1])
-            wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led)) or not run.alive(),
-                       120, "the file's loader blocked with its next batch")
-            assert run.alive(), "the run ended before the loader could be killed"
-            for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
-                if key.endswith(b":rows"):
-                    internal_kv._internal_kv_put(key, b"300", overwrite=True, namespace="loadkit")
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            for size in (b"300", b"700")[:kills]:
+                if killed:  # the retry: 2 batches of its own committed
+                    while len(estab("SELECT 1 FROM {led}.batch WHERE table_name = %s AND NOT writer = ANY(%s)",
+                                    [f"writer-{p}" for p in killed])) < 2 and run.alive():
+                        gate.let_through(run)
+                (writer,), = estab("SELECT DISTINCT writer FROM {led}.batch WHERE table_name = %s "
+                                   "AND NOT writer = ANY(%s)", [f"writer-{p}" for p in killed])
+                pid = int(writer.split("-")[1])
+                wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led))
+                           or not run.alive(), 120, "the file's loader blocked with its next batch")
+                assert run.alive(), "the run ended before the loader could be killed"
+                for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
+                    if key.endswith(b":rows"):
+                        internal_kv._internal_kv_put(key, size, overwrite=True, namespace="loadkit")
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
         finally:
             gate.release()
 
@@ -544,9 +553,11 @@ def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
     assert killed, "the load ended before the loader could be killed"
     by_member = query(pg_dsn, f'SELECT member, writer, count(*) FROM "{led}".batch WHERE table_name = %s '
                               "GROUP BY 1, 2", ("estabelecimentos",))
+    assert len(killed) == kills
     dead = f"writer-{killed[0]}"
     assert {m for m, w, _ in by_member if w == dead} == {members[0][0], second}, by_member
     assert any(m == second and w != dead for m, w, _ in by_member), by_member  # the retry loaded the rest
+    assert len({w for _, w, _ in by_member}) == kills + 1, by_member
     ledger = run_totals(pg_dsn, led, result.run_id)
     assert summary_totals(result) == ledger, (summary_totals(result), ledger)
     assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]
