@@ -429,7 +429,7 @@ class WriteMode:
         if not table.key:
             return f"SELECT {cols}{extra} FROM {stage} s"
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
-        order_tail = _last_wins_order()
+        order_tail = _last_wins_order(table.format)
         return (f"SELECT DISTINCT ON ({key}) {cols}{extra} FROM {stage} s "
                 f"JOIN {ledger.batch} b ON b.batch_id = s.{quote_ident(BATCH_COL)} ORDER BY {key}, {order_tail}")
 
@@ -741,7 +741,7 @@ class Merge(WriteMode):
         table = self.table
         target = qualified(table.schema, table.name)
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
-        order_tail = _last_wins_order()
+        order_tail = _last_wins_order(table.format)
         # Finding the duplicated keys hashes every key: give it the memory the key index's build gets
         # (maintenance_work_mem) instead of spilling in work_mem, for this statement only.
         cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
@@ -1091,10 +1091,12 @@ def validate_identifiers(table: TableSpec) -> None:
     mode_for(table).validate_identifiers()
 
 
-def _last_wins_order() -> str:
+def _last_wins_order(fmt: str) -> str:
     """The ORDER BY tail that puts a key's winning staged row first (``s`` staged rows, ``b`` their ledger batch):
-    the last file, then the last member of it, then the last offset and row. Members are read in name order
-    (``source.files._zip_members`` sorts them; COLLATE "C" is that order for UTF-8 names) and each counts its
-    offsets from 0, so without the member a repeat in a zip's first member at a higher offset than in its
-    second won."""
-    return f'b.file_ordinal DESC, b.member COLLATE "C" DESC, b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC'
+    the last file, then (a zip) the last member of it, then the last offset and row. A zip's members are read
+    in name order (``source.files._zip_members`` sorts them; COLLATE "C" is that order for UTF-8 names) and each
+    counts its offsets from 0, so without the member a repeat in a zip's first member at a higher offset than
+    in its second won. Any other format is one stream whose member is the file's name, which a renamed file
+    changes between runs: its offsets alone order it."""
+    member = 'b.member COLLATE "C" DESC, ' if fmt == "zip" else ""
+    return f"b.file_ordinal DESC, {member}b.start_offset DESC, s.{quote_ident(ROW_COL)} DESC"

@@ -46,6 +46,13 @@ class ReadUnit:
     retry: Optional[RetryPolicy] = None
 
     def ranges(self, member: str) -> Tuple[Tuple[int, int], ...]:
+        """The committed [start, end) ranges of ``member``, sorted.
+
+        A plain, gzip or parquet file is one stream named after the file: its ranges are every range the
+        ledger holds for the file's content (sha256), under whatever name it had when they were committed
+        (a renamed or re-delivered file resumes where it stopped instead of loading its committed rows again)."""
+        if self.table.format != "zip":
+            return tuple(sorted(r for _, rs in self.committed for r in rs))
         for m, r in self.committed:
             if m == member:
                 return r
