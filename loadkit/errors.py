@@ -125,6 +125,14 @@ class OperatorError(LoadkitError):
     category = Category.OPERATOR
 
 
+class BatchRangeConflict(TransientDBError):
+    """The ledger holds this batch's id (its file, member and start) with another end: a commit landed after
+    this read planned its ranges, at another batch size (a killed run's orphaned loader, a dead loader's
+    COMMIT in flight). Writing or skipping the chunk would load rows twice or never, so the run stops (not
+    retried in it: the same chunk conflicts again); the rerun plans from the ledger and reads the rest once.
+    Exit code 4."""
+
+
 class JobLockLost(TransientDBError):
     """The run's job lock vanished and another run has it: this run stops (not retried); rerun later."""
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional, TypeVar
 
 import tenacity
 
-from loadkit.errors import (Category, CircuitOpenError, InterruptedRun, JobLockLost, RunDeadlineExceeded, classify,
-                            is_deadlock)
+from loadkit.errors import (BatchRangeConflict, Category, CircuitOpenError, InterruptedRun, JobLockLost,
+                            RunDeadlineExceeded, classify, is_deadlock)
 from loadkit.plan import RetryPolicy
 
 T = TypeVar("T")
@@ -90,9 +90,10 @@ class CircuitBreaker:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    # A stop (signal, run deadline, lost job lock) is "transient" for the rerun, never for a retry in this run.
+    # A stop (signal, run deadline, lost job lock, a batch range conflict) is "transient" for the rerun, never for
+    # a retry in this run.
     return classify(exc) is Category.TRANSIENT and not isinstance(exc, (InterruptedRun, JobLockLost,
-                                                                       RunDeadlineExceeded))
+                                                                       RunDeadlineExceeded, BatchRangeConflict))
 
 
 def retrying(policy: RetryPolicy, on_retry: Optional[Callable[[tenacity.RetryCallState], None]] = None,

@@ -3,6 +3,7 @@ writer keeps its one-transaction exactly-once contract, timeouts, application_na
 error classification on the psycopg 3 path too. Real PostgreSQL throughout."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import threading
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadkit.errors import Category, ConfigError, LoadkitError, OperatorError, TransientDBError, classify
+from loadkit.errors import (BatchRangeConflict, Category, ConfigError, LoadkitError, OperatorError, TransientDBError,
+                            classify)
 from loadkit.plan import BATCH_COL, RetryPolicy
 from loadkit.postgres import ledger
 from loadkit.postgres.copy import ENCODERS, encoder
@@ -253,6 +255,40 @@ def test_writer_commits_rows_rejects_and_ledger_row_once(pg_dsn: str, schemas: t
         cur.execute(f'SELECT batch_id, line_number, column_name, reason, raw, file_path FROM "{led}".reject')
         assert cur.fetchall() == [(101, 7, "qty", "not an integer", "X;y;z", "/data/items.csv")]
     conn.close()
+
+
+@pytest.mark.parametrize("copy_encoder", ENCODERS)
+def test_a_batch_id_committed_with_another_extent_is_neither_skipped_nor_reported(pg_dsn: str, schemas: tuple,
+                                                                                  copy_encoder: str) -> None:
+    """A batch id is (table, period, file, member, start): a chunk starting where a committed batch starts but
+    ending elsewhere shares its id without being that batch. It happens when a commit lands after the reader
+    planned its ranges, at another batch size: a killed run's orphaned loader committing the batch in hand
+    after the next run planned (adaptive sizing: the next run starts at ``batch.size``), or a dead Ray
+    loader's COMMIT in flight becoming visible after its retry read the ledger. Before: the writer skipped
+    the chunk (another run's) or reported it committed (its own run's, with the chunk's counts), so rows
+    [10, 20) were never written and the next chunk, starting at 20, went on as if they had been; with a
+    shorter chunk the rows past its end were written twice. Now the write stops, classified transient and
+    not retried in the run: the rerun plans from the ledger's ranges and reads exactly the rest."""
+    _writer_setup(pg_dsn, schemas)
+    target, led = schemas
+    orphan = BatchWriter(_settings(pg_dsn, schemas, copy_encoder, run_id="killed run"))
+    nxt = BatchWriter(_settings(pg_dsn, schemas, copy_encoder, run_id="next run"))
+    try:
+        assert orphan.write(_record(101)).status == "committed"  # rows [0, 10)
+        for writer in (nxt, orphan):
+            for end in (20, 5):
+                longer = dataclasses.replace(_record(101), end=end)
+                with pytest.raises(BatchRangeConflict) as err:
+                    writer.write(longer)
+                assert classify(err.value) is Category.TRANSIENT
+                assert err.value.context["committed"] == "[0, 10)" and err.value.context["batch"] == f"[0, {end})"
+        assert nxt.write(_record(101)).status == "skipped"  # the same extent: the committed batch itself
+        assert orphan.write(_record(101)).status == "committed"
+    finally:
+        orphan.close()
+        nxt.close()
+    assert _count(pg_dsn, f'SELECT count(*) FROM "{target}".items') == 2
+    assert _count(pg_dsn, f'SELECT count(*) FROM "{led}".batch') == 1
 
 
 @pytest.mark.parametrize("copy_encoder", ENCODERS)

@@ -198,6 +198,108 @@ def test_a_retried_unit_load_begins_with_the_dead_attempts_outputs(layout: str, 
         assert _shape(list(retry)) == _shape(first), f"the dead attempt committed {dead} batch(es)"
 
 
+@pytest.mark.parametrize("layout", ["two members", "split file"])
+def test_whatever_a_dead_attempt_delivered_and_whatever_size_its_retry_reads_every_batch_arrives_once(
+        layout: str, two_member_zip: Path, tmp_path: Path) -> None:
+    """The driver receives the dead attempt's delivered outputs, then the retry's past that many (Ray's
+    by-position drop). For every number of batches the dead attempt committed, every number of outputs it
+    had delivered (from just before its last commit's yield -- killed between commit and yield -- to just
+    before its next commit, eofs included), and a retry reading at another batch size (the board moved),
+    every batch committed in the unit arrives exactly once and every member's eof once."""
+    from dataclasses import replace
+
+    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+    from loadkit.plan import build_plan
+    from loadkit.source.read import ReadUnit, read_unit, split_units
+
+    if layout == "two members":
+        cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}", "batch.size=40"])
+    else:
+        raw = generate_month(tmp_path, 2024, 5, rows=3000, shards=1, seed=11, compress=False)
+        cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw.root}", "batch.size=200",
+                       "batch.read_block_bytes=65536", "pool.read_splits=2",
+                       'job.tables.estabelecimentos.source.paths=["{year:04d}-{month:02d}/*ESTABELE"]',
+                       "job.tables.estabelecimentos.source.format=csv",
+                       "job.tables.estabelecimentos.source.member=null",
+                       *[f"job.tables.{t}.enabled=false" for t in ("empresas", "socios", "simples", "cnaes", "motivos",
+                                                                   "municipios", "naturezas", "paises",
+                                                                   "qualificacoes")]])
+    plan = build_plan(cfg)
+    table = plan.table("estabelecimentos")
+    units = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
+                        plan.batch.read_block_bytes)
+    assert len(units) == (1 if layout == "two members" else 2)
+    checked = 0
+    for unit in units:
+        other = [r for u in units if u is not unit for r in _as_results(read_unit(u), plan.period)
+                 if r.kind == "data"]
+        first = _as_results(read_unit(unit), plan.period)
+        at = [i for i, r in enumerate(first) if r.kind == "data"]
+        members = sorted(r.member for r in first if r.kind == "eof")
+        for rows in (7, 97, 1000):  # the retry's batch size
+            for dead in range(len(at) + 1):
+                mine = [first[i] for i in at[:dead]]
+                ledger = _ledger_rows(other + mine, plan.run_id)
+                retry = list(_with_replay(iter(_as_results(
+                    read_unit(replace(unit, committed=_ranges(ledger), batch_rows=rows)), plan.period)),
+                    _replayed(unit, ledger, plan.run_id)))
+                known = {b.batch_id for b in ledger}
+                want = sorted([r.batch_id for r in mine] + [r.batch_id for r in retry if r.kind == "data"
+                                                              and r.batch_id not in known])
+                for delivered in range(at[dead - 1] if dead else 0, (at[dead] if dead < len(at) else len(first)) + 1):
+                    got = first[:delivered] + retry[delivered:]
+                    assert sorted(r.batch_id for r in got if r.kind == "data") == want, (rows, dead, delivered)
+                    assert sorted(r.member for r in got if r.kind == "eof") == members, (rows, dead, delivered)
+                    checked += 1
+    assert checked > 50
+
+
+def test_a_batch_another_run_committed_after_planning_is_replayed_skipped(two_member_zip: Path) -> None:
+    """A killed run's orphaned loader commits the batch in hand after this run planned (README: at most one
+    per loader): the dead attempt of this run's loader reported that batch ``skipped`` where it reached it,
+    and the retry's read skips it (the ledger has it). Whatever the dead attempt delivered (before or past
+    that batch, between a commit and its yield), what the driver receives -- the delivered prefix, then the
+    retry's outputs past it, by position -- holds every batch this run committed exactly once. Before: the
+    retry left the other run's batch out, fell one output short and Ray's by-position drop lost one of this
+    run's batches (the accounting check stopped the run with LedgerMismatch, exit 1)."""
+    from dataclasses import replace
+
+    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+    from loadkit.plan import build_plan
+    from loadkit.source.read import ReadUnit, read_unit
+
+    plan = build_plan(compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}",
+                               "batch.size=40"]))
+    table = plan.table("estabelecimentos")
+    unit = ReadUnit(table, table.files[0], (), plan.batch.size)
+    clean = _as_results(read_unit(unit), plan.period)
+    at = [i for i, r in enumerate(clean) if r.kind == "data"]  # output positions of the batches
+    checked = 0
+    for x in (at[1], at[len(at) // 2], at[-1]):  # the orphan's batch: early, in the second member, last
+        orphan = _ledger_rows([clean[x]], "the killed run")
+        for dead in range(len(at) + 1):  # the dead attempt reached its first `dead` batches
+            reached_x = dead > at.index(x)
+            first = [replace(r, status="skipped") if i == x and reached_x else r for i, r in enumerate(clean)]
+            mine = [first[i] for i in at[:dead] if i != x]
+            ledger = orphan + _ledger_rows(mine, plan.run_id)
+            retry = list(_with_replay(iter(_as_results(read_unit(replace(unit, committed=_ranges(ledger))),
+                                                       plan.period)), _replayed(unit, ledger, plan.run_id)))
+            news = [r.batch_id for r in retry[len(mine):] if r.kind == "data" and r.status == "committed"
+                    and r.batch_id not in {b.batch_id for b in ledger}]
+            want = sorted([r.batch_id for r in mine] + news)
+            assert len(want) == len(at) - 1  # every batch but the orphan's, this run's
+            lo = at[dead - 1] + 1 if dead else 0  # delivered: everything before the next commit, and maybe
+            hi = at[dead] if dead < len(at) else len(first)  # not the last committed one (killed before its yield)
+            for delivered in range(max(0, lo - 1) if dead else 0, hi + 1):
+                got = first[:delivered] + retry[delivered:]
+                assert sorted(r.batch_id for r in got if r.kind == "data" and r.status == "committed") == want, \
+                    (x, dead, delivered)
+                assert sorted(r.member for r in got if r.kind == "eof") == sorted({r.member for r in clean
+                                                                                    if r.kind == "eof"})
+                checked += 1
+    assert checked > 3 * len(at)
+
+
 def test_ranges_planned_before_the_run_are_skipped_not_replayed(two_member_zip: Path) -> None:
     """Batches the unit was planned with (an earlier run's, or this run's before a re-read round) are
     skipped by the read and never re-reported: only what this call's earlier attempts committed is."""

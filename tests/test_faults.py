@@ -482,6 +482,161 @@ def test_loader_killed_mid_unit_and_resized_counts_every_batch_once(
     record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
 
 
+@pytest.mark.parametrize("kills", [1, 2])
+def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides, kills: int,
+        record_property: Callable[[str, Any], None]) -> None:
+    """The loader kill of the test above, in the second member of a two-member zip: the dead attempt
+    delivered the first member's batches and its eof, then some of the second member's; the batch size
+    shrinks before the retry. The retry's outputs must begin with all of that (member 1's replayed batches,
+    its eof carrying their count, member 2's replayed batches) or Ray's by-position drop eats the retry's
+    first new batches. Same gate, same kill point: the loader waits with a batch in hand. ``kills=2``: the
+    retry itself is killed the same way after committing 2 batches of its own (its replay and new batches
+    delivered, a third attempt replays both dead attempts' commits)."""
+    import zipfile
+
+    from ray.experimental import internal_kv
+
+    from loadkit.examples.cnpj.sample import generate_month
+
+    _, led = schemas
+    big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=2, seed=3)
+    zips = [big.root / p for p in big.files["estabelecimentos"]]
+    members = []
+    for z in zips:
+        with zipfile.ZipFile(z) as zf:
+            members += [(name, zf.read(name)) for name in zf.namelist()]
+        z.unlink()
+    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    assert len(members) == 2
+    second = members[1][0]
+    server_port = int(query(pg_dsn, "SELECT inet_server_port()")[0][0] or 5432)
+    killed: List[int] = []
+    gate = LedgerGate(pg_dsn, led)
+    run = _Running()
+
+    def estab(sql: str, *args: Any) -> list:
+        return query(pg_dsn, sql.format(led=f'"{led}"'), ("estabelecimentos", *args))
+
+    def kill_the_loader(stop: threading.Event) -> None:
+        try:  # 2 batches of the second member committed (the first member's ~15 and its eof before them)
+            while not estab("SELECT 1 FROM {led}.batch WHERE table_name = %s AND member = %s OFFSET 1", second):
+                gate.let_through(run)
+            for size in (b"300", b"700")[:kills]:
+                if killed:  # the retry: 2 batches of its own committed
+                    while len(estab("SELECT 1 FROM {led}.batch WHERE table_name = %s AND NOT writer = ANY(%s)",
+                                    [f"writer-{p}" for p in killed])) < 2 and run.alive():
+                        gate.let_through(run)
+                (writer,), = estab("SELECT DISTINCT writer FROM {led}.batch WHERE table_name = %s "
+                                   "AND NOT writer = ANY(%s)", [f"writer-{p}" for p in killed])
+                pid = int(writer.split("-")[1])
+                wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led))
+                           or not run.alive(), 120, "the file's loader blocked with its next batch")
+                assert run.alive(), "the run ended before the loader could be killed"
+                for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
+                    if key.endswith(b":rows"):
+                        internal_kv._internal_kv_put(key, size, overwrite=True, namespace="loadkit")
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        finally:
+            gate.release()
+
+    with Background(kill_the_loader):
+        try:
+            result = run_job(compose(job_overrides(big.root, "batch.size=1000", "tracking.enabled=false",
+                                                   *DROP_REFERENCE, *FAST_RETRY)))
+        finally:
+            run.done.set()
+    assert result.status == "succeeded", result.error
+    assert killed, "the load ended before the loader could be killed"
+    by_member = query(pg_dsn, f'SELECT member, writer, count(*) FROM "{led}".batch WHERE table_name = %s '
+                              "GROUP BY 1, 2", ("estabelecimentos",))
+    assert len(killed) == kills
+    dead = f"writer-{killed[0]}"
+    assert {m for m, w, _ in by_member if w == dead} == {members[0][0], second}, by_member
+    assert any(m == second and w != dead for m, w, _ in by_member), by_member  # the retry loaded the rest
+    assert len({w for _, w, _ in by_member}) == kills + 1, by_member
+    ledger = run_totals(pg_dsn, led, result.run_id)
+    assert summary_totals(result) == ledger, (summary_totals(result), ledger)
+    assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]
+    record_property("exactly_once", assert_exactly_once(pg_dsn, schemas, big))
+
+
+@pytest.mark.parametrize("spans", ["second", "both"])
+def test_loader_killed_in_a_split_files_second_span_counts_every_batch_once(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, ray_session: None, job_overrides, spans: str,
+        record_property: Callable[[str, Any], None]) -> None:
+    """The loader kill in the second span of a split plain file (pool.read_splits=2), or both spans' loaders
+    at once: two loaders of this run write the one file, so a retry's replay must take its own span's
+    batches only (the other span's are this run's too) and its eof/error key must stay apart from the other
+    span's (same member). Same gate, same kill point; the batch size shrinks before the retries."""
+    from ray.experimental import internal_kv
+
+    from loadkit.examples.cnpj.sample import generate_month
+
+    target, led = schemas
+    big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=1, seed=3, compress=False)
+    (path,) = [big.root / p for p in big.files["estabelecimentos"]]
+    middle = path.stat().st_size // 2
+    server_port = int(query(pg_dsn, "SELECT inet_server_port()")[0][0] or 5432)
+    killed: List[int] = []
+    gate = LedgerGate(pg_dsn, led)
+    run = _Running()
+
+    def second_span(sql: str) -> list:
+        return query(pg_dsn, sql.format(led=f'"{led}"'), (middle,))
+
+    def kill_the_loader(stop: threading.Event) -> None:
+        try:  # 2 batches of the second span committed (and of the first: it started at the same time)
+            while not (second_span("SELECT 1 FROM {led}.batch WHERE start_offset > %s OFFSET 1")
+                       and second_span("SELECT 1 FROM {led}.batch WHERE start_offset < %s OFFSET 1")):
+                gate.let_through(run)
+            where = "start_offset > %s" if spans == "second" else "%s > -1"
+            pids = [int(w.split("-")[1]) for w, in second_span("SELECT DISTINCT writer FROM {led}.batch WHERE "
+                                                                 + where)]
+            assert len(pids) == (1 if spans == "second" else 2), pids
+            for pid in pids:
+                wait_until(lambda: bool(_ports_of(pid, server_port) & _blocked_ports(pg_dsn, led))
+                           or not run.alive(), 120, "the span's loader blocked with its next batch")
+            assert run.alive(), "the run ended before the loader could be killed"
+            for key in internal_kv._internal_kv_list(b"board:", namespace="loadkit"):
+                if key.endswith(b":rows"):
+                    internal_kv._internal_kv_put(key, b"300", overwrite=True, namespace="loadkit")
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        finally:
+            gate.release()
+
+    split = ["batch.size=1000", "batch.read_block_bytes=65536", "pool.read_splits=2",
+             'job.tables.estabelecimentos.source.paths=["{year:04d}-{month:02d}/*ESTABELE"]',
+             "job.tables.estabelecimentos.source.format=csv", "job.tables.estabelecimentos.source.member=null",
+             "job.tables.empresas.enabled=false", "job.tables.socios.enabled=false"]
+    with Background(kill_the_loader):
+        try:
+            result = run_job(compose(job_overrides(big.root, *split, "tracking.enabled=false", *DROP_REFERENCE,
+                                                   *FAST_RETRY)))
+        finally:
+            run.done.set()
+    assert result.status == "succeeded", result.error
+    assert killed, "the load ended before the loader could be killed"
+    writers = dict(query(pg_dsn, f'SELECT writer, min(start_offset) FROM "{led}".batch GROUP BY writer'))
+    assert len(writers) == 2 + len(killed), writers  # 2 spans + a retry per kill
+    if spans == "second":
+        assert writers[f"writer-{killed[0]}"] > middle / 2, writers
+    ledger = run_totals(pg_dsn, led, result.run_id)
+    assert summary_totals(result) == ledger, (summary_totals(result), ledger)
+    assert ledger["estabelecimentos"][1] == big.rows["estabelecimentos"]
+    ranges = query(pg_dsn, f'SELECT start_offset, end_offset FROM "{led}".batch ORDER BY 1')
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "ranges tile the file: no gap, no overlap"
+    expected = big.expected["estabelecimentos"]
+    got = table_rows(pg_dsn, target, "estabelecimentos", list(expected[0].keys()))
+    assert Counter(canon(r) for r in got) == Counter(canon(r) for r in last_wins(expected, KEYS["estabelecimentos"]))
+    record_property("killed_loaders_batches", len(ranges))
+
+
 def test_writer_connections_terminated_mid_load(month: SampleManifest, pg_dsn: str, schemas: tuple,
                                                 ray_session: None, args,
         record_property: Callable[[str, Any], None]) -> None:

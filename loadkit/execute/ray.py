@@ -247,23 +247,26 @@ def _ranges(batches: Sequence[LedgerBatch]) -> Tuple[Tuple[str, Tuple[Tuple[int,
 def _replayed(unit: ReadUnit, batches: Sequence[LedgerBatch], run_id: str) -> Dict[str, List[BatchResult]]:
     """member -> the results an earlier attempt of this unit load reported (or would have), in read order.
 
-    Those are the batches of ``run_id`` in the unit's span (a split file's other spans are other
-    units: their batches start outside ``unit.span``) that the ranges the unit was planned with do
-    not cover: only this unit writes its span in this run, and a first attempt finds none. Members
-    are keyed in the order their first batch committed (the order they were read); batches by offset.
-    A batch skipped by the dead attempt (another run committed it meanwhile) is not replayed: that
-    rare race shifts the retry's outputs and the run's accounting check reports it loudly."""
+    Those are the batches in the unit's span (a split file's other spans are other units: their
+    batches start outside ``unit.span``) that the ranges the unit was planned with do not cover: only
+    this unit writes its span in this run, and a first attempt finds none. ``run_id``'s are reported
+    committed. Another run's is one committed after this run planned (a killed run's orphaned loader
+    committing the batch in hand): the dead attempt reported it ``skipped`` where it reached it, so it
+    is replayed skipped (counted nowhere but ``batches_skipped``); left out, the retry's outputs fell
+    one short of the dead attempt's and Ray's by-position drop lost a batch of this run. Members are
+    keyed in the order their first batch committed (the order they were read); batches by offset."""
     lo, hi = unit.span if unit.span is not None else (0, None)
     out: Dict[str, List[BatchResult]] = {}
-    mine = sorted((b for b in batches if b.run_id == run_id and lo <= b.start and (hi is None or b.start < hi)
+    mine = sorted((b for b in batches if lo <= b.start and (hi is None or b.start < hi)
                    and not any(s <= b.start and b.end <= e for s, e in unit.ranges(b.member))),
                   key=lambda b: (b.committed_at, b.start))
     for b in mine:
         out.setdefault(b.member, [])
     for b in sorted(mine, key=lambda b: b.start):
         out[b.member].append(BatchResult(
-            kind="data", status="committed", table_name=unit.table.name, file_sha=unit.file.sha256,
-            file_ordinal=unit.file.ordinal, file_path=unit.file.rel, member=b.member, start=b.start, end=b.end,
+            kind="data", status="committed" if b.run_id == run_id else "skipped", table_name=unit.table.name,
+            file_sha=unit.file.sha256, file_ordinal=unit.file.ordinal, file_path=unit.file.rel, member=b.member,
+            start=b.start, end=b.end,
             first_line=b.first_line, batch_id=b.batch_id, rows_in=b.rows_in, rows_loaded=b.rows_loaded,
             rows_rejected=b.rows_rejected, rows_coerced=b.rows_coerced, blank_lines=b.blank_lines,
             bytes=0 if unit.table.format == "parquet" else b.end - b.start,  # parquet offsets are rows

@@ -509,9 +509,16 @@ class Ledger:
     def batch_owner(self, cur: Any, batch_id: int) -> Optional[str]:
         """The run id that committed the batch, None if it is not committed. Binds no parameter (the id is
         an integer literal), so the same statement runs on the writer's driver and on psycopg2."""
-        cur.execute(f"SELECT run_id FROM {self.batch} WHERE batch_id = {int(batch_id)}")
+        found = self.committed_batch(cur, batch_id)
+        return found[0] if found is not None else None
+
+    def committed_batch(self, cur: Any, batch_id: int) -> Optional[Tuple[str, int, int]]:
+        """(run id, start offset, end offset) of the committed batch, None if it is not committed: the id
+        names a start, so a writer tells the committed batch from another chunk starting there (another
+        extent) by the end. Binds no parameter, like ``batch_owner``."""
+        cur.execute(f"SELECT run_id, start_offset, end_offset FROM {self.batch} WHERE batch_id = {int(batch_id)}")
         rows = cur.fetchall()
-        return str(rows[0][0]) if rows else None
+        return (str(rows[0][0]), int(rows[0][1]), int(rows[0][2])) if rows else None
 
     def append_batch(self, copy: Callable[[Any, str, str, pa.Table], None], conn: Any, row: pa.Table) -> None:
         """COPY one batch's ledger row (BATCH_SCHEMA) with the writer's encoder (``copy.CopyEncoder.copy_arrow``)

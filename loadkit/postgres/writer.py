@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ from loadkit.postgres.copy import DEFAULT_ENCODER, encoder
 from loadkit.postgres.ledger import Ledger
 from loadkit.records import BatchResult, ParsedBatch, Status, carry
 from loadkit.postgres.db import ConnectionPool, application_name, with_application_name
-from loadkit.errors import as_loadkit_error, is_deadlock
+from loadkit.errors import BatchRangeConflict, as_loadkit_error, is_deadlock
 from loadkit.monitor import process_rss, release_memory
 from loadkit.plan import BATCH_COL, ROW_COL, RetryPolicy
 from loadkit.resilience import CircuitBreaker, retrying
@@ -124,15 +124,16 @@ class BatchWriter:
         ``committed`` when this run did: an earlier attempt of this call whose commit reached the
         server while its reply was lost (a server crash or a dropped connection at COMMIT), or the
         unreported last commit of a dead Ray loader attempt. That commit is this run's and was never
-        reported, so reporting it here keeps the run's counts equal to its ledger rows."""
+        reported, so reporting it here keeps the run's counts equal to its ledger rows. Either only when the
+        committed batch is this chunk (same end): else BatchRangeConflict (see ``_already``)."""
         self._attempts += 1
         target = self._s.tables[batch.table_name]
         with self._pool.connection() as conn:
             with conn.cursor() as cur:
-                owner = self._ledger.batch_owner(cur, batch.batch_id)
-                if owner is not None:
+                found = self._ledger.committed_batch(cur, batch.batch_id)
+                if found is not None:
                     conn.rollback()
-                    return self._already(owner)
+                    return self._already(batch, found)
                 try:
                     if not self._trace:
                         self._copy_all(conn, batch, target)
@@ -144,14 +145,25 @@ class BatchWriter:
                 except Exception as exc:
                     _rollback_after(conn, exc)
                     if self._ledger.is_duplicate_batch(exc):  # another session committed it first
-                        owner = self._ledger.batch_owner(cur, batch.batch_id)
+                        found = self._ledger.committed_batch(cur, batch.batch_id)
                         conn.rollback()
-                        return self._already(owner)
+                        if found is not None:
+                            return self._already(batch, found)
                     raise
         return "committed"
 
-    def _already(self, owner: Optional[str]) -> Status:
-        """The status of a batch the ledger already holds, committed by run ``owner`` (see ``_commit``)."""
+    def _already(self, batch: ParsedBatch, found: Tuple[str, int, int]) -> Status:
+        """The status of a batch the ledger already holds as ``found`` (run id, start, end; see ``_commit``).
+
+        Raises BatchRangeConflict when the committed batch ends elsewhere than ``batch``: the same id
+        (same start) but another chunk, which neither skipping nor reporting would load exactly once."""
+        owner, start, end = found
+        if (start, end) != (batch.start, batch.end):
+            raise BatchRangeConflict(
+                "the ledger holds this batch's id for another byte range: a commit landed after this read "
+                "planned its ranges, at another batch size; nothing of this chunk is written, rerun to resume",
+                table=batch.table_name, file=batch.file_path, member=batch.member or None, batch_id=batch.batch_id,
+                committed=f"[{start}, {end})", batch=f"[{batch.start}, {batch.end})", owner=owner)
         return "committed" if owner == self._s.run_id else "skipped"
 
     def _traced(self, step: Callable[[], Any], name: str, **attributes: Any) -> None:

@@ -46,6 +46,13 @@ class ReadUnit:
     retry: Optional[RetryPolicy] = None
 
     def ranges(self, member: str) -> Tuple[Tuple[int, int], ...]:
+        """The committed [start, end) ranges of ``member``, sorted.
+
+        A plain, gzip or parquet file is one stream named after the file: its ranges are every range the
+        ledger holds for the file's content (sha256), under whatever name it had when they were committed
+        (a renamed or re-delivered file resumes where it stopped instead of loading its committed rows again)."""
+        if self.table.format != "zip":
+            return tuple(sorted(r for _, rs in self.committed for r in rs))
         for m, r in self.committed:
             if m == member:
                 return r
@@ -270,21 +277,38 @@ def _read_parquet(unit: ReadUnit) -> Iterator[Chunk]:
 
 
 def _read_parquet_file(unit: ReadUnit, member: str, pf: Any) -> Iterator[Chunk]:
-    done = unit.ranges(member)
+    done = sorted(unit.ranges(member))
     missing = [c.name for c in unit.table.columns if c.name not in pf.schema_arrow.names]
     if missing:
         raise SourceDataError(f"layout drift: parquet file lacks declared columns {missing}", file=unit.file.rel)
     _check_not_empty(unit.table, pf.metadata.num_rows, member, unit.file.rel)
     offset, count = 0, 0
     for rb in pf.iter_batches(batch_size=unit.batch_rows):
-        start, end = offset, offset + rb.num_rows
-        offset = end
-        if any(s <= start and end <= e for s, e in done):
-            continue
-        count += 1
-        yield _chunk(unit, "data", member, start=start, end=end, first_line=start + 1,
-                     data=ipc_bytes(pa.Table.from_batches([rb])))
+        for start, end in _uncommitted(offset, offset + rb.num_rows, done):
+            count += 1
+            yield _chunk(unit, "data", member, start=start, end=end, first_line=start + 1,
+                         data=ipc_bytes(pa.Table.from_batches([rb.slice(start - offset, end - start)])))
+        offset += rb.num_rows
     yield _chunk(unit, "eof", member, chunks=count)
+
+
+def _uncommitted(start: int, end: int, done: Sequence[Tuple[int, int]]) -> Iterator[Tuple[int, int]]:
+    """The parts of rows [start, end) outside the committed row ranges ``done`` (sorted, disjoint), in order.
+
+    A parquet batch is cut at the committed edges, as ``files.ChunkReader`` cuts a text chunk: a resume
+    whose ``batch.size`` differs from the run that committed ``done`` reads each uncommitted row once,
+    and no chunk starts where a committed batch starts (it would carry that batch's id and be skipped
+    whole, its uncommitted tail with it)."""
+    for s, e in done:
+        if e <= start or s >= end:
+            continue
+        if s > start:
+            yield start, s
+        start = max(start, e)
+        if start >= end:
+            return
+    if start < end:
+        yield start, end
 
 
 # ---------------------------------------------------------------- the batch size, as a read task sees it
