@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import psycopg2
 
@@ -69,3 +69,20 @@ def query(dsn: str, sql: str, args: tuple = ()) -> list:
             return cur.fetchall()
     finally:
         conn.close()
+
+
+def zip_members_into_one(zips: Sequence[Path]) -> List[Tuple[str, bytes]]:
+    """Rewrite a table's one-member shard zips as ONE zip (the first path) holding all their members in order;
+    the other zips are removed. Returns the (member name, bytes) it wrote (the generator writes one member a
+    zip; a multi-member zip is what the RFB's larger files are)."""
+    import zipfile
+
+    members: List[Tuple[str, bytes]] = []
+    for z in zips:
+        with zipfile.ZipFile(z) as zf:
+            members += [(name, zf.read(name)) for name in zf.namelist()]
+        z.unlink()
+    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return members

@@ -10,7 +10,7 @@ import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest, generate_month
 from loadkit.runner import run_job
-from tests.helpers import compose, query
+from tests.helpers import compose, query, zip_members_into_one
 
 pytestmark = pytest.mark.e2e
 
@@ -172,20 +172,11 @@ def test_merge_last_wins_follows_member_order_in_a_multi_member_zip(tmp_path: Pa
     (file, start offset, row) without the member, so a duplicate in the first member at a higher offset than
     its repeat in the second won (found by a Ray loader-kill test on such a zip: the summary matched the
     ledger, the target did not match the source)."""
-    import zipfile
-
     target, _ = schemas
     month = generate_month(tmp_path, 2024, 5, rows=3000, shards=2, seed=3)
     zips = [month.root / p for p in month.files["estabelecimentos"]]
-    members = []
-    for z in zips:
-        with zipfile.ZipFile(z) as zf:
-            members += [(name, zf.read(name)) for name in zf.namelist()]
-        z.unlink()
+    members = zip_members_into_one(zips)
     assert [m for m, _ in members] == sorted(m for m, _ in members)  # shard order is name order: read order
-    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members:
-            zf.writestr(name, data)
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false")))
     assert result.status == "succeeded", result.error
     expected = month.expected["estabelecimentos"]

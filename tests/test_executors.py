@@ -6,7 +6,7 @@ import queue
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import psycopg2
 import pytest
@@ -17,6 +17,7 @@ from loadkit.execute.inprocess import InProcessExecutor, _Failed, _in_file_order
 from loadkit.records import BatchResult
 from loadkit.runner import run_job
 from tests.conftest import ROOT, compose, query
+from tests.helpers import zip_members_into_one
 
 GB = 1 << 30
 
@@ -136,35 +137,17 @@ def _shape(results: List[BatchResult]) -> List[tuple]:
 @pytest.fixture(scope="module")
 def two_member_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A month whose estabelecimentos are one zip of two members (the generator writes one member a zip)."""
-    import zipfile
-
     root = tmp_path_factory.mktemp("members")
     month = generate_month(root, 2024, 5, rows=4000, shards=2, seed=7)
-    zips = [root / p for p in month.files["estabelecimentos"]]
-    members = []
-    for z in zips:
-        with zipfile.ZipFile(z) as zf:
-            members += [(name, zf.read(name)) for name in zf.namelist()]
-        z.unlink()
-    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members:
-            zf.writestr(name, data)
+    zip_members_into_one([root / p for p in month.files["estabelecimentos"]])
     return root
 
 
-@pytest.mark.parametrize("layout", ["two members", "split file"])
-def test_a_retried_unit_load_begins_with_the_dead_attempts_outputs(layout: str, two_member_zip: Path,
-                                                                   tmp_path: Path) -> None:
-    """Ray re-runs a retried loader call from its start and drops, by position, the outputs the dead attempt
-    already delivered. Whatever number of batches the dead attempt committed (0 to all), the retry --
-    which skips those ranges in the file -- re-reports them where the dead attempt reported them: its
-    outputs equal a complete first attempt's, member eofs (and their chunk counts) included. A split
-    file's other span, loaded by another loader of the same run, is never replayed into this one."""
-    from dataclasses import replace
-
-    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+def _estabelecimentos_units(layout: str, two_member_zip: Path, tmp_path: Path) -> Tuple[Any, List[Any]]:
+    """(plan, read units) of the one estabelecimentos file: "two members" = one zip of two members (batch
+    size 40), "split file" = a plain csv split in two spans (pool.read_splits=2, batch size 200)."""
     from loadkit.plan import build_plan
-    from loadkit.source.read import ReadUnit, read_unit, split_units
+    from loadkit.source.read import ReadUnit, split_units
 
     if layout == "two members":
         cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}", "batch.size=40"])
@@ -183,6 +166,23 @@ def test_a_retried_unit_load_begins_with_the_dead_attempts_outputs(layout: str, 
     assert len(table.files) == 1
     units = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
                         plan.batch.read_block_bytes)
+    return plan, units
+
+
+@pytest.mark.parametrize("layout", ["two members", "split file"])
+def test_a_retried_unit_load_begins_with_the_dead_attempts_outputs(layout: str, two_member_zip: Path,
+                                                                   tmp_path: Path) -> None:
+    """Ray re-runs a retried loader call from its start and drops, by position, the outputs the dead attempt
+    already delivered. Whatever number of batches the dead attempt committed (0 to all), the retry --
+    which skips those ranges in the file -- re-reports them where the dead attempt reported them: its
+    outputs equal a complete first attempt's, member eofs (and their chunk counts) included. A split
+    file's other span, loaded by another loader of the same run, is never replayed into this one."""
+    from dataclasses import replace
+
+    from loadkit.execute.ray import _ranges, _replayed, _with_replay
+    from loadkit.source.read import read_unit
+
+    plan, units = _estabelecimentos_units(layout, two_member_zip, tmp_path)
     other: List[BatchResult] = []  # the file's other span, committed meanwhile by another loader of this run
     if layout == "split file":
         assert len(units) == 2
@@ -209,25 +209,9 @@ def test_whatever_a_dead_attempt_delivered_and_whatever_size_its_retry_reads_eve
     from dataclasses import replace
 
     from loadkit.execute.ray import _ranges, _replayed, _with_replay
-    from loadkit.plan import build_plan
-    from loadkit.source.read import ReadUnit, read_unit, split_units
+    from loadkit.source.read import read_unit
 
-    if layout == "two members":
-        cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={two_member_zip}", "batch.size=40"])
-    else:
-        raw = generate_month(tmp_path, 2024, 5, rows=3000, shards=1, seed=11, compress=False)
-        cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw.root}", "batch.size=200",
-                       "batch.read_block_bytes=65536", "pool.read_splits=2",
-                       'job.tables.estabelecimentos.source.paths=["{year:04d}-{month:02d}/*ESTABELE"]',
-                       "job.tables.estabelecimentos.source.format=csv",
-                       "job.tables.estabelecimentos.source.member=null",
-                       *[f"job.tables.{t}.enabled=false" for t in ("empresas", "socios", "simples", "cnaes", "motivos",
-                                                                   "municipios", "naturezas", "paises",
-                                                                   "qualificacoes")]])
-    plan = build_plan(cfg)
-    table = plan.table("estabelecimentos")
-    units = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
-                        plan.batch.read_block_bytes)
+    plan, units = _estabelecimentos_units(layout, two_member_zip, tmp_path)
     assert len(units) == (1 if layout == "two members" else 2)
     checked = 0
     for unit in units:

@@ -33,7 +33,7 @@ from loadkit.errors import Category, classify
 from loadkit.plan import RetryPolicy
 from loadkit.resilience import retrying
 from loadkit.runner import run_job
-from tests.helpers import ROOT, compose, query
+from tests.helpers import ROOT, compose, query, zip_members_into_one
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -493,8 +493,6 @@ def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
     first new batches. Same gate, same kill point: the loader waits with a batch in hand. ``kills=2``: the
     retry itself is killed the same way after committing 2 batches of its own (its replay and new batches
     delivered, a third attempt replays both dead attempts' commits)."""
-    import zipfile
-
     from ray.experimental import internal_kv
 
     from loadkit.examples.cnpj.sample import generate_month
@@ -502,14 +500,7 @@ def test_loader_killed_in_a_zips_second_member_counts_every_batch_once(
     _, led = schemas
     big = generate_month(tmp_path, 2024, 5, rows=30_000, shards=2, seed=3)
     zips = [big.root / p for p in big.files["estabelecimentos"]]
-    members = []
-    for z in zips:
-        with zipfile.ZipFile(z) as zf:
-            members += [(name, zf.read(name)) for name in zf.namelist()]
-        z.unlink()
-    with zipfile.ZipFile(zips[0], "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members:
-            zf.writestr(name, data)
+    members = zip_members_into_one(zips)
     assert len(members) == 2
     second = members[1][0]
     server_port = int(query(pg_dsn, "SELECT inet_server_port()")[0][0] or 5432)
