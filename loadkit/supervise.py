@@ -103,7 +103,7 @@ class Signals:
             raise pending
         if self.received is None:
             self.received = signum
-            raise InterruptedRun(f"stopped by {signal.Signals(signum).name}", signal=signum)
+            self.raise_if_received()
 
     def raise_if_received(self) -> None:
         """Raise InterruptedRun if SIGINT/SIGTERM arrived: its handler raises wherever the main thread

@@ -75,10 +75,10 @@ def test_a_duplicate_batch_is_told_by_its_constraint_name_on_both_drivers(pg_dsn
     conn = db.adbc_connect(pg_dsn)
     try:
         with conn.cursor() as cur:
-            assert led.batch_owner(cur, 7) is None
+            assert led.committed_batch(cur, 7) is None
             led.append_batch(adbc_copy_arrow, conn, _batch_row(7))
             conn.commit()
-            assert led.batch_owner(cur, 7) == "r"
+            assert led.committed_batch(cur, 7) == ("r", 0, 10)
             with pytest.raises(Exception) as dup:
                 led.append_batch(adbc_copy_arrow, conn, _batch_row(7))
             conn.rollback()
@@ -89,7 +89,7 @@ def test_a_duplicate_batch_is_told_by_its_constraint_name_on_both_drivers(pg_dsn
     conn2.autocommit = True
     try:
         with conn2.cursor() as cur:
-            assert led.batch_owner(cur, 7) == "r"  # the same statement on psycopg2
+            assert led.committed_batch(cur, 7) == ("r", 0, 10)  # the same statement on psycopg2
             with pytest.raises(psycopg2.Error) as dup2:
                 cur.execute(f"INSERT INTO {led.batch} (batch_id, run_id, table_name, period, file_sha, file_ordinal, "
                             "member, start_offset, end_offset, rows_in, rows_loaded, rows_rejected) "

@@ -506,16 +506,11 @@ class Ledger:
 
     # ------------------------------------------------------------ the writer's side (an ADBC cursor)
 
-    def batch_owner(self, cur: Any, batch_id: int) -> Optional[str]:
-        """The run id that committed the batch, None if it is not committed. Binds no parameter (the id is
-        an integer literal), so the same statement runs on the writer's driver and on psycopg2."""
-        found = self.committed_batch(cur, batch_id)
-        return found[0] if found is not None else None
-
     def committed_batch(self, cur: Any, batch_id: int) -> Optional[Tuple[str, int, int]]:
         """(run id, start offset, end offset) of the committed batch, None if it is not committed: the id
         names a start, so a writer tells the committed batch from another chunk starting there (another
-        extent) by the end. Binds no parameter, like ``batch_owner``."""
+        extent) by the end. Binds no parameter (the id is an integer literal), so the same statement runs on
+        the writer's driver and on psycopg2."""
         cur.execute(f"SELECT run_id, start_offset, end_offset FROM {self.batch} WHERE batch_id = {int(batch_id)}")
         rows = cur.fetchall()
         return (str(rows[0][0]), int(rows[0][1]), int(rows[0][2])) if rows else None
