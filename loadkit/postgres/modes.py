@@ -37,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import pyarrow as pa
 
@@ -774,16 +774,10 @@ class Merge(WriteMode):
         (the last file, member, offset, row: the same ORDER BY). Only the duplicated keys are sorted. Finding
         them groups every key (hash aggregate, in work_mem: with maintenance_work_mem's 64 MB instead of 4 MB
         it measured slower, 4.9 vs 3.1 s for 4M rows)."""
-        table = self.table
-        target = qualified(table.schema, table.name)
-        key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
-        order_tail = _last_wins_order(table.format)
-        cur.execute(
-            f"DELETE FROM {target} WHERE ctid = ANY(ARRAY(SELECT r.id FROM (SELECT s.ctid AS id, row_number() OVER "
-            f"(PARTITION BY {key} ORDER BY {order_tail}) AS rn FROM {target} s JOIN {ledger.batch} b "
-            f"ON b.batch_id = s.{quote_ident(BATCH_COL)} WHERE ({key}) IN (SELECT {_cols(table.key)} FROM {target} "
-            f"GROUP BY {_cols(table.key)} HAVING count(*) > 1)) r WHERE r.rn > 1))")
-        return int(cur.rowcount)
+        target = qualified(self.table.schema, self.table.name)
+        keys = _cols(self.table.key)
+        repeated = f"SELECT {keys} FROM {target} GROUP BY {keys} HAVING count(*) > 1"
+        return self._delete_losers_among(cur, ledger, repeated)
 
     def _delete_hinted_losers(self, cur: Any, ledger: Ledger, keys: pa.Table) -> int:
         """Delete, from the swapped-in table, the losers among the rows holding one of ``keys`` (the key values
@@ -792,19 +786,24 @@ class Merge(WriteMode):
         a sort of those. A loser among them loses in its whole key group too (the winner is the greatest of
         the group), so whatever a hint misses, nothing deleted here is a row the full search would keep."""
         table = self.table
-        target = qualified(table.schema, table.name)
-        key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
-        order_tail = _last_wins_order(table.format)
         spec = {c.name: c for c in table.columns}
         arrays = ", ".join(f"%s::{spec[k].sql_type if k in spec else 'text'}[]" for k in table.key)
         picked = ", ".join(f"u.c{i}{spec[k].collate if k in spec else ''}" for i, k in enumerate(table.key))
         named = ", ".join(f"c{i}" for i in range(len(table.key)))
+        return self._delete_losers_among(cur, ledger, f"SELECT {picked} FROM unnest({arrays}) u({named})",
+                                         [_sql_values(keys.column(k)) for k in table.key])
+
+    def _delete_losers_among(self, cur: Any, ledger: Ledger, keys_sql: str, args: Sequence[Any] = ()) -> int:
+        """Delete, from the swapped-in table, the rows whose key ``keys_sql`` selects (the key columns, in
+        order; ``args`` its parameters) but the one per key _dedup_select keeps; returns how many."""
+        table = self.table
+        target = qualified(table.schema, table.name)
+        key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
         cur.execute(
             f"DELETE FROM {target} WHERE ctid = ANY(ARRAY(SELECT r.id FROM (SELECT s.ctid AS id, row_number() OVER "
-            f"(PARTITION BY {key} ORDER BY {order_tail}) AS rn FROM {target} s "
+            f"(PARTITION BY {key} ORDER BY {_last_wins_order(table.format)}) AS rn FROM {target} s "
             f"JOIN {ledger.batch} b ON b.batch_id = s.{quote_ident(BATCH_COL)} "
-            f"WHERE ({key}) IN (SELECT {picked} FROM unnest({arrays}) u({named}))) r WHERE r.rn > 1))",
-            [_sql_values(keys.column(k)) for k in table.key])
+            f"WHERE ({key}) IN ({keys_sql})) r WHERE r.rn > 1))", list(args) or None)
         return int(cur.rowcount)
 
     def finalize(self, cur: Any, ledger: Ledger) -> Published:
