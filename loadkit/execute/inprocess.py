@@ -8,7 +8,6 @@ or a resume may switch executors freely. This module never imports Ray (import-l
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -22,6 +21,7 @@ from loadkit.postgres.db import cancel_backends
 from loadkit.postgres import keyhints
 from loadkit.postgres.writer import BatchWriter, WriterSettings
 from loadkit.records import BatchResult
+from loadkit.source.files import usable_cpus
 from loadkit.source.read import Board, ReadUnit, read_unit
 
 log = logging.getLogger("loadkit.execute.inprocess")
@@ -162,7 +162,7 @@ def parse_threads(configured: int, cpus: Optional[int] = None) -> int:
     if configured > 0:
         return configured
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = usable_cpus()
     return max(1, min(cpus // 2, _AUTO_PARSE_THREADS_MAX))
 
 
