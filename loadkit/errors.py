@@ -153,6 +153,24 @@ class InterruptedRun(LoadkitError):
     category = Category.INTERRUPTED
 
 
+class StopRequested(KeyboardInterrupt):
+    """What the driver's signal handler raises (supervise.Signals): a stop that no library may swallow.
+
+    It carries the error to record -- an InterruptedRun for SIGINT/SIGTERM, or the error a helper
+    thread stopped the run with (watchdog, run deadline, lost job lock) -- and derives from
+    KeyboardInterrupt, not Exception, because the handler raises wherever the main thread happens
+    to be: a library's ``except Exception`` there would drop an Exception (Ray Data's iteration
+    stats did), and Ray's C++ wait in ``ray.get`` turns anything but a KeyboardInterrupt raised by
+    a handler into a SystemError once the awaited object arrives (measured: a SIGTERM during a 6 s
+    ``ray.get`` surfaced after 6.4 s as SystemError; as a KeyboardInterrupt after 1.0 s). Ray
+    re-raises its own plain KeyboardInterrupt then, so the runner recovers the error from the
+    supervisor (Supervisor.stop_cause), not from this instance alone."""
+
+    def __init__(self, error: LoadkitError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class AlertAbort(LoadkitError):
     """An alert configured with action=abort fired. Exit code 6."""
 

@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from loadkit import prom, telemetry
 from loadkit.alerts import AlertEngine
@@ -87,7 +88,7 @@ class Runner:
         signals = supervisor.signals = Signals(supervisor.pending_error, sink.cancel)
         params = plan.settings_dict()  # the run's parameters, with the DSN it connects to (masked)
         params["sink"]["dsn"] = mask_dsn(sink.dsn)
-        with signals:  # from the first ledger statement: a stop while waiting on a lock there is prompt too
+        with signals, _stops_as_errors(supervisor):  # from the first ledger statement: a stop there is prompt
             with sink.open(params):
                 tracker.start(f"{plan.job}-{plan.period}", params, self._tags())
                 endpoint = prom.serve(plan, metrics, monitor, alerts, plan.run_id, sink.dsn)
@@ -135,10 +136,12 @@ class Runner:
                 return "failed", SourceDataError(f"{len(failed)} source file(s) failed: " +
                                                  "; ".join(f"{t}/{p}: {m}" for t, p, m in failed)), failed
             return "succeeded", None, failed
-        except (InterruptedRun, KeyboardInterrupt) as exc:  # Ctrl-C outside the signal handler's reach too
+        except (InterruptedRun, KeyboardInterrupt) as exc:  # a signal, a helper thread's stop, a bare Ctrl-C
+            cause = supervisor.stop_cause(exc)
+            if not isinstance(cause, InterruptedRun):  # the watchdog, the run deadline, a lost job lock
+                return "failed", cause, failed
             _shutdown_ray()
-            return "interrupted", exc if isinstance(exc, InterruptedRun) else InterruptedRun(
-                "stopped by KeyboardInterrupt"), failed
+            return "interrupted", cause, failed
         except BaseException as exc:  # recorded, then returned to the caller via the result
             error = unwrap(exc)  # the classified cause, not Ray's wrapper around it
             if classify(error) is Category.INTERRUPTED:  # our own cancel surfaced before the handler's error
@@ -180,6 +183,16 @@ class Runner:
         p = self.plan
         return {"job": p.job, "year": p.year, "month": p.month, "period": p.period, "loadkit_run_id": p.run_id,
                 **self.tags}
+
+
+@contextmanager
+def _stops_as_errors(supervisor: Supervisor) -> Iterator[None]:
+    """A stop raised outside the load (while the run opens: the handler's StopRequested, a KeyboardInterrupt)
+    leaves ``Runner.run`` as the LoadkitError it stands for, as every refusal before the load does."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise supervisor.stop_cause(exc) from None
 
 
 def _shutdown_ray() -> None:

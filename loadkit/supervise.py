@@ -3,8 +3,8 @@
 ``Supervisor.stream(todo)`` picks the executor, runs it, and reacts to every per-batch result
 the writers send back: metrics and progress (log line, progress bar, MLflow), per-table reject
 thresholds, alerts, the adaptive batch size (published to the read tasks), and the stops a helper
-thread asks for (watchdog, run deadline, lost job lock). ``Signals`` turns SIGINT/SIGTERM into
-InterruptedRun promptly even while the main thread waits inside libpq.
+thread asks for (watchdog, run deadline, lost job lock). ``Signals`` turns SIGINT/SIGTERM into a
+stop (errors.StopRequested) promptly even while the main thread waits inside libpq or Ray.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from loadkit import reload
 from loadkit.alerts import AlertEngine, Watchdog
 from loadkit.batching import BatchSizer, SizingSettings
-from loadkit.errors import InterruptedRun, LoadkitError, RunDeadlineExceeded
+from loadkit.errors import InterruptedRun, LoadkitError, RunDeadlineExceeded, StopRequested
 from loadkit.execute import choose_executor, make_executor
 from loadkit.execute.channel import SizeChannel
 from loadkit.metrics import ProgressBar, RunMetrics, progress_line, progress_text
@@ -38,7 +38,11 @@ _BAR_EVERY_S = 0.5  # the in-place progress line (a terminal) is redrawn at most
 
 
 class Signals:
-    """SIGINT/SIGTERM raise InterruptedRun in the driver's main thread, at once.
+    """SIGINT/SIGTERM stop the run from the driver's main thread, at once.
+
+    The handler raises ``errors.StopRequested`` (a KeyboardInterrupt carrying the InterruptedRun, or
+    the error a helper thread stopped the run with): a KeyboardInterrupt passes through library
+    catch-alls and through Ray's C++ waits, where any other exception raised by a handler is lost.
 
     Python runs a signal handler only when the main thread is back in the interpreter, not
     while it waits inside libpq (a finalize statement blocked on a lock). So the C-level
@@ -48,7 +52,7 @@ class Signals:
     and the run deadline interrupt the same way (``_thread.interrupt_main`` trips the pipe).
     """
 
-    def __init__(self, pending: Optional[Callable[[], Optional[BaseException]]] = None,
+    def __init__(self, pending: Optional[Callable[[], Optional[LoadkitError]]] = None,
                  on_signal: Optional[Callable[[], object]] = None) -> None:
         self._previous: Dict[int, Any] = {}
         self.received: Optional[int] = None
@@ -89,6 +93,8 @@ class Signals:
             if not data:  # write end closed: the run is over
                 return
             if wanted & set(data) and self._on_signal is not None:
+                names = ", ".join(signal.Signals(n).name for n in sorted(wanted & set(data)))
+                log.warning("%s received: stopping (cancelling this run's statements)", names)
                 try:
                     self._on_signal()
                 except Exception as exc:  # best effort; the handler still stops the run
@@ -100,10 +106,15 @@ class Signals:
             return
         pending = self._pending() if self._pending is not None else None
         if pending is not None:
-            raise pending
+            raise StopRequested(pending)
         if self.received is None:
             self.received = signum
-            self.raise_if_received()
+            raise StopRequested(self.interruption())
+
+    def interruption(self) -> InterruptedRun:
+        """The InterruptedRun to record for the signal received (SIGINT if none: a bare Ctrl-C)."""
+        received = self.received or int(signal.SIGINT)
+        return InterruptedRun(f"stopped by {signal.Signals(received).name}", signal=received)
 
     def raise_if_received(self) -> None:
         """Raise InterruptedRun if SIGINT/SIGTERM arrived: its handler raises wherever the main thread
@@ -112,7 +123,7 @@ class Signals:
         to succeed). The streaming loop calls this after every result, so a swallowed stop still stops
         the run at the next one."""
         if self.received is not None:
-            raise InterruptedRun(f"stopped by {signal.Signals(self.received).name}", signal=self.received)
+            raise self.interruption()
 
     def __exit__(self, *exc: Any) -> None:
         if self._pipe is not None:
@@ -123,6 +134,20 @@ class Signals:
             os.close(self._pipe[0])
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def stop_cause(exc: BaseException, signals: Optional[Signals], pending: Optional[LoadkitError]) -> LoadkitError:
+    """The error to record for a stop that reached the runner as ``exc``: an InterruptedRun, the handler's
+    StopRequested, or the plain KeyboardInterrupt Ray raises in its place (so the error is recovered from
+    ``signals`` and ``pending``): the helper thread's error if one stopped the run and no signal came,
+    else the signal's InterruptedRun (SIGINT for a Ctrl-C outside the handler's reach)."""
+    if isinstance(exc, StopRequested):
+        return exc.error
+    if isinstance(exc, InterruptedRun):
+        return exc
+    if pending is not None and (signals is None or signals.received is None):
+        return pending
+    return (signals or Signals()).interruption()
 
 
 def executor_for(env: EnvPlan, units: Sequence[ReadUnit]) -> str:
@@ -176,7 +201,11 @@ class Supervisor:
 
     # ------------------------------------------------------------ stops from other threads
 
-    def pending_error(self) -> Optional[BaseException]:
+    def stop_cause(self, exc: BaseException) -> LoadkitError:
+        """The error to record for a stop that reached the runner as ``exc`` (see :func:`stop_cause`)."""
+        return stop_cause(exc, self.signals, self.pending_error())
+
+    def pending_error(self) -> Optional[LoadkitError]:
         """An error a helper thread wants raised in the main thread (it interrupts with SIGINT)."""
         if self._watchdog is not None and self._watchdog.error is not None:
             return self._watchdog.error

@@ -120,11 +120,14 @@ def current_run(dsn: str, led: str) -> Optional[str]:
     return rows[0][0] if rows else None
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05,
+               show: Optional["Cli"] = None) -> None:
+    """Poll ``condition``; on timeout fail with ``what`` and the end of ``show``'s log (the run's own account)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            tail = f"\n--- the run's log ends:\n{show.tail()}" if show is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
         time.sleep(poll)
 
 
@@ -177,6 +180,11 @@ class Cli:
         finally:
             self.reap()
 
+    def tail(self, chars: int = 4000) -> str:
+        """The end of the run's output so far (stdout and stderr)."""
+        self._log.flush()
+        return Path(self._log.name).read_bytes()[-chars:].decode("utf-8", "replace")
+
     def reap(self) -> None:
         """Kill what the driver left (its Ray processes); only this process group."""
         try:
@@ -222,7 +230,7 @@ class LedgerGate:
                                                          "WHERE application_name LIKE 'loadkit:%%'")]
 
     def wait_blocked(self, run: "Cli") -> None:
-        wait_until(lambda: self._waiting("loadkit:%:writer") > 0 or not run.alive(), 300, "a writer blocked")
+        wait_until(lambda: self._waiting("loadkit:%:writer") > 0 or not run.alive(), 300, "a writer blocked", show=run)
         assert run.alive(), "the run ended before a writer blocked on the ledger"
 
     def let_through(self, run: "Cli") -> None:
@@ -268,7 +276,7 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     rng = random.Random(20240511)
     # 1. kill -9 once the run is recorded, before any batch commits.
     run = cli_runs(args(200))
-    wait_until(lambda: current_run(pg_dsn, led) is not None or not run.alive(), 300, "the run to start")
+    wait_until(lambda: current_run(pg_dsn, led) is not None or not run.alive(), 300, "the run to start", show=run)
     assert committed(pg_dsn, led) == 0
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
@@ -277,7 +285,8 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     kill_at = rng.randint(1, 4)
     known = runs_so_far(pg_dsn, led)
     run = cli_runs(args(200))
-    wait_until(lambda: commits_since(pg_dsn, led, known) >= kill_at or not run.alive(), 300, f"{kill_at} commits")
+    wait_until(lambda: commits_since(pg_dsn, led, known) >= kill_at or not run.alive(), 300, f"{kill_at} commits",
+               show=run)
     run.signal(signal.SIGKILL)
     assert run.wait(30) == -signal.SIGKILL
     after_kill = committed(pg_dsn, led)
@@ -287,12 +296,13 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     term_at = rng.randint(1, 2)
     known = runs_so_far(pg_dsn, led)
     run = cli_runs(args(120))
-    wait_until(lambda: commits_since(pg_dsn, led, known) >= term_at or not run.alive(), 300, f"{term_at} commits")
+    wait_until(lambda: commits_since(pg_dsn, led, known) >= term_at or not run.alive(), 300, f"{term_at} commits",
+               show=run)
     assert run.alive(), "the run ended before SIGTERM could land mid-load"
     run.signal(signal.SIGTERM)
     signalled = time.time()
     wait_until(lambda: ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.run WHERE status = 'interrupted'") == 1,
-               60, "the run to be marked interrupted")
+               60, "the run to be marked interrupted", show=run)
     marked_after = time.time() - signalled
     assert run.wait(60) == 130
     late = ledger_count(pg_dsn, led, "SELECT count(*) FROM {led}.batch WHERE committed_at > to_timestamp(%s)",

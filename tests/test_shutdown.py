@@ -170,25 +170,63 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
     assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
 
 
-def test_a_stop_swallowed_by_library_code_still_stops_the_run() -> None:
-    """The signal handler raises wherever the main thread is; code that catches every exception there (Ray
-    Data's iteration-stats call logs and drops it) swallows the stop. The streaming loop asks again after
-    every result (Signals.raise_if_received), so the run still stops, as interrupted."""
-    from loadkit.errors import InterruptedRun
+def test_a_library_catch_all_cannot_swallow_a_stop() -> None:
+    """The signal handler raises wherever the main thread is. Code that catches every Exception there (Ray Data's
+    iteration-stats call logs and drops one) must not swallow the stop: the handler raises a KeyboardInterrupt
+    (errors.StopRequested) carrying the InterruptedRun to record. A catch-all of BaseException still cannot
+    lose it: the streaming loop asks again after every result (Signals.raise_if_received)."""
+    from loadkit.errors import InterruptedRun, StopRequested
     from loadkit.supervise import Signals
 
     signals = Signals()
     with signals:
         signals.raise_if_received()  # nothing received: nothing raised
-        try:  # a library's catch-all around a call the signal lands in
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs here (the main thread is back in the interpreter)
-            raise AssertionError("the handler did not run")
-        except InterruptedRun:
-            pass  # swallowed, as Ray Data's stats call did
-        with pytest.raises(InterruptedRun) as stop:
+        with pytest.raises(StopRequested) as stop:
+            try:  # a library's catch-all around a call the signal lands in
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs here (the main thread is back in the interpreter)
+                raise AssertionError("the handler did not run")
+            except Exception:  # noqa: BLE001 -- the catch-all under test
+                raise AssertionError("a catch-all of Exception swallowed the stop") from None
+        assert isinstance(stop.value.error, InterruptedRun)
+        assert stop.value.error.context == {"signal": signal.SIGTERM}
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: the first one stands
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001 -- the widest catch-all: swallowed here...
+            pass
+        with pytest.raises(InterruptedRun) as again:  # ...the loop's next check raises it
             signals.raise_if_received()
-    assert classify(stop.value) is Category.INTERRUPTED and stop.value.context == {"signal": signal.SIGTERM}
+    assert classify(again.value) is Category.INTERRUPTED and again.value.context == {"signal": signal.SIGTERM}
+
+
+def test_a_stop_during_a_ray_wait_is_prompt_and_classified(ray_session: None) -> None:
+    """SIGTERM while the main thread waits in ``ray.get`` (Ray's C++ wait runs the handler through its own
+    signal check). Before: the handler's InterruptedRun was dropped there, the wait went on until the object
+    arrived, then Ray raised a SystemError (a bug-class failure, not 'interrupted'; a CI run hung 60 s on it).
+    Now the stop ends the wait and reaches the runner as a KeyboardInterrupt it records as interrupted."""
+    import ray
+
+    from loadkit.errors import InterruptedRun
+    from loadkit.supervise import Signals, stop_cause
+
+    @ray.remote(num_cpus=0)
+    def slow() -> int:
+        time.sleep(120)
+        return 1
+
+    ref = slow.remote()
+    signals = Signals()
+    try:
+        with signals:
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            with pytest.raises(KeyboardInterrupt) as stop:
+                ray.get(ref)
+        assert not ray.wait([ref], timeout=0)[0], "the wait ended only once the object arrived"
+    finally:
+        ray.cancel(ref, force=True)
+    cause = stop_cause(stop.value, signals, pending=None)  # Ray raised its own KeyboardInterrupt: from `signals`
+    assert isinstance(cause, InterruptedRun) and cause.context == {"signal": signal.SIGTERM}
 
 
 def test_the_inprocess_path_never_imports_ray(month: SampleManifest, job_overrides) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 import psycopg2
 import psycopg2.extensions
 
-from loadkit.errors import (Category, ConfigError, InterruptedRun, LoadkitError, OperatorError, TransientDBError,
+from loadkit.errors import (Category, ConfigError, LoadkitError, OperatorError, TransientDBError,
                             classify)
 from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password
 
@@ -274,8 +274,6 @@ class ConnectionPool:
                 cur.fetchall()
             conn.rollback()
             return True
-        except InterruptedRun:  # a stop that landed during the check is the run's, not the connection's
-            raise
         except Exception as exc:
             log.warning("pooled connection failed its health check, replacing it: %s", exc)
             return False
@@ -313,7 +311,7 @@ class ConnectionPool:
         if conn is not None and broken:
             try:
                 conn.rollback()
-            except InterruptedRun:
+            except KeyboardInterrupt:  # a stop (errors.StopRequested) that landed in the rollback
                 _close_quietly(conn)
                 raise
             except Exception:
@@ -358,11 +356,10 @@ class _LazyConnection:
 
 
 def _close_quietly(conn: Any) -> None:
-    """Close a connection that may already be broken; a failure here has nothing left to protect."""
+    """Close a connection that may already be broken; a failure here has nothing left to protect.
+    A stop landing here (errors.StopRequested, a KeyboardInterrupt) is not an Exception: it goes on."""
     try:
         conn.close()
-    except InterruptedRun:  # a stop (SIGTERM/SIGINT) that landed during the close: the run must still stop
-        raise
     except Exception as exc:
         log.info("closing a broken connection raised %s (ignored: it is being discarded)", type(exc).__name__)
 

@@ -212,7 +212,7 @@ class PostgresSink:
                     from loadkit.source import fetch
 
                     fetch.record(cur, plan.ledger_schema, plan.run_id, plan.period, self._fetched)
-        except LoadkitError:
+        except (LoadkitError, KeyboardInterrupt):  # KeyboardInterrupt: a stop (errors.StopRequested)
             self.close()
             raise
         except Exception as exc:  # a driver error before the run row exists: its category, not a traceback
