@@ -455,5 +455,37 @@ def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: 
                       _system_config=dict(_LOCAL_SYSTEM_CONFIG))
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
-    with _keep_signal_handlers():
+    with _keep_signal_handlers(), (_lean_local_node() if not address else _nothing()):
         ray.init(**kwargs)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _lean_local_node() -> Iterator[None]:
+    """While ray.init starts a local Ray: no autoscaler monitor and no dashboard head process.
+
+    A local Ray is one node of fixed size: the autoscaler monitor (``monitor.py``, ~56 MB PSS
+    measured) has no node to add or remove, and with ``include_dashboard=False`` the dashboard head
+    still starts to serve usage stats alone (~83 MB, ~0.6 CPU-s). Ray Data's autoscaling
+    coordinator talks to its own actor and the GCS, not to either. ``ray.init`` exposes neither
+    switch: ``no_monitor`` is set on the node's parameters (``ray start --no-monitor``'s) and the
+    head's ``start_api_server`` is skipped while the node starts (Ray 2.60's ``Node``; the test of
+    the process list catches a Ray whose ``Node`` no longer has these)."""
+    from ray._private.node import Node
+
+    node_init, start_api_server = Node.__init__, Node.start_api_server
+
+    def init(self: Any, ray_params: Any, *args: Any, **kw: Any) -> None:
+        ray_params.no_monitor = True
+        node_init(self, ray_params, *args, **kw)
+
+    Node.__init__ = init  # type: ignore[method-assign]
+    Node.start_api_server = lambda self, **kw: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Node.__init__, Node.start_api_server = node_init, start_api_server  # type: ignore[method-assign]
