@@ -41,7 +41,7 @@ import os
 import signal
 import threading
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -460,13 +460,8 @@ def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: 
                       _system_config=dict(_LOCAL_SYSTEM_CONFIG))
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
-    with _keep_signal_handlers(), (_lean_local_node(worker_logs) if not address else _nothing()):
+    with _keep_signal_handlers(), (_lean_local_node(worker_logs) if not address else nullcontext()):
         ray.init(**kwargs)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextmanager
@@ -478,10 +473,11 @@ def _lean_local_node(log_monitor: bool) -> Iterator[None]:
     A local Ray is one node of fixed size: the autoscaler monitor (``monitor.py``, ~56 MB PSS
     measured) has no node to add or remove, and with ``include_dashboard=False`` the dashboard head
     still starts to serve usage stats alone (~83 MB, ~0.6 CPU-s). Ray Data's autoscaling
-    coordinator talks to its own actor and the GCS, not to either. ``ray.init`` exposes neither
-    switch: ``no_monitor`` is set on the node's parameters (``ray start --no-monitor``'s) and the
-    head's ``start_api_server`` is skipped while the node starts (Ray 2.60's ``Node``; the test of
-    the process list catches a Ray whose ``Node`` no longer has these)."""
+    coordinator talks to its own actor and the GCS, not to either. ``ray.init`` exposes none of
+    these switches: ``no_monitor`` (``ray start --no-monitor``'s) and ``include_log_monitor`` are set
+    on the node's parameters and the head's ``start_api_server`` is skipped while the node starts
+    (Ray 2.60's ``Node``; tests/test_executors.py lists the processes and catches a Ray whose
+    ``Node`` no longer has these)."""
     from ray._private.node import Node
 
     node_init, start_api_server = Node.__init__, Node.start_api_server
