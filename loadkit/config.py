@@ -534,6 +534,8 @@ class EnvConfig:
     # transient (exit 4) with "run deadline exceeded".
     max_run_seconds: float = 0
     """The run's deadline in seconds (0 = none)."""
+    worker_logs: bool = False
+    """A local Ray streams its workers' output to this log (Ray's log monitor, ~50-70 MB); off: session logs only."""
 
 
 @dataclass

@@ -186,6 +186,7 @@ class EnvPlan:
     inprocess_max_bytes: int
     inprocess_max_cpus: int
     max_run_seconds: float  # 0 = no deadline
+    worker_logs: bool = False  # a local Ray streams its workers' output to the driver (Ray's log monitor)
 
 
 @dataclass(frozen=True)
@@ -573,7 +574,8 @@ def build_plan(cfg: LoadkitConfig, run_id: Optional[str] = None) -> LoadPlan:
         parse_concurrency=p.parse_concurrency,
         sink=sink_plan(cfg),
         env=EnvPlan(str(e.name), e.address, e.num_cpus, e.object_store_memory, e.ship_code, e.progress_bars,
-                    str(e.executor), e.inprocess_max_bytes, e.inprocess_max_cpus, e.max_run_seconds),
+                    str(e.executor), e.inprocess_max_bytes, e.inprocess_max_cpus, e.max_run_seconds,
+                    e.worker_logs),
         alerts=alerts_plan(cfg.alerts),
         tracking=TrackingPlan(tr.enabled, tr.uri, tr.experiment, str(tr.flush), tr.live_after_s, tr.report),
         telemetry=TelemetryPlan(tel.metrics_port, tel.metrics_host, str(tel.tracing), tel.otlp_endpoint),

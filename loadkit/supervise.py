@@ -251,7 +251,7 @@ class Supervisor:
                  for t in todo]
         env = plan.env
         executor = make_executor(executor_for(env, units), env.address, env.num_cpus, env.object_store_memory,
-                                 _runtime_env(env.ship_code), env.progress_bars,
+                                 _runtime_env(env.ship_code), env.progress_bars, worker_logs=env.worker_logs,
                                  input_bytes=sum(u.file.size for u in units))
         metrics.executor = executor.name
         log.info("executor: %s (%d file(s), %.1f MB to read)", executor.name, len(units),

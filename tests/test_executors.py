@@ -60,6 +60,20 @@ def test_an_inprocess_run_never_imports_ray() -> None:
     assert out.stdout.split() == ["inprocess", "False"]
 
 
+@pytest.mark.parametrize("worker_logs", [False, True])
+def test_a_local_ray_starts_without_autoscaler_monitor_or_dashboard_head(worker_logs: bool) -> None:
+    """A local Ray is one fixed node: no autoscaler monitor, no dashboard head (issue #16, ~140 MB PSS);
+    its log monitor only with env.worker_logs. Catches a Ray whose Node no longer takes the switches."""
+    code = ("import sys, psutil, ray; from loadkit.execute.ray import ensure_ray; "
+            f"ensure_ray(None, 1, 128 * 2**20, None, False, worker_logs={worker_logs}); "
+            "cmds = [' '.join(p.cmdline()) for p in psutil.Process().children(recursive=True)]; "
+            "print(*sorted({s for c in cmds for s in ('gcs_server', 'raylet', 'log_monitor.py', "
+            "'dashboard/dashboard.py', '/monitor.py') if s in c})); ray.shutdown()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["gcs_server", *(["log_monitor.py"] if worker_logs else []), "raylet"]
+
+
 def test_local_size_channel_is_what_read_tasks_poll() -> None:
     executor = make_executor("inprocess")
     assert isinstance(executor, InProcessExecutor)

@@ -110,9 +110,11 @@ def store_bytes(configured: Optional[int], input_bytes: Optional[int]) -> Option
 
 def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
                   object_store_memory: Optional[int] = None, runtime_env: Optional[Dict[str, Any]] = None,
-                  progress_bars: bool = False, input_bytes: Optional[int] = None) -> Executor:
+                  progress_bars: bool = False, input_bytes: Optional[int] = None,
+                  worker_logs: bool = False) -> Executor:
     """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``), the
-    object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``."""
+    object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``; ``worker_logs``
+    (``env.worker_logs``): a local Ray streams its workers' output to the driver."""
     if name == "inprocess":
         from loadkit.execute.inprocess import InProcessExecutor
 
@@ -120,4 +122,4 @@ def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[i
     from loadkit.execute.ray import RayExecutor  # only now: importing Ray costs seconds
 
     store = object_store_memory if address else store_bytes(object_store_memory, input_bytes)
-    return RayExecutor(address, num_cpus, store, runtime_env, progress_bars)
+    return RayExecutor(address, num_cpus, store, runtime_env, progress_bars, worker_logs)
