@@ -534,7 +534,7 @@ class EnvConfig:
     # transient (exit 4) with "run deadline exceeded".
     max_run_seconds: float = 0
     """The run's deadline in seconds (0 = none)."""
-    worker_logs: bool = False
+    worker_logs: bool = True
     """A local Ray streams its workers' output to this log (Ray's log monitor, ~50-70 MB); off: session logs only."""
 
 

@@ -186,7 +186,7 @@ class EnvPlan:
     inprocess_max_bytes: int
     inprocess_max_cpus: int
     max_run_seconds: float  # 0 = no deadline
-    worker_logs: bool = False  # a local Ray streams its workers' output to the driver (Ray's log monitor)
+    worker_logs: bool = True  # a local Ray streams its workers' output to the driver (Ray's log monitor)
 
 
 @dataclass(frozen=True)

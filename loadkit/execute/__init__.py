@@ -63,7 +63,7 @@ def choose_executor(requested: str, address: Optional[str], input_bytes: int, cp
     Where the defaults (2 GiB, 4 cores) come from: benchmarks/executor_bench.py, the same generated
     month (its two largest tables) at 0.45M and 1.8M rows (3.6M for the loader actors),
     ``env.num_cpus`` pinned to 2 with taskset, per-process CPU of driver, Ray workers and daemons and
-    PostgreSQL backends (notes/ray.md has the figures). Fitting CPU = fixed + rows x marginal
+    PostgreSQL backends (README, "Benchmark results", has the figures). Fitting CPU = fixed + rows x marginal
     per executor (issue #16, fused loader actors under Ray Data; load 1-2):
 
     - in-process: ~0.8-1.0 CPU-s fixed, 2.3-2.6 µs/row (+1.25 µs/row PostgreSQL);
@@ -111,7 +111,7 @@ def store_bytes(configured: Optional[int], input_bytes: Optional[int]) -> Option
 def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
                   object_store_memory: Optional[int] = None, runtime_env: Optional[Dict[str, Any]] = None,
                   progress_bars: bool = False, input_bytes: Optional[int] = None,
-                  worker_logs: bool = False) -> Executor:
+                  worker_logs: bool = True) -> Executor:
     """The executor called ``name``; the Ray arguments are those of ``ray.init`` (see ``env``), the
     object store of a local Ray sized by :func:`store_bytes` for ``input_bytes``; ``worker_logs``
     (``env.worker_logs``): a local Ray streams its workers' output to the driver."""

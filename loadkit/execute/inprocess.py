@@ -79,7 +79,7 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
         # No release_memory() here: a writer hands freed pages back for this whole process once its
         # RSS has grown by writer.TRIM_GROWTH_BYTES (BatchWriter._finish). Trimming per batch made the
         # allocators fault the same pages in again: a second trim per batch +0.15 CPU µs/row
-        # (notes/typing.md); the writers' own per-batch trim +0.09 (README, "Where the time goes").
+        # and the writers' own per-batch trim +0.09 (README, "Where the time goes").
         batch = parse(item.record, tables, plan.period)
         return _offer(parsed, replace(item, record=batch), stop)
 
@@ -154,7 +154,7 @@ def parse_threads(configured: int, cpus: Optional[int] = None) -> int:
     Why one per two cores: parsing is about a third of a row's CPU (client CPU µs/row on the benchmark
     month: read 0.9, parse 2.3, write 2.1; the server's COPY ~2), so half the cores for parsing
     leaves the rest to the read thread, the writers and the server. On 2 cores a second parse thread
-    cost +0.4 µs/row and gained no wall time (every core already busy); see notes/README, Benchmark.
+    cost +0.4 µs/row and gained no wall time (every core already busy); see README, "Benchmark results".
     Measured again after the C scanner and cheaper typing (read + parse 0.68 µs/row, backends 1.16):
     +0.04 µs/row, no wall gain, and the single read thread is asleep only 16% of the stream, blocked
     on full writer queues, so it is not what the run waits for (``benchmarks.pipeline_timeline

@@ -66,7 +66,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
-                 runtime_env: Optional[Dict[str, Any]], progress_bars: bool, worker_logs: bool = False) -> None:
+                 runtime_env: Optional[Dict[str, Any]], progress_bars: bool, worker_logs: bool = True) -> None:
         self._init = (address, num_cpus, object_store_memory, runtime_env, progress_bars)
         self._worker_logs = worker_logs
 
@@ -94,7 +94,7 @@ class KVBoard:
     The driver writes the wanted rows per batch under ``<prefix>rows``; each read writes its
     own running totals (chunks handed downstream, seconds spent) under ``<prefix>task:<uuid>``,
     which the driver sums. No actor: an actor is a worker process of its own (~1 CPU-s to start,
-    ~100 MB PSS measured, notes/ray.md), for a value that changes a few times a run."""
+    ~100 MB PSS measured), for a value that changes a few times a run."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -425,7 +425,7 @@ _LOCAL_SYSTEM_CONFIG: Dict[str, Any] = {
 
 
 def ensure_ray(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
-               runtime_env: Optional[Dict[str, Any]], progress_bars: bool, worker_logs: bool = False) -> bool:
+               runtime_env: Optional[Dict[str, Any]], progress_bars: bool, worker_logs: bool = True) -> bool:
     """Start or join Ray unless this process already did. Returns True if this call started it.
 
     A local Ray starts without dashboard, autoscaler monitor and (unless ``worker_logs``) log
