@@ -548,6 +548,9 @@ class Merge(WriteMode):
         # no rows: no key repeats), None without hints (a Ray run, a resumed run, too many rows): _swap_in.
         self.key_candidates: Optional[pa.Table] = None
         self._first_publish = False  # finalize found the target empty: a sync has nothing to delete
+        # finalize's reload found every target row's key staged and every staged key unchanged (_unchanged): every
+        # row then names a batch of this period, so a sync has nothing to delete either.
+        self._all_keys_unchanged = False
 
     def create_target(self, cur: Any) -> None:
         t = self.table
@@ -848,6 +851,7 @@ class Merge(WriteMode):
         in the caller's (publishing) transaction."""
         table = self.table
         target = qualified(table.schema, table.name)
+        self._all_keys_unchanged = False
         first = self._first_publish = self._empty_and_locked(cur)
         refusal = self._swap_refusal(cur) if first else "the target has rows"
         if refusal is None:
@@ -998,18 +1002,24 @@ class Merge(WriteMode):
     def _unchanged(self, cur: Any, ledger: Ledger) -> Optional[int]:
         """The number of distinct staged keys if every one of them is in the target with every published
         column equal (NULL-safe, ``_lk_batch`` included: _changed_sql), else None. Read-only: the staged
-        winners (_winners: with hints, mostly unsorted) joined to the target on the key."""
+        winners (_winners: with hints, mostly unsorted) joined to the target on the key -- a full join, which
+        costs the same (the target is read whole either way) and also counts the target rows whose key is not
+        staged: none, and a sync has nothing to delete (``_all_keys_unchanged``: its scan is skipped)."""
         table = self.table
         names = self.published_names()
         on = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in table.key)
-        k0 = quote_ident(table.key[0])
+        k0, batch = quote_ident(table.key[0]), quote_ident(BATCH_COL)  # staged rows always name their batch
         winners = self._winners(cur, ledger)
         with work_mem(cur, JOIN_WORK_MEM if winners.unsorted else None):
-            cur.execute(f"SELECT count(*), count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}) "
-                        f"FROM ({winners.sql}) d LEFT JOIN {qualified(table.schema, table.name)} t ON {on}",
+            cur.execute(f"SELECT count(d.{batch}), count(*) FILTER (WHERE d.{batch} IS NOT NULL AND "
+                        f"(t.{k0} IS NULL OR {self._changed_sql(names)})), count(*) FILTER (WHERE d.{batch} IS NULL) "
+                        f"FROM ({winners.sql}) d FULL JOIN {qualified(table.schema, table.name)} t ON {on}",
                         winners.args or None)
-            distinct, differ = (int(v) for v in cur.fetchone())
-        return distinct if differ == 0 else None
+            distinct, differ, unstaged = (int(v) for v in cur.fetchone())
+        if differ:
+            return None
+        self._all_keys_unchanged = unstaged == 0
+        return distinct
 
     def _upsert(self, cur: Any, ledger: Ledger) -> Published:
         """Into a target that has rows, in one statement over one deduplication: rewrite the rows whose
@@ -1091,11 +1101,14 @@ class Sync(Merge):
         """Delete (history=false) or close (history=true: valid_to = month_start) the target rows whose key
         the period no longer has: rows last written by a batch of an older period (or by a batch the ledger
         no longer knows). Rows a newer period wrote are never touched. Returns the rows deleted or closed.
-        After a publish into an empty target (a first load) there is nothing to find: 0, without the scan."""
+        After a publish into an empty target (a first load), or a reload that found every target row's key
+        staged and unchanged (_unchanged), there is nothing to find: 0, without the scan."""
         table = self.table
         target = qualified(table.schema, table.name)
         seen = ledger.written_since_sql(BATCH_COL)
         if self._first_publish:  # the target was empty: every row is this period's, just verified staging
+            return 0
+        if self._all_keys_unchanged:  # every target row is a staged key's, unchanged: it names this period's batch
             return 0
         with step("sync_missing", table.name):
             if table.history:
