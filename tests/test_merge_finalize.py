@@ -225,6 +225,15 @@ def test_sync_deletes_after_an_unchanged_reload(tmp_path: Path, pg_dsn: str, sch
     ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, may), sync=True)))
     again = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, ["a.csv", "b.csv"], sync=True, force=True)))
     assert counts(again) == (0, 0, 3, 0) and again.metrics.tables["items"].deleted == 0
+    # every target row is a staged key, unchanged: the sync knows it has nothing to delete without its scan
+    assert "compare" in again.metrics.tables["items"].finalise_steps
+    assert "sync_missing" not in again.metrics.tables["items"].finalise_steps
+    # a row no batch of this period wrote (an unknown batch): the same unchanged reload must still delete it
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f"INSERT INTO \"{target}\".items (k, a, b, _lk_batch) VALUES ('k9', 'v', 9, 12345)")
+    stale = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, ["a.csv", "b.csv"], sync=True, force=True)))
+    assert counts(stale) == (0, 0, 3, 0) and stale.metrics.tables["items"].deleted == 1
+    assert table_state(pg_dsn, target) == {"k1": ("x", 1), "k2": ("y", 2), "k3": ("z", 3)}
     june = {"a.csv": [("k1", "x", "1"), ("k2", "y", "2")], "b.csv": [("k4", "w", "")]}
     synced = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 6, june), month=6,
                                sync=True)))

@@ -1002,23 +1002,26 @@ class Merge(WriteMode):
     def _unchanged(self, cur: Any, ledger: Ledger) -> Optional[int]:
         """The number of distinct staged keys if every one of them is in the target with every published
         column equal (NULL-safe, ``_lk_batch`` included: _changed_sql), else None. Read-only: the staged
-        winners (_winners: with hints, mostly unsorted) joined to the target on the key -- a full join, which
-        costs the same (the target is read whole either way) and also counts the target rows whose key is not
-        staged: none, and a sync has nothing to delete (``_all_keys_unchanged``: its scan is skipped)."""
+        winners (_winners: with hints, mostly unsorted) joined to the target on the key. The same statement
+        (one snapshot) counts the target's rows: as many as the staged keys, all present and unchanged, means
+        every target row is a staged key's and names a batch of this period, so a sync has nothing to delete
+        (``_all_keys_unchanged``: its scan is skipped). A FULL JOIN would count them too, but without hints
+        the planner, with no statistics on staging, then hashed the whole deduplicated staging (an unchanged
+        1.8M-row reload measured 18 s instead of 10)."""
         table = self.table
         names = self.published_names()
+        target = qualified(table.schema, table.name)
         on = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in table.key)
-        k0, batch = quote_ident(table.key[0]), quote_ident(BATCH_COL)  # staged rows always name their batch
+        k0 = quote_ident(table.key[0])
         winners = self._winners(cur, ledger)
         with work_mem(cur, JOIN_WORK_MEM if winners.unsorted else None):
-            cur.execute(f"SELECT count(d.{batch}), count(*) FILTER (WHERE d.{batch} IS NOT NULL AND "
-                        f"(t.{k0} IS NULL OR {self._changed_sql(names)})), count(*) FILTER (WHERE d.{batch} IS NULL) "
-                        f"FROM ({winners.sql}) d FULL JOIN {qualified(table.schema, table.name)} t ON {on}",
+            cur.execute(f"SELECT count(*), count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}), "
+                        f"(SELECT count(*) FROM {target}) FROM ({winners.sql}) d LEFT JOIN {target} t ON {on}",
                         winners.args or None)
-            distinct, differ, unstaged = (int(v) for v in cur.fetchone())
+            distinct, differ, rows = (int(v) for v in cur.fetchone())
         if differ:
             return None
-        self._all_keys_unchanged = unstaged == 0
+        self._all_keys_unchanged = rows == distinct
         return distinct
 
     def _upsert(self, cur: Any, ledger: Ledger) -> Published:
