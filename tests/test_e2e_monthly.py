@@ -185,3 +185,12 @@ def test_merge_last_wins_follows_member_order_in_a_multi_member_zip(tmp_path: Pa
     assert len(wanted) < len(expected)  # keys repeated across the shards: the later one must win
     got = table_rows(pg_dsn, target, "estabelecimentos", list(expected[0].keys()))
     assert Counter(canon(r) for r in got) == Counter(canon(r) for r in wanted)
+    # The same zip again (force): the reload's deduplication (with the in-process key hints, only the repeated
+    # keys' rows are sorted) must pick the same winners, so every key is unchanged and the table stays.
+    again = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false",
+                                          "force=true")))
+    assert again.status == "succeeded", again.error
+    tm = again.metrics.tables["estabelecimentos"]
+    assert (tm.inserted, tm.updated, tm.unchanged, tm.duplicates) == (0, 0, len(wanted), len(expected) - len(wanted))
+    got = table_rows(pg_dsn, target, "estabelecimentos", list(expected[0].keys()))
+    assert Counter(canon(r) for r in got) == Counter(canon(r) for r in wanted)

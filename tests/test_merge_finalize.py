@@ -225,6 +225,15 @@ def test_sync_deletes_after_an_unchanged_reload(tmp_path: Path, pg_dsn: str, sch
     ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, may), sync=True)))
     again = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, ["a.csv", "b.csv"], sync=True, force=True)))
     assert counts(again) == (0, 0, 3, 0) and again.metrics.tables["items"].deleted == 0
+    # every target row is a staged key, unchanged: the sync knows it has nothing to delete without its scan
+    assert "compare" in again.metrics.tables["items"].finalise_steps
+    assert "sync_missing" not in again.metrics.tables["items"].finalise_steps
+    # a row no batch of this period wrote (an unknown batch): the same unchanged reload must still delete it
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f"INSERT INTO \"{target}\".items (k, a, b, _lk_batch) VALUES ('k9', 'v', 9, 12345)")
+    stale = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, ["a.csv", "b.csv"], sync=True, force=True)))
+    assert counts(stale) == (0, 0, 3, 0) and stale.metrics.tables["items"].deleted == 1
+    assert table_state(pg_dsn, target) == {"k1": ("x", 1), "k2": ("y", 2), "k3": ("z", 3)}
     june = {"a.csv": [("k1", "x", "1"), ("k2", "y", "2")], "b.csv": [("k4", "w", "")]}
     synced = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 6, june), month=6,
                                sync=True)))
@@ -613,3 +622,71 @@ def test_stopped_before_publish_then_resume_publishes_through_the_swap(
     assert no_staging_left(pg_dsn, target)
     again = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, batch_rows=3, force=True)))
     assert counts(again) == (0, 0, 2000, 3) and "compare" in steps_of(again) and "upsert" not in steps_of(again)
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hinted_reload_equals_the_full_deduplication(data: st.DataObject, tmp_path_factory: pytest.TempPathFactory,
+                                                      pg_dsn: str, mlflow_uri: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first load, then a reload of a random month (duplicates within batches, across batches and files;
+    rows changed, new and unchanged): with the in-process duplicate-key hints the reload's comparison sorts
+    only the repeated keys' rows (Merge._winners; the upsert always deduplicates every staged row); without them
+    (as a Ray or resumed run) it deduplicates every staged row. The two give the same table (rows,
+    ``_lk_batch``, checksum) and the same counts."""
+    import uuid
+
+    from loadkit.postgres import keyhints
+    from loadkit.postgres.modes import Merge
+
+    tmp = tmp_path_factory.mktemp("hinted")
+    value = st.one_of(st.just(""), st.sampled_from(["p", "q", "r s"]))
+    number = st.one_of(st.just(""), st.integers(-3, 3).map(str))
+    row = st.tuples(st.sampled_from([f"k{i}" for i in range(6)] + ["K0", "k10", "f1", "f7"]), value, number)
+    placed = st.lists(st.tuples(st.floats(0, 1), row), min_size=0, max_size=10)
+
+    def month() -> Dict[str, List[Row]]:
+        drawn = data.draw(st.dictionaries(st.sampled_from(["a.csv", "b.csv", "c.csv"]), placed, min_size=1,
+                                          max_size=3))
+        files = {}
+        for name, rows in drawn.items():  # ~1500 filler rows a file (several batches), the same in every month
+            body: List[Row] = [(f"f{i}", f"{name}-{i}".ljust(40, "."), str(i)) for i in range(1500)]
+            for at, r in sorted(rows, key=lambda p: p[0]):
+                body.insert(int(at * len(body)), r)
+            files[name] = body
+        return files
+
+    months = [month(), month()]
+    batch_rows = data.draw(st.sampled_from([None, 1]))
+    used: List[bool] = []
+    winners = Merge._winners
+
+    def spy(self: Merge, cur: Any, ledger: Any) -> Any:
+        found = winners(self, cur, ledger)
+        used.append(found.unsorted)
+        return found
+
+    monkeypatch.setattr(Merge, "_winners", spy)
+    snaps, results = [], []
+    for hinted in (True, False):
+        schemas = (f"t_{uuid.uuid4().hex[:8]}", f"l_{uuid.uuid4().hex[:8]}")
+        try:
+            with monkeypatch.context() as m:
+                if not hinted:
+                    m.setattr(keyhints.KeyHints, "candidates", lambda self, table, staged: None)
+                for i, files in enumerate(months):
+                    names = write_month(tmp, 5, files)
+                    used.clear()
+                    result = ok(run_job(config(tmp, pg_dsn, schemas, mlflow_uri, names, batch_rows=batch_rows,
+                                               force=i > 0)))
+                assert all(u == hinted for u in used)  # a compared reload took the path under test
+            snaps.append(target_snapshot(pg_dsn, schemas[0]))
+            results.append(result)
+        finally:
+            drop_load_schemas(pg_dsn, *schemas)
+    assert snaps[0] == snaps[1]
+    assert counts(results[0]) == counts(results[1])
+    merged = {**last_wins(months[0]), **last_wins(months[1])}
+    assert [(k, a, b) for k, a, b, _ in snaps[0]["rows"]] == sorted(
+        ((k, v[0], v[1]) for k, (v, _) in merged.items()), key=lambda r: r[0].encode())

@@ -3,17 +3,19 @@
 A merge first load swaps its staging in and needs the key's unique index; without hints the only way to
 learn whether the month repeats a key is to try the index (a full sort, wasted when it fails) and then
 group the whole table on its key (a hash aggregate of every key: ~3 s of server CPU for 4M rows, and a
-second scan). Here the in-process writer threads hash each committed batch's key columns (64 bits a row,
-numpy over the Arrow buffers; only for tables whose staging is the direct kind, the first loads the
-publish swaps in -- the sink ``ignore``s the others) into a per-run ``KeyHints``; at the publish,
-``candidates`` returns the key values whose hash occurs more than once in the table -- none, for a month
-without duplicate keys -- and the server compares only the rows holding those keys (modes.Merge).
+second scan). A reload (or an insert-based first load) deduplicates with DISTINCT ON, a sort of every
+whole staged row (~3 µs/row of backend CPU on a wide table). Here the in-process writer threads hash each
+committed batch's key columns (64 bits a row, numpy over the Arrow buffers; every merge table) into a
+per-run ``KeyHints``; at the publish, ``candidates`` returns the key values whose hash occurs more than
+once in the table -- none, for a month without duplicate keys -- and the server compares or sorts only
+the rows holding those keys (modes.Merge: _swap_in, _winners).
 
 A hint only. Byte-equal is not always PostgreSQL-equal (a non-deterministic collation, ``-0.0`` and
 ``0.0``): a key equal in PostgreSQL but not in bytes is missed, and the unique index build, which stays
-the authority, then fails and the publish falls back to the full search. The reverse (a hash collision
-of different keys) only adds a key to look up. ``char(n)`` values are hashed without trailing spaces,
-as PostgreSQL compares them.
+the authority, then fails and the publish falls back to the full search. A reload has no such authority,
+so it uses hints only on key columns where the two equalities agree (modes.Merge._hints_exact). The
+reverse (a hash collision of different keys) only adds a key to look up. ``char(n)`` values are hashed
+without trailing spaces, as PostgreSQL compares them.
 
 Memory: 8 bytes per hinted row, from the batch's commit to its table's publish; a 16 MB bitmap per run;
 the key values of rows that may repeat an earlier key (the real repeats, plus the bitmap's false
@@ -212,9 +214,9 @@ class KeyHints:
         return maybe
 
     def ignore(self, table: str) -> None:
-        """Hint nothing of ``table`` in this run (its publish would not use them: not a swapped first load)."""
+        """Hint nothing of ``table`` in this run (its publish would not use them), freeing what it holds."""
         with self._lock:
-            self._given_up[table] = "not a first load"
+            self._given_up[table] = "ignored"
             self._free_locked(table)
 
     def _give_up(self, table: str, why: str) -> None:

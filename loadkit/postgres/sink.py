@@ -251,8 +251,6 @@ class PostgresSink:
                 # catalog) is serialised per target schema until this transaction ends.
                 ddl_lock(cur, table.schema)
                 mode.prepare(cur, plan.migrate)
-                if isinstance(mode, Merge) and not mode.direct_staging(cur):
-                    self._hints.ignore(table.name)  # only a swapped first load uses them (modes.Merge._swap_in)
                 if plan.force:
                     mode.reset(cur, self.ledger, plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
