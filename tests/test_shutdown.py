@@ -331,3 +331,37 @@ def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, 
     blocker.assert_still_held(f"the run ended ({time.monotonic() - started:.1f}s)")
     blocker.release()
     assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file WHERE status = %s', ("loaded",)) == [(0,)]
+
+
+# ------------------------------------------------------------------ a stop while a local Ray starts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_ray_starts_is_an_interruption(sig: int, month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                      job_overrides, tmp_path: Path) -> None:
+    """A signal during ``ray.init`` (the CLI's local Ray takes seconds to start). Before: ray.init installs SIGTERM
+    handlers of its own (``sys.exit``) for its duration, so the run ended 'failed (bug): 15', exit 1, with a
+    traceback in the ledger; or the SystemExit (as any exception a handler raises there, the driver's own
+    StopRequested too) landed in an at-fork callback of a Ray process start, where Python drops it with the
+    logging module's lock still held: the run hung with its ledger row 'running'. Now the signal is held while
+    Ray starts and delivered to the driver's handler right after: exit 130, recorded interrupted."""
+    _, led = schemas
+    log = tmp_path / "cli.log"
+    proc = cli(job_overrides(month.root, "env.executor=ray", "tracking.enabled=false", *ONLY_CNAES), log)
+    try:
+        wait_for(lambda: "executor: ray" in log.read_text(errors="replace"), 120, "the executor to start")
+        time.sleep(0.3)  # inside ray.init: it takes seconds (processes, GCS, raylet), its handlers are set first
+        assert proc.poll() is None, "the run ended before the signal"
+        os.kill(proc.pid, sig)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    out = log.read_text(errors="replace")
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
+    run_id = query(pg_dsn, f'SELECT run_id FROM "{led}".run')[0][0]
+    assert count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                         f"'loadkit%%{run_id}%%'") == 0, "the run left sessions behind"
