@@ -50,18 +50,30 @@ class Signals:
     calls ``on_signal`` at once -- the runner cancels the run's own statements there
     (``PostgresSink.cancel``), the blocked call returns, and the handler runs. The watchdog
     and the run deadline interrupt the same way (``_thread.interrupt_main`` trips the pipe).
+
+    While the run records its end (``defer``) one signal is held: the recording is quick, and a
+    second stop must not cut the first one's recording short. A second signal then means the
+    recording is stuck (its UPDATE waits on a lock someone holds; there is no lock_timeout by
+    default): the watcher calls ``on_insist`` (the runner cancels the recording's statement,
+    ``PostgresSink.cancel_end``) and the handler raises; ``abandoned`` says so. Before, every
+    signal was held and only SIGKILL ended the process.
     """
 
     def __init__(self, pending: Optional[Callable[[], Optional[LoadkitError]]] = None,
-                 on_signal: Optional[Callable[[], object]] = None) -> None:
+                 on_signal: Optional[Callable[[], object]] = None,
+                 on_insist: Optional[Callable[[], object]] = None) -> None:
         self._previous: Dict[int, Any] = {}
         self.received: Optional[int] = None
         self._pending = pending  # an error the watchdog wants raised (it interrupts with SIGINT)
         self._on_signal = on_signal
+        self._on_insist = on_insist  # a second signal while deferred: cancel the recording's statement
         self._pipe: Optional[Tuple[int, int]] = None
         self._old_wakeup = -1
         self._watcher: Optional[threading.Thread] = None
         self.defer = False
+        self._deferred = 0  # signals the handler held while deferred
+        self._seen_deferred = 0  # signals the watcher saw while deferred (coalesced ones too)
+        self.abandoned = False  # a second signal while deferred: the recording was given up
 
     def __enter__(self) -> "Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,6 +104,19 @@ class Signals:
                 return
             if not data:  # write end closed: the run is over
                 return
+            if self.defer:
+                self._seen_deferred += sum(1 for n in data if n in wanted)
+                if self._seen_deferred >= 2 and not self.abandoned:
+                    # The handler cannot run while the recording waits inside libpq (a lock): its
+                    # statement is cancelled, then the handler raises (it sees ``abandoned``).
+                    self.abandoned = True
+                    log.warning("stopped again while recording the end: giving the recording up")
+                    if self._on_insist is not None:
+                        try:
+                            self._on_insist()
+                        except Exception as exc:  # best effort
+                            log.warning("could not cancel the recording of the end: %s", exc)
+                continue
             if wanted & set(data) and self._on_signal is not None:
                 names = ", ".join(signal.Signals(n).name for n in sorted(wanted & set(data)))
                 log.warning("%s received: stopping (cancelling this run's statements)", names)
@@ -101,9 +126,13 @@ class Signals:
                     log.warning("could not cancel the run's statements: %s", exc)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.defer:  # the run is recording its end: that finishes first (it is quick)
+        if self.defer:  # the run is recording its end: that finishes first (it is quick)...
             self.received = self.received or signum
-            return
+            self._deferred += 1
+            if self._deferred < 2 and not self.abandoned:
+                return
+            self.abandoned = True  # ...unless a second signal comes meanwhile: the recording is stuck
+            raise StopRequested(self.interruption())
         pending = self._pending() if self._pending is not None else None
         if pending is not None:
             raise StopRequested(pending)

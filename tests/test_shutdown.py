@@ -365,3 +365,48 @@ def test_a_signal_while_ray_starts_is_an_interruption(sig: int, month: SampleMan
     run_id = query(pg_dsn, f'SELECT run_id FROM "{led}".run')[0][0]
     assert count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
                          f"'loadkit%%{run_id}%%'") == 0, "the run left sessions behind"
+
+
+# ------------------------------------------------------------------ a second signal while the end is recorded
+
+
+def test_a_second_signal_abandons_a_stuck_recording_of_the_end(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                              job_overrides, tmp_path: Path) -> None:
+    """The end's UPDATE of the run row waits on a lock someone holds (no lock_timeout by default). A signal
+    while the end is recorded is held (the recording is quick, and a second stop must not cut the first
+    one's recording short); before, every further signal was held too and only SIGKILL ended the process.
+    Now a second signal while the end is recorded cancels the recording's statement and stops: exit 130,
+    the run row left 'running' (the next run of the month marks it crashed), said on the console."""
+    _, led = schemas
+    batches, run_table = Blocker(pg_dsn), Blocker(pg_dsn)
+    log = tmp_path / "cli.log"
+    try:
+        lock_the_ledger(pg_dsn, led, batches)  # the writers wait: the run is held before its end
+        proc = cli(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", *ONLY_CNAES), log)
+        try:
+            wait_for(lambda: waiting_on_lock(pg_dsn, led), 120, "a writer waiting on the ledger")
+            run_table.lock(f'"{led}".run', "EXCLUSIVE")
+            batches.release()
+            wait_for(lambda: count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                                           "'loadkit-end:%%' AND wait_event_type = 'Lock'") > 0,
+                     60, "the end's statement waiting on the run table")
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(1.0)
+            assert proc.poll() is None, "one signal cut the recording of the end short"
+            os.kill(proc.pid, signal.SIGTERM)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        run_table.assert_still_held("the process ended")
+    finally:
+        batches.close()
+        run_table.close()
+    out = log.read_text(errors="replace")
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out and "not recorded" in out, out[-3000:]
+    run_id, status = query(pg_dsn, f'SELECT run_id, status FROM "{led}".run')[0]
+    assert status == "running"
+    assert count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                         f"'%%{run_id}%%'") == 0, "the run left sessions behind"
