@@ -43,6 +43,9 @@ class Signals:
     The handler raises ``errors.StopRequested`` (a KeyboardInterrupt carrying the InterruptedRun, or
     the error a helper thread stopped the run with): a KeyboardInterrupt passes through library
     catch-alls and through Ray's C++ waits, where any other exception raised by a handler is lost.
+    It raises once a run (``stopped``): a later signal, or a helper thread's stop (the run deadline
+    firing while the run cleans up after a SIGTERM), must not cut that cleanup short -- it did, and
+    the run left without recording its end.
 
     Python runs a signal handler only when the main thread is back in the interpreter, not
     while it waits inside libpq (a finalize statement blocked on a lock). So the C-level
@@ -74,6 +77,7 @@ class Signals:
         self._deferred = 0  # signals the handler held while deferred
         self._seen_deferred = 0  # signals the watcher saw while deferred (coalesced ones too)
         self.abandoned = False  # a second signal while deferred: the recording was given up
+        self.stopped: Optional[LoadkitError] = None  # the error of the stop the handler raised (once a run)
 
     def __enter__(self) -> "Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -133,12 +137,17 @@ class Signals:
                 return
             self.abandoned = True  # ...unless a second signal comes meanwhile: the recording is stuck
             raise StopRequested(self.interruption())
+        if self.stopped is not None:  # the run is stopping: its cleanup (Ray's shutdown, the writers'
+            self.received = self.received or signum  # join, recording the end) must not be cut short
+            return
         pending = self._pending() if self._pending is not None else None
         if pending is not None:
+            self.stopped = pending
             raise StopRequested(pending)
         if self.received is None:
             self.received = signum
-            raise StopRequested(self.interruption())
+            self.stopped = self.interruption()
+            raise StopRequested(self.stopped)
 
     def interruption(self) -> InterruptedRun:
         """The InterruptedRun to record for the signal received (SIGINT if none: a bare Ctrl-C)."""
@@ -174,6 +183,8 @@ def stop_cause(exc: BaseException, signals: Optional[Signals], pending: Optional
         return exc.error
     if isinstance(exc, InterruptedRun):
         return exc
+    if signals is not None and signals.stopped is not None:  # the stop the handler raised, whatever came after
+        return signals.stopped
     if pending is not None and (signals is None or signals.received is None):
         return pending
     return (signals or Signals()).interruption()

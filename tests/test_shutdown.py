@@ -410,3 +410,31 @@ def test_a_second_signal_abandons_a_stuck_recording_of_the_end(month: SampleMani
     assert status == "running"
     assert count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
                          f"'%%{run_id}%%'") == 0, "the run left sessions behind"
+
+
+def test_a_helper_threads_stop_during_a_stops_cleanup_does_not_cut_it_short() -> None:
+    """The run deadline (or a lost job lock) firing while the run cleans up after a SIGTERM (Ray's shutdown,
+    the writers' join). Before: the handler raised again for the helper thread's error, from inside the
+    runner's handling of the first stop, so Runner.run left without recording the end (ledger 'running')
+    and raised RunDeadlineExceeded (exit 4): seen with run_job on Ray, SIGTERM at 6.6 s and
+    env.max_run_seconds=6.55. Now the handler raises once per run; the first stop is the one recorded."""
+    import _thread
+
+    from loadkit.errors import InterruptedRun, StopRequested
+    from loadkit.supervise import Signals, stop_cause
+
+    later: List[Any] = [None]
+    signals = Signals(pending=lambda: later[0])
+    with signals:
+        with pytest.raises(StopRequested) as first:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        try:  # the cleanup of the first stop: the deadline fires meanwhile
+            later[0] = RunDeadlineExceeded("run deadline exceeded")
+            _thread.interrupt_main()
+            time.sleep(1.0)
+        except KeyboardInterrupt as again:
+            raise AssertionError(f"a second stop cut the cleanup short: {again!r}") from None
+    assert isinstance(first.value.error, InterruptedRun)
+    cause = stop_cause(KeyboardInterrupt(), signals, later[0])  # Ray's own KeyboardInterrupt in place of ours
+    assert isinstance(cause, InterruptedRun) and cause.context == {"signal": signal.SIGTERM}
