@@ -393,7 +393,7 @@ class Once:
 
 
 @contextmanager
-def _keep_signal_handlers() -> Iterator[None]:
+def _keep_signal_handlers(hold: bool = True) -> Iterator[None]:
     """Start or join Ray with the driver's SIGINT/SIGTERM handlers kept: a signal that arrives meanwhile is
     held, and delivered to them once ``ray.init`` is done (a local Ray starts in seconds).
 
@@ -404,7 +404,9 @@ def _keep_signal_handlers() -> Iterator[None]:
     module's lock still held: the run hung, its ledger row 'running'. So while Ray starts, Ray may not set
     a SIGTERM handler (``ray._private.utils.set_sigterm_handler``, the one call both make; checked against
     the pinned 2.60) and a signal is only recorded; it is raised again (``signal.raise_signal``) once the
-    driver's handlers are back."""
+    driver's handlers are back. ``hold=False`` (joining a cluster: no process is started, and ray.init
+    retries an unreachable address for minutes, a held SIGTERM with it): the driver's handlers stay
+    in place and stop the run at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -413,13 +415,14 @@ def _keep_signal_handlers() -> Iterator[None]:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     held: List[int] = []
 
-    def hold(signum: int, frame: Any) -> None:
+    def held_now(signum: int, frame: Any) -> None:
         held.append(signum)
 
     set_sigterm_handler = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda handler: None
-    for sig in saved:
-        signal.signal(sig, hold)
+    if hold:
+        for sig in saved:
+            signal.signal(sig, held_now)
     try:
         yield
     finally:
@@ -482,7 +485,7 @@ def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: 
                       _system_config=dict(_LOCAL_SYSTEM_CONFIG))
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
-    with _keep_signal_handlers(), (_lean_local_node(worker_logs) if not address else nullcontext()):
+    with _keep_signal_handlers(hold=not address), (_lean_local_node(worker_logs) if not address else nullcontext()):
         ray.init(**kwargs)
 
 
