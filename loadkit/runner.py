@@ -85,7 +85,7 @@ class Runner:
         supervisor = Supervisor(plan, sink.dsn, metrics, alerts, tracker, monitor, self.tags.get("overrides"))
         sink.check_server()
         trace = supervisor.trace = telemetry.start_run(plan, plan)
-        signals = supervisor.signals = Signals(supervisor.pending_error, sink.cancel)
+        signals = supervisor.signals = Signals(supervisor.pending_error, sink.cancel, sink.cancel_end)
         params = plan.settings_dict()  # the run's parameters, with the DSN it connects to (masked)
         params["sink"]["dsn"] = mask_dsn(sink.dsn)
         with signals, _stops_as_errors(supervisor):  # from the first ledger statement: a stop there is prompt
@@ -99,6 +99,11 @@ class Runner:
                 wall = time.time() - started
                 try:
                     self._record_end(sink, metrics, tracker, monitor, alerts, status, error, wall, params)
+                except KeyboardInterrupt:  # stopped twice while recording (Signals): it was stuck
+                    log.error("the end of run %s (%s) was not recorded: stopped again while recording it; the "
+                              "ledger shows it 'running' until the next run of %s %s marks it crashed",
+                              plan.run_id, status, plan.job, plan.period)
+                    raise
                 finally:
                     if endpoint is not None:
                         endpoint.stop()

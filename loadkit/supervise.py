@@ -43,6 +43,9 @@ class Signals:
     The handler raises ``errors.StopRequested`` (a KeyboardInterrupt carrying the InterruptedRun, or
     the error a helper thread stopped the run with): a KeyboardInterrupt passes through library
     catch-alls and through Ray's C++ waits, where any other exception raised by a handler is lost.
+    It raises once a run (``stopped``): a later signal, or a helper thread's stop (the run deadline
+    firing while the run cleans up after a SIGTERM), must not cut that cleanup short -- it did, and
+    the run left without recording its end.
 
     Python runs a signal handler only when the main thread is back in the interpreter, not
     while it waits inside libpq (a finalize statement blocked on a lock). So the C-level
@@ -50,18 +53,31 @@ class Signals:
     calls ``on_signal`` at once -- the runner cancels the run's own statements there
     (``PostgresSink.cancel``), the blocked call returns, and the handler runs. The watchdog
     and the run deadline interrupt the same way (``_thread.interrupt_main`` trips the pipe).
+
+    While the run records its end (``defer``) one signal is held: the recording is quick, and a
+    second stop must not cut the first one's recording short. A second signal then means the
+    recording is stuck (its UPDATE waits on a lock someone holds; there is no lock_timeout by
+    default): the watcher calls ``on_insist`` (the runner cancels the recording's statement,
+    ``PostgresSink.cancel_end``) and the handler raises; ``abandoned`` says so. Before, every
+    signal was held and only SIGKILL ended the process.
     """
 
     def __init__(self, pending: Optional[Callable[[], Optional[LoadkitError]]] = None,
-                 on_signal: Optional[Callable[[], object]] = None) -> None:
+                 on_signal: Optional[Callable[[], object]] = None,
+                 on_insist: Optional[Callable[[], object]] = None) -> None:
         self._previous: Dict[int, Any] = {}
         self.received: Optional[int] = None
         self._pending = pending  # an error the watchdog wants raised (it interrupts with SIGINT)
         self._on_signal = on_signal
+        self._on_insist = on_insist  # a second signal while deferred: cancel the recording's statement
         self._pipe: Optional[Tuple[int, int]] = None
         self._old_wakeup = -1
         self._watcher: Optional[threading.Thread] = None
         self.defer = False
+        self._deferred = 0  # signals the handler held while deferred
+        self._seen_deferred = 0  # signals the watcher saw while deferred (coalesced ones too)
+        self.abandoned = False  # a second signal while deferred: the recording was given up
+        self.stopped: Optional[LoadkitError] = None  # the error of the stop the handler raised (once a run)
 
     def __enter__(self) -> "Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,6 +108,19 @@ class Signals:
                 return
             if not data:  # write end closed: the run is over
                 return
+            if self.defer:
+                self._seen_deferred += sum(1 for n in data if n in wanted)
+                if self._seen_deferred >= 2 and not self.abandoned:
+                    # The handler cannot run while the recording waits inside libpq (a lock): its
+                    # statement is cancelled, then the handler raises (it sees ``abandoned``).
+                    self.abandoned = True
+                    log.warning("stopped again while recording the end: giving the recording up")
+                    if self._on_insist is not None:
+                        try:
+                            self._on_insist()
+                        except Exception as exc:  # best effort
+                            log.warning("could not cancel the recording of the end: %s", exc)
+                continue
             if wanted & set(data) and self._on_signal is not None:
                 names = ", ".join(signal.Signals(n).name for n in sorted(wanted & set(data)))
                 log.warning("%s received: stopping (cancelling this run's statements)", names)
@@ -101,15 +130,24 @@ class Signals:
                     log.warning("could not cancel the run's statements: %s", exc)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.defer:  # the run is recording its end: that finishes first (it is quick)
+        if self.defer:  # the run is recording its end: that finishes first (it is quick)...
             self.received = self.received or signum
+            self._deferred += 1
+            if self._deferred < 2 and not self.abandoned:
+                return
+            self.abandoned = True  # ...unless a second signal comes meanwhile: the recording is stuck
+            raise StopRequested(self.interruption())
+        if self.stopped is not None:  # the run is stopping: its cleanup (Ray's shutdown, the writers'
+            self.received = self.received or signum  # join, recording the end) must not be cut short
             return
         pending = self._pending() if self._pending is not None else None
         if pending is not None:
+            self.stopped = pending
             raise StopRequested(pending)
         if self.received is None:
             self.received = signum
-            raise StopRequested(self.interruption())
+            self.stopped = self.interruption()
+            raise StopRequested(self.stopped)
 
     def interruption(self) -> InterruptedRun:
         """The InterruptedRun to record for the signal received (SIGINT if none: a bare Ctrl-C)."""
@@ -145,6 +183,8 @@ def stop_cause(exc: BaseException, signals: Optional[Signals], pending: Optional
         return exc.error
     if isinstance(exc, InterruptedRun):
         return exc
+    if signals is not None and signals.stopped is not None:  # the stop the handler raised, whatever came after
+        return signals.stopped
     if pending is not None and (signals is None or signals.received is None):
         return pending
     return (signals or Signals()).interruption()

@@ -331,3 +331,110 @@ def test_a_lost_job_lock_is_taken_again_or_stops_the_run(month: SampleManifest, 
     blocker.assert_still_held(f"the run ended ({time.monotonic() - started:.1f}s)")
     blocker.release()
     assert query(pg_dsn, f'SELECT count(*) FROM "{led}".file WHERE status = %s', ("loaded",)) == [(0,)]
+
+
+# ------------------------------------------------------------------ a stop while a local Ray starts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_ray_starts_is_an_interruption(sig: int, month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                      job_overrides, tmp_path: Path) -> None:
+    """A signal during ``ray.init`` (the CLI's local Ray takes seconds to start). Before: ray.init installs SIGTERM
+    handlers of its own (``sys.exit``) for its duration, so the run ended 'failed (bug): 15', exit 1, with a
+    traceback in the ledger; or the SystemExit (as any exception a handler raises there, the driver's own
+    StopRequested too) landed in an at-fork callback of a Ray process start, where Python drops it with the
+    logging module's lock still held: the run hung with its ledger row 'running'. Now the signal is held while
+    Ray starts and delivered to the driver's handler right after: exit 130, recorded interrupted."""
+    _, led = schemas
+    log = tmp_path / "cli.log"
+    proc = cli(job_overrides(month.root, "env.executor=ray", "tracking.enabled=false", *ONLY_CNAES), log)
+    try:
+        wait_for(lambda: "executor: ray" in log.read_text(errors="replace"), 120, "the executor to start")
+        time.sleep(0.3)  # inside ray.init: it takes seconds (processes, GCS, raylet), its handlers are set first
+        assert proc.poll() is None, "the run ended before the signal"
+        os.kill(proc.pid, sig)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    out = log.read_text(errors="replace")
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
+    run_id = query(pg_dsn, f'SELECT run_id FROM "{led}".run')[0][0]
+    assert count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                         f"'loadkit%%{run_id}%%'") == 0, "the run left sessions behind"
+
+
+# ------------------------------------------------------------------ a second signal while the end is recorded
+
+
+def test_a_second_signal_abandons_a_stuck_recording_of_the_end(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                              job_overrides, tmp_path: Path) -> None:
+    """The end's UPDATE of the run row waits on a lock someone holds (no lock_timeout by default). A signal
+    while the end is recorded is held (the recording is quick, and a second stop must not cut the first
+    one's recording short); before, every further signal was held too and only SIGKILL ended the process.
+    Now a second signal while the end is recorded cancels the recording's statement and stops: exit 130,
+    the run row left 'running' (the next run of the month marks it crashed), said on the console."""
+    _, led = schemas
+    batches, run_table = Blocker(pg_dsn), Blocker(pg_dsn)
+    log = tmp_path / "cli.log"
+    try:
+        lock_the_ledger(pg_dsn, led, batches)  # the writers wait: the run is held before its end
+        proc = cli(job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", *ONLY_CNAES), log)
+        try:
+            wait_for(lambda: waiting_on_lock(pg_dsn, led), 120, "a writer waiting on the ledger")
+            run_table.lock(f'"{led}".run', "EXCLUSIVE")
+            batches.release()
+            wait_for(lambda: count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                                           "'loadkit-end:%%' AND wait_event_type = 'Lock'") > 0,
+                     60, "the end's statement waiting on the run table")
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(1.0)
+            assert proc.poll() is None, "one signal cut the recording of the end short"
+            os.kill(proc.pid, signal.SIGTERM)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        run_table.assert_still_held("the process ended")
+    finally:
+        batches.close()
+        run_table.close()
+    out = log.read_text(errors="replace")
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out and "not recorded" in out, out[-3000:]
+    run_id, status = query(pg_dsn, f'SELECT run_id, status FROM "{led}".run')[0]
+    assert status == "running"
+    assert count(pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                         f"'%%{run_id}%%'") == 0, "the run left sessions behind"
+
+
+def test_a_helper_threads_stop_during_a_stops_cleanup_does_not_cut_it_short() -> None:
+    """The run deadline (or a lost job lock) firing while the run cleans up after a SIGTERM (Ray's shutdown,
+    the writers' join). Before: the handler raised again for the helper thread's error, from inside the
+    runner's handling of the first stop, so Runner.run left without recording the end (ledger 'running')
+    and raised RunDeadlineExceeded (exit 4): seen with run_job on Ray, SIGTERM at 6.6 s and
+    env.max_run_seconds=6.55. Now the handler raises once per run; the first stop is the one recorded."""
+    import _thread
+
+    from loadkit.errors import InterruptedRun, StopRequested
+    from loadkit.supervise import Signals, stop_cause
+
+    later: List[Any] = [None]
+    signals = Signals(pending=lambda: later[0])
+    with signals:
+        with pytest.raises(StopRequested) as first:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        try:  # the cleanup of the first stop: the deadline fires meanwhile
+            later[0] = RunDeadlineExceeded("run deadline exceeded")
+            _thread.interrupt_main()
+            time.sleep(1.0)
+        except KeyboardInterrupt as again:
+            raise AssertionError(f"a second stop cut the cleanup short: {again!r}") from None
+    assert isinstance(first.value.error, InterruptedRun)
+    cause = stop_cause(KeyboardInterrupt(), signals, later[0])  # Ray's own KeyboardInterrupt in place of ours
+    assert isinstance(cause, InterruptedRun) and cause.context == {"signal": signal.SIGTERM}

@@ -393,19 +393,44 @@ class Once:
 
 
 @contextmanager
-def _keep_signal_handlers() -> Iterator[None]:
-    """Undo ray.init's SIGTERM handler (sys.exit) in the driver: the runner's graceful shutdown
-    (stop, record 'interrupted', exit 130) must stay the process's reaction to SIGINT/SIGTERM."""
+def _keep_signal_handlers(hold: bool = True) -> Iterator[None]:
+    """Start or join Ray with the driver's SIGINT/SIGTERM handlers kept: a signal that arrives meanwhile is
+    held, and delivered to them once ``ray.init`` is done (a local Ray starts in seconds).
+
+    ``ray.init`` sets SIGTERM handlers of its own (``sys.exit``, the head node's kill-and-exit) first thing:
+    a SIGTERM while it started ended the run 'failed (bug): 15', exit 1. And a handler that raises there --
+    theirs or the runner's StopRequested -- can land in an at-fork callback of a Ray process start
+    (``subprocess`` with a ``preexec_fn`` runs logging's), where Python drops the exception with the logging
+    module's lock still held: the run hung, its ledger row 'running'. So while Ray starts, Ray may not set
+    a SIGTERM handler (``ray._private.utils.set_sigterm_handler``, the one call both make; checked against
+    the pinned 2.60) and a signal is only recorded; it is raised again (``signal.raise_signal``) once the
+    driver's handlers are back. ``hold=False`` (joining a cluster: no process is started, and ray.init
+    retries an unreachable address for minutes, a held SIGTERM with it): the driver's handlers stay
+    in place and stop the run at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import ray._private.utils as ray_utils
+
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held: List[int] = []
+
+    def held_now(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    set_sigterm_handler = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    if hold:
+        for sig in saved:
+            signal.signal(sig, held_now)
     try:
         yield
     finally:
+        ray_utils.set_sigterm_handler = set_sigterm_handler
         for sig, handler in saved.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if held:  # the first signal, now: the driver's handler stops the run (another handler does its own thing)
+            signal.raise_signal(held[0])
 
 
 # Raylet settings of a local Ray (ray.init's _system_config; a joined cluster keeps its own).
@@ -460,7 +485,7 @@ def _init(address: Optional[str], num_cpus: Optional[int], object_store_memory: 
                       _system_config=dict(_LOCAL_SYSTEM_CONFIG))
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
-    with _keep_signal_handlers(), (_lean_local_node(worker_logs) if not address else nullcontext()):
+    with _keep_signal_handlers(hold=not address), (_lean_local_node(worker_logs) if not address else nullcontext()):
         ray.init(**kwargs)
 
 

@@ -152,13 +152,14 @@ def with_application_name(dsn: str, name: str) -> str:
         return f"{dsn} application_name='{name}'"
 
 
-def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2) -> int:
-    """pg_cancel_backend on every session of this run (application_name ``loadkit:<run id>:*``).
+def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2, prefix: Optional[str] = None) -> int:
+    """pg_cancel_backend on every session of this run (application_name ``loadkit:<run id>:*``, or
+    starting with ``prefix`` when given).
 
     Stops statements in progress (a COPY blocked on a lock, a finalize step) at once so a
     stop takes well under a second; the transactions roll back, committed batches stay. Best
     effort: returns how many were signalled, 0 if the server cannot be reached."""
-    prefix = application_name(run_id, "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    prefix = (prefix or application_name(run_id, "")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     try:
         conn = psycopg2.connect(dsn, connect_timeout=timeout_s, application_name=f"loadkit-cancel:{run_id}"[:63])
     except psycopg2.Error as exc:

@@ -197,6 +197,15 @@ class PostgresSink:
         """Cancel the statements of this run's sessions now (a stop): they roll back, committed batches stay."""
         return db.cancel_backends(self.dsn, self.plan.run_id)
 
+    def cancel_end(self) -> int:
+        """Cancel the statement recording the run's end (``end``): a stop insisted while it was stuck."""
+        return db.cancel_backends(self.dsn, self.plan.run_id, prefix=self._end_session)
+
+    @property
+    def _end_session(self) -> str:
+        # Not a loadkit:<run>:* session: a stop's cancel_backends (possibly still in flight) spares it.
+        return f"loadkit-end:{self.plan.run_id}"[:63]
+
     def open(self, params: Dict[str, Any]) -> "PostgresSink":
         """The ledger, the job lock, the run row (with ``params``, the run's masked settings)."""
         plan = self.plan
@@ -502,8 +511,7 @@ class PostgresSink:
         plan = self.plan
 
         def record() -> None:
-            # Not a loadkit:<run>:* session: a stop's cancel_backends (possibly still in flight) spares it.
-            with db.transaction(self.dsn, application_name=f"loadkit-end:{plan.run_id}"[:63]) as cur:
+            with db.transaction(self.dsn, application_name=self._end_session) as cur:
                 for t in metrics.tables.values():
                     if t.status not in ("loaded", "skipped"):
                         t.status = "failed" if status == "failed" else status if status != "succeeded" else t.status
