@@ -63,7 +63,7 @@ ANALYZE_WRITTEN_SHARE_INV = 10
 RELOAD_SAMPLE_ROWS = 1000
 
 # work_mem of a reload's comparison when it joins unsorted staged rows (hinted: Merge._winners) to the target: the
-# join hashes the target, ~210 MB for the monthly job's 1M-row estabelecimentos. With the default 4 MB it splits
+# join hashes the target, ~210 MB for a 1M-row, 28-column target. With the default 4 MB it splits
 # into 64 batches written to temporary files (measured 5.5-6.5 s CPU against 3.0 at 256 MB, 1M rows; the
 # sort it replaces: 3.6). SET LOCAL for the statement only; hash_mem_multiplier (2) applies on top.
 JOIN_WORK_MEM = "256MB"
