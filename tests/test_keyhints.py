@@ -132,11 +132,3 @@ def test_the_same_batch_twice_counts_once() -> None:
     hints.add("t", 7, rows)  # a retry that found it committed
     found: Optional[pa.Table] = hints.candidates("t", {7: 2})
     assert found is not None and found.num_rows == 0 and hints.rows == 2
-
-
-def test_an_ignored_table_keeps_nothing() -> None:
-    hints = KeyHints([spec()])
-    hints.add("t", 1, batch([("a", "1")]))
-    hints.ignore("t")  # not a first load: its publish would not use hints
-    hints.add("t", 2, batch([("a", "1")]))
-    assert hints.rows == 0 and hints.candidates("t", {1: 1, 2: 1}) is None

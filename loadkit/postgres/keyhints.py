@@ -213,12 +213,6 @@ class KeyHints:
         np.bitwise_or.at(self._bitmap, word, mask)
         return maybe
 
-    def ignore(self, table: str) -> None:
-        """Hint nothing of ``table`` in this run (its publish would not use them), freeing what it holds."""
-        with self._lock:
-            self._given_up[table] = "ignored"
-            self._free_locked(table)
-
     def _give_up(self, table: str, why: str) -> None:
         with self._lock:
             self._give_up_locked(table, why)

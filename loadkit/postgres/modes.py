@@ -459,14 +459,22 @@ class WriteMode:
         does anything; None means no sync ran."""
         return None
 
+    def _staged_select(self, where: str = "", extra: str = "") -> str:
+        """Every staged row ``s`` (its published columns, then ``extra``), or those meeting ``where``: no
+        deduplication."""
+        table = self.table
+        cols = ", ".join(f"s.{quote_ident(n)}" for n in self.published_names())
+        return (f"SELECT {cols}{extra} FROM {qualified(table.load_schema, table.load_table)} s"
+                + (f" WHERE {where}" if where else ""))
+
     def _dedup_select(self, ledger: Ledger, extra: str = "", where: str = "") -> str:
         """Staged rows, one per key when a key is declared: the last file, member, offset and row win.
         ``where``: a condition on the staged rows ``s`` (only those are read)."""
         table = self.table
+        if not table.key:
+            return self._staged_select(where, extra)
         cols = ", ".join(f"s.{quote_ident(n)}" for n in self.published_names())
         stage = qualified(table.load_schema, table.load_table)
-        if not table.key:
-            return f"SELECT {cols}{extra} FROM {stage} s" + (f" WHERE {where}" if where else "")
         key = ", ".join(f"s.{quote_ident(k)}" for k in table.key)
         order_tail = _last_wins_order(table.format)
         return (f"SELECT DISTINCT ON ({key}) {cols}{extra} FROM {stage} s "
@@ -605,11 +613,6 @@ class Merge(WriteMode):
             **{n: ddl for n, (ddl, _) in self.target_columns().items()}, ROW_COL: "integer"}
         cur.execute(f"CREATE TABLE IF NOT EXISTS {stage} ("
                     + ", ".join(f"{quote_ident(n)} {t}" for n, t in cols.items()) + ")")
-
-    def direct_staging(self, cur: Any) -> bool:
-        """True if the table's staging is the direct kind (LOGGED, shaped like the target): a first load the
-        publish will try to swap in -- the one path that uses duplicate-key hints (keyhints)."""
-        return self._staging_persistence(cur) == "p"
 
     def _staging_persistence(self, cur: Any) -> Optional[str]:
         """pg_class.relpersistence of the staging table ('p' logged: the direct kind, 'u'), None if absent."""
@@ -936,15 +939,12 @@ class Merge(WriteMode):
         keys = self.key_candidates
         if keys is None or not self._hints_exact(cur):
             return Winners(self._dedup_select(ledger), [], False)
-        table = self.table
-        cols = ", ".join(f"s.{quote_ident(n)}" for n in self.published_names())
-        stage = qualified(table.load_schema, table.load_table)
         if not keys.num_rows:  # no key hash repeats: every staged row wins
-            return Winners(f"SELECT {cols} FROM {stage} s", [], True)
+            return Winners(self._staged_select(), [], True)
         candidates, args = self._candidate_keys(keys)
-        match = " AND ".join(f"k.c{i} = s.{quote_ident(k)}" for i, k in enumerate(table.key))
+        match = " AND ".join(f"k.c{i} = s.{quote_ident(k)}" for i, k in enumerate(self.table.key))
         return Winners(f"WITH k AS MATERIALIZED ({candidates}) "
-                       f"SELECT {cols} FROM {stage} s WHERE NOT EXISTS (SELECT 1 FROM k WHERE {match}) "
+                       f"{self._staged_select(f'NOT EXISTS (SELECT 1 FROM k WHERE {match})')} "
                        f"UNION ALL ({self._dedup_select(ledger, where=f'EXISTS (SELECT 1 FROM k WHERE {match})')})",
                        args, True)
 
