@@ -34,11 +34,12 @@ COLUMNS = [ColumnConfig(name="k", type="varchar(8)", nullable=False, collation="
 def config(root: Path, dsn: str, schemas: tuple, mlflow_uri: str, files: Sequence[str], *, month: int = 5,
            sync: bool = False, history: bool = False, force: bool = False, columns: Optional[list] = None,
            migrate: Optional[MigrateConfig] = None, batch_rows: Optional[int] = None,
-           indexes: Optional[List[List[str]]] = None, max_rejects: Optional[int] = None):
+           indexes: Optional[List[List[str]]] = None, max_rejects: Optional[int] = None,
+           key: Sequence[str] = ("k",)):
     target, led = schemas
     table = TableConfig(source=SourceConfig(paths=[f"2024-{month:02d}/{f}" for f in files],
                                             dialect=DialectConfig(header=False)),
-                        columns=columns or COLUMNS, mode="merge", key=["k"], delete_missing=sync, history=history,
+                        columns=columns or COLUMNS, mode="merge", key=list(key), delete_missing=sync, history=history,
                         indexes=indexes or [], max_rejects=max_rejects)
     batch = BatchConfig(size=batch_rows, min_size=1) if batch_rows else BatchConfig()
     return to_config(LoadkitConfig(
@@ -406,6 +407,40 @@ def test_swapped_first_load_equals_the_insert_path(data: st.DataObject, tmp_path
         assert new.metrics.tables["items"].batches >= 3 * len(files)
 
 
+def test_a_two_column_key_resolves_duplicates_among_the_hinted_keys_only(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, old_path: Any) -> None:
+    """Key (k, a): the hinted first load's scan keeps the rows whose first key column is a candidate's
+    (k1 and k2 here, each also under other second columns that are not duplicated) and resolves only the
+    exact repeated keys -- the same table and counts as the insert path, every other (k1, *) row kept."""
+    import uuid
+
+    columns = [ColumnConfig(name="k", type="varchar(8)", nullable=False, collation="C"),
+               ColumnConfig(name="a", type="text", nullable=False), ColumnConfig(name="b", type="integer")]
+    month = {"a.csv": [(f"f{i}", "x", str(i)) for i in range(500)]
+             + [("k1", "p", "1"), ("k1", "q", "2"), ("k2", "p", "3"), ("k1", "p", "4"), ("k1", "r", "5")],
+             "b.csv": [("k2", "p", "6"), ("k2", "q", "7"), ("k1", "q", "8")]}
+    names = write_month(tmp_path, 5, month)
+    want = {}
+    for name in sorted(month):
+        for k, a, b in month[name]:
+            want[(k, a)] = int(b)
+    results, states = [], []
+    for old in (False, True):
+        run_schemas = (f"t_{uuid.uuid4().hex[:8]}", f"l_{uuid.uuid4().hex[:8]}")
+        try:
+            with old_path() if old else contextlib.nullcontext():
+                results.append(ok(run_job(config(tmp_path, pg_dsn, run_schemas, mlflow_uri, names, columns=columns,
+                                                 key=("k", "a"), batch_rows=2))))
+            states.append(query(pg_dsn, f'SELECT k, a, b, _lk_batch FROM "{run_schemas[0]}".items ORDER BY 1, 2'))
+        finally:
+            drop_load_schemas(pg_dsn, *run_schemas)
+    new, old_ = results
+    assert "dedup_hint" in steps_of(new) and "dedup" not in steps_of(new) and "insert" in steps_of(old_)
+    assert states[0] == states[1]
+    assert {(k, a): b for k, a, b, _ in states[0]} == want
+    assert counts(new) == counts(old_) == (len(want), 0, 0, 508 - len(want))
+
+
 def test_a_duplicate_key_the_hashes_miss_falls_back_to_the_full_search(tmp_path: Path, pg_dsn: str, schemas: tuple,
                                                                         mlflow_uri: str) -> None:
     """Keys equal in PostgreSQL but not in bytes (a double key: -0 = 0) are missed by the client's key hashes:
@@ -581,12 +616,15 @@ def test_target_gets_a_view_before_publish_inserts_from_direct_staging(
     assert no_staging_left(pg_dsn, target)
 
 
+@pytest.mark.parametrize("loss", ["batch", "row"])
 def test_stopped_before_publish_then_resume_publishes_through_the_swap(
-        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch,
+        loss: str) -> None:
     """A run stopped at its publish (every batch committed to the logged, direct staging, the files
-    settled 'staged'); staging then loses a batch behind loadkit's back (what crash recovery does to
-    UNLOGGED staging, or a hand-made DELETE); the resume reads only that batch again and publishes
-    through the swap, exactly. A force=true rerun over the published month is an unchanged reload."""
+    settled 'staged'); staging then loses a batch, or one row of a batch, behind loadkit's back (what crash
+    recovery does to UNLOGGED staging, or a hand-made DELETE); the resume reads only that batch again and
+    publishes through the swap, exactly (verify_staging: a short total sends it to the per-batch count).
+    A force=true rerun over the published month is an unchanged reload."""
     from loadkit.errors import LoadkitError
     from loadkit.postgres.modes import Merge
 
@@ -610,8 +648,11 @@ def test_stopped_before_publish_then_resume_publishes_through_the_swap(
                     ("items",))[0]
     assert batches[0] > 2 and batches[1] == 2003 == query(pg_dsn, f"SELECT count(*) FROM {stage}")[0][0]
     with autocommit_cursor(pg_dsn) as cur:
-        cur.execute(f"DELETE FROM {stage} WHERE _lk_batch = (SELECT min(_lk_batch) FROM {stage})")
-        lost = cur.rowcount
+        cur.execute(f"SELECT count(*) FROM {stage} WHERE _lk_batch = (SELECT min(_lk_batch) FROM {stage})")
+        lost = cur.fetchone()[0]  # the rows of the batch read again
+        cur.execute(f"DELETE FROM {stage} WHERE ctid IN (SELECT ctid FROM {stage} WHERE _lk_batch = "
+                    f"(SELECT min(_lk_batch) FROM {stage}) LIMIT {'ALL' if loss == 'batch' else 1})")
+        assert cur.rowcount == (lost if loss == "batch" else 1)
     resumed = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, batch_rows=3)))
     assert "swap" in steps_of(resumed)
     want = last_wins(month)
