@@ -290,11 +290,18 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     for frozen, source in pairs:
         assert [f.name for f in dataclasses.fields(frozen)] == [f.name for f in dataclasses.fields(source)], frozen
     cfg = compose(BASE + [f"data_root={month.root}", "sink.dsn=postgresql://u:secret@h/db", "sink.connect_timeout=3",
-                          "sink.statement_timeout_ms=5000", "sink.lock_timeout_ms=700", "env.executor=inprocess",
+                          "sink.statement_timeout_ms=5000", "sink.lock_timeout_ms=700", "sink.compare_work_mem=64MB",
+                          "env.executor=inprocess",
                           "alerts.stall_seconds.action=abort", "job.migrate.add_columns=true", "job.verify=count",
                           "tracking=off", "telemetry.tracing=console", "fetch=never"])
     plan = p.build_plan(cfg)
     assert (plan.sink.connect_timeout, plan.sink.statement_timeout_ms, plan.sink.lock_timeout_ms) == (3, 5000, 700)
+    assert plan.sink.compare_work_mem == "64MB"
+    from loadkit.postgres.modes import JOIN_WORK_MEM
+    assert c.SinkConfig().compare_work_mem == p.SinkPlan("", "", "", 0, 0, 0).compare_work_mem == JOIN_WORK_MEM
+    for bad in ("256", "0MB", "1 GB", "256MB; SET x"):  # PostgreSQL needs the unit spelled; nothing else passes
+        with pytest.raises(ConfigError, match="sink.compare_work_mem"):
+            p.build_plan(compose(BASE + [f"data_root={month.root}", f"sink.compare_work_mem='{bad}'"]))
     assert plan.sink.dsn == "postgresql://u:secret@h/db" and "secret" not in repr(plan.sink)
     assert plan.env.executor == "inprocess" and type(plan.env.executor) is str
     assert plan.alerts.stall_seconds == p.AlertRuleSpec(300.0, "critical", "abort")

@@ -65,7 +65,8 @@ RELOAD_SAMPLE_ROWS = 1000
 # work_mem of a reload's comparison when it joins unsorted staged rows (hinted: Merge._winners) to the target: the
 # join hashes the target, ~210 MB for a 1M-row, 28-column target. With the default 4 MB it splits
 # into 64 batches written to temporary files (measured 5.5-6.5 s CPU against 3.0 at 256 MB, 1M rows; the
-# sort it replaces: 3.6). SET LOCAL for the statement only; hash_mem_multiplier (2) applies on top.
+# sort it replaces: 3.6). SET LOCAL for the statement only; hash_mem_multiplier (2) applies on top, and a parallel
+# hash shares work_mem x multiplier x participants. The run's value is sink.compare_work_mem (the same default).
 JOIN_WORK_MEM = "256MB"
 
 UNIQUE_VIOLATION = "23505"  # SQLSTATE unique_violation: the swapped-in key index found a duplicate key
@@ -86,16 +87,18 @@ def record_steps() -> Iterator[Dict[str, float]]:
 
 
 @contextlib.contextmanager
-def work_mem(cur: Any, size: Optional[str]) -> Iterator[None]:
-    """Run the block's statements with ``work_mem`` = ``size`` (transaction-local; None: unchanged), then
-    put back the value it had. (A statement that fails aborts the transaction, which undoes the setting.)"""
-    if size is None:
-        yield
-        return
-    cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', %s, true)", (size,))
-    before = cur.fetchone()[0]
+def settings(cur: Any, **values: Optional[str]) -> Iterator[None]:
+    """Run the block's statements with the given server settings (``work_mem="256MB"``, ``jit="off"``;
+    transaction-local, None: unchanged), then put back the values they had. (A statement that fails aborts
+    the transaction, which undoes them.)"""
+    changed = {name: value for name, value in values.items() if value is not None}
+    before = {}
+    for name, value in changed.items():
+        cur.execute("SELECT current_setting(%s), set_config(%s, %s, true)", (name, name, value))
+        before[name] = cur.fetchone()[0]
     yield
-    cur.execute("SELECT set_config('work_mem', %s, true)", (before,))
+    for name, value in before.items():
+        cur.execute("SELECT set_config(%s, %s, true)", (name, value))
 
 
 @contextlib.contextmanager
@@ -150,6 +153,8 @@ class Winners(NamedTuple):
     sql: str
     args: List[Any]
     unsorted: bool
+    # The disjoint SELECTs (with their parameters) whose UNION ALL is ``sql``; () when ``sql`` is one SELECT.
+    parts: Tuple[Tuple[str, List[Any]], ...] = ()
 
 
 class Published(NamedTuple):
@@ -572,6 +577,7 @@ class Merge(WriteMode):
         # finalize's reload found every target row's key staged and every staged key unchanged (_unchanged): every
         # row then names a batch of this period, so a sync has nothing to delete either.
         self._all_keys_unchanged = False
+        self.compare_work_mem: Optional[str] = JOIN_WORK_MEM  # set by the sink: sink.compare_work_mem
 
     def create_target(self, cur: Any) -> None:
         t = self.table
@@ -852,15 +858,22 @@ class Merge(WriteMode):
         above the scan, which handed every row up with its batch id and row number -- the last columns of a
         wide row, so every column of every row was decoded: 2.0 s against 0.4 s for 4M rows of the monthly
         job's widest table (benchmarks/merge_finalize.py's first load)."""
+        prefilter, values = self._first_key_filter(keys)
+        keys_sql, args = self._candidate_keys(keys)
+        return self._delete_losers_among(cur, ledger, keys_sql, [values, *args], prefilter=f"{prefilter} AND ")
+
+    def _first_key_filter(self, keys: pa.Table) -> Tuple[str, List[Any]]:
+        """(a condition on staged rows ``s``: their first key column is one of ``keys``' values in it, its
+        one parameter: those values, distinct). A superset of the rows holding one of ``keys``, tested in the
+        scan itself against a constant array (hashed, PostgreSQL 14+), so the rows it drops are never decoded
+        past that column (see _delete_hinted_losers)."""
         table = self.table
         first = table.key[0]
         spec = {c.name: c for c in table.columns}
         kind = spec[first].sql_type if first in spec else "text"
         collate = spec[first].collate if first in spec else ""
         values = list(dict.fromkeys(_sql_values(keys.column(first))))  # distinct, in order
-        keys_sql, args = self._candidate_keys(keys)
-        return self._delete_losers_among(cur, ledger, keys_sql, [values, *args],
-                                         prefilter=f"s.{quote_ident(first)}{collate} = ANY(%s::{kind}[]) AND ")
+        return f"s.{quote_ident(first)}{collate} = ANY(%s::{kind}[])", [values]
 
     def _delete_losers_among(self, cur: Any, ledger: Ledger, keys_sql: str, args: Sequence[Any] = (),
                              prefilter: str = "") -> int:
@@ -972,11 +985,14 @@ class Merge(WriteMode):
         if not keys.num_rows:  # no key hash repeats: every staged row wins
             return Winners(self._staged_select(), [], True)
         candidates, args = self._candidate_keys(keys)
+        prefilter, values = self._first_key_filter(keys)
         match = " AND ".join(f"k.c{i} = s.{quote_ident(k)}" for i, k in enumerate(self.table.key))
-        return Winners(f"WITH k AS MATERIALIZED ({candidates}) "
-                       f"{self._staged_select(f'NOT EXISTS (SELECT 1 FROM k WHERE {match})')} "
-                       f"UNION ALL ({self._dedup_select(ledger, where=f'EXISTS (SELECT 1 FROM k WHERE {match})')})",
-                       args, True)
+        hit = f"EXISTS (SELECT 1 FROM ({candidates}) k WHERE {match})"
+        # No CTE for the candidates (written out in each part instead): a CTE scan is parallel-restricted (see
+        # _unchanged). The repeated keys' rows are found by _first_key_filter's scan filter first.
+        single = (self._staged_select(f"NOT {hit}"), args)
+        repeated = (self._dedup_select(ledger, where=f"{prefilter} AND {hit}"), [*values, *args])
+        return Winners(f"{single[0]} UNION ALL ({repeated[0]})", [*single[1], *repeated[1]], True, (single, repeated))
 
     def _hints_exact(self, cur: Any) -> bool:
         """True if, on staging's key columns, PostgreSQL's equality is the equality of the bytes the hints hash
@@ -1046,10 +1062,19 @@ class Merge(WriteMode):
         on = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in table.key)
         k0 = quote_ident(table.key[0])
         winners = self._winners(cur, ledger)
-        with work_mem(cur, JOIN_WORK_MEM if winners.unsorted else None):
-            cur.execute(f"SELECT count(*), count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}), "
-                        f"(SELECT count(*) FROM {target}) FROM ({winners.sql}) d LEFT JOIN {target} t ON {on}",
-                        winners.args or None)
+        # Each part of the winners joins the target on its own, the counts summed: the hinted winners are the
+        # rows of the keys that occur once (most) plus the repeated keys' deduplicated rows, and joined as one
+        # UNION ALL the planner kept the whole compare in one process; part by part, the big part runs as a
+        # Parallel Hash Left Join (4M rows of the monthly job's widest table: 17.2 -> 9.0 s, load 3-4), using
+        # the core the other table's publish leaves idle. JIT off: at that size its compilation, repeated in
+        # every parallel worker, cost more than it saved (10.1 s with it).
+        parts = winners.parts or ((winners.sql, winners.args),)
+        joined = " UNION ALL ".join(
+            f"SELECT count(*) AS n, count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}) AS x "
+            f"FROM ({sql}) d LEFT JOIN {target} t ON {on}" for sql, _ in parts)
+        with settings(cur, work_mem=self.compare_work_mem if winners.unsorted else None, jit="off"):
+            cur.execute(f"SELECT coalesce(sum(n), 0), coalesce(sum(x), 0), (SELECT count(*) FROM {target}) "
+                        f"FROM ({joined}) c", [a for _, args in parts for a in args] or None)
             distinct, differ, rows = (int(v) for v in cur.fetchone())
         if differ:
             return None

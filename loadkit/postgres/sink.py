@@ -479,6 +479,7 @@ class PostgresSink:
             staged = sum(batches.values())
             if isinstance(mode, Merge):
                 mode.key_candidates = self._hints.candidates(table.name, batches)
+                mode.compare_work_mem = plan.sink.compare_work_mem
             with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
                 published = mode.finalize(cur, led)
             led.mark_files_loaded(cur, table.name, plan.period)
