@@ -2,9 +2,11 @@
 and vs append (this checkout's append mode, first load only), all in one sitting.
 
     git archive <rev> | tar -x -C /tmp/merge-before
-    PYTHONPATH=$PWD python -m benchmarks.merge_reload_wall 3
+    PYTHONPATH=$PWD python -m benchmarks.merge_reload_wall 3            # 1M + 0.8M rows
+    PYTHONPATH=$PWD python -m benchmarks.merge_reload_wall 3 4000000    # the 1.16 GB month (4M + 3.2M rows)
 
-The monthly job's estabelecimentos + empresas (1M + 0.8M generated rows) in mode merge without secondary indexes,
+The monthly job's estabelecimentos + empresas (1M + 0.8M generated rows, or the second argument's estabelecimentos
+rows + 0.8 times as many empresas) in mode merge without secondary indexes,
 each side's CLI in its own checkout (its own monthly.yaml), fresh schemas per repetition, side order rotating
 (before, after, append). Prints medians, the ratios to psql and to append, per-process CPU µs/row (driver,
 postgres backends: benchmarks.procstat; what a shared machine's load changes least) and the load averages as JSON.
@@ -24,7 +26,8 @@ from benchmarks.procstat import ProcSampler
 
 def main() -> int:
     dsn = os.environ.get("LOADKIT_DSN", "postgresql://root@127.0.0.1:5432/test")
-    month = cb.generate(Path("/tmp/merge-bench-wr/rows1000000"), 1_000_000)
+    size = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
+    month = cb.generate(Path(f"/tmp/merge-bench-wr/rows{size}"), size)
     sides = {"before": Path(os.environ.get("MERGE_BEFORE", "/tmp/merge-before")), "after": cb.ROOT}
     walls: dict = {f"{s}/{k}": [] for s in sides for k in ("first", "reload")}
     walls["append/first"] = []
