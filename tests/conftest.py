@@ -98,15 +98,17 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One Ray instance for the whole session; loadkit joins it instead of starting its own."""
+    """One Ray instance for the whole session, started as a local run starts its own (execute.ray.ensure_ray:
+    the lean node, Ray Data's helper actors answered in this process); loadkit's runs join it."""
     import ray
+
+    from loadkit.execute.ray import ensure_ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():  # a test without this fixture let loadkit start Ray in this process: reuse it
         yield
         return
-    ray.init(num_cpus=2, object_store_memory=500_000_000, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ensure_ray(None, 2, 500_000_000, None, False, worker_logs=False)
     yield
     ray.shutdown()
 

@@ -74,6 +74,77 @@ def test_a_local_ray_starts_without_autoscaler_monitor_or_dashboard_head(worker_
     assert out.stdout.split() == ["gcs_server", *(["log_monitor.py"] if worker_logs else []), "raylet"]
 
 
+@pytest.mark.slow
+def test_a_local_ray_runs_ray_data_without_its_helper_actors_and_a_joined_one_keeps_them() -> None:
+    """Ray Data's stats actor, actor location tracker and autoscaling coordinator are named actors, each a
+    worker process of its own (~310 MB PSS, issue #16); on the local Ray loadkit started they are answered in the driver
+    (execute.ray._serve_ray_data_here) and an actor-pool dataset still runs. A Ray this process joined
+    (here: started by plain ray.init after a shutdown) keeps Ray Data's own. Catches a Ray Data that
+    looks them up elsewhere."""
+    code = """if True:
+        import ray, ray.data
+        from loadkit.execute.ray import ensure_ray
+
+        class Double:
+            def __call__(self, batch):
+                return {"x": batch["x"] * 2}
+
+        def run():
+            ds = ray.data.from_items([{"x": i} for i in range(20)], override_num_blocks=4)
+            rows = ds.map_batches(Double, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5).take_all()
+            helpers = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
+            print(sorted(r["x"] for r in rows) == [2 * i for i in range(20)], len(helpers), *helpers)
+
+        ensure_ray(None, 1, 128 * 2**20, None, False, worker_logs=False)
+        run()
+        ray.shutdown()
+        ray.init(num_cpus=1, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
+        run()
+        ray.shutdown()
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["True 0",
+                                       "True 3 ActorLocationTracker AutoscalingCoordinator datasets_stats_actor"]
+
+
+@pytest.mark.parametrize("requests", [
+    [("a", [], 180)],  # a lone dataset: the whole node
+    [("a", [{"CPU": 1.0}], 180)],
+    [("a", [{"CPU": 1.0}, {"CPU": 1.0}], 180), ("b", [], 180)],  # bundles first, then the leftover split
+    [("a", [{"CPU": 0.5}], 180), ("b", [{"CPU": 1.0}, {"CPU": 1.0}], 180), ("c", [], 180)],  # b's second misses
+    [("a", [], 180), ("b", [], 5)],  # b's request expires at t=10: a gets everything back
+    [("a", [{"CPU": 1.0}], 180), ("b", [{"CPU": 1.0}], 180), ("a", None, 0)],  # a cancels (None)
+])
+def test_the_local_coordinator_reserves_what_ray_datas_coordinator_actor_reserves(requests: list) -> None:
+    """execute.ray._NodeShare (Ray Data's autoscaling coordinator answered in the driver of a local Ray)
+    against Ray Data's own coordinator class, run here as a plain object on the same one node and clock."""
+    from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import STANDARD_RESOURCE_TYPES
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+
+    from loadkit.execute.ray import _NodeShare
+
+    node = {"NodeID": "n1", "Alive": True, "Labels": {},
+            "Resources": {"CPU": 2.0, "memory": 8e9, "object_store_memory": 2.5e8, "node:127.0.0.1": 1.0}}
+    clock = [0.0]
+    theirs = _AutoscalingCoordinatorActor(get_current_time=lambda: clock[0], get_cluster_nodes=lambda: [node],
+                                          send_resources_request=lambda *a, **kw: None)
+    ours = _NodeShare("n1", dict(node["Resources"]), clock=lambda: clock[0])
+    for requester, bundles, expire in requests:
+        clock[0] += 1
+        if bundles is None:
+            theirs.cancel_request(requester)
+            ours.cancel_request.remote(requester)
+            continue
+        for coordinator in (theirs.request_resources, ours.request_resources.remote):
+            coordinator(requester_id=requester, resources=bundles, expire_after_s=expire,
+                        request_remaining=STANDARD_RESOURCE_TYPES)
+    clock[0] = 10.0
+    theirs._tick()  # the actor purges expired requests on its 20 s tick; ours on every question
+    for requester in "abc":
+        assert ours.reserved(requester) == theirs.get_reserved_resources(requester), requester
+
+
 def test_local_size_channel_is_what_read_tasks_poll() -> None:
     executor = make_executor("inprocess")
     assert isinstance(executor, InProcessExecutor)
