@@ -35,10 +35,10 @@ def config(root: Path, dsn: str, schemas: tuple, mlflow_uri: str, files: Sequenc
            sync: bool = False, history: bool = False, force: bool = False, columns: Optional[list] = None,
            migrate: Optional[MigrateConfig] = None, batch_rows: Optional[int] = None,
            indexes: Optional[List[List[str]]] = None, max_rejects: Optional[int] = None,
-           key: Sequence[str] = ("k",)):
+           key: Sequence[str] = ("k",), encoding: str = "utf-8"):
     target, led = schemas
     table = TableConfig(source=SourceConfig(paths=[f"2024-{month:02d}/{f}" for f in files],
-                                            dialect=DialectConfig(header=False)),
+                                            dialect=DialectConfig(header=False, encoding=encoding)),
                         columns=columns or COLUMNS, mode="merge", key=list(key), delete_missing=sync, history=history,
                         indexes=indexes or [], max_rejects=max_rejects)
     batch = BatchConfig(size=batch_rows, min_size=1) if batch_rows else BatchConfig()
@@ -731,3 +731,31 @@ def test_hinted_reload_equals_the_full_deduplication(data: st.DataObject, tmp_pa
     merged = {**last_wins(months[0]), **last_wins(months[1])}
     assert [(k, a, b) for k, a, b, _ in snaps[0]["rows"]] == sorted(
         ((k, v[0], v[1]) for k, (v, _) in merged.items()), key=lambda r: r[0].encode())
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_a_latin1_key_in_a_transcoded_and_a_python_decoded_batch_is_one_key(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, swap: bool) -> None:
+    """A latin-1 month: a clean chunk goes to the server as source bytes (it transcodes them), a chunk with a
+    bad row is parsed and sent as UTF-8 text. JOSÉ in both is one key: the client's key hashes must see it
+    repeat. They hashed the latin-1 bytes against the UTF-8 ones and missed it, so the insert-path first load
+    (a target with a grant cannot be swapped) inserted both rows and failed on the primary key (the swap
+    fell back to the whole-table search). Now both paths resolve it among the hinted keys: b.csv's row wins."""
+    target, _ = schemas
+    folder = tmp_path / "2024-05"
+    folder.mkdir()
+    filler = b"".join(b"f%d,v,%d\n" % (i, i) for i in range(100))
+    (folder / "a.csv").write_bytes(filler + "JOS\u00c9,first,1\n".encode("latin-1"))
+    (folder / "b.csv").write_bytes(filler.replace(b"f", b"g") + "JOS\u00c9,second,2\n".encode("latin-1")
+                                   + b"bad,row,3,extra\n")
+    if not swap:
+        with autocommit_cursor(pg_dsn) as cur:
+            cur.execute(f'CREATE SCHEMA "{target}"')
+            cur.execute(f'CREATE TABLE "{target}".items ({ITEMS_DDL})')
+            cur.execute(f'GRANT SELECT ON "{target}".items TO PUBLIC')
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, ["a.csv", "b.csv"], encoding="latin-1",
+                               max_rejects=1)))
+    assert query(pg_dsn, f'SELECT a, b FROM "{target}".items WHERE k = %s', ("JOS\u00c9",)) == [("second", 2)]
+    assert counts(result) == (201, 0, 0, 1) and result.metrics.tables["items"].rows_rejected == 1
+    assert ("swap" in steps_of(result)) == swap and "dedup" not in steps_of(result)
+    assert "dedup_hint" in steps_of(result) if swap else "insert" in steps_of(result)
