@@ -18,8 +18,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig, JobConfig, LoadkitConfig,
-                            MigrateConfig, SinkConfig, SourceConfig, TableConfig, TrackingConfig, to_config)
+from loadkit.config import (BatchConfig, ColumnConfig, DerivedKeyConfig, DialectConfig, EnvConfig, JobConfig,
+                            LoadkitConfig, MigrateConfig, SinkConfig, SourceConfig, TableConfig, TrackingConfig,
+                            to_config)
 from loadkit.errors import ConfigError
 from loadkit.runner import RunResult, run_job
 from tests.helpers import autocommit_cursor, drop_load_schemas, query
@@ -35,12 +36,12 @@ def config(root: Path, dsn: str, schemas: tuple, mlflow_uri: str, files: Sequenc
            sync: bool = False, history: bool = False, force: bool = False, columns: Optional[list] = None,
            migrate: Optional[MigrateConfig] = None, batch_rows: Optional[int] = None,
            indexes: Optional[List[List[str]]] = None, max_rejects: Optional[int] = None,
-           key: Sequence[str] = ("k",), encoding: str = "utf-8"):
+           key: Sequence[str] = ("k",), encoding: str = "utf-8", derived_key: Optional[DerivedKeyConfig] = None):
     target, led = schemas
     table = TableConfig(source=SourceConfig(paths=[f"2024-{month:02d}/{f}" for f in files],
                                             dialect=DialectConfig(header=False, encoding=encoding)),
                         columns=columns or COLUMNS, mode="merge", key=list(key), delete_missing=sync, history=history,
-                        indexes=indexes or [], max_rejects=max_rejects)
+                        indexes=indexes or [], max_rejects=max_rejects, derived_key=derived_key)
     batch = BatchConfig(size=batch_rows, min_size=1) if batch_rows else BatchConfig()
     return to_config(LoadkitConfig(
         year=2024, month=month, data_root=str(root), force=force, batch=batch,
@@ -759,3 +760,105 @@ def test_a_latin1_key_in_a_transcoded_and_a_python_decoded_batch_is_one_key(
     assert counts(result) == (201, 0, 0, 1) and result.metrics.tables["items"].rows_rejected == 1
     assert ("swap" in steps_of(result)) == swap and "dedup" not in steps_of(result)
     assert "dedup_hint" in steps_of(result) if swap else "insert" in steps_of(result)
+
+
+# Key values as CSV text, per declared type of the first key column: several spellings of one PostgreSQL value
+# ("007" and "7", "1.5" and "1.50", "t" and "yes", "ab" and "ab " in a char column) and values that differ.
+KEY_SPELLINGS = {
+    "integer": ["7", "007", "+7", "8", "-0", "0"],
+    "bigint": ["9000000000", "09000000000", "1"],
+    "numeric(10,2)": ["1.5", "1.50", "01.5", "2", "2.00", "-0", "0"],
+    "date": ["20240501", "20240502", "20231231"],
+    "timestamp": ["2024-05-01 00:00:00", "2024-05-01 00:00:01"],
+    "boolean": ["t", "true", "1", "yes", "f", "0", "no"],
+    "char(4)": ["ab", "ab ", "ab  ", "a", " ab"],
+    "varchar(6)": ["ab", "ab ", "AB", "a", "\u00e9", "e\u0301", "E\u0301"],
+}
+
+
+@pytest.fixture()
+def case_insensitive(pg_dsn: str) -> Iterator[Optional[str]]:
+    """A non-deterministic ICU collation ("a" = "A") for the test's columns, in public (a column's COLLATE is
+    unqualified), dropped after; None where the server has no ICU (the other collations still run)."""
+    import uuid
+
+    import psycopg2
+
+    name = f"lk_ci_{uuid.uuid4().hex[:8]}"
+    try:
+        with autocommit_cursor(pg_dsn) as cur:
+            cur.execute(f"CREATE COLLATION public.{name} (provider = icu, locale = 'und-u-ks-level2', "
+                        "deterministic = false)")
+    except psycopg2.Error:
+        yield None
+        return
+    try:
+        yield name
+    finally:
+        with autocommit_cursor(pg_dsn) as cur:
+            cur.execute(f"DROP COLLATION IF EXISTS public.{name}")
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hinted_paths_equal_the_full_deduplication_for_every_key_type(
+        data: st.DataObject, tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, mlflow_uri: str,
+        monkeypatch: pytest.MonkeyPatch, case_insensitive: Optional[str]) -> None:
+    """The hinted paths against the unhinted insert path (DISTINCT ON over every staged row, no hints), over a
+    first load and a reload (rows changed, added, gone; sync on or off): a first key column of every declared
+    type (its value in several spellings), a collation (none, C, a non-deterministic one: "a" = "A"), a
+    second key column or none, or a derived key first or second. The hinted swap (its duplicate search
+    filters the scan on the first key column's candidate values, Merge._first_key_filter) and the hinted
+    insert path and reload (Merge._winners, compared part by part) give the same table (rows, ``_lk_batch``)
+    and counts as the full deduplication, or fail alike."""
+    import uuid
+
+    from loadkit.postgres import keyhints
+    from loadkit.postgres.modes import Merge
+
+    tmp = tmp_path_factory.mktemp("types")
+    kind = data.draw(st.sampled_from(sorted(KEY_SPELLINGS)))
+    collation = data.draw(st.sampled_from([None, "C"] + ([case_insensitive] if case_insensitive else []))) \
+        if kind.startswith("varchar") else None
+    shape = data.draw(st.sampled_from(["one", "two", "derived_first", "derived_second"]))
+    columns = [ColumnConfig(name="k", type=kind, nullable=False, collation=collation),
+               ColumnConfig(name="a", type="text", nullable=False), ColumnConfig(name="b", type="integer")]
+    derived = DerivedKeyConfig(name="dk", columns=["k", "a"]) if shape.startswith("derived") else None
+    key = {"one": ("k",), "two": ("k", "a"), "derived_first": ("dk", "b"), "derived_second": ("k", "dk")}[shape]
+    if shape == "derived_first":
+        columns[2] = ColumnConfig(name="b", type="integer", nullable=False)
+    row = st.tuples(st.sampled_from(KEY_SPELLINGS[kind]), st.sampled_from(["x", "y"]), st.sampled_from(["1", "2"]))
+    month = st.dictionaries(st.sampled_from(["a.csv", "b.csv"]), st.lists(row, min_size=1, max_size=8),
+                            min_size=1, max_size=2)
+    months = [data.draw(month), data.draw(month)]
+    sync = data.draw(st.booleans())
+    batch_rows = data.draw(st.sampled_from([None, 1, 2]))
+    cols = ", ".join(["k::text", "a", "b"] + (["dk"] if derived else []))
+    outcomes = []
+    for hinted, swap in ((True, True), (True, False), (False, False)):
+        schemas = (f"t_{uuid.uuid4().hex[:8]}", f"l_{uuid.uuid4().hex[:8]}")
+        runs = []
+        try:
+            with monkeypatch.context() as m:
+                if not hinted:
+                    m.setattr(keyhints.KeyHints, "candidates", lambda self, table, staged: None)
+                if not swap:
+                    m.setattr(Merge, "_direct_wanted", lambda self, cur, created: False)
+                    m.setattr(Merge, "_swap_refusal", lambda self, cur: "the old path (test)")
+                for i, files in enumerate(months):
+                    result = run_job(config(tmp, pg_dsn, schemas, mlflow_uri, write_month(tmp, 5, files), sync=sync,
+                                            force=i > 0, columns=columns, key=key, batch_rows=batch_rows,
+                                            derived_key=derived))
+                    if result.status != "succeeded":
+                        runs.append((result.status, type(result.error).__name__))
+                        break
+                    rows = query(pg_dsn, f'SELECT {cols}, _lk_batch FROM "{schemas[0]}".items')
+                    runs.append((counts(result), sorted(rows, key=repr)))
+                    if hinted and collation != case_insensitive:  # the hints saw every repeat: no fallback
+                        assert "dedup" not in steps_of(result)
+        finally:
+            drop_load_schemas(pg_dsn, *schemas)
+        outcomes.append(runs)
+    assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[2]
+    assert all(isinstance(r[0], tuple) for r in outcomes[2])  # every month loads (no NULL or reject in these)
