@@ -693,6 +693,22 @@ def compose_error(exc: BaseException) -> ConfigError:
     return ConfigError(str(cause).strip() or type(cause).__name__, key=key)
 
 
+# PostgreSQL's range of work_mem, in kB (guc_tables.c: 64 .. MAX_KILOBYTES, INT_MAX on 64-bit servers).
+WORK_MEM_MIN_KB, WORK_MEM_MAX_KB = 64, 2**31 - 1
+_MEMORY_UNITS_KB = {"kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
+
+
+def _work_mem_kb(size: str) -> Optional[int]:
+    """``size`` (e.g. "256MB") in kB if PostgreSQL accepts it as work_mem, else None: the unit spelled as the
+    server wants it and the value in its range (a run with a value it refuses would load everything, then
+    fail its reload's publish at the SET)."""
+    m = re.fullmatch(r"([1-9][0-9]{0,12})(kB|MB|GB|TB)", size)
+    if m is None:
+        return None
+    kb = int(m.group(1)) * _MEMORY_UNITS_KB[m.group(2)]
+    return kb if WORK_MEM_MIN_KB <= kb <= WORK_MEM_MAX_KB else None
+
+
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(message, key=key)
@@ -719,9 +735,9 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.telemetry.tracing != "otlp" or bool(cfg.telemetry.otlp_endpoint), "telemetry.otlp_endpoint",
              "telemetry.tracing=otlp needs telemetry.otlp_endpoint")
     _require(cfg.tracking.live_after_s >= 0, "tracking.live_after_s", "tracking.live_after_s must be >= 0")
-    _require(re.fullmatch(r"[1-9][0-9]*(kB|MB|GB|TB)", cfg.sink.compare_work_mem) is not None,
-             "sink.compare_work_mem", f"sink.compare_work_mem must be a PostgreSQL memory size such as 256MB, "
-             f"not {cfg.sink.compare_work_mem!r}")
+    _require(_work_mem_kb(cfg.sink.compare_work_mem) is not None, "sink.compare_work_mem",
+             f"sink.compare_work_mem must be a PostgreSQL memory size from 64kB to {WORK_MEM_MAX_KB}kB "
+             f"such as 256MB, not {cfg.sink.compare_work_mem!r}")
     for key in ("connect_timeout", "statement_timeout_ms", "lock_timeout_ms"):
         _require(getattr(cfg.sink, key) >= 0, f"sink.{key}", f"sink.{key} must be >= 0 (0 = no limit)")
     _require(cfg.env.max_run_seconds >= 0, "env.max_run_seconds", "env.max_run_seconds must be >= 0 (0 = none)")

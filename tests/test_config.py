@@ -299,9 +299,15 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     assert plan.sink.compare_work_mem == "64MB"
     from loadkit.postgres.modes import JOIN_WORK_MEM
     assert c.SinkConfig().compare_work_mem == p.SinkPlan("", "", "", 0, 0, 0).compare_work_mem == JOIN_WORK_MEM
-    for bad in ("256", "0MB", "1 GB", "256MB; SET x"):  # PostgreSQL needs the unit spelled; nothing else passes
+    # PostgreSQL needs the unit spelled; nothing else passes. Nor does a size outside work_mem's range (64kB ..
+    # 2147483647kB), which the server refuses at the reload's SET, after the whole load (the server's own
+    # verdict on each: test_compare_work_mem_is_what_the_server_accepts).
+    for bad in ("256", "0MB", "1 GB", "256MB; SET x", "1kB", "63kB", "2TB", "2048GB", "2097152MB", "99999999999999MB"):
         with pytest.raises(ConfigError, match="sink.compare_work_mem"):
             p.build_plan(compose(BASE + [f"data_root={month.root}", f"sink.compare_work_mem='{bad}'"]))
+    for good in ("64kB", "2147483647kB", "2047GB", "1TB"):
+        assert p.build_plan(compose(BASE + [f"data_root={month.root}",
+                                            f"sink.compare_work_mem={good}"])).sink.compare_work_mem == good
     assert plan.sink.dsn == "postgresql://u:secret@h/db" and "secret" not in repr(plan.sink)
     assert plan.env.executor == "inprocess" and type(plan.env.executor) is str
     assert plan.alerts.stall_seconds == p.AlertRuleSpec(300.0, "critical", "abort")
@@ -314,3 +320,21 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     assert type(plan.table("empresas").mode) is str and plan.table("empresas").mode == "merge"
     settings = plan.settings_dict()
     assert settings["sink"]["dsn"] == "postgresql://u:***@h/db" and settings["job"]["verify"] == "count"
+
+
+@pytest.mark.parametrize("size", ["64kB", "63kB", "2147483647kB", "2147483648kB", "2047GB", "2048GB", "1TB", "2TB"])
+def test_compare_work_mem_is_what_the_server_accepts(size: str, pg_dsn: str) -> None:
+    """The config accepts a sink.compare_work_mem exactly when PostgreSQL accepts it as work_mem (it used to
+    take 1kB or 2TB, and the run failed at its reload's publish, after the whole load)."""
+    import psycopg2
+
+    from loadkit.config import _work_mem_kb
+    from tests.helpers import autocommit_cursor
+
+    with autocommit_cursor(pg_dsn) as cur:
+        try:
+            cur.execute("SELECT set_config('work_mem', %s, false)", (size,))
+            server = True
+        except psycopg2.Error:
+            server = False
+    assert (_work_mem_kb(size) is not None) == server

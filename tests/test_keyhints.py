@@ -132,3 +132,20 @@ def test_the_same_batch_twice_counts_once() -> None:
     hints.add("t", 7, rows)  # a retry that found it committed
     found: Optional[pa.Table] = hints.candidates("t", {7: 2})
     assert found is not None and found.num_rows == 0 and hints.rows == 2
+
+
+def test_a_key_sent_as_source_bytes_and_as_text_is_one_key() -> None:
+    """A latin-1 table's batches are sent as source bytes for the server to transcode (binary columns, the
+    encoding in the schema's metadata) -- except a chunk with a bad row, parsed and sent as UTF-8 text. The
+    same key in both kinds of batch is one key in PostgreSQL: it must be a candidate (it was not: the
+    hints hashed latin-1 bytes against UTF-8 bytes, and an insert-path first load failed on the key)."""
+    from loadkit.transform import CLIENT_ENCODING_KEY
+
+    hints = KeyHints([spec(kinds=("varchar", "char"))])
+    raw = batch([("JOS\xc9".encode("latin-1"), b"1"), (b"ANA", b"2 ")])
+    hints.add("t", 1, raw.replace_schema_metadata({CLIENT_ENCODING_KEY: b"LATIN1"}))
+    hints.add("t", 2, batch([("JOS\u00c9", "1"), ("ANA", "2"), ("ZOE", "3")]))
+    found = hints.candidates("t", {1: 2, 2: 3})
+    assert found is not None
+    assert sorted(zip(found.column("a").to_pylist(), [b.rstrip() for b in found.column("b").to_pylist()])) == [
+        ("ANA", "2"), ("JOS\u00c9", "1")]

@@ -15,7 +15,10 @@ A hint only. Byte-equal is not always PostgreSQL-equal (a non-deterministic coll
 the authority, then fails and the publish falls back to the full search. A reload has no such authority,
 so it uses hints only on key columns where the two equalities agree (modes.Merge._hints_exact). The
 reverse (a hash collision of different keys) only adds a key to look up. ``char(n)`` values are hashed
-without trailing spaces, as PostgreSQL compares them.
+without trailing spaces, as PostgreSQL compares them. Text keys are hashed as UTF-8: a batch sent as source
+bytes for the server to transcode (transform.server_encoding: latin-1) has them decoded first, since the
+batches of one table need not all be sent that way (a chunk with a bad row is parsed and sent as UTF-8), and
+the same key in both would otherwise hash apart (ASCII values: a zero-copy view).
 
 Memory: 8 bytes per hinted row, from the batch's commit to its table's publish; a 16 MB bitmap per run;
 the key values of rows that may repeat an earlier key (the real repeats, plus the bitmap's false
@@ -36,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from loadkit.plan import TableSpec
+from loadkit.transform import decode_text_columns
 
 log = logging.getLogger("loadkit.postgres.keyhints")
 
@@ -174,6 +178,8 @@ class KeyHints:
         if n:
             assert rows is not None
             key, trimmed = self._keys[table]
+            # the key columns as UTF-8 text (a source-bytes batch decoded): the same key hashes alike in every batch
+            rows = decode_text_columns(rows.select(list(key)))
             found = key_hashes(rows, key, trimmed)
             if found is None:
                 self._give_up(table, "a key column's type or width is not hashed")
