@@ -157,14 +157,22 @@ def _index_name(on: str, cols: Tuple[str, ...]) -> str:
 
 
 class Winners(NamedTuple):
-    """A SELECT of one staged row per key (the last wins: Merge._winners), its parameters, and whether its
-    rows come unsorted (duplicate-key hints: a join to the target then hashes, see JOIN_WORK_MEM)."""
+    """The staged rows, one per key (the last wins: Merge._winners), as disjoint SELECTs with their parameters
+    (``parts``; ``sql``/``args``: their UNION ALL), and whether the rows come unsorted (duplicate-key hints: a
+    join to the target then hashes, see JOIN_WORK_MEM)."""
 
-    sql: str
-    args: List[Any]
+    parts: Tuple[Tuple[str, List[Any]], ...]
     unsorted: bool
-    # The disjoint SELECTs (with their parameters) whose UNION ALL is ``sql``; () when ``sql`` is one SELECT.
-    parts: Tuple[Tuple[str, List[Any]], ...] = ()
+
+    @property
+    def sql(self) -> str:
+        if len(self.parts) == 1:
+            return self.parts[0][0]
+        return " UNION ALL ".join(f"({sql})" for sql, _ in self.parts)
+
+    @property
+    def args(self) -> List[Any]:
+        return [a for _, args in self.parts for a in args]
 
 
 class Published(NamedTuple):
@@ -422,12 +430,12 @@ class WriteMode:
         """
         table = self.table
         expected = ledger.unpublished_batch_rows(cur, table.name, period)
+        total = sum(sb.rows_loaded for sb in expected.values())
         stage = qualified(table.load_schema, table.load_table)
         cur.execute("SELECT to_regclass(%s)", (stage,))
         if cur.fetchone()[0] is None:
             staged: Dict[int, int] = {}
         else:
-            total = sum(sb.rows_loaded for sb in expected.values())
             cur.execute(f"SELECT count(*) FROM {stage}")
             if int(cur.fetchone()[0]) == total:
                 self._verified_rows = total
@@ -435,7 +443,7 @@ class WriteMode:
             cur.execute(f"SELECT {quote_ident(BATCH_COL)}, count(*) FROM {stage} GROUP BY 1")
             staged = {int(b): int(n) for b, n in cur.fetchall()}
         lost = [b for b, sb in expected.items() if staged.get(b, 0) != sb.rows_loaded]
-        self._verified_rows = None if lost else sum(sb.rows_loaded for sb in expected.values())
+        self._verified_rows = None if lost else total
         orphans = [b for b in staged if b not in expected]
         if (lost or orphans) and staged:
             cur.execute(f"DELETE FROM {stage} WHERE {quote_ident(BATCH_COL)} = ANY(%s)", (lost + orphans,))
@@ -844,13 +852,18 @@ class Merge(WriteMode):
         repeated = f"SELECT {keys} FROM {target} GROUP BY {keys} HAVING count(*) > 1"
         return self._delete_losers_among(cur, ledger, repeated)
 
+    def _key_type(self, name: str) -> Tuple[str, str]:
+        """(SQL type, ' COLLATE "..."' or '') of key column ``name``: as declared; a derived key is text."""
+        col = next((c for c in self.table.columns if c.name == name), None)
+        return (col.sql_type, col.collate) if col is not None else ("text", "")
+
     def _candidate_keys(self, keys: pa.Table) -> Tuple[str, List[Any]]:
         """(a SELECT of ``keys``' rows as the table's key columns c0, c1, ... -- their declared types and
         collations --, its parameters): the key values whose hash repeats (keyhints.KeyHints.candidates)."""
         table = self.table
-        spec = {c.name: c for c in table.columns}
-        arrays = ", ".join(f"%s::{spec[k].sql_type if k in spec else 'text'}[]" for k in table.key)
-        picked = ", ".join(f"u.c{i}{spec[k].collate if k in spec else ''} AS c{i}" for i, k in enumerate(table.key))
+        types = [self._key_type(k) for k in table.key]
+        arrays = ", ".join(f"%s::{kind}[]" for kind, _ in types)
+        picked = ", ".join(f"u.c{i}{collate} AS c{i}" for i, (_, collate) in enumerate(types))
         named = ", ".join(f"c{i}" for i in range(len(table.key)))
         return (f"SELECT {picked} FROM unnest({arrays}) u({named})",
                 [_sql_array(_sql_values(keys.column(k))) for k in table.key])
@@ -877,11 +890,8 @@ class Merge(WriteMode):
         one parameter: those values, distinct). A superset of the rows holding one of ``keys``, tested in the
         scan itself against a constant array (hashed, PostgreSQL 14+), so the rows it drops are never decoded
         past that column (see _delete_hinted_losers)."""
-        table = self.table
-        first = table.key[0]
-        spec = {c.name: c for c in table.columns}
-        kind = spec[first].sql_type if first in spec else "text"
-        collate = spec[first].collate if first in spec else ""
+        first = self.table.key[0]
+        kind, collate = self._key_type(first)
         values = list(dict.fromkeys(_sql_values(keys.column(first))))  # distinct, in order
         return f"s.{quote_ident(first)}{collate} = ANY(%s::{kind}[])", [_sql_array(values)]
 
@@ -991,18 +1001,17 @@ class Merge(WriteMode):
         with the target's key index were faster on the sorted rows (6.8 vs 11.6 CPU-s per 1M rows)."""
         keys = self.key_candidates
         if keys is None or not self._hints_exact(cur):
-            return Winners(self._dedup_select(ledger), [], False)
+            return Winners(((self._dedup_select(ledger), []),), False)
         if not keys.num_rows:  # no key hash repeats: every staged row wins
-            return Winners(self._staged_select(), [], True)
+            return Winners(((self._staged_select(), []),), True)
         candidates, args = self._candidate_keys(keys)
         prefilter, values = self._first_key_filter(keys)
         match = " AND ".join(f"k.c{i} = s.{quote_ident(k)}" for i, k in enumerate(self.table.key))
         hit = f"EXISTS (SELECT 1 FROM ({candidates}) k WHERE {match})"
         # No CTE for the candidates (written out in each part instead): a CTE scan is parallel-restricted (see
         # _unchanged). The repeated keys' rows are found by _first_key_filter's scan filter first.
-        single = (self._staged_select(f"NOT {hit}"), args)
-        repeated = (self._dedup_select(ledger, where=f"{prefilter} AND {hit}"), [*values, *args])
-        return Winners(f"{single[0]} UNION ALL ({repeated[0]})", [*single[1], *repeated[1]], True, (single, repeated))
+        return Winners(((self._staged_select(f"NOT {hit}"), args),
+                        (self._dedup_select(ledger, where=f"{prefilter} AND {hit}"), [*values, *args])), True)
 
     def _hints_exact(self, cur: Any) -> bool:
         """True if, on staging's key columns, PostgreSQL's equality is the equality of the bytes the hints hash
@@ -1078,13 +1087,12 @@ class Merge(WriteMode):
         # Parallel Hash Left Join (4M rows of the monthly job's widest table: 17.2 -> 9.0 s, load 3-4), using
         # the core the other table's publish leaves idle. JIT off: at that size its compilation, repeated in
         # every parallel worker, cost more than it saved (10.1 s with it).
-        parts = winners.parts or ((winners.sql, winners.args),)
         joined = " UNION ALL ".join(
             f"SELECT count(*) AS n, count(*) FILTER (WHERE t.{k0} IS NULL OR {self._changed_sql(names)}) AS x "
-            f"FROM ({sql}) d LEFT JOIN {target} t ON {on}" for sql, _ in parts)
+            f"FROM ({sql}) d LEFT JOIN {target} t ON {on}" for sql, _ in winners.parts)
         with settings(cur, work_mem=self.compare_work_mem if winners.unsorted else None, jit="off"):
             cur.execute(f"SELECT coalesce(sum(n), 0), coalesce(sum(x), 0), (SELECT count(*) FROM {target}) "
-                        f"FROM ({joined}) c", [a for _, args in parts for a in args] or None)
+                        f"FROM ({joined}) c", winners.args or None)
             distinct, differ, rows = (int(v) for v in cur.fetchone())
         if differ:
             return None
