@@ -538,12 +538,16 @@ def _on_local_node() -> bool:
     return _LOCAL_NODE is not None and ray.is_initialized() and ray.get_runtime_context().get_node_id() == _LOCAL_NODE
 
 
-class _NoCall:
-    """A fire-and-forget actor method's stand-in: ``.remote(*args)`` does nothing and returns None."""
+class _Calls:
+    """An actor method's stand-in: ``.remote(*args)`` calls ``fn`` here."""
 
-    @staticmethod
-    def remote(*args: Any, **kwargs: Any) -> None:
-        return None
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.remote = fn
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    """A fire-and-forget actor method's answer: nothing to do, None."""
+    return None
 
 
 class _StatsHere:
@@ -552,7 +556,7 @@ class _StatsHere:
     metrics collection off), so those calls do nothing; dataset ids come from a counter, as the
     actor's do (one driver per local Ray: unique)."""
 
-    update_execution_metrics = update_iteration_metrics = register_dataset = _NoCall()
+    update_execution_metrics = update_iteration_metrics = register_dataset = _Calls(_nothing)
 
     def __init__(self) -> None:
         ids = itertools.count()
@@ -566,7 +570,7 @@ class _LocationsHere:
     and keeps the node each actor reported when it became ready -- the same node. Picklable: it is
     passed to every loader actor."""
 
-    update_actor_location = _NoCall()
+    update_actor_location = _Calls(_nothing)
 
 
 def _no_locations(logical_actor_ids: Tuple[str, ...]) -> Dict[str, str]:
@@ -622,13 +626,6 @@ class _NodeShare:
                 if share > 0:
                     mine[kind] = mine.get(kind, 0) + share
             return {self._node_id: mine}
-
-
-class _Calls:
-    """An actor method's stand-in: ``.remote(*args)`` calls ``fn`` here."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.remote = fn
 
 
 _STATS: Optional[_StatsHere] = None
