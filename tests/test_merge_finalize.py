@@ -410,10 +410,12 @@ def test_swapped_first_load_equals_the_insert_path(data: st.DataObject, tmp_path
 
 
 def test_a_two_column_key_resolves_duplicates_among_the_hinted_keys_only(
-        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, old_path: Any) -> None:
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, old_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Key (k, a): the hinted first load's scan keeps the rows whose first key column is a candidate's
     (k1 and k2 here, each also under other second columns that are not duplicated) and resolves only the
-    exact repeated keys -- the same table and counts as the insert path, every other (k1, *) row kept."""
+    exact repeated keys -- the same table and counts as the insert path, every other (k1, *) row kept.
+    That scan is verify_staging's count (Merge._count_staged): the first-key filter is built once."""
     import uuid
 
     columns = [ColumnConfig(name="k", type="varchar(8)", nullable=False, collation="C"),
@@ -426,6 +428,16 @@ def test_a_two_column_key_resolves_duplicates_among_the_hinted_keys_only(
     for name in sorted(month):
         for k, a, b in month[name]:
             want[(k, a)] = int(b)
+    from loadkit.postgres.modes import Merge
+
+    filters: List[str] = []  # the first-key scan filters built: one, for verify_staging's count
+    first_key_filter = Merge._first_key_filter
+
+    def spy(self: Merge, keys: Any) -> Tuple[str, List[Any]]:
+        filters.append(self.table.name)
+        return first_key_filter(self, keys)
+
+    monkeypatch.setattr(Merge, "_first_key_filter", spy)
     results, states = [], []
     for old in (False, True):
         run_schemas = (f"t_{uuid.uuid4().hex[:8]}", f"l_{uuid.uuid4().hex[:8]}")
@@ -433,6 +445,8 @@ def test_a_two_column_key_resolves_duplicates_among_the_hinted_keys_only(
             with old_path() if old else contextlib.nullcontext():
                 results.append(ok(run_job(config(tmp_path, pg_dsn, run_schemas, mlflow_uri, names, columns=columns,
                                                  key=("k", "a"), batch_rows=2))))
+            if not old:  # verify_staging's count gathered the candidates' rows: the delete read only those
+                assert filters == ["items"]
             states.append(query(pg_dsn, f'SELECT k, a, b, _lk_batch FROM "{run_schemas[0]}".items ORDER BY 1, 2'))
         finally:
             drop_load_schemas(pg_dsn, *run_schemas)

@@ -465,6 +465,10 @@ class PostgresSink:
                 tm.status = "loaded"
                 led.finish_table(cur, plan.run_id, table.name, outcome(tm))
                 return False
+            batches = led.unpublished_batches(cur, table.name, plan.period)
+            if isinstance(mode, Merge):  # before verify_staging: its count gathers the candidates' rows too
+                mode.key_candidates = self._hints.candidates(table.name, batches)
+                mode.compare_work_mem = plan.sink.compare_work_mem
             lost = mode.verify_staging(cur, led, plan.period)
             if lost:
                 ours = [b for b in lost if b.run_id == plan.run_id]  # counted by this run: read again
@@ -475,11 +479,7 @@ class PostgresSink:
                 tm.blank_lines -= sum(b.blank_lines for b in ours)
                 tm.batches -= len(ours)
                 return True
-            batches = led.unpublished_batches(cur, table.name, plan.period)
-            staged = sum(batches.values())
-            if isinstance(mode, Merge):
-                mode.key_candidates = self._hints.candidates(table.name, batches)
-                mode.compare_work_mem = plan.sink.compare_work_mem
+            staged = sum(batches.values())  # verify_staging found none lost: the batches are as read above
             with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
                 published = mode.finalize(cur, led)
             led.mark_files_loaded(cur, table.name, plan.period)
