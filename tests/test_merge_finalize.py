@@ -457,6 +457,43 @@ def test_a_two_column_key_resolves_duplicates_among_the_hinted_keys_only(
     assert counts(new) == counts(old_) == (len(want), 0, 0, 508 - len(want))
 
 
+def test_a_key_repeated_in_batches_of_different_longest_values_is_hinted(tmp_path: Path, pg_dsn: str,
+                                                                         schemas: tuple, mlflow_uri: str,
+                                                                         old_path: Any) -> None:
+    """A varchar key repeated in two batches, one of which also holds a key longer than 8 bytes: the key
+    hashes alike in both. Its hash once depended on its batch's longest value, so the repeat was missed: the
+    swapped first load fell back to searching the whole table, and a first load into a target that cannot
+    be swapped (the insert path, which passes unhinted keys' rows unsorted) failed on its primary key at
+    every rerun. Then an unchanged reload and a changed one, exact."""
+    cols = [ColumnConfig(name="k", type="varchar(40)", nullable=False, collation="C"),
+            ColumnConfig(name="a", type="text"), ColumnConfig(name="b", type="integer")]
+    target, _ = schemas
+    month = {"a.csv": [("ab", "x", "1"), ("a-key-longer-than-one-lane-0001", "y", "2")],
+             "b.csv": [("ab", "z", "3"), ("cd", "w", "4")]}
+    names = write_month(tmp_path, 5, month)
+    want = last_wins(month)
+    first = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, columns=cols, batch_rows=2)))
+    assert "dedup_hint" in steps_of(first) and "dedup" not in steps_of(first)
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in want.items()}
+    assert counts(first) == (3, 0, 0, 1)
+    again = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, columns=cols, batch_rows=2, force=True)))
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in want.items()}
+    assert counts(again)[3] == 1 and sum(counts(again)[:3]) == 3
+    month["b.csv"] = [("ab", "changed", "5"), ("cd", "w", "4")]
+    names = write_month(tmp_path, 5, month)
+    changed = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, names, columns=cols, batch_rows=2, force=True)))
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in last_wins(month).items()}
+    assert counts(changed)[3] == 1 and sum(counts(changed)[:3]) == 3
+    inserted = (target + "i", schemas[1] + "i")
+    try:
+        with old_path():
+            via_insert = ok(run_job(config(tmp_path, pg_dsn, inserted, mlflow_uri, names, columns=cols, batch_rows=2)))
+        assert "insert" in steps_of(via_insert) and counts(via_insert) == (3, 0, 0, 1)
+        assert table_state(pg_dsn, inserted[0]) == {k: v for k, (v, _) in last_wins(month).items()}
+    finally:
+        drop_load_schemas(pg_dsn, *inserted)
+
+
 def test_a_duplicate_key_the_hashes_miss_falls_back_to_the_full_search(tmp_path: Path, pg_dsn: str, schemas: tuple,
                                                                         mlflow_uri: str) -> None:
     """Keys equal in PostgreSQL but not in bytes (a double key: -0 = 0) are missed by the client's key hashes:

@@ -63,8 +63,9 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def _var_width_hash(arr: pa.Array, rstrip_spaces: bool) -> Optional[np.ndarray]:
-    """Per value of a (large) string/binary array: its length and bytes (zero-padded to 8-byte lanes)
-    folded into 64 bits; None if a value is longer than MAX_KEY_BYTES."""
+    """Per value of a (large) string/binary array: its length and bytes (zero-padded to its own 8-byte
+    lanes) folded into 64 bits -- the same for the same value in any batch; None if a value is longer than
+    MAX_KEY_BYTES."""
     n = len(arr)
     wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
     bufs = arr.buffers()
@@ -92,8 +93,10 @@ def _var_width_hash(arr: pa.Array, rstrip_spaces: bool) -> Optional[np.ndarray]:
         padded[inside] = data[(starts[:, None] + at)[inside]]
     lanes = padded.view(np.uint64)  # (n, width / 8)
     h = lengths.astype(np.uint64)
+    own = np.maximum(1, -(-lengths // 8))  # a value's own lanes: its hash must not depend on its batch's longest
     for lane in range(lanes.shape[1]):
-        h = h * _P + lanes[:, lane]
+        step = h * _P + lanes[:, lane]
+        h = step if lane == 0 or lane < own.min() else np.where(own > lane, step, h)
     return h
 
 
