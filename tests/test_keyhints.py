@@ -85,6 +85,67 @@ def test_a_rows_hash_does_not_depend_on_the_other_rows_of_its_batch(
         assert alone is not None and alone[0] == together[i], (part.slice(i, 1).to_pylist(), i)
 
 
+@settings(max_examples=300, deadline=None)
+@given(columns=st.lists(_column_values(), min_size=1, max_size=3), trim=st.booleans(), data=st.data())
+def test_the_c_key_hashes_equal_the_numpy_ones(columns: List[Tuple[pa.DataType, List[Any]]], trim: bool,
+                                               data: st.DataObject) -> None:
+    """keyhints' C path (_keyhash.fold_var_width) gives the numpy path's numbers for every row: random
+    string/binary columns (NULLs, empty and long values, sliced), with and without the char(n) trim, beside
+    columns the C path does not take (int64, date32)."""
+    import loadkit.postgres.keyhints as kh
+
+    n = min(len(values) for _, values in columns)
+    names = [f"c{i}" for i in range(len(columns))]
+    table = pa.table({name: pa.array(values[:n], kind) for name, (kind, values) in zip(names, columns)})
+    part = table.slice(data.draw(st.integers(0, n - 1)))
+    trimmed = [name for name, (kind, _) in zip(names, columns) if trim and pa.types.is_string(kind)]
+    results, saved = [], kh.ACCELERATED
+    try:
+        for accelerated in (True, False):
+            kh.ACCELERATED = accelerated
+            results.append(key_hashes(part, names, trimmed))
+    finally:
+        kh.ACCELERATED = saved
+    assert results[0] is not None and results[1] is not None
+    assert results[0].tolist() == results[1].tolist()
+
+
+def test_the_c_key_hashes_are_built_and_used_in_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent fallback: the extension imports (``python setup.py build_ext --inplace`` or ``pip install -e
+    .``), key_hashes folds string columns with it, a value over MAX_KEY_BYTES still gives no hashes, bad
+    buffers raise instead of reading outside them, and LOADKIT_KEYHASH=numpy (read at import) is the only way
+    to the numpy path."""
+    import os
+    import subprocess
+    import sys
+
+    import loadkit.postgres.keyhints as kh
+
+    assert kh._c is not None, "loadkit.postgres._keyhash is not built (python setup.py build_ext --inplace)"
+    assert kh.ACCELERATED is (os.environ.get("LOADKIT_KEYHASH", "").lower() != "numpy")
+    monkeypatch.setattr(kh, "ACCELERATED", True)
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("a string column fell back to numpy")
+
+    monkeypatch.setattr(kh, "_var_width_hash", refuse)
+    h = key_hashes(pa.table({"k": pa.array(["ab", "ab  ", None, "x" * 30])}), ["k"], ["k"])
+    assert h is not None and h[0] == h[1] and len(set(h.tolist())) == 3
+    assert key_hashes(pa.table({"k": pa.array(["x" * (kh.MAX_KEY_BYTES + 1)])}), ["k"]) is None
+    rows = np.zeros(2, np.uint64)
+    with pytest.raises(ValueError, match="outside the data"):
+        kh._c.fold_var_width(rows, np.array([0, 4, 99], np.int32).tobytes(), b"abcd", None, 0, 2, False, False, 256)
+    with pytest.raises(ValueError, match="offsets"):
+        kh._c.fold_var_width(rows, np.array([0, 4], np.int32).tobytes(), b"abcd", None, 0, 2, False, False, 256)
+    with pytest.raises(ValueError, match="bitmap"):
+        kh._c.seen_before(np.zeros(1, np.uint64), np.array([2**63], np.uint64), np.zeros(1, np.uint8), 37)
+    probe = "import loadkit.postgres.keyhints as k; print(k.ACCELERATED, k._c is not None)"
+    for value, want in (("numpy", "False True"), ("", "True True")):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LOADKIT_KEYHASH": value}, timeout=120)
+        assert out.stdout.split() == want.split(), (value, out.stdout, out.stderr)
+
+
 def test_char_keys_ignore_trailing_spaces_like_postgresql() -> None:
     t = pa.table({"k": pa.array(["ab", "ab  ", "a b", "ab\t"])})
     trimmed = key_hashes(t, ["k"], ["k"])
@@ -112,15 +173,17 @@ keys = st.tuples(st.sampled_from(["k1", "k2", "K1", "k10", "x"]), st.sampled_fro
 
 
 @settings(max_examples=200, deadline=None)
-@given(batches=st.lists(st.lists(keys, max_size=30), min_size=1, max_size=6), bits=st.sampled_from([64, 1 << 12]))
-def test_candidates_are_exactly_the_repeated_keys(batches: List[List[Tuple[str, str]]], bits: int) -> None:
+@given(batches=st.lists(st.lists(keys, max_size=30), min_size=1, max_size=6), bits=st.sampled_from([64, 1 << 12]),
+       accelerated=st.booleans())
+def test_candidates_are_exactly_the_repeated_keys(batches: List[List[Tuple[str, str]]], bits: int,
+                                                  accelerated: bool) -> None:
     """Any batches (repeats within a batch and across batches; char column a with trailing spaces): the
     candidates are exactly the repeated keys (trailing spaces of the char column ignored), whatever the
-    bitmap's size (a tiny one: nearly every row a false "maybe")."""
+    bitmap's size (a tiny one: nearly every row a false "maybe"), on the C path and the numpy path."""
     import loadkit.postgres.keyhints as kh
 
-    old = kh.BITMAP_BITS
-    kh.BITMAP_BITS = bits
+    old, old_accel = kh.BITMAP_BITS, kh.ACCELERATED
+    kh.BITMAP_BITS, kh.ACCELERATED = bits, accelerated and kh._c is not None
     try:
         hints = KeyHints([spec(kinds=("varchar", "char"))])
         staged = {}
@@ -129,7 +192,7 @@ def test_candidates_are_exactly_the_repeated_keys(batches: List[List[Tuple[str, 
             staged[100 + i] = len(rows)
         found = hints.candidates("t", staged)
     finally:
-        kh.BITMAP_BITS = old
+        kh.BITMAP_BITS, kh.ACCELERATED = old, old_accel
     assert found is not None
     seen = Counter((a, b.rstrip(" ")) for rows in batches for a, b in rows)
     want = {k for k, n in seen.items() if n > 1}

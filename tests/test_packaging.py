@@ -55,9 +55,11 @@ def test_wheel_installs_and_runs_a_user_job_outside_the_repo(tmp_path: Path, pg_
     wheel = build_wheel(tmp_path / "build")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-    # loadkit-0.1.0-cp311-cp311-linux_x86_64.whl: a platform wheel, it holds the scanner's C extension
+    # loadkit-0.1.0-cp311-cp311-linux_x86_64.whl: a platform wheel, it holds the C extensions (scanner, key hashes)
     assert {n.split("/")[0] for n in names} == {"loadkit", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
-    assert [n for n in names if n.startswith("loadkit/source/_scanner.") and n.endswith(".so")], names
+    for ext in ("loadkit/source/_scanner.", "loadkit/postgres/_keyhash."):
+        assert [n for n in names if n.startswith(ext) and n.endswith(".so")], (ext, names)
+    assert "loadkit/postgres/_keyhash.pyi" in names
     for group in ("config.yaml", "sink/default.yaml", "batch/fixed.yaml", "pool/default.yaml", "retry/default.yaml",
                   "alerts/default.yaml", "env/local.yaml", "tracking/local.yaml", "job/monthly.yaml"):
         assert f"loadkit/conf/{group}" in names, group
@@ -78,10 +80,12 @@ def test_wheel_installs_and_runs_a_user_job_outside_the_repo(tmp_path: Path, pg_
                               timeout=300, env={**env, **extra})
 
     where = subprocess.run([str(bin_dir / "python"), "-c", "import loadkit.__main__ as m; print(m.__file__); "
-                            "import loadkit.source.scanner as s; print(s.ACCELERATED)"],
+                            "import loadkit.source.scanner as s; print(s.ACCELERATED); "
+                            "import loadkit.postgres.keyhints as k; print(k.ACCELERATED)"],
                            cwd=work, capture_output=True, text=True, env=env, timeout=120)
     assert where.returncode == 0 and where.stdout.startswith(str(tmp_path / "venv")), where.stdout + where.stderr
-    assert where.stdout.split()[-1] == str(os.environ.get("LOADKIT_SCANNER", "").lower() != "numpy"), where.stdout
+    assert where.stdout.split()[-2:] == [str(os.environ.get("LOADKIT_SCANNER", "").lower() != "numpy"),
+                                         str(os.environ.get("LOADKIT_KEYHASH", "").lower() != "numpy")], where.stdout
 
     target, led = schemas
     common = ["+job=weather", f"data_root={data}", f"sink.dsn={pg_dsn}", f"sink.ledger_schema={led}",
