@@ -14,7 +14,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import adbc_driver_postgresql.dbapi as adbc
 import psycopg2
@@ -117,3 +117,60 @@ def test_session_limits_reach_driver_and_writer_sessions(pg_dsn: str) -> None:
             c.cursor().execute("SELECT pg_sleep(2)")
         finally:
             c.close()
+
+
+def test_two_jobs_with_a_table_of_the_same_name_on_one_ledger_never_overlap(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs (their own names and target schemas) whose table has the same name, on the default-style
+    shared ledger, loading the same period: the ledger knows a table by its name and period, so while one
+    run holds the table the other stops before it reads anything (transient: exit 4, retry), naming the
+    table. Without that, the second run's publish counted the first one's batches as lost from its own
+    staging and forgot them. Then each target holds exactly its month."""
+    import dataclasses as dc
+    import threading
+
+    from loadkit.errors import TransientDBError
+    from loadkit.postgres.modes import Merge
+    from tests.helpers import autocommit_cursor
+    from tests.test_merge_finalize import config, last_wins, table_state, write_month
+
+    target, led = schemas
+    other = target + "_b"
+    month = {"a.csv": [(f"k{i}", "x", str(i)) for i in range(50)] + [("k1", "y", "7")]}
+    names = write_month(tmp_path, 5, month)
+    first_cfg = config(tmp_path, pg_dsn, (target, led), mlflow_uri, names)
+    second_cfg = config(tmp_path, pg_dsn, (other, led), mlflow_uri, names)
+    second_cfg.job = dc.replace(second_cfg.job, name="another_job")  # its own job: its own job lock
+    publishing, release = threading.Event(), threading.Event()
+    finalize = Merge.finalize
+
+    def held(self: Merge, cur: Any, ledger: Any) -> Any:
+        if self.table.schema == target:
+            publishing.set()
+            assert release.wait(120)
+        return finalize(self, cur, ledger)
+
+    monkeypatch.setattr(Merge, "finalize", held)
+    results: List[Any] = []
+    runner = threading.Thread(target=lambda: results.append(run_job(first_cfg)))
+    runner.start()
+    try:
+        assert publishing.wait(120), "the first run never reached its publish"
+        with pytest.raises(TransientDBError, match="a table named items for period"):
+            run_job(second_cfg)
+        # refused before its run row: nothing of the second job in the ledger, nothing in its target
+        assert query(pg_dsn, f'SELECT count(*) FROM "{led}".run WHERE job = %s', ("another_job",)) == [(0,)]
+        assert query(pg_dsn, "SELECT to_regclass(%s)", (f'"{other}".items',)) == [(None,)]
+    finally:
+        release.set()
+        runner.join(120)
+    try:
+        assert results and results[0].status == "succeeded", results and results[0].error
+        again = run_job(second_cfg)
+        assert again.status == "succeeded", again.error
+        want = {k: v for k, (v, _) in last_wins(month).items()}
+        assert table_state(pg_dsn, target) == want and table_state(pg_dsn, other) == want
+    finally:
+        with autocommit_cursor(pg_dsn) as cur:
+            for schema in (other, f"{other}__lk_stage"):
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -246,6 +246,30 @@ class Ledger:
         cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.job_lock_key(job, period),))
         return bool(cur.fetchone()[0])
 
+    def table_lock_key(self, table: str, period: str) -> str:
+        """The advisory-lock key of one table name and period on this ledger, whatever the job."""
+        return f"loadkit-table:{self.schema}:{table}:{period}"
+
+    def try_lock_tables(self, cur: Any, tables: Sequence[str], period: str) -> Optional[str]:
+        """Session advisory locks on ``tables`` of ``period``, taken with the job lock: None when all are
+        taken, else the first table another session holds (the ones taken here are given back).
+
+        The ledger knows a table by its name and period only (file, batch and table_load rows), so two
+        jobs whose tables share a name -- their own jobs in their own folders, one default ledger schema
+        -- would read each other's batches as their own: a publish's verify_staging would count the other
+        job's batches as lost from its staging and forget them. Their runs of one period therefore never
+        overlap; one after the other, each run's identity check (identity.py) sees the other's claims."""
+        taken: List[str] = []
+        for table in sorted(set(tables)):
+            key = self.table_lock_key(table, period)
+            cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+            if not cur.fetchone()[0]:
+                for held in taken:
+                    cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (held,))
+                return table
+            taken.append(key)
+        return None
+
     def start_run(self, cur: Any, run_id: str, job: str, period: str, config: Dict[str, Any]) -> None:
         cur.execute(f"INSERT INTO {self.run} (run_id, job, period, status, host, config) "
                     "VALUES (%s, %s, %s, 'running', %s, %s)",

@@ -103,11 +103,22 @@ class JobLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[LoadkitError] = None
+        self.held_table: Optional[str] = None  # acquire: the table whose lock another run holds
 
     def acquire(self) -> bool:
+        """Take the job lock and the run's tables' locks (Ledger.try_lock_tables) on a new session; False if
+        another session holds one (``held_table`` names the table, None: the job lock)."""
         self._conn = db.connect(self._dsn, autocommit=True)
+        self.held_table = None
+        plan = self._plan
         with self._conn.cursor() as cur:
-            return self._ledger.try_lock_job(cur, self._plan.job, self._plan.period)
+            if not self._ledger.try_lock_job(cur, plan.job, plan.period):
+                return False
+            self.held_table = self._ledger.try_lock_tables(cur, [t.name for t in plan.tables], plan.period)
+            if self.held_table is not None:
+                cur.execute("SELECT pg_advisory_unlock_all()")
+                return False
+        return True
 
     def cursor(self) -> Any:
         return self._conn.cursor()
@@ -212,6 +223,12 @@ class PostgresSink:
         try:
             retrying(plan.retry)(self._ensure_ledger)
             if not self._lock.acquire():
+                if self._lock.held_table is not None:
+                    raise TransientDBError(
+                        f"another run is loading a table named {self._lock.held_table} for period {plan.period} "
+                        f"on ledger {plan.ledger_schema} (another job, or another run of {plan.job}); the ledger "
+                        "knows a table by its name, so the two must not overlap: retry when it ends, or give this "
+                        "job its own sink.ledger_schema")
                 raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
                                        f"(ledger {plan.ledger_schema}); retry when it ends")
             with self._lock.cursor() as cur:
