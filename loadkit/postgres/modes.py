@@ -602,8 +602,9 @@ class Merge(WriteMode):
         # row then names a batch of this period, so a sync has nothing to delete either.
         self._all_keys_unchanged = False
         self.compare_work_mem: Optional[str] = JOIN_WORK_MEM  # set by the sink: sink.compare_work_mem
-        # (staged rows counted, the ctids of the rows holding a candidate key) from verify_staging's one scan of
-        # a direct staging table (_count_staged); _delete_hinted_losers then reads only those rows.
+        # (staged rows counted, the ctids of the rows that may hold a candidate key: every row that does, and
+        # more) from verify_staging's one scan of a direct staging table (_count_staged); _delete_hinted_losers
+        # then reads only those rows.
         self._candidate_rows: Optional[Tuple[int, str]] = None
 
     def create_target(self, cur: Any) -> None:
@@ -805,20 +806,22 @@ class Merge(WriteMode):
     def _count_staged(self, cur: Any, stage: str) -> int:
         """verify_staging's count of the staged rows; with duplicate-key hints (``key_candidates``, set before
         verify_staging by the sink) on a direct staging table, the same scan also gathers the ctids of the
-        rows holding a candidate key (``_candidate_rows``), so a swapped first load finds its duplicates
-        without a second full scan (_delete_hinted_losers: the monthly job's widest table, 4M rows, a count then a
-        filtered scan ~0.45 + ~0.65 s in a whole run). The key test runs only on rows whose first key column
-        passes _first_key_filter, a hashed lookup in the scan; the count is serial (array_agg has no
-        parallel combine before PostgreSQL 16) -- on two tables publishing side by side that costs no wall."""
+        rows that may hold a candidate key (``_candidate_rows``), so a swapped first load finds its duplicates
+        without a second full scan (_delete_hinted_losers: the monthly job's widest table, 4M rows, a count
+        then a filtered scan ~0.45 + ~0.65 s in a whole run); the count is serial (array_agg has no parallel
+        combine before PostgreSQL 16) -- on two tables publishing side by side that costs no wall.
+
+        The rows gathered are those whose every key column is one of the candidates' values in it
+        (_key_filter: a hashed ``= ANY`` per column, in the scan) -- a superset of the candidates' rows, which
+        _delete_hinted_losers matches exactly by key. Never ``(key) IN (candidates)`` here: inside an aggregate's
+        FILTER that is a subplan, not a join, and past hash_mem (~70k candidate keys at the default work_mem: a
+        month whose file came twice) an unhashed one, rescanned for every row -- 300k rows ran for hours."""
         self._candidate_rows = None
         keys = self.key_candidates
         if keys is None or not keys.num_rows or self._staging_persistence(cur) != "p":
             return super()._count_staged(cur, stage)
-        prefilter, values = self._first_key_filter(keys)
-        keys_sql, args = self._candidate_keys(keys)
-        key = ", ".join(f"s.{quote_ident(k)}" for k in self.table.key)
-        cur.execute(f"SELECT count(*), array_agg(s.ctid) FILTER (WHERE {prefilter} AND ({key}) IN ({keys_sql})) "
-                    f"FROM {stage} s", [*values, *args])
+        maybe, values = self._key_filter(keys, self.table.key)
+        cur.execute(f"SELECT count(*), array_agg(s.ctid) FILTER (WHERE {maybe}) FROM {stage} s", values)
         counted, tids = cur.fetchone()
         self._candidate_rows = (int(counted), str(tids) if tids is not None else "{}")
         return int(counted)
@@ -924,10 +927,18 @@ class Merge(WriteMode):
         one parameter: those values, distinct). A superset of the rows holding one of ``keys``, tested in the
         scan itself against a constant array (hashed, PostgreSQL 14+), so the rows it drops are never decoded
         past that column (see _delete_hinted_losers)."""
-        first = self.table.key[0]
-        kind, collate = self._key_type(first)
-        values = list(dict.fromkeys(_sql_values(keys.column(first))))  # distinct, in order
-        return f"s.{quote_ident(first)}{collate} = ANY(%s::{kind}[])", [_sql_array(values)]
+        return self._key_filter(keys, self.table.key[:1])
+
+    def _key_filter(self, keys: pa.Table, columns: Sequence[str]) -> Tuple[str, List[Any]]:
+        """(a condition on staged rows ``s``: each of the key ``columns`` is one of ``keys``' values in it, its
+        parameters: those values per column, distinct): _first_key_filter's test on several columns, each a
+        hashed lookup in the scan -- linear in the rows whatever the number of keys."""
+        tests, values = [], []
+        for name in columns:
+            kind, collate = self._key_type(name)
+            tests.append(f"s.{quote_ident(name)}{collate} = ANY(%s::{kind}[])")
+            values.append(_sql_array(list(dict.fromkeys(_sql_values(keys.column(name))))))  # distinct, in order
+        return " AND ".join(tests), values
 
     def _delete_losers_among(self, cur: Any, ledger: Ledger, keys_sql: str, args: Sequence[Any] = (),
                              prefilter: str = "") -> int:
