@@ -14,7 +14,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import adbc_driver_postgresql.dbapi as adbc
 import psycopg2
@@ -164,13 +164,71 @@ def test_two_jobs_with_a_table_of_the_same_name_on_one_ledger_never_overlap(
     finally:
         release.set()
         runner.join(120)
+    own_ledger = led + "_b"
     try:
         assert results and results[0].status == "succeeded", results and results[0].error
+        with pytest.raises(ConfigError, match="accounts for table items of period all in schema"):
+            run_job(second_cfg)  # the ledger's rows of "items" are the first job's target's (Ledger.claim_targets)
+        second_cfg.sink = dc.replace(second_cfg.sink, ledger_schema=own_ledger)
         again = run_job(second_cfg)
         assert again.status == "succeeded", again.error
         want = {k: v for k, (v, _) in last_wins(month).items()}
         assert table_state(pg_dsn, target) == want and table_state(pg_dsn, other) == want
     finally:
         with autocommit_cursor(pg_dsn) as cur:
-            for schema in (other, f"{other}__lk_stage"):
+            for schema in (other, f"{other}__lk_stage", own_ledger):
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.mark.parametrize("mode", ["append", "merge"])
+def test_a_ledger_accounts_for_one_target_per_table_name_and_period(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, mode: str) -> None:
+    """Two jobs with a same-named table, one ledger, one period, one after the other, loading different
+    files into two schemas. Each run's identity check used to find its own target missing the other's rows
+    and forget the other's claims, so the first job's next run read its files again: an append target held
+    every row twice (1600 -> 3200 with the CNPJ sample). Now the second job is refused before any work
+    (config error naming the ledger, table, period and schema); with its own ledger it loads; the first job's
+    rerun changes nothing. A claim whose target table is gone is taken over. Expected rows: the csv module."""
+    import dataclasses as dc
+    import re
+
+    from tests.helpers import autocommit_cursor
+    from tests.test_merge_finalize import config, write_month
+
+    target, led = schemas
+    other = target + "_b"
+    first_root, second_root = tmp_path / "a", tmp_path / "b"
+    first_names = write_month(first_root, 5, {"a.csv": [(f"k{i}", "x", str(i)) for i in range(40)]})
+    second_names = write_month(second_root, 5, {"a.csv": [(f"z{i}", "y", str(i)) for i in range(25)]})
+
+    def cfg(root: Path, names: List[str], schema: str, ledger: str, job: str) -> Any:
+        c = config(root, pg_dsn, (schema, ledger), mlflow_uri, names)
+        table = dc.replace(c.job.tables["items"], mode=mode, key=[] if mode == "append" else ["k"])
+        c.job = dc.replace(c.job, name=job, tables={"items": table})
+        return c
+
+    def rows(schema: str) -> List[Tuple[str, str, int]]:
+        return sorted(query(pg_dsn, f'SELECT k, a, b FROM "{schema}".items'))
+
+    first_want = sorted((f"k{i}", "x", i) for i in range(40))
+    second_want = sorted((f"z{i}", "y", i) for i in range(25))
+    try:
+        assert run_job(cfg(first_root, first_names, target, led, "job_a")).status == "succeeded"
+        with pytest.raises(ConfigError, match=re.escape(f"ledger {led} accounts for table items of period all in "
+                                                        f"schema {target} (job job_a), not {other}")):
+            run_job(cfg(second_root, second_names, other, led, "job_b"))
+        assert query(pg_dsn, "SELECT to_regclass(%s)", (f'"{other}".items',)) == [(None,)]
+        assert run_job(cfg(second_root, second_names, other, led + "_b", "job_b")).status == "succeeded"
+        again = run_job(cfg(first_root, first_names, target, led, "job_a"))
+        assert again.status == "succeeded" and again.metrics.tables["items"].rows_read == 0  # nothing read again
+        assert rows(target) == first_want and rows(other) == second_want
+        # The first target dropped for good: its claim is taken over by a job that loads elsewhere.
+        with autocommit_cursor(pg_dsn) as cur:
+            cur.execute(f'DROP TABLE "{target}".items')
+        moved = run_job(cfg(second_root, second_names, other + "_c", led, "job_b"))
+        assert moved.status == "succeeded", moved.error
+        assert rows(other + "_c") == second_want
+    finally:
+        with autocommit_cursor(pg_dsn) as cur:
+            for schema in (other, f"{other}__lk_stage", led + "_b", other + "_c", f"{other}_c__lk_stage"):
                 cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -22,7 +22,7 @@ import json
 import re
 import socket
 from dataclasses import dataclass
-from typing import Callable, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
@@ -64,6 +64,7 @@ FILE_PKEY = "file_pkey"
 BATCH_PKEY = "batch_pkey"
 BATCH_ACCOUNTING = "batch_accounting"
 BATCH_BLANK_LINES = "batch_blank_lines_check"
+TARGET_PKEY = "target_pkey"
 
 _UNIQUE_VIOLATION = "23505"
 
@@ -142,6 +143,7 @@ class Ledger:
         self.file = qualified(schema, "file")
         self.batch = qualified(schema, "batch")
         self.reject = qualified(schema, "reject")
+        self.target = qualified(schema, "target")
 
     def __repr__(self) -> str:
         return f"Ledger({self.schema!r})"
@@ -184,6 +186,11 @@ class Ledger:
                 file_path text, member text, line_number bigint, column_name text, reason text NOT NULL, raw text,
                 discarded boolean NOT NULL DEFAULT false)""",
             f"CREATE INDEX IF NOT EXISTS reject_batch_idx ON {s}.reject (batch_id)",
+            # Which target schema a table name's rows of a period account for (claim_targets).
+            f"""CREATE TABLE IF NOT EXISTS {s}.target (
+                table_name text NOT NULL, period text NOT NULL, target_schema text NOT NULL, job text NOT NULL,
+                claimed_at timestamptz NOT NULL DEFAULT now(),
+                CONSTRAINT {TARGET_PKEY} PRIMARY KEY (table_name, period))""",
         ]
 
     def migrations(self) -> List[str]:
@@ -245,6 +252,31 @@ class Ledger:
         """A session advisory lock so two runs of the same job and period on one ledger never interleave."""
         cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.job_lock_key(job, period),))
         return bool(cur.fetchone()[0])
+
+    def claim_targets(self, cur: Any, period: str, job: str, targets: Mapping[str, str]) -> List[Tuple[str, str, str]]:
+        """Record that this ledger's rows of each table name in ``targets`` (name -> target schema) and
+        ``period`` account for that schema's table; returns (table, schema, job) for each name already
+        claimed for another schema whose table still exists -- the run must not load it through this ledger.
+
+        The ledger tells tables apart by name and period only (file, batch, table_load rows), and
+        ``sink.ledger_schema`` defaults to one ``loadkit`` schema per database. Two jobs with a same-named
+        table loading one period into two schemas would read each other's claims as their own: each run's
+        identity check found its own target missing the other's rows and forgot the other's claims, so the
+        other job's next run read its files again -- an append target got every row twice. A claim whose
+        table is gone (the target dropped, or moved to another schema) is taken over. Call under the run's
+        locks (try_lock_tables) so two first claims cannot race."""
+        names = sorted(targets)
+        cur.execute(f"DELETE FROM {self.target} c WHERE c.period = %s AND c.table_name = ANY(%s::text[]) "
+                    "AND c.target_schema <> (%s::jsonb ->> c.table_name) "
+                    "AND to_regclass(format('%%I.%%I', c.target_schema, c.table_name)) IS NULL",
+                    (period, names, json.dumps(dict(targets))))
+        cur.execute(f"INSERT INTO {self.target} (table_name, period, target_schema, job) "
+                    "SELECT n, %s, %s::jsonb ->> n, %s FROM unnest(%s::text[]) n "
+                    f"ON CONFLICT ON CONSTRAINT {TARGET_PKEY} DO NOTHING",
+                    (period, json.dumps(dict(targets)), job, names))
+        cur.execute(f"SELECT table_name, target_schema, job FROM {self.target} WHERE period = %s "
+                    "AND table_name = ANY(%s::text[]) ORDER BY table_name", (period, names))
+        return [(str(t), str(schema), str(owner)) for t, schema, owner in cur.fetchall() if schema != targets[t]]
 
     def table_lock_key(self, table: str, period: str) -> str:
         """The advisory-lock key of one table name and period on this ledger, whatever the job."""

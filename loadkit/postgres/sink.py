@@ -29,7 +29,7 @@ from datetime import date
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-from loadkit.errors import JobLockLost, LedgerMismatch, LoadkitError, TransientDBError, as_loadkit_error
+from loadkit.errors import ConfigError, JobLockLost, LedgerMismatch, LoadkitError, TransientDBError, as_loadkit_error
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
 from loadkit.postgres import db, identity, keyhints
@@ -232,6 +232,17 @@ class PostgresSink:
                 raise TransientDBError(f"another run of {plan.job} {plan.period} is in progress "
                                        f"(ledger {plan.ledger_schema}); retry when it ends")
             with self._lock.cursor() as cur:
+                claimed = self.ledger.claim_targets(cur, plan.period, plan.job,
+                                                    {t.name: t.schema for t in plan.tables})
+                if claimed:
+                    raise ConfigError(
+                        "; ".join(f"ledger {plan.ledger_schema} accounts for table {name} of period {plan.period} "
+                                  f"in schema {schema} (job {owner}), not {plan.table(name).schema}"
+                                  for name, schema, owner in claimed)
+                        + ". A ledger tells tables apart by name and period, so loading both through it would mix "
+                        "their accounting (each run would take the other's rows for its own and reload them: an "
+                        "append target would get them twice). Give this job its own sink.ledger_schema, or load "
+                        "into that schema; a dropped target's claim is taken over.", key="sink.ledger_schema")
                 self.ledger.mark_stale_runs(cur, plan.job, plan.period)
                 self.ledger.start_run(cur, plan.run_id, plan.job, plan.period, params)
                 if self._fetched:
