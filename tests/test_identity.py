@@ -4,7 +4,8 @@ A user job kept outside loadkit (a temporary conf/job/weather.yaml) loads the re
 seattle-weather.csv that vega_datasets ships, in-process against the real PostgreSQL:
 - a one-off job (no year/month) reruns without duplicates;
 - the same file under another period into an append target is skipped, not loaded twice;
-- a changed job.schema loads into the new schema; a dropped target table is reloaded, or
+- a changed job.schema is refused while the old target exists, then loads into the new schema once the
+  old table is dropped; a dropped target table is reloaded, or
   refused with job.on_drift=stop; a merge target whose rows were deleted is reloaded.
 """
 from __future__ import annotations
@@ -125,18 +126,29 @@ def test_same_file_under_another_period_is_skipped_not_duplicated(project, pg_ds
     assert "already loaded into" in caplog.text and "2024-01" in caplog.text
 
 
-def test_changed_schema_loads_into_the_new_schema(project, pg_dsn: str, schemas: tuple, other_schema: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_changed_schema_is_refused_while_the_old_target_exists(project, pg_dsn: str, schemas: tuple,
+                                                                other_schema: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A changed job.schema with the old target still there: the ledger's rows of the table and period account
+    for the old target (Ledger.claim_targets), so the run is refused before any work -- a ledger shared by two
+    targets let each run forget the other's claims, and an append target got its rows twice once the files
+    differed (tests/test_concurrency.py). Back on the first schema: skipped, not duplicated. Once the old
+    table is dropped, the new schema takes the claim over and loads every row."""
     target, led = schemas
     assert run(project, pg_dsn, schemas).status == "succeeded"
+    with pytest.raises(ConfigError, match=f"accounts for table seattle_weather of period all in schema {target} "
+                                          r"\(job weather\).*sink\.ledger_schema"):
+        run(project, pg_dsn, (other_schema, led))
+    assert query(pg_dsn, "SELECT to_regclass(%s)", (f"{other_schema}.seattle_weather",)) == [(None,)]
+    back = run(project, pg_dsn, schemas)  # the first schema still holds its rows: skipped, not duplicated
+    assert back.metrics.tables["seattle_weather"].files_skipped == 1
+    assert weather(pg_dsn, target) == [(WEATHER_ROWS, WEATHER_PRECIPITATION)]
+    execute(pg_dsn, f'DROP TABLE "{target}".seattle_weather')
     with caplog.at_level(logging.WARNING, logger="loadkit.postgres.identity"):
         moved = run(project, pg_dsn, (other_schema, led))
     assert moved.status == "succeeded" and moved.metrics.tables["seattle_weather"].rows_loaded == WEATHER_ROWS
     assert weather(pg_dsn, other_schema) == [(WEATHER_ROWS, WEATHER_PRECIPITATION)]
     assert f"{other_schema}.seattle_weather" in caplog.text
-    back = run(project, pg_dsn, schemas)  # the first schema still holds its rows: skipped, not duplicated
-    assert back.metrics.tables["seattle_weather"].files_skipped == 1
-    assert weather(pg_dsn, target) == [(WEATHER_ROWS, WEATHER_PRECIPITATION)]
 
 
 def test_dropped_table_is_reloaded_or_refused(project, pg_dsn: str, schemas: tuple,
