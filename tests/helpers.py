@@ -86,3 +86,28 @@ def zip_members_into_one(zips: Sequence[Path]) -> List[Tuple[str, bytes]]:
         for name, data in members:
             zf.writestr(name, data)
     return members
+
+
+def c_path_only(monkeypatch: Any, module: Any, env: str, fallback: str, built_by: str) -> None:
+    """No silent fallback to an optional C extension's numpy path (loadkit.source.scanner, loadkit.postgres.keyhints):
+    the extension imports (``python setup.py build_ext --inplace`` or ``pip install -e .``); ``module.ACCELERATED``
+    is True unless the environment variable ``env`` is "numpy", which (read at import, checked in a fresh
+    interpreter both ways) is the only way to the numpy path; then ACCELERATED is forced on and the numpy function
+    ``fallback`` made to fail, so what the caller runs next must take the C path."""
+    import os
+    import subprocess
+    import sys
+
+    assert module._c is not None, f"{built_by} is not built (python setup.py build_ext --inplace)"
+    assert module.ACCELERATED is (os.environ.get(env, "").lower() != "numpy")
+    probe = f"import {module.__name__} as m; print(m.ACCELERATED, m._c is not None)"
+    for value, want in (("numpy", "False True"), ("", "True True")):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, env: value}, timeout=120)
+        assert out.stdout.split() == want.split(), (value, out.stdout, out.stderr)
+    monkeypatch.setattr(module, "ACCELERATED", True)
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise AssertionError(f"{module.__name__} fell back to numpy ({fallback})")
+
+    monkeypatch.setattr(module, fallback, refuse)

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import c_path_only
 from loadkit.source import scanner
 from loadkit.source import files
 from loadkit.plan import ROW_COL
@@ -295,24 +296,9 @@ def _same_scan(data: bytes, syn: "scanner.Syntax", final: bool, first_line: int 
 def test_the_c_scanner_is_built_and_used_in_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
     """No silent fallback: the extension imports (``python setup.py build_ext --inplace`` or ``pip install -e .``),
     ``scan`` runs it, and LOADKIT_SCANNER=numpy (read at import) is the only way to the numpy path."""
-    import subprocess
-    import sys
-
-    assert scanner._c is not None, "loadkit.source._scanner is not built (python setup.py build_ext --inplace)"
-    assert scanner.ACCELERATED is (os.environ.get("LOADKIT_SCANNER", "").lower() != "numpy")
-    monkeypatch.setattr(scanner, "ACCELERATED", True)
-
-    def refuse(*_a: Any, **_k: Any) -> None:
-        raise AssertionError("scan fell back to numpy")
-
-    monkeypatch.setattr(scanner, "scan_numpy", refuse)
+    c_path_only(monkeypatch, scanner, "LOADKIT_SCANNER", "scan_numpy", "loadkit.source._scanner")
     sc = scanner.scan(b'"a";"b"\n"c\nd";e\nstray"quote;\\x\n', scanner.Syntax(";", '"', "\\"), final=True)
     assert sc.ends.tolist() == [8, 16, 31] and sc.slow == {2} and sc.quoted_newlines
-    probe = "import loadkit.source.scanner as s; print(s.ACCELERATED, s._c is not None)"
-    for value, want in (("numpy", "False True"), ("", "True True")):
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             env={**os.environ, "LOADKIT_SCANNER": value}, timeout=120)
-        assert out.stdout.split() == want.split(), (value, out.stdout, out.stderr)
 
 
 MANY = settings(PROFILE, max_examples=PROFILE.max_examples * 5)  # each example costs microseconds
