@@ -37,12 +37,6 @@ _PROGRESS_EVERY_S = 5.0
 _BAR_EVERY_S = 0.5  # the in-place progress line (a terminal) is redrawn at most this often between reports
 
 
-# After a SIGINT/SIGTERM the run's statements are cancelled again every RECANCEL_S seconds, for at most
-# RECANCEL_FOR_S, until the signal handler has raised the stop (Signals._cancel_until_stopped).
-RECANCEL_S = 0.25
-RECANCEL_FOR_S = 120.0
-
-
 class Signals:
     """SIGINT/SIGTERM stop the run from the driver's main thread, at once.
 
@@ -84,7 +78,6 @@ class Signals:
         self._seen_deferred = 0  # signals the watcher saw while deferred (coalesced ones too)
         self.abandoned = False  # a second signal while deferred: the recording was given up
         self.stopped: Optional[LoadkitError] = None  # the error of the stop the handler raised (once a run)
-        self._closed = False  # __exit__ ran: nothing left to cancel
 
     def __enter__(self) -> "Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -131,31 +124,10 @@ class Signals:
             if wanted & set(data) and self._on_signal is not None:
                 names = ", ".join(signal.Signals(n).name for n in sorted(wanted & set(data)))
                 log.warning("%s received: stopping (cancelling this run's statements)", names)
-                self._cancel()
-                # A statement the main thread sends just after that cancel (a cancel reaches only a
-                # statement already running) waits inside libpq, where the handler cannot run: a lock
-                # held elsewhere then hung the stop for good (a CI run, SIGTERM as the driver settled a
-                # file). So the run's statements are cancelled again until the handler has stopped the run.
-                threading.Thread(target=self._cancel_until_stopped, name="loadkit-signals-recancel",
-                                 daemon=True).start()
-
-    def _cancel(self) -> None:
-        try:
-            assert self._on_signal is not None
-            self._on_signal()
-        except Exception as exc:  # best effort; the handler still stops the run
-            log.warning("could not cancel the run's statements: %s", exc)
-
-    def _cancel_until_stopped(self) -> None:
-        """Cancel the run's statements every RECANCEL_S until the handler has raised the stop (or the run
-        records its end, whose own statements a second signal cancels: ``on_insist``)."""
-        deadline = time.monotonic() + RECANCEL_FOR_S
-        while time.monotonic() < deadline:
-            time.sleep(RECANCEL_S)
-            if self.stopped is not None or self.defer or self._closed:
-                return
-            log.info("the stop is not handled yet: cancelling this run's statements again")
-            self._cancel()
+                try:
+                    self._on_signal()
+                except Exception as exc:  # best effort; the handler still stops the run
+                    log.warning("could not cancel the run's statements: %s", exc)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.defer:  # the run is recording its end: that finishes first (it is quick)...
@@ -192,7 +164,6 @@ class Signals:
             raise self.interruption()
 
     def __exit__(self, *exc: Any) -> None:
-        self._closed = True
         if self._pipe is not None:
             signal.set_wakeup_fd(self._old_wakeup)
             os.close(self._pipe[1])
