@@ -290,7 +290,7 @@ class Ledger:
         jobs whose tables share a name -- their own jobs in their own folders, one default ledger schema
         -- would read each other's batches as their own: a publish's verify_staging would count the other
         job's batches as lost from its staging and forget them. Their runs of one period therefore never
-        overlap; one after the other, each run's identity check (identity.py) sees the other's claims."""
+        overlap; one after the other, claim_targets refuses a second target schema for the same name."""
         taken: List[str] = []
         for table in sorted(set(tables)):
             key = self.table_lock_key(table, period)
