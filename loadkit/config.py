@@ -414,6 +414,8 @@ class SinkConfig:
     # rows of a 36-column target; 64MB splits that join into 16 batches on disk (1.8x its time).
     compare_work_mem: str = "256MB"
     """work_mem of a merge reload's compare (staging hash-joined to the target), that statement only; e.g. 256MB."""
+    publish_early: bool = True
+    """In-process: publish each table once all its files are read, while others stream; false: after the stream."""
 
 
 @dataclass

@@ -72,6 +72,9 @@ class Origin:
     first_line: int = 0  # the member's line number of the chunk's first byte (1-based)
     chunks: int = 0  # eof only: data chunks the member gave this run
     message: Optional[str] = None  # error only: why the file failed
+    # eof/error only: the last record of its read unit (``source.read.read_unit``); the in-process executor
+    # delivers it after every batch of the unit, so the driver knows the unit is wholly committed
+    unit_end: bool = False
     # data only, tracing on: the batch's span and its finished stage spans (loadkit.tracing.BatchTrace,
     # compact JSON), added to by each stage; "" with tracing off (the default)
     trace: str = ""

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from loadkit.plan import LoadPlan, build_plan, fetch_plan
 from loadkit.postgres import db
 from loadkit.postgres.ledger import Ledger
 from loadkit.postgres.modes import mode_for
-from loadkit.postgres.sink import PostgresSink
+from loadkit.postgres.sink import PUBLISH_CONCURRENCY, Completion, PostgresSink
 from loadkit.security import mask_dsn, mask_text
 from loadkit.supervise import Signals, Supervisor
 from loadkit.tracking import RunTracker
@@ -40,6 +41,7 @@ log = logging.getLogger("loadkit.run")
 # Read-again rounds when staging lost batches before publishing (a crash restart empties UNLOGGED
 # tables); past this many the run fails transient and the rerun resumes.
 _MAX_REREADS = 3
+_EARLY_CANCEL_EVERY_S = 0.5  # a stopping run cancels its early publish's statement again this often until it ends
 
 
 @dataclass
@@ -119,11 +121,14 @@ class Runner:
             todo = sink.start(metrics)
             tables = [t.name for t in self.plan.tables]
             for round_ in range(_MAX_REREADS + 1):
-                supervisor.stream(todo)
-                sink.check_accounting(metrics, tables)  # the summary is the ledger's, or the run stops here
-                finalising = time.perf_counter()
-                supervisor.check_final_thresholds()
-                done = sink.complete(metrics, supervisor.aborted, failed, tables)
+                with EarlyPublish(self.plan, sink, supervisor, metrics, failed) as early:
+                    supervisor.stream(todo, early.table_read if self.plan.sink.publish_early else None)
+                    rest = [t for t in tables if t not in early.tables]  # the tables not published yet
+                    sink.check_accounting(metrics, rest)  # the summary is the ledger's, or the run stops here
+                    finalising = time.perf_counter()
+                    supervisor.check_final_thresholds()
+                    done = sink.complete(metrics, supervisor.aborted, failed, rest)
+                    done = early.completion(done)  # the early publishes' files and lost tables too (or error)
                 failed += done.failed
                 metrics.finalise_s += time.perf_counter() - finalising
                 if not done.lost:
@@ -188,6 +193,73 @@ class Runner:
         p = self.plan
         return {"job": p.job, "year": p.year, "month": p.month, "period": p.period, "loadkit_run_id": p.run_id,
                 **self.tags}
+
+
+class EarlyPublish:
+    """Settle and publish each table as soon as its stream ended (PUBLISH_CONCURRENCY at a time, each on
+    its own connection) while the other tables still stream (``Supervisor.stream``'s ``on_table_read``;
+    the in-process executor reads the largest table first, ``execute.inprocess.largest_first``).
+
+    What a table's publish needs is all its own: its files' batches (all counted when its read units
+    ended), its accounting check against the ledger (``check_accounting``, done here first, on the
+    caller's thread, so a mismatch stops the run before anything of it publishes), its reject threshold
+    judged on its complete counts, and its own transaction (``PostgresSink.complete`` for that table; a
+    full-snapshot sync, ``delete_missing``, holds off on a failed file of its own table only). What
+    overlaps is the server's work: a merge's key build and ANALYZE run beside the next table's COPY
+    (the monthly CNPJ job's first load: see README, session 11).
+
+    On leaving with an error or a stop, the publish in flight is cancelled (again every
+    ``_EARLY_CANCEL_EVERY_S``) and waited for: it rolls back, or it had committed a complete, accounted
+    table that the rerun skips. ``completion`` folds the early publishes' results into the end's,
+    raising the first one's error."""
+
+    def __init__(self, plan: LoadPlan, sink: PostgresSink, supervisor: Supervisor, metrics: RunMetrics,
+                 failed: List[Tuple[str, str, str]]) -> None:
+        self._plan, self._sink, self._supervisor, self._metrics = plan, sink, supervisor, metrics
+        self._failed = list(failed)  # files that failed in earlier rounds of this run
+        self.tables: List[str] = []  # submitted for publishing, in order
+        self._futures: List[Future[Completion]] = []
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def __enter__(self) -> "EarlyPublish":
+        return self
+
+    def table_read(self, name: str) -> None:
+        """``name``'s read units all ended (every batch counted): check it and publish it in the background."""
+        self._sink.check_accounting(self._metrics, [name])
+        self._supervisor.check_final_thresholds([name])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PUBLISH_CONCURRENCY, thread_name_prefix="loadkit-publish-early")
+        log.info("%s: every file read; publishing it while the other tables stream", name, extra={"table": name})
+        self.tables.append(name)
+        self._futures.append(self._pool.submit(self._sink.complete, self._metrics, self._supervisor.aborted,
+                                               self._failed, [name]))
+
+    def completion(self, done: Completion) -> Completion:
+        """``done`` (the end's completion) with every early publish's failed files and lost tables added;
+        waits for them, and raises the first one's error (the other tables have published by then)."""
+        for future in self._futures:
+            early = future.result()
+            done.failed += early.failed
+            done.lost += early.lost
+        return done
+
+    def __exit__(self, et: Any, *exc: Any) -> None:
+        if self._pool is None:
+            return
+        pending = [f for f in self._futures if not f.done()]
+        while et is not None and pending:  # the run is stopping or failed: its publish in flight rolls back
+            self._sink.cancel()  # again each round: a statement sent just after a cancel is not cancelled
+            pending = list(wait(pending, timeout=_EARLY_CANCEL_EVERY_S).not_done)
+        self._pool.shutdown(wait=True)
+        for name, future in zip(self.tables, self._futures):  # an error nobody asked for: logged, not lost
+            error = future.exception() if et is not None and not future.cancelled() else None
+            if error is None:
+                continue
+            if classify(unwrap(error)) is Category.INTERRUPTED:  # our own cancel: rolled back, as it should
+                log.info("%s: its publish was rolled back by the stop (%s)", name, error, extra={"table": name})
+            else:
+                log.error("%s: its publish failed too: %s", name, error, extra={"table": name})
 
 
 @contextmanager

@@ -278,8 +278,12 @@ class Supervisor:
 
     # ------------------------------------------------------------ the stream
 
-    def stream(self, todo: List[Todo]) -> None:
-        """Read, parse and write ``todo`` on the chosen executor, reacting to every batch result."""
+    def stream(self, todo: List[Todo], on_table_read: Optional[Callable[[str], None]] = None) -> None:
+        """Read, parse and write ``todo`` on the chosen executor, reacting to every batch result.
+
+        ``on_table_read(table)``, on this thread, once every read unit of ``table`` has ended and all its
+        batches have been counted (the executor's ``unit_ends``: the in-process one; with Ray, never):
+        the caller may settle and publish it while the other tables stream."""
         plan, metrics, alerts, monitor, tracker = self.plan, self.metrics, self.alerts, self.monitor, self.tracker
         if not todo:
             log.info("nothing to load: every file of %s is already loaded (force=true reloads)", plan.period)
@@ -294,6 +298,10 @@ class Supervisor:
                                  _runtime_env(env.ship_code), env.progress_bars, worker_logs=env.worker_logs,
                                  input_bytes=sum(u.file.size for u in units))
         metrics.executor = executor.name
+        units_left: Dict[str, int] = {}  # table -> read units not ended yet (only where the executor tells)
+        if on_table_read is not None and executor.unit_ends:
+            for u in units:
+                units_left[u.table.name] = units_left.get(u.table.name, 0) + 1
         log.info("executor: %s (%d file(s), %.1f MB to read)", executor.name, len(units),
                  sum(u.file.size for u in units) / 1e6)
         executor.start()
@@ -336,6 +344,12 @@ class Supervisor:
                     else:
                         log.warning("read failed: %s", result.message,
                                     extra={"table": result.table_name, "file": result.member or result.file_sha[:12]})
+                    if result.unit_end and result.table_name in units_left:
+                        units_left[result.table_name] -= 1
+                        if not units_left[result.table_name]:
+                            del units_left[result.table_name]
+                            assert on_table_read is not None
+                            on_table_read(result.table_name)
                     if time.time() - last_report >= _PROGRESS_EVERY_S:
                         step += 1
                         self._progress(step, channel)
@@ -400,10 +414,11 @@ class Supervisor:
                                         ".reject (discarded=true) and in the MLflow rejects_sample")
             log.error("reject threshold exceeded: %s", self.aborted[table.name], extra={"table": table.name})
 
-    def check_final_thresholds(self) -> None:
-        """Judge every table on its complete counts, however few rows it had."""
+    def check_final_thresholds(self, tables: Optional[Sequence[str]] = None) -> None:
+        """Judge every table (or those named in ``tables``) on its complete counts, however few rows it had."""
         for table in self.plan.tables:
-            self._check_threshold(table, self.metrics.tables[table.name], judge_rate=True)
+            if tables is None or table.name in tables:
+                self._check_threshold(table, self.metrics.tables[table.name], judge_rate=True)
 
     def _progress(self, step: int, channel: SizeChannel) -> None:
         metrics = self.metrics

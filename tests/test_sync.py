@@ -101,6 +101,10 @@ def test_delete_missing_removes_keys_absent_from_the_new_month(months, pg_dsn: s
 
 def test_no_delete_while_a_file_of_the_month_failed_then_the_deferred_sync_runs(
         months, pg_dsn: str, schemas: tuple, job_overrides) -> None:
+    """A table's sync holds off on a failed file of its own: a truncated socios download leaves socios as it
+    was (not published, nothing deleted) until the file is fetched again. The other tables' months are whole
+    (every one of their files loaded), so they publish and sync in that same run: another table's failed file
+    says nothing about them, and each table publishes as soon as its own files are read (runner.EarlyPublish)."""
     may, june, _ = months
     target, led = schemas
     assert run(job_overrides, may.root, 5).status == "succeeded"
@@ -110,16 +114,22 @@ def test_no_delete_while_a_file_of_the_month_failed_then_the_deferred_sync_runs(
     broken.write_bytes(good[: len(good) // 2])  # a truncated download
     failed = run(job_overrides, june.root, 6)
     assert failed.status == "failed" and exit_code(failed) == 3
-    assert failed.metrics.tables["empresas"].status == "loaded"  # merged, but nothing deleted
-    assert {t: db_count(pg_dsn, target, t) for t in SYNCED} == before
-    assert all(failed.metrics.tables[t].deleted is None for t in SYNCED)
+    assert failed.metrics.tables["socios"].status == "failed"
+    assert failed.metrics.tables["socios"].deleted is None
+    assert db_count(pg_dsn, target, "socios") == before["socios"]  # not published: its month is not whole
+    others = [t for t in SYNCED if t != "socios"]
+    for t in others:
+        assert failed.metrics.tables[t].status == "loaded", t
+        assert db_count(pg_dsn, target, t) == len(raw_keys(june, t)), t
+        assert failed.metrics.tables[t].deleted == len(raw_keys(may, t) - raw_keys(june, t)), t
     broken.write_bytes(good)  # fetched again
     fixed = run(job_overrides, june.root, 6)
     assert fixed.status == "succeeded", fixed.error
     assert fixed.metrics.tables["empresas"].status == "skipped"  # its files came with the failed run
-    for t in SYNCED:  # the deferred sync ran for the skipped tables too
+    for t in SYNCED:
         assert db_count(pg_dsn, target, t) == len(raw_keys(june, t)), t
-        assert fixed.metrics.tables[t].deleted == len(raw_keys(may, t) - raw_keys(june, t)), t
+    assert fixed.metrics.tables["socios"].deleted == len(raw_keys(may, "socios") - raw_keys(june, "socios"))
+    assert all(fixed.metrics.tables[t].deleted is None for t in others)  # synced once, by the failed run
     again = run(job_overrides, june.root, 6)  # a sync runs once per month
     assert all(again.metrics.tables[t].deleted is None for t in SYNCED)
 

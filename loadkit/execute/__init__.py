@@ -34,6 +34,9 @@ class Executor(Protocol):
     """Runs read -> parse -> write for a plan's units and streams each batch's result back."""
 
     name: str  # ray | inprocess (recorded in the run's metrics and MLflow tags)
+    # True if each read unit's last record (``unit_end``, an eof or error record) comes after every batch of
+    # that unit: the driver may then publish a table whose units all ended while others still stream
+    unit_ends: bool
 
     def start(self) -> None:
         """Acquire what the executor needs before any data moves (Ray: start or join a cluster)."""

@@ -31,6 +31,7 @@ class InProcessExecutor:
     """A read thread feeding ``pool.parse_threads`` parse threads feeding ``pool.writers`` writer threads."""
 
     name = "inprocess"
+    unit_ends = True  # _in_file_order holds a unit's eof/error records back until its batches came
 
     def start(self) -> None:
         """Nothing to start: the stages run on threads of this process."""
@@ -53,8 +54,12 @@ class InProcessExecutor:
         comes back only after every batch its read unit issued before it. Results come back to
         the caller's thread. Closing the iterator stops the threads (the batch in hand commits or
         rolls back, both safe; a stuck statement is cancelled).
+
+        Units are read table by table, the table with the most source bytes first (``largest_first``):
+        a table whose units all ended can publish while the others still stream (``Supervisor.stream``'s
+        ``on_table_read``), and the largest table's publish is the longest.
         """
-        return _run(plan, units, settings, board)
+        return _run(plan, largest_first(units), settings, board)
 
 
 def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
@@ -144,6 +149,21 @@ def _run(plan: LoadPlan, units: Sequence[ReadUnit], settings: WriterSettings,
                 log.warning("writer thread %s did not stop in time; leaving it behind", t.name)
             else:
                 w.close()
+
+
+def largest_first(units: Sequence[ReadUnit]) -> List[ReadUnit]:
+    """``units`` grouped by table, the tables with the most source bytes first (ties: plan order), each
+    table's units in their own order (files in plan order).
+
+    Read this way, a table's stream ends while the others' still runs, so its publish -- key builds and
+    ANALYZE, seconds of one core for millions of rows -- overlaps their reading instead of following it;
+    the largest table's publish is the longest (longest-processing-time-first scheduling)."""
+    size: Dict[str, int] = {}
+    first: Dict[str, int] = {}
+    for i, unit in enumerate(units):
+        size[unit.table.name] = size.get(unit.table.name, 0) + unit.file.size
+        first.setdefault(unit.table.name, i)
+    return sorted(units, key=lambda u: (-size[u.table.name], first[u.table.name]))
 
 
 def parse_threads(configured: int, cpus: Optional[int] = None) -> int:

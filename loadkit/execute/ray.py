@@ -67,6 +67,7 @@ class RayExecutor:
     """Ray: loader actors (read + parse + write, one unit at a time each) on the cluster's cores."""
 
     name = "ray"
+    unit_ends = False  # a split file's spans are units of their own, made here: the driver cannot count them
 
     def __init__(self, address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int],
                  runtime_env: Optional[Dict[str, Any]], progress_bars: bool, worker_logs: bool = True) -> None:

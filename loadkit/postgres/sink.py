@@ -452,7 +452,7 @@ class PostgresSink:
             if table.name not in tables:
                 continue
             if tm.status == "skipped":
-                if table.delete_missing and not failed:  # a sync an earlier run had to defer
+                if table.delete_missing:  # a sync an earlier run had to defer (its files are all loaded)
                     with db.transaction(self.dsn) as cur:
                         if not self.ledger.sync_done(cur, table.name, self.plan.period):
                             tm.deleted = self._sync(cur, mode_for(table), failed)
@@ -526,10 +526,15 @@ class PostgresSink:
         return False
 
     def _sync(self, cur: Any, mode: WriteMode, failed: List[Tuple[str, str, str]]) -> Optional[int]:
-        """The mode's full-snapshot sync (modes.Sync), in the finalisation's transaction; None: none ran."""
+        """The mode's full-snapshot sync (modes.Sync), in the finalisation's transaction; None: none ran.
+
+        It holds off when a file of its own table failed in this run (``failed``: (table, path, why)); another
+        table's failed file says nothing about this table's month (and that table may publish later: a table
+        publishes as soon as its own files are read, runner.EarlyPublish)."""
         plan = self.plan
         month_start = date(plan.year, plan.month, 1) if plan.year is not None and plan.month is not None else None
-        return mode.sync(cur, self.ledger, plan.period, month_start, bool(failed))
+        own = [f for f in failed if f[0] == mode.table.name]
+        return mode.sync(cur, self.ledger, plan.period, month_start, bool(own))
 
     # ------------------------------------------------------------ end
 

@@ -159,9 +159,28 @@ def read_unit(unit: ReadUnit, board: Optional[Board] = None) -> Iterator[Chunk]:
     Never raises for bad source data: a SourceDataError or an unreadable container becomes the
     file's error record (after any chunks already yielded). With ``unit.traceparent`` set (tracing
     on), each data chunk opens its batch span and carries its ``read`` span (``loadkit.tracing``)."""
+    chunks = _marked_end(_read_unit(unit, board))
     if not unit.traceparent:
-        return _read_unit(unit, board)
-    return _traced(unit, _read_unit(unit, board))
+        return chunks
+    return _traced(unit, chunks)
+
+
+def _marked_end(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The chunks, the last one (an eof or error record: a unit always ends with one) marked ``unit_end``.
+
+    Only eof/error records are held back until the next record shows whether they were the last: a data
+    chunk is handed on at once (the read stage's hand-off timing, ``SizeFeed``, stays the chunk's own)."""
+    held: Optional[Chunk] = None
+    for chunk in chunks:
+        if held is not None:
+            yield held
+            held = None
+        if chunk.kind == "data":
+            yield chunk
+        else:
+            held = chunk
+    if held is not None:
+        yield replace(held, unit_end=True)
 
 
 def _traced(unit: ReadUnit, chunks: Iterator[Chunk]) -> Iterator[Chunk]:

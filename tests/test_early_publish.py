@@ -1,0 +1,165 @@
+"""A table publishes as soon as its own files are read, while the other tables still stream (runner.EarlyPublish).
+
+The other tables' reading is held at a gate (their ``read_unit`` waits on an event) so what is asserted is an
+order of events in the ledger, never seconds: the first table's publish committed before any batch of the gated
+tables did. Each test then checks the whole run exactly (rows equal the oracle, no byte range twice).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+
+from loadkit.examples.cnpj.sample import SampleManifest
+from loadkit.execute import inprocess
+from loadkit.runner import run_job
+from tests.helpers import compose, query
+from tests.test_faults import DROP_REFERENCE, TABLES, assert_exactly_once
+from tests.test_shutdown import Blocker, count, wait_for, waiting_on_lock
+
+pytestmark = [pytest.mark.slow]
+
+MONTH = {"rows": 600, "shards": 2, "seed": 7}  # the size of conftest's `month`
+
+
+def largest(month: SampleManifest) -> str:
+    """The table the in-process executor reads first (execute.inprocess.largest_first: most source bytes)."""
+    return max(TABLES, key=lambda t: sum((month.root / rel).stat().st_size for rel in month.files[t]))
+
+
+class Gate:
+    """Holds every read of the tables not named ``first`` until ``open()`` (or its safety timeout); with
+    ``hold_first``, also the reads of ``first`` until ``open_first()``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, first: str, hold_first: bool = False) -> None:
+        self.first, self.opened, self.reached = first, threading.Event(), threading.Event()
+        self.first_opened = threading.Event()
+        if not hold_first:
+            self.first_opened.set()
+        read = inprocess.read_unit
+
+        def gated(unit: Any, board: Any) -> Iterator[Any]:
+            if unit.table.name == self.first:
+                assert self.first_opened.wait(120), "the first table's gate was never opened"
+            else:
+                self.reached.set()
+                assert self.opened.wait(120), "the gate was never opened"
+            yield from read(unit, board)
+
+        monkeypatch.setattr(inprocess, "read_unit", gated)
+
+    def open_first(self) -> None:
+        self.first_opened.set()
+
+    def open(self) -> None:
+        self.first_opened.set()
+        self.opened.set()
+
+
+def published(dsn: str, led: str, table: str) -> bool:
+    return count(dsn, f'SELECT count(*) FROM "{led}".table_load WHERE table_name = \'{table}\' '
+                      "AND finished_at IS NOT NULL AND status = 'loaded'") > 0
+
+
+def first_commits(dsn: str, led: str) -> Dict[str, Any]:
+    """Per table: (its first batch's commit time, its last one's)."""
+    return {t: (lo, hi) for t, lo, hi in query(dsn, f'SELECT table_name, min(committed_at), max(committed_at) '
+                                                    f'FROM "{led}".batch GROUP BY 1')}
+
+
+def in_background(fn: Callable[[], None]) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture()
+def overrides(job_overrides, month: SampleManifest) -> Callable[..., List[str]]:
+    def make(*extra: str) -> List[str]:
+        return job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=100",
+                             *DROP_REFERENCE, *extra)
+    return make
+
+
+def test_a_table_publishes_while_the_others_still_stream(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                        overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+    target, led = schemas
+    first = largest(month)
+    gate = Gate(monkeypatch, first)
+    seen: List[bool] = []
+
+    def watch() -> None:  # the gated tables stream only once the first one is published (or 120 s passed)
+        try:
+            wait_for(lambda: published(pg_dsn, led, first), 120, f"{first} published")
+            seen.append(count(pg_dsn, f'SELECT count(*) FROM "{target}"."{first}"') > 0
+                        and count(pg_dsn, f'SELECT count(*) FROM "{led}".batch WHERE table_name <> \'{first}\'') == 0)
+        finally:
+            gate.open()
+
+    watcher = in_background(watch)
+    result = run_job(compose(overrides()))
+    watcher.join(10)
+    assert result.status == "succeeded", result.error
+    assert seen == [True], "the first table was not published before the others read anything"
+    commits = first_commits(pg_dsn, led)
+    done = query(pg_dsn, f'SELECT finished_at FROM "{led}".table_load WHERE table_name = %s', (first,))[0][0]
+    assert all(lo > done for t, (lo, _) in commits.items() if t != first), (done, commits)
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_publish_early_false_publishes_after_the_whole_stream(month: SampleManifest, pg_dsn: str, schemas: tuple,
+                                                             overrides) -> None:
+    _, led = schemas
+    result = run_job(compose(overrides("sink.publish_early=false")))
+    assert result.status == "succeeded", result.error
+    last_commit = max(hi for _, hi in first_commits(pg_dsn, led).values())
+    finished = [r[0] for r in query(pg_dsn, f'SELECT finished_at FROM "{led}".table_load WHERE run_id = %s',
+                                    (result.run_id,))]
+    assert len(finished) == len(TABLES) and all(f > last_commit for f in finished), (last_commit, finished)
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_a_stop_rolls_back_the_publish_in_flight_and_the_rerun_is_exact(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the first table's publish waits for its target's lock (held by the test) and the others are
+    gated: the run ends interrupted without waiting for the lock holder, the publish rolled back (its files settled,
+    none published, the target empty), and the rerun loads everything exactly once."""
+    target, led = schemas
+    first = largest(month)
+    gate = Gate(monkeypatch, first, hold_first=True)
+    blocker = Blocker(pg_dsn)
+    sent: List[bool] = []
+
+    def watch() -> None:
+        try:  # the run's prepare created the target; its stream waits at the gate
+            wait_for(lambda: count(pg_dsn, f"SELECT count(*) FROM pg_tables WHERE schemaname = '{target}' "
+                                           f"AND tablename = '{first}'") > 0, 120, f"{target}.{first} created")
+            blocker.lock(f'"{target}"."{first}"', "ACCESS SHARE")  # the publish's ACCESS EXCLUSIVE waits for it
+            gate.open_first()
+            wait_for(lambda: waiting_on_lock(pg_dsn, led, "driver"), 120, "the publish waiting on the lock")
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            if not sent:
+                gate.open()
+
+    watcher = in_background(watch)
+    try:
+        result = run_job(compose(overrides()))
+    finally:
+        gate.open()
+        watcher.join(10)
+    assert sent == [True]
+    assert result.status == "interrupted", result.error
+    blocker.assert_still_held("the stop")
+    blocker.release()
+    assert not published(pg_dsn, led, first)
+    assert count(pg_dsn, f'SELECT count(*) FROM "{led}".file WHERE status = \'loaded\'') == 0  # settled, unpublished
+    assert count(pg_dsn, f'SELECT count(*) FROM "{target}"."{first}"') == 0
+    blocker.close()
+    again = run_job(compose(overrides()))
+    assert again.status == "succeeded", again.error
+    assert_exactly_once(pg_dsn, schemas, month)
