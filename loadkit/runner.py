@@ -206,7 +206,7 @@ class EarlyPublish:
     judged on its complete counts, and its own transaction (``PostgresSink.complete`` for that table; a
     full-snapshot sync, ``delete_missing``, holds off on a failed file of its own table only). What
     overlaps is the server's work: a merge's key build and ANALYZE run beside the next table's COPY
-    (the monthly CNPJ job's first load: see README, session 11).
+    (a merge first load of two large tables: see README, session 11).
 
     On leaving with an error or a stop, the publish in flight is cancelled (again every
     ``_EARLY_CANCEL_EVERY_S``) and waited for: it rolls back, or it had committed a complete, accounted
