@@ -150,12 +150,12 @@ class Runner:
             cause = supervisor.stop_cause(exc)
             if not isinstance(cause, InterruptedRun):  # the watchdog, the run deadline, a lost job lock
                 return "failed", cause, failed
-            _shutdown_ray()
+            _shutdown_ray(metrics)
             return "interrupted", cause, failed
         except BaseException as exc:  # recorded, then returned to the caller via the result
             error = unwrap(exc)  # the classified cause, not Ray's wrapper around it
             if classify(error) is Category.INTERRUPTED:  # our own cancel surfaced before the handler's error
-                _shutdown_ray()
+                _shutdown_ray(metrics)
                 return "interrupted", InterruptedRun(f"stopped: {error}"), failed
             return "failed", error, failed
 
@@ -272,12 +272,14 @@ def _stops_as_errors(supervisor: Supervisor) -> Iterator[None]:
         raise supervisor.stop_cause(exc) from None
 
 
-def _shutdown_ray() -> None:
-    """On interrupt: stop every worker now; their open transactions roll back server-side.
+def _shutdown_ray(metrics: RunMetrics) -> None:
+    """On interrupt of a run on the Ray executor: stop every worker now; their open transactions roll back
+    server-side. An in-process run leaves alone a Ray its process holds for something else (a notebook's, a
+    test session's): it has no worker there.
 
     Never imports Ray (seconds of start-up): if this process has not imported it, there is no Ray to stop."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if metrics.executor == "ray" and ray is not None and ray.is_initialized():
         ray.shutdown()
 
 

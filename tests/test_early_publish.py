@@ -123,10 +123,15 @@ def test_publish_early_false_publishes_after_the_whole_stream(month: SampleManif
 
 
 def test_a_stop_rolls_back_the_publish_in_flight_and_the_rerun_is_exact(
-        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch,
+        ray_session: None) -> None:
     """SIGTERM while the first table's publish waits for its target's lock (held by the test) and the others are
     gated: the run ends interrupted without waiting for the lock holder, the publish rolled back (its files settled,
-    none published, the target empty), and the rerun loads everything exactly once."""
+    none published, the target empty), and the rerun loads everything exactly once. The stopped in-process run
+    leaves alone the Ray this process holds for something else (here the test session's; it used to shut it down,
+    and every later test on it failed)."""
+    import ray
+
     target, led = schemas
     first = largest(month)
     gate = Gate(monkeypatch, first, hold_first=True)
@@ -154,6 +159,7 @@ def test_a_stop_rolls_back_the_publish_in_flight_and_the_rerun_is_exact(
         watcher.join(10)
     assert sent == [True]
     assert result.status == "interrupted", result.error
+    assert ray.is_initialized()
     blocker.assert_still_held("the stop")
     blocker.release()
     assert not published(pg_dsn, led, first)

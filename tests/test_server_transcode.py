@@ -307,8 +307,10 @@ def test_server_and_python_transcode_load_identical_tables_and_rejects(pg_dsn: s
                    _query(pg_dsn, f'SELECT batch_id, rows_in, rows_loaded, rows_rejected, rows_coerced, blank_lines '
                                   f'FROM "{led}".batch ORDER BY batch_id'))
     assert got[True] == got[False]
-    if chunks and not any(b"\x00" in c for c, _ in chunks):
-        # a chunk pyarrow could read takes the byte path: the comparison is not between two Python paths
+    if chunks and not any(b"\x00" in c or b"\r" in c for c, _ in chunks):
+        # a chunk pyarrow could read takes the byte path: the comparison is not between two Python paths. Not a
+        # chunk with a CR (the scanner's summary is not `clean`: pyarrow would end a record at a bare CR the
+        # scanner keeps in the value), which both paths parse in Python: b'"\r"\n' (hypothesis, session 11)
         assert fast_chunks or got[True][1]
 
 
