@@ -249,7 +249,10 @@ class EarlyPublish:
             return
         pending = [f for f in self._futures if not f.done()]
         while et is not None and pending:  # the run is stopping or failed: its publish in flight rolls back
-            self._sink.cancel()  # again each round: a statement sent just after a cancel is not cancelled
+            try:  # again each round: a statement sent just after a cancel is not cancelled
+                self._sink.cancel()
+            except Exception as exc:  # noqa: BLE001 -- the server may be gone: the publish then fails by itself
+                log.warning("could not cancel the early publish's statement: %s", exc)
             pending = list(wait(pending, timeout=_EARLY_CANCEL_EVERY_S).not_done)
         self._pool.shutdown(wait=True)
         for name, future in zip(self.tables, self._futures):  # an error nobody asked for: logged, not lost

@@ -169,3 +169,33 @@ def test_a_stop_rolls_back_the_publish_in_flight_and_the_rerun_is_exact(
     again = run_job(compose(overrides()))
     assert again.status == "succeeded", again.error
     assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_a_stop_ends_a_publish_waiting_to_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish thread (EarlyPublish, PUBLISH_CONCURRENCY) cannot be interrupted by the signal handler: the stop's
+    ``PostgresSink.cancel`` ends its wait between retries of a transient failure, which then raises InterruptedRun
+    instead of sleeping out the backoff (here 60 s, the test's own timeout) and trying again."""
+    from types import SimpleNamespace
+
+    from loadkit.errors import InterruptedRun, TransientDBError
+    from loadkit.plan import RetryPolicy
+    from loadkit.postgres import sink as sink_module
+
+    sink = sink_module.PostgresSink.__new__(sink_module.PostgresSink)  # only the stop and the retry policy
+    sink._stopping = threading.Event()
+    sink.plan = SimpleNamespace(retry=RetryPolicy(attempts=5, initial_wait_s=60, max_wait_s=60, multiplier=2,
+                                                  jitter_s=0, breaker_failures=5, breaker_cooldown_s=1))
+    sink.dsn, sink.plan.run_id = "", "r"
+    cancelled: List[str] = []
+    monkeypatch.setattr(sink_module.db, "cancel_backends", lambda dsn, run_id: cancelled.append(run_id) or 0)
+    attempts: List[int] = []
+
+    def publish() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            threading.Thread(target=sink.cancel, daemon=True).start()  # the stop path's cancel
+        raise TransientDBError("the server went away")
+
+    with pytest.raises(InterruptedRun):
+        sink._retrying()(publish)
+    assert attempts == [1] and cancelled == ["r"]

@@ -29,7 +29,8 @@ from datetime import date
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-from loadkit.errors import ConfigError, JobLockLost, LedgerMismatch, LoadkitError, TransientDBError, as_loadkit_error
+from loadkit.errors import (ConfigError, InterruptedRun, JobLockLost, LedgerMismatch, LoadkitError, TransientDBError,
+                            as_loadkit_error)
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
 from loadkit.postgres import db, identity, keyhints
@@ -197,6 +198,7 @@ class PostgresSink:
         self._reading: Dict[str, Set[str]] = {}  # table -> shas of the files this run reads
         # Merge's duplicate-key hints: the in-process writers hash each committed batch's key (keyhints).
         self._hints = keyhints.open_hints(plan.run_id, [t for t in plan.tables if isinstance(mode_for(t), Merge)])
+        self._stopping = threading.Event()  # set by cancel(): settle and publish stop waiting to retry
 
     # ------------------------------------------------------------ open / close: the job lock and the run row
 
@@ -205,8 +207,19 @@ class PostgresSink:
         return db.server_check(self.dsn)
 
     def cancel(self) -> int:
-        """Cancel the statements of this run's sessions now (a stop): they roll back, committed batches stay."""
+        """Cancel the statements of this run's sessions now (a stop): they roll back, committed batches stay.
+        A settle or publish waiting to retry a transient failure stops waiting (``_retrying``): on a publish
+        thread (runner.EarlyPublish, PUBLISH_CONCURRENCY) no signal handler can end that sleep."""
+        self._stopping.set()
         return db.cancel_backends(self.dsn, self.plan.run_id)
+
+    def _retrying(self) -> Any:
+        """``retrying(plan.retry)`` whose waits between attempts end at a stop (``cancel``) with InterruptedRun."""
+        return retrying(self.plan.retry, sleep=self._sleep_unless_stopped)
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        if self._stopping.wait(seconds):
+            raise InterruptedRun("stopped while waiting to retry a transient failure")
 
     def cancel_end(self) -> int:
         """Cancel the statement recording the run's end (``end``): a stop insisted while it was stuck."""
@@ -406,7 +419,7 @@ class PostgresSink:
                 error = metrics.file_error(table.name, f.sha256)
                 if error is None and f.sha256 in self._reading.get(table.name, ()):
                     error = aborted.get(table.name)
-                retrying(self.plan.retry)(self._settle_file, table, f, error, failed)
+                self._retrying()(self._settle_file, table, f, error, failed)
         return failed
 
     def _settle_file(self, table: TableSpec, f: FileSpec, error: Optional[str],
@@ -464,7 +477,7 @@ class PostgresSink:
             publish.append(table)
 
         def one(table: TableSpec) -> bool:
-            return bool(retrying(self.plan.retry)(self._finalize_table, table, metrics.tables[table.name], failed))
+            return bool(self._retrying()(self._finalize_table, table, metrics.tables[table.name], failed))
 
         if len(publish) < 2 or PUBLISH_CONCURRENCY < 2:
             lost = [one(t) for t in publish]
