@@ -37,6 +37,7 @@ store, this is the only module that talks to Ray.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -321,6 +322,13 @@ class LoaderUDF:
                  units: Sequence[ReadUnit], board: Optional[Board]) -> None:
         self._loader = Loader(settings, tables, period)
         self._units, self._board = list(units), board
+        # Everything this worker holds now (Ray, pyarrow, loadkit: its modules and this actor) lives as long as
+        # the worker, and the cyclic garbage collector's full collections walked all of it again while the
+        # batches' allocations kept triggering collections: ~13% of a loader actor's CPU samples in perf (1.8M
+        # rows). Frozen, the collector skips those objects (gc.freeze: module state, never garbage). Machine
+        # CPU of a 1.8M-row Ray run, alternated pairs: 10.80 -> 10.33 CPU-s (medians of 4), 11.05 -> 10.26
+        # (of 3). The in-process driver showed no difference (a smaller heap), so only here.
+        gc.freeze()
 
     def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
         for index in block.column("unit").to_pylist():
