@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,6 @@ log = logging.getLogger("loadkit.run")
 # Read-again rounds when staging lost batches before publishing (a crash restart empties UNLOGGED
 # tables); past this many the run fails transient and the rerun resumes.
 _MAX_REREADS = 3
-_EARLY_CANCEL_EVERY_S = 0.5  # a stopping run cancels its early publish's statement again this often until it ends
 
 
 @dataclass
@@ -208,8 +207,8 @@ class EarlyPublish:
     overlaps is the server's work: a merge's key build and ANALYZE run beside the next table's COPY
     (a merge first load of two large tables: see README, session 11).
 
-    On leaving with an error or a stop, the publish in flight is cancelled (again every
-    ``_EARLY_CANCEL_EVERY_S``) and waited for: it rolls back, or it had committed a complete, accounted
+    On leaving with an error or a stop, the publishes in flight are cancelled (``PostgresSink.stop_publishes``:
+    again and again until they end) and waited for: each rolls back, or it had committed a complete, accounted
     table that the rerun skips. ``completion`` folds the early publishes' results into the end's,
     raising the first one's error."""
 
@@ -247,13 +246,8 @@ class EarlyPublish:
     def __exit__(self, et: Any, *exc: Any) -> None:
         if self._pool is None:
             return
-        pending = [f for f in self._futures if not f.done()]
-        while et is not None and pending:  # the run is stopping or failed: its publish in flight rolls back
-            try:  # again each round: a statement sent just after a cancel is not cancelled
-                self._sink.cancel()
-            except Exception as exc:  # noqa: BLE001 -- the server may be gone: the publish then fails by itself
-                log.warning("could not cancel the early publish's statement: %s", exc)
-            pending = list(wait(pending, timeout=_EARLY_CANCEL_EVERY_S).not_done)
+        if et is not None:  # the run is stopping or failed: its publishes in flight roll back
+            self._sink.stop_publishes(self._futures)
         self._pool.shutdown(wait=True)
         for name, future in zip(self.tables, self._futures):  # an error nobody asked for: logged, not lost
             error = future.exception() if et is not None and not future.cancelled() else None
