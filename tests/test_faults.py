@@ -281,6 +281,16 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
     _, led = schemas
     rng = random.Random(20240511)
     gate = LedgerGate(pg_dsn, led)
+
+    def waiting_after(batch_rows: int, commits: int) -> Any:
+        """A CLI run let through ``commits`` commits of its own, its writers now waiting with the next batches."""
+        known = runs_so_far(pg_dsn, led)
+        run = cli_runs(args(batch_rows))
+        while commits_since(pg_dsn, led, known) < commits:
+            gate.let_through(run)
+        gate.wait_blocked(run)
+        return run
+
     try:
         # 1. kill -9 once the run's writers wait with their first batches: nothing committed yet.
         run = cli_runs(args(200))
@@ -291,11 +301,7 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
         gate.killed()
         # 2. kill -9 after a random number of its own commits, its writers waiting with the next batches.
         kill_at = rng.randint(1, 4)
-        known = runs_so_far(pg_dsn, led)
-        run = cli_runs(args(200))
-        while commits_since(pg_dsn, led, known) < kill_at:
-            gate.let_through(run)
-        gate.wait_blocked(run)
+        run = waiting_after(200, kill_at)
         run.signal(signal.SIGKILL)
         assert run.wait(30) == -signal.SIGKILL
         gate.killed()
@@ -304,11 +310,7 @@ def test_driver_kill9_and_sigterm_then_resume_with_other_batch_sizes(
         # 3. SIGTERM after a few commits of its own, with a smaller batch size, while its writers wait with
         # batches in hand; the gate holds until the process is gone, so those batches are surely left over.
         term_at = rng.randint(1, 2)
-        known = runs_so_far(pg_dsn, led)
-        run = cli_runs(args(120))
-        while commits_since(pg_dsn, led, known) < term_at:
-            gate.let_through(run)
-        gate.wait_blocked(run)
+        run = waiting_after(120, term_at)
         run.signal(signal.SIGTERM)
         signalled = time.time()
         wait_until(lambda: ledger_count(pg_dsn, led,
