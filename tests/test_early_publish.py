@@ -295,3 +295,65 @@ def test_a_table_whose_staging_lost_batches_is_read_again_and_counted_once(
                       for t, tm in result.metrics.tables.items()}, ledger
     (read,), = query(pg_dsn, f'SELECT rows_read FROM "{led}".run WHERE run_id = %s', (result.run_id,))
     assert read == sum(month.rows[t] for t in TABLES), read
+
+
+def test_a_failed_early_publish_lets_the_others_finish(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first table's publish fails (not transiently) while the second table's publish waits on its own ledger
+    row (``finish_table``; held FOR UPDATE by the test, released 2 s after the run starts collecting the publishes,
+    ``EarlyPublish.completion``). A failed table does not stop the others (PostgresSink._finalize_tables): the second
+    table still publishes, and the run fails with the first one's error; the rerun publishes the first table and the
+    month is loaded exactly once. (The release is timed, never an assertion: with the collection cancelling the
+    others at the first error, 0.25 s later, the second table was rolled back.)"""
+    import psycopg2
+
+    from loadkit.errors import LoadkitError
+    from loadkit.postgres import sink as sink_module
+    from loadkit.runner import EarlyPublish
+
+    target, led = schemas
+    first, second = sorted(TABLES, key=lambda t: -sum((month.root / rel).stat().st_size for rel in month.files[t]))[:2]
+    gate = Gate(monkeypatch, first)
+    holder = psycopg2.connect(pg_dsn, application_name="loadkit-test-blocker")
+    release = threading.Timer(2, holder.rollback)
+    finalize = sink_module.PostgresSink._finalize_table
+
+    def failing(self: Any, table: Any, tm: Any, failed: Any) -> bool:
+        if table.name == first:
+            raise LoadkitError("simulated publish failure", table=table.name)
+        return finalize(self, table, tm, failed)
+
+    collect = EarlyPublish.completion
+
+    def completion(self: Any, done: Any) -> Any:
+        release.start()
+        return collect(self, done)
+
+    monkeypatch.setattr(sink_module.PostgresSink, "_finalize_table", failing)
+    monkeypatch.setattr(EarlyPublish, "completion", completion)
+
+    def watch() -> None:
+        try:
+            wait_for(lambda: count(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE table_name = '
+                                           f"'{second}' AND status = 'loading'") > 0, 120, f"{second}'s ledger row")
+            with holder.cursor() as cur:  # finish_table's UPDATE of this row waits for it
+                cur.execute(f'SELECT 1 FROM "{led}".table_load WHERE table_name = %s FOR UPDATE', (second,))
+        finally:
+            gate.open()
+
+    watcher = in_background(watch)
+    try:
+        result = run_job(compose(overrides()))
+    finally:
+        gate.open()
+        watcher.join(10)
+        release.cancel()
+        holder.rollback()
+        holder.close()
+    assert result.status == "failed" and "simulated publish failure" in str(result.error), result.error
+    assert published(pg_dsn, led, second), f"{second}'s publish was rolled back by {first}'s failure"
+    assert not published(pg_dsn, led, first)
+    monkeypatch.undo()
+    again = run_job(compose(overrides()))
+    assert again.status == "succeeded", again.error
+    assert_exactly_once(pg_dsn, schemas, month)
