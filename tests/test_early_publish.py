@@ -357,3 +357,35 @@ def test_a_failed_early_publish_lets_the_others_finish(
     again = run_job(compose(overrides()))
     assert again.status == "succeeded", again.error
     assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_cli_sigterm_while_an_early_publish_waits_exits_130_and_the_rerun_is_exact(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, tmp_path) -> None:
+    """``python -m loadkit``: the first table's publish waits for its target's lock (held by the test) while the
+    other tables stream, ungated; SIGTERM exits 130 without waiting for the lock holder, the first table is not
+    published, the run is recorded interrupted, and the rerun loads the month exactly once."""
+    from tests.test_faults import Cli
+
+    target, led = schemas
+    first = largest(month)
+    blocker = Blocker(pg_dsn)
+    run = Cli(overrides("batch.size=20"), tmp_path / "cli.log")
+    try:
+        wait_for(lambda: count(pg_dsn, f"SELECT count(*) FROM pg_tables WHERE schemaname = '{target}' "
+                                       f"AND tablename = '{first}'") > 0, 120, f"{target}.{first} created")
+        blocker.lock(f'"{target}"."{first}"', "ACCESS SHARE")
+        wait_for(lambda: waiting_on_lock(pg_dsn, led, "driver"), 120, "the publish waiting on the lock")
+        run.signal(signal.SIGTERM)
+        code = run.wait(60)
+    finally:
+        if run.alive():
+            run.reap()
+    assert code == 130, run.tail()
+    blocker.assert_still_held("the stop")
+    blocker.close()
+    assert not published(pg_dsn, led, first)
+    assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE finished_at IS NULL') == [(0,)]
+    again = run_job(compose(overrides()))
+    assert again.status == "succeeded", again.error
+    assert_exactly_once(pg_dsn, schemas, month)
