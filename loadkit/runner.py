@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +236,10 @@ class EarlyPublish:
 
     def completion(self, done: Completion) -> Completion:
         """``done`` (the end's completion) with every early publish's failed files and lost tables added;
-        waits for them, and raises the first one's error (the other tables have published by then)."""
+        waits for them all, and raises the first one's error (the other tables have published by then: a
+        failed table does not stop the others, as in ``PostgresSink._finalize_tables``; raising at the
+        first error left the later publishes in flight to ``__exit__``, which cancels them)."""
+        wait(self._futures)
         for future in self._futures:
             early = future.result()
             done.failed += early.failed

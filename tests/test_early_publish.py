@@ -16,7 +16,7 @@ import pytest
 from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.execute import inprocess
 from loadkit.runner import run_job
-from tests.helpers import compose, query
+from tests.helpers import autocommit_cursor, compose, query
 from tests.test_faults import DROP_REFERENCE, TABLES, assert_exactly_once
 from tests.test_shutdown import Blocker, count, wait_for, waiting_on_lock
 
@@ -199,3 +199,193 @@ def test_a_stop_ends_a_publish_waiting_to_retry(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(InterruptedRun):
         sink._retrying()(publish)
     assert attempts == [1] and cancelled == ["r"]
+
+
+def test_a_stop_after_the_publish_set_its_status_reports_what_the_ledger_holds(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the first table's publish waits on its own ledger row (``finish_table``, held FOR UPDATE by the
+    test): that is after ``_finalize_table`` has set the table's status to 'loaded', before its commit. The stop
+    rolls the publish back, so the run's result and its ledger must not call the table loaded: its table_load row
+    is closed (not left 'loading'), its status agrees with the result's, and the rerun loads exactly once."""
+    import psycopg2
+
+    target, led = schemas
+    first = largest(month)
+    gate = Gate(monkeypatch, first, hold_first=True)
+    holder = psycopg2.connect(pg_dsn, application_name="loadkit-test-blocker")
+    safety = threading.Timer(90, holder.rollback)
+    sent: List[bool] = []
+
+    def watch() -> None:
+        try:  # the run's start inserted the table's row; its stream waits at the gate
+            wait_for(lambda: count(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE table_name = '
+                                           f"'{first}' AND status = 'loading'") > 0, 120, f"{first}'s ledger row")
+            with holder.cursor() as cur:  # finish_table's UPDATE of this row waits for it
+                cur.execute(f'SELECT 1 FROM "{led}".table_load WHERE table_name = %s FOR UPDATE', (first,))
+            safety.start()
+            gate.open_first()
+            wait_for(lambda: waiting_on_lock(pg_dsn, led, "driver"), 120, "the publish waiting on its ledger row")
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for(lambda: not waiting_on_lock(pg_dsn, led, "driver"), 120, "the stop to cancel the publish")
+        finally:
+            holder.rollback()  # the run's end may update the row too
+            if not sent:
+                gate.open()
+
+    watcher = in_background(watch)
+    try:
+        result = run_job(compose(overrides()))
+    finally:
+        gate.open()
+        watcher.join(10)
+        safety.cancel()
+        holder.close()
+    assert sent == [True]
+    assert result.status == "interrupted", result.error
+    (status, finished), = query(pg_dsn, f'SELECT status, finished_at FROM "{led}".table_load '
+                                        "WHERE run_id = %s AND table_name = %s", (result.run_id, first))
+    rows = count(pg_dsn, f'SELECT count(*) FROM "{target}"."{first}"')
+    assert finished is not None, f"{first}'s ledger row was left {status!r}"
+    assert (status == "loaded") == (rows > 0), (status, rows)
+    assert result.metrics.tables[first].status == status, (result.metrics.tables[first].status, status, rows)
+    again = run_job(compose(overrides()))
+    assert again.status == "succeeded", again.error
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+@pytest.mark.parametrize("early", ["true", "false"])
+def test_a_table_whose_staging_lost_batches_is_read_again_and_counted_once(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch,
+        early: str) -> None:
+    """The first table's staging is emptied just before its publish (what a crash restart does to an UNLOGGED
+    staging table): the publish finds the batches lost, the run reads them again in a second round (runner's
+    re-read loop) and publishes. Early or not, the target equals the month exactly and the run's figures -- per
+    table in the result and in its table_load rows, and its total -- are the month's rows, each read once."""
+    from loadkit.postgres import sink as sink_module
+    from loadkit.postgres.modes import mode_for
+
+    target, led = schemas
+    first = largest(month)
+    original = sink_module.PostgresSink.complete
+    emptied: List[str] = []
+
+    def complete(self: Any, metrics: Any, aborted: Any, failed: Any, tables: List[str]) -> Any:
+        if first in tables and not emptied:
+            table = self.plan.table(first)
+            assert mode_for(table).staged, table.mode
+            with autocommit_cursor(pg_dsn) as cur:
+                cur.execute(f'DELETE FROM "{table.load_schema}"."{table.load_table}"')
+                assert cur.rowcount > 0
+            emptied.append(first)
+        return original(self, metrics, aborted, failed, tables)
+
+    monkeypatch.setattr(sink_module.PostgresSink, "complete", complete)
+    result = run_job(compose(overrides(f"sink.publish_early={early}")))
+    assert emptied == [first]
+    assert result.status == "succeeded", result.error
+    assert_exactly_once(pg_dsn, schemas, month)
+    for t in TABLES:
+        tm = result.metrics.tables[t]
+        assert tm.rows_read == month.rows[t] == tm.rows_loaded + tm.rows_rejected, (t, tm.rows_read, month.rows[t])
+    ledger = {t: (r, lo, rj) for t, r, lo, rj in query(
+        pg_dsn, f'SELECT table_name, rows_read, rows_loaded, rows_rejected FROM "{led}".table_load '
+                "WHERE run_id = %s", (result.run_id,))}
+    assert ledger == {t: (tm.rows_read, tm.rows_loaded, tm.rows_rejected)
+                      for t, tm in result.metrics.tables.items()}, ledger
+    (read,), = query(pg_dsn, f'SELECT rows_read FROM "{led}".run WHERE run_id = %s', (result.run_id,))
+    assert read == sum(month.rows[t] for t in TABLES), read
+
+
+def test_a_failed_early_publish_lets_the_others_finish(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first table's publish fails (not transiently) while the second table's publish waits on its own ledger
+    row (``finish_table``; held FOR UPDATE by the test, released 2 s after the run starts collecting the publishes,
+    ``EarlyPublish.completion``). A failed table does not stop the others (PostgresSink._finalize_tables): the second
+    table still publishes, and the run fails with the first one's error; the rerun publishes the first table and the
+    month is loaded exactly once. (The release is timed, never an assertion: with the collection cancelling the
+    others at the first error, 0.25 s later, the second table was rolled back.)"""
+    import psycopg2
+
+    from loadkit.errors import LoadkitError
+    from loadkit.postgres import sink as sink_module
+    from loadkit.runner import EarlyPublish
+
+    target, led = schemas
+    first, second = sorted(TABLES, key=lambda t: -sum((month.root / rel).stat().st_size for rel in month.files[t]))[:2]
+    gate = Gate(monkeypatch, first)
+    holder = psycopg2.connect(pg_dsn, application_name="loadkit-test-blocker")
+    release = threading.Timer(2, holder.rollback)
+    finalize = sink_module.PostgresSink._finalize_table
+
+    def failing(self: Any, table: Any, tm: Any, failed: Any) -> bool:
+        if table.name == first:
+            raise LoadkitError("simulated publish failure", table=table.name)
+        return finalize(self, table, tm, failed)
+
+    collect = EarlyPublish.completion
+
+    def completion(self: Any, done: Any) -> Any:
+        release.start()
+        return collect(self, done)
+
+    monkeypatch.setattr(sink_module.PostgresSink, "_finalize_table", failing)
+    monkeypatch.setattr(EarlyPublish, "completion", completion)
+
+    def watch() -> None:
+        try:
+            wait_for(lambda: count(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE table_name = '
+                                           f"'{second}' AND status = 'loading'") > 0, 120, f"{second}'s ledger row")
+            with holder.cursor() as cur:  # finish_table's UPDATE of this row waits for it
+                cur.execute(f'SELECT 1 FROM "{led}".table_load WHERE table_name = %s FOR UPDATE', (second,))
+        finally:
+            gate.open()
+
+    watcher = in_background(watch)
+    try:
+        result = run_job(compose(overrides()))
+    finally:
+        gate.open()
+        watcher.join(10)
+        release.cancel()
+        holder.rollback()
+        holder.close()
+    assert result.status == "failed" and "simulated publish failure" in str(result.error), result.error
+    assert published(pg_dsn, led, second), f"{second}'s publish was rolled back by {first}'s failure"
+    assert not published(pg_dsn, led, first)
+    monkeypatch.undo()
+    again = run_job(compose(overrides()))
+    assert again.status == "succeeded", again.error
+    assert_exactly_once(pg_dsn, schemas, month)
+
+
+def test_cli_sigterm_while_an_early_publish_waits_exits_130_and_the_rerun_is_exact(
+        month: SampleManifest, pg_dsn: str, schemas: tuple, overrides, tmp_path) -> None:
+    """``python -m loadkit``: the first table's publish waits for its target's lock (held by the test) while the
+    other tables stream, ungated; SIGTERM exits 130 without waiting for the lock holder, the first table is not
+    published, the run is recorded interrupted, and the rerun loads the month exactly once."""
+    from tests.test_faults import Cli
+
+    target, led = schemas
+    first = largest(month)
+    blocker = Blocker(pg_dsn)
+    run = Cli(overrides("batch.size=20"), tmp_path / "cli.log")
+    try:
+        wait_for(lambda: count(pg_dsn, f"SELECT count(*) FROM pg_tables WHERE schemaname = '{target}' "
+                                       f"AND tablename = '{first}'") > 0, 120, f"{target}.{first} created")
+        blocker.lock(f'"{target}"."{first}"', "ACCESS SHARE")
+        wait_for(lambda: waiting_on_lock(pg_dsn, led, "driver"), 120, "the publish waiting on the lock")
+        run.signal(signal.SIGTERM)
+        code = run.wait(60)
+    finally:
+        if run.alive():
+            run.reap()
+    assert code == 130, run.tail()
+    blocker.assert_still_held("the stop")
+    blocker.close()
+    assert not published(pg_dsn, led, first)
+    assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
+    assert query(pg_dsn, f'SELECT count(*) FROM "{led}".table_load WHERE finished_at IS NULL') == [(0,)]
+    again = run_job(compose(overrides()))
+    assert again.status == "succeeded", again.error
+    assert_exactly_once(pg_dsn, schemas, month)

@@ -514,7 +514,23 @@ class PostgresSink:
         """One table's verify-then-publish transaction; True if staging lost batches (nothing published).
 
         In the same transaction: the duplicates count, the full-snapshot sync (Sync mode) and the
-        ledger's table row, so a published period is always a synced, accounted period."""
+        ledger's table row, so a published period is always a synced, accounted period.
+
+        The table's metrics are set inside the transaction (its ledger row is written from them), so a
+        transaction that does not commit -- a stop's cancel, a transient failure -- puts them back as they
+        were: a stop during the sync or the ledger row's update once left the run's result (and its summary,
+        MLflow) calling the table 'loaded' with the rolled-back publish's counts, and its table_load row
+        'loading' (the run's end closes only rows not 'loaded'); a retry of the lost-batches branch would
+        subtract the lost batches from the counts twice."""
+        before = {k: getattr(tm, k) for k in _FINALIZE_FIELDS}
+        try:
+            return self._finalize_table_once(table, tm, failed)
+        except BaseException:
+            for k, v in before.items():
+                setattr(tm, k, v)
+            raise
+
+    def _finalize_table_once(self, table: TableSpec, tm: Any, failed: List[Tuple[str, str, str]]) -> bool:
         plan, led = self.plan, self.ledger
         mode = mode_for(table)
         self._lock.check()  # never publish without the job lock (raises TransientDBError if lost)
@@ -598,6 +614,12 @@ class PostgresSink:
         """A few of this run's rejects (an Arrow table) for its MLflow record."""
         with db.transaction(self.dsn) as cur:
             return self.ledger.reject_sample(cur, self.plan.run_id)
+
+
+# What _finalize_table sets on a table's metrics before its transaction commits (put back if it does not).
+_FINALIZE_FIELDS = ("status", "inserted", "updated", "unchanged", "duplicates", "deleted", "finalise_steps",
+                    "finalise_s", "finalised_at", "batches", "rows_read", "rows_loaded", "rows_rejected",
+                    "rows_coerced", "blank_lines")
 
 
 def _figures(t: RunTotals) -> str:
