@@ -207,18 +207,30 @@ class EarlyPublish:
     overlaps is the server's work: a merge's key build and ANALYZE run beside the next table's COPY
     (a merge first load of two large tables: see README, session 11).
 
-    On leaving with an error or a stop, the publishes in flight are cancelled (``PostgresSink.stop_publishes``:
-    again and again until they end) and waited for: each rolls back, or it had committed a complete, accounted
-    table that the rerun skips. ``completion`` folds the early publishes' results into the end's,
-    raising the first one's error."""
+    On leaving with a stop (a signal, the watchdog, the run deadline, a lost job lock: a KeyboardInterrupt
+    here, or our own cancel surfacing), the publishes in flight are cancelled (``PostgresSink.stop_publishes``:
+    again and again until they end) and waited for: each rolls back, or it had committed a complete,
+    accounted table that the rerun skips. On leaving with any other error they are only waited for: a
+    failed table (or a bug in the stream) does not roll back another table's complete publish.
+    ``completion`` folds the early publishes' results into the end's, raising the first one's error."""
 
     def __init__(self, plan: LoadPlan, sink: PostgresSink, supervisor: Supervisor, metrics: RunMetrics,
                  failed: List[Tuple[str, str, str]]) -> None:
         self._plan, self._sink, self._supervisor, self._metrics = plan, sink, supervisor, metrics
         self._failed = list(failed)  # files that failed in earlier rounds of this run
-        self.tables: List[str] = []  # submitted for publishing, in order
-        self._futures: List[Future[Completion]] = []
+        # (table, its publish) in order, each listed before it is submitted: one append, so a signal landing
+        # anywhere in table_read leaves every publish that may run in this list, where a stop finds it
+        self._publishing: List[Tuple[str, Future[Completion]]] = []
         self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def tables(self) -> List[str]:
+        """The tables handed to an early publish, in order (whatever became of the publish)."""
+        return [name for name, _ in self._publishing]
+
+    @property
+    def _futures(self) -> List[Future[Completion]]:
+        return [future for _, future in self._publishing]
 
     def __enter__(self) -> "EarlyPublish":
         return self
@@ -230,9 +242,19 @@ class EarlyPublish:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(PUBLISH_CONCURRENCY, thread_name_prefix="loadkit-publish-early")
         log.info("%s: every file read; publishing it while the other tables stream", name, extra={"table": name})
-        self.tables.append(name)
-        self._futures.append(self._pool.submit(self._sink.complete, self._metrics, self._supervisor.aborted,
-                                               self._failed, [name]))
+        future: Future[Completion] = Future()
+        self._publishing.append((name, future))  # before the submit: a stop cancels it even if never submitted
+        self._pool.submit(self._publish, name, future)
+
+    def _publish(self, name: str, future: Future[Completion]) -> None:
+        """On a pool thread: ``name``'s settle and publish (``PostgresSink.complete``), its outcome in ``future``;
+        nothing if a stop cancelled it before it started."""
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(self._sink.complete(self._metrics, self._supervisor.aborted, self._failed, [name]))
+        except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits on the future
+            future.set_exception(exc)
 
     def completion(self, done: Completion) -> Completion:
         """``done`` (the end's completion) with every early publish's failed files and lost tables added;
@@ -246,13 +268,15 @@ class EarlyPublish:
             done.lost += early.lost
         return done
 
-    def __exit__(self, et: Any, *exc: Any) -> None:
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
         if self._pool is None:
             return
-        if et is not None:  # the run is stopping or failed: its publishes in flight roll back
-            self._sink.stop_publishes(self._futures)
+        if et is not None and (issubclass(et, KeyboardInterrupt) or classify(unwrap(ev)) is Category.INTERRUPTED):
+            self._sink.stop_publishes(self._futures)  # the run is stopping: its publishes in flight roll back
         self._pool.shutdown(wait=True)
-        for name, future in zip(self.tables, self._futures):  # an error nobody asked for: logged, not lost
+        for _, future in self._publishing:  # listed but never submitted (submit itself raised): never runs now
+            future.cancel()
+        for name, future in self._publishing:  # an error nobody asked for: logged, not lost
             error = future.exception() if et is not None and not future.cancelled() else None
             if error is None:
                 continue

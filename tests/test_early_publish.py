@@ -389,3 +389,73 @@ def test_cli_sigterm_while_an_early_publish_waits_exits_130_and_the_rerun_is_exa
     again = run_job(compose(overrides()))
     assert again.status == "succeeded", again.error
     assert_exactly_once(pg_dsn, schemas, month)
+
+
+class _FakeSink:
+    """EarlyPublish's view of the sink: a publish that waits for ``release``, and the stop's re-cancel recorded."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.completed: List[str] = []
+        self.stops: List[int] = []
+
+    def check_accounting(self, metrics: Any, tables: Any) -> None:
+        pass
+
+    def complete(self, metrics: Any, aborted: Any, failed: Any, tables: List[str]) -> Any:
+        from loadkit.postgres.sink import Completion
+
+        self.started.set()
+        assert self.release.wait(60)
+        self.completed += tables
+        return Completion()
+
+    def stop_publishes(self, futures: Any) -> None:
+        self.stops.append(len(futures))
+        self.release.set()  # what the re-cancel does to a publish: it ends
+
+
+@pytest.mark.parametrize("error, stops", [(ValueError("a bug in the stream"), False),
+                                          (KeyboardInterrupt(), True)])
+def test_only_a_stop_cancels_the_early_publishes_in_flight(error: BaseException, stops: bool) -> None:
+    """A failure of the stream that is not a stop (a bug, a later table's accounting mismatch) waits for the
+    early publish in flight -- a complete, accounted table -- instead of rolling it back; a stop (here the
+    handler's KeyboardInterrupt) cancels it (PostgresSink.stop_publishes)."""
+    from types import SimpleNamespace
+
+    from loadkit.runner import EarlyPublish
+
+    sink = _FakeSink()
+    supervisor = SimpleNamespace(aborted={}, check_final_thresholds=lambda tables: None)
+    with pytest.raises(type(error)):
+        with EarlyPublish(SimpleNamespace(), sink, supervisor, SimpleNamespace(), []) as early:  # type: ignore[arg-type]
+            early.table_read("t")
+            assert sink.started.wait(60)
+            if not stops:  # nothing else ends this publish: let it finish while __exit__ waits for it
+                threading.Timer(0.2, sink.release.set).start()
+            raise error
+    assert sink.stops == ([1] if stops else [])
+    assert sink.completed == ["t"]
+
+
+def test_a_stop_landing_inside_table_read_leaves_no_publish_unaccounted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal can land between any two bytecodes of table_read. Each publish is listed before it is submitted,
+    so a stop there still finds it: a listed publish never submitted is cancelled and waited for by nobody (the
+    exit does not hang on it), and nothing of it runs."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from loadkit import runner
+
+    class StoppedAtSubmit(ThreadPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            raise KeyboardInterrupt  # the handler's stop, right after the publish was listed
+
+    monkeypatch.setattr(runner, "ThreadPoolExecutor", StoppedAtSubmit)
+    sink = _FakeSink()
+    supervisor = SimpleNamespace(aborted={}, check_final_thresholds=lambda tables: None)
+    with pytest.raises(KeyboardInterrupt):
+        with runner.EarlyPublish(SimpleNamespace(), sink, supervisor, SimpleNamespace(), []) as early:  # type: ignore[arg-type]
+            early.table_read("t")
+    assert early.tables == ["t"] and early._futures[0].cancelled()
+    assert sink.stops == [1] and sink.completed == []
