@@ -76,6 +76,24 @@ def in_background(fn: Callable[[], None]) -> threading.Thread:
     return t
 
 
+def run_watched(watch: Callable[[], None], gate: Gate, overrides: List[str]) -> Any:
+    """``run_job`` on this thread (its signal handlers need the main thread) while ``watch`` runs beside it;
+    the gate opens whatever happens, and the watcher is joined."""
+    watcher = in_background(watch)
+    try:
+        return run_job(compose(overrides))
+    finally:
+        gate.open()
+        watcher.join(10)
+
+
+def sigterm_once_the_publish_waits(dsn: str, led: str, sent: List[bool], what: str) -> None:
+    """Wait for this run's driver (a publish) waiting on a lock, then SIGTERM this process (the run's handler)."""
+    wait_for(lambda: waiting_on_lock(dsn, led, "driver"), 120, what)
+    sent.append(True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.fixture()
 def overrides(job_overrides, month: SampleManifest) -> Callable[..., List[str]]:
     def make(*extra: str) -> List[str]:
@@ -99,9 +117,7 @@ def test_a_table_publishes_while_the_others_still_stream(month: SampleManifest, 
         finally:
             gate.open()
 
-    watcher = in_background(watch)
-    result = run_job(compose(overrides()))
-    watcher.join(10)
+    result = run_watched(watch, gate, overrides())
     assert result.status == "succeeded", result.error
     assert seen == [True], "the first table was not published before the others read anything"
     commits = first_commits(pg_dsn, led)
@@ -144,19 +160,12 @@ def test_a_stop_rolls_back_the_publish_in_flight_and_the_rerun_is_exact(
                                            f"AND tablename = '{first}'") > 0, 120, f"{target}.{first} created")
             blocker.lock(f'"{target}"."{first}"', "ACCESS SHARE")  # the publish's ACCESS EXCLUSIVE waits for it
             gate.open_first()
-            wait_for(lambda: waiting_on_lock(pg_dsn, led, "driver"), 120, "the publish waiting on the lock")
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            sigterm_once_the_publish_waits(pg_dsn, led, sent, "the publish waiting on the lock")
         finally:
             if not sent:
                 gate.open()
 
-    watcher = in_background(watch)
-    try:
-        result = run_job(compose(overrides()))
-    finally:
-        gate.open()
-        watcher.join(10)
+    result = run_watched(watch, gate, overrides())
     assert sent == [True]
     assert result.status == "interrupted", result.error
     assert ray.is_initialized()
@@ -224,21 +233,16 @@ def test_a_stop_after_the_publish_set_its_status_reports_what_the_ledger_holds(
                 cur.execute(f'SELECT 1 FROM "{led}".table_load WHERE table_name = %s FOR UPDATE', (first,))
             safety.start()
             gate.open_first()
-            wait_for(lambda: waiting_on_lock(pg_dsn, led, "driver"), 120, "the publish waiting on its ledger row")
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            sigterm_once_the_publish_waits(pg_dsn, led, sent, "the publish waiting on its ledger row")
             wait_for(lambda: not waiting_on_lock(pg_dsn, led, "driver"), 120, "the stop to cancel the publish")
         finally:
             holder.rollback()  # the run's end may update the row too
             if not sent:
                 gate.open()
 
-    watcher = in_background(watch)
     try:
-        result = run_job(compose(overrides()))
+        result = run_watched(watch, gate, overrides())
     finally:
-        gate.open()
-        watcher.join(10)
         safety.cancel()
         holder.close()
     assert sent == [True]
@@ -341,12 +345,9 @@ def test_a_failed_early_publish_lets_the_others_finish(
         finally:
             gate.open()
 
-    watcher = in_background(watch)
     try:
-        result = run_job(compose(overrides()))
+        result = run_watched(watch, gate, overrides())
     finally:
-        gate.open()
-        watcher.join(10)
         release.cancel()
         holder.rollback()
         holder.close()
