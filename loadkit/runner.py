@@ -259,8 +259,7 @@ class EarlyPublish:
     def completion(self, done: Completion) -> Completion:
         """``done`` (the end's completion) with every early publish's failed files and lost tables added;
         waits for them all, and raises the first one's error (the other tables have published by then: a
-        failed table does not stop the others, as in ``PostgresSink._finalize_tables``; raising at the
-        first error left the later publishes in flight to ``__exit__``, which cancels them)."""
+        failed table does not stop the others, as in ``PostgresSink._finalize_tables``)."""
         wait(self._futures)
         for future in self._futures:
             early = future.result()

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -298,10 +299,9 @@ class Supervisor:
                                  _runtime_env(env.ship_code), env.progress_bars, worker_logs=env.worker_logs,
                                  input_bytes=sum(u.file.size for u in units))
         metrics.executor = executor.name
-        units_left: Dict[str, int] = {}  # table -> read units not ended yet (only where the executor tells)
+        units_left: Counter[str] = Counter()  # table -> read units not ended yet (only where the executor tells)
         if on_table_read is not None and executor.unit_ends:
-            for u in units:
-                units_left[u.table.name] = units_left.get(u.table.name, 0) + 1
+            units_left.update(u.table.name for u in units)
         log.info("executor: %s (%d file(s), %.1f MB to read)", executor.name, len(units),
                  sum(u.file.size for u in units) / 1e6)
         executor.start()

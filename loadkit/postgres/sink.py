@@ -495,8 +495,8 @@ class PostgresSink:
         return [t.name for t, was_lost in zip(publish, lost) if was_lost]
 
     def stop_publishes(self, futures: Sequence[Any]) -> None:
-        """A stop (signal, run deadline) or a failure raised in this thread while publish threads ran (this
-        sink's pool, runner.EarlyPublish's): the tables not started are dropped, and the run's statements are
+        """A stop (signal, run deadline) raised in this thread while publish threads ran (this sink's pool,
+        runner.EarlyPublish's): the tables not started are dropped, and the run's statements are
         cancelled every STOP_RECANCEL_S until the started ones have ended (their pool's exit joins them). One
         cancel was not enough: it ended the two publishes in progress, the pool then started the third table,
         whose statement waited on a lock held elsewhere (the stop's single cancel had already passed), and the
