@@ -250,8 +250,7 @@ class Ledger:
 
     def try_lock_job(self, cur: Any, job: str, period: str) -> bool:
         """A session advisory lock so two runs of the same job and period on one ledger never interleave."""
-        cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.job_lock_key(job, period),))
-        return bool(cur.fetchone()[0])
+        return _try_advisory_lock(cur, self.job_lock_key(job, period))
 
     def claim_targets(self, cur: Any, period: str, job: str, targets: Mapping[str, str]) -> List[Tuple[str, str, str]]:
         """Record that this ledger's rows of each table name in ``targets`` (name -> target schema) and
@@ -265,15 +264,15 @@ class Ledger:
         other job's next run read its files again -- an append target got every row twice. A claim whose
         table is gone (the target dropped, or moved to another schema) is taken over. Call under the run's
         locks (try_lock_tables) so two first claims cannot race."""
-        names = sorted(targets)
+        names, schemas = sorted(targets), json.dumps(dict(targets))
         cur.execute(f"DELETE FROM {self.target} c WHERE c.period = %s AND c.table_name = ANY(%s::text[]) "
                     "AND c.target_schema <> (%s::jsonb ->> c.table_name) "
                     "AND to_regclass(format('%%I.%%I', c.target_schema, c.table_name)) IS NULL",
-                    (period, names, json.dumps(dict(targets))))
+                    (period, names, schemas))
         cur.execute(f"INSERT INTO {self.target} (table_name, period, target_schema, job) "
                     "SELECT n, %s, %s::jsonb ->> n, %s FROM unnest(%s::text[]) n "
                     f"ON CONFLICT ON CONSTRAINT {TARGET_PKEY} DO NOTHING",
-                    (period, json.dumps(dict(targets)), job, names))
+                    (period, schemas, job, names))
         cur.execute(f"SELECT table_name, target_schema, job FROM {self.target} WHERE period = %s "
                     "AND table_name = ANY(%s::text[]) ORDER BY table_name", (period, names))
         return [(str(t), str(schema), str(owner)) for t, schema, owner in cur.fetchall() if schema != targets[t]]
@@ -294,8 +293,7 @@ class Ledger:
         taken: List[str] = []
         for table in sorted(set(tables)):
             key = self.table_lock_key(table, period)
-            cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
-            if not cur.fetchone()[0]:
+            if not _try_advisory_lock(cur, key):
                 for held in taken:
                     cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (held,))
                 return table
@@ -643,3 +641,10 @@ def _created_relations(statements: List[str]) -> Optional[List[str]]:
             return None
         names.append(m.group(1))
     return names
+
+
+def _try_advisory_lock(cur: Any, key: str) -> bool:
+    """pg_try_advisory_lock on hashtext(``key``): True if this session now holds it (session-level: it lasts
+    until pg_advisory_unlock or the session ends)."""
+    cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+    return bool(cur.fetchone()[0])
