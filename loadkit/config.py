@@ -688,11 +688,22 @@ def compose_groups(conf_dir: str, overrides: List[str], year: Optional[int],
 
 
 def compose_error(exc: BaseException) -> ConfigError:
-    """A Hydra/OmegaConf composition error (unknown key, wrong type, a value outside a Choice) as a
-    ConfigError naming the key (the ``full_key`` of the cause), with Hydra's full message."""
+    """A Hydra/OmegaConf composition error (unknown key, wrong type, a value outside a Choice) as a one-line
+    ConfigError naming the key (the ``full_key`` of the cause).
+
+    OmegaConf's message is its first line ("Key 'writerz' not in 'PoolConfig'"): the lines after it restate the
+    key and name the schema's classes. Hydra's own errors keep their hints on one line ("Could not find
+    'job/nope'; Available options in 'job': monthly; weather"), without the config search path."""
     cause = exc.__cause__ or exc
     key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-    return ConfigError(str(cause).strip() or type(cause).__name__, key=key)
+    text = str(cause).strip()
+    if isinstance(cause, OmegaConfBaseException) and key:
+        text = text.splitlines()[0]
+    else:
+        text = text.split("\nConfig search path:")[0]
+        text = re.sub(r":\s*\n\s*", ": ", text)  # "Available options in 'job':" then one option per line
+        text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return ConfigError(text or type(cause).__name__, key=key)
 
 
 # PostgreSQL's range of work_mem, in kB (guc_tables.c: 64 .. MAX_KILOBYTES, INT_MAX on 64-bit servers).

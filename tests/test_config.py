@@ -338,3 +338,24 @@ def test_compare_work_mem_is_what_the_server_accepts(size: str, pg_dsn: str) -> 
         except psycopg2.Error:
             server = False
     assert (_work_mem_kb(size) is not None) == server
+
+
+@pytest.mark.parametrize("override, key, text", [
+    ("pool.writerz=3", "pool.writerz", "Key 'writerz' not in 'PoolConfig'"),
+    ("batch.size=abc", "batch.size", "'abc' of type 'str' could not be converted to Integer"),
+    ("env.executor=foo", "env.executor", "Invalid value 'foo', expected one of [auto, ray, inprocess]"),
+    ("job.tables.empresas.mode=bogus", "job.tables.empresas.mode", "Invalid value 'bogus', expected one of"),
+    ("job.tables.nope.mode=merge", "job.tables.nope", "Key 'nope' is not in struct"),
+    ("pool=nope", None, "Could not find 'pool/nope'; Available options in 'pool': default"),
+])
+def test_a_composition_error_is_one_line_naming_the_key(override: str, key: Any, text: str) -> None:
+    """README, exit code 2: an unknown key, a wrong type or a value outside a choice is one line naming the key
+    (OmegaConf's further lines restate the key and name schema classes; Hydra's search path is left out)."""
+    from loadkit import cli
+
+    with pytest.raises(ConfigError) as raised:
+        cli._precheck(["+job=monthly", "year=2024", "month=5", override])
+    message = str(raised.value)
+    assert "\n" not in message and text in message, message
+    assert raised.value.context.get("key") == key and (key is None or f"[key={key}]" in message)
+    assert "full_key" not in message and "Config search path" not in message

@@ -145,3 +145,13 @@ def test_cli_masks_cfg_job_and_refuses_a_malformed_dsn_with_exit_2(tmp_path: Pat
               env_dsn=f"postgresql://u:{pw}@127.0.0.1:1/db")
     assert bad.returncode == 2, bad.stderr
     assert "config error" in bad.stderr and not leaks(pw, bad.stdout + bad.stderr)
+    # a port that is no number (a new user's typo, session 12): refused before the fetch stage lists any file,
+    # quoting neither the DSN nor libpq's complaint
+    for port in ("notaport", "70000", "5432,x"):
+        typo = cli("+job=monthly", "year=2024", "month=5", f"data_root={tmp_path}", "tracking.enabled=false",
+                   env_dsn=f"postgresql://u:{quote(pw, safe='')}@127.0.0.1:{port}/db" if "," not in port
+                   else f"host=127.0.0.1,127.0.0.2 port={port} user=u password={quote(pw, safe='')} dbname=db")
+        assert typo.returncode == 2, typo.stderr
+        assert "port is not a port number" in typo.stderr and "[key=sink.dsn]" in typo.stderr, typo.stderr
+        assert "fetch:" not in typo.stderr and port not in typo.stderr.split("config error", 1)[1]
+        assert not leaks(pw, typo.stdout + typo.stderr) and "127.0.0.1" not in typo.stderr

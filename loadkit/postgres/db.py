@@ -64,6 +64,11 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
                           "such as @ / # % ? : in a URI password)", key="sink.dsn") from None
     if params.get("password"):
         register_secret(params["password"])
+    if not all(_is_port(p) for p in params.get("port", "").split(",")):
+        # libpq reads the port only when it connects ("invalid integer value ... for connection option
+        # "port""), which came after the fetch stage and quoted the DSN's other parameters.
+        raise ConfigError("sink.dsn's port is not a port number (1-65535; a comma-separated list with several "
+                          "hosts)", key="sink.dsn")
     written = uri_password(dsn)
     if written is not None and (params.get("password") or "") != unquote(written):
         # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
@@ -71,6 +76,12 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
         raise ConfigError("sink.dsn's password is not read by libpq as written (an unencoded reserved "
                           "character in a URI password): percent-encode @ / # % ? : in it", key="sink.dsn")
     return params
+
+
+def _is_port(text: str) -> bool:
+    """A libpq port entry: empty (the default, 5432) or a number 1-65535 (libpq's parse_int_param, port checks)."""
+    text = text.strip()
+    return not text or (text.isascii() and text.isdigit() and 0 < int(text) < 65536)
 
 
 def session_dsn(dsn: str, connect_timeout: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0,
