@@ -147,10 +147,12 @@ def test_cli_masks_cfg_job_and_refuses_a_malformed_dsn_with_exit_2(tmp_path: Pat
     assert "config error" in bad.stderr and not leaks(pw, bad.stdout + bad.stderr)
     # a port that is no number (a new user's typo, session 12): refused before the fetch stage lists any file,
     # quoting neither the DSN nor libpq's complaint
-    for port in ("notaport", "70000", "5432,x"):
+    encoded = quote(pw, safe="")
+    for port, dsn in (("notaport", f"postgresql://u:{encoded}@127.0.0.1:notaport/db"),
+                      ("70000", f"postgresql://u:{encoded}@127.0.0.1:70000/db"),
+                      ("5432,x", f"host=127.0.0.1,127.0.0.2 port=5432,x user=u password={encoded} dbname=db")):
         typo = cli("+job=monthly", "year=2024", "month=5", f"data_root={tmp_path}", "tracking.enabled=false",
-                   env_dsn=f"postgresql://u:{quote(pw, safe='')}@127.0.0.1:{port}/db" if "," not in port
-                   else f"host=127.0.0.1,127.0.0.2 port={port} user=u password={quote(pw, safe='')} dbname=db")
+                   env_dsn=dsn)
         assert typo.returncode == 2, typo.stderr
         assert "port is not a port number" in typo.stderr and "[key=sink.dsn]" in typo.stderr, typo.stderr
         assert "fetch:" not in typo.stderr and port not in typo.stderr.split("config error", 1)[1]
