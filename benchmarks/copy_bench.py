@@ -111,8 +111,11 @@ def _strip_nul(path: Path) -> None:
 # ---------------------------------------------------------------- loaders
 
 
-def psql_copy(month: Month, dsn: str) -> Sample:
-    """psql \\copy of each raw file into an all-text, index-free, logged table (one stream)."""
+def psql_copy(month: Month, dsn: str, procs: bool = False) -> Sample:
+    """psql \\copy of each raw file into an all-text, index-free, logged table (one stream).
+
+    ``procs``: sample psql and its backend like a loadkit run (benchmarks.procstat) into ``extra["procs"]``,
+    so a comparison whose loadkit side is sampled charges both sides the sampler's CPU."""
     schema = f"bench_ref_{uuid.uuid4().hex[:8]}"
     ddl = [f'CREATE SCHEMA "{schema}"']
     for table, width in WIDTH.items():
@@ -125,8 +128,13 @@ def psql_copy(month: Month, dsn: str) -> Sample:
             args += ["-c", f"\\copy \"{schema}\".{table} FROM '{path}' "
                            "WITH (FORMAT csv, DELIMITER ';', ENCODING 'LATIN1')"]
         started = time.perf_counter()
-        subprocess.run(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1", *args], check=True)
-        return Sample(time.perf_counter() - started)
+        popen = subprocess.Popen(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1", *args])
+        sampler = ProcSampler(popen.pid).start() if procs else None
+        if popen.wait() != 0:
+            raise subprocess.CalledProcessError(popen.returncode, popen.args)
+        wall = time.perf_counter() - started
+        stats = sampler.stop() if sampler else None
+        return Sample(wall, extra={"procs": asdict(stats)} if stats else {})
     finally:
         _psql(dsn, f'DROP SCHEMA "{schema}" CASCADE')
 
