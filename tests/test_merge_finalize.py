@@ -669,6 +669,56 @@ def test_first_load_swaps_a_plain_existing_target_keeping_its_names(tmp_path: Pa
     assert failed.status == "failed"  # (a reload: the target has rows; the insert refuses the NULL)
 
 
+@pytest.mark.parametrize("target_key", [None, "unique"])
+def test_direct_staging_declares_a_required_key_not_null_and_the_target_keeps_its_own(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch,
+        target_key: Optional[str]) -> None:
+    """A key declared ``nullable: false`` is NOT NULL in a direct staging table when the target's key column is
+    (a primary key's is), so the swap's key build has no NOT NULL to verify by a scan; a row missing it is a
+    reject, never a NULL sent to COPY. A target whose key is a unique index on a nullable column is swapped
+    with the column still nullable (its staging leaves it so): the target reads the same before and after."""
+    from loadkit.postgres.modes import Merge
+
+    target, _ = schemas
+    t = f'"{target}".items'
+    if target_key == "unique":
+        with autocommit_cursor(pg_dsn) as cur:
+            cur.execute(f'CREATE SCHEMA "{target}"')
+            cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C", a text, b integer, _lk_batch bigint)')
+            cur.execute(f"CREATE UNIQUE INDEX items_k ON {t} (k)")
+        before = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+    staged_not_null: List[bool] = []
+    original = Merge.finalize
+
+    def look_then_finalize(self: Merge, cur: Any, ledger: Any) -> Any:
+        staged_not_null.extend(r[0] for r in query(
+            pg_dsn, "SELECT a.attnotnull FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN "
+                    "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relpersistence = 'p' "
+                    "AND a.attname = 'k'", (f"{target}__lk_stage",)))
+        return original(self, cur, ledger)
+
+    monkeypatch.setattr(Merge, "finalize", look_then_finalize)
+    good = [(f"k{i}", f"v{i}", str(i)) for i in range(30)]  # one reject in 32 rows: under max_reject_rate
+    rows = {"a.csv": [("k1", "x", "1"), ("", "no key", "2"), ("k2", "y", ""), *good[3:], ("k1", "z", "3")]}
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, rows))))
+    assert "swap" in steps_of(result)
+    assert staged_not_null == [target_key is None]  # one direct staging table, seen at its publish
+    assert table_state(pg_dsn, target) == {"k1": ("z", 3), "k2": ("y", None),
+                                           **{k: (a, int(b)) for k, a, b in good[3:]}}
+    assert counts(result) == (29, 0, 0, 1)
+    assert result.metrics.tables["items"].rows_rejected == 1
+    assert query(pg_dsn, f"SELECT column_name, reason, line_number FROM \"{schemas[1]}\".reject") == [
+        ("k", "required value is missing: None", 2)]
+    if target_key == "unique":
+        after = target_snapshot(pg_dsn, target)
+        assert {k: v for k, v in after.items() if k not in ("rows", "checksum")} == before
+    else:
+        assert query(pg_dsn, "SELECT attnotnull FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'k'",
+                     (t,)) == [(True,)]
+        assert query(pg_dsn, "SELECT contype FROM pg_constraint WHERE conrelid = %s::regclass", (t,)) == [("p",)]
+    assert no_staging_left(pg_dsn, target)
+
+
 def test_target_written_before_publish_takes_the_reload(tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Direct staging was prepared for an empty target, but someone wrote into the target before the

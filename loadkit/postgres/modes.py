@@ -658,8 +658,25 @@ class Merge(WriteMode):
         cur.execute(f"DROP TABLE IF EXISTS {qualified(table.schema, table.load_table)}")  # see WriteMode's
         cols = self._direct_columns(cur) if not created else {
             **{n: ddl for n, (ddl, _) in self.target_columns().items()}, ROW_COL: "integer"}
+        required = self._required_keys(cur, created)
         cur.execute(f"CREATE TABLE IF NOT EXISTS {stage} ("
-                    + ", ".join(f"{quote_ident(n)} {t}" for n, t in cols.items()) + ")")
+                    + ", ".join(f"{quote_ident(n)} {t}{' NOT NULL' if n in required else ''}"
+                                for n, t in cols.items()) + ")")
+
+    def _required_keys(self, cur: Any, created: bool) -> List[str]:
+        """The key columns a direct staging table declares NOT NULL: declared ``nullable: false`` (the client
+        rejects a row missing one, so COPY never meets a NULL there) and NOT NULL in the target (a primary
+        key's columns are). The swap's key build then has no NOT NULL to verify: ADD PRIMARY KEY on a nullable
+        column scans the whole table first (0.3-0.45 s of 3.0-3.4 s for the monthly job's 4M estabelecimentos,
+        on one core at the end of the run). A target whose key allows NULL (a unique index) keeps it."""
+        t = self.table
+        declared = [c.name for c in t.columns if c.name in t.key and not c.nullable]
+        if created or not declared:
+            return declared
+        cur.execute("SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) "
+                    "AND a.attnotnull AND a.attname = ANY(%s::text[])", (qualified(t.schema, t.name), declared))
+        notnull = {str(r[0]) for r in cur.fetchall()}
+        return [n for n in declared if n in notnull]
 
     def _staging_persistence(self, cur: Any) -> Optional[str]:
         """pg_class.relpersistence of the staging table ('p' logged: the direct kind, 'u'), None if absent."""
