@@ -169,7 +169,9 @@ def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str], pr
     started = time.perf_counter()
     popen = subprocess.Popen([*prefix, sys.executable, "-m", "loadkit", *overrides], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
-    sampler = ProcSampler(popen.pid).start() if procs else None
+    # Looked up every sample (not once a second): the executor comparison counts every Ray process's CPU,
+    # short-lived ones included, and its figures are CPU per row, not wall against an unsampled reference.
+    sampler = ProcSampler(popen.pid, discover_every=1).start() if procs else None
     stdout, stderr = popen.communicate()
     wall = time.perf_counter() - started
     stats = sampler.stop() if sampler else None
