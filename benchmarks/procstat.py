@@ -176,7 +176,9 @@ class ProcSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             ports.update(c.laddr.port for c in conns if c.raddr and c.raddr.port == _PG_PORT)
-        if ports - self._port_backend.keys():
+        known = {port: pid for port, pid in self._port_backend.items() if port in ports}
+        if len(known) < len(ports) or not all(psutil.pid_exists(pid) for pid in known.values()):
+            # a new port, or one whose backend exited and whose number a later connection reuses
             for p in psutil.process_iter(["name", "cmdline"]):
                 if p.info["name"] != "postgres" or not p.info["cmdline"]:
                     continue
