@@ -667,8 +667,8 @@ class Merge(WriteMode):
         """The key columns a direct staging table declares NOT NULL: declared ``nullable: false`` (the client
         rejects a row missing one, so COPY never meets a NULL there) and NOT NULL in the target (a primary
         key's columns are). The swap's key build then has no NOT NULL to verify: ADD PRIMARY KEY on a nullable
-        column scans the whole table first (0.44-0.47 s before a 3.0-3.4 s build for the monthly job's 4M
-        estabelecimentos, on one core at the end of the run). A target whose key allows NULL (a unique index)
+        column scans the whole table first (0.44-0.47 s before a 3.0-3.4 s build for the monthly job's widest
+        table, 4M rows, on one core at the end of the run). A target whose key allows NULL (a unique index)
         keeps it."""
         t = self.table
         declared = [c.name for c in t.columns if c.name in t.key and not c.nullable]
