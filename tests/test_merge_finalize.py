@@ -719,6 +719,64 @@ def test_direct_staging_declares_a_required_key_not_null_and_the_target_keeps_it
     assert no_staging_left(pg_dsn, target)
 
 
+def test_a_unique_key_target_keeps_its_not_null_key_columns_through_the_swap(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str) -> None:
+    """A target keyed by a UNIQUE constraint (not a primary key) on columns it declares NOT NULL, the config
+    leaving one of them nullable: the swap keeps both NOT NULL (a unique constraint does not set it, so the
+    rebuild must), and a month with an empty value there fails the publish instead of publishing a NULL into a
+    NOT NULL column. Found by session 13's review (the swap rebuilt NOT NULL outside the key only)."""
+    target, _ = schemas
+    t = f'"{target}".items'
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f'CREATE SCHEMA "{target}"')
+        cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C" NOT NULL, a text, b integer NOT NULL, '
+                    "_lk_batch bigint, CONSTRAINT items_kb UNIQUE (k, b))")
+    before = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+    rows = {"a.csv": [(f"k{i}", "x", str(i)) for i in range(5)]}
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, rows), key=("k", "b"))))
+    assert "swap" in steps_of(result)
+    assert {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")} == before
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f"TRUNCATE {t}")
+    bad = {"a.csv": [(f"k{i}", "x", str(i)) for i in range(30)] + [("k99", "x", "")]}  # b empty: NULL
+    failed = run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 6, bad), month=6,
+                            key=("k", "b")))
+    assert failed.status == "failed"
+    assert query(pg_dsn, f"SELECT count(*) FROM {t}") == [(0,)]  # nothing published, no NULL in b
+    assert {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")} == before
+
+
+def test_a_target_key_made_nullable_before_the_publish_stays_nullable(
+        tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct staging declared the required key NOT NULL (the target had a primary key then); before the
+    publish someone replaced the key by a unique index on a nullable column: the swapped target is what the
+    target was at the publish, the key column nullable (the staging's NOT NULL is dropped). Session 13's review."""
+    from loadkit.postgres.modes import Merge
+
+    target, _ = schemas
+    t = f'"{target}".items'
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f'CREATE SCHEMA "{target}"')
+        cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C", a text, b integer, _lk_batch bigint, '
+                    "PRIMARY KEY (k))")
+    original = Merge.finalize
+    seen: Dict[str, Any] = {}
+
+    def rekey_then_finalize(self: Merge, cur: Any, ledger: Any) -> Any:
+        with autocommit_cursor(pg_dsn) as other:
+            other.execute(f"ALTER TABLE {t} DROP CONSTRAINT items_pkey")
+            other.execute(f"ALTER TABLE {t} ALTER COLUMN k DROP NOT NULL")
+            other.execute(f"CREATE UNIQUE INDEX items_k ON {t} (k)")
+        seen["before"] = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+        return original(self, cur, ledger)
+
+    monkeypatch.setattr(Merge, "finalize", rekey_then_finalize)
+    result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, MAY))))
+    assert "swap" in steps_of(result)
+    assert {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")} == seen["before"]
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in last_wins(MAY).items()}
+
+
 def test_target_written_before_publish_takes_the_reload(tmp_path: Path, pg_dsn: str, schemas: tuple, mlflow_uri: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Direct staging was prepared for an empty target, but someone wrote into the target before the

@@ -37,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Type
 
 import pyarrow as pa
 
@@ -206,6 +206,13 @@ def existing_columns(cur: Any, schema: str, name: str) -> Optional[Dict[str, str
     )
     rows = cur.fetchall()
     return {r[0]: r[1] for r in rows} if rows else None
+
+
+def _not_null_columns(cur: Any, table: str) -> Set[str]:
+    """The columns of ``table`` (a qualified name) marked NOT NULL; empty if there is no such table."""
+    cur.execute("SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 "
+                "AND NOT a.attisdropped AND a.attnotnull", (table,))
+    return {str(r[0]) for r in cur.fetchall()}
 
 
 def _is_partitioned(cur: Any, schema: str, name: str) -> bool:
@@ -791,7 +798,7 @@ class Merge(WriteMode):
     def _rebuild_statements(self, cur: Any) -> Tuple[Optional[str], List[str]]:
         """(the statement that rebuilds the target's unique constraint/index on exactly the key, the
         statements that rebuild everything else: its other constraints and indexes by definition and name,
-        NOT NULL of columns outside the key), read from the catalog before the target is dropped. The
+        then NOT NULL exactly as the target has it), read from the catalog before the target is dropped. The
         definitions name the target, so they run as they are on the table swapped in under its name."""
         t = self.table
         target = qualified(t.schema, t.name)
@@ -813,10 +820,14 @@ class Merge(WriteMode):
             "AND k.conrelid = i.indrelid) ORDER BY ic.relname",
             (sorted(t.key), sorted(t.key), target))
         indexes = [(bool(r[0]), str(r[1])) for r in cur.fetchall()]
-        cur.execute("SELECT a.attname FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 "
-                    "AND NOT a.attisdropped AND a.attnotnull AND NOT a.attname = ANY(%s::text[]) ORDER BY a.attnum",
-                    (target, list(t.key)))
-        notnull = [f"ALTER TABLE {target} ALTER COLUMN {quote_ident(r[0])} SET NOT NULL" for r in cur.fetchall()]
+        # NOT NULL as the target has it, on every column: a key column's too (a primary key sets it, and then
+        # SET NOT NULL is a no-op; a unique constraint or index does not), and none the target lacks (a direct
+        # staging's required key columns, _required_keys, when the target's key was made nullable since prepare).
+        wanted = _not_null_columns(cur, target)
+        staged = _not_null_columns(cur, qualified(t.load_schema, t.load_table))
+        notnull = [f"ALTER TABLE {target} ALTER COLUMN {quote_ident(c)} SET NOT NULL" for c in sorted(wanted)]
+        notnull += [f"ALTER TABLE {target} ALTER COLUMN {quote_ident(c)} DROP NOT NULL"
+                    for c in sorted(staged - wanted)]
         key = next((sql for on_key, sql in constraints + indexes if on_key), None)
         rest = [sql for _, sql in constraints + indexes if sql != key]
         return key, rest + notnull
