@@ -336,6 +336,23 @@ def target_snapshot(dsn: str, schema: str) -> Dict[str, list]:
     }
 
 
+def empty_target(dsn: str, schema: str, ddl: str, *more: str) -> str:
+    """Create ``schema``.items as ``ddl`` (its columns and constraints), then run ``more`` (``{t}``: the table);
+    returns the table's qualified name."""
+    t = f'"{schema}".items'
+    with autocommit_cursor(dsn) as cur:
+        cur.execute(f'CREATE SCHEMA "{schema}"')
+        cur.execute(f"CREATE TABLE {t} ({ddl})")
+        for sql in more:
+            cur.execute(sql.format(t=t))
+    return t
+
+
+def catalog(dsn: str, schema: str) -> Dict[str, list]:
+    """target_snapshot without the rows: what a swap must leave as it found it."""
+    return {k: v for k, v in target_snapshot(dsn, schema).items() if k not in ("rows", "checksum")}
+
+
 def no_staging_left(dsn: str, schema: str) -> bool:
     return query(dsn, "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                       "WHERE n.nspname = %s", (f"{schema}__lk_stage",)) == [(0,)]
@@ -649,13 +666,10 @@ def test_first_load_swaps_a_plain_existing_target_keeping_its_names(tmp_path: Pa
     """An existing empty target with only what a swap rebuilds (a named PK, a CHECK, a user index, a NOT NULL
     column): swapped, and every one of them is back under its own name and definition."""
     target, _ = schemas
-    t = f'"{target}".items'
-    with autocommit_cursor(pg_dsn) as cur:
-        cur.execute(f'CREATE SCHEMA "{target}"')
-        cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C", a text NOT NULL, b integer, _lk_batch bigint, '
-                    "CONSTRAINT my_key PRIMARY KEY (k), CONSTRAINT b_small CHECK (b < 100))")
-        cur.execute(f"CREATE INDEX my_idx ON {t} (a) WHERE b IS NOT NULL")
-    before = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+    empty_target(pg_dsn, target, 'k varchar(8) COLLATE "C", a text NOT NULL, b integer, _lk_batch bigint, '
+                 "CONSTRAINT my_key PRIMARY KEY (k), CONSTRAINT b_small CHECK (b < 100)",
+                 "CREATE INDEX my_idx ON {t} (a) WHERE b IS NOT NULL")
+    before = catalog(pg_dsn, target)
     rows = {"a.csv": [("k1", "x", "1"), ("k2", "y", ""), ("k1", "z", "3")]}
     result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, rows))))
     assert "swap" in steps_of(result) and "dedup_hint" in steps_of(result) and "dedup" not in steps_of(result)
@@ -686,7 +700,7 @@ def test_direct_staging_declares_a_required_key_not_null_and_the_target_keeps_it
             cur.execute(f'CREATE SCHEMA "{target}"')
             cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C", a text, b integer, _lk_batch bigint)')
             cur.execute(f"CREATE UNIQUE INDEX items_k ON {t} (k)")
-        before = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+        before = catalog(pg_dsn, target)
     staged_not_null: List[bool] = []
     original = Merge.finalize
 
@@ -726,16 +740,13 @@ def test_a_unique_key_target_keeps_its_not_null_key_columns_through_the_swap(
     rebuild must), and a month with an empty value there fails the publish instead of publishing a NULL into a
     NOT NULL column. Found by session 13's review (the swap rebuilt NOT NULL outside the key only)."""
     target, _ = schemas
-    t = f'"{target}".items'
-    with autocommit_cursor(pg_dsn) as cur:
-        cur.execute(f'CREATE SCHEMA "{target}"')
-        cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C" NOT NULL, a text, b integer NOT NULL, '
-                    "_lk_batch bigint, CONSTRAINT items_kb UNIQUE (k, b))")
-    before = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+    t = empty_target(pg_dsn, target, 'k varchar(8) COLLATE "C" NOT NULL, a text, b integer NOT NULL, '
+                     "_lk_batch bigint, CONSTRAINT items_kb UNIQUE (k, b)")
+    before = catalog(pg_dsn, target)
     rows = {"a.csv": [(f"k{i}", "x", str(i)) for i in range(5)]}
     result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, rows), key=("k", "b"))))
     assert "swap" in steps_of(result)
-    assert {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")} == before
+    assert catalog(pg_dsn, target) == before
     with autocommit_cursor(pg_dsn) as cur:
         cur.execute(f"TRUNCATE {t}")
     bad = {"a.csv": [(f"k{i}", "x", str(i)) for i in range(30)] + [("k99", "x", "")]}  # b empty: NULL
@@ -743,7 +754,7 @@ def test_a_unique_key_target_keeps_its_not_null_key_columns_through_the_swap(
                             key=("k", "b")))
     assert failed.status == "failed"
     assert query(pg_dsn, f"SELECT count(*) FROM {t}") == [(0,)]  # nothing published, no NULL in b
-    assert {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")} == before
+    assert catalog(pg_dsn, target) == before
 
 
 def test_a_target_key_made_nullable_before_the_publish_stays_nullable(
@@ -754,11 +765,7 @@ def test_a_target_key_made_nullable_before_the_publish_stays_nullable(
     from loadkit.postgres.modes import Merge
 
     target, _ = schemas
-    t = f'"{target}".items'
-    with autocommit_cursor(pg_dsn) as cur:
-        cur.execute(f'CREATE SCHEMA "{target}"')
-        cur.execute(f'CREATE TABLE {t} (k varchar(8) COLLATE "C", a text, b integer, _lk_batch bigint, '
-                    "PRIMARY KEY (k))")
+    t = empty_target(pg_dsn, target, 'k varchar(8) COLLATE "C", a text, b integer, _lk_batch bigint, PRIMARY KEY (k)')
     original = Merge.finalize
     seen: Dict[str, Any] = {}
 
@@ -767,13 +774,13 @@ def test_a_target_key_made_nullable_before_the_publish_stays_nullable(
             other.execute(f"ALTER TABLE {t} DROP CONSTRAINT items_pkey")
             other.execute(f"ALTER TABLE {t} ALTER COLUMN k DROP NOT NULL")
             other.execute(f"CREATE UNIQUE INDEX items_k ON {t} (k)")
-        seen["before"] = {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")}
+        seen["before"] = catalog(pg_dsn, target)
         return original(self, cur, ledger)
 
     monkeypatch.setattr(Merge, "finalize", rekey_then_finalize)
     result = ok(run_job(config(tmp_path, pg_dsn, schemas, mlflow_uri, write_month(tmp_path, 5, MAY))))
     assert "swap" in steps_of(result)
-    assert {k: v for k, v in target_snapshot(pg_dsn, target).items() if k not in ("rows", "checksum")} == seen["before"]
+    assert catalog(pg_dsn, target) == seen["before"]
     assert table_state(pg_dsn, target) == {k: v for k, (v, _) in last_wins(MAY).items()}
 
 
