@@ -681,9 +681,7 @@ class Merge(WriteMode):
         declared = [c.name for c in t.columns if c.name in t.key and not c.nullable]
         if created or not declared:
             return declared
-        cur.execute("SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) "
-                    "AND a.attnotnull AND a.attname = ANY(%s::text[])", (qualified(t.schema, t.name), declared))
-        notnull = {str(r[0]) for r in cur.fetchall()}
+        notnull = _not_null_columns(cur, qualified(t.schema, t.name))
         return [n for n in declared if n in notnull]
 
     def _staging_persistence(self, cur: Any) -> Optional[str]:
