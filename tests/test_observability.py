@@ -204,3 +204,25 @@ def test_a_long_background_run_opens_the_store_and_logs_live(month: SampleManife
     run = tracking.get_run(mlflow_uri, result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["rows_read"] == sum(month.rows.values())
     assert tracking.metric_history(mlflow_uri, result.mlflow_run_id, "progress.rows_read")
+
+
+@pytest.mark.parametrize("later_eta_s", [None, 30.0])
+def test_a_background_run_about_to_end_never_opens_the_store_mid_run(tmp_path: Path,
+                                                                     later_eta_s: Optional[float]) -> None:
+    """Past live_after_s, a stream sample whose ETA is shorter than live_after_s, and the final metrics, leave
+    MLflow unopened (the detached flush writes the record at the end); a sample with as long to go, or no
+    ETA, opens it and logs live."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.RunTracker(True, uri, "live-test", flush="background", live_after_s=5.0)
+    tracker.start("live", {"year": 2024}, {})
+    tracker._started -= 10  # the run has streamed 10 s
+    tracker.progress({"rows_read": 100.0, "eta_s": 4.9}, 1)
+    tracker.metrics({"rows_read": 200.0})
+    assert tracker.run_id is None, "a run with 4.9 s to go opened the store"
+    tracker.progress({"rows_read": 150.0} if later_eta_s is None else {"rows_read": 150.0, "eta_s": later_eta_s}, 2)
+    run_id = tracker.run_id
+    assert run_id is not None, "a run with as long to go (or no ETA) did not open the store"
+    tracker.end("succeeded")
+    run = tracking.get_run(uri, run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["rows_read"] == 200.0
+    assert [m.value for m in tracking.metric_history(uri, run_id, "progress.rows_read")] == [100.0, 150.0]
