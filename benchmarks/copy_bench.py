@@ -373,9 +373,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sample-reps", type=int, default=3, help="runs of the committed sample month (data/2024-05)")
     p.add_argument("--peers", default="psql2,dlt,dlt-default,pgloader",
                    help="peers timed in the same reps (benchmarks/peers.py): psql2, dlt, dlt-default, pgloader")
-    p.add_argument("--slow-peers", default="dlt-default",
+    # 15-50x slower than psql on the whole month (dlt ~290 s, pgloader ~920 s per repetition, session 14): on a
+    # tenth of it by default, so the README's command ends in ~25 minutes.
+    p.add_argument("--slow-peers", default="dlt,dlt-default,pgloader",
                    help="peers run on a smaller generated month (--slow-peer-rows) and extrapolated")
-    p.add_argument("--slow-peer-rows", type=int, default=200_000, help="estabelecimentos rows for --slow-peers")
+    p.add_argument("--slow-peer-rows", type=int, default=0,
+                   help="estabelecimentos rows for --slow-peers (default: a tenth of --rows)")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
@@ -389,8 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     peer_keys = [k for k in args.peers.split(",") if k]
     slow = {k for k in args.slow_peers.split(",") if k}
-    small_month = generate(args.data / f"rows{args.slow_peer_rows}", args.slow_peer_rows) if slow & set(peer_keys) \
-        else None
+    slow_rows = args.slow_peer_rows or max(args.rows // 10, 1)
+    small_month = generate(args.data / f"rows{slow_rows}", slow_rows) if slow & set(peer_keys) else None
     for k in peer_keys:
         samples[peer_mod.PEERS[k][0]] = []
     loads = []
