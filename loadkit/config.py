@@ -561,7 +561,7 @@ class TrackingConfig:
     flush: Flush = Flush.auto
     """When MLflow is written: sync, background or auto."""
     live_after_s: float = 20.0
-    """background: a run streaming this long (s, >= 0) with as long to go by its ETA opens the store live."""
+    """background: past this long (s, >= 0), a stream with as long to go by its ETA (or none) logs live."""
     report: bool = True
     """Log report.html (plots, summary, rejects sample: loadkit.report) with the run's artifacts."""
 

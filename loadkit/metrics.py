@@ -174,11 +174,20 @@ class RunMetrics:
         return min(1.0, done / total) if total else 1.0
 
     def eta_s(self) -> Optional[float]:
-        """Seconds left at the rate so far (None until 2% is done)."""
+        """Seconds left at the rate so far: None until 2% is done, and None while a file still streaming
+        has parsed more bytes than were planned for it (its planned size was an underestimate -- a URL
+        listed without a size counts 1 byte, a Parquet file its file size against the Arrow bytes
+        parsed -- so the fraction done says nothing about the time left)."""
         f = self.done_fraction()
-        if f is None or f < 0.02:
+        if f is None or f < 0.02 or self._estimate_ran_out():
             return None
         return (time.time() - self.started) * (1 - f) / f
+
+    def _estimate_ran_out(self) -> bool:
+        with self._lock:
+            return any(self.parsed.get(key, 0) > size for key, size in self.expected.items()
+                       if not (self.file_events.get(key, {}).get("error")
+                               or self.file_events.get(key, {}).get("ended")))
 
     def touch(self) -> None:
         """Count as progress (the pipeline just started, so the stall clock starts now)."""

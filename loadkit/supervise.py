@@ -359,7 +359,7 @@ class Supervisor:
             if self.signals is not None:  # a stop swallowed while the last results came in
                 self.signals.raise_if_received()
             metrics.stream_s = time.perf_counter() - stream_started
-            self._progress(step + 1, channel)
+            self._progress(step + 1, channel, stream_ended=True)
             for tm in metrics.tables.values():  # small tables never reach the mid-stream sample size
                 alerts.check("reject_rate", tm.name, tm.reject_rate)
         finally:
@@ -420,7 +420,7 @@ class Supervisor:
             if tables is None or table.name in tables:
                 self._check_threshold(table, self.metrics.tables[table.name], judge_rate=True)
 
-    def _progress(self, step: int, channel: SizeChannel) -> None:
+    def _progress(self, step: int, channel: SizeChannel, stream_ended: bool = False) -> None:
         metrics = self.metrics
         metrics.chunks_read, metrics.read_wait_s = channel.counters()
         figures = metrics.progress(self.monitor.latest())
@@ -432,5 +432,5 @@ class Supervisor:
                 "" if done is None else progress_text(done, figures.get("eta_s"), _stderr_is_tty()) + ": ",
                 f"{figures['rows_read']:,}", f"{figures['rows_loaded']:,}", f"{figures['rows_rejected']:,}",
                 figures["rows_per_s"], figures["rss_bytes"] / 2**20, figures["queue_depth"])
-        self.tracker.progress(figures, step)
+        self.tracker.progress(figures, step, stream_ended=stream_ended)
         self.alerts.check("memory_fraction", "host", figures["memory_fraction"])

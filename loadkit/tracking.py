@@ -118,8 +118,8 @@ class RunTracker:
       starts Ray); ``ready`` waits for it, so a broken store stops the run before data moves,
       and ``end`` returns once everything is written. ``run_id`` is known at the end.
     - ``background``: nothing of MLflow is imported while data moves. A run still streaming after
-      ``live_after_s``, with at least as long to go by its ETA, opens the store on a thread and logs
-      live from then on (``progress``); any other run
+      ``live_after_s``, with at least as long to go by its ETA (or no ETA), opens the store on a
+      thread and logs live from then on (``progress``); any other run (or one whose store failed)
       hands its buffered record to a detached ``python -m loadkit.tracking flush DIR`` process,
       so the user's shell is not held. ``run_id`` stays None (``history`` finds the run by
       its ``loadkit_run_id`` tag); a failed flush leaves DIR and its ``flush.log`` for a retry.
@@ -229,21 +229,23 @@ class RunTracker:
             self._pending_metrics += [(_metric_key(k), float(v), now, step or 0) for k, v in values.items()
                                       if v is not None]
 
-    def progress(self, values: Mapping[str, float], step: int) -> None:
-        """A sample taken while the run streams: logged as ``progress.<name>`` at ``step`` (1, 2, ...),
-        apart from the final figures, so a metric's latest value is always the end-of-run one.
+    def progress(self, values: Mapping[str, float], step: int, stream_ended: bool = False) -> None:
+        """A sample taken while the run streams (``stream_ended``: the one taken as its stream ended):
+        logged as ``progress.<name>`` at ``step`` (1, 2, ...), apart from the final figures, so a metric's
+        latest value is always the end-of-run one.
 
-        In background mode the store opens here, once the run has streamed ``live_after_s`` seconds and its
-        stream has at least as long to go by ``values["eta_s"]`` (seconds; absent: unknown, which counts as
-        long). Opening costs ~2.5 s of CPU (MLflow's import, the store) and ~140 MB beside a stream that
-        keeps both cores of a 2-core machine busy; a live record of a run about to end shows nothing the
-        end-of-run flush does not (a merge first load of the 1.16 GB month: 24.3 s without tracking, 26.7 s
-        when the store opened at 20 s, into its publish)."""
+        In background mode the store opens here, at a sample taken ``live_after_s`` seconds or more after
+        ``start`` whose stream has at least as long to go by ``values["eta_s"]`` (seconds; absent: unknown,
+        which counts as long), never at the stream's last sample. Opening (MLflow's import and store) costs
+        the driver ~2.5-4 CPU-s and ~60-140 MB beside a stream that keeps both cores of a 2-core machine
+        busy, and a live record of a run about to end shows nothing the end-of-run flush does not (a merge
+        first load of the 1.16 GB month: 24.3 s without tracking, 26.7 s when the store opened at 20 s,
+        into its publish)."""
         if not self.enabled or not values:
             return
         self._buffer({f"progress.{k}": v for k, v in values.items()}, step)
         eta = values.get("eta_s")
-        self._maybe_flush(open_live=eta is None or eta >= self._live_after_s)
+        self._maybe_flush(open_live=not stream_ended and (eta is None or eta >= self._live_after_s))
 
     def _maybe_flush(self, open_live: bool) -> None:
         """Write what is buffered if the run is open; in background mode, with ``open_live``, open it once
@@ -320,7 +322,15 @@ class RunTracker:
             self._discard()
             return
         mlflow_status = _STATUS.get(status, "FAILED")
-        if self.background and self._opening is None and self._run_id is None:
+        if self.background and self._opening is not None:
+            try:
+                self._join()  # a live open still in flight
+            except Exception as exc:
+                # Background mode promised not to lose the record over MLflow: the detached flush retries.
+                log.warning("MLflow store not reachable (%s: %s); the run's record goes to the background flush",
+                            type(exc).__name__, exc)
+                self.enabled, self._error, self._live_failed = True, None, True
+        if self.background and self._run_id is None:
             self._spawn_flush(mlflow_status)
             return
         try:

@@ -174,6 +174,33 @@ def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
     assert progress_text(None, None) == ""
 
 
+def test_the_eta_is_unknown_while_a_file_outgrows_its_planned_size() -> None:
+    """A URL listed without a size is planned at 1 byte, a Parquet file at its file size against the Arrow
+    bytes parsed: past its planned size, the fraction done says nothing about the time left, so there is
+    no ETA (the progress line shows '?', and a background run counts the stream as long) until it ends."""
+    from loadkit.metrics import RunMetrics
+    from loadkit.records import BatchResult, Kind
+
+    m = RunMetrics({"t": "append"})
+    m.expect([("t", "known", "a.csv", "csv", 100_000), ("t", "unsized", "https://x/b.csv", "csv", 0)])
+
+    def result(kind: Kind, sha: str, nbytes: int) -> BatchResult:
+        return BatchResult(kind=kind, table_name="t", file_sha=sha, member=None, status="committed",
+                           rows_in=10, rows_loaded=10, bytes=nbytes, attempts=1, write_s=0.1, parse_s=0.1, writer="w",
+                           pool_utilisation=0.1, rss_bytes=1, finished_at=time.time(), chunks=int(kind == "eof"))
+
+    m.add(result("data", "known", 50_000))
+    assert m.eta_s() is not None, "both estimates still hold"
+    m.add(result("data", "unsized", 5_000))
+    assert m.eta_s() is None, "b.csv parsed 5000 bytes of a planned 1"
+    m.add(result("eof", "unsized", 0))
+    assert m.eta_s() is not None, "b.csv ended: it counts whole"
+    m.add(result("data", "known", 60_000))
+    assert m.eta_s() is None, "a.csv parsed 110000 bytes of a planned 100000"
+    m.add(result("eof", "known", 0))
+    assert m.eta_s() == pytest.approx(0.0)
+
+
 def test_a_long_step_is_never_silent(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
@@ -192,12 +219,15 @@ def test_a_long_step_is_never_silent(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_a_long_background_run_opens_the_store_and_logs_live(month: SampleManifest, job_overrides,
-                                                             mlflow_uri: str) -> None:
-    """Background mode on a run longer than live_after_s (0 here): the store opens mid-run, the record is
-    written before the run returns and the ledger gets its MLflow id, as in sync mode."""
+                                                             mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background mode on a run longer than live_after_s (0 here) and sampled while it streams (after every
+    batch here, as a long run is every 5 s): the store opens mid-run, the record is written before the run
+    returns and the ledger gets its MLflow id, as in sync mode."""
+    from loadkit import supervise
     from loadkit.runner import run_job
     from tests.helpers import compose
 
+    monkeypatch.setattr(supervise, "_PROGRESS_EVERY_S", 0.0)
     result = run_job(compose(job_overrides(month.root, "env.executor=inprocess", "tracking.flush=background",
                                            "tracking.live_after_s=0")))
     assert result.status == "succeeded" and result.mlflow_run_id
@@ -206,7 +236,7 @@ def test_a_long_background_run_opens_the_store_and_logs_live(month: SampleManife
     assert tracking.metric_history(mlflow_uri, result.mlflow_run_id, "progress.rows_read")
 
 
-@pytest.mark.parametrize("later_eta_s", [None, 30.0])
+@pytest.mark.parametrize("later_eta_s", [None, 5.0, 30.0])
 def test_a_background_run_about_to_end_never_opens_the_store_mid_run(tmp_path: Path,
                                                                      later_eta_s: Optional[float]) -> None:
     """Past live_after_s, a stream sample whose ETA is shorter than live_after_s, and the final metrics, leave
@@ -219,10 +249,40 @@ def test_a_background_run_about_to_end_never_opens_the_store_mid_run(tmp_path: P
     tracker.progress({"rows_read": 100.0, "eta_s": 4.9}, 1)
     tracker.metrics({"rows_read": 200.0})
     assert tracker.run_id is None, "a run with 4.9 s to go opened the store"
-    tracker.progress({"rows_read": 150.0} if later_eta_s is None else {"rows_read": 150.0, "eta_s": later_eta_s}, 2)
+    tracker.progress({"rows_read": 120.0}, 2, stream_ended=True)
+    assert tracker.run_id is None, "the sample taken as the stream ended opened the store"
+    tracker.progress({"rows_read": 150.0} if later_eta_s is None else {"rows_read": 150.0, "eta_s": later_eta_s}, 3)
     run_id = tracker.run_id
     assert run_id is not None, "a run with as long to go (or no ETA) did not open the store"
     tracker.end("succeeded")
     run = tracking.get_run(uri, run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["rows_read"] == 200.0
-    assert [m.value for m in tracking.metric_history(uri, run_id, "progress.rows_read")] == [100.0, 150.0]
+    assert [m.value for m in tracking.metric_history(uri, run_id, "progress.rows_read")] == [100.0, 120.0, 150.0]
+
+
+def test_a_background_store_that_fails_while_opening_at_the_end_hands_the_record_to_the_flush(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live open is still in flight when the run ends, and fails: end() neither raises nor drops the
+    record; the detached flush (its own process, MLflow unpatched) writes all of it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    warm = tracking.RunTracker(True, uri, "fail-test", flush="sync")
+    warm.start("warm", {}, {})
+    warm.end("succeeded")  # the store exists (a detached flush never creates one)
+
+    def slow_failing_client(_uri: object) -> object:
+        time.sleep(0.5)
+        raise RuntimeError("store down")
+
+    monkeypatch.setattr(tracking, "_client", slow_failing_client)
+    tracker = tracking.RunTracker(True, uri, "fail-test", flush="background", live_after_s=5.0)
+    tracker.start("late", {"year": 2024}, {"loadkit_run_id": "lk-late-fail"})
+    tracker._started -= 10
+    tracker.progress({"rows_read": 1.0}, 1)  # no ETA: opens, and the open is still failing when end() comes
+    tracker.metrics({"rows_read": 9.0})
+    tracker.artifact_text("summary.txt", "nine rows")
+    tracker.end("succeeded")
+    monkeypatch.undo()
+    run = tracking.find_by_loadkit_run(uri, "lk-late-fail", experiment="fail-test", wait_s=90)
+    assert run is not None and run.info.status == "FINISHED"
+    assert run.data.metrics["rows_read"] == 9.0 and run.data.params["year"] == "2024"
+    assert [m.value for m in tracking.metric_history(uri, run.info.run_id, "progress.rows_read")] == [1.0]
