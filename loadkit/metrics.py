@@ -160,34 +160,34 @@ class RunMetrics:
         A file counts in proportion to its uncompressed bytes parsed (zip/gzip sizes come from
         their headers), and whole once it ended or failed; a resumed file's skipped ranges
         count only when the file ends."""
+        return self._done()[0]
+
+    def _done(self) -> Tuple[Optional[float], bool]:
+        """(done_fraction, whether a file still streaming has parsed more bytes than planned for it)."""
         if not self.expected:
-            return None
+            return None, False
         with self._lock:
             total = sum(self.expected.values())
-            done = 0.0
+            done, overrun = 0.0, False
             for key, size in self.expected.items():
                 ev = self.file_events.get(key, {})
                 if ev.get("error") or ev.get("ended"):
                     done += size
                 else:
-                    done += min(size, self.parsed.get(key, 0))
-        return min(1.0, done / total) if total else 1.0
+                    parsed = self.parsed.get(key, 0)
+                    done += min(size, parsed)
+                    overrun = overrun or parsed > size
+        return (min(1.0, done / total) if total else 1.0), overrun
 
     def eta_s(self) -> Optional[float]:
         """Seconds left at the rate so far: None until 2% is done, and None while a file still streaming
         has parsed more bytes than were planned for it (its planned size was an underestimate -- a URL
         listed without a size counts 1 byte, a Parquet file its file size against the Arrow bytes
         parsed -- so the fraction done says nothing about the time left)."""
-        f = self.done_fraction()
-        if f is None or f < 0.02 or self._estimate_ran_out():
+        f, overrun = self._done()
+        if f is None or f < 0.02 or overrun:
             return None
         return (time.time() - self.started) * (1 - f) / f
-
-    def _estimate_ran_out(self) -> bool:
-        with self._lock:
-            return any(self.parsed.get(key, 0) > size for key, size in self.expected.items()
-                       if not (self.file_events.get(key, {}).get("error")
-                               or self.file_events.get(key, {}).get("ended")))
 
     def touch(self) -> None:
         """Count as progress (the pipeline just started, so the stall clock starts now)."""

@@ -260,13 +260,18 @@ class RunTracker:
         except Exception as exc:
             if not self.background:
                 raise
-            # Background mode promised not to stop a load over MLflow: keep buffering, flush at the end.
-            log.warning("MLflow store not reachable mid-run (%s: %s); the run's record is written at its end",
-                        type(exc).__name__, exc)
-            self.enabled, self._error, self._live_failed = True, None, True
+            self._keep_for_the_flush(exc)
             return
         if is_open:
             self._write_pending()
+
+    def _keep_for_the_flush(self, exc: BaseException) -> None:
+        """A background run's store failed to open (``_join`` raised ``exc`` and turned tracking off):
+        background mode promised not to stop a load over MLflow, nor lose its record, so tracking stays on,
+        buffering, and ``end`` hands the record to the detached flush (which retries)."""
+        log.warning("MLflow store not reachable (%s: %s); the run's record is written at its end by the "
+                    "background flush", type(exc).__name__, exc)
+        self.enabled, self._error, self._live_failed = True, None, True
 
     def _write_pending(self) -> None:
         from mlflow.entities import Metric, RunTag
@@ -326,10 +331,7 @@ class RunTracker:
             try:
                 self._join()  # a live open still in flight
             except Exception as exc:
-                # Background mode promised not to lose the record over MLflow: the detached flush retries.
-                log.warning("MLflow store not reachable (%s: %s); the run's record goes to the background flush",
-                            type(exc).__name__, exc)
-                self.enabled, self._error, self._live_failed = True, None, True
+                self._keep_for_the_flush(exc)
         if self.background and self._run_id is None:
             self._spawn_flush(mlflow_status)
             return

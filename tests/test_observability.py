@@ -15,6 +15,7 @@ import pytest
 from loadkit import tracking
 from loadkit.examples.cnpj.sample import SampleManifest
 from loadkit.history import main as history_main
+from loadkit.records import BatchResult, Kind
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -142,11 +143,17 @@ def test_the_notebook_finds_the_store_the_cli_used(tmp_path: Path, monkeypatch: 
     assert tracking.find_default_uri(tmp_path / "notebooks") == "http://127.0.0.1:5000"
 
 
+def batch_result(kind: Kind, sha: str, member: Optional[str], nbytes: int) -> BatchResult:
+    """A committed batch (or a file's eof) of table t that parsed ``nbytes`` of file ``sha``/``member``."""
+    return BatchResult(kind=kind, table_name="t", file_sha=sha, member=member, status="committed",
+                       rows_in=10, rows_loaded=10, bytes=nbytes, attempts=1, write_s=0.1, parse_s=0.1, writer="w",
+                       pool_utilisation=0.1, rss_bytes=1, finished_at=time.time(), chunks=int(kind == "eof"))
+
+
 def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
     import zipfile
 
     from loadkit.metrics import RunMetrics, format_eta, progress_text, uncompressed_size
-    from loadkit.records import BatchResult, Kind
 
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -157,17 +164,12 @@ def test_progress_is_a_share_of_bytes_with_an_eta(tmp_path: Path) -> None:
     m.expect([("t", "sha", str(path), "zip", path.stat().st_size)])
     assert m.done_fraction() == 0.0 and m.eta_s() is None
 
-    def result(kind: Kind, member: str, nbytes: int) -> BatchResult:
-        return BatchResult(kind=kind, table_name="t", file_sha="sha", member=member, status="committed",
-                           rows_in=10, rows_loaded=10, bytes=nbytes, attempts=1, write_s=0.1, parse_s=0.1, writer="w",
-                           pool_utilisation=0.1, rss_bytes=1, finished_at=time.time(), chunks=int(kind == "eof"))
-
-    m.add(result("data", "one.csv", 6000))
+    m.add(batch_result("data", "sha", "one.csv", 6000))
     assert m.done_fraction() == pytest.approx(0.6) and m.eta_s() is not None
-    m.add(result("eof", "one.csv", 0))
-    m.add(result("data", "two.csv", 3990))  # a member's last bytes may be a trailing newline never parsed
+    m.add(batch_result("eof", "sha", "one.csv", 0))
+    m.add(batch_result("data", "sha", "two.csv", 3990))  # a member's last bytes may be a trailing newline never parsed
     assert m.done_fraction() < 1.0
-    m.add(result("eof", "two.csv", 0))
+    m.add(batch_result("eof", "sha", "two.csv", 0))
     assert m.done_fraction() == 1.0 and m.eta_s() == pytest.approx(0.0)
     assert (format_eta(None), format_eta(12.4), format_eta(245), format_eta(3725)) == ("?", "12s", "4m05s", "1h02m")
     assert progress_text(0.42, 70, bar=True) == "[########............] 42% of bytes, ETA 1m10s"
@@ -179,25 +181,19 @@ def test_the_eta_is_unknown_while_a_file_outgrows_its_planned_size() -> None:
     bytes parsed: past its planned size, the fraction done says nothing about the time left, so there is
     no ETA (the progress line shows '?', and a background run counts the stream as long) until it ends."""
     from loadkit.metrics import RunMetrics
-    from loadkit.records import BatchResult, Kind
 
     m = RunMetrics({"t": "append"})
     m.expect([("t", "known", "a.csv", "csv", 100_000), ("t", "unsized", "https://x/b.csv", "csv", 0)])
 
-    def result(kind: Kind, sha: str, nbytes: int) -> BatchResult:
-        return BatchResult(kind=kind, table_name="t", file_sha=sha, member=None, status="committed",
-                           rows_in=10, rows_loaded=10, bytes=nbytes, attempts=1, write_s=0.1, parse_s=0.1, writer="w",
-                           pool_utilisation=0.1, rss_bytes=1, finished_at=time.time(), chunks=int(kind == "eof"))
-
-    m.add(result("data", "known", 50_000))
+    m.add(batch_result("data", "known", None, 50_000))
     assert m.eta_s() is not None, "both estimates still hold"
-    m.add(result("data", "unsized", 5_000))
+    m.add(batch_result("data", "unsized", None, 5_000))
     assert m.eta_s() is None, "b.csv parsed 5000 bytes of a planned 1"
-    m.add(result("eof", "unsized", 0))
+    m.add(batch_result("eof", "unsized", None, 0))
     assert m.eta_s() is not None, "b.csv ended: it counts whole"
-    m.add(result("data", "known", 60_000))
+    m.add(batch_result("data", "known", None, 60_000))
     assert m.eta_s() is None, "a.csv parsed 110000 bytes of a planned 100000"
-    m.add(result("eof", "known", 0))
+    m.add(batch_result("eof", "known", None, 0))
     assert m.eta_s() == pytest.approx(0.0)
 
 
