@@ -6,8 +6,9 @@ batch it held while the ledger says they committed. The run must notice before i
 again, and finish with exactly the generator's oracle -- or fail transient, never succeed short.
 
 Each test crashes a private server (tests/private_pg.py, never the shared one) twice: once
-mid-stream after a few committed batches, once when the first file is settled (the run is about
-to publish, or publishing). Every mode, both executors.
+mid-stream after a few committed batches, with a writer holding an uncommitted batch (see Crasher),
+once when the first file is settled (the run is about to publish, or publishing). Every mode, both
+executors.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from loadkit.runner import run_job
 from tests.helpers import compose, query
 from tests.private_pg import PrivatePostgres
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
+from tests.test_faults import LedgerGate, Running
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -59,23 +61,40 @@ def _count(dsn: str, sql: str) -> int:
 
 
 class Crasher:
-    """Crashes the server at each point (a predicate over the ledger), in order, from a thread."""
+    """Crashes the server twice from a thread: mid-stream, then when the first file is settled.
 
-    def __init__(self, pg: PrivatePostgres, points: List[tuple]) -> None:
-        self.pg, self.points = pg, points
+    Mid-stream is deterministic, not timed: a LedgerGate holds the ledger's batch table, so no writer can
+    commit a batch without waiting on it. The gate lets the waiting writers commit until ``crash_at``
+    batches have, waits until a writer is blocked again with a batch in hand (rows COPYed, its ledger row
+    waiting), and crashes the server then -- which also ends the gate's session, so the load goes on.
+    (Polling the ledger every 20 ms and crashing once it counted ``crash_at`` batches depended on the
+    load lasting long enough: the month is ~40 small batches, and a CI run committed all of them
+    between two polls: no crash.) The settle crash stays a poll: a run may finish before it."""
+
+    def __init__(self, pg: PrivatePostgres, led: str, crash_at: int, settled: Callable[[], int]) -> None:
+        self.pg, self.crash_at, self.settled = pg, crash_at, settled
+        self.gate = LedgerGate(pg.dsn, led)
+        self.run = Running()
         self.hit: List[str] = []
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._crash, daemon=True)
 
-    def _run(self) -> None:
+    def _crash(self) -> None:
         try:
-            for name, ready in self.points:
-                while not ready():
-                    if self._stop.wait(0.02):
-                        return
+            try:
+                while self.gate.committed() < self.crash_at:
+                    self.gate.let_through(self.run)
+                self.gate.wait_blocked(self.run)
                 self.pg.crash_restart()
-                self.hit.append(name)
+            finally:
+                self.gate.close()  # after a crash its session is gone already
+            self.hit.append("stream")
+            while self.settled() < 1:
+                if self._stop.wait(0.02):
+                    return
+            self.pg.crash_restart()
+            self.hit.append("publish")
         except BaseException as exc:  # reported by the test
             self.error = exc
 
@@ -84,6 +103,7 @@ class Crasher:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.run.done.set()
         self._stop.set()
         self._thread.join(60)
 
@@ -123,12 +143,10 @@ def test_crash_restarts_lose_nothing(layout: str, executor: str, server: Private
         *[f"job.tables.{t}.mode={m}" for t, m in modes.items()],
     ]
     cfg = compose(overrides)
-    commits = lambda: _count(dsn, f'SELECT count(*) FROM "{led}".batch')  # noqa: E731
     settled = lambda: _count(dsn, f'SELECT count(*) FROM "{led}".file')  # noqa: E731
     crash_at = 1 if layout == "A" else 4  # different points of the stream per layout
-    points = [("stream", lambda: commits() >= crash_at), ("publish", lambda: settled() >= 1)]
     started = time.monotonic()
-    with Crasher(server, points) as crasher:
+    with Crasher(server, led, crash_at, settled) as crasher:
         first = run_job(cfg)
         # The publish crash may come after the run ended (a fast finish): the report below still holds.
     assert crasher.error is None, crasher.error
