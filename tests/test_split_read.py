@@ -6,9 +6,14 @@ from collections import Counter
 from pathlib import Path
 from typing import List
 
+import io
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loadkit.examples.cnpj.sample import generate_month
+from loadkit.source import files
 from loadkit.source.read import ReadUnit, read_unit, split_units
 from loadkit.records import Chunk
 from loadkit.plan import build_plan
@@ -35,6 +40,49 @@ def raw_month(tmp_path_factory: pytest.TempPathFactory):
 
 def _chunks(unit: ReadUnit) -> List[Chunk]:
     return [c for c in read_unit(unit) if c.kind == "data"]
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands over at most ``step`` bytes per call (a socket's, a decompressor's short reads)."""
+
+    def __init__(self, data: bytes, step: int, pos: int) -> None:
+        self._data, self._pos, self._step = data, pos, step
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        block = self._data[self._pos:self._pos + min(len(buffer), self._step)]
+        buffer[:len(block)] = block
+        self._pos += len(block)
+        return len(block)
+
+
+@given(data=st.binary(max_size=300), start=st.integers(0, 300), end=st.integers(0, 320),
+       sizes=st.lists(st.integers(1, 80), min_size=1, max_size=8), step=st.integers(1, 50))
+def test_a_window_reads_into_a_buffer_exactly_the_bytes_it_reads(data: bytes, start: int, end: int,
+                                                                  sizes: List[int], step: int) -> None:
+    """Window.readinto (ChunkReader's path: no fresh bytes object per fill) hands over the span's bytes,
+    the same as read, whatever the buffer sizes and however short the stream's own reads are; 0 at the end."""
+    start = min(start, len(data))
+    want = data[start:max(start, min(end, len(data)))]
+    got = bytearray()
+    stream = _Trickle(data, step, start)  # positioned at the span's start, as _read_span seeks it
+    window = files.Window(stream, end)  # type: ignore[arg-type]
+    for i in range(10 * len(data) + 10):
+        buf = bytearray(sizes[i % len(sizes)])
+        n = window.readinto(memoryview(buf)[: len(buf)])
+        if not n:
+            break
+        got += buf[:n]
+    assert bytes(got) == want
+    assert window.readinto(bytearray(8)) == 0
+    plain = io.BytesIO(data)
+    plain.seek(start)
+    assert files.Window(plain, end).read() == want  # type: ignore[arg-type]
 
 
 def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -> None:

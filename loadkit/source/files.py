@@ -576,7 +576,12 @@ def count_lines(fh: BinaryIO, end: int) -> int:
 
 
 class Window:
-    """A stream that ends at an absolute offset: a span's reader sees EOF at its last record."""
+    """A stream that ends at an absolute offset: a span's reader sees EOF at its last record.
+
+    ``readinto`` reads straight into the caller's buffer (ChunkReader's one reused buffer): with
+    ``read`` alone every fill of a split file's span allocated a fresh bytes object of up to a
+    chunk's size, which the kernel faulted in zeroed before it was copied on (a Ray loader actor's
+    perf profile: ~6% of its samples in page faults and clearing pages, none in process)."""
 
     def __init__(self, stream: BinaryIO, end: int) -> None:
         self._stream = stream
@@ -588,6 +593,16 @@ class Window:
         block = self._stream.read(self._left if size < 0 else min(size, self._left))
         self._left -= len(block)
         return block
+
+    def readinto(self, buffer: Any) -> int:
+        """Up to ``len(buffer)`` bytes of the span into ``buffer``; 0 at the span's end."""
+        with memoryview(buffer) as view, view.cast("B") as flat:
+            want = min(len(flat), max(self._left, 0))
+            if not want:
+                return 0
+            got = self._stream.readinto(flat[:want]) or 0
+        self._left -= got
+        return got
 
 
 class ChunkReader:
