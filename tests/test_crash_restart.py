@@ -12,6 +12,7 @@ executors.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -53,9 +54,9 @@ def server() -> Iterator[PrivatePostgres]:
 MONTH = {"rows": 400, "shards": 2, "seed": 5}  # the size of conftest's `month`
 
 
-def _count(dsn: str, sql: str) -> int:
+def _count(dsn: str, sql: str, params: tuple = ()) -> int:
     try:
-        return int(query(dsn, sql)[0][0])
+        return int(query(dsn, sql, params)[0][0])
     except psycopg2.Error:  # not created yet, or the server is restarting
         return 0
 
@@ -65,15 +66,24 @@ class Crasher:
 
     Mid-stream is deterministic, not timed: a LedgerGate holds the ledger's batch table, so no writer can
     commit a batch without waiting on it. The gate lets the waiting writers commit until ``crash_at``
-    batches have, waits until a writer is blocked again with a batch in hand (rows COPYed, its ledger row
-    waiting), and crashes the server then -- which also ends the gate's session, so the load goes on.
+    batches have, one of them into an UNLOGGED staging table (``unlogged``: the tables whose staging crash
+    recovery empties), waits until a writer is blocked again with a batch in hand (rows COPYed, its ledger
+    row waiting), and crashes the server then -- which also ends the gate's session, so the load goes on.
+    Until then a second session holds the ledger's file table, so no file settles and no table publishes
+    before the crash: a table whose batches all came through the gate would otherwise publish its staging
+    into the logged target first, and the crash would find nothing to empty (1 run in ~5 of layout B).
     (Polling the ledger every 20 ms and crashing once it counted ``crash_at`` batches depended on the
     load lasting long enough: the month is ~40 small batches, and a CI run committed all of them
     between two polls: no crash.) The settle crash stays a poll: a run may finish before it."""
 
-    def __init__(self, pg: PrivatePostgres, led: str, crash_at: int, settled: Callable[[], int]) -> None:
-        self.pg, self.crash_at, self.settled = pg, crash_at, settled
-        self.gate = LedgerGate(pg.dsn, led)
+    def __init__(self, pg: PrivatePostgres, led: str, crash_at: int, unlogged: List[str],
+                 settled: Callable[[], int]) -> None:
+        self.pg, self.crash_at, self.unlogged, self.settled = pg, crash_at, unlogged, settled
+        self.led = led
+        self.gate = LedgerGate(pg.dsn, led)  # makes the ledger: the file table exists from here on
+        self.files = psycopg2.connect(pg.dsn, application_name="loadkit-test-gate")
+        with self.files.cursor() as cur:
+            cur.execute(f'LOCK TABLE "{led}".file IN SHARE ROW EXCLUSIVE MODE')  # no settle, no publish
         self.run = Running()
         self.hit: List[str] = []
         self.error: Optional[BaseException] = None
@@ -83,12 +93,13 @@ class Crasher:
     def _crash(self) -> None:
         try:
             try:
-                while self.gate.committed() < self.crash_at:
+                while self.gate.committed() < self.crash_at or not self._staged_unlogged():
                     self.gate.let_through(self.run)
                 self.gate.wait_blocked(self.run)
                 self.pg.crash_restart()
             finally:
-                self.gate.close()  # after a crash its session is gone already
+                self.gate.close()  # after a crash their sessions are gone already
+                self.files.close()
             self.hit.append("stream")
             while self.settled() < 1:
                 if self._stop.wait(0.02):
@@ -98,6 +109,10 @@ class Crasher:
         except BaseException as exc:  # reported by the test
             self.error = exc
 
+    def _staged_unlogged(self) -> bool:
+        return _count(self.pg.dsn, f'SELECT count(*) FROM "{self.led}".batch WHERE table_name = ANY(%s)',
+                      (self.unlogged,)) > 0
+
     def __enter__(self) -> "Crasher":
         self._thread.start()
         return self
@@ -106,6 +121,27 @@ class Crasher:
         self.run.done.set()
         self._stop.set()
         self._thread.join(60)
+
+
+class LostBatches(logging.Handler):
+    """Collects modes.verify_staging's warnings (committed batches missing from staging) while a run goes;
+    on the logger itself, so whatever the ``loadkit`` logger's propagation is."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: List[str] = []
+        self._logger = logging.getLogger("loadkit.postgres.modes")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "missing from staging" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "LostBatches":
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
 
 
 def oracle_report(dsn: str, target: str, led: str, month: SampleManifest,
@@ -145,14 +181,20 @@ def test_crash_restarts_lose_nothing(layout: str, executor: str, server: Private
     cfg = compose(overrides)
     settled = lambda: _count(dsn, f'SELECT count(*) FROM "{led}".file')  # noqa: E731
     crash_at = 1 if layout == "A" else 4  # different points of the stream per layout
+    unlogged = [t for t, m in modes.items() if m in ("replace", "snapshot")]  # a merge first load's is logged
+    lost = LostBatches()
     started = time.monotonic()
-    with Crasher(server, led, crash_at, settled) as crasher:
+    with Crasher(server, led, crash_at, unlogged, settled) as crasher, lost:
         first = run_job(cfg)
         # The publish crash may come after the run ended (a fast finish): the report below still holds.
     assert crasher.error is None, crasher.error
     record_property("crashes", ",".join(crasher.hit))
     record_property("first_run", f"{first.status}: {first.error}")
+    record_property("lost", "; ".join(lost.messages))
     assert "stream" in crasher.hit, "the load finished before the first crash: the test proved nothing"
+    # The stream crash came after a batch committed into UNLOGGED staging: recovery emptied it, and the run
+    # must have noticed (verify_staging) -- else this run never met the fault the test is about.
+    assert lost.messages, "no committed batch went missing from staging: the crash proved nothing"
     # The driver retries its own transactions through a restart, and the writers theirs: the first run
     # must succeed (the old behaviour was to succeed short, or to fail on a settle/publish crash).
     assert first.status == "succeeded", first.error

@@ -213,12 +213,15 @@ class LedgerGate:
         with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
             Ledger(led).ensure(cur)  # an existing ledger takes no DDL at run start: the gate blocks no start
         conn.close()
+        self._closed = False
         self._conn = self._hold()
 
     def _hold(self) -> Any:
         conn = psycopg2.connect(self._dsn, application_name="loadkit-test-gate")
         with conn.cursor() as cur:
             cur.execute(f"LOCK TABLE {self._table} IN SHARE ROW EXCLUSIVE MODE")
+        if self._closed:  # a lock queued by a let_through that failed, granted after close(): let it go
+            conn.close()
         return conn
 
     def _waiting(self, app: str) -> int:
@@ -253,11 +256,14 @@ class LedgerGate:
             return int(cur.fetchone()[0])
 
     def release(self) -> None:
+        self._closed = True
         self._conn.rollback()
         self._conn.close()
 
     def close(self) -> None:
-        """Drop the gate without a word to the server: after a crash restart its session is gone."""
+        """Drop the gate without a word to the server: after a crash restart its session is gone. A lock
+        still queued by a let_through that failed is let go as soon as it is granted (``_hold``)."""
+        self._closed = True
         self._conn.close()
 
 
@@ -413,13 +419,16 @@ def test_writer_actor_killed_mid_load(month: SampleManifest, pg_dsn: str, schema
 
 
 class Running:
-    """``alive()`` of an in-process run (what LedgerGate asks a CLI run)."""
+    """``alive()`` and ``tail()`` of an in-process run (what LedgerGate asks a CLI run)."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
 
     def alive(self) -> bool:
         return not self.done.is_set()
+
+    def tail(self) -> str:
+        return "(an in-process run: its log is in the test's captured output)"
 
 
 def _blocked_ports(dsn: str, led: str) -> set:

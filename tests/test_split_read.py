@@ -2,11 +2,10 @@
 exact line numbers in every span, and the load matches the oracle."""
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 from typing import List
-
-import io
 
 import pytest
 from hypothesis import given
@@ -61,16 +60,33 @@ class _Trickle(io.RawIOBase):
         return len(block)
 
 
+class _ReadOnly:
+    """A stream with ``read`` alone (no ``readinto``), short reads included."""
+
+    def __init__(self, data: bytes, step: int, pos: int) -> None:
+        self._data, self._pos, self._step = data, pos, step
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._data[self._pos:self._pos + min(size, self._step)]
+        self._pos += len(block)
+        return block
+
+
 @given(data=st.binary(max_size=300), start=st.integers(0, 300), end=st.integers(0, 320),
-       sizes=st.lists(st.integers(1, 80), min_size=1, max_size=8), step=st.integers(1, 50))
+       sizes=st.lists(st.integers(1, 80), min_size=1, max_size=8), step=st.integers(1, 50),
+       kind=st.sampled_from([_Trickle, _ReadOnly]))
 def test_a_window_reads_into_a_buffer_exactly_the_bytes_it_reads(data: bytes, start: int, end: int,
-                                                                  sizes: List[int], step: int) -> None:
+                                                                  sizes: List[int], step: int, kind: type) -> None:
     """Window.readinto (ChunkReader's path: no fresh bytes object per fill) hands over the span's bytes,
-    the same as read, whatever the buffer sizes and however short the stream's own reads are; 0 at the end."""
+    the same as read, whatever the buffer sizes, however short the stream's own reads are, and over a
+    stream with ``read`` alone; 0 at the end."""
     start = min(start, len(data))
     want = data[start:max(start, min(end, len(data)))]
     got = bytearray()
-    stream = _Trickle(data, step, start)  # positioned at the span's start, as _read_span seeks it
+    stream = kind(data, step, start)  # positioned at the span's start, as _read_span seeks it
     window = files.Window(stream, end)  # type: ignore[arg-type]
     for i in range(10 * len(data) + 10):
         buf = bytearray(sizes[i % len(sizes)])
@@ -83,6 +99,19 @@ def test_a_window_reads_into_a_buffer_exactly_the_bytes_it_reads(data: bytes, st
     plain = io.BytesIO(data)
     plain.seek(start)
     assert files.Window(plain, end).read() == want  # type: ignore[arg-type]
+
+
+def test_a_window_over_a_stream_with_no_data_ready_fails_instead_of_ending_the_span() -> None:
+    """A non-blocking stream's None is not the span's end: taken as 0 it would cut the span short."""
+    class NotReady(_Trickle):
+        def readinto(self, buffer) -> None:  # type: ignore[no-untyped-def, override]
+            return None
+
+    buf = bytearray(16)
+    window = files.Window(NotReady(b"abc", 3, 0), 3)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="no data ready"):
+        window.readinto(buf)
+    buf += b"x"  # the failed read left no view of the buffer behind: it can still grow
 
 
 def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -> None:

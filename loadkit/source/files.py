@@ -595,12 +595,24 @@ class Window:
         return block
 
     def readinto(self, buffer: Any) -> int:
-        """Up to ``len(buffer)`` bytes of the span into ``buffer``; 0 at the span's end."""
+        """Up to ``len(buffer)`` bytes of the span into ``buffer``; 0 at the span's end.
+
+        Raises OSError if the stream has no data to give without being at its end (a non-blocking
+        stream's None): never taken for the span's end, which would cut the span short."""
         with memoryview(buffer) as view, view.cast("B") as flat:
             want = min(len(flat), max(self._left, 0))
             if not want:
                 return 0
-            got = self._stream.readinto(flat[:want]) or 0
+            with flat[:want] as part:  # released even if the read raises: the caller's buffer can grow
+                readinto = getattr(self._stream, "readinto", None)
+                if readinto is None:
+                    block = self._stream.read(want)
+                    got: Optional[int] = len(block)
+                    part[:len(block)] = block
+                else:
+                    got = readinto(part)
+            if got is None:
+                raise OSError("the source stream had no data ready (a non-blocking stream): cannot read the span")
         self._left -= got
         return got
 

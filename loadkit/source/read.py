@@ -256,7 +256,7 @@ def _read_span(unit: ReadUnit, feed: "SizeFeed") -> Iterator[Chunk]:
         end, _ = files.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)
         fh.seek(start)
         committed = [(max(s, start), min(e, end)) for s, e in unit.ranges(member) if s < end and e > start]
-        window = cast(BinaryIO, files.Window(fh, end))  # a read()-only view of the span
+        window = cast(BinaryIO, files.Window(fh, end))  # the span as a stream of its own (read/readinto)
         reader = files.ChunkReader(window, member, _target_bytes(sample, unit.batch_rows), d.quote, d.escape,
                                      d.newlines_in_values, committed, origin=start, origin_line=line, syntax=syn)
         yield from _emit_chunks(unit, member, reader, sample, header, feed, data_start=skip)
