@@ -26,7 +26,7 @@ from loadkit.runner import run_job
 from tests.helpers import compose, query
 from tests.private_pg import PrivatePostgres
 from tests.test_e2e_monthly import KEYS, SOCIO_IDENTITY, canon, last_wins, table_rows
-from tests.test_faults import LedgerGate, Running
+from tests.test_faults import LedgerGate, Running, committed, ledger_count
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -54,9 +54,9 @@ def server() -> Iterator[PrivatePostgres]:
 MONTH = {"rows": 400, "shards": 2, "seed": 5}  # the size of conftest's `month`
 
 
-def _count(dsn: str, sql: str, params: tuple = ()) -> int:
+def _count(dsn: str, sql: str) -> int:
     try:
-        return int(query(dsn, sql, params)[0][0])
+        return int(query(dsn, sql)[0][0])
     except psycopg2.Error:  # not created yet, or the server is restarting
         return 0
 
@@ -93,7 +93,7 @@ class Crasher:
     def _crash(self) -> None:
         try:
             try:
-                while self.gate.committed() < self.crash_at or not self._staged_unlogged():
+                while committed(self.pg.dsn, self.led) < self.crash_at or not self._staged_unlogged():
                     self.gate.let_through(self.run)
                 self.gate.wait_blocked(self.run)
                 self.pg.crash_restart()
@@ -110,8 +110,8 @@ class Crasher:
             self.error = exc
 
     def _staged_unlogged(self) -> bool:
-        return _count(self.pg.dsn, f'SELECT count(*) FROM "{self.led}".batch WHERE table_name = ANY(%s)',
-                      (self.unlogged,)) > 0
+        return ledger_count(self.pg.dsn, self.led, "SELECT count(*) FROM {led}.batch WHERE table_name = ANY(%s)",
+                            (self.unlogged,)) > 0
 
     def __enter__(self) -> "Crasher":
         self._thread.start()

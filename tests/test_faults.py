@@ -249,12 +249,6 @@ class LedgerGate:
         assert nxt, "the gate could not take the lock again"
         self._conn = nxt[0]
 
-    def committed(self) -> int:
-        """Batches the ledger holds (the gate's own session sees every committed one)."""
-        with self._conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {self._table}")
-            return int(cur.fetchone()[0])
-
     def release(self) -> None:
         self._closed = True
         self._conn.rollback()
@@ -784,7 +778,7 @@ def test_embedded_server_restarted_mid_load(month: SampleManifest, ray_session: 
 
     def restart(stop: threading.Event) -> None:
         try:
-            while gate.committed() < 2:
+            while committed(dsn, schemas[1]) < 2:
                 gate.let_through(run)
             gate.wait_blocked(run)
             started = time.monotonic()
