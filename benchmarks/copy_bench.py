@@ -111,11 +111,20 @@ def _strip_nul(path: Path) -> None:
 # ---------------------------------------------------------------- loaders
 
 
-def psql_copy(month: Month, dsn: str, procs: bool = False) -> Sample:
+# The monthly job's key columns by position in the all-text reference tables (c1 = cnpj_basico, ...).
+KEY_COLUMNS = {"estabelecimentos": ("c1", "c2", "c3"), "empresas": ("c1",)}
+
+
+def psql_copy(month: Month, dsn: str, procs: bool = False, key_index: bool = False) -> Sample:
     """psql \\copy of each raw file into an all-text, index-free, logged table (one stream).
 
     ``procs``: sample psql and its backend like a loadkit run (benchmarks.procstat) into ``extra["procs"]``,
-    so a comparison whose loadkit side is sampled charges both sides the sampler's CPU."""
+    so a comparison whose loadkit side is sampled charges both sides the sampler's CPU.
+    ``key_index``: after each file's copy, the same psql session builds a btree on the table's key columns
+    (``KEY_COLUMNS``, ``COLLATE "C"`` as the monthly job declares them) -- the floor of a keyed first load with
+    PostgreSQL's own tools: the copy, then the key's sort and index build. Not unique (the generated month
+    repeats 1 key in 10,000, which a primary key would refuse) and no deduplication, typing or ledger, so it
+    is a lower bound for merge's first load, not the same work."""
     schema = f"bench_ref_{uuid.uuid4().hex[:8]}"
     ddl = [f'CREATE SCHEMA "{schema}"']
     for table, width in WIDTH.items():
@@ -127,6 +136,9 @@ def psql_copy(month: Month, dsn: str, procs: bool = False) -> Sample:
         for table, path in month.files.items():
             args += ["-c", f"\\copy \"{schema}\".{table} FROM '{path}' "
                            "WITH (FORMAT csv, DELIMITER ';', ENCODING 'LATIN1')"]
+            if key_index:
+                cols = ", ".join(f'{c} COLLATE "C"' for c in KEY_COLUMNS[table])
+                args += ["-c", f'CREATE INDEX ON "{schema}".{table} ({cols})']
         started = time.perf_counter()
         popen = subprocess.Popen(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1", *args])
         sampler = ProcSampler(popen.pid).start() if procs else None
@@ -371,8 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--mlflow-uri", default=f"sqlite:///{OUT / 'mlflow.db'}")
     p.add_argument("--set", action="append", default=[], help="extra loadkit override, e.g. pool.writers=3")
     p.add_argument("--sample-reps", type=int, default=3, help="runs of the committed sample month (data/2024-05)")
-    p.add_argument("--peers", default="psql2,dlt,dlt-default,pgloader",
-                   help="peers timed in the same reps (benchmarks/peers.py): psql2, dlt, dlt-default, pgloader")
+    p.add_argument("--peers", default="psql2,psql-key,dlt,dlt-default,pgloader",
+                   help="peers timed in the same reps (benchmarks/peers.py): psql2, psql-key, dlt, dlt-default, "
+                        "pgloader")
     # 15-50x slower than psql on the whole month (dlt ~290 s, pgloader ~920 s per repetition, session 14): on a
     # tenth of it by default, so the README's command ends in ~25 minutes.
     p.add_argument("--slow-peers", default="dlt,dlt-default,pgloader",

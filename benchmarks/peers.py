@@ -3,6 +3,8 @@
 Each function loads the benchmark month's raw files (``benchmarks.copy_bench.Month``) into a
 fresh schema, checks the row count it reached, drops the schema, and returns a ``Sample``.
 
+- ``psql-key`` (``copy_bench.psql_copy(key_index=True)``): one psql \\copy stream, then a btree on each
+  table's key columns in the same session -- the floor of a keyed first load (merge's) with PostgreSQL's tools.
 - ``psql_two_streams``: the month cut in two halves at record boundaries (cached beside the
   files), two psql ``\\copy`` processes at once into all-text tables — the 2-core ceiling for text.
 - ``dlt_load``: dlt 1.x in its own virtualenv (created on first use with pip; its dependencies
@@ -27,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from benchmarks.copy_bench import MEMBERS, MONTH, ROOT, WIDTH, YEAR, Month, Sample, _psql, log
+from benchmarks.copy_bench import MEMBERS, MONTH, ROOT, WIDTH, YEAR, Month, Sample, _psql, log, psql_copy
 
 DLT_VERSION = "1.31.0"
 DLT_VENV = Path(os.environ.get("LOADKIT_BENCH_DLT_VENV", "/tmp/loadkit-bench/dlt-venv"))
@@ -248,6 +250,7 @@ def _check_rows(dsn: str, schema: str, month: Month) -> None:
 
 PEERS = {
     "psql2": ("psql \\copy x2 streams", psql_two_streams),
+    "psql-key": ("psql \\copy + key index", lambda m, d: psql_copy(m, d, key_index=True)),
     "dlt": ("dlt csv/COPY (text)", lambda m, d: dlt_load(m, d, "csv")),
     "dlt-default": ("dlt default (text)", lambda m, d: dlt_load(m, d, "default")),
     "pgloader": ("pgloader (typed)", pgloader_load),
