@@ -131,6 +131,61 @@ def test_spans_cover_the_file_once_with_exact_lines(raw_month, tmp_path: Path) -
         assert c.first_line == data.count(b"\n", 0, c.start) + 1
 
 
+class _Counted:
+    """A file handle that counts the bytes read through it (read and readinto)."""
+
+    def __init__(self, fh, tally: List[int]) -> None:  # type: ignore[no-untyped-def]
+        self._fh, self._tally = fh, tally
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._fh.read(size)
+        self._tally[0] += len(block)
+        return block
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        n = self._fh.readinto(buffer)
+        self._tally[0] += n or 0
+        return n
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._fh, name)
+
+
+def test_the_last_span_reads_only_its_prefix_and_its_own_bytes(raw_month, monkeypatch) -> None:
+    """A span's edges are found by scanning from the data start (exact under quoted newlines), but the last
+    span ends at the file's end: it reads the head, the prefix up to its start and its own bytes -- once.
+    It used to count every line of the whole file again for its end's line number, which nobody reads."""
+    import contextlib
+
+    from loadkit.source import read as read_mod
+
+    cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
+                   "batch.read_block_bytes=65536", "pool.read_splits=3", *raw_overrides("estabelecimentos")])
+    plan = build_plan(cfg)
+    table = plan.table("estabelecimentos")
+    spans = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
+                        plan.batch.read_block_bytes)
+    size = table.files[0].size
+    opened = read_mod.files.open_source
+    tally = [0]
+
+    @contextlib.contextmanager
+    def counted(path, retry=None):  # type: ignore[no-untyped-def]
+        with opened(path, retry) as fh:
+            yield _Counted(fh, tally)
+
+    monkeypatch.setattr(read_mod.files, "open_source", counted)
+    last = spans[-1]
+    assert last.span is not None and last.span[1] == size
+    chunks = _chunks(last)
+    head = read_mod._SAMPLE_BYTES
+    assert b"".join(c.data for c in chunks) == Path(table.files[0].path).read_bytes()[chunks[0].start:]
+    start = chunks[0].start
+    # the head + the prefix scanned to the start (in whole read blocks, not past the end) + the span itself;
+    # not a second pass over the file
+    assert tally[0] <= min(head, size) + min(size, start + files._READ_SIZE) + (size - start), (tally[0], size)
+
+
 def test_committed_ranges_are_clipped_to_each_span(raw_month) -> None:
     """A range an unsplit run committed may straddle a span edge: each span skips its own part."""
     cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",

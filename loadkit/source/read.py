@@ -251,9 +251,12 @@ def _read_span(unit: ReadUnit, feed: "SizeFeed") -> Iterator[Chunk]:
         header = _check_layout(sample[skip:], table, member, unit.file.rel)
         syn = scanner.Syntax.of(d)
         skip_line = 1 + sample.count(b"\n", 0, skip)
-        # Exact span edges: scanned from the data start, so a quoted newline is never a cut.
+        # Exact span edges: scanned from the data start, so a quoted newline is never a cut. The last span
+        # ends at the file's end: nothing to scan for it (record_start would count every line of the file for
+        # a line number nobody reads: 0.59 CPU-s for the 0.92 GB benchmark file, a third of the span edges' cost).
         start, line = files.record_start(fh, max(unit.span[0], skip), size, syn, skip, skip_line)
-        end, _ = files.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)
+        end = size if unit.span[1] >= size else \
+            files.record_start(fh, max(unit.span[1], skip), size, syn, skip, skip_line)[0]
         fh.seek(start)
         committed = [(max(s, start), min(e, end)) for s, e in unit.ranges(member) if s < end and e > start]
         window = cast(BinaryIO, files.Window(fh, end))  # the span as a stream of its own (read/readinto)
