@@ -251,9 +251,9 @@ def run(rows: int, data: Path, dsn: str, mode: str, extra: Sequence[str], interv
         time.sleep(interval)
     out = proc.stdout.read() if proc.stdout else ""
     wall = time.time() - t_start
-    subprocess.run(["psql", "-q", "-h", "127.0.0.1", "-d", "test", "-c",
-                    f"DROP SCHEMA IF EXISTS tl_{tag} CASCADE; DROP SCHEMA IF EXISTS tll_{tag} CASCADE"],
-                   capture_output=True)
+    subprocess.run(["psql", dsn, "-q", "-c",  # the staged modes' schema beside the target too (--mode merge)
+                    f"DROP SCHEMA IF EXISTS tl_{tag} CASCADE; DROP SCHEMA IF EXISTS tll_{tag} CASCADE; "
+                    f"DROP SCHEMA IF EXISTS tl_{tag}__lk_stage CASCADE"], capture_output=True)
     probe = json.loads(Path(probe_out).read_text()) if Path(probe_out).exists() else {"t0": t_start, "events": []}
     shift = probe["t0"] - t_start
     events = [(th, w, a + shift, b + shift) for th, w, a, b in probe["events"]]
