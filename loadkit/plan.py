@@ -172,6 +172,7 @@ class SinkPlan:
     copy_encoder: str = "pgpq"  # the writers' binary COPY encoder: pgpq | adbc (postgres/copy.py)
     compare_work_mem: str = "256MB"  # work_mem of a merge reload's compare (postgres/modes.py: Merge._unchanged)
     publish_early: bool = True  # a table publishes once all its files are read (runner.EarlyPublish)
+    maintenance_work_mem: str = "512MB"  # of each publish transaction: its key and index builds (sink.py)
 
 
 @dataclass(frozen=True)
@@ -485,7 +486,8 @@ def _table_spec(name: str, t: TableConfig, schema: str, root: Path, values: Dict
 def sink_plan(cfg: LoadkitConfig) -> SinkPlan:
     s = cfg.sink
     return SinkPlan(s.dsn, s.embedded_dir, s.ledger_schema, s.connect_timeout, s.statement_timeout_ms,
-                    s.lock_timeout_ms, str(s.copy_encoder), s.compare_work_mem, s.publish_early)
+                    s.lock_timeout_ms, str(s.copy_encoder), s.compare_work_mem, s.publish_early,
+                    s.maintenance_work_mem)
 
 
 def _rule(r: AlertRule) -> AlertRuleSpec:

@@ -308,6 +308,14 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     for good in ("64kB", "2147483647kB", "2047GB", "1TB"):
         assert p.build_plan(compose(BASE + [f"data_root={month.root}",
                                             f"sink.compare_work_mem={good}"])).sink.compare_work_mem == good
+    # maintenance_work_mem (the publish's key and index builds): the same spelling, from 1MB (its server's floor)
+    assert c.SinkConfig().maintenance_work_mem == p.SinkPlan("", "", "", 0, 0, 0).maintenance_work_mem == "512MB"
+    for bad in ("512", "1023kB", "64kB", "2TB", "512MB; SET x"):
+        with pytest.raises(ConfigError, match="sink.maintenance_work_mem"):
+            p.build_plan(compose(BASE + [f"data_root={month.root}", f"sink.maintenance_work_mem='{bad}'"]))
+    for good in ("1024kB", "1MB", "2GB", "2147483647kB"):
+        assert p.build_plan(compose(BASE + [f"data_root={month.root}", f"sink.maintenance_work_mem={good}"])
+                            ).sink.maintenance_work_mem == good
     assert plan.sink.dsn == "postgresql://u:secret@h/db" and "secret" not in repr(plan.sink)
     assert plan.env.executor == "inprocess" and type(plan.env.executor) is str
     assert plan.alerts.stall_seconds == p.AlertRuleSpec(300.0, "critical", "abort")
@@ -338,6 +346,24 @@ def test_compare_work_mem_is_what_the_server_accepts(size: str, pg_dsn: str) -> 
         except psycopg2.Error:
             server = False
     assert (_work_mem_kb(size) is not None) == server
+
+
+@pytest.mark.parametrize("size", ["1024kB", "1023kB", "1MB", "64kB", "2147483647kB", "2147483648kB", "2047GB", "2TB"])
+def test_maintenance_work_mem_is_what_the_server_accepts(size: str, pg_dsn: str) -> None:
+    """The config accepts a sink.maintenance_work_mem exactly when PostgreSQL accepts it (1MB up; a value the
+    server refuses would fail every publish at its SET, after the whole load)."""
+    import psycopg2
+
+    from loadkit.config import MAINTENANCE_WORK_MEM_MIN_KB, _work_mem_kb
+    from tests.helpers import autocommit_cursor
+
+    with autocommit_cursor(pg_dsn) as cur:
+        try:
+            cur.execute("SELECT set_config('maintenance_work_mem', %s, false)", (size,))
+            server = True
+        except psycopg2.Error:
+            server = False
+    assert (_work_mem_kb(size, MAINTENANCE_WORK_MEM_MIN_KB) is not None) == server
 
 
 @pytest.mark.parametrize("override, key, text", [

@@ -632,6 +632,41 @@ def test_the_tables_of_a_run_publish_side_by_side(tmp_path: Path, pg_dsn: str, s
         assert results[0].metrics.tables[name].duplicates == 2
 
 
+def test_the_publish_builds_its_key_with_sink_maintenance_work_mem(tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                                   mlflow_uri: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key build of a swapped first load runs under sink.maintenance_work_mem (a sort in memory, not on
+    disk), read by the server inside that transaction; the ledger writes after the publish see the session's
+    own value again, and the load is exact."""
+    from loadkit.postgres import modes
+
+    target, _ = schemas
+    files = write_month(tmp_path, 5, MAY)
+    cfg = config(tmp_path, pg_dsn, schemas, mlflow_uri, files)
+    cfg.sink.maintenance_work_mem = "3MB"  # neither the server's default (64MB) nor loadkit's
+    seen: Dict[str, str] = {}
+    swap_in, finish_table = modes.Merge._swap_in, modes.Ledger.finish_table
+
+    def spy_swap(self: Any, cur: Any, ledger: Any) -> Any:
+        cur.execute("SHOW maintenance_work_mem")
+        seen["key build"] = cur.fetchone()[0]
+        return swap_in(self, cur, ledger)
+
+    def spy_finish(self: Any, cur: Any, *args: Any, **kwargs: Any) -> Any:
+        cur.execute("SHOW maintenance_work_mem")
+        seen["after"] = cur.fetchone()[0]
+        return finish_table(self, cur, *args, **kwargs)
+
+    monkeypatch.setattr(modes.Merge, "_swap_in", spy_swap)
+    monkeypatch.setattr(modes.Ledger, "finish_table", spy_finish)
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute("SHOW maintenance_work_mem")
+        default = cur.fetchone()[0]
+    ok(run_job(cfg))
+    assert default != "3MB" and seen == {"key build": "3MB", "after": default}
+    assert table_state(pg_dsn, target) == {k: v for k, (v, _) in last_wins(MAY).items()}
+
+
 @pytest.mark.parametrize("blocker", ["view", "grant", "referenced", "comment", "trigger"])
 def test_first_load_into_a_target_that_cannot_be_swapped_inserts(tmp_path: Path, pg_dsn: str, schemas: tuple,
                                                                   mlflow_uri: str, blocker: str) -> None:

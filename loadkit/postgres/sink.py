@@ -35,7 +35,7 @@ from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec
 from loadkit.postgres import db, identity, keyhints
 from loadkit.postgres.ledger import Ledger, RunTotals, TableOutcome, ddl_lock, publish_lock
-from loadkit.postgres.modes import Merge, WriteMode, mode_for, record_steps
+from loadkit.postgres.modes import Merge, WriteMode, mode_for, record_steps, settings
 from loadkit.postgres.writer import TableTarget, WriterSettings
 from loadkit.resilience import retrying
 from loadkit.security import mask_text
@@ -559,7 +559,9 @@ class PostgresSink:
                 tm.batches -= len(ours)
                 return True
             staged = sum(batches.values())  # verify_staging found none lost: the batches are as read above
-            with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), record_steps() as steps:
+            # sink.maintenance_work_mem for the key and index builds (a sort in memory, not on disk)
+            with heartbeat(log, f"finalising {table.name} ({table.mode})", table=table.name), \
+                    record_steps() as steps, settings(cur, maintenance_work_mem=plan.sink.maintenance_work_mem):
                 published = mode.finalize(cur, led)
             led.mark_files_loaded(cur, table.name, plan.period)
             tm.inserted, tm.updated, tm.unchanged, tm.status = (published.inserted, published.updated,
