@@ -101,18 +101,19 @@ def load(data: bytes, d: Dict[str, Any], ncols: int, target: int, cap: int = sca
     table = spec([(f"c{i}", "text") for i in range(ncols)], max_record_bytes=cap, **d)
     syn = scanner.Syntax.of(table.dialect)
     fh = io.BytesIO(data)
-    edges = [0] + [files.record_start(fh, off, len(data), syn)[0] for off in splits] + [len(data)]
+    # the pipeline's split read: each span from its exact start, ending where its own reader finds the next
+    # span's start (files.span_reader); the chunks of all spans tile the data
+    cuts = [0, *splits, len(data)]
     rows: List[list] = []
     rejects: List[dict] = []
     rows_in = blank = 0
-    for lo, hi in zip(edges, edges[1:]):
-        if lo >= hi:
-            continue
-        fh.seek(lo)
-        line = 1 + data.count(b"\n", 0, lo)
-        reader = files.ChunkReader(files.Window(fh, hi), "m", target, None, None, False, origin=lo,
-                                     origin_line=line, syntax=syn)
-        for chunk in reader:
+    ends = [0]
+    for lo, hi in zip(cuts, cuts[1:]):  # one span after the other: they share the one file handle
+        chunks = list(files.span_reader(fh, "m", (lo, hi), len(data), syn, target))
+        for chunk in chunks:
+            assert (chunk.start, chunk.first_line) == (ends[-1], 1 + data.count(b"\n", 0, chunk.start))
+            ends.append(chunk.end)
+        for chunk in chunks:
             hint = chunk.summary.encode() if chunk.summary else None
             p = parse_chunk(table, chunk.data, chunk.first_line, reject=chunk.reject, hint=hint)
             again = parse_chunk(table, chunk.data, chunk.first_line, reject=chunk.reject)  # no hint: scans itself
@@ -122,6 +123,7 @@ def load(data: bytes, d: Dict[str, Any], ncols: int, target: int, cap: int = sca
             blank += p.blank_lines
             rows += [list(r.values()) for r in p.rows.drop_columns([ROW_COL]).to_pylist()]
             rejects += p.rejects.to_pylist()
+    assert ends[-1] == len(data), "the spans' chunks end where the data ends"
     return rows, rejects, rows_in, blank
 
 
@@ -417,3 +419,43 @@ def test_chunk_reader_cuts_the_same_chunks_with_either_scanner(data: bytes, syn:
     assert (starts == [0] + ends[:-1] and ends[-1] == len(data)) if got else data == b""
     for start, end, *_ in got:
         assert start in whole and end in whole, (start, end, sorted(whole))
+
+
+def _uncovered(size: int, ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """[0, size) less the sorted, disjoint ``ranges``, as (start, end) pieces."""
+    out, at = [], 0
+    for s, e in ranges:
+        if s > at:
+            out.append((at, s))
+        at = max(at, e)
+    return out + [(at, size)] if at < size else out
+
+
+@PROFILE
+@given(data=CHUNKY, syn=_syntaxes(), target=st.integers(1, 300), picks=st.data())
+def test_spans_with_committed_ranges_read_every_uncommitted_byte_once(data: bytes, syn: "scanner.Syntax",
+                                                                       target: int, picks: Any) -> None:
+    """A split read (files.span_reader: each span's end found by its own reader as it cuts chunks) against the
+    whole buffer's scan: random cuts, random committed ranges between record ends (what an earlier run with
+    any batch size or split commits), random chunk sizes, record caps and quote-heavy bytes. The spans'
+    chunks, in order, cover exactly the uncommitted bytes, each from one record end of the whole scan to
+    another, with its exact first line and, unless it is a too-long record's reject, its exact bytes."""
+    edges = [0] + scanner.scan(data, syn, final=True).ends.tolist()
+    points = sorted(picks.draw(st.lists(st.integers(0, len(edges) - 1), max_size=6, unique=True)))
+    committed = [(edges[a], edges[b]) for a, b in zip(points[::2], points[1::2])]
+    cuts = sorted(picks.draw(st.lists(st.integers(0, len(data)), max_size=3)))
+    fh = io.BytesIO(data)
+    got = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(data)]):
+        got += list(files.span_reader(fh, "m", (lo, hi), len(data), syn, target, committed))
+    merged: List[Tuple[int, int]] = []
+    for c in got:
+        assert c.start in edges and c.end in edges and c.start < c.end, (c.start, c.end, edges)
+        assert c.first_line == 1 + data.count(b"\n", 0, c.start)
+        assert c.reject is not None or c.data == data[c.start:c.end]
+        if merged and merged[-1][1] == c.start:
+            merged[-1] = (merged[-1][0], c.end)
+        else:
+            assert not merged or merged[-1][1] < c.start, "chunks in order, none twice"
+            merged.append((c.start, c.end))
+    assert merged == _uncovered(len(data), [r for r in committed if r[0] < r[1]])

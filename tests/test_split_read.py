@@ -186,6 +186,42 @@ def test_the_last_span_reads_only_its_prefix_and_its_own_bytes(raw_month, monkey
     assert tally[0] <= min(head, size) + min(size, start + files._READ_SIZE) + (size - start), (tally[0], size)
 
 
+def test_an_inner_span_scans_its_prefix_once_and_stops_past_its_end(raw_month, monkeypatch) -> None:
+    """An inner span finds its start by scanning from the data start, and its end as it reads (the first
+    record end at or after its cut, ChunkReader's stop_at): it reads the head, the prefix, its own bytes and
+    at most a chunk and a read past its end. Its end used to be found by a second scan from the file's start
+    (each cut of a split file scanned twice: 0.48 CPU-s per cut of the 0.92 GB benchmark file)."""
+    import contextlib
+
+    from loadkit.source import read as read_mod
+
+    monkeypatch.setattr(files, "_READ_SIZE", 64 * 1024)  # scan blocks well below the file's size
+    cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
+                   "batch.read_block_bytes=65536", "pool.read_splits=3", *raw_overrides("estabelecimentos")])
+    plan = build_plan(cfg)
+    table = plan.table("estabelecimentos")
+    spans = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
+                        plan.batch.read_block_bytes)
+    data = Path(table.files[0].path).read_bytes()
+    opened = read_mod.files.open_source
+    tally = [0]
+
+    @contextlib.contextmanager
+    def counted(path, retry=None):  # type: ignore[no-untyped-def]
+        with opened(path, retry) as fh:
+            yield _Counted(fh, tally)
+
+    monkeypatch.setattr(read_mod.files, "open_source", counted)
+    inner = spans[1]
+    assert inner.span is not None and 0 < inner.span[0] < inner.span[1] < len(data)
+    chunks = _chunks(inner)
+    start, end = chunks[0].start, chunks[-1].end
+    assert start == data.index(b"\n", inner.span[0] - 1) + 1 and end == data.index(b"\n", inner.span[1] - 1) + 1
+    target = max(len(c.data) for c in chunks)
+    bound = read_mod._SAMPLE_BYTES + (start + files._READ_SIZE) + (end - start) + target + files._MIN_READ
+    assert tally[0] <= bound < start + end + (end - start), (tally[0], bound)  # the old second scan: + end
+
+
 def test_committed_ranges_are_clipped_to_each_span(raw_month) -> None:
     """A range an unsplit run committed may straddle a span edge: each span skips its own part."""
     cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
