@@ -554,12 +554,19 @@ def record_start(fh: BinaryIO, offset: int, size: int, syntax: "scanner.Syntax",
         if len(sc):
             k = int(np.searchsorted(sc.ends, offset - base))
             if k < len(sc):
-                return base + int(sc.ends[k]), line + buf.count(b"\n", 0, int(sc.ends[k]))
+                return base + int(sc.ends[k]), _line_after(buf, sc, k)
         if eof:
             return size, line + buf.count(b"\n")
         used = sc.consumed
-        line += buf.count(b"\n", 0, used)
+        if len(sc):  # the scan's own line numbers: no count of every LF of the prefix (0.2 CPU-s per 0.46 GB)
+            line = _line_after(buf, sc, len(sc) - 1)
         buf, base = buf[used:], base + used
+
+
+def _line_after(data: bytes, sc: "scanner.Scan", k: int) -> int:
+    """The line on which the record after record ``k`` of ``sc`` (a scan of ``data``) starts: record k's
+    start line plus the LFs it holds."""
+    return int(sc.lines[k]) + data.count(b"\n", *sc.span(k))
 
 
 def span_reader(fh: BinaryIO, member: str, span: Tuple[int, int], size: int, syntax: "scanner.Syntax",
