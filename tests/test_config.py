@@ -301,7 +301,7 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     assert c.SinkConfig().compare_work_mem == p.SinkPlan("", "", "", 0, 0, 0).compare_work_mem == JOIN_WORK_MEM
     # PostgreSQL needs the unit spelled; nothing else passes. Nor does a size outside work_mem's range (64kB ..
     # 2147483647kB), which the server refuses at the reload's SET, after the whole load (the server's own
-    # verdict on each: test_compare_work_mem_is_what_the_server_accepts).
+    # verdict on each: test_memory_sizes_are_what_the_server_accepts).
     for bad in ("256", "0MB", "1 GB", "256MB; SET x", "1kB", "63kB", "2TB", "2048GB", "2097152MB", "99999999999999MB"):
         with pytest.raises(ConfigError, match="sink.compare_work_mem"):
             p.build_plan(compose(BASE + [f"data_root={month.root}", f"sink.compare_work_mem='{bad}'"]))
@@ -330,40 +330,28 @@ def test_the_plan_carries_every_knob_a_run_reads(month) -> None:
     assert settings["sink"]["dsn"] == "postgresql://u:***@h/db" and settings["job"]["verify"] == "count"
 
 
-@pytest.mark.parametrize("size", ["64kB", "63kB", "2147483647kB", "2147483648kB", "2047GB", "2048GB", "1TB", "2TB"])
-def test_compare_work_mem_is_what_the_server_accepts(size: str, pg_dsn: str) -> None:
-    """The config accepts a sink.compare_work_mem exactly when PostgreSQL accepts it as work_mem (it used to
-    take 1kB or 2TB, and the run failed at its reload's publish, after the whole load)."""
+@pytest.mark.parametrize("setting, size", [
+    *(("work_mem", size) for size in ["64kB", "63kB", "2147483647kB", "2147483648kB", "2047GB", "2048GB", "1TB",
+                                      "2TB"]),
+    *(("maintenance_work_mem", size) for size in ["1024kB", "1023kB", "1MB", "64kB", "2147483647kB", "2147483648kB",
+                                                   "2047GB", "2TB"])])
+def test_memory_sizes_are_what_the_server_accepts(setting: str, size: str, pg_dsn: str) -> None:
+    """The config accepts a sink.compare_work_mem (work_mem) or sink.maintenance_work_mem exactly when
+    PostgreSQL accepts it for that setting (compare_work_mem used to take 1kB or 2TB, and the run failed at its
+    reload's publish, after the whole load)."""
     import psycopg2
 
-    from loadkit.config import _work_mem_kb
+    from loadkit.config import MAINTENANCE_WORK_MEM_MIN_KB, WORK_MEM_MIN_KB, _work_mem_kb
     from tests.helpers import autocommit_cursor
 
     with autocommit_cursor(pg_dsn) as cur:
         try:
-            cur.execute("SELECT set_config('work_mem', %s, false)", (size,))
+            cur.execute("SELECT set_config(%s, %s, false)", (setting, size))
             server = True
         except psycopg2.Error:
             server = False
-    assert (_work_mem_kb(size) is not None) == server
-
-
-@pytest.mark.parametrize("size", ["1024kB", "1023kB", "1MB", "64kB", "2147483647kB", "2147483648kB", "2047GB", "2TB"])
-def test_maintenance_work_mem_is_what_the_server_accepts(size: str, pg_dsn: str) -> None:
-    """The config accepts a sink.maintenance_work_mem exactly when PostgreSQL accepts it (1MB up; a value the
-    server refuses would fail every publish at its SET, after the whole load)."""
-    import psycopg2
-
-    from loadkit.config import MAINTENANCE_WORK_MEM_MIN_KB, _work_mem_kb
-    from tests.helpers import autocommit_cursor
-
-    with autocommit_cursor(pg_dsn) as cur:
-        try:
-            cur.execute("SELECT set_config('maintenance_work_mem', %s, false)", (size,))
-            server = True
-        except psycopg2.Error:
-            server = False
-    assert (_work_mem_kb(size, MAINTENANCE_WORK_MEM_MIN_KB) is not None) == server
+    low = MAINTENANCE_WORK_MEM_MIN_KB if setting == "maintenance_work_mem" else WORK_MEM_MIN_KB
+    assert (_work_mem_kb(size, low) is not None) == server
 
 
 @pytest.mark.parametrize("override, key, text", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from pathlib import Path
-from typing import List
+from typing import Any, List, Tuple
 
 import pytest
 from hypothesis import given
@@ -151,10 +151,9 @@ class _Counted:
         return getattr(self._fh, name)
 
 
-def test_the_last_span_reads_only_its_prefix_and_its_own_bytes(raw_month, monkeypatch) -> None:
-    """A span's edges are found by scanning from the data start (exact under quoted newlines), but the last
-    span ends at the file's end: it reads the head, the prefix up to its start and its own bytes -- once.
-    It used to count every line of the whole file again for its end's line number, which nobody reads."""
+def _counted_spans(raw_month, monkeypatch) -> Tuple[Any, List[ReadUnit], List[int]]:  # type: ignore[no-untyped-def]
+    """(the estabelecimentos table, its file cut into 3 spans, the tally of bytes read through every file
+    handle the read stage opens from now on)."""
     import contextlib
 
     from loadkit.source import read as read_mod
@@ -165,7 +164,6 @@ def test_the_last_span_reads_only_its_prefix_and_its_own_bytes(raw_month, monkey
     table = plan.table("estabelecimentos")
     spans = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
                         plan.batch.read_block_bytes)
-    size = table.files[0].size
     opened = read_mod.files.open_source
     tally = [0]
 
@@ -175,6 +173,17 @@ def test_the_last_span_reads_only_its_prefix_and_its_own_bytes(raw_month, monkey
             yield _Counted(fh, tally)
 
     monkeypatch.setattr(read_mod.files, "open_source", counted)
+    return table, spans, tally
+
+
+def test_the_last_span_reads_only_its_prefix_and_its_own_bytes(raw_month, monkeypatch) -> None:
+    """A span's edges are found by scanning from the data start (exact under quoted newlines), but the last
+    span ends at the file's end: it reads the head, the prefix up to its start and its own bytes -- once.
+    It used to count every line of the whole file again for its end's line number, which nobody reads."""
+    from loadkit.source import read as read_mod
+
+    table, spans, tally = _counted_spans(raw_month, monkeypatch)
+    size = table.files[0].size
     last = spans[-1]
     assert last.span is not None and last.span[1] == size
     chunks = _chunks(last)
@@ -191,27 +200,11 @@ def test_an_inner_span_scans_its_prefix_once_and_stops_past_its_end(raw_month, m
     record end at or after its cut, ChunkReader's stop_at): it reads the head, the prefix, its own bytes and
     at most a chunk and a read past its end. Its end used to be found by a second scan from the file's start
     (each cut of a split file scanned twice: 0.48 CPU-s per cut of the 0.92 GB benchmark file)."""
-    import contextlib
-
     from loadkit.source import read as read_mod
 
     monkeypatch.setattr(files, "_READ_SIZE", 64 * 1024)  # scan blocks well below the file's size
-    cfg = compose(["+job=monthly", "year=2024", "month=5", f"data_root={raw_month.root}", "batch.size=200",
-                   "batch.read_block_bytes=65536", "pool.read_splits=3", *raw_overrides("estabelecimentos")])
-    plan = build_plan(cfg)
-    table = plan.table("estabelecimentos")
-    spans = split_units([ReadUnit(table, table.files[0], (), plan.batch.size)], plan.read_splits,
-                        plan.batch.read_block_bytes)
+    table, spans, tally = _counted_spans(raw_month, monkeypatch)
     data = Path(table.files[0].path).read_bytes()
-    opened = read_mod.files.open_source
-    tally = [0]
-
-    @contextlib.contextmanager
-    def counted(path, retry=None):  # type: ignore[no-untyped-def]
-        with opened(path, retry) as fh:
-            yield _Counted(fh, tally)
-
-    monkeypatch.setattr(read_mod.files, "open_source", counted)
     inner = spans[1]
     assert inner.span is not None and 0 < inner.span[0] < inner.span[1] < len(data)
     chunks = _chunks(inner)
