@@ -580,7 +580,8 @@ def span_reader(fh: BinaryIO, member: str, span: Tuple[int, int], size: int, syn
     by the reader itself (``ChunkReader``'s ``stop_at``), as it cuts its chunks -- not by a second scan from
     the file's start: each cut used to be scanned twice, once by each neighbour (0.48 CPU-s per edge for
     the 0.92 GB benchmark file). A span ending at ``size`` reads to the end. ``committed``: the member's
-    committed ranges (any; those outside the span are left out). ``fh`` is seekable; it is left positioned
+    committed ranges, record-aligned as ChunkReader requires (batches of earlier runs under the same syntax;
+    those outside the span are left out). ``fh`` is seekable; it is left positioned
     at the span's start, read through a ``Window`` that ends at ``size``."""
     lo, hi = max(span[0], origin), max(span[1], origin)
     start, line = record_start(fh, lo, size, syntax, origin, origin_line)
