@@ -759,13 +759,11 @@ def validate(cfg: LoadkitConfig) -> None:
     _require(cfg.telemetry.tracing != "otlp" or bool(cfg.telemetry.otlp_endpoint), "telemetry.otlp_endpoint",
              "telemetry.tracing=otlp needs telemetry.otlp_endpoint")
     _require(cfg.tracking.live_after_s >= 0, "tracking.live_after_s", "tracking.live_after_s must be >= 0")
-    _require(_work_mem_kb(cfg.sink.compare_work_mem) is not None, "sink.compare_work_mem",
-             f"sink.compare_work_mem must be a PostgreSQL memory size from 64kB to {WORK_MEM_MAX_KB}kB "
-             f"such as 256MB, not {cfg.sink.compare_work_mem!r}")
-    _require(_work_mem_kb(cfg.sink.maintenance_work_mem, MAINTENANCE_WORK_MEM_MIN_KB) is not None,
-             "sink.maintenance_work_mem", "sink.maintenance_work_mem must be a PostgreSQL memory size from "
-             f"{MAINTENANCE_WORK_MEM_MIN_KB}kB to {WORK_MEM_MAX_KB}kB such as 512MB, not "
-             f"{cfg.sink.maintenance_work_mem!r}")
+    for key, low, example in (("compare_work_mem", WORK_MEM_MIN_KB, "256MB"),
+                              ("maintenance_work_mem", MAINTENANCE_WORK_MEM_MIN_KB, "512MB")):
+        size = getattr(cfg.sink, key)
+        _require(_work_mem_kb(size, low) is not None, f"sink.{key}", f"sink.{key} must be a PostgreSQL memory "
+                 f"size from {low}kB to {WORK_MEM_MAX_KB}kB such as {example}, not {size!r}")
     for key in ("connect_timeout", "statement_timeout_ms", "lock_timeout_ms"):
         _require(getattr(cfg.sink, key) >= 0, f"sink.{key}", f"sink.{key} must be >= 0 (0 = no limit)")
     _require(cfg.env.max_run_seconds >= 0, "env.max_run_seconds", "env.max_run_seconds must be >= 0 (0 = none)")
