@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -338,6 +338,22 @@ def batch_id(table: str, period: str, file_sha: str, member: str, start: int) ->
     """A deterministic signed 64-bit id for a batch: same bytes, same id, in every run."""
     raw = f"{table}|{period}|{file_sha}|{member}|{start}".encode()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+
+
+def read_rules(table: TableSpec) -> str:
+    """A fingerprint (16 hex digits) of everything that turns one of ``table``'s files into rows: its format,
+    archive member, dialect and columns (kinds, rules, null markers, formats, ...) and derived key, as declared.
+
+    The writer stores it with every batch (ledger ``batch.rules``). A file's committed byte ranges are record
+    boundaries only under the rules that cut them, and its rows are what those rules made of the bytes: a
+    resume under other rules -- a dialect, a null marker, a date format changed since the crash -- would start
+    reading mid-record or load one file by two sets of rules. So a file whose committed batches carry another
+    fingerprint is read again whole (postgres.sink, at the run's start). Not in it: the batch size, pool and
+    sink settings, the schema names (none changes what a record is or holds)."""
+    declared = {"format": table.format, "member": table.member, "dialect": asdict(table.dialect),
+                "columns": [asdict(c) for c in table.columns], "derived_key": table.derived_key}
+    text = json.dumps(declared, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"read-rules-v1:{text}".encode()).hexdigest()[:16]
 
 
 _TYPE = re.compile(r"^(?P<kind>[a-z]+)(\((?P<a>\d+)(,(?P<b>\d+))?\))?$")

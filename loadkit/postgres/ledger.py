@@ -48,6 +48,7 @@ BATCH_SCHEMA = pa.schema([
     ("writer", pa.string()),
     ("attempts", pa.int32()),
     ("blank_lines", pa.int64()),  # blank lines skipped, not records (see writer.BATCH_COUNT_FIELDS)
+    ("rules", pa.string()),  # plan.read_rules of the rules that read the batch (NULL in older ledgers)
 ])
 
 REJECT_META = [("batch_id", pa.int64()), ("run_id", pa.string()), ("table_name", pa.string()),
@@ -177,7 +178,7 @@ class Ledger:
                 file_sha text NOT NULL, file_ordinal int NOT NULL, member text NOT NULL, start_offset bigint NOT NULL,
                 end_offset bigint NOT NULL, first_line bigint, rows_in bigint NOT NULL, rows_loaded bigint NOT NULL,
                 rows_rejected bigint NOT NULL, rows_coerced bigint NOT NULL DEFAULT 0, writer text, attempts int,
-                committed_at timestamptz NOT NULL DEFAULT now(),
+                committed_at timestamptz NOT NULL DEFAULT now(), rules text,
                 CONSTRAINT {BATCH_PKEY} PRIMARY KEY (batch_id),
                 CONSTRAINT {BATCH_ACCOUNTING} CHECK (rows_in = rows_loaded + rows_rejected))""",
             f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
@@ -218,6 +219,8 @@ class Ledger:
                 f"bigint NOT NULL DEFAULT 0 CONSTRAINT {BATCH_BLANK_LINES} CHECK (blank_lines >= 0)"),
             # Rejects of discarded files are kept (marked) since a failed run must show why.
             add("reject", "discarded", "boolean NOT NULL DEFAULT false"),
+            # The read rules' fingerprint of each batch (plan.read_rules); NULL in rows older ledgers wrote.
+            add("batch", "rules", "text"),
         ]
 
     def ensure(self, cur: Any) -> None:
@@ -421,6 +424,16 @@ class Ledger:
         for sha, member, start, end in cur.fetchall():
             out.setdefault((sha, member), []).append((int(start), int(end)))
         return out
+
+    def read_by_other_rules(self, cur: Any, table: str, period: str, rules: str) -> Dict[str, int]:
+        """file sha -> its committed batches, for each of the table's files of the period that is not published
+        ('loaded') and has a committed batch read by rules other than ``rules`` (plan.read_rules). A batch an
+        older ledger wrote (rules NULL) counts as read by these rules: nothing tells otherwise."""
+        cur.execute(f"SELECT b.file_sha, count(*) FROM {self.batch} b LEFT JOIN {self.file} f "
+                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+                    "WHERE b.table_name = %s AND b.period = %s AND f.status IS DISTINCT FROM 'loaded' "
+                    "GROUP BY b.file_sha HAVING bool_or(b.rules <> %s)", (table, period, rules))
+        return {str(sha): int(n) for sha, n in cur.fetchall()}
 
     def file_batches(self, cur: Any, table: str, period: str, file_sha: str) -> List[LedgerBatch]:
         """Every committed batch of one file (any run), by member and start offset: the committed

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 from loadkit.errors import (ConfigError, InterruptedRun, JobLockLost, LedgerMismatch, LoadkitError, TransientDBError,
                             as_loadkit_error)
 from loadkit.logs import heartbeat
-from loadkit.plan import FileSpec, LoadPlan, TableSpec
+from loadkit.plan import FileSpec, LoadPlan, TableSpec, read_rules
 from loadkit.postgres import db, identity, keyhints
 from loadkit.postgres.ledger import Ledger, RunTotals, TableOutcome, ddl_lock, publish_lock
 from loadkit.postgres.modes import Merge, WriteMode, mode_for, record_steps, settings
@@ -78,7 +78,7 @@ def session_dsn(plan: LoadPlan, role: str = "driver") -> str:
 
 def writer_settings(plan: LoadPlan, dsn: str) -> WriterSettings:
     """What every BatchWriter needs: where each table's batches go (target or staging) and the ledger."""
-    targets = {t.name: TableTarget(t.load_schema, t.load_table, mode_for(t).staged) for t in plan.tables}
+    targets = {t.name: TableTarget(t.load_schema, t.load_table, mode_for(t).staged, read_rules(t)) for t in plan.tables}
     return WriterSettings(dsn=dsn, ledger_schema=plan.ledger_schema, run_id=plan.run_id, period=plan.period,
                           tables=targets, connections=plan.connections_per_writer, pre_ping=plan.pre_ping,
                           retry=plan.retry, copy_encoder=plan.sink.copy_encoder)
@@ -307,6 +307,7 @@ class PostgresSink:
                     mode.reset(cur, self.ledger, plan.period)
                 else:  # staged batches a crash (UNLOGGED) or a declaration change lost: read them again
                     mode.forget_lost_batches(cur, self.ledger, plan.period)
+                    self._discard_other_rules(cur, mode, table)
                 files, ranges = self._verified_todo(cur, table)
                 if mode.whole_period and 0 < len(files) < len(table.files):
                     # These modes publish a whole period at once: a new file in a published period
@@ -325,6 +326,21 @@ class PostgresSink:
                 with db.transaction(self.dsn) as cur:  # nothing staged for a published period: no litter
                     mode.drop_staging(cur)
         return todo
+
+    def _discard_other_rules(self, cur: Any, mode: WriteMode, table: TableSpec) -> None:
+        """Discard (rows and ledger, in the caller's transaction) the committed batches of each unpublished file
+        that other read rules read (plan.read_rules: the dialect, a column rule, ... changed since), so the
+        file is read again whole by this run's rules. Resumed instead, its committed byte ranges -- record
+        boundaries under the old rules -- could start this run's reads mid-record, and one file would be
+        loaded by two sets of rules. Published files are left alone (``force=true`` reloads them)."""
+        period = self.plan.period
+        paths = {f.sha256: f.rel for f in table.files}
+        for sha, batches in self.ledger.read_by_other_rules(cur, table.name, period, read_rules(table)).items():
+            path = paths.get(sha, sha[:12])
+            log.warning("%s: %d batch(es) of %s were committed under other read rules (dialect, columns or format "
+                        "changed since); discarding them, the file is read again whole", table.name, batches, path,
+                        extra={"table": table.name, "file": path})
+            mode.discard_file(cur, self.ledger, period, sha)
 
     def _verified_todo(self, cur: Any, table: TableSpec) -> Tuple[List[FileSpec], Dict[Any, Any]]:
         """The table's files not yet published, after checking the ledger's claims against the target

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,7 @@ class TableTarget:
     schema: str
     load_table: str
     keep_row_ordinal: bool  # staging tables keep ROW_COL for the last-row-wins dedup
+    rules: Optional[str] = None  # plan.read_rules of the table: stored with every batch (ledger batch.rules)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class BatchWriter:
             "member": b.member, "start_offset": b.start, "end_offset": b.end,
             "first_line": b.first_line, "rows_in": b.rows_in, "rows_loaded": b.rows_loaded,
             "rows_rejected": b.rows_rejected, "rows_coerced": b.rows_coerced, "writer": self._name,
-            "attempts": self._attempts, "blank_lines": b.blank_lines,
+            "attempts": self._attempts, "blank_lines": b.blank_lines, "rules": self._s.tables[b.table_name].rules,
         }
         return pa.Table.from_pylist([values], schema=ledger.BATCH_SCHEMA)
 
