@@ -51,13 +51,13 @@ def _records() -> Tuple[bytes, int, int, int]:
 
 
 def _config(root: Path, target: str, led: str, dsn: str, mlflow_uri: str, quote: Optional[str],
-            null_values: Tuple[str, ...] = ()) -> Any:
+            null_values: Tuple[str, ...] = (), path: str = "2024-05/items.csv", job: str = "rules") -> Any:
     columns = [dataclasses.replace(c, null_values=list(null_values)) if c.name == "b" else c for c in COLUMNS]
     dialect = DialectConfig(header=False, quote=quote, newlines_in_values=quote is not None)
     return to_config(LoadkitConfig(
         year=2024, month=5, data_root=str(root),
-        job=JobConfig(name="rules", schema=target, tables={
-            "items": TableConfig(source=SourceConfig(paths=["2024-05/items.csv"], dialect=dialect), columns=columns,
+        job=JobConfig(name=job, schema=target, tables={
+            "items": TableConfig(source=SourceConfig(paths=[path], dialect=dialect), columns=columns,
                                  mode="append", max_reject_rate=1.0)}),
         sink=SinkConfig(dsn=dsn, ledger_schema=led), tracking=TrackingConfig(uri=mlflow_uri, enabled=False),
         batch=BatchConfig(size=BATCH_ROWS, min_size=BATCH_ROWS), env=EnvConfig(progress_bars=False,
@@ -164,6 +164,27 @@ def test_a_resume_under_the_same_rules_keeps_what_was_committed(tmp_path: Path, 
     assert again.status == "succeeded", again.error
     assert again.metrics.tables["items"].status == "skipped"
     assert _state(pg_dsn, target, led) == published
+
+
+@pytest.mark.e2e
+def test_another_jobs_unfinished_file_is_not_discarded_under_this_jobs_rules(tmp_path: Path, pg_dsn: str,
+                                                                             schemas: tuple, mlflow_uri: str) -> None:
+    """Two jobs append their own files to one table name and period (one ledger): job x's crashed file keeps its
+    committed batch when job y, under other rules, loads y.csv. Before (a reviewer's case): y discarded x's batch
+    and rows -- every unpublished file of the table and period, not only its own -- and never read x.csv again."""
+    (tmp_path / "2024-05").mkdir()
+    data, _, _, _ = _records()
+    (tmp_path / "2024-05" / "x.csv").write_bytes(data)
+    (tmp_path / "2024-05" / "y.csv").write_bytes(b"1,a,b\n2,c,d\n")
+    target, led = schemas
+    x = run_job(_config(tmp_path, target, led, pg_dsn, mlflow_uri, quote='"', path="2024-05/x.csv", job="x"))
+    assert x.status == "succeeded", x.error
+    kept = _crash_after_first_batch(pg_dsn, target, led)
+    rows_before = query(pg_dsn, f'SELECT count(*) FROM "{target}".items')
+    y = run_job(_config(tmp_path, target, led, pg_dsn, mlflow_uri, quote=None, path="2024-05/y.csv", job="y"))
+    assert y.status == "succeeded", y.error
+    assert query(pg_dsn, f'SELECT run_id FROM "{led}".batch WHERE batch_id = %s', (kept,)) == [(x.run_id,)]
+    assert query(pg_dsn, f'SELECT count(*) FROM "{target}".items') == [(rows_before[0][0] + 2,)]
 
 
 def test_read_rules_follow_what_reads_a_record_and_nothing_else() -> None:

@@ -425,14 +425,18 @@ class Ledger:
             out.setdefault((sha, member), []).append((int(start), int(end)))
         return out
 
-    def read_by_other_rules(self, cur: Any, table: str, period: str, rules: str) -> Dict[str, int]:
-        """file sha -> its committed batches, for each of the table's files of the period that is not published
-        ('loaded') and has a committed batch read by rules other than ``rules`` (plan.read_rules). A batch an
-        older ledger wrote (rules NULL) counts as read by these rules: nothing tells otherwise."""
+    def read_by_other_rules(self, cur: Any, table: str, period: str, rules: str,
+                            files: Sequence[str]) -> Dict[str, int]:
+        """file sha -> its committed batches, for each of ``files`` (the run's file shas) that is not published
+        ('loaded') in the table's period and has a committed batch read by rules other than ``rules``
+        (plan.read_rules). A batch an older ledger wrote (rules NULL) counts as read by these rules: nothing
+        tells otherwise. Files outside ``files`` are another run's to resume (another job loading the same
+        table name and period, a file since dropped from the list): never reported."""
         cur.execute(f"SELECT b.file_sha, count(*) FROM {self.batch} b LEFT JOIN {self.file} f "
                     "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
-                    "WHERE b.table_name = %s AND b.period = %s AND f.status IS DISTINCT FROM 'loaded' "
-                    "GROUP BY b.file_sha HAVING bool_or(b.rules <> %s)", (table, period, rules))
+                    "WHERE b.table_name = %s AND b.period = %s AND b.file_sha = ANY(%s) "
+                    "AND f.status IS DISTINCT FROM 'loaded' "
+                    "GROUP BY b.file_sha HAVING bool_or(b.rules <> %s)", (table, period, list(files), rules))
         return {str(sha): int(n) for sha, n in cur.fetchall()}
 
     def file_batches(self, cur: Any, table: str, period: str, file_sha: str) -> List[LedgerBatch]:

@@ -332,10 +332,12 @@ class PostgresSink:
         that other read rules read (plan.read_rules: the dialect, a column rule, ... changed since), so the
         file is read again whole by this run's rules. Resumed instead, its committed byte ranges -- record
         boundaries under the old rules -- could start this run's reads mid-record, and one file would be
-        loaded by two sets of rules. Published files are left alone (``force=true`` reloads them)."""
+        loaded by two sets of rules. Published files are left alone (``force=true`` reloads them), and so are
+        files this run does not read (another job's of the same table and period: its own rerun decides)."""
         period = self.plan.period
         paths = {f.sha256: f.rel for f in table.files}
-        for sha, batches in self.ledger.read_by_other_rules(cur, table.name, period, read_rules(table)).items():
+        other = self.ledger.read_by_other_rules(cur, table.name, period, read_rules(table), list(paths))
+        for sha, batches in other.items():
             path = paths.get(sha, sha[:12])
             log.warning("%s: %d batch(es) of %s were committed under other read rules (dialect, columns or format "
                         "changed since); discarding them, the file is read again whole", table.name, batches, path,
