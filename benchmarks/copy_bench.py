@@ -15,6 +15,7 @@ Prints a table, writes it as JSON under benchmarks/out/ and records it as one ML
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -166,12 +167,28 @@ def loadkit_cli(month: Month, dsn: str, mode: str, mlflow_uri: str, extra: Seque
     return run_cli(month.root, dsn, mlflow_uri, [*overrides, *extra], **kw)
 
 
+@functools.lru_cache(maxsize=1)
+def compile_bytecode() -> bool:
+    """Compile loadkit's modules to bytecode once, before the first timed run, as a regular install does.
+
+    An editable install leaves that to the first import, which writes ``__pycache__`` -- unless
+    PYTHONDONTWRITEBYTECODE is set (this machine's shell sets it, as many container images do): then every
+    process compiled loadkit from source at each start, ~0.3-0.5 CPU-s per process, which the Ray path pays
+    in the driver and in each loader actor (perf + py-spy of a Ray run, session 18: ``source_to_code`` under
+    loadkit's imports in both workers). Python reads existing bytecode whatever that variable says, so both
+    executors then measure loadkit rather than the compiler. Returns whether every module compiled."""
+    import compileall
+
+    return bool(compileall.compile_dir(str(ROOT / "loadkit"), quiet=1))
+
+
 def run_cli(data_root: Path, dsn: str, mlflow_uri: str, extra: Sequence[str], procs: bool = False,
             prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> Sample:
     """``python -m loadkit +job=monthly`` on fresh target and ledger schemas, dropped afterwards.
 
     ``procs``: sample per-process CPU and memory (benchmarks.procstat) into ``extra["procs"]``;
     ``prefix``: a command the CLI runs under (e.g. ``taskset -c 0``); ``env``: extra environment."""
+    compile_bytecode()
     tag = uuid.uuid4().hex[:8]
     target, led = f"bench_t_{tag}", f"bench_l_{tag}"
     overrides = ["+job=monthly", f"year={YEAR}", f"month={MONTH}", f"data_root={data_root}", f"sink.dsn={dsn}",
