@@ -49,6 +49,7 @@ BATCH_SCHEMA = pa.schema([
     ("attempts", pa.int32()),
     ("blank_lines", pa.int64()),  # blank lines skipped, not records (see writer.BATCH_COUNT_FIELDS)
     ("rules", pa.string()),  # plan.read_rules of the rules that read the batch (NULL in older ledgers)
+    ("file_path", pa.string()),  # the file's path under the data root when read (NULL in older ledgers)
 ])
 
 REJECT_META = [("batch_id", pa.int64()), ("run_id", pa.string()), ("table_name", pa.string()),
@@ -178,7 +179,7 @@ class Ledger:
                 file_sha text NOT NULL, file_ordinal int NOT NULL, member text NOT NULL, start_offset bigint NOT NULL,
                 end_offset bigint NOT NULL, first_line bigint, rows_in bigint NOT NULL, rows_loaded bigint NOT NULL,
                 rows_rejected bigint NOT NULL, rows_coerced bigint NOT NULL DEFAULT 0, writer text, attempts int,
-                committed_at timestamptz NOT NULL DEFAULT now(), rules text,
+                committed_at timestamptz NOT NULL DEFAULT now(), rules text, file_path text,
                 CONSTRAINT {BATCH_PKEY} PRIMARY KEY (batch_id),
                 CONSTRAINT {BATCH_ACCOUNTING} CHECK (rows_in = rows_loaded + rows_rejected))""",
             f"CREATE INDEX IF NOT EXISTS batch_file_idx ON {s}.batch (table_name, period, file_sha)",
@@ -221,6 +222,9 @@ class Ledger:
             add("reject", "discarded", "boolean NOT NULL DEFAULT false"),
             # The read rules' fingerprint of each batch (plan.read_rules); NULL in rows older ledgers wrote.
             add("batch", "rules", "text"),
+            # The path (under the data root) the batch's file was read from; NULL in rows older ledgers wrote.
+            # What tells a file whose content changed at the same path since a crash (replaced_files).
+            add("batch", "file_path", "text"),
         ]
 
     def ensure(self, cur: Any) -> None:
@@ -438,6 +442,22 @@ class Ledger:
                     "AND f.status IS DISTINCT FROM 'loaded' "
                     "GROUP BY b.file_sha HAVING bool_or(b.rules <> %s)", (table, period, list(files), rules))
         return {str(sha): int(n) for sha, n in cur.fetchall()}
+
+    def replaced_files(self, cur: Any, table: str, period: str,
+                       files: Mapping[str, str]) -> Dict[str, Tuple[str, int]]:
+        """old file sha -> (path, committed batches) for each unpublished file (no 'loaded' file row) of the
+        table's period whose batches were read from one of ``files`` (path -> the sha256 of its content now,
+        this run's files) but whose content is none of this run's files: the file at that path changed
+        since those batches committed (a re-download after a crash, a corrected extraction). Their ranges
+        are record boundaries of content that no longer exists, so they can neither be resumed nor
+        published. A renamed file (same content, other path) is not reported, nor are batches of older
+        ledgers (no path stored) or of files this run does not read (another job's: its rerun decides)."""
+        cur.execute(f"SELECT b.file_sha, min(b.file_path), count(*) FROM {self.batch} b LEFT JOIN {self.file} f "
+                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+                    "WHERE b.table_name = %s AND b.period = %s AND b.file_path = ANY(%s) "
+                    "AND NOT b.file_sha = ANY(%s) AND f.status IS DISTINCT FROM 'loaded' GROUP BY b.file_sha",
+                    (table, period, list(files), list(files.values())))
+        return {str(sha): (str(path), int(n)) for sha, path, n in cur.fetchall()}
 
     def file_batches(self, cur: Any, table: str, period: str, file_sha: str) -> List[LedgerBatch]:
         """Every committed batch of one file (any run), by member and start offset: the committed

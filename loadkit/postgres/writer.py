@@ -203,6 +203,7 @@ class BatchWriter:
             "first_line": b.first_line, "rows_in": b.rows_in, "rows_loaded": b.rows_loaded,
             "rows_rejected": b.rows_rejected, "rows_coerced": b.rows_coerced, "writer": self._name,
             "attempts": self._attempts, "blank_lines": b.blank_lines, "rules": self._s.tables[b.table_name].rules,
+            "file_path": b.file_path,
         }
         return pa.Table.from_pylist([values], schema=ledger.BATCH_SCHEMA)
 
