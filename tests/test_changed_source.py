@@ -5,9 +5,9 @@ staging) with no ``file`` row. If the file at that path is then replaced (a re-d
 the rerun reads it under its new sha256. Before (session 19's fresh-user review), the old content's batches stayed:
 append kept them beside the new content's rows (+44,635 rows on the review's month), merge published them at the
 finalisation (299,970 keys inserted from 299,000 records read) -- records of a file that is no longer there. Each
-case here crashes a real CLI run (SIGKILL while a writer's third commit waits on a lock, so the file is mid-way), swaps every
-file of the month for another month's at the same paths, reruns and checks the target against the new month's
-oracle, and the ledger against the new content only.
+case here crashes a real CLI run (SIGKILL while a writer's third commit waits on a lock, so the file is
+mid-way), swaps every file of the month for another month's at the same paths, reruns and checks the target
+against the new month's oracle, and the ledger against the new content only.
 """
 from __future__ import annotations
 
