@@ -32,6 +32,9 @@ class TableMetrics:
     rows_rejected: int = 0
     rows_coerced: int = 0
     blank_lines: int = 0  # blank lines skipped (not records; a one-column table loads them as NULL rows)
+    # Records this run loaded from a file that then failed (a source error, a reject threshold): its batches
+    # were discarded, so they are not loaded after all. rows_read = rows_loaded + rows_rejected + rows_discarded.
+    rows_discarded: int = 0
     bytes: int = 0
     retries: int = 0
     started: float = field(default_factory=time.time)
@@ -208,6 +211,10 @@ class RunMetrics:
         return (sum(t.rows_read for t in self.tables.values()), sum(t.rows_loaded for t in self.tables.values()),
                 sum(t.rows_rejected for t in self.tables.values()))
 
+    def discarded(self) -> int:
+        """Records loaded by this run and discarded with their failed files (TableMetrics.rows_discarded)."""
+        return sum(t.rows_discarded for t in self.tables.values())
+
     def _committed(self) -> List[BatchResult]:
         return [b for b in self.batches if b.status == "committed"]
 
@@ -276,7 +283,8 @@ class RunMetrics:
         """Every end-of-run metric: totals, rates, latencies, memory, pool, waits, retries, errors by class."""
         read, loaded, rejected = self.totals()
         out: Dict[str, float] = {
-            "rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "wall_s": wall_s,
+            "rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "rows_discarded": self.discarded(),
+            "wall_s": wall_s,
             "rows_per_s": rate(read, wall_s),
             "batches_per_s": len(self._committed()) / wall_s if wall_s else 0.0,
             "batches": len(self._committed()), "peak_rss_bytes": peak_rss, "peak_pss_bytes": peak_pss,
@@ -295,7 +303,8 @@ class RunMetrics:
         out.update(quantiles(completed, "file_completed_s"))
         for t in self.tables.values():
             out.update({f"{t.name}.rows_read": t.rows_read, f"{t.name}.rows_loaded": t.rows_loaded,
-                        f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_per_s": t.rows_per_s,
+                        f"{t.name}.rows_rejected": t.rows_rejected, f"{t.name}.rows_discarded": t.rows_discarded,
+                        f"{t.name}.rows_per_s": t.rows_per_s,
                         f"{t.name}.batches_per_s": t.batches_per_s, f"{t.name}.retries": t.retries,
                         f"{t.name}.seconds": t.seconds, f"{t.name}.stream_s": t.stream_s,
                         f"{t.name}.finalise_s": t.finalise_s, f"{t.name}.blank_lines": t.blank_lines})
@@ -428,7 +437,8 @@ def summary_table(metrics: RunMetrics, run_id: str, wall_s: float, label: str = 
     applicable); for merge, loaded = inserted + updated + unchanged + duplicates (``unchanged``: keys whose
     row already held exactly the staged values, ``_lk_batch`` included, so it was not rewritten).
     Blank lines skipped (never records: ``rows read = loaded + rejected``) are a footnote, printed
-    only when some table skipped any (see ``skipped_lines_note``).
+    only when some table skipped any (see ``skipped_lines_note``); so are records discarded with failed
+    files (``discarded_note``: then rows read = loaded + rejected + discarded).
     ``label`` (e.g. a sweep point's overrides) heads the table."""
     head = ("table", "mode", "files", "skipped", "rows read", "loaded", "rejected", "inserted", "updated",
             "unchanged", "duplicates", "deleted", "stream s", "final s", "seconds", "rows/s", "status")
@@ -448,8 +458,22 @@ def summary_table(metrics: RunMetrics, run_id: str, wall_s: float, label: str = 
                   total("deleted"),
                   f"{metrics.stream_s:.1f}", f"{metrics.finalise_s:.1f}", f"{wall_s:.1f}",
                   f"{rate(read, wall_s):,.0f}", ""))
-    note = skipped_lines_note(metrics)
-    return (f"{label}\n" if label else "") + format_table(lines) + (f"\n{note}" if note else "") + f"\nrun id: {run_id}"
+    notes = [n for n in (skipped_lines_note(metrics), discarded_note(metrics)) if n]
+    return ((f"{label}\n" if label else "") + format_table(lines) + "".join(f"\n{n}" for n in notes)
+            + f"\nrun id: {run_id}")
+
+
+def discarded_note(metrics: RunMetrics) -> str:
+    """The summary's footnote on records discarded with failed files, or "" when none were.
+
+    ``discarded: 1,462 records (items 1,462) loaded from files that then failed and were discarded whole;
+    rows read = loaded + rejected + discarded``. ``loaded`` counts only what the run left in the load."""
+    per = [(t.name, t.rows_discarded) for t in metrics.tables.values() if t.rows_discarded]
+    if not per:
+        return ""
+    tables = ", ".join(f"{name} {n:,}" for name, n in per)
+    return (f"discarded: {sum(n for _, n in per):,} records ({tables}) loaded from files that then failed and were "
+            "discarded whole; rows read = loaded + rejected + discarded")
 
 
 def skipped_lines_note(metrics: RunMetrics) -> str:

@@ -130,6 +130,21 @@ def test_reject_threshold_discards_the_tables_committed_batches(tmp_path: Path, 
     assert len(rows(pg_dsn, target, "fine")) == 10
     run = query(pg_dsn, f'SELECT status, error_category, error_text, config::text FROM "{led}".run')
     assert run[0][:2] == ("failed", "source_data") and "max_rejects=3" in run[0][2]
+    # Nothing of people is loaded, and no figure says otherwise: what the run had loaded of its files is
+    # discarded (rows read = loaded + rejected + discarded) in the summary, the ledger and MLflow. Before (a
+    # fresh-user review, session 19): summary and ledger said 1462 loaded while the target held none.
+    tm = result.metrics.tables["people"]
+    assert tm.rows_loaded == 0 and tm.rows_discarded > 0
+    assert tm.rows_read == tm.rows_loaded + tm.rows_rejected + tm.rows_discarded
+    (discarded_line,) = [ln for ln in result.summary.splitlines() if ln.startswith("discarded:")]
+    assert f"people {tm.rows_discarded:,}" in discarded_line
+    assert query(pg_dsn, f'SELECT rows_read, rows_loaded, rows_rejected, rows_discarded FROM "{led}".table_load '
+                         "WHERE table_name = 'people'") == [(tm.rows_read, 0, tm.rows_rejected, tm.rows_discarded)]
+    assert query(pg_dsn, f'SELECT rows_loaded, rows_discarded FROM "{led}".run') == [(10, tm.rows_discarded)]
+    import mlflow
+    recorded = mlflow.tracking.MlflowClient(tracking_uri=mlflow_uri).get_run(result.mlflow_run_id).data.metrics
+    assert (recorded["rows_loaded"], recorded["rows_discarded"], recorded["people.rows_loaded"]) == (
+        10, tm.rows_discarded, 0)
     _assert_secret_absent(result, run, mlflow_uri)
     assert "reject threshold exceeded" in caplog.text and SECRET not in caplog.text
 
@@ -175,6 +190,8 @@ def test_a_corrupt_file_commits_nothing_and_the_others_load(tmp_path: Path, pg_d
     good_batches = [b for b in result.metrics.batches if b.member == "part1.csv" and b.status == "committed"]
     assert good_batches, "the good member's batches were committed before the corrupt member was read"
     assert len(rows(pg_dsn, target, "people")) == 7, "only b.zip's rows remain"
+    tm = result.metrics.tables["people"]  # part1's rows were loaded, then discarded with a.zip
+    assert (tm.rows_loaded, tm.rows_discarded) == (7, sum(b.rows_loaded for b in good_batches))
     files = dict(query(pg_dsn, f'SELECT path, status FROM "{led}".file WHERE table_name=%s', ("people",)))
     assert files == {"2024-05/a.zip": "failed", "2024-05/b.zip": "loaded"}
     errors = {f for t, f, m in result.failed_files if "CRC" in m} | {f for t, f, m in result.failed_files

@@ -37,13 +37,15 @@ def kv_quote(pw: str) -> str:
     return "'" + pw.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def shapes(pw: str, host: str = "127.0.0.1", port: int = 1) -> List[str]:
+def shapes(pw: str, host: str = "127.0.0.1", port: int = 1, dbname: str = "test") -> List[str]:
+    """Five ways to write one DSN with password ``pw`` (``dbname``: the database, the test server's own in a
+    real run -- a reviewer's LOADKIT_TEST_DSN on another database failed three tests here and left schemas)."""
     return [
-        f"postgresql://lkuser:{quote(pw, safe='')}@{host}:{port}/test",  # valid
-        f"postgresql://lkuser:{pw}@{host}:{port}/test",  # raw: malformed if pw has a reserved character
-        f"host={host} port={port} user=lkuser dbname=test password={kv_quote(pw)}",  # valid
-        f"host={host} port={port} user=lkuser password={pw} dbname=test",  # malformed with a space or quote
-        f"postgresql://lkuser@{host}:{port}/test?password={quote(pw, safe='')}",  # valid, in the query
+        f"postgresql://lkuser:{quote(pw, safe='')}@{host}:{port}/{dbname}",  # valid
+        f"postgresql://lkuser:{pw}@{host}:{port}/{dbname}",  # raw: malformed if pw has a reserved character
+        f"host={host} port={port} user=lkuser dbname={dbname} password={kv_quote(pw)}",  # valid
+        f"host={host} port={port} user=lkuser password={pw} dbname={dbname}",  # malformed with a space or quote
+        f"postgresql://lkuser@{host}:{port}/{dbname}?password={quote(pw, safe='')}",  # valid, in the query
     ]
 
 
@@ -103,7 +105,8 @@ def test_a_real_run_stores_and_logs_no_password(shape: int, pg_dsn: str, schemas
 
     params = db.parse_dsn(pg_dsn)
     pw = NASTY[shape // 2]
-    dsn = shapes(pw, params.get("host", "127.0.0.1"), int(params.get("port", 5432)))[shape].replace(
+    dsn = shapes(pw, params.get("host", "127.0.0.1"), int(params.get("port", 5432)),
+                 params.get("dbname", "test"))[shape].replace(
         "user=lkuser", f"user={params.get('user', 'root')}").replace("lkuser", params.get("user", "root"))
     month = generate_month(tmp_path / "data", 2024, 5, rows=50, shards=1, seed=1)
     monkeypatch.setenv("LOADKIT_DSN", dsn)  # no Hydra quoting of the password's characters

@@ -177,6 +177,16 @@ def test_sigterm_exits_130_promptly_in_every_phase(phase: str, month: SampleMani
         blocker.assert_still_held(f"{phase}: the run exited ({took:.2f}s after SIGTERM)")
     blocker.release()
     assert query(pg_dsn, f'SELECT status, error_category FROM "{led}".run') == [("interrupted", "interrupted")]
+    # The interrupted run's figures are its ledger's, batches that committed as the stop came included (a
+    # fresh-user review, session 19: summary and run row said 4 batches / 19,825 rows, the ledger 6 / 29,755).
+    committed = query(pg_dsn, f'SELECT table_name, sum(rows_in), sum(rows_loaded), sum(rows_rejected) '
+                              f'FROM "{led}".batch GROUP BY 1')
+    recorded = query(pg_dsn, f'SELECT table_name, rows_read, rows_loaded, rows_rejected FROM "{led}".table_load')
+    assert {r for r in recorded if r[1]} == set(committed)
+    totals = [sum(int(r[i]) for r in committed) for i in (1, 2, 3)]
+    assert query(pg_dsn, f'SELECT rows_read, rows_loaded, rows_rejected FROM "{led}".run') == [tuple(totals)]
+    total_line = [ln.split() for ln in (tmp_path / "cli.log").read_text().splitlines() if ln.startswith("TOTAL")]
+    assert total_line and [int(v.replace(",", "")) for v in total_line[-1][3:6]] == totals
 
 
 def test_a_library_catch_all_cannot_swallow_a_stop() -> None:

@@ -163,6 +163,16 @@ def with_application_name(dsn: str, name: str) -> str:
         return f"{dsn} application_name='{name}'"
 
 
+def sessions_in_transaction(dsn: str, run_id: str, role: str) -> int:
+    """How many of this run's sessions in ``role`` (application_name ``loadkit:<run id>:<role>...``) are inside a
+    transaction right now (pg_stat_activity.xact_start set): a commit of theirs may still land."""
+    prefix = application_name(run_id, role).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    with transaction(dsn) as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
+                    "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL", (prefix + "%",))
+        return int(cur.fetchone()[0])
+
+
 def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2, prefix: Optional[str] = None) -> int:
     """pg_cancel_backend on every session of this run (application_name ``loadkit:<run id>:*``, or
     starting with ``prefix`` when given).

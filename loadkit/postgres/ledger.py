@@ -81,6 +81,7 @@ class TableOutcome:
     updated: Optional[int] = None
     seconds: float = 0.0
     error: Optional[str] = None
+    rows_discarded: int = 0  # loaded, then discarded with failed files (metrics.TableMetrics.rows_discarded)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,10 @@ class Ledger:
             # The path (under the data root) the batch's file was read from; NULL in rows older ledgers wrote.
             # What tells a file whose content changed at the same path since a crash (replaced_files).
             add("batch", "file_path", "text"),
+            # Records a run loaded from files that then failed and were discarded whole (rows_read = rows_loaded
+            # + rows_rejected + rows_discarded); NULL in rows older ledgers wrote (they counted them as loaded).
+            add("run", "rows_discarded", "bigint"),
+            add("table_load", "rows_discarded", "bigint"),
         ]
 
     def ensure(self, cur: Any) -> None:
@@ -319,11 +324,12 @@ class Ledger:
 
     def finish_run(self, cur: Any, run_id: str, status: str, totals: Tuple[int, int, int],
                    category: Optional[str] = None, error: Optional[str] = None,
-                   mlflow_run_id: Optional[str] = None) -> None:
+                   mlflow_run_id: Optional[str] = None, discarded: int = 0) -> None:
+        """``totals``: (rows read, loaded, rejected); ``discarded``: rows loaded, then discarded with failed files."""
         cur.execute(f"UPDATE {self.run} SET status=%s, finished_at=now(), rows_read=%s, rows_loaded=%s, "
-                    "rows_rejected=%s, error_category=%s, error_text=%s, mlflow_run_id=coalesce(%s, mlflow_run_id) "
-                    "WHERE run_id=%s",
-                    (status, *totals, category, error, mlflow_run_id, run_id))
+                    "rows_rejected=%s, rows_discarded=%s, error_category=%s, error_text=%s, "
+                    "mlflow_run_id=coalesce(%s, mlflow_run_id) WHERE run_id=%s",
+                    (status, *totals, discarded, category, error, mlflow_run_id, run_id))
 
     def mark_stale_runs(self, cur: Any, job: str, period: str) -> int:
         """Runs left 'running' by a killed driver (we hold the job lock, so none is alive): mark them
@@ -347,10 +353,10 @@ class Ledger:
 
     def finish_table(self, cur: Any, run_id: str, table: str, o: TableOutcome) -> None:
         cur.execute(f"UPDATE {self.table_load} SET status=%s, rows_read=%s, rows_loaded=%s, rows_rejected=%s, "
-                    "inserted=%s, updated=%s, seconds=%s, error_text=%s, finished_at=now() "
+                    "rows_discarded=%s, inserted=%s, updated=%s, seconds=%s, error_text=%s, finished_at=now() "
                     "WHERE run_id=%s AND table_name=%s",
-                    (o.status, o.rows_read, o.rows_loaded, o.rows_rejected, o.inserted, o.updated, o.seconds,
-                     o.error, run_id, table))
+                    (o.status, o.rows_read, o.rows_loaded, o.rows_rejected, o.rows_discarded, o.inserted, o.updated,
+                     o.seconds, o.error, run_id, table))
 
     def record_collapse(self, cur: Any, run_id: str, table: str, duplicates: Optional[int],
                         deleted: Optional[int], unchanged: Optional[int] = None) -> None:
@@ -458,6 +464,12 @@ class Ledger:
                     "AND NOT b.file_sha = ANY(%s) AND f.status IS DISTINCT FROM 'loaded' GROUP BY b.file_sha",
                     (table, period, list(files), list(files.values())))
         return {str(sha): (str(path), int(n)) for sha, path, n in cur.fetchall()}
+
+    def run_file_loaded(self, cur: Any, run_id: str, table: str, period: str, file_sha: str) -> int:
+        """The rows one run's committed batches of one file loaded (what discarding the file takes back from it)."""
+        cur.execute(f"SELECT coalesce(sum(rows_loaded), 0) FROM {self.batch} WHERE table_name=%s AND period=%s "
+                    "AND file_sha=%s AND run_id=%s", (table, period, file_sha, run_id))
+        return int(cur.fetchone()[0])
 
     def file_batches(self, cur: Any, table: str, period: str, file_sha: str) -> List[LedgerBatch]:
         """Every committed batch of one file (any run), by member and start offset: the committed

@@ -67,6 +67,11 @@ class Completion:
     lost: List[str] = field(default_factory=list)
 
 
+# How long an interrupted run waits for its writer sessions to leave their transactions before it reads its
+# committed batches for its counts (PostgresSink._counts_from_ledger), seconds.
+WRITERS_SETTLE_S = 5.0
+
+
 def session_dsn(plan: LoadPlan, role: str = "driver") -> str:
     """The DSN of this run's sessions: the configured (or LOADKIT_DSN, or embedded) server with the plan's
     ``sink.connect_timeout`` (libpq, seconds) and server-side ``statement_timeout`` / ``lock_timeout``
@@ -455,16 +460,23 @@ class PostgresSink:
                 error = metrics.file_error(table.name, f.sha256)
                 if error is None and f.sha256 in self._reading.get(table.name, ()):
                     error = aborted.get(table.name)
-                self._retrying()(self._settle_file, table, f, error, failed)
+                discarded = self._retrying()(self._settle_file, table, f, error, failed)
+                if discarded:  # what the run loaded of a failed file is not loaded after all
+                    tm = metrics.tables[table.name]
+                    tm.rows_loaded -= discarded
+                    tm.rows_discarded += discarded
         return failed
 
     def _settle_file(self, table: TableSpec, f: FileSpec, error: Optional[str],
-                     failed: List[Tuple[str, str, str]]) -> None:
-        """One file's settlement, one transaction (retried whole on a transient failure)."""
+                     failed: List[Tuple[str, str, str]]) -> int:
+        """One file's settlement, one transaction (retried whole on a transient failure); returns the rows this
+        run had loaded of a failed file (discarded with it)."""
         plan, led = self.plan, self.ledger
         mode = mode_for(table)
+        discarded = 0
         with db.transaction(self.dsn) as cur:
             if error:
+                discarded = led.run_file_loaded(cur, plan.run_id, table.name, plan.period, f.sha256)
                 mode.discard_file(cur, led, plan.period, f.sha256)
                 led.mark_file(cur, plan.run_id, table.name, plan.period, f.sha256, f.rel, f.ordinal, f.size,
                               "failed", error=error)
@@ -477,6 +489,7 @@ class PostgresSink:
                               mode.settled_status, totals)
         if error:
             failed.append((table.name, f.rel, error))
+        return discarded
 
     def _finalize_tables(self, metrics: Any, failed: List[Tuple[str, str, str]], tables: List[str]) -> List[str]:
         """Publish each table whose files all settled; returns the tables whose staging lost batches.
@@ -630,6 +643,8 @@ class PostgresSink:
         """The run's end in the ledger (its tables' rows closed too), retried through a server restart;
         a failure to record is logged, never raised instead of the run's own outcome."""
         plan = self.plan
+        if status == "interrupted":
+            self._counts_from_ledger(metrics)
 
         def record() -> None:
             with db.transaction(self.dsn, application_name=self._end_session) as cur:
@@ -639,12 +654,43 @@ class PostgresSink:
                         self.ledger.finish_table(cur, plan.run_id, t.name, outcome(t, text))
                     elif t.status == "skipped":  # a no-op table's row is closed too, never left 'loading'
                         self.ledger.finish_table(cur, plan.run_id, t.name, outcome(t))
-                self.ledger.finish_run(cur, plan.run_id, status, metrics.totals(), category, text, mlflow_run_id)
+                self.ledger.finish_run(cur, plan.run_id, status, metrics.totals(), category, text, mlflow_run_id,
+                                       metrics.discarded())
 
         try:  # the run's end must reach the ledger even if the server is restarting right now
             retrying(plan.retry)(record)
         except Exception as exc:  # reported, never a traceback instead of the run's own outcome
             log.error("could not record the end of run %s in the ledger: %s", plan.run_id, mask_text(str(exc)))
+
+    def _counts_from_ledger(self, metrics: Any) -> None:
+        """An interrupted run's counts, made the ledger's: batches whose commit was on its way when the stop came
+        landed after the driver stopped collecting results (a fresh-user review, session 19: a SIGTERM'd run's
+        summary said 4 batches / 19,825 rows where its ledger held 6 / 29,755). Waits up to WRITERS_SETTLE_S
+        for the run's writer sessions to leave their transactions (each commits or rolls back), then takes
+        each table's figures from Ledger.run_totals. Tables that discarded files keep their own counts (the
+        ledger no longer holds the discarded batches). Best effort: a failure is logged, the counts stay."""
+        plan = self.plan
+        try:
+            deadline = time.monotonic() + WRITERS_SETTLE_S
+            while db.sessions_in_transaction(self.dsn, plan.run_id, "writer") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with db.transaction(self.dsn, application_name=self._end_session) as cur:
+                totals = self.ledger.run_totals(cur, plan.run_id, plan.period, list(metrics.tables))
+        except Exception as exc:  # the end is still recorded, with the counts the driver has
+            log.warning("could not read run %s's committed batches from the ledger; its counts are the driver's: %s",
+                        plan.run_id, mask_text(str(exc)))
+            return
+        for name, tm in metrics.tables.items():
+            want = totals.get(name, RunTotals())
+            got = RunTotals(tm.batches, tm.rows_read, tm.rows_loaded, tm.rows_rejected, tm.rows_coerced,
+                            tm.blank_lines)
+            if tm.rows_discarded or got == want:
+                continue
+            log.info("%s: %d batch(es) committed after the stop were not yet counted; the counts are the ledger's",
+                     name, want.batches - got.batches, extra={"table": name})
+            (tm.batches, tm.rows_read, tm.rows_loaded, tm.rows_rejected, tm.rows_coerced,
+             tm.blank_lines) = (want.batches, want.rows_in, want.rows_loaded, want.rows_rejected, want.rows_coerced,
+                                want.blank_lines)
 
     def reject_sample(self) -> Any:
         """A few of this run's rejects (an Arrow table) for its MLflow record."""
@@ -666,4 +712,4 @@ def _figures(t: RunTotals) -> str:
 def outcome(t: Any, error: Optional[str] = None) -> TableOutcome:
     """A table's ledger row from its TableMetrics."""
     return TableOutcome(t.status, t.rows_read, t.rows_loaded, t.rows_rejected, t.inserted, t.updated, t.seconds,
-                        error)
+                        error, t.rows_discarded)
