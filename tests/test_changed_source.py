@@ -21,6 +21,9 @@ import psycopg2
 
 import pytest
 
+from loadkit.config import (DialectConfig, ColumnConfig, EnvConfig, JobConfig, LoadkitConfig, SinkConfig,
+                            SourceConfig, TableConfig, TrackingConfig, to_config)
+from loadkit.errors import Category, SourceDataError, classify
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.postgres import ledger
 from loadkit.runner import run_job
@@ -94,3 +97,46 @@ def test_a_file_replaced_after_a_crash_loads_only_its_new_content(mode: str, tmp
     assert query(pg_dsn, f'SELECT file_sha, sum(rows_in) FROM "{led}".batch GROUP BY file_sha') == [
         (sha, new.rows["empresas"])]
     assert any("changed since" in r.getMessage() and files[0] in r.getMessage() for r in caplog.records)
+
+
+def _items_config(root: Path, target: str, led: str, dsn: str, mlflow_uri: str, mode: str, force: bool = False) -> Any:
+    cols = [ColumnConfig(name="id", type="integer", nullable=False), ColumnConfig(name="a", type="text")]
+    return to_config(LoadkitConfig(
+        year=2024, month=5, data_root=str(root), force=force,
+        job=JobConfig(name="changed", schema=target, tables={
+            "items": TableConfig(source=SourceConfig(paths=["2024-05/items.csv"], dialect=DialectConfig(header=False)),
+                                 columns=cols, mode=mode, key=["id"] if mode == "merge" else [])}),
+        sink=SinkConfig(dsn=dsn, ledger_schema=led), tracking=TrackingConfig(uri=mlflow_uri, enabled=False),
+        env=EnvConfig(progress_bars=False, executor="inprocess")))
+
+
+@pytest.mark.parametrize("mode", ["append", "merge"])
+def test_a_published_file_that_changed_is_not_appended_twice(mode: str, tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                              mlflow_uri: str) -> None:
+    """A file loaded (published) whose content then changed at the same path. append: the rerun stops (exit 3)
+    naming the file and force=true, with the target as it was -- before, it appended the new content beside
+    the old (every unchanged record twice); force=true then holds exactly the new content. merge upserts the
+    new content by key (its semantics; replace and snapshot rebuild the period)."""
+    target, led = schemas
+    (tmp_path / "2024-05").mkdir()
+    items = tmp_path / "2024-05" / "items.csv"
+    items.write_bytes(b"".join(b"%d,a%d\n" % (i, i) for i in range(1, 101)))
+    first = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode))
+    assert first.status == "succeeded", first.error
+    before = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id')
+    assert len(before) == 100
+    items.write_bytes(b"".join(b"%d,%s%d\n" % (i, b"b" if i % 10 == 0 else b"a", i) for i in range(1, 106)))
+    wanted = [(i, f"{'b' if i % 10 == 0 else 'a'}{i}") for i in range(1, 106)]
+
+    again = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode))
+    if mode == "merge":
+        assert again.status == "succeeded", again.error
+        assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == wanted
+        return
+    assert again.status == "failed" and isinstance(again.error, SourceDataError)
+    assert classify(again.error) is Category.SOURCE_DATA
+    assert "2024-05/items.csv" in str(again.error) and "force=true" in str(again.error)
+    assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == before
+    forced = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode, force=True))
+    assert forced.status == "succeeded", forced.error
+    assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == wanted

@@ -465,6 +465,16 @@ class Ledger:
                     (table, period, list(files), list(files.values())))
         return {str(sha): (str(path), int(n)) for sha, path, n in cur.fetchall()}
 
+    def published_as_other_content(self, cur: Any, table: str, period: str,
+                                   files: Mapping[str, str]) -> List[Tuple[str, str, int]]:
+        """(path, published sha, rows loaded) for each of ``files`` (path -> the sha256 of its content now) whose
+        path has a published ('loaded') file row of the table's period with other content: the file changed
+        after it was loaded."""
+        cur.execute(f"SELECT path, file_sha, coalesce(rows_loaded, 0) FROM {self.file} WHERE table_name = %s "
+                    "AND period = %s AND status = 'loaded' AND path = ANY(%s) AND NOT file_sha = ANY(%s) ORDER BY path",
+                    (table, period, list(files), list(files.values())))
+        return [(str(p), str(sha), int(n)) for p, sha, n in cur.fetchall()]
+
     def run_file_loaded(self, cur: Any, run_id: str, table: str, period: str, file_sha: str) -> int:
         """The rows one run's committed batches of one file loaded (what discarding the file takes back from it)."""
         cur.execute(f"SELECT coalesce(sum(rows_loaded), 0) FROM {self.batch} WHERE table_name=%s AND period=%s "

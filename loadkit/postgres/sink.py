@@ -29,8 +29,8 @@ from datetime import date
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-from loadkit.errors import (ConfigError, InterruptedRun, JobLockLost, LedgerMismatch, LoadkitError, TransientDBError,
-                            as_loadkit_error)
+from loadkit.errors import (ConfigError, InterruptedRun, JobLockLost, LedgerMismatch, LoadkitError, SourceDataError,
+                            TransientDBError, as_loadkit_error)
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, read_rules
 from loadkit.postgres import db, identity, keyhints
@@ -315,6 +315,8 @@ class PostgresSink:
                     self._discard_other_rules(cur, mode, table)
                     self._discard_replaced_files(cur, mode, table)
                 files, ranges = self._verified_todo(cur, table)
+                if not mode.staged and files:
+                    self._refuse_changed_published(cur, table)
                 if mode.whole_period and 0 < len(files) < len(table.files):
                     # These modes publish a whole period at once: a new file in a published period
                     # means rebuilding it from every file, or the swap would drop the others' rows.
@@ -364,6 +366,23 @@ class PostgresSink:
                         "them, the file is read again whole", table.name, path, batches, sha[:12],
                         current[path][:12], extra={"table": table.name, "file": path})
             mode.discard_file(cur, self.ledger, period, sha)
+
+    def _refuse_changed_published(self, cur: Any, table: TableSpec) -> None:
+        """An append target (committing is publishing) whose period holds a file loaded from a path that now has
+        other content: appending the new content would keep both (every unchanged record twice), and taking
+        the old rows out would unpublish what readers saw. Neither is this run's call: SourceDataError (exit
+        3) naming the file and the remedies. The staged modes need no such stop: replace and snapshot rebuild
+        the period from every file, merge upserts the new content by key."""
+        current = {f.rel: f.sha256 for f in table.files}
+        changed = self.ledger.published_as_other_content(cur, table.name, self.plan.period, current)
+        if changed:
+            path, old, rows = changed[0]
+            raise SourceDataError(
+                f"{table.name}: {path} was loaded into period {self.plan.period} ({rows:,} rows, content "
+                f"{old[:12]}) and now holds other content ({current[path][:12]}); appended, the target would hold "
+                f"both. Rerun with force=true to reload the period from the files as they are now, or restore "
+                f"the file as loaded" + (f" ({len(changed) - 1} more file(s) like it)" if len(changed) > 1 else ""),
+                table=table.name, file=path)
 
     def _verified_todo(self, cur: Any, table: TableSpec) -> Tuple[List[FileSpec], Dict[Any, Any]]:
         """The table's files not yet published, after checking the ledger's claims against the target
