@@ -148,6 +148,9 @@ def test_cli_masks_cfg_job_and_refuses_a_malformed_dsn_with_exit_2(tmp_path: Pat
               env_dsn=f"postgresql://u:{pw}@127.0.0.1:1/db")
     assert bad.returncode == 2, bad.stderr
     assert "config error" in bad.stderr and not leaks(pw, bad.stdout + bad.stderr)
+    # The unencoded password's pieces became libpq's host and port: the error names the password, not the port
+    # (a fresh-user review, session 19: "port is not a port number" sent them to the wrong part of the DSN).
+    assert "percent-encode" in bad.stderr and "port is not a port number" not in bad.stderr, bad.stderr
     # a port that is no number (a new user's typo, session 12): refused before the fetch stage lists any file,
     # quoting neither the DSN nor libpq's complaint
     encoded = quote(pw, safe="")

@@ -64,17 +64,19 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
                           "such as @ / # % ? : in a URI password)", key="sink.dsn") from None
     if params.get("password"):
         register_secret(params["password"])
+    written = uri_password(dsn)
+    if written is not None and (params.get("password") or "") != unquote(written):
+        # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
+        # become host, port or database names and show up in its error messages. Checked before the
+        # port: a piece read as the port made the error say "not a port number" (a fresh-user review).
+        raise ConfigError("sink.dsn's password is not read by libpq as written (an unencoded reserved "
+                          "character in a URI password): percent-encode @ / # % ? : in it", key="sink.dsn")
     if not all(_is_port(p) for p in params.get("port", "").split(",")):
         # libpq reads the port only when it connects ("invalid integer value ... for connection option
         # "port""), which came after the fetch stage and quoted the DSN's other parameters.
         raise ConfigError("sink.dsn's port is not a port number (1-65535; a comma-separated list with several "
-                          "hosts)", key="sink.dsn")
-    written = uri_password(dsn)
-    if written is not None and (params.get("password") or "") != unquote(written):
-        # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
-        # become host, port or database names and show up in its error messages.
-        raise ConfigError("sink.dsn's password is not read by libpq as written (an unencoded reserved "
-                          "character in a URI password): percent-encode @ / # % ? : in it", key="sink.dsn")
+                          "hosts; in a URI, a password with an unencoded @ / # ? : is read as host and port: "
+                          "percent-encode them)", key="sink.dsn")
     return params
 
 
