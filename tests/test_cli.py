@@ -107,6 +107,11 @@ def test_hydra_flags_work_as_in_any_hydra_app(user_project: Path) -> None:
     named = loadkit(["plan", "-cd", "conf", "-cn", "weather_run", "sink.dsn=postgresql://x@127.0.0.1:1/x",
                      "sink.connect_timeout=1"], user_project)
     assert named.returncode == 0 and "table public.seattle_weather" in named.stdout, named.stderr
+    # --help says how to see a job's keys (without a job they are null), and shows them once one is chosen
+    bare = loadkit(["run", "--help"], user_project)
+    assert bare.returncode == 0 and "loadkit +job=monthly --help" in bare.stdout, bare.stderr
+    chosen = loadkit(["-cd", "conf", "+job=weather", "--help"], user_project)
+    assert chosen.returncode == 0 and "seattle_weather" in chosen.stdout and "tables:" in chosen.stdout
     searched = loadkit(["plan", f"hydra.searchpath=[file://{user_project / 'conf'}]", "+job=weather",
                         "data_root=data", "sink.dsn=postgresql://x@127.0.0.1:1/x", "sink.connect_timeout=1"],
                        user_project)
