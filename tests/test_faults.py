@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -918,3 +919,30 @@ def test_serialization_failures_on_ledger_updates_are_retried(pg_dsn: str, schem
     assert sorted(attempts.values()) == [1, 2]  # exactly one transaction lost the race and was retried
     rows = query(pg_dsn, f'SELECT file_sha, ordinal FROM "{led}".file ORDER BY 1')
     assert [r[0] for r in rows] == ["a", "b"] and sorted(r[1] for r in rows) == [0, 1]
+
+
+def test_the_embedded_server_starts_without_a_runtime_dir_warning() -> None:
+    """Without $XDG_RUNTIME_DIR (a container, cron, sudo) pgserver's runtime folder made platformdirs warn on
+    every embedded run (a fresh-user review, session 19); the fallback folder serves pgserver's lock, so the
+    warning is silenced for that category only, around pgserver (``db.embedded_dsn``)."""
+    code = textwrap.dedent("""
+        import pathlib, shutil, tempfile, warnings
+        warnings.simplefilter("always")
+        pgdata = pathlib.Path(tempfile.mkdtemp(prefix="loadkit-xdg-")) / "pg"
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            from loadkit.postgres.db import embedded_dsn
+            dsn = embedded_dsn(str(pgdata))
+        import pgserver
+        server = pgserver.get_server(str(pgdata.resolve()), cleanup_mode=None)
+        pgserver._commands.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user,
+                                  timeout=60)
+        shutil.rmtree(pgdata.parent)
+        print("started", dsn.startswith("postgresql://"))
+        print("warnings", sorted({w.category.__name__ for w in seen}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "started True" in done.stdout, done.stdout
+    assert "RuntimeDirWarning" not in done.stdout + done.stderr, done.stdout + done.stderr

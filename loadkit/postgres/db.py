@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,20 @@ def resolve_dsn(dsn: Optional[str], embedded_dir: str) -> str:
 
 def embedded_dsn(embedded_dir: str) -> str:
     """Start (or reuse) a pgserver PostgreSQL whose data lives in embedded_dir."""
-    import pgserver
+    import platformdirs
 
     path = Path(embedded_dir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(path), cleanup_mode=None)
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime folder (its lock file) at import and start. Without a usable
+        # $XDG_RUNTIME_DIR (a container, cron, sudo) platformdirs >= 4.14 warns and falls back to a per-user
+        # folder, which serves the lock as well: the warning told a user nothing they could act on.
+        category = getattr(platformdirs, "RuntimeDirWarning", None)
+        if category is not None:
+            warnings.simplefilter("ignore", category)
+        import pgserver
+
+        server = pgserver.get_server(str(path), cleanup_mode=None)
     log.info("using embedded PostgreSQL in %s", path)
     return server.get_uri()
 
