@@ -67,6 +67,32 @@ def uri_password(dsn: str) -> Optional[str]:
     return dsn[span[0]:span[1]] if span is not None else None
 
 
+def uri_password_misread(dsn: str, parsed: Optional[str]) -> bool:
+    """True if libpq's password for a URI (``parsed``, from its own parse) is not the one written in its userinfo:
+    an unencoded '@', '/', ':' ... split it, and its pieces became host, port or database names.
+
+    The generous reading (``uri_password``: up to the last '@') finds every such password, but an '@' in a
+    query value (``?application_name=a@b``, ``?password=x@y``) or the path made valid DSNs look misread (a
+    fresh-user review, session 20). So a difference counts only when the authority -- from the scheme to the
+    first '/', '?' or '#' after the first '@' -- holds more than one '@', or the userinfo's password up to the
+    first '@' is not libpq's (and no ``password=`` query parameter supplies libpq's)."""
+    written = uri_password(dsn)
+    if written is None or (parsed or "") == unquote(written):
+        return False
+    start = dsn.find("://") + 3
+    first_at = dsn.find("@", start)
+    rest = dsn[first_at + 1:]
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    if "@" in rest[:min(ends, default=len(rest))]:
+        return True  # two '@' in the authority: a password with an unencoded '@'
+    userinfo = dsn[start:first_at]
+    if ":" not in userinfo:
+        return False  # no password in the userinfo; libpq's came from the query
+    strict = userinfo.split(":", 1)[1]
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    return (parsed or "") != unquote(strict) and not re.search(r"(^|&)password=", query)
+
+
 def _kv_passwords(dsn: str) -> List[Tuple[int, int]]:
     """[start, end) of each password value in a libpq key=value string (quoted values per libpq:
     single quotes, backslash escapes; an unterminated quote runs to the end)."""

@@ -77,6 +77,26 @@ def test_masking_never_shows_a_password(pw: str, shape: int) -> None:
         assert read not in (mask_dsn(session) or "") or len(read) < MIN_FREE_TEXT_SECRET
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pw=passwords, value=st.text(alphabet=PRINTABLE, max_size=12), where=st.sampled_from(
+    ["application_name", "options", "password", "dbname"]))
+def test_an_at_sign_outside_the_userinfo_is_no_misread_password(pw: str, value: str, where: str) -> None:
+    """A well-formed URI (the password percent-encoded) whose query value or database name holds '@' and other
+    reserved characters is accepted, and libpq's reading of it is what parse_dsn returns. Before (a fresh-user
+    review, session 20), the check for an unencoded password read up to the last '@' and refused
+    ``...?application_name=a@b`` with a valid password as "not read by libpq as written"."""
+    value = "@" + value  # always an '@' outside the userinfo
+    if where == "dbname":
+        dsn = f"postgresql://lkuser:{quote(pw, safe='')}@127.0.0.1:1/{quote(value, safe='@')}"
+    elif where == "password":
+        dsn = f"postgresql://lkuser@127.0.0.1:1/test?password={quote(value, safe='@')}"
+    else:
+        dsn = f"postgresql://lkuser:{quote(pw, safe='')}@127.0.0.1:1/test?{where}={quote(value, safe='@')}"
+    import psycopg2.extensions
+
+    assert db.parse_dsn(dsn) == psycopg2.extensions.parse_dsn(dsn)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pw=passwords, shape=st.integers(0, 4))
 def test_connect_failures_never_show_a_password(pw: str, shape: int) -> None:

@@ -17,14 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import psycopg2
 import psycopg2.extensions
 
 from loadkit.errors import (Category, ConfigError, LoadkitError, OperatorError, TransientDBError,
                             classify)
-from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password
+from loadkit.security import mask_dsn, mask_text, register_dsn, register_secret, uri_password_misread
 
 log = logging.getLogger("loadkit.postgres.db")
 
@@ -74,8 +74,7 @@ def parse_dsn(dsn: str) -> Dict[str, str]:
                           "such as @ / # % ? : in a URI password)", key="sink.dsn") from None
     if params.get("password"):
         register_secret(params["password"])
-    written = uri_password(dsn)
-    if written is not None and (params.get("password") or "") != unquote(written):
+    if uri_password_misread(dsn, params.get("password")):
         # libpq split the password at an unencoded '@', '/', '?', '#' or ':': the pieces would
         # become host, port or database names and show up in its error messages. Checked before the
         # port: a piece read as the port made the error say "not a port number" (a fresh-user review).
