@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Tuple
 
 import psycopg2
 
@@ -27,7 +28,7 @@ from loadkit.errors import Category, SourceDataError, classify
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.postgres import ledger
 from loadkit.runner import run_job
-from tests.helpers import autocommit_cursor, compose, query
+from tests.helpers import autocommit_cursor, compose, drop_load_schemas, query
 from tests.test_modes import all_in, assert_table_matches, identity, only
 from tests.test_e2e_monthly import last_wins
 from tests.test_shutdown import cli, wait_for, waiting_on_lock
@@ -35,7 +36,56 @@ from tests.test_shutdown import cli, wait_for, waiting_on_lock
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
-HOLD = 726_019  # the advisory lock key a commit waits for (see the trigger below)
+HOLD = 726_019  # the advisory lock key a commit waits for (crash_mid_file's trigger)
+
+
+@pytest.fixture()
+def fresh(pg_dsn: str) -> Any:
+    """Makes (target, ledger) schema pairs for fresh loads, dropped after the test."""
+    made: List[Tuple[str, str]] = []
+
+    def pair() -> Tuple[str, str]:
+        tag = uuid.uuid4().hex[:8]
+        made.append((f"t_{tag}", f"l_{tag}"))
+        return made[-1]
+
+    yield pair
+    for target, led in made:
+        drop_load_schemas(pg_dsn, target, led)
+
+
+def crash_mid_file(pg_dsn: str, led: str, overrides: List[str], log: Path) -> None:
+    """A real CLI run SIGKILLed mid-file: from the third batch on, a commit waits for an advisory lock the test
+    holds (a trigger on the ledger's batch table), so the file stays mid-way however fast the run is (a 0.3 s
+    load ends before a lock taken after 2 commits could stop it); the kill comes while a writer waits."""
+    with autocommit_cursor(pg_dsn) as cur:
+        ledger.Ledger(led).ensure(cur)
+        cur.execute(f"""CREATE FUNCTION "{led}".hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                        IF (SELECT count(*) FROM "{led}".batch) >= 2 THEN PERFORM pg_advisory_xact_lock({HOLD});
+                        END IF; RETURN NEW; END $$""")
+        cur.execute(f'CREATE TRIGGER hold BEFORE INSERT ON "{led}".batch FOR EACH ROW EXECUTE FUNCTION "{led}".hold()')
+    holder = psycopg2.connect(pg_dsn)
+    holder.autocommit = True
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (HOLD,))
+    proc = cli(overrides, log)
+    try:
+        wait_for(lambda: waiting_on_lock(pg_dsn, led), 120, "a writer waiting on the lock")
+        assert proc.poll() is None, "the run ended before the crash"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        holder.close()  # the dead run's writer, let go, finds its client gone and rolls back
+    with autocommit_cursor(pg_dsn) as cur:
+        cur.execute(f'DROP TRIGGER hold ON "{led}".batch')
+
+
+def elsewhere(overrides: List[str], target: str, led: str) -> List[str]:
+    """The same run's overrides into another target and ledger schema."""
+    kept = [o for o in overrides if not o.startswith(("job.schema=", "sink.ledger_schema="))]
+    return kept + [f"job.schema={target}", f"sink.ledger_schema={led}"]
 
 
 @pytest.mark.parametrize("mode", ["append", "merge"])
@@ -51,32 +101,9 @@ def test_a_file_replaced_after_a_crash_loads_only_its_new_content(mode: str, tmp
     assert files == new.files["empresas"]
     assert (old.root / files[0]).read_bytes() != (new.root / files[0]).read_bytes()
 
-    with autocommit_cursor(pg_dsn) as cur:
-        ledger.Ledger(led).ensure(cur)
-        # From the third batch on, a commit waits for an advisory lock the test holds: the file stays mid-way
-        # however fast the run is (a 0.3 s load ends before a lock taken after 2 commits could stop it).
-        cur.execute(f"""CREATE FUNCTION "{led}".hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-                        IF (SELECT count(*) FROM "{led}".batch) >= 2 THEN PERFORM pg_advisory_xact_lock({HOLD});
-                        END IF; RETURN NEW; END $$""")
-        cur.execute(f'CREATE TRIGGER hold BEFORE INSERT ON "{led}".batch FOR EACH ROW EXECUTE FUNCTION "{led}".hold()')
-    holder = psycopg2.connect(pg_dsn)
-    holder.autocommit = True
-    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (HOLD,))
     overrides = job_overrides(root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=100",
                               *only("empresas"), *all_in(mode, ("empresas",)))
-    proc = cli(overrides, tmp_path / "crashed.log")
-    try:
-        wait_for(lambda: waiting_on_lock(pg_dsn, led), 120, "a writer waiting on the lock")
-        assert proc.poll() is None, "the run ended before the crash"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        holder.close()  # the dead run's writer, let go, finds its client gone and rolls back
-    with autocommit_cursor(pg_dsn) as cur:
-        cur.execute(f'DROP TRIGGER hold ON "{led}".batch')
+    crash_mid_file(pg_dsn, led, overrides, tmp_path / "crashed.log")
     (crashed,), = query(pg_dsn, f'SELECT count(DISTINCT file_sha) FROM "{led}".batch')
     stale = query(pg_dsn, f'SELECT sum(rows_loaded), count(*), min(file_path) FROM "{led}".batch')
     assert crashed == 1 and stale[0][2] == files[0] and 0 < stale[0][0] < old.rows["empresas"], stale
@@ -99,44 +126,100 @@ def test_a_file_replaced_after_a_crash_loads_only_its_new_content(mode: str, tmp
     assert any("changed since" in r.getMessage() and files[0] in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("mode", ["append", "merge", "replace"])
+def test_a_file_removed_after_a_crash_leaves_nothing_behind(mode: str, tmp_path: Path, pg_dsn: str,
+                                                            schemas: tuple, job_overrides: Any, fresh: Any,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The crashed run's file is removed from the month (or renamed and changed: the run no longer reads that
+    content) before the rerun. Before (a fresh-user review, session 20), its committed batches stayed: merge
+    (a delete_missing table, the monthly job's) and replace published them (13,216 keys from 8,000 records
+    read), append kept them in the target. The rerun must equal a fresh load of the month as it is now."""
+    target, led = schemas
+    month = generate_month(tmp_path / "data", 2024, 5, rows=8000, shards=2, seed=5)
+    files = month.files["empresas"]
+    assert len(files) == 2
+    overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=100",
+                              *only("empresas"), *all_in(mode, ("empresas",)))
+    crash_mid_file(pg_dsn, led, overrides, tmp_path / "crashed.log")
+    crashed = query(pg_dsn, f'SELECT min(file_path), count(DISTINCT file_sha) FROM "{led}".batch')
+    assert crashed == [(files[0], 1)], crashed  # the first shard, mid-way
+
+    (month.root / files[0]).unlink()
+    rerun = run_job(compose(overrides))
+    assert rerun.status == "succeeded", rerun.error
+    other_target, other_led = fresh()
+    whole = run_job(compose(elsewhere(overrides, other_target, other_led)))
+    assert whole.status == "succeeded", whole.error
+
+    columns = "cnpj_basico, razao_social, natureza_juridica, capital_social, porte"
+    rows = f"SELECT {columns} FROM \"{{}}\".empresas ORDER BY {columns}"
+    assert query(pg_dsn, rows.format(target)) == query(pg_dsn, rows.format(other_target))
+    assert query(pg_dsn, f'SELECT file_path, sum(rows_in) FROM "{led}".batch GROUP BY 1') == [
+        (files[1], whole.metrics.tables["empresas"].rows_read)]
+    assert rerun.metrics.tables["empresas"].rows_read == whole.metrics.tables["empresas"].rows_read
+    assert any("no longer reads that file" in r.getMessage() and files[0] in r.getMessage() for r in caplog.records)
+
+
 def _items_config(root: Path, target: str, led: str, dsn: str, mlflow_uri: str, mode: str, force: bool = False) -> Any:
+    """One table, items (id, a) from 2024-05/*.csv; mode "sync" is merge with delete_missing."""
     cols = [ColumnConfig(name="id", type="integer", nullable=False), ColumnConfig(name="a", type="text")]
+    keyed = mode in ("merge", "sync")
     return to_config(LoadkitConfig(
         year=2024, month=5, data_root=str(root), force=force,
         job=JobConfig(name="changed", schema=target, tables={
-            "items": TableConfig(source=SourceConfig(paths=["2024-05/items.csv"], dialect=DialectConfig(header=False)),
-                                 columns=cols, mode=mode, key=["id"] if mode == "merge" else [])}),
+            "items": TableConfig(source=SourceConfig(paths=["2024-05/*.csv"], dialect=DialectConfig(header=False)),
+                                 columns=cols, mode="merge" if keyed else mode, key=["id"] if keyed else [],
+                                 delete_missing=mode == "sync")}),
         sink=SinkConfig(dsn=dsn, ledger_schema=led), tracking=TrackingConfig(uri=mlflow_uri, enabled=False),
         env=EnvConfig(progress_bars=False, executor="inprocess")))
 
 
-@pytest.mark.parametrize("mode", ["append", "merge"])
-def test_a_published_file_that_changed_is_not_appended_twice(mode: str, tmp_path: Path, pg_dsn: str, schemas: tuple,
-                                                              mlflow_uri: str) -> None:
-    """A file loaded (published) whose content then changed at the same path. append: the rerun stops (exit 3)
-    naming the file and force=true, with the target as it was -- before, it appended the new content beside
-    the old (every unchanged record twice); force=true then holds exactly the new content. merge upserts the
-    new content by key (its semantics; replace and snapshot rebuild the period)."""
+@pytest.mark.parametrize("mode", ["append", "merge", "sync", "replace"])
+def test_a_published_file_that_changed_is_loaded_as_its_mode_says(mode: str, tmp_path: Path, pg_dsn: str,
+                                                                   schemas: tuple, mlflow_uri: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A file loaded (published) whose content then changed at the same path: ids 1-100, then ids 1-105 without
+    the multiples of 7 and every tenth one changed; the month's other file (ids 201-250) stays as it was, and
+    stays published: before, the settlement marked it 'staged' again beside the changed file, its batches then
+    counted as lost from staging and it was read again (a "missing from staging" warning with no crash).
+    append: the rerun stops (exit 3) naming the file and force=true, with the target as it was -- before, it
+    appended the new content beside the old (every unchanged record twice); force=true then holds exactly the
+    new content. merge upserts the new content over
+    the old (the dropped keys stay, as merge keeps keys); merge with delete_missing (each month a full snapshot)
+    holds exactly the new content -- before (a fresh-user review, session 20), the old content's batches still
+    counted as the month's and the sync kept its dropped keys; replace rebuilds the period from the new file."""
     target, led = schemas
     (tmp_path / "2024-05").mkdir()
     items = tmp_path / "2024-05" / "items.csv"
     items.write_bytes(b"".join(b"%d,a%d\n" % (i, i) for i in range(1, 101)))
+    (tmp_path / "2024-05" / "more.csv").write_bytes(b"".join(b"%d,m%d\n" % (i, i) for i in range(201, 251)))
+    more = [(i, f"m{i}") for i in range(201, 251)]
     first = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode))
     assert first.status == "succeeded", first.error
     before = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id')
-    assert len(before) == 100
-    items.write_bytes(b"".join(b"%d,%s%d\n" % (i, b"b" if i % 10 == 0 else b"a", i) for i in range(1, 106)))
-    wanted = [(i, f"{'b' if i % 10 == 0 else 'a'}{i}") for i in range(1, 106)]
+    assert len(before) == 150
+    kept = [i for i in range(1, 106) if i % 7]
+    items.write_bytes(b"".join(b"%d,%s%d\n" % (i, b"b" if i % 10 == 0 else b"a", i) for i in kept))
+    wanted = [(i, f"{'b' if i % 10 == 0 else 'a'}{i}") for i in kept] + more
 
+    caplog.clear()
     again = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode))
-    if mode == "merge":
+    now = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id')
+    if mode != "append":
         assert again.status == "succeeded", again.error
-        assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == wanted
+        dropped = [(i, f"a{i}") for i in range(1, 101) if i % 7 == 0]
+        assert now == (sorted(wanted + dropped) if mode == "merge" else wanted)
+        assert not any("missing from staging" in r.getMessage() for r in caplog.records)
+        read = again.metrics.tables["items"].rows_read
+        assert read == (len(kept) + len(more) if mode == "replace" else len(kept))  # replace rebuilds the month
+        # plain merge keeps both contents of items.csv accounted for (the old one's dropped keys stay published)
+        assert query(pg_dsn, f'SELECT path, status FROM "{led}".file ORDER BY path') == [
+            ("2024-05/items.csv", "loaded")] * (2 if mode == "merge" else 1) + [("2024-05/more.csv", "loaded")]
         return
     assert again.status == "failed" and isinstance(again.error, SourceDataError)
     assert classify(again.error) is Category.SOURCE_DATA
     assert "2024-05/items.csv" in str(again.error) and "force=true" in str(again.error)
-    assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == before
+    assert now == before
     forced = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode, force=True))
     assert forced.status == "succeeded", forced.error
     assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == wanted

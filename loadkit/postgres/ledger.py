@@ -465,6 +465,19 @@ class Ledger:
                     (table, period, list(files), list(files.values())))
         return {str(sha): (str(path), int(n)) for sha, path, n in cur.fetchall()}
 
+    def unread_files(self, cur: Any, table: str, period: str, job: str,
+                     files: Sequence[str]) -> Dict[str, Tuple[Optional[str], int]]:
+        """file sha -> (path it was read from, or None in older ledgers; committed batches) for each unpublished
+        file (no 'loaded' file row) of the table's period that runs of ``job`` committed batches of and that is
+        none of ``files`` (this run's file shas): a file removed from the job's list since a crash, or renamed
+        and changed. Another job's unfinished files are not reported (its own rerun decides)."""
+        cur.execute(f"SELECT b.file_sha, min(b.file_path), count(*) FROM {self.batch} b "
+                    f"JOIN {self.run} r ON r.run_id = b.run_id LEFT JOIN {self.file} f "
+                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+                    "WHERE b.table_name = %s AND b.period = %s AND r.job = %s AND NOT b.file_sha = ANY(%s) "
+                    "AND f.status IS DISTINCT FROM 'loaded' GROUP BY b.file_sha", (table, period, job, list(files)))
+        return {str(sha): (None if path is None else str(path), int(n)) for sha, path, n in cur.fetchall()}
+
     def published_as_other_content(self, cur: Any, table: str, period: str,
                                    files: Mapping[str, str]) -> List[Tuple[str, str, int]]:
         """(path, published sha, rows loaded) for each of ``files`` (path -> the sha256 of its content now) whose

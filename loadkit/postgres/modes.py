@@ -277,6 +277,8 @@ class WriteMode:
     partitioned: ClassVar[bool] = False  # the target is LIST-partitioned by PERIOD_COL
     # identity: a later period's batches legitimately overwrite this period's rows in the target.
     overwritten_later: ClassVar[bool] = False
+    # After the publish, target rows no batch of this period wrote are deleted (or closed): Sync.
+    sync_deletes: ClassVar[bool] = False
 
     def __init__(self, table: TableSpec) -> None:
         self.table = table
@@ -1212,6 +1214,8 @@ class Sync(Merge):
     are deleted -- or, with ``history``, closed (valid_to) while rows the period wrote are
     (re)opened (valid_from). Only once every file of the period is published and no file of the
     run failed: a partial period would delete keys that are merely not loaded yet."""
+
+    sync_deletes = True
 
     def target_columns(self) -> Dict[str, Tuple[str, str]]:
         out = super().target_columns()

@@ -301,6 +301,7 @@ class PostgresSink:
         """DDL, force resets and the resume state of every table; returns the files still to read."""
         plan = self.plan
         todo: List[Todo] = []
+        refused: List[Tuple[str, str]] = []  # (table, why) of append tables whose published files changed
         for table in plan.tables:
             mode = mode_for(table)
             with db.transaction(self.dsn) as cur:
@@ -314,9 +315,10 @@ class PostgresSink:
                     mode.forget_lost_batches(cur, self.ledger, plan.period)
                     self._discard_other_rules(cur, mode, table)
                     self._discard_replaced_files(cur, mode, table)
+                    self._discard_unread_files(cur, mode, table)
                 files, ranges = self._verified_todo(cur, table)
-                if not mode.staged and files:
-                    self._refuse_changed_published(cur, table)
+                if files:
+                    refused += self._changed_published(cur, mode, table)
                 if mode.whole_period and 0 < len(files) < len(table.files):
                     # These modes publish a whole period at once: a new file in a published period
                     # means rebuilding it from every file, or the swap would drop the others' rows.
@@ -333,6 +335,10 @@ class PostgresSink:
                 tm.status = "skipped"
                 with db.transaction(self.dsn) as cur:  # nothing staged for a published period: no litter
                     mode.drop_staging(cur)
+        if refused:  # every table named at once (force=true reloads the whole period anyway)
+            raise SourceDataError("; ".join(why for _, why in refused) + ". Rerun with force=true to reload the "
+                                  "period from the files as they are now, or restore the files as loaded",
+                                  tables=",".join(t for t, _ in refused))
         return todo
 
     def _discard_other_rules(self, cur: Any, mode: WriteMode, table: TableSpec) -> None:
@@ -367,22 +373,45 @@ class PostgresSink:
                         current[path][:12], extra={"table": table.name, "file": path})
             mode.discard_file(cur, self.ledger, period, sha)
 
-    def _refuse_changed_published(self, cur: Any, table: TableSpec) -> None:
-        """An append target (committing is publishing) whose period holds a file loaded from a path that now has
-        other content: appending the new content would keep both (every unchanged record twice), and taking
-        the old rows out would unpublish what readers saw. Neither is this run's call: SourceDataError (exit
-        3) naming the file and the remedies. The staged modes need no such stop: replace and snapshot rebuild
-        the period from every file, merge upserts the new content by key."""
+    def _discard_unread_files(self, cur: Any, mode: WriteMode, table: TableSpec) -> None:
+        """Discard (rows and ledger, in the caller's transaction) the committed batches of each unpublished file
+        this job's runs read that this run does not (Ledger.unread_files: removed from the month since a crash,
+        or renamed and changed; in an older ledger, without stored paths, any change). Kept, the staged modes
+        published them with the rest of staging and append kept them in the target -- records of a file that is
+        not in the load, which no rerun would ever complete (a fresh-user review, session 20: 13,216 keys merged
+        from 8,000 records read). Another job's unfinished file of the table and period is left alone."""
+        period = self.plan.period
+        shas = [f.sha256 for f in table.files]
+        for sha, (path, batches) in self.ledger.unread_files(cur, table.name, period, self.plan.job, shas).items():
+            log.warning("%s: %d batch(es) of %s (content %s) were committed by an earlier run of this job, which no "
+                        "longer reads that file (removed from the month, or changed); discarding them", table.name,
+                        batches, path or "a file", sha[:12], extra={"table": table.name, "file": path or sha[:12]})
+            mode.discard_file(cur, self.ledger, period, sha)
+
+    def _changed_published(self, cur: Any, mode: WriteMode, table: TableSpec) -> List[Tuple[str, str]]:
+        """A published file whose path now holds other content (Ledger.published_as_other_content).
+
+        append (committing is publishing): appending the new content would keep both (every unchanged record
+        twice), and taking the old rows out would unpublish what readers saw. Neither is this run's call: each
+        such file is returned as (table, why), and start stops the run with one SourceDataError (exit 3) naming
+        them all and the remedies. merge with delete_missing (each period a full snapshot): the old content's
+        ledger rows are forgotten (its rows stay until the publish) so the sync deletes the keys only it had --
+        kept, they counted as this period's and survived the sync (a fresh-user review: 23,998 keys for a month
+        of 16,000). Plain merge upserts the new content over the old (both stay accounted for); replace and
+        snapshot rebuild the period from every file."""
         current = {f.rel: f.sha256 for f in table.files}
         changed = self.ledger.published_as_other_content(cur, table.name, self.plan.period, current)
-        if changed:
-            path, old, rows = changed[0]
-            raise SourceDataError(
-                f"{table.name}: {path} was loaded into period {self.plan.period} ({rows:,} rows, content "
-                f"{old[:12]}) and now holds other content ({current[path][:12]}); appended, the target would hold "
-                f"both. Rerun with force=true to reload the period from the files as they are now, or restore "
-                f"the file as loaded" + (f" ({len(changed) - 1} more file(s) like it)" if len(changed) > 1 else ""),
-                table=table.name, file=path)
+        if changed and mode.sync_deletes:
+            for path, old, rows in changed:
+                log.warning("%s: %s changed since it was loaded (%s, %d rows; now %s): the month's keys are taken "
+                            "from its new content, keys only the old one had are deleted at the sync", table.name,
+                            path, old[:12], rows, current[path][:12], extra={"table": table.name, "file": path})
+                self.ledger.forget(cur, table.name, self.plan.period, old)
+        elif changed and not mode.staged:
+            return [(table.name, f"{table.name}: {path} was loaded into period {self.plan.period} ({rows:,} rows, "
+                                 f"content {old[:12]}) and now holds other content ({current[path][:12]}); appended, "
+                                 "the target would hold both") for path, old, rows in changed]
+        return []
 
     def _verified_todo(self, cur: Any, table: TableSpec) -> Tuple[List[FileSpec], Dict[Any, Any]]:
         """The table's files not yet published, after checking the ledger's claims against the target
@@ -476,9 +505,13 @@ class PostgresSink:
             for f in table.files:
                 if metrics.tables[table.name].status == "skipped":
                     continue
-                error = metrics.file_error(table.name, f.sha256)
-                if error is None and f.sha256 in self._reading.get(table.name, ()):
-                    error = aborted.get(table.name)
+                if f.sha256 not in self._reading.get(table.name, ()):
+                    # published before this run (skipped): settled already. Marked again, a published file of a
+                    # merge table went back to 'staged' beside a new or changed file of its month, its batches
+                    # then counted as lost from staging, were forgotten and the file read again (a fresh-user
+                    # review's "10 committed batch(es) ... missing from staging" where nothing had crashed).
+                    continue
+                error = metrics.file_error(table.name, f.sha256) or aborted.get(table.name)
                 discarded = self._retrying()(self._settle_file, table, f, error, failed)
                 if discarded:  # what the run loaded of a failed file is not loaded after all
                     tm = metrics.tables[table.name]
