@@ -76,6 +76,8 @@ def uri_password_misread(dsn: str, parsed: Optional[str]) -> bool:
     fresh-user review, session 20). So a difference counts only when the authority -- from the scheme to the
     first '/', '?' or '#' after the first '@' -- holds more than one '@', or the userinfo's password up to the
     first '@' is not libpq's (and no ``password=`` query parameter supplies libpq's)."""
+    if not re.match(r"\s*postgres(?:ql)?://", dsn):
+        return False  # a key=value string: a value holding "://" and "@" is no URI (a second review)
     written = uri_password(dsn)
     if written is None or (parsed or "") == unquote(written):
         return False

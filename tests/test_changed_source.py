@@ -163,12 +163,12 @@ def test_a_file_removed_after_a_crash_leaves_nothing_behind(mode: str, tmp_path:
 def _items_config(root: Path, target: str, led: str, dsn: str, mlflow_uri: str, mode: str, force: bool = False) -> Any:
     """One table, items (id, a) from 2024-05/*.csv; mode "sync" is merge with delete_missing."""
     cols = [ColumnConfig(name="id", type="integer", nullable=False), ColumnConfig(name="a", type="text")]
-    keyed = mode in ("merge", "sync")
+    keyed = mode in ("merge", "sync", "replace")
     return to_config(LoadkitConfig(
         year=2024, month=5, data_root=str(root), force=force,
         job=JobConfig(name="changed", schema=target, tables={
             "items": TableConfig(source=SourceConfig(paths=["2024-05/*.csv"], dialect=DialectConfig(header=False)),
-                                 columns=cols, mode="merge" if keyed else mode, key=["id"] if keyed else [],
+                                 columns=cols, mode="merge" if mode == "sync" else mode, key=["id"] if keyed else [],
                                  delete_missing=mode == "sync")}),
         sink=SinkConfig(dsn=dsn, ledger_schema=led), tracking=TrackingConfig(uri=mlflow_uri, enabled=False),
         env=EnvConfig(progress_bars=False, executor="inprocess")))
@@ -178,43 +178,53 @@ def _items_config(root: Path, target: str, led: str, dsn: str, mlflow_uri: str, 
 def test_a_published_file_that_changed_is_loaded_as_its_mode_says(mode: str, tmp_path: Path, pg_dsn: str,
                                                                    schemas: tuple, mlflow_uri: str,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """A file loaded (published) whose content then changed at the same path: ids 1-100, then ids 1-105 without
-    the multiples of 7 and every tenth one changed; the month's other file (ids 201-250) stays as it was, and
-    stays published: before, the settlement marked it 'staged' again beside the changed file, its batches then
-    counted as lost from staging and it was read again (a "missing from staging" warning with no crash).
-    append: the rerun stops (exit 3) naming the file and force=true, with the target as it was -- before, it
-    appended the new content beside the old (every unchanged record twice); force=true then holds exactly the
-    new content. merge upserts the new content over
-    the old (the dropped keys stay, as merge keeps keys); merge with delete_missing (each month a full snapshot)
-    holds exactly the new content -- before (a fresh-user review, session 20), the old content's batches still
-    counted as the month's and the sync kept its dropped keys; replace rebuilds the period from the new file."""
+    """A file loaded (published) whose content then changed at the same path: items.csv, ids 1-100, then ids 1-105
+    without the multiples of 7 and every tenth one changed. The month's other file, a.csv (ids 95-100 and
+    201-250; earlier in the file order, so items.csv won the shared keys), stays as it was.
+
+    - append: the rerun stops (exit 3) naming the file and force=true, with the target as it was -- before, it
+      appended the new content beside the old (every unchanged record twice); force=true then loads both files.
+    - merge upserts the new content over the old: the dropped keys stay (merge keeps keys), and so does the old
+      content's value of key 98, which a.csv also has (a.csv is not read again).
+    - merge with delete_missing (each month a full snapshot) reads the month again and holds exactly its keys
+      now, key 98 with a.csv's value. Before (a fresh-user review, session 20) the old content still counted as
+      the month's and the sync kept its dropped keys; then (a second review) forgetting only the old content
+      let the sync delete key 98, whose row the old content had written.
+    - replace rebuilds the period from both files.
+    In every mode a.csv stays published when it is not read again: before, the settlement marked it 'staged'
+    beside the changed file, its batches then counted as lost from staging and it was read again under a
+    "missing from staging" warning with no crash."""
     target, led = schemas
     (tmp_path / "2024-05").mkdir()
     items = tmp_path / "2024-05" / "items.csv"
+    other = [(i, f"s{i}") for i in range(95, 101)] + [(i, f"m{i}") for i in range(201, 251)]
+    (tmp_path / "2024-05" / "a.csv").write_bytes("".join(f"{i},{v}\n" for i, v in other).encode())
     items.write_bytes(b"".join(b"%d,a%d\n" % (i, i) for i in range(1, 101)))
-    (tmp_path / "2024-05" / "more.csv").write_bytes(b"".join(b"%d,m%d\n" % (i, i) for i in range(201, 251)))
-    more = [(i, f"m{i}") for i in range(201, 251)]
     first = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode))
     assert first.status == "succeeded", first.error
-    before = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id')
-    assert len(before) == 150
+    before = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id, a')
+    assert len(before) == (156 if mode == "append" else 150)
     kept = [i for i in range(1, 106) if i % 7]
-    items.write_bytes(b"".join(b"%d,%s%d\n" % (i, b"b" if i % 10 == 0 else b"a", i) for i in kept))
-    wanted = [(i, f"{'b' if i % 10 == 0 else 'a'}{i}") for i in kept] + more
+    new_items = [(i, f"{'b' if i % 10 == 0 else 'a'}{i}") for i in kept]
+    items.write_bytes("".join(f"{i},{v}\n" for i, v in new_items).encode())
+    month_now = dict(other)
+    month_now.update(new_items)  # items.csv comes later: its rows win the shared keys
 
     caplog.clear()
     again = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode))
-    now = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id')
+    now = query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id, a')
     if mode != "append":
         assert again.status == "succeeded", again.error
-        dropped = [(i, f"a{i}") for i in range(1, 101) if i % 7 == 0]
-        assert now == (sorted(wanted + dropped) if mode == "merge" else wanted)
+        wanted = dict(month_now)
+        if mode == "merge":  # the old content's keys stay as it left them where nothing rewrote them
+            wanted.update({i: f"a{i}" for i in range(1, 101) if i % 7 == 0})
+        assert now == sorted(wanted.items())
         assert not any("missing from staging" in r.getMessage() for r in caplog.records)
         read = again.metrics.tables["items"].rows_read
-        assert read == (len(kept) + len(more) if mode == "replace" else len(kept))  # replace rebuilds the month
+        assert read == (len(new_items) if mode == "merge" else len(new_items) + len(other))
         # plain merge keeps both contents of items.csv accounted for (the old one's dropped keys stay published)
         assert query(pg_dsn, f'SELECT path, status FROM "{led}".file ORDER BY path') == [
-            ("2024-05/items.csv", "loaded")] * (2 if mode == "merge" else 1) + [("2024-05/more.csv", "loaded")]
+            ("2024-05/a.csv", "loaded")] + [("2024-05/items.csv", "loaded")] * (2 if mode == "merge" else 1)
         return
     assert again.status == "failed" and isinstance(again.error, SourceDataError)
     assert classify(again.error) is Category.SOURCE_DATA
@@ -222,4 +232,4 @@ def test_a_published_file_that_changed_is_loaded_as_its_mode_says(mode: str, tmp
     assert now == before
     forced = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode, force=True))
     assert forced.status == "succeeded", forced.error
-    assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id') == wanted
+    assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id, a') == sorted(other + new_items)

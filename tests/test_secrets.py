@@ -95,6 +95,9 @@ def test_an_at_sign_outside_the_userinfo_is_no_misread_password(pw: str, value: 
     import psycopg2.extensions
 
     assert db.parse_dsn(dsn) == psycopg2.extensions.parse_dsn(dsn)
+    # a key=value string whose values hold "://" and "@" is no URI (a second review: it was refused)
+    kv = f"host=127.0.0.1 port=1 user=lkuser dbname=test password={kv_quote('a://b:' + value)}"
+    assert db.parse_dsn(kv) == psycopg2.extensions.parse_dsn(kv)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -317,9 +317,14 @@ class PostgresSink:
                     self._discard_replaced_files(cur, mode, table)
                     self._discard_unread_files(cur, mode, table)
                 files, ranges = self._verified_todo(cur, table)
+                reload = False
                 if files:
-                    refused += self._changed_published(cur, mode, table)
-                if mode.whole_period and 0 < len(files) < len(table.files):
+                    why, reload = self._changed_published(cur, mode, table)
+                    refused += why
+                if reload:  # a full-snapshot month with a changed file: every file again, then the sync
+                    mode.reset(cur, self.ledger, plan.period)
+                    ranges, files = {}, list(table.files)
+                elif mode.whole_period and 0 < len(files) < len(table.files):
                     # These modes publish a whole period at once: a new file in a published period
                     # means rebuilding it from every file, or the swap would drop the others' rows.
                     log.info("table %s: %d new file(s) in a published month; reloading all %d", table.name,
@@ -388,30 +393,34 @@ class PostgresSink:
                         batches, path or "a file", sha[:12], extra={"table": table.name, "file": path or sha[:12]})
             mode.discard_file(cur, self.ledger, period, sha)
 
-    def _changed_published(self, cur: Any, mode: WriteMode, table: TableSpec) -> List[Tuple[str, str]]:
-        """A published file whose path now holds other content (Ledger.published_as_other_content).
+    def _changed_published(self, cur: Any, mode: WriteMode,
+                           table: TableSpec) -> Tuple[List[Tuple[str, str]], bool]:
+        """A published file whose path now holds other content (Ledger.published_as_other_content): returns
+        (refusals, reload the period).
 
         append (committing is publishing): appending the new content would keep both (every unchanged record
         twice), and taking the old rows out would unpublish what readers saw. Neither is this run's call: each
         such file is returned as (table, why), and start stops the run with one SourceDataError (exit 3) naming
-        them all and the remedies. merge with delete_missing (each period a full snapshot): the old content's
-        ledger rows are forgotten (its rows stay until the publish) so the sync deletes the keys only it had --
-        kept, they counted as this period's and survived the sync (a fresh-user review: 23,998 keys for a month
-        of 16,000). Plain merge upserts the new content over the old (both stay accounted for); replace and
-        snapshot rebuild the period from every file."""
+        them all and the remedies. merge with delete_missing (each period a full snapshot): the whole period is
+        read again (the mode's reset: staging and the period's ledger rows; the target stays until the publish),
+        so the sync keeps exactly the keys the month's files have now. Kept, the old content's batches counted as
+        the month's and its dropped keys survived the sync (a fresh-user review: 23,998 keys for a month of
+        16,000); forgetting only the changed file's batches lost keys it shared with an unchanged file whose rows
+        named its batches (a second review: 10 of 40,000 keys deleted). Plain merge upserts the new content over
+        the old (both stay accounted for); replace and snapshot rebuild the period from every file anyway."""
         current = {f.rel: f.sha256 for f in table.files}
         changed = self.ledger.published_as_other_content(cur, table.name, self.plan.period, current)
         if changed and mode.sync_deletes:
             for path, old, rows in changed:
-                log.warning("%s: %s changed since it was loaded (%s, %d rows; now %s): the month's keys are taken "
-                            "from its new content, keys only the old one had are deleted at the sync", table.name,
-                            path, old[:12], rows, current[path][:12], extra={"table": table.name, "file": path})
-                self.ledger.forget(cur, table.name, self.plan.period, old)
-        elif changed and not mode.staged:
+                log.warning("%s: %s changed since it was loaded (%s, %d rows; now %s): reading the month's %d "
+                            "file(s) again, the sync then keeps exactly their keys", table.name, path, old[:12], rows,
+                            current[path][:12], len(table.files), extra={"table": table.name, "file": path})
+            return [], True
+        if changed and not mode.staged:
             return [(table.name, f"{table.name}: {path} was loaded into period {self.plan.period} ({rows:,} rows, "
                                  f"content {old[:12]}) and now holds other content ({current[path][:12]}); appended, "
-                                 "the target would hold both") for path, old, rows in changed]
-        return []
+                                 "the target would hold both") for path, old, rows in changed], False
+        return [], False
 
     def _verified_todo(self, cur: Any, table: TableSpec) -> Tuple[List[FileSpec], Dict[Any, Any]]:
         """The table's files not yet published, after checking the ledger's claims against the target
