@@ -10,7 +10,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import psycopg2
 import pytest
@@ -126,6 +126,21 @@ def schemas(pg_dsn: str) -> Iterator[tuple]:
     target, led = f"t_{tag}", f"l_{tag}"
     yield target, led
     drop_load_schemas(pg_dsn, target, led)
+
+
+@pytest.fixture()
+def fresh(pg_dsn: str) -> Iterator[Callable[[], Tuple[str, str]]]:
+    """Makes more (target schema, ledger schema) pairs, for a fresh load to compare with; dropped after the test."""
+    made: List[Tuple[str, str]] = []
+
+    def pair() -> Tuple[str, str]:
+        tag = uuid.uuid4().hex[:8]
+        made.append((f"t_{tag}", f"l_{tag}"))
+        return made[-1]
+
+    yield pair
+    for target, led in made:
+        drop_load_schemas(pg_dsn, target, led)
 
 
 @pytest.fixture()

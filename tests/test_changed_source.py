@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import uuid
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List
 
 import psycopg2
 
@@ -28,7 +27,7 @@ from loadkit.errors import Category, SourceDataError, classify
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.postgres import ledger
 from loadkit.runner import run_job
-from tests.helpers import autocommit_cursor, compose, drop_load_schemas, query
+from tests.helpers import autocommit_cursor, compose, query
 from tests.test_modes import all_in, assert_table_matches, identity, only
 from tests.test_e2e_monthly import last_wins
 from tests.test_shutdown import cli, wait_for, waiting_on_lock
@@ -39,19 +38,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.fault]
 HOLD = 726_019  # the advisory lock key a commit waits for (crash_mid_file's trigger)
 
 
-@pytest.fixture()
-def fresh(pg_dsn: str) -> Any:
-    """Makes (target, ledger) schema pairs for fresh loads, dropped after the test."""
-    made: List[Tuple[str, str]] = []
-
-    def pair() -> Tuple[str, str]:
-        tag = uuid.uuid4().hex[:8]
-        made.append((f"t_{tag}", f"l_{tag}"))
-        return made[-1]
-
-    yield pair
-    for target, led in made:
-        drop_load_schemas(pg_dsn, target, led)
 
 
 def crash_mid_file(pg_dsn: str, led: str, overrides: List[str], log: Path) -> None:

@@ -9,9 +9,8 @@ resumes under rules B and compares target and ledger with a fresh load under B.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import pytest
 
@@ -20,7 +19,7 @@ from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig,
 from loadkit.plan import BATCH_COL, build_plan, read_rules
 from loadkit.runner import run_job
 from tests.corpus import spec
-from tests.helpers import autocommit_cursor, drop_load_schemas, query
+from tests.helpers import autocommit_cursor, query
 
 COLUMNS = [ColumnConfig(name="id", type="integer", nullable=False), ColumnConfig(name="a", type="text"),
            ColumnConfig(name="b", type="text")]
@@ -84,20 +83,6 @@ def _state(dsn: str, target: str, led: str) -> Tuple[list, list, list]:
     totals = query(dsn, f'SELECT sum(rows_in), sum(rows_loaded), sum(rows_rejected) FROM "{led}".batch')
     rejects = query(dsn, f'SELECT line_number, raw FROM "{led}".reject WHERE NOT discarded ORDER BY line_number')
     return rows, totals, rejects
-
-
-@pytest.fixture()
-def fresh(pg_dsn: str) -> Any:
-    made: List[Tuple[str, str]] = []
-
-    def pair() -> Tuple[str, str]:
-        tag = uuid.uuid4().hex[:8]
-        made.append((f"t_{tag}", f"l_{tag}"))
-        return made[-1]
-
-    yield pair
-    for target, led in made:
-        drop_load_schemas(pg_dsn, target, led)
 
 
 @pytest.mark.e2e
