@@ -854,6 +854,27 @@ def _validate_job(job: JobConfig) -> None:
     _require(bool(job.tables), "job.tables", "the job declares no tables")
     for tname, table in job.tables.items():
         _validate_table(tname, table)
+    _validate_whole_period(job)
+
+
+def _validate_whole_period(job: JobConfig) -> None:
+    """replace, snapshot and merge with delete_missing take one run's files as its whole period: the publish
+    rebuilds the period (or deletes the keys it lacks) from them. A ``job.period`` coarser than the table's path
+    templates (paths by {day}, period by month) made each run replace the other runs' rows of the period while
+    the ledger still called their files loaded (a review: 20,000 of 40,000 rows gone, the rerun skipped)."""
+    if job.period is None:
+        return  # inferred from every parameter the paths use
+    period_uses = set(_PLACEHOLDER.findall(job.period))
+    for tname, t in job.tables.items():
+        if not t.enabled or not (t.mode in ("replace", "snapshot") or (t.mode == "merge" and t.delete_missing)):
+            continue
+        finer = sorted({p for template in t.source.paths or [] for p in _PLACEHOLDER.findall(template)}
+                       - period_uses)
+        what = "merge with delete_missing" if t.mode == "merge" else t.mode
+        _require(not finer, f"job.tables.{tname}.mode",
+                 f"{what} publishes each period from one run's files, but job.period {job.period!r} does not use "
+                 f"{', '.join('{' + p + '}' for p in finer)}, which the table's paths do: each run would replace "
+                 "the rows other runs loaded into the period. Put them in job.period, or use append or merge")
 
 
 def _validate_table(tname: str, t: TableConfig) -> None:

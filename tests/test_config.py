@@ -120,6 +120,35 @@ def test_sync_and_fetch_make_year_and_month_required() -> None:
     assert job_params(JobConfig(name="one", tables={"people": table}, remote=remote)) == ["year", "day"]
 
 
+@pytest.mark.parametrize("mode, delete_missing", [("replace", False), ("snapshot", False), ("merge", True),
+                                                  ("append", False), ("merge", False)])
+def test_a_whole_period_mode_needs_a_period_as_fine_as_its_paths(mode: str, delete_missing: bool,
+                                                                 tmp_path: Path) -> None:
+    """Paths by {day} and job.period by month: replace, snapshot and merge with delete_missing would publish
+    the month from one day's file (a review lost 20,000 of 40,000 rows, the ledger still calling them
+    loaded), so the config is refused naming the table's mode; append and plain merge accumulate and are
+    fine. The same table with the day in job.period is accepted."""
+    from loadkit.config import (ColumnConfig, ConfigError, JobConfig, LoadkitConfig, SinkConfig, SourceConfig,
+                                TableConfig, to_config)
+
+    def cfg(period: str) -> Any:
+        table = TableConfig(mode=mode, key=["id"] if mode != "append" else [], delete_missing=delete_missing,
+                            columns=[ColumnConfig(name="id", type="integer", nullable=False)],
+                            source=SourceConfig(paths=["{year:04d}-{month:02d}/{day:02d}/people.csv"]))
+        return LoadkitConfig(year=2024, month=5, day=1, data_root=str(tmp_path), sink=SinkConfig(dsn="x"),
+                             job=JobConfig(name="daily", period=period, tables={"people": table}))
+
+    (tmp_path / "2024-05" / "01").mkdir(parents=True)
+    (tmp_path / "2024-05" / "01" / "people.csv").write_text("id\n1\n")
+    if mode == "append" or (mode == "merge" and not delete_missing):
+        to_config(cfg("{year:04d}-{month:02d}"))
+    else:
+        with pytest.raises(ConfigError) as refused:
+            to_config(cfg("{year:04d}-{month:02d}"))
+        assert refused.value.context.get("key") == "job.tables.people.mode" and "{day}" in str(refused.value)
+    to_config(cfg("{year:04d}-{month:02d}-{day:02d}"))
+
+
 # ---------------------------------------------------------------- one place for every default
 
 def _plain(value: Any) -> Any:
