@@ -23,7 +23,7 @@ import pytest
 
 from loadkit.config import (DialectConfig, ColumnConfig, EnvConfig, JobConfig, LoadkitConfig, SinkConfig,
                             SourceConfig, TableConfig, TrackingConfig, to_config)
-from loadkit.errors import Category, SourceDataError, classify
+from loadkit.errors import Category, OperatorError, SourceDataError, classify
 from loadkit.examples.cnpj.sample import generate_month
 from loadkit.postgres import ledger
 from loadkit.runner import run_job
@@ -219,3 +219,31 @@ def test_a_published_file_that_changed_is_loaded_as_its_mode_says(mode: str, tmp
     forced = run_job(_items_config(tmp_path, target, led, pg_dsn, mlflow_uri, mode, force=True))
     assert forced.status == "succeeded", forced.error
     assert query(pg_dsn, f'SELECT id, a FROM "{target}".items ORDER BY id, a') == sorted(other + new_items)
+
+
+def test_another_jobs_unfinished_staged_file_stops_a_staged_publish(tmp_path: Path, pg_dsn: str, schemas: tuple,
+                                                                    job_overrides: Any) -> None:
+    """Job A crashes mid-file on a merge table; job B, loading the same table and period, would publish all of
+    staging -- A's half-read file with its own (a second review, session 20: 10,000 records read, 21,791 keys
+    inserted, and the rows stayed after A dropped the file). B stops instead (exit 5, operator: naming A's job
+    and file, rerun A first or force=true) with the target untouched; A's rerun then completes the month, and
+    B's run finds it published."""
+    target, led = schemas
+    month = generate_month(tmp_path / "data", 2024, 5, rows=4000, shards=1, seed=5)
+    overrides = job_overrides(month.root, "env.executor=inprocess", "tracking.enabled=false", "batch.size=100",
+                              *only("empresas"), *all_in("merge", ("empresas",)))
+    crash_mid_file(pg_dsn, led, overrides, tmp_path / "crashed.log")
+    target_before = query(pg_dsn, f'SELECT count(*) FROM "{target}".empresas')
+
+    other = run_job(compose(overrides + ["job.name=other_job"]))
+    assert other.status == "failed" and isinstance(other.error, OperatorError), other.error
+    assert classify(other.error) is Category.OPERATOR
+    message = str(other.error)
+    assert "cnpj_monthly" in message and month.files["empresas"][0] in message and "force=true" in message
+    assert query(pg_dsn, f'SELECT count(*) FROM "{target}".empresas') == target_before
+
+    resumed = run_job(compose(overrides))
+    assert resumed.status == "succeeded", resumed.error
+    assert_table_matches(pg_dsn, target, "empresas", last_wins(month.expected["empresas"], identity("empresas")))
+    again = run_job(compose(overrides + ["job.name=other_job"]))
+    assert again.status == "succeeded" and again.metrics.tables["empresas"].status == "skipped", again.error

@@ -478,6 +478,17 @@ class Ledger:
                     "AND f.status IS DISTINCT FROM 'loaded' GROUP BY b.file_sha", (table, period, job, list(files)))
         return {str(sha): (None if path is None else str(path), int(n)) for sha, path, n in cur.fetchall()}
 
+    def other_jobs_unfinished(self, cur: Any, table: str, period: str, job: str) -> List[Tuple[str, str, int]]:
+        """(job, file path or sha, committed batches) of each unpublished file (no 'loaded' file row) of the table's
+        period that runs of another job than ``job`` committed batches of: another job's unfinished load."""
+        cur.execute(f"SELECT r.job, coalesce(min(b.file_path), b.file_sha), count(*) FROM {self.batch} b "
+                    f"JOIN {self.run} r ON r.run_id = b.run_id LEFT JOIN {self.file} f "
+                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
+                    "WHERE b.table_name = %s AND b.period = %s AND r.job <> %s "
+                    "AND f.status IS DISTINCT FROM 'loaded' GROUP BY r.job, b.file_sha ORDER BY 1, 2",
+                    (table, period, job))
+        return [(str(j), str(p), int(n)) for j, p, n in cur.fetchall()]
+
     def published_as_other_content(self, cur: Any, table: str, period: str,
                                    files: Mapping[str, str]) -> List[Tuple[str, str, int]]:
         """(path, published sha, rows loaded) for each of ``files`` (path -> the sha256 of its content now) whose

@@ -29,8 +29,8 @@ from datetime import date
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-from loadkit.errors import (ConfigError, InterruptedRun, JobLockLost, LedgerMismatch, LoadkitError, SourceDataError,
-                            TransientDBError, as_loadkit_error)
+from loadkit.errors import (ConfigError, InterruptedRun, JobLockLost, LedgerMismatch, LoadkitError, OperatorError,
+                            SourceDataError, TransientDBError, as_loadkit_error)
 from loadkit.logs import heartbeat
 from loadkit.plan import FileSpec, LoadPlan, TableSpec, read_rules
 from loadkit.postgres import db, identity, keyhints
@@ -302,6 +302,7 @@ class PostgresSink:
         plan = self.plan
         todo: List[Todo] = []
         refused: List[Tuple[str, str]] = []  # (table, why) of append tables whose published files changed
+        blocked: List[str] = []  # staged tables holding another job's unfinished batches (_other_jobs_staged)
         for table in plan.tables:
             mode = mode_for(table)
             with db.transaction(self.dsn) as cur:
@@ -316,6 +317,8 @@ class PostgresSink:
                     self._discard_other_rules(cur, mode, table)
                     self._discard_replaced_files(cur, mode, table)
                     self._discard_unread_files(cur, mode, table)
+                    if mode.staged:
+                        blocked += self._other_jobs_staged(cur, table)
                 files, ranges = self._verified_todo(cur, table)
                 reload = False
                 if files:
@@ -340,6 +343,11 @@ class PostgresSink:
                 tm.status = "skipped"
                 with db.transaction(self.dsn) as cur:  # nothing staged for a published period: no litter
                     mode.drop_staging(cur)
+        if blocked:
+            raise OperatorError("; ".join(blocked) + ". This run's publish would publish them with its own: rerun "
+                                "that job first (it resumes and publishes its file), or run this one with force=true "
+                                "(the period's staging and ledger rows are reset and its files read again)",
+                                period=plan.period)
         if refused:  # every table named at once (force=true reloads the whole period anyway)
             raise SourceDataError("; ".join(why for _, why in refused) + ". Rerun with force=true to reload the "
                                   "period from the files as they are now, or restore the files as loaded",
@@ -377,6 +385,16 @@ class PostgresSink:
                         "them, the file is read again whole", table.name, path, batches, sha[:12],
                         current[path][:12], extra={"table": table.name, "file": path})
             mode.discard_file(cur, self.ledger, period, sha)
+
+    def _other_jobs_staged(self, cur: Any, table: TableSpec) -> List[str]:
+        """Why this run must not publish the staged table: another job's unfinished files of the same table and
+        period sit in its staging (Ledger.other_jobs_unfinished). The publish takes all of staging, so it
+        published them -- a half-read file, with no file row, that stayed in the target even after that job
+        dropped the file (a second review, session 20: 10,000 records read, 21,791 keys inserted). Append
+        publishes per batch and leaves them to their job."""
+        return [f"{table.name}: staging holds {n} committed batch(es) of job {job}'s unfinished file {path} for "
+                f"period {self.plan.period}"
+                for job, path, n in self.ledger.other_jobs_unfinished(cur, table.name, self.plan.period, self.plan.job)]
 
     def _discard_unread_files(self, cur: Any, mode: WriteMode, table: TableSpec) -> None:
         """Discard (rows and ledger, in the caller's transaction) the committed batches of each unpublished file
