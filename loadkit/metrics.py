@@ -282,14 +282,14 @@ class RunMetrics:
     def final(self, wall_s: float, peak_rss: int, alerts: int, peak_pss: int) -> Dict[str, float]:
         """Every end-of-run metric: totals, rates, latencies, memory, pool, waits, retries, errors by class."""
         read, loaded, rejected = self.totals()
+        # the tables' counts, not the results held here: an interrupted run's are its ledger's (sink)
+        batches = sum(t.batches for t in self.tables.values())
         out: Dict[str, float] = {
             "rows_read": read, "rows_loaded": loaded, "rows_rejected": rejected, "rows_discarded": self.discarded(),
             "wall_s": wall_s,
             "rows_per_s": rate(read, wall_s),
-            # the tables' counts, not the results held here: an interrupted run's are its ledger's (sink)
-            "batches_per_s": sum(t.batches for t in self.tables.values()) / wall_s if wall_s else 0.0,
-            "batches": sum(t.batches for t in self.tables.values()), "peak_rss_bytes": peak_rss,
-            "peak_pss_bytes": peak_pss,
+            "batches_per_s": batches / wall_s if wall_s else 0.0,
+            "batches": batches, "peak_rss_bytes": peak_rss, "peak_pss_bytes": peak_pss,
             "alerts": alerts,
             "retries": sum(t.retries for t in self.tables.values()),
             "driver_wait_s": self.driver_wait_s, "read_wait_s": self.read_wait_s,

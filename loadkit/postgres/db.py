@@ -174,13 +174,18 @@ def with_application_name(dsn: str, name: str) -> str:
         return f"{dsn} application_name='{name}'"
 
 
+def _like_prefix(text: str) -> str:
+    """A LIKE pattern matching the strings that start with ``text`` (its \\, % and _ escaped)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def sessions_in_transaction(dsn: str, run_id: str, role: str) -> int:
     """How many of this run's sessions in ``role`` (application_name ``loadkit:<run id>:<role>...``) are inside a
     transaction right now (pg_stat_activity.xact_start set): a commit of theirs may still land."""
-    prefix = application_name(run_id, role).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     with transaction(dsn) as cur:
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
-                    "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL", (prefix + "%",))
+                    "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+                    (_like_prefix(application_name(run_id, role)),))
         return int(cur.fetchone()[0])
 
 
@@ -191,7 +196,7 @@ def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2, prefix: Optional[
     Stops statements in progress (a COPY blocked on a lock, a finalize step) at once so a
     stop takes well under a second; the transactions roll back, committed batches stay. Best
     effort: returns how many were signalled, 0 if the server cannot be reached."""
-    prefix = (prefix or application_name(run_id, "")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = _like_prefix(prefix or application_name(run_id, ""))
     try:
         conn = psycopg2.connect(dsn, connect_timeout=timeout_s, application_name=f"loadkit-cancel:{run_id}"[:63])
     except psycopg2.Error as exc:
@@ -202,7 +207,7 @@ def cancel_backends(dsn: str, run_id: str, timeout_s: int = 2, prefix: Optional[
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity "
                         "WHERE application_name LIKE %s AND pid <> pg_backend_pid() AND state = 'active'",
-                        (prefix + "%",))
+                        (pattern,))
             return int(cur.fetchone()[0])
     except psycopg2.Error as exc:
         log.warning("cancelling run %s's statements failed: %s", run_id, mask_text(str(exc)))

@@ -442,10 +442,7 @@ class Ledger:
         (plan.read_rules). A batch an older ledger wrote (rules NULL) counts as read by these rules: nothing
         tells otherwise. Files outside ``files`` are another run's to resume (another job loading the same
         table name and period, a file since dropped from the list): never reported."""
-        cur.execute(f"SELECT b.file_sha, count(*) FROM {self.batch} b LEFT JOIN {self.file} f "
-                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
-                    "WHERE b.table_name = %s AND b.period = %s AND b.file_sha = ANY(%s) "
-                    "AND f.status IS DISTINCT FROM 'loaded' "
+        cur.execute(self._unpublished("b.file_sha, count(*)") + " AND b.file_sha = ANY(%s) "
                     "GROUP BY b.file_sha HAVING bool_or(b.rules <> %s)", (table, period, list(files), rules))
         return {str(sha): int(n) for sha, n in cur.fetchall()}
 
@@ -458,10 +455,8 @@ class Ledger:
         are record boundaries of content that no longer exists, so they can neither be resumed nor
         published. A renamed file (same content, other path) is not reported, nor are batches of older
         ledgers (no path stored) or of files this run does not read (another job's: its rerun decides)."""
-        cur.execute(f"SELECT b.file_sha, min(b.file_path), count(*) FROM {self.batch} b LEFT JOIN {self.file} f "
-                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
-                    "WHERE b.table_name = %s AND b.period = %s AND b.file_path = ANY(%s) "
-                    "AND NOT b.file_sha = ANY(%s) AND f.status IS DISTINCT FROM 'loaded' GROUP BY b.file_sha",
+        cur.execute(self._unpublished("b.file_sha, min(b.file_path), count(*)")
+                    + " AND b.file_path = ANY(%s) AND NOT b.file_sha = ANY(%s) GROUP BY b.file_sha",
                     (table, period, list(files), list(files.values())))
         return {str(sha): (str(path), int(n)) for sha, path, n in cur.fetchall()}
 
@@ -471,22 +466,18 @@ class Ledger:
         file (no 'loaded' file row) of the table's period that runs of ``job`` committed batches of and that is
         none of ``files`` (this run's file shas): a file removed from the job's list since a crash, or renamed
         and changed. Another job's unfinished files are not reported (its own rerun decides)."""
-        cur.execute(f"SELECT b.file_sha, min(b.file_path), count(*) FROM {self.batch} b "
-                    f"JOIN {self.run} r ON r.run_id = b.run_id LEFT JOIN {self.file} f "
-                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
-                    "WHERE b.table_name = %s AND b.period = %s AND r.job = %s AND NOT b.file_sha = ANY(%s) "
-                    "AND f.status IS DISTINCT FROM 'loaded' GROUP BY b.file_sha", (table, period, job, list(files)))
+        cur.execute(self._unpublished("b.file_sha, min(b.file_path), count(*)")
+                    + f" AND b.run_id IN (SELECT run_id FROM {self.run} WHERE job = %s) AND NOT b.file_sha = ANY(%s) "
+                    "GROUP BY b.file_sha", (table, period, job, list(files)))
         return {str(sha): (None if path is None else str(path), int(n)) for sha, path, n in cur.fetchall()}
 
     def other_jobs_unfinished(self, cur: Any, table: str, period: str, job: str) -> List[Tuple[str, str, int]]:
         """(job, file path or sha, committed batches) of each unpublished file (no 'loaded' file row) of the table's
         period that runs of another job than ``job`` committed batches of: another job's unfinished load."""
-        cur.execute(f"SELECT r.job, coalesce(min(b.file_path), b.file_sha), count(*) FROM {self.batch} b "
-                    f"JOIN {self.run} r ON r.run_id = b.run_id LEFT JOIN {self.file} f "
-                    "ON f.table_name = b.table_name AND f.period = b.period AND f.file_sha = b.file_sha "
-                    "WHERE b.table_name = %s AND b.period = %s AND r.job <> %s "
-                    "AND f.status IS DISTINCT FROM 'loaded' GROUP BY r.job, b.file_sha ORDER BY 1, 2",
-                    (table, period, job))
+        cur.execute(self._unpublished(f"(SELECT r.job FROM {self.run} r WHERE r.run_id = b.run_id), "
+                                      "coalesce(min(b.file_path), b.file_sha), count(*)")
+                    + f" AND b.run_id IN (SELECT run_id FROM {self.run} WHERE job <> %s) "
+                    "GROUP BY 1, b.file_sha ORDER BY 1, 2", (table, period, job))
         return [(str(j), str(p), int(n)) for j, p, n in cur.fetchall()]
 
     def published_as_other_content(self, cur: Any, table: str, period: str,
@@ -498,12 +489,6 @@ class Ledger:
                     "AND period = %s AND status = 'loaded' AND path = ANY(%s) AND NOT file_sha = ANY(%s) ORDER BY path",
                     (table, period, list(files), list(files.values())))
         return [(str(p), str(sha), int(n)) for p, sha, n in cur.fetchall()]
-
-    def run_file_loaded(self, cur: Any, run_id: str, table: str, period: str, file_sha: str) -> int:
-        """The rows one run's committed batches of one file loaded (what discarding the file takes back from it)."""
-        cur.execute(f"SELECT coalesce(sum(rows_loaded), 0) FROM {self.batch} WHERE table_name=%s AND period=%s "
-                    "AND file_sha=%s AND run_id=%s", (table, period, file_sha, run_id))
-        return int(cur.fetchone()[0])
 
     def file_batches(self, cur: Any, table: str, period: str, file_sha: str) -> List[LedgerBatch]:
         """Every committed batch of one file (any run), by member and start offset: the committed

@@ -503,7 +503,7 @@ class PostgresSink:
         wrong = []
         for name in tables:
             t, want = metrics.tables[name], ledger.get(name, RunTotals())
-            got = RunTotals(t.batches, t.rows_read, t.rows_loaded, t.rows_rejected, t.rows_coerced, t.blank_lines)
+            got = counted(t)
             if got != want:
                 wrong.append(f"{name}: counted {_figures(got)}, ledger {_figures(want)}")
         if wrong:
@@ -555,7 +555,8 @@ class PostgresSink:
         discarded = 0
         with db.transaction(self.dsn) as cur:
             if error:
-                discarded = led.run_file_loaded(cur, plan.run_id, table.name, plan.period, f.sha256)
+                discarded = sum(b.rows_loaded for b in led.file_batches(cur, table.name, plan.period, f.sha256)
+                                if b.run_id == plan.run_id)
                 mode.discard_file(cur, led, plan.period, f.sha256)
                 led.mark_file(cur, plan.run_id, table.name, plan.period, f.sha256, f.rel, f.ordinal, f.size,
                               "failed", error=error)
@@ -761,8 +762,7 @@ class PostgresSink:
             return
         for name, tm in metrics.tables.items():
             want = totals.get(name, RunTotals())
-            got = RunTotals(tm.batches, tm.rows_read, tm.rows_loaded, tm.rows_rejected, tm.rows_coerced,
-                            tm.blank_lines)
+            got = counted(tm)
             if tm.rows_discarded or got == want:
                 continue
             log.info("%s: %d batch(es) committed after the stop were not yet counted; the counts are the ledger's",
@@ -781,6 +781,11 @@ class PostgresSink:
 _FINALIZE_FIELDS = ("status", "inserted", "updated", "unchanged", "duplicates", "deleted", "finalise_steps",
                     "finalise_s", "finalised_at", "batches", "rows_read", "rows_loaded", "rows_rejected",
                     "rows_coerced", "blank_lines")
+
+
+def counted(t: Any) -> RunTotals:
+    """A table's counts in its TableMetrics, in the shape of the ledger's (Ledger.run_totals)."""
+    return RunTotals(t.batches, t.rows_read, t.rows_loaded, t.rows_rejected, t.rows_coerced, t.blank_lines)
 
 
 def _figures(t: RunTotals) -> str:
