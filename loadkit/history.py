@@ -91,22 +91,31 @@ def render_list(runs: Sequence[Dict[str, Any]]) -> str:
     return format_table(lines) if runs else "no runs recorded"
 
 
+def _discarded(run: Dict[str, Any]) -> str:
+    """``, discarded N`` for a run that discarded records with failed files (metrics.discarded_note: then rows read =
+    loaded + rejected + discarded), else "" (none, or a run an older ledger recorded without the column)."""
+    return f", discarded {_num(run['rows_discarded'])}" if run.get("rows_discarded") else ""
+
+
 def render_show(run: Dict[str, Any], tables: Sequence[Dict[str, Any]], metrics: Dict[str, float]) -> str:
     head = [f"run {run['run_id']}  {run['job']} {run['period']}  {run['status']}",
             f"started {run['started_at']}  finished {run['finished_at']}  seconds {_num(_seconds(run))}",
             f"rows read {_num(run['rows_read'])}, loaded {_num(run['rows_loaded'])}, "
-            f"rejected {_num(run['rows_rejected'])}  mlflow {run['mlflow_run_id'] or '-'}"]
+            f"rejected {_num(run['rows_rejected'])}{_discarded(run)}  mlflow {run['mlflow_run_id'] or '-'}"]
     if run["error_text"]:
         first, _, rest = mask_text(run["error_text"]).partition("\n")
         head.append(f"error ({run['error_category']}): {first}")
         if rest.strip():
             head.append(rest.rstrip())
-    lines = [("table", "mode", "status", "files", "skipped", "read", "loaded", "rejected", "seconds", "rows/s")]
+    discarded = any(t["rows_discarded"] for t in tables)  # the column only when a table discarded any
+    lines = [("table", "mode", "status", "files", "skipped", "read", "loaded", "rejected")
+             + (("discarded",) if discarded else ()) + ("seconds", "rows/s")]
     for t in tables:
         per_s = rate(t["rows_read"] or 0, t["seconds"] or 0.0)
         lines.append((t["table_name"], t["mode"], t["status"], _num(t["files"]), _num(t["files_skipped"]),
-                      _num(t["rows_read"]), _num(t["rows_loaded"]), _num(t["rows_rejected"]),
-                      f"{t['seconds'] or 0:.1f}", f"{per_s:,.0f}"))
+                      _num(t["rows_read"]), _num(t["rows_loaded"]), _num(t["rows_rejected"]))
+                     + ((_num(t["rows_discarded"] or 0),) if discarded else ())
+                     + (f"{t['seconds'] or 0:.1f}", f"{per_s:,.0f}"))
     out = "\n".join(head) + "\n\n" + format_table(lines)
     if metrics:
         keys = [k for k in _KEY_METRICS if k in metrics]
@@ -118,7 +127,9 @@ def comparison(a: Dict[str, Any], b: Dict[str, Any], ma: Dict[str, float],
                mb: Dict[str, float]) -> List[Dict[str, Any]]:
     """Rows of (metric, a, b, delta, pct): ledger counts first, then the MLflow metrics both runs have."""
     values = {"rows_read": (a["rows_read"], b["rows_read"]), "rows_loaded": (a["rows_loaded"], b["rows_loaded"]),
-              "rows_rejected": (a["rows_rejected"], b["rows_rejected"]), "seconds": (_seconds(a), _seconds(b))}
+              "rows_rejected": (a["rows_rejected"], b["rows_rejected"]),
+              "rows_discarded": (a["rows_discarded"] or 0, b["rows_discarded"] or 0),
+              "seconds": (_seconds(a), _seconds(b))}
     common = [k for k in _KEY_METRICS if k in ma and k in mb]
     common += sorted(k for k in set(ma) & set(mb) if k not in common and "." not in k)
     values.update({k: (ma[k], mb[k]) for k in common})

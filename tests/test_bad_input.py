@@ -16,9 +16,10 @@ import pytest
 from loadkit.config import (BatchConfig, ColumnConfig, DialectConfig, EnvConfig, JobConfig, LoadkitConfig, SinkConfig,
                             SourceConfig, TableConfig, TrackingConfig, to_config)
 from loadkit.errors import ConfigError, RejectThresholdError, SourceDataError
+from loadkit.history import History, render_show
 from loadkit.plan import build_plan
 from loadkit.runner import run_job
-from tests.helpers import query
+from tests.helpers import autocommit_cursor, query
 from tests.corpus import corrupt_zip_member, write_zip
 
 SECRET = "Sup3rSecretPw"
@@ -145,6 +146,23 @@ def test_reject_threshold_discards_the_tables_committed_batches(tmp_path: Path, 
     recorded = mlflow.tracking.MlflowClient(tracking_uri=mlflow_uri).get_run(result.mlflow_run_id).data.metrics
     assert (recorded["rows_loaded"], recorded["rows_discarded"], recorded["people.rows_loaded"]) == (
         10, tm.rows_discarded, 0)
+    # ... and in ``history show`` (before, it printed read, loaded and rejected only: read != loaded + rejected)
+    history = History(pg_dsn, led, mlflow_uri)
+    shown = render_show(history.run(result.run_id), history.tables(result.run_id), {})
+    assert f"rejected {tm.rows_rejected:,}, discarded {tm.rows_discarded:,}" in shown
+    (people_line,) = [ln.split() for ln in shown.splitlines() if ln.startswith("people ")]
+    header = next(ln.split() for ln in shown.splitlines() if ln.startswith("table "))
+    assert people_line[header.index("discarded")] == f"{tm.rows_discarded:,}"
+    # A ledger no newer run has migrated (no rows_discarded column) is still shown, without the figure.
+    with autocommit_cursor(pg_dsn) as cur:
+        for name in ("run", "table_load"):
+            cur.execute(f'ALTER TABLE "{led}".{name} DROP COLUMN rows_discarded')
+    old = History(pg_dsn, led, mlflow_uri)
+    shown = render_show(old.run(result.run_id), old.tables(result.run_id), {})
+    lines = shown.splitlines()
+    assert next(ln for ln in lines if ln.startswith("rows read")).startswith(
+        f"rows read {tm.rows_read + 10:,}, loaded 10, rejected {tm.rows_rejected:,}  mlflow")
+    assert "discarded" not in next(ln for ln in lines if ln.startswith("table "))
     _assert_secret_absent(result, run, mlflow_uri)
     assert "reject threshold exceeded" in caplog.text and SECRET not in caplog.text
 

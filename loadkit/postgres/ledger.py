@@ -574,32 +574,40 @@ class Ledger:
     # ------------------------------------------------------------ the operator's side (history, health)
 
     RUN_COLUMNS = ("run_id", "job", "period", "status", "started_at", "finished_at", "rows_read", "rows_loaded",
-                   "rows_rejected", "error_category", "error_text", "mlflow_run_id")
+                   "rows_rejected", "rows_discarded", "error_category", "error_text", "mlflow_run_id")
     TABLE_COLUMNS = ("table_name", "mode", "status", "files", "files_skipped", "rows_read", "rows_loaded",
-                     "rows_rejected", "seconds")
+                     "rows_rejected", "rows_discarded", "seconds")
 
     def exists(self, cur: Any) -> bool:
         """True once a run created the ledger tables in this schema."""
         cur.execute("SELECT to_regclass(%s)", (self.run,))
         return cur.fetchone()[0] is not None
 
+    def _select_list(self, cur: Any, table: str, columns: Tuple[str, ...]) -> str:
+        """``columns`` as a SELECT list of ``table``, a column an older ledger lacks as ``NULL AS <name>``: history
+        reads a ledger no newer run has migrated yet (``ensure`` adds them at a run's start), read-only."""
+        cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                    "AND NOT attisdropped", (table,))
+        present = {name for (name,) in cur.fetchall()}
+        return ", ".join(c if c in present else f"NULL AS {c}" for c in columns)
+
     def recent_runs(self, cur: Any, limit: int, job: Optional[str] = None) -> List[Dict[str, Any]]:
         """The newest ``limit`` runs (of ``job`` when given), newest first, as {RUN_COLUMNS: value}."""
         where, args = ("WHERE job = %s ", [job]) if job else ("", [])
-        cur.execute(f"SELECT {', '.join(self.RUN_COLUMNS)} FROM {self.run} {where}ORDER BY started_at DESC LIMIT %s",
-                    (*args, limit))
+        cur.execute(f"SELECT {self._select_list(cur, self.run, self.RUN_COLUMNS)} FROM {self.run} {where}"
+                    "ORDER BY started_at DESC LIMIT %s", (*args, limit))
         return [dict(zip(self.RUN_COLUMNS, r)) for r in cur.fetchall()]
 
     def runs_by_prefix(self, cur: Any, prefix: str, limit: int = 2) -> List[Dict[str, Any]]:
         """Runs whose id starts with ``prefix`` (``%`` in it is ignored), newest first, at most ``limit``."""
-        cur.execute(f"SELECT {', '.join(self.RUN_COLUMNS)} FROM {self.run} WHERE run_id LIKE %s "
+        cur.execute(f"SELECT {self._select_list(cur, self.run, self.RUN_COLUMNS)} FROM {self.run} WHERE run_id LIKE %s "
                     "ORDER BY started_at DESC LIMIT %s", (prefix.replace("%", "") + "%", limit))
         return [dict(zip(self.RUN_COLUMNS, r)) for r in cur.fetchall()]
 
     def table_loads(self, cur: Any, run_id: str) -> List[Dict[str, Any]]:
         """One {TABLE_COLUMNS: value} per table the run loaded, by table name."""
-        cur.execute(f"SELECT {', '.join(self.TABLE_COLUMNS)} FROM {self.table_load} WHERE run_id=%s "
-                    "ORDER BY table_name", (run_id,))
+        cur.execute(f"SELECT {self._select_list(cur, self.table_load, self.TABLE_COLUMNS)} FROM {self.table_load} "
+                    "WHERE run_id=%s ORDER BY table_name", (run_id,))
         return [dict(zip(self.TABLE_COLUMNS, r)) for r in cur.fetchall()]
 
     def running_periods(self, cur: Any) -> List[Tuple[str, str, int]]:
