@@ -2,9 +2,11 @@
 parse threads (result order, thread count, the same batches as one thread)."""
 from __future__ import annotations
 
+import os
 import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, List, Tuple
 
@@ -62,16 +64,51 @@ def test_an_inprocess_run_never_imports_ray() -> None:
 
 @pytest.mark.parametrize("worker_logs", [False, True])
 def test_a_local_ray_starts_without_autoscaler_monitor_or_dashboard_head(worker_logs: bool) -> None:
-    """A local Ray is one fixed node: no autoscaler monitor, no dashboard head (issue #16, ~140 MB PSS);
-    its log monitor only with env.worker_logs. Catches a Ray whose Node no longer takes the switches."""
+    """A local Ray is one fixed node: no autoscaler monitor, no dashboard head (issue #16, ~140 MB PSS), the
+    dashboard agent's stand-in (ray_agent_stub.py: this install's agent loads no module, ~1.1 CPU-s and 77 MB)
+    and its log monitor only with env.worker_logs; a task runs. Catches a Ray whose Node or agent command
+    no longer takes the switches."""
     code = ("import sys, psutil, ray; from loadkit.execute.ray import ensure_ray; "
             f"ensure_ray(None, 1, 128 * 2**20, None, False, worker_logs={worker_logs}); "
-            "cmds = [' '.join(p.cmdline()) for p in psutil.Process().children(recursive=True)]; "
+            "cmds = [next((a for a in c[1:] if a.endswith('.py')), c[0]) for c in "  # the program or its script
+            "(p.cmdline() for p in psutil.Process().children(recursive=True)) if c]; "
             "print(*sorted({s for c in cmds for s in ('gcs_server', 'raylet', 'log_monitor.py', "
-            "'dashboard/dashboard.py', '/monitor.py') if s in c})); ray.shutdown()")
+            "'dashboard/dashboard.py', 'dashboard/agent.py', 'ray_agent_stub.py', '/monitor.py') if s in c})); "
+            "print(ray.get(ray.remote(lambda: 42).remote())); ray.shutdown()")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["gcs_server", *(["log_monitor.py"] if worker_logs else []), "raylet"]
+    assert out.stdout.splitlines() == [" ".join(["gcs_server", *(["log_monitor.py"] if worker_logs else []),
+                                                 "ray_agent_stub.py", "raylet"]), "42"]
+
+
+def test_the_agent_stub_writes_no_service_ports_and_lives_as_long_as_the_raylet(tmp_path: Path) -> None:
+    """ray_agent_stub writes -1 for each named port, as Ray's minimal agent does (the raylet waits for those
+    files), and exits once the raylet is gone (the raylet fate-shares with its agent: an early exit would
+    stop Ray) or at SIGTERM (the raylet's stop), with 0."""
+    stub = ROOT / "loadkit" / "execute" / "ray_agent_stub.py"
+    for stop in ("raylet exits", "SIGTERM"):
+        raylet = subprocess.Popen(["sleep", "60"])
+        agent = subprocess.Popen([sys.executable, "-u", str(stub), "--ports=metrics_agent_port,listen_port",
+                                  "/ray/dashboard/agent.py", "--node-id=n1", f"--session-dir={tmp_path}", "--head"],
+                                 env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid)})
+        try:
+            deadline = time.monotonic() + 30
+            while len(list(tmp_path.glob("*_n1"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert {p.name: p.read_text() for p in tmp_path.glob("*_n1")} == {"metrics_agent_port_n1": "-1",
+                                                                              "listen_port_n1": "-1"}
+            time.sleep(1.5)
+            assert agent.poll() is None, "the agent left while its raylet lives"
+            if stop == "SIGTERM":
+                agent.terminate()
+            else:
+                raylet.kill()
+                raylet.wait()
+            assert agent.wait(timeout=10) == 0
+        finally:
+            for p in (agent, raylet):
+                p.kill()
+                p.wait()
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +52,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import pyarrow as pa
 import ray
+import ray._private.ray_constants as ray_constants
 import ray.data
 
 from loadkit.execute.parse import parse
@@ -520,21 +522,52 @@ def _lean_local_node(log_monitor: bool) -> Iterator[None]:
     on the node's parameters and the head's ``start_api_server`` is skipped while the node starts
     (Ray 2.60's ``Node``; tests/test_executors.py lists the processes and catches a Ray whose
     ``Node`` no longer has these)."""
+    from ray._private import services
     from ray._private.node import Node
 
     node_init, start_api_server = Node.__init__, Node.start_api_server
+    python_command = services._build_python_executable_command_memory_profileable
+    stub = _agent_stub_command()
 
     def init(self: Any, ray_params: Any, *args: Any, **kw: Any) -> None:
         ray_params.no_monitor = True
         ray_params.include_log_monitor = log_monitor
         node_init(self, ray_params, *args, **kw)
 
+    def agent_python(component: str, session_dir: str, *args: Any, **kw: Any) -> List[str]:
+        if stub and component == ray_constants.PROCESS_TYPE_DASHBOARD_AGENT:
+            return stub
+        return python_command(component, session_dir, *args, **kw)
+
     Node.__init__ = init  # type: ignore[method-assign]
     Node.start_api_server = lambda self, **kw: None  # type: ignore[method-assign]
+    services._build_python_executable_command_memory_profileable = agent_python
     try:
         yield
     finally:
         Node.__init__, Node.start_api_server = node_init, start_api_server  # type: ignore[method-assign]
+        services._build_python_executable_command_memory_profileable = python_command
+
+
+def _agent_stub_command() -> List[str]:
+    """The command that starts :mod:`loadkit.execute.ray_agent_stub` in place of Ray's dashboard agent, or [] (keep
+    Ray's) where the real agent has work: an install with the dashboard's dependencies (``ray[default]``: its
+    modules load and serve metrics and logs), or a memory profile asked of it (Ray's memray switch).
+
+    The raylet starts its dashboard agent as ``<this prefix> <ray's agent.py> --node-id=... --session-dir=...``
+    (Ray 2.60's ``services.start_raylet``: the prefix is the Python command it builds for each component);
+    the stub reads the flags it needs from there and the names of the ports to write (-1: no service, what
+    the minimal agent writes) from ``--ports``."""
+    from ray._private import services
+    from ray._private.utils import get_dashboard_dependency_error
+    from ray._raylet import (DASHBOARD_AGENT_LISTEN_PORT_NAME, METRICS_AGENT_PORT_NAME,  # type: ignore[attr-defined]
+                             METRICS_EXPORT_PORT_NAME)
+
+    if get_dashboard_dependency_error() is None or os.environ.get(services.RAY_MEMRAY_PROFILE_COMPONENT_ENV):
+        return []
+    ports = ",".join((METRICS_AGENT_PORT_NAME, METRICS_EXPORT_PORT_NAME, DASHBOARD_AGENT_LISTEN_PORT_NAME))
+    return [sys.executable, "-u", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_agent_stub.py"),
+            f"--ports={ports}"]
 
 
 # ---------------------------------------------------------------- Ray Data's services on a local Ray, in the driver
