@@ -114,7 +114,7 @@ def render_show(run: Dict[str, Any], tables: Sequence[Dict[str, Any]], metrics: 
         per_s = rate(t["rows_read"] or 0, t["seconds"] or 0.0)
         lines.append((t["table_name"], t["mode"], t["status"], _num(t["files"]), _num(t["files_skipped"]),
                       _num(t["rows_read"]), _num(t["rows_loaded"]), _num(t["rows_rejected"]))
-                     + ((_num(t["rows_discarded"] or 0),) if discarded else ())
+                     + ((_num(t["rows_discarded"]),) if discarded else ())  # None (-): not recorded
                      + (f"{t['seconds'] or 0:.1f}", f"{per_s:,.0f}"))
     out = "\n".join(head) + "\n\n" + format_table(lines)
     if metrics:
@@ -128,7 +128,7 @@ def comparison(a: Dict[str, Any], b: Dict[str, Any], ma: Dict[str, float],
     """Rows of (metric, a, b, delta, pct): ledger counts first, then the MLflow metrics both runs have."""
     values = {"rows_read": (a["rows_read"], b["rows_read"]), "rows_loaded": (a["rows_loaded"], b["rows_loaded"]),
               "rows_rejected": (a["rows_rejected"], b["rows_rejected"]),
-              "rows_discarded": (a["rows_discarded"] or 0, b["rows_discarded"] or 0),
+              "rows_discarded": (a["rows_discarded"], b["rows_discarded"]),  # None (-): unfinished, or an older ledger
               "seconds": (_seconds(a), _seconds(b))}
     common = [k for k in _KEY_METRICS if k in ma and k in mb]
     common += sorted(k for k in set(ma) & set(mb) if k not in common and "." not in k)

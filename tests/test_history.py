@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from loadkit.examples.cnpj.sample import SampleManifest
-from loadkit.history import main
+from loadkit.history import comparison, main, render_compare
 from loadkit.runner import RunResult, run_job
 from tests.helpers import ROOT, compose
 
@@ -44,6 +44,23 @@ def test_list_show_and_compare_two_runs(month: SampleManifest, pg_dsn: str, sche
     assert compared["rows_read"][1:] == [total, total, "0", "+0.0%"]
     assert {"seconds", "rows_per_s", "batch_write_s_p50", "peak_rss_bytes"} <= set(compared)
     assert compared["rows_per_s"][-1].endswith("%")
+    assert compared["rows_discarded"][1:3] == ["0", "0"]
+
+
+def test_compare_keeps_a_count_a_run_did_not_record_unknown() -> None:
+    """A count the ledger holds as NULL (an unfinished run, or a row an older ledger wrote: rows_discarded) is "-" in
+    ``history compare``, never 0 with a made-up delta (a fresh review: ``rows_discarded 0 0 0``)."""
+    from datetime import datetime
+
+    run = {"rows_read": 10, "rows_loaded": 10, "rows_rejected": 0, "rows_discarded": None,
+           "started_at": datetime(2024, 5, 1), "finished_at": None}
+    done = {**run, "rows_discarded": 3, "finished_at": datetime(2024, 5, 1, 0, 1)}
+    rows = {r["metric"]: r for r in comparison(run, done, {}, {})}
+    discarded = rows["rows_discarded"]
+    assert (discarded["a"], discarded["b"], discarded["delta"]) == (None, 3, None)
+    shown = render_compare({"run_id": "a", "status": "running"}, {"run_id": "b", "status": "ok"}, list(rows.values()))
+    line = next(ln.split() for ln in shown.splitlines() if ln.startswith("rows_discarded"))
+    assert line[1:] == ["-", "3", "-", "-"]
 
 
 def test_cli_entry_point_and_unknown_ledger(pg_dsn: str) -> None:

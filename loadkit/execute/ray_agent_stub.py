@@ -13,8 +13,8 @@ to end -- ~1.1-1.4 CPU-s of imports and ~77 MB PSS per run (measured, issue #16)
 ``ray.init``'s wall while the raylet waits for those files. This writes the same -1 ports at once and waits
 the same way. What it does not do: advertise the agent's (absent) HTTP and gRPC ports in the GCS
 key-value store, which only the dashboard head and the state API read (neither runs on loadkit's local
-Ray), and forward the raylet's last log lines to the driver when the raylet dies unexpectedly (the driver
-then fails with Ray's own error instead).
+Ray), and forward the raylet's last log lines to the driver when the raylet dies unexpectedly (the
+runtime-env agent, which stays, forwards them too: Ray's ``process_watcher`` runs in both).
 """
 from __future__ import annotations
 
